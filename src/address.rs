@@ -1,0 +1,319 @@
+//! Envelope addresses as the MTA hands them to a milter (DESIGN.md §3).
+//!
+//! A RCPT argument arrives exactly as the client wrote it after `RCPT TO:`:
+//! `<local@domain>`, perhaps with a source route (`<@a,@b:local@domain>`,
+//! RFC 5321 §4.1.2, to be ignored), perhaps with a quoted local part, and
+//! the ESMTP parameters as separate arguments. Nothing here may panic on
+//! whatever bytes a client sends; what cannot be parsed is left alone.
+
+use std::fmt;
+
+/// A mail address split into local part and domain.
+///
+/// `local` is kept as the client wrote it (quotes and case included): the
+/// routing address must carry it unchanged. `domain` is the ASCII (A-label),
+/// lower-case form used for matching and for building routing addresses.
+#[derive(Clone, Debug, Eq, PartialEq, Hash)]
+pub struct Address {
+    pub local: String,
+    pub domain: String,
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.local, self.domain)
+    }
+}
+
+/// Why a string is not a usable address.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum AddressError {
+    #[error("empty address")]
+    Empty,
+    #[error("missing '@'")]
+    NoAt,
+    #[error("empty local part")]
+    EmptyLocal,
+    #[error("bad domain {0:?}: {1}")]
+    BadDomain(String, String),
+    #[error("unterminated quoted local part")]
+    Unterminated,
+    #[error("control character or space in address")]
+    BadChar,
+}
+
+impl Address {
+    /// Parses `local@domain` (no angle brackets). The domain is converted to
+    /// its A-label form and lower-cased (IDNA, UTS #46), so that
+    /// `bob@BÜCHER.example` and `bob@xn--bcher-kva.example` are the same.
+    pub fn parse(s: &str) -> Result<Address, AddressError> {
+        if s.is_empty() {
+            return Err(AddressError::Empty);
+        }
+        let at = split_at_domain(s)?;
+        let (local, domain) = (&s[..at], &s[at + 1..]);
+        if local.is_empty() {
+            return Err(AddressError::EmptyLocal);
+        }
+        if !local.starts_with('"') && local.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(AddressError::BadChar);
+        }
+        Ok(Address { local: local.to_owned(), domain: normalize_domain(domain)? })
+    }
+
+    /// The local part with quoting removed: `"john doe"` → `john doe`,
+    /// `"bob"` → `bob` (RFC 5321 §4.1.2: a quoted string that needs no
+    /// quoting denotes the same mailbox as the plain one).
+    pub fn unquoted_local(&self) -> String {
+        unquote(&self.local)
+    }
+}
+
+/// Finds the `@` that separates local part and domain, skipping a quoted
+/// local part (which may itself contain `@`).
+fn split_at_domain(s: &str) -> Result<usize, AddressError> {
+    let bytes = s.as_bytes();
+    if bytes.first() == Some(&b'"') {
+        let mut i = 1;
+        loop {
+            match bytes.get(i) {
+                None => return Err(AddressError::Unterminated),
+                Some(b'\\') => i += 2,
+                Some(b'"') => {
+                    i += 1;
+                    break;
+                }
+                Some(_) => i += 1,
+            }
+        }
+        return match bytes.get(i) {
+            Some(b'@') => Ok(i),
+            _ => Err(AddressError::NoAt),
+        };
+    }
+    s.rfind('@').ok_or(AddressError::NoAt)
+}
+
+fn unquote(local: &str) -> String {
+    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
+        return local.to_owned();
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(next) = chars.next() {
+                out.push(next);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A domain in the form used for matching: A-labels, lower case, no trailing
+/// dot. Address literals (`[192.0.2.1]`) are kept as they are.
+pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
+    let bad = |why: &str| AddressError::BadDomain(domain.to_owned(), why.to_owned());
+    let d = domain.strip_suffix('.').unwrap_or(domain);
+    if d.is_empty() {
+        return Err(bad("empty"));
+    }
+    if d.starts_with('[') {
+        return if d.ends_with(']') && d.is_ascii() && !d.contains(char::is_whitespace) {
+            Ok(d.to_ascii_lowercase())
+        } else {
+            Err(bad("malformed address literal"))
+        };
+    }
+    let ascii = idna::domain_to_ascii(d).map_err(|_| bad("not a valid domain name"))?;
+    let valid = !ascii.is_empty()
+        && ascii.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if valid && ascii.len() <= 253 {
+        Ok(ascii)
+    } else {
+        Err(bad("not a valid domain name"))
+    }
+}
+
+/// One ESMTP parameter of a RCPT command, e.g. `NOTIFY=NEVER`.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct EsmtpParam {
+    /// Upper-cased keyword.
+    pub keyword: String,
+    pub value: Option<String>,
+}
+
+impl fmt::Display for EsmtpParam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.value {
+            Some(v) => write!(f, "{}={}", self.keyword, v),
+            None => f.write_str(&self.keyword),
+        }
+    }
+}
+
+/// A RCPT command's argument list, as given to the milter.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct RcptArg {
+    /// The path exactly as received, angle brackets included. Delete
+    /// requests must use this: Postfix and Sendmail compare byte for byte.
+    pub raw: String,
+    /// The mailbox, when the path could be parsed; `None` for `<>`,
+    /// `<postmaster>` without domain, or garbage.
+    pub address: Option<Address>,
+    pub params: Vec<EsmtpParam>,
+}
+
+impl RcptArg {
+    /// Parses the RCPT arguments: the first is the path, the rest ESMTP
+    /// parameters. Postfix sends them split; Sendmail too. A single argument
+    /// that still holds parameters after the closing `>` is split here.
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> RcptArg {
+        let first = args.first().map(|s| s.as_ref()).unwrap_or("");
+        let (path, trailing) = match first.find('>') {
+            Some(end) if first.starts_with('<') => (&first[..=end], first[end + 1..].trim()),
+            _ => (first, ""),
+        };
+        let params = trailing
+            .split_ascii_whitespace()
+            .chain(args.iter().skip(1).map(|s| s.as_ref()))
+            .filter(|p| !p.is_empty())
+            .map(parse_param)
+            .collect();
+        RcptArg { raw: path.to_owned(), address: parse_path(path), params }
+    }
+
+    pub fn param(&self, keyword: &str) -> Option<&EsmtpParam> {
+        self.params.iter().find(|p| p.keyword.eq_ignore_ascii_case(keyword))
+    }
+
+    /// The address without angle brackets and source route, as the client
+    /// wrote it (the domain in its original spelling): used for ORCPT.
+    pub fn original_mailbox(&self) -> Option<&str> {
+        let inner = self.raw.strip_prefix('<')?.strip_suffix('>')?;
+        let inner = strip_source_route(inner);
+        (!inner.is_empty()).then_some(inner)
+    }
+}
+
+fn parse_param(p: &str) -> EsmtpParam {
+    match p.split_once('=') {
+        Some((k, v)) => EsmtpParam { keyword: k.to_ascii_uppercase(), value: Some(v.to_owned()) },
+        None => EsmtpParam { keyword: p.to_ascii_uppercase(), value: None },
+    }
+}
+
+/// `@a,@b:local@domain` → `local@domain` (RFC 5321 §4.1.2 says the route
+/// is to be ignored by the receiver).
+fn strip_source_route(s: &str) -> &str {
+    if s.starts_with('@') {
+        match s.find(':') {
+            Some(colon) => &s[colon + 1..],
+            None => s,
+        }
+    } else {
+        s
+    }
+}
+
+fn parse_path(path: &str) -> Option<Address> {
+    let inner = path.trim();
+    // Postfix passes the argument with its brackets; tolerate clients that
+    // omit them (Postfix accepts that with `strict_rfc821_envelopes = no`).
+    let inner = match inner.strip_prefix('<') {
+        Some(rest) => rest.strip_suffix('>')?,
+        None => inner,
+    };
+    let inner = strip_source_route(inner);
+    Address::parse(inner).ok()
+}
+
+/// Encodes a value as RFC 3461 §4 xtext: `+`, `=` and characters outside
+/// `!`..`~` become `+XX`. ORCPT values must be xtext, and a subaddress
+/// (`bob+news`) contains exactly the character that needs it.
+pub fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(local: &str, domain: &str) -> Option<Address> {
+        Some(Address { local: local.into(), domain: domain.into() })
+    }
+
+    #[test]
+    fn plain_path() {
+        let r = RcptArg::parse(&["<Bob@Example.COM>"]);
+        assert_eq!(r.raw, "<Bob@Example.COM>");
+        assert_eq!(r.address, addr("Bob", "example.com"));
+        assert!(r.params.is_empty());
+        assert_eq!(r.original_mailbox(), Some("Bob@Example.COM"));
+    }
+
+    #[test]
+    fn params_separate_and_trailing() {
+        let r = RcptArg::parse(&["<a@x.example>", "notify=NEVER", "ORCPT=rfc822;a@x.example"]);
+        assert_eq!(r.param("NOTIFY").and_then(|p| p.value.as_deref()), Some("NEVER"));
+        assert_eq!(r.param("orcpt").and_then(|p| p.value.as_deref()), Some("rfc822;a@x.example"));
+        let r = RcptArg::parse(&["<a@x.example> NOTIFY=NEVER"]);
+        assert_eq!(r.raw, "<a@x.example>");
+        assert_eq!(r.params.len(), 1);
+    }
+
+    #[test]
+    fn source_route_is_ignored() {
+        let r = RcptArg::parse(&["<@relay1.example,@relay2.example:joe@example.com>"]);
+        assert_eq!(r.address, addr("joe", "example.com"));
+        assert_eq!(r.original_mailbox(), Some("joe@example.com"));
+    }
+
+    #[test]
+    fn quoted_local_part() {
+        let r = RcptArg::parse(&["<\"john doe\"@example.com>"]);
+        let a = r.address.unwrap();
+        assert_eq!(a.local, "\"john doe\"");
+        assert_eq!(a.unquoted_local(), "john doe");
+        let r = RcptArg::parse(&["<\"a@b\\\"c\"@example.com>"]);
+        assert_eq!(r.address.unwrap().unquoted_local(), "a@b\"c");
+    }
+
+    #[test]
+    fn null_and_garbage_are_left_alone() {
+        for bad in ["<>", "", "<", ">", "<@>", "<postmaster>", "<a@>", "<@x>", "<a b@x>", "<\"x@y>", "<a@-x.example>"] {
+            let r = RcptArg::parse(&[bad]);
+            assert_eq!(r.address, None, "{bad:?}");
+        }
+        assert_eq!(RcptArg::parse::<&str>(&[]).address, None);
+    }
+
+    #[test]
+    fn idna_domain() {
+        let r = RcptArg::parse(&["<bob@BÜCHER.example>"]);
+        assert_eq!(r.address, addr("bob", "xn--bcher-kva.example"));
+        assert_eq!(normalize_domain("Example.COM.").unwrap(), "example.com");
+    }
+
+    #[test]
+    fn xtext_encoding() {
+        assert_eq!(xtext("bob+news@example.com"), "bob+2Bnews@example.com");
+        assert_eq!(xtext("a=b c"), "a+3Db+20c");
+    }
+}

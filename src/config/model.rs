@@ -1,0 +1,586 @@
+//! Typed configuration values (DESIGN.md §5). Every value that can be wrong
+//! is parsed through `FromStr` with an error an administrator can act on;
+//! the YAML reader attaches file, line and column.
+
+use crate::address::{normalize_domain, Address};
+use ipnet::IpNet;
+use serde::{de, Deserialize, Deserializer};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+/// Implements `Deserialize` through `FromStr`, so that parse errors carry
+/// the location serde_yaml knows.
+macro_rules! deserialize_from_str {
+    ($t:ty, $what:expr) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(|e| de::Error::custom(format!("{}: {e}", $what)))
+            }
+        }
+    };
+}
+
+/// Where the milter listens. Both Postfix's syntax (`inet:host:port`,
+/// `unix:/path`) and libmilter's (`inet:port@host`, `inet6:port@host`,
+/// `local:/path`) are accepted, since admins copy either from their MTA.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Socket {
+    Inet { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Socket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Socket::Inet { host, port } if host.contains(':') => write!(f, "inet:[{host}]:{port}"),
+            Socket::Inet { host, port } => write!(f, "inet:{host}:{port}"),
+            Socket::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl FromStr for Socket {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected inet:HOST:PORT, inet:PORT@HOST or unix:/PATH"))?;
+        match kind {
+            "unix" | "local" => {
+                if rest.starts_with('/') {
+                    Ok(Socket::Unix(PathBuf::from(rest)))
+                } else {
+                    Err(format!("{s:?}: the socket path must be absolute"))
+                }
+            }
+            "inet" | "inet6" => {
+                let (host, port) = if let Some((port, host)) = rest.split_once('@') {
+                    (host, port)
+                } else if let Some(bracketed) = rest.strip_prefix('[') {
+                    let (host, port) = bracketed
+                        .split_once("]:")
+                        .ok_or_else(|| format!("{s:?}: expected inet:[ADDR]:PORT"))?;
+                    (host, port)
+                } else {
+                    rest.rsplit_once(':')
+                        .ok_or_else(|| format!("{s:?}: missing port (inet:HOST:PORT)"))?
+                };
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if host.is_empty() {
+                    return Err(format!("{s:?}: missing host"));
+                }
+                let port = port.parse::<u16>().map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+                Ok(Socket::Inet { host: host.to_owned(), port })
+            }
+            _ => Err(format!("{s:?}: unknown socket type {kind:?} (use inet: or unix:)")),
+        }
+    }
+}
+deserialize_from_str!(Socket, "listen");
+
+/// A domain name, normalized to lower-case A-labels.
+#[derive(Clone, Debug, Eq, PartialEq, Ord, PartialOrd, Hash)]
+pub struct DomainName(pub String);
+
+impl FromStr for DomainName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with('[') {
+            return Err(format!("{s:?}: an address literal is not a mail domain"));
+        }
+        normalize_domain(s).map(DomainName).map_err(|e| e.to_string())
+    }
+}
+deserialize_from_str!(DomainName, "domain");
+
+impl fmt::Display for DomainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A full mail address given in the configuration.
+#[derive(Clone, Debug, Eq, PartialEq, Hash)]
+pub struct ConfigAddress(pub Address);
+
+impl FromStr for ConfigAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let inner = s.strip_prefix('<').and_then(|s| s.strip_suffix('>')).unwrap_or(s);
+        match Address::parse(inner) {
+            Ok(a) if a.domain.starts_with('[') => {
+                Err(format!("{s:?}: use a domain name, not an address literal"))
+            }
+            Ok(a) => Ok(ConfigAddress(a)),
+            Err(e) => Err(format!("{s:?} is not a mail address: {e}")),
+        }
+    }
+}
+deserialize_from_str!(ConfigAddress, "address");
+
+/// A gateway: one IP address or a CIDR network.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Gateway(pub IpNet);
+
+impl Gateway {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.0.contains(&ip)
+    }
+}
+
+impl FromStr for Gateway {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(net) = s.parse::<IpNet>() {
+            if net.trunc() != net {
+                return Err(format!(
+                    "{s:?}: host bits are set; did you mean {}?",
+                    net.trunc()
+                ));
+            }
+            return Ok(Gateway(net));
+        }
+        s.parse::<IpAddr>()
+            .map(|ip| Gateway(IpNet::from(ip)))
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR network"))
+    }
+}
+deserialize_from_str!(Gateway, "gateway");
+
+impl fmt::Display for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Split,
+    Dual,
+    Route,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Split => "split",
+            Mode::Dual => "dual",
+            Mode::Route => "route",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalPartCase {
+    #[default]
+    Insensitive,
+    Sensitive,
+}
+
+/// A destination host: `name`, `name:port`, `[ip]` or `[ip]:port`, as in
+/// Postfix's next-hop syntax (brackets: no MX lookup).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Host {
+    pub name: String,
+    /// `[name]`: use the address records (or literal) only, no MX lookup.
+    pub bracketed: bool,
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.bracketed {
+            write!(f, "[{}]", self.name)?;
+        } else {
+            f.write_str(&self.name)?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Host {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, bracketed, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (name, after) =
+                rest.split_once(']').ok_or_else(|| format!("{s:?}: missing ']'"))?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| format!("{s:?}: expected ':PORT' after ']'"))?),
+            };
+            (name, true, port)
+        } else {
+            match s.rsplit_once(':') {
+                Some((n, p)) => (n, false, Some(p)),
+                None => (s, false, None),
+            }
+        };
+        let port = port
+            .map(|p| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| format!("{s:?}: bad port {p:?}")))
+            .transpose()?;
+        let name = if name.parse::<IpAddr>().is_ok() {
+            if !bracketed {
+                return Err(format!("{s:?}: write an IP address in brackets, [{name}]"));
+            }
+            name.to_owned()
+        } else {
+            normalize_domain(name).map_err(|e| format!("{s:?}: {e}"))?
+        };
+        Ok(Host { name, bracketed, port })
+    }
+}
+deserialize_from_str!(Host, "host");
+
+/// The other server (DESIGN.md §4).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Destination {
+    /// Explicit hosts: routing addresses use the relay domain.
+    Hosts(Vec<Host>),
+    /// A domain whose MX receives routed mail.
+    Domain { domain: DomainName, change_envelope: bool },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    hosts: Option<Vec<Host>>,
+    domain: Option<DomainName>,
+    change_envelope: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawDestination::deserialize(d)?;
+        match (raw.hosts, raw.domain, raw.change_envelope) {
+            (Some(_), Some(_), _) => Err(de::Error::custom("`hosts` and `domain` are mutually exclusive")),
+            (Some(_), None, Some(true)) => Err(de::Error::custom(
+                "`change_envelope` needs `domain`: with `hosts`, routed mail uses the relay domain",
+            )),
+            (Some(hosts), None, _) if hosts.is_empty() => Err(de::Error::custom("`hosts` is empty")),
+            (Some(hosts), None, _) => Ok(Destination::Hosts(hosts)),
+            (None, Some(domain), ce) => {
+                Ok(Destination::Domain { domain, change_envelope: ce.unwrap_or(false) })
+            }
+            (None, None, _) => Err(de::Error::custom("needs `hosts` or `domain`")),
+        }
+    }
+}
+
+/// One source of account names (DESIGN.md §5 `accounts:`).
+#[derive(Clone, Debug, Eq, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AccountSource {
+    List(Vec<ConfigAddress>),
+    File(PathBuf),
+    PostfixMap(PathBuf),
+}
+
+/// A per-user rule.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum UserRule {
+    CopyTo(Vec<Address>),
+    RedirectTo(Address),
+    Keep,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUserRule {
+    copy_to: Option<OneOrMany<ConfigAddress>>,
+    redirect_to: Option<ConfigAddress>,
+    keep: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<'de> Deserialize<'de> for UserRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawUserRule::deserialize(d)?;
+        match (raw.copy_to, raw.redirect_to, raw.keep) {
+            (Some(c), None, None) => {
+                let list: Vec<Address> = match c {
+                    OneOrMany::One(a) => vec![a.0],
+                    OneOrMany::Many(v) => v.into_iter().map(|a| a.0).collect(),
+                };
+                if list.is_empty() {
+                    return Err(de::Error::custom("`copy_to` is empty"));
+                }
+                Ok(UserRule::CopyTo(list))
+            }
+            (None, Some(r), None) => Ok(UserRule::RedirectTo(r.0)),
+            (None, None, Some(true)) => Ok(UserRule::Keep),
+            (None, None, Some(false)) => Err(de::Error::custom("`keep: false` means nothing; remove the rule")),
+            (None, None, None) => Err(de::Error::custom("needs one of `copy_to`, `redirect_to`, `keep: true`")),
+            _ => Err(de::Error::custom("`copy_to`, `redirect_to` and `keep` are mutually exclusive")),
+        }
+    }
+}
+
+/// Settings of one managed domain.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct DomainConfig {
+    pub mode: Mode,
+    pub enabled: bool,
+    pub destination: Destination,
+    pub bounce: bool,
+    pub verify: Option<Address>,
+    pub require_gateway: bool,
+    /// `None` when the domain has no `accounts:` key.
+    pub accounts: Option<Vec<AccountSource>>,
+    /// Keys as written (normalized by the policy with the case rules).
+    pub users: Vec<(Address, UserRule)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDomainConfig {
+    mode: Mode,
+    #[serde(default = "yes")]
+    enabled: bool,
+    destination: Destination,
+    #[serde(default)]
+    bounce: bool,
+    verify: Option<ConfigAddress>,
+    #[serde(default)]
+    require_gateway: bool,
+    accounts: Option<Vec<AccountSource>>,
+    #[serde(default)]
+    users: UserEntries,
+}
+
+/// `users:` is a mapping in YAML; read it as a sequence of entries so that
+/// the order is kept and a duplicate key is an error, not a silent override.
+#[derive(Default)]
+struct UserEntries(Vec<(ConfigAddress, UserRule)>);
+
+impl<'de> Deserialize<'de> for UserEntries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = UserEntries;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping of address → rule")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(UserEntries::default())
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(ConfigAddress, UserRule)> = Vec::new();
+                while let Some(k) = m.next_key::<ConfigAddress>()? {
+                    let rule = m.next_value::<UserRule>()?;
+                    if out.iter().any(|e| e.0 == k) {
+                        return Err(de::Error::custom(format!("duplicate user {}", k.0)));
+                    }
+                    out.push((k, rule));
+                }
+                Ok(UserEntries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl<'de> Deserialize<'de> for DomainConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawDomainConfig::deserialize(d)?;
+        if matches!(&raw.accounts, Some(a) if a.is_empty()) {
+            return Err(de::Error::custom("`accounts` is empty; give at least one source or remove the key"));
+        }
+        if raw.mode == Mode::Split && raw.accounts.is_none() {
+            return Err(de::Error::custom(
+                "mode `split` needs `accounts`: without them nothing is known to be present here, so everything would be redirected (use `mode: route` for that)",
+            ));
+        }
+        Ok(DomainConfig {
+            mode: raw.mode,
+            enabled: raw.enabled,
+            destination: raw.destination,
+            bounce: raw.bounce,
+            verify: raw.verify.map(|a| a.0),
+            require_gateway: raw.require_gateway,
+            accounts: raw.accounts,
+            users: raw.users.0.into_iter().map(|(k, r)| (k.0, r)).collect(),
+        })
+    }
+}
+
+/// A duration such as `90s`, `30m`, `1h`, `2d`.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Window(pub Duration);
+
+impl FromStr for Window {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 1h"))?;
+        let secs = match unit.trim() {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86400,
+            _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+        };
+        if secs == 0 {
+            return Err(format!("{s:?}: must be longer than zero"));
+        }
+        Ok(Window(Duration::from_secs(secs)))
+    }
+}
+deserialize_from_str!(Window, "duration");
+
+/// The bounce breaker (DESIGN.md §7).
+#[derive(Clone, Debug, Eq, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    pub maillog: PathBuf,
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+    #[serde(default = "default_window")]
+    pub window: Window,
+}
+
+fn default_threshold() -> u32 {
+    20
+}
+fn default_window() -> Window {
+    Window(Duration::from_secs(3600))
+}
+
+/// The whole `milter.yaml`.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Config {
+    pub listen: Socket,
+    pub instance: String,
+    pub relay_suffix: DomainName,
+    /// Each character is a delimiter, as in Postfix's `recipient_delimiter`.
+    pub recipient_delimiter: String,
+    pub local_part_case: LocalPartCase,
+    pub gateways: Vec<Gateway>,
+    pub state_dir: PathBuf,
+    pub domains: BTreeMap<DomainName, DomainConfig>,
+    pub breaker: Option<BreakerConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default = "default_listen")]
+    pub listen: Socket,
+    pub instance: Option<String>,
+    #[serde(default = "default_relay_suffix")]
+    pub relay_suffix: DomainName,
+    #[serde(default = "default_delimiter")]
+    pub recipient_delimiter: String,
+    #[serde(default)]
+    pub local_part_case: LocalPartCase,
+    #[serde(default)]
+    pub gateways: Vec<Gateway>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    pub domains: BTreeMap<DomainName, DomainConfig>,
+    pub breaker: Option<BreakerConfig>,
+}
+
+fn default_listen() -> Socket {
+    Socket::Inet { host: "127.0.0.1".into(), port: 8899 }
+}
+fn default_relay_suffix() -> DomainName {
+    DomainName("dualroute.invalid".into())
+}
+fn default_delimiter() -> String {
+    "+".into()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/dualroute")
+}
+
+/// The host name, for the default `instance`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets() {
+        let inet = |h: &str, p| Socket::Inet { host: h.into(), port: p };
+        assert_eq!("inet:127.0.0.1:8899".parse(), Ok(inet("127.0.0.1", 8899)));
+        assert_eq!("inet:8899@127.0.0.1".parse(), Ok(inet("127.0.0.1", 8899)));
+        assert_eq!("inet6:8899@::1".parse(), Ok(inet("::1", 8899)));
+        assert_eq!("inet:[::1]:8899".parse(), Ok(inet("::1", 8899)));
+        assert_eq!("unix:/run/x.sock".parse(), Ok(Socket::Unix("/run/x.sock".into())));
+        assert!("unix:relative".parse::<Socket>().is_err());
+        assert!("inet:127.0.0.1".parse::<Socket>().is_err());
+        assert!("tcp:1@x".parse::<Socket>().is_err());
+        assert!("inet:x:99999".parse::<Socket>().is_err());
+    }
+
+    #[test]
+    fn hosts() {
+        let h: Host = "[192.0.2.30]:2525".parse().unwrap();
+        assert_eq!((h.name.as_str(), h.bracketed, h.port), ("192.0.2.30", true, Some(2525)));
+        let h: Host = "MX1.Legacy.example.net".parse().unwrap();
+        assert_eq!((h.name.as_str(), h.bracketed, h.port), ("mx1.legacy.example.net", false, None));
+        assert!("192.0.2.30".parse::<Host>().is_err());
+        assert!("[192.0.2.30".parse::<Host>().is_err());
+        assert!("mx:0".parse::<Host>().is_err());
+    }
+
+    #[test]
+    fn gateways() {
+        let g: Gateway = "192.0.2.25".parse().unwrap();
+        assert!(g.contains("192.0.2.25".parse().unwrap()));
+        assert!(g.contains("::ffff:192.0.2.25".parse().unwrap()));
+        assert!(!g.contains("192.0.2.26".parse().unwrap()));
+        let g: Gateway = "2001:db8::/64".parse().unwrap();
+        assert!(g.contains("2001:db8::7".parse().unwrap()));
+        assert!("192.0.2.1/24".parse::<Gateway>().is_err());
+        assert!("192.0.2.0/33".parse::<Gateway>().is_err());
+        assert!("mx.example".parse::<Gateway>().is_err());
+    }
+
+    #[test]
+    fn windows() {
+        assert_eq!("1h".parse(), Ok(Window(Duration::from_secs(3600))));
+        assert_eq!("90s".parse(), Ok(Window(Duration::from_secs(90))));
+        assert!("1w".parse::<Window>().is_err());
+        assert!("0m".parse::<Window>().is_err());
+        assert!("h".parse::<Window>().is_err());
+    }
+}

@@ -1,0 +1,325 @@
+//! `milter.yaml` → [`Config`], with errors as `FILE:LINE:COL: message`.
+//!
+//! Value errors (bad address, bad CIDR, unknown key) are raised while
+//! serde_yaml deserializes, so it knows where they are. Checks that need the
+//! whole file (a user key outside its domain, a routing loop) run afterwards
+//! and find their position again with [`locate`], which walks the YAML to
+//! the offending node and lets serde_yaml report that node's mark.
+
+use super::model::*;
+use crate::address::normalize_domain;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::{fmt, path::Path};
+
+/// A configuration error, located in its file when possible.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
+            (Some(l), None) => write!(f, "{}:{l}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
+    let label = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: label.clone(),
+        line: None,
+        column: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, &label)
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))?;
+    let config = Config {
+        listen: raw.listen,
+        instance: raw.instance.unwrap_or_else(host_name),
+        relay_suffix: raw.relay_suffix,
+        recipient_delimiter: raw.recipient_delimiter,
+        local_part_case: raw.local_part_case,
+        gateways: raw.gateways,
+        state_dir: raw.state_dir,
+        domains: raw.domains,
+        breaker: raw.breaker,
+    };
+    validate(&config).map_err(|(path, message)| {
+        let (line, column) = locate(text, &path).unzip();
+        let shown: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            message: format!("{}: {message}", shown.join(".")),
+        }
+    })?;
+    Ok(config)
+}
+
+fn yaml_error(file: &str, e: &serde_yaml::Error) -> ConfigError {
+    let mut message = e.to_string();
+    // serde_yaml appends " at line L column C"; we print the position first.
+    if let Some(i) = message.rfind(" at line ") {
+        message.truncate(i);
+    }
+    let loc = e.location();
+    ConfigError {
+        file: file.to_owned(),
+        line: loc.as_ref().map(|l| l.line()),
+        column: loc.as_ref().map(|l| l.column()),
+        message,
+    }
+}
+
+/// One step of a path into the YAML document.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Seg {
+    /// The value under a mapping key (compared as a domain/address would be).
+    Key(String),
+    /// The mapping key itself.
+    KeyItself(String),
+    Index(usize),
+}
+
+impl fmt::Display for Seg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Seg::Key(k) | Seg::KeyItself(k) => f.write_str(k),
+            Seg::Index(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+type Invalid = (Vec<Seg>, String);
+
+fn key(k: impl fmt::Display) -> Seg {
+    Seg::Key(k.to_string())
+}
+
+fn validate(c: &Config) -> Result<(), Invalid> {
+    if c.domains.is_empty() {
+        return Err((vec![key("domains")], "no domains: dualroute would do nothing".into()));
+    }
+    if c.instance.is_empty() || c.instance.contains(|ch: char| ch.is_whitespace() || ch.is_control()) {
+        return Err((vec![key("instance")], format!("{:?}: must be one word (it is written into the X-Dualroute header)", c.instance)));
+    }
+    if c.recipient_delimiter.contains(['@', '"']) || c.recipient_delimiter.chars().any(|ch| ch.is_whitespace()) {
+        return Err((vec![key("recipient_delimiter")], "must not contain '@', quotes or spaces".into()));
+    }
+    let managed = |d: &str| c.domains.keys().any(|m| m.0 == d);
+    let suffix = &c.relay_suffix.0;
+    if let Some(m) = c.domains.keys().find(|m| suffix == &m.0 || suffix.ends_with(&format!(".{}", m.0))) {
+        return Err((vec![key("relay_suffix")], format!("{suffix} lies inside managed domain {m}: routed mail would come back here")));
+    }
+    for (name, d) in &c.domains {
+        let at = |rest: Vec<Seg>| {
+            let mut p = vec![key("domains"), key(name)];
+            p.extend(rest);
+            p
+        };
+        if let Destination::Domain { domain, .. } = &d.destination {
+            if managed(&domain.0) {
+                return Err((at(vec![key("destination"), key("domain")]), format!(
+                    "{domain} is itself a managed domain: its MX is this server, so routed mail would loop"
+                )));
+            }
+        }
+        if d.require_gateway && c.gateways.is_empty() {
+            return Err((at(vec![key("require_gateway")]),
+                "needs `gateways`: with none listed, every unauthenticated sender would be refused".into()));
+        }
+        for (user, rule) in &d.users {
+            if user.domain != name.0 {
+                return Err((at(vec![key("users"), Seg::KeyItself(user.to_string())]),
+                    format!("{user} is not in domain {name}")));
+            }
+            let targets: Vec<(Vec<Seg>, &crate::address::Address)> = match rule {
+                UserRule::CopyTo(list) => list
+                    .iter()
+                    .enumerate()
+                    .map(|(j, a)| (vec![key("users"), key(user), key("copy_to"), Seg::Index(j)], a))
+                    .collect(),
+                UserRule::RedirectTo(a) => vec![(vec![key("users"), key(user), key("redirect_to")], a)],
+                UserRule::Keep => vec![],
+            };
+            for (path, target) in targets {
+                let same = target.domain == user.domain
+                    && target.unquoted_local().eq_ignore_ascii_case(&user.unquoted_local());
+                let target_mode = c.domains.iter().find(|(m, _)| m.0 == target.domain).map(|(_, t)| t.mode);
+                if same {
+                    return Err((at(path), format!("{target} is the user itself: that would loop")));
+                }
+                if target_mode == Some(Mode::Route) {
+                    return Err((at(path), format!(
+                        "{target} is in {}, which this milter routes (mode route): recipients the milter adds are not routed again, so it would not reach the other server; name the address on the other server",
+                        target.domain
+                    )));
+                }
+            }
+        }
+    }
+    if let Some(b) = &c.breaker {
+        if b.threshold == 0 {
+            return Err((vec![key("breaker"), key("threshold")], "must be at least 1".into()));
+        }
+    }
+    Ok(())
+}
+
+const FOUND: &str = "\u{0}dualroute-locate-found";
+
+/// Finds the line and column (1-based) of the node at `path`.
+pub fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    match Locate(path).deserialize(de) {
+        Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| (l.line(), l.column())),
+        _ => None,
+    }
+}
+
+fn loose(s: &str) -> String {
+    let s = s.trim();
+    match s.rsplit_once('@') {
+        Some((l, d)) => format!("{}@{}", l.to_lowercase(), normalize_domain(d).unwrap_or_else(|_| d.to_lowercase())),
+        None => normalize_domain(s).unwrap_or_else(|_| s.to_lowercase()),
+    }
+}
+
+struct Locate<'p>(&'p [Seg]);
+
+impl<'de> DeserializeSeed<'de> for Locate<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Locate<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        let Some((head, rest)) = self.0.split_first() else {
+            return Err(de::Error::custom(FOUND));
+        };
+        while let Some(k) = m.next_key_seed(KeySeed(head))? {
+            if k && !matches!(head, Seg::KeyItself(_)) {
+                return m.next_value_seed(Locate(rest));
+            }
+            m.next_value::<IgnoredAny>()?;
+        }
+        Err(de::Error::custom("not found"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        let Some((head, rest)) = self.0.split_first() else {
+            return Err(de::Error::custom(FOUND));
+        };
+        let mut i = 0;
+        loop {
+            if matches!(head, Seg::Index(n) if *n == i) {
+                return s.next_element_seed(Locate(rest)).map(|_| ());
+            }
+            if s.next_element::<IgnoredAny>()?.is_none() {
+                return Err(de::Error::custom("not found"));
+            }
+            i += 1;
+        }
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.leaf()
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.leaf()
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.leaf()
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.leaf()
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.leaf()
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.leaf()
+    }
+}
+
+impl Locate<'_> {
+    fn leaf<E: de::Error>(&self) -> Result<(), E> {
+        Err(de::Error::custom(if self.0.is_empty() { FOUND } else { "not found" }))
+    }
+}
+
+/// Reads a mapping key; yields whether it is the wanted one, and fails
+/// (so that the key's own mark is reported) when the key itself is sought.
+struct KeySeed<'p>(&'p Seg);
+
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = bool;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        match self.0 {
+            Seg::Key(k) => Ok(loose(k) == loose(v)),
+            Seg::KeyItself(k) if loose(k) == loose(v) => Err(E::custom(FOUND)),
+            _ => Ok(false),
+        }
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<bool, E> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<bool, E> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_finds_nodes() {
+        let text = "a: 1\nb:\n  Example.COM:\n    users:\n      x@example.com: {keep: true}\n    list: [p, q]\n";
+        assert_eq!(locate(text, &[key("a")]), Some((1, 4)));
+        assert_eq!(locate(text, &[key("b"), key("example.com")]), Some((4, 5)));
+        assert_eq!(
+            locate(text, &[key("b"), key("example.com"), key("users"), Seg::KeyItself("X@Example.com".into())]),
+            Some((5, 7))
+        );
+        assert_eq!(locate(text, &[key("b"), key("example.com"), key("list"), Seg::Index(1)]), Some((6, 15)));
+        assert_eq!(locate(text, &[key("c")]), None);
+        assert_eq!(locate("{{{", &[key("c")]), None);
+    }
+}

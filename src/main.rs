@@ -1,0 +1,192 @@
+//! The `dualroute` command: parses options, loads the configuration, binds
+//! the socket, handles signals and hands over to the library.
+
+use clap::{Parser, Subcommand};
+use dualroute::{config, decision::Envelope, explain::explain};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(name = "dualroute", version, about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail")]
+struct Cli {
+    /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the milter (the default)
+    Run,
+    /// Load and validate the configuration and account sources, print a summary
+    Check,
+    /// Print the decision for each address and the rule that made it
+    Explain {
+        #[arg(required = true, value_name = "ADDR")]
+        addresses: Vec<String>,
+        /// Decide as if the mail came from this client address
+        #[arg(long, value_name = "IP")]
+        client: Option<IpAddr>,
+        /// Decide as if the client authenticated as this user
+        #[arg(long, value_name = "USER")]
+        auth: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = config::config_path(cli.config.as_deref());
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(path),
+        Command::Check => check(path),
+        Command::Explain { addresses, client, auth } => {
+            let policy = match dualroute::load_policy(&path) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            let envelope = Envelope { client, auth };
+            for a in addresses {
+                println!("{}", explain(&policy, &envelope, &a));
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("dualroute: {e}");
+    ExitCode::FAILURE
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    let policy = match dualroute::load_policy(&path) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let c = &policy.config;
+    println!("{}: OK", path.display());
+    println!("listen {}, instance {}, relay suffix {}", c.listen, c.instance, c.relay_suffix);
+    if !c.gateways.is_empty() {
+        let g: Vec<String> = c.gateways.iter().map(ToString::to_string).collect();
+        println!("gateways: {}", g.join(", "));
+    }
+    for name in c.domains.keys() {
+        let Some(d) = policy.domains.get(&name.0) else { continue };
+        let dest = match &d.config.destination {
+            config::Destination::Hosts(h) => {
+                let h: Vec<String> = h.iter().map(ToString::to_string).collect();
+                format!("hosts {}", h.join(", "))
+            }
+            config::Destination::Domain { domain, change_envelope } => {
+                format!("domain {domain}{}", if *change_envelope { " (change_envelope)" } else { "" })
+            }
+        };
+        let via = d.relay_domain(&c.relay_suffix.0).map(|r| format!(" via {r}")).unwrap_or_default();
+        let accounts = match &d.accounts {
+            Some(a) => format!(
+                "{} accounts ({} entries of other domains ignored, {} map keys not accounts)",
+                a.len(),
+                d.report.other_domains,
+                d.report.not_accounts
+            ),
+            None => "no accounts".into(),
+        };
+        println!(
+            "{name}: mode {}{}, destination {dest}{via}; {accounts}; {} per-user rules{}",
+            d.config.mode,
+            if d.config.enabled { "" } else { " (enabled: false)" },
+            d.users.len(),
+            if d.config.require_gateway { "; require_gateway" } else { "" },
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DUALROUTE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(serve(path))
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let policy = match dualroute::load_policy(&path) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let listen = policy.config.listen.clone();
+    let shared = dualroute::share(policy);
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => return fail("cannot install signal handlers"),
+    };
+    let (reload_shared, reload_path) = (shared.clone(), path.clone());
+    tokio::spawn(async move {
+        // SIGHUP: reload configuration and accounts atomically.
+        while hup.recv().await.is_some() {
+            match dualroute::reload(&reload_shared, &reload_path).await {
+                Ok(()) => info!("SIGHUP: reloaded {}", reload_path.display()),
+                Err(e) => error!("SIGHUP: reload failed, keeping the running configuration: {e}"),
+            }
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+    };
+    let result = match &listen {
+        config::Socket::Inet { host, port } => match TcpListener::bind((host.as_str(), *port)).await {
+            Ok(l) => {
+                info!("dualroute {} listening on {listen}", env!("CARGO_PKG_VERSION"));
+                dualroute::run(l, shared, shutdown).await
+            }
+            Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
+        },
+        config::Socket::Unix(p) => {
+            // A socket file left by a killed instance would make bind fail.
+            if std::fs::symlink_metadata(p).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(p);
+            }
+            match UnixListener::bind(p) {
+                Ok(l) => {
+                    // The MTA runs as another user (postfix): let it connect;
+                    // access is controlled by the directory's permissions.
+                    use std::os::unix::fs::PermissionsExt;
+                    if let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666)) {
+                        error!("cannot chmod {}: {e}", p.display());
+                    }
+                    info!("dualroute {} listening on {listen}", env!("CARGO_PKG_VERSION"));
+                    let r = dualroute::run(l, shared, shutdown).await;
+                    let _ = std::fs::remove_file(p);
+                    r
+                }
+                Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}

@@ -1,0 +1,86 @@
+//! The loaded policy: the configuration plus the account sets it names.
+//!
+//! A `Policy` is immutable. The milter holds the current one behind an
+//! `Arc`, and each message keeps the `Arc` it started with, so a reload
+//! never changes the rules under a message in flight (DESIGN.md §7).
+
+use crate::accounts::{self, Accounts, LoadError, LoadReport, MatchRules};
+use crate::address::Address;
+use crate::config::{Config, Destination, DomainConfig, UserRule};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+#[derive(Debug)]
+pub struct DomainPolicy {
+    pub name: String,
+    pub config: DomainConfig,
+    /// `None` when the domain has no `accounts:`.
+    pub accounts: Option<Accounts>,
+    pub report: LoadReport,
+    /// Per-user rules by comparison key of the local part.
+    pub users: HashMap<String, UserRule>,
+}
+
+impl DomainPolicy {
+    /// The address mail for `local` is routed to (DESIGN.md §4).
+    pub fn routing_address(&self, local: &str, relay_suffix: &str) -> String {
+        match &self.config.destination {
+            Destination::Domain { domain, change_envelope: true } => format!("{local}@{domain}"),
+            _ => format!("{local}@{}.{relay_suffix}", self.name),
+        }
+    }
+
+    /// The relay domain for destinations that need one.
+    pub fn relay_domain(&self, relay_suffix: &str) -> Option<String> {
+        match &self.config.destination {
+            Destination::Domain { change_envelope: true, .. } => None,
+            _ => Some(format!("{}.{relay_suffix}", self.name)),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    pub config: Config,
+    pub rules: MatchRules,
+    pub domains: HashMap<String, DomainPolicy>,
+}
+
+pub type SharedPolicy = Arc<std::sync::RwLock<Arc<Policy>>>;
+
+impl Policy {
+    /// Loads every account source the configuration names.
+    pub fn load(config: Config) -> Result<Policy, LoadError> {
+        let rules = MatchRules {
+            case: config.local_part_case,
+            delimiters: config.recipient_delimiter.clone(),
+        };
+        let mut domains = HashMap::new();
+        for (name, d) in &config.domains {
+            let (accounts, report) = match &d.accounts {
+                Some(sources) => {
+                    let (a, r) = accounts::load(&name.0, sources, &rules)?;
+                    (Some(a), r)
+                }
+                None => (None, LoadReport::default()),
+            };
+            let users = d
+                .users
+                .iter()
+                .map(|(a, r)| (rules.key(&a.unquoted_local()).into_owned(), r.clone()))
+                .collect();
+            domains.insert(
+                name.0.clone(),
+                DomainPolicy { name: name.0.clone(), config: d.clone(), accounts, report, users },
+            );
+        }
+        Ok(Policy { config, rules, domains })
+    }
+
+    pub fn is_gateway(&self, ip: IpAddr) -> bool {
+        self.config.gateways.iter().any(|g| g.contains(ip))
+    }
+
+    pub fn domain(&self, address: &Address) -> Option<&DomainPolicy> {
+        self.domains.get(&address.domain)
+    }
+}
