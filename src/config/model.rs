@@ -285,12 +285,31 @@ impl<'de> Deserialize<'de> for Destination {
 }
 
 /// One source of account names (DESIGN.md §5 `accounts:`).
-#[derive(Clone, Debug, Eq, PartialEq, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Clone, Debug, Eq, PartialEq)]
 pub enum AccountSource {
     List(Vec<ConfigAddress>),
     File(PathBuf),
     PostfixMap(PathBuf),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccountSource {
+    list: Option<Vec<ConfigAddress>>,
+    file: Option<PathBuf>,
+    postfix_map: Option<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for AccountSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawAccountSource::deserialize(d)?;
+        match (raw.list, raw.file, raw.postfix_map) {
+            (Some(l), None, None) => Ok(AccountSource::List(l)),
+            (None, Some(f), None) => Ok(AccountSource::File(f)),
+            (None, None, Some(m)) => Ok(AccountSource::PostfixMap(m)),
+            _ => Err(de::Error::custom("each source is exactly one of `list`, `file`, `postfix_map`")),
+        }
+    }
 }
 
 /// A per-user rule.

@@ -39,7 +39,28 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
         column: None,
         message: format!("cannot read: {e}"),
     })?;
-    parse(&text, &label)
+    let mut config = parse(&text, &label)?;
+    // Relative paths in the file are relative to the file, not to wherever
+    // the daemon happens to be started.
+    if let Some(base) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let fix = |p: &mut std::path::PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut config.state_dir);
+        if let Some(b) = &mut config.breaker {
+            fix(&mut b.maillog);
+        }
+        for d in config.domains.values_mut() {
+            for source in d.accounts.iter_mut().flatten() {
+                if let AccountSource::File(p) | AccountSource::PostfixMap(p) = source {
+                    fix(p);
+                }
+            }
+        }
+    }
+    Ok(config)
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
