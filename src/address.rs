@@ -38,7 +38,7 @@ pub enum AddressError {
     BadDomain(String, String),
     #[error("unterminated quoted local part")]
     Unterminated,
-    #[error("control character or space in address")]
+    #[error("space, control character or special character in the local part (quote it)")]
     BadChar,
 }
 
@@ -55,7 +55,11 @@ impl Address {
         if local.is_empty() {
             return Err(AddressError::EmptyLocal);
         }
-        if !local.starts_with('"') && local.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        // RFC 5321 §4.1.2 Dot-string: atext and dots; UTF-8 allowed
+        // (RFC 6531). Specials only inside a quoted local part.
+        if !local.starts_with('"')
+            && local.bytes().any(|b| b <= b' ' || b == 0x7f || b"()<>[]:;@\\,\"".contains(&b))
+        {
             return Err(AddressError::BadChar);
         }
         Ok(Address { local: local.to_owned(), domain: normalize_domain(domain)? })

@@ -14,17 +14,47 @@ use std::{
     time::Duration,
 };
 
-/// Implements `Deserialize` through `FromStr`, so that parse errors carry
-/// the location serde_yaml knows.
+/// Implements `Deserialize` through `FromStr`. The parse runs inside the
+/// visitor, so serde_yaml marks the error with the scalar's own position.
 macro_rules! deserialize_from_str {
     ($t:ty, $what:expr) => {
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                s.parse().map_err(|e| de::Error::custom(format!("{}: {e}", $what)))
+                struct V;
+                impl<'de> de::Visitor<'de> for V {
+                    type Value = $t;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        write!(f, "a {}", $what)
+                    }
+                    fn visit_str<E: de::Error>(self, s: &str) -> Result<$t, E> {
+                        s.parse().map_err(|e| E::custom(format!("{}: {e}", $what)))
+                    }
+                }
+                d.deserialize_str(V)
             }
         }
     };
+}
+
+/// Deserializes a mapping as `R`, then checks it with `check`, inside the
+/// mapping's own deserialization so that errors point at the mapping.
+fn checked_map<'de, D, R, T>(d: D, check: impl FnOnce(R) -> Result<T, String>) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    R: Deserialize<'de>,
+{
+    struct V<R, F>(F, std::marker::PhantomData<R>);
+    impl<'de, R: Deserialize<'de>, T, F: FnOnce(R) -> Result<T, String>> de::Visitor<'de> for V<R, F> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a mapping")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            let raw = R::deserialize(de::value::MapAccessDeserializer::new(map))?;
+            (self.0)(raw).map_err(de::Error::custom)
+        }
+    }
+    d.deserialize_map(V(check, std::marker::PhantomData))
 }
 
 /// Where the milter listens. Both Postfix's syntax (`inet:host:port`,
@@ -268,19 +298,16 @@ struct RawDestination {
 
 impl<'de> Deserialize<'de> for Destination {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = RawDestination::deserialize(d)?;
-        match (raw.hosts, raw.domain, raw.change_envelope) {
-            (Some(_), Some(_), _) => Err(de::Error::custom("`hosts` and `domain` are mutually exclusive")),
-            (Some(_), None, Some(true)) => Err(de::Error::custom(
-                "`change_envelope` needs `domain`: with `hosts`, routed mail uses the relay domain",
-            )),
-            (Some(hosts), None, _) if hosts.is_empty() => Err(de::Error::custom("`hosts` is empty")),
-            (Some(hosts), None, _) => Ok(Destination::Hosts(hosts)),
-            (None, Some(domain), ce) => {
-                Ok(Destination::Domain { domain, change_envelope: ce.unwrap_or(false) })
+        checked_map(d, |raw: RawDestination| match (raw.hosts, raw.domain, raw.change_envelope) {
+            (Some(_), Some(_), _) => Err("`hosts` and `domain` are mutually exclusive".into()),
+            (Some(_), None, Some(true)) => {
+                Err("`change_envelope` needs `domain`: with `hosts`, routed mail uses the relay domain".into())
             }
-            (None, None, _) => Err(de::Error::custom("needs `hosts` or `domain`")),
-        }
+            (Some(hosts), None, _) if hosts.is_empty() => Err("`hosts` is empty".into()),
+            (Some(hosts), None, _) => Ok(Destination::Hosts(hosts)),
+            (None, Some(domain), ce) => Ok(Destination::Domain { domain, change_envelope: ce.unwrap_or(false) }),
+            (None, None, _) => Err("needs `hosts` or `domain`".into()),
+        })
     }
 }
 
@@ -302,13 +329,12 @@ struct RawAccountSource {
 
 impl<'de> Deserialize<'de> for AccountSource {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = RawAccountSource::deserialize(d)?;
-        match (raw.list, raw.file, raw.postfix_map) {
+        checked_map(d, |raw: RawAccountSource| match (raw.list, raw.file, raw.postfix_map) {
             (Some(l), None, None) => Ok(AccountSource::List(l)),
             (None, Some(f), None) => Ok(AccountSource::File(f)),
             (None, None, Some(m)) => Ok(AccountSource::PostfixMap(m)),
-            _ => Err(de::Error::custom("each source is exactly one of `list`, `file`, `postfix_map`")),
-        }
+            _ => Err("each source is exactly one of `list`, `file`, `postfix_map`".into()),
+        })
     }
 }
 
@@ -337,24 +363,23 @@ enum OneOrMany<T> {
 
 impl<'de> Deserialize<'de> for UserRule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = RawUserRule::deserialize(d)?;
-        match (raw.copy_to, raw.redirect_to, raw.keep) {
+        checked_map(d, |raw: RawUserRule| match (raw.copy_to, raw.redirect_to, raw.keep) {
             (Some(c), None, None) => {
                 let list: Vec<Address> = match c {
                     OneOrMany::One(a) => vec![a.0],
                     OneOrMany::Many(v) => v.into_iter().map(|a| a.0).collect(),
                 };
                 if list.is_empty() {
-                    return Err(de::Error::custom("`copy_to` is empty"));
+                    return Err("`copy_to` is empty".into());
                 }
                 Ok(UserRule::CopyTo(list))
             }
             (None, Some(r), None) => Ok(UserRule::RedirectTo(r.0)),
             (None, None, Some(true)) => Ok(UserRule::Keep),
-            (None, None, Some(false)) => Err(de::Error::custom("`keep: false` means nothing; remove the rule")),
-            (None, None, None) => Err(de::Error::custom("needs one of `copy_to`, `redirect_to`, `keep: true`")),
-            _ => Err(de::Error::custom("`copy_to`, `redirect_to` and `keep` are mutually exclusive")),
-        }
+            (None, None, Some(false)) => Err("`keep: false` means nothing; remove the rule".into()),
+            (None, None, None) => Err("needs one of `copy_to`, `redirect_to`, `keep: true`".into()),
+            _ => Err("`copy_to`, `redirect_to` and `keep` are mutually exclusive".into()),
+        })
     }
 }
 
@@ -428,24 +453,23 @@ fn yes() -> bool {
 
 impl<'de> Deserialize<'de> for DomainConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = RawDomainConfig::deserialize(d)?;
-        if matches!(&raw.accounts, Some(a) if a.is_empty()) {
-            return Err(de::Error::custom("`accounts` is empty; give at least one source or remove the key"));
-        }
-        if raw.mode == Mode::Split && raw.accounts.is_none() {
-            return Err(de::Error::custom(
-                "mode `split` needs `accounts`: without them nothing is known to be present here, so everything would be redirected (use `mode: route` for that)",
-            ));
-        }
-        Ok(DomainConfig {
-            mode: raw.mode,
-            enabled: raw.enabled,
-            destination: raw.destination,
-            bounce: raw.bounce,
-            verify: raw.verify.map(|a| a.0),
-            require_gateway: raw.require_gateway,
-            accounts: raw.accounts,
-            users: raw.users.0.into_iter().map(|(k, r)| (k.0, r)).collect(),
+        checked_map(d, |raw: RawDomainConfig| {
+            if matches!(&raw.accounts, Some(a) if a.is_empty()) {
+                return Err("`accounts` is empty; give at least one source or remove the key".into());
+            }
+            if raw.mode == Mode::Split && raw.accounts.is_none() {
+                return Err("mode `split` needs `accounts`: without them nothing is known to be present here, so everything would be redirected (use `mode: route` for that)".into());
+            }
+            Ok(DomainConfig {
+                mode: raw.mode,
+                enabled: raw.enabled,
+                destination: raw.destination,
+                bounce: raw.bounce,
+                verify: raw.verify.map(|a| a.0),
+                require_gateway: raw.require_gateway,
+                accounts: raw.accounts,
+                users: raw.users.0.into_iter().map(|(k, r)| (k.0, r)).collect(),
+            })
         })
     }
 }

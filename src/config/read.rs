@@ -79,13 +79,15 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     };
     validate(&config).map_err(|(path, message)| {
         let (line, column) = locate(text, &path).unzip();
-        let shown: Vec<String> = path.iter().map(|s| s.to_string()).collect();
-        ConfigError {
-            file: file.to_owned(),
-            line,
-            column,
-            message: format!("{}: {message}", shown.join(".")),
+        let mut shown = String::new();
+        for seg in &path {
+            match seg {
+                Seg::Index(i) => shown.push_str(&format!("[{i}]")),
+                _ if shown.is_empty() => shown.push_str(&seg.to_string()),
+                _ => shown.push_str(&format!(".{seg}")),
+            }
         }
+        ConfigError { file: file.to_owned(), line, column, message: format!("{shown}: {message}") }
     })?;
     Ok(config)
 }

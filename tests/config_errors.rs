@@ -1,0 +1,114 @@
+//! Every class of configuration error (DESIGN.md §5) is reported as
+//! `FILE:LINE:COL: what is wrong`.
+
+use dualroute::config::parse;
+
+/// A valid domain block, to which each case adds or changes one thing.
+const BASE: &str = "\
+domains:
+  example.com:
+    mode: split
+    destination:
+      hosts: [\"[192.0.2.30]:2525\"]
+    accounts:
+      - list: [alice@example.com]
+";
+
+fn error(text: &str) -> String {
+    match parse(text, "milter.yaml") {
+        Ok(c) => panic!("accepted:\n{text}\n{c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_error(text: &str, position: &str, what: &str) {
+    let e = error(text);
+    assert!(e.starts_with(&format!("milter.yaml:{position}: ")), "position {position} expected: {e}");
+    assert!(e.contains(what), "{what:?} expected: {e}");
+}
+
+#[test]
+fn base_is_valid() {
+    parse(BASE, "milter.yaml").unwrap();
+}
+
+#[test]
+fn unknown_key() {
+    assert_error(&format!("listne: inet:127.0.0.1:1\n{BASE}"), "1:1", "unknown field `listne`");
+    assert_error(&BASE.replace("    mode: split\n", "    mode: split\n    bounces: true\n"), "4:5", "unknown field `bounces`");
+}
+
+#[test]
+fn bad_address() {
+    assert_error(&BASE.replace("[alice@example.com]", "[alice@example.com, bob]"), "7:35", "\"bob\" is not a mail address");
+    assert_error(&format!("{BASE}    users:\n      carol@example.com: {{ redirect_to: \"carol@@x\" }}\n"), "9:41", "not a mail address");
+}
+
+#[test]
+fn bad_cidr() {
+    assert_error(&format!("gateways: [192.0.2.0/33]\n{BASE}"), "1:12", "not an IP address or CIDR");
+    assert_error(&format!("gateways: [\"192.0.2.1/24\"]\n{BASE}"), "1:12", "host bits are set; did you mean 192.0.2.0/24?");
+}
+
+#[test]
+fn split_without_accounts() {
+    let text = BASE.replace("    accounts:\n      - list: [alice@example.com]\n", "");
+    assert_error(&text, "3:5", "mode `split` needs `accounts`");
+}
+
+#[test]
+fn destination_both_hosts_and_domain() {
+    let text = BASE.replace("      hosts: [\"[192.0.2.30]:2525\"]\n", "      hosts: [\"[192.0.2.30]:2525\"]\n      domain: legacy.example\n");
+    assert_error(&text, "5:7", "`hosts` and `domain` are mutually exclusive");
+}
+
+#[test]
+fn destination_in_a_managed_domain_loops() {
+    let text = format!(
+        "{BASE}  example.org:\n    mode: route\n    destination:\n      domain: Example.COM\n      change_envelope: true\n"
+    );
+    assert_error(&text, "11:15", "example.com is itself a managed domain");
+}
+
+#[test]
+fn user_rule_target_loops() {
+    let itself = format!("{BASE}    users:\n      carol@example.com: {{ redirect_to: Carol@example.com }}\n");
+    assert_error(&itself, "9:41", "is the user itself");
+    let route = format!(
+        "{BASE}    users:\n      carol@example.com: {{ copy_to: [x@other.example, c@example.org] }}\n  example.org:\n    mode: route\n    destination:\n      hosts: [\"[192.0.2.9]\"]\n"
+    );
+    assert_error(&route, "9:55", "c@example.org is in example.org, which this milter routes");
+}
+
+#[test]
+fn user_outside_its_domain() {
+    let text = format!("{BASE}    users:\n      carol@example.org: {{ keep: true }}\n");
+    assert_error(&text, "9:7", "carol@example.org is not in domain example.com");
+}
+
+#[test]
+fn bad_values() {
+    assert_error(&BASE.replace("mode: split", "mode: spilt"), "3:11", "unknown variant `spilt`");
+    assert_error(&format!("listen: tcp:1\n{BASE}"), "1:9", "unknown socket type");
+    assert_error(&BASE.replace("[\"[192.0.2.30]:2525\"]", "[\"192.0.2.30\"]"), "5:15", "write an IP address in brackets");
+    assert_error(&format!("{BASE}breaker:\n  maillog: /var/log/mail.log\n  window: 1w\n"), "10:11", "unit must be s, m, h or d");
+    assert_error(&BASE.replace("example.com:\n", "exa mple.com:\n"), "2:3", "not a valid domain name");
+    assert_error(&format!("{BASE}    users:\n      carol@example.com: {{ keep: true, redirect_to: a@b.example }}\n"), "9:26", "mutually exclusive");
+}
+
+#[test]
+fn require_gateway_without_gateways() {
+    let text = BASE.replace("    mode: split\n", "    mode: split\n    require_gateway: true\n");
+    assert_error(&text, "4:22", "needs `gateways`");
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let e = error("domains:\n  example.com: \"unterminated\n");
+    assert!(e.starts_with("milter.yaml:3:1: found unexpected end of stream"), "{e}");
+}
+
+#[test]
+fn no_domains() {
+    assert_error("listen: inet:127.0.0.1:1\ndomains: {}\n", "2:10", "no domains");
+}
