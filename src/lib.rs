@@ -13,6 +13,7 @@ pub mod decision;
 pub mod explain;
 pub mod milter;
 pub mod policy;
+pub mod postfix;
 pub mod session;
 
 use policy::{Policy, SharedPolicy};

@@ -35,6 +35,15 @@ enum Command {
         #[arg(long, value_name = "USER")]
         auth: Option<String>,
     },
+    /// Print the Postfix main.cf/master.cf/map lines this configuration needs
+    PostfixConfig {
+        /// Write main.cf.dualroute, master.cf.dualroute and the tables into DIR instead of printing
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+        /// Directory the tables will live in, as main.cf refers to them
+        #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]
+        map_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +52,28 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(path),
         Command::Check => check(path),
+        Command::PostfixConfig { write, map_dir } => {
+            let policy = match dualroute::load_policy(&path) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            let pf = dualroute::postfix::generate(&policy, &map_dir);
+            match write {
+                None => print!("{}", pf.render(&map_dir)),
+                Some(dir) => match pf.write(&dir) {
+                    Ok(files) => {
+                        for f in files {
+                            println!("{}", dir.join(f).display());
+                        }
+                        for n in &pf.notes {
+                            eprintln!("NOTE: {n}");
+                        }
+                    }
+                    Err(e) => return fail(format!("cannot write {}: {e}", dir.display())),
+                },
+            }
+            ExitCode::SUCCESS
+        }
         Command::Explain { addresses, client, auth } => {
             let policy = match dualroute::load_policy(&path) {
                 Ok(p) => p,
