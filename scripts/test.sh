@@ -1,0 +1,9 @@
+#!/bin/sh
+# The whole test suite: unit, property, protocol (indymilter-test) and
+# end-to-end tests against a real, private Postfix on loopback.
+# Installs what the tests need first (Debian packages, as root).
+set -eu
+cd "$(dirname "$0")/.."
+sh scripts/test-deps.sh
+cargo build --release --all-targets
+cargo test --release --all-targets "$@"
