@@ -195,22 +195,34 @@ fn add_entry(acc: &mut Accounts, report: &mut LoadReport, domain: &str, rules: &
     acc.push(&rules.key(&unquoted)).map_err(|e| e.message)
 }
 
+/// Calls `each` with every non-blank, non-comment line, streaming the file
+/// so that a million-line table never sits in memory twice.
 fn read_lines(
     path: &Path,
     mut each: impl FnMut(usize, &str) -> Result<(), (Option<usize>, String)>,
 ) -> Result<(), LoadError> {
+    use std::io::BufRead;
     let source = path.display().to_string();
-    let text = std::fs::read(path).map_err(|e| LoadError { file: source.clone(), line: None, message: format!("cannot read: {e}") })?;
-    let text = String::from_utf8_lossy(&text);
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim_end_matches('\r');
+    let fail = |line, message| LoadError { file: source.clone(), line, message };
+    let file = std::fs::File::open(path).map_err(|e| fail(None, format!("cannot read: {e}")))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut buf = Vec::new();
+    let mut n = 0;
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => n += 1,
+            Err(e) => return Err(fail(Some(n + 1), format!("cannot read: {e}"))),
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end_matches(['\n', '\r']);
         let trimmed = line.trim_start();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        each(i + 1, line).map_err(|(line, message)| LoadError { file: source.clone(), line, message })?;
+        each(n, line).map_err(|(line, message)| fail(line, message))?;
     }
-    Ok(())
 }
 
 #[cfg(test)]
