@@ -1,0 +1,89 @@
+#!/bin/sh
+# Install what the end-to-end tests need: Postfix (postfix, postmap,
+# postqueue, smtp-sink) and swaks.  Run as root on Debian 12.  Idempotent:
+# when everything is present it changes nothing and does not touch apt.
+#
+# The tests run private Postfix instances on loopback (tests/support/postfix.rs);
+# the system instance must not run, so it is never started here: a
+# policy-rc.d forbids service starts during the install, and the system
+# instance is stopped afterwards should anything have started it anyway.
+set -eu
+
+say() { printf 'test-deps: %s\n' "$*"; }
+
+missing=""
+for cmd in postfix postmap postqueue smtp-sink; do
+    if ! command -v "$cmd" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$cmd" ]; then
+        missing="$missing $cmd"
+    fi
+done
+if ! command -v swaks >/dev/null 2>&1; then
+    missing="$missing swaks"
+fi
+
+if [ -z "$missing" ]; then
+    say "postfix, postmap, postqueue, smtp-sink and swaks are installed; nothing to do"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        say "missing:$missing; run this script as root" >&2
+        exit 1
+    fi
+    say "missing:$missing; installing postfix and swaks"
+
+    # "No configuration" leaves /etc/postfix/main.cf absent, so even a start
+    # that slipped through would not listen on port 25.
+    say "preseeding debconf: postfix/main_mailer_type = No configuration"
+    echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
+
+    # invoke-rc.d consults /usr/sbin/policy-rc.d; exit code 101 = action
+    # forbidden.  Keep a policy-rc.d that was already there.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e "$policy" ]; then
+        say "installing a temporary $policy that forbids service starts"
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        own_policy=1
+    fi
+    cleanup() {
+        if [ "$own_policy" -eq 1 ]; then
+            say "removing the temporary $policy"
+            rm -f "$policy"
+        fi
+    }
+    trap cleanup EXIT
+
+    say "apt-get update"
+    apt-get update
+    say "apt-get install -y postfix swaks"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix swaks
+
+    cleanup
+    own_policy=0
+    trap - EXIT
+fi
+
+# The system instance must not run: the tests use private instances only.
+if [ -f /etc/postfix/main.cf ] && /usr/sbin/postfix status >/dev/null 2>&1; then
+    say "the system Postfix instance is running; stopping it"
+    /usr/sbin/postfix stop
+fi
+
+# Nothing may listen on port 25 afterwards.
+if command -v ss >/dev/null 2>&1; then
+    listeners=$(ss -Hltn 'sport = :25' 2>/dev/null || true)
+elif [ -r /proc/net/tcp ]; then
+    # Port 25 is 0019 in hex; state 0A is LISTEN.
+    listeners=$(awk 'NR > 1 && $2 ~ /:0019$/ && $4 == "0A"' /proc/net/tcp /proc/net/tcp6 2>/dev/null || true)
+else
+    listeners=""
+fi
+if [ -n "$listeners" ]; then
+    say "something still listens on port 25:" >&2
+    printf '%s\n' "$listeners" >&2
+    exit 1
+fi
+say "nothing listens on port 25"
+
+say "postfix $(/usr/sbin/postconf -d -h mail_version 2>/dev/null || echo '?'), swaks $(swaks --version 2>/dev/null | head -n1 || echo '?')"
+say "done"
