@@ -1,13 +1,12 @@
-//! Tests of the end-to-end harness itself (tests/support/postfix.rs): a
+//! Tests of the end-to-end harness itself (tests/support/): a
 //! private Postfix delivers to Maildirs, relays to an smtp-sink through
 //! transport_maps and smtp_generic_maps, and rejects what it should. Every
 //! later end-to-end test stands on these. They need root and Postfix
 //! (scripts/test-deps.sh).
 
-#[path = "support/postfix.rs"]
-mod postfix;
+mod support;
 
-use postfix::{
+use support::{
     free_port, is_listening, processes_in, xtext_encode, Postfix, PostfixOptions, SmtpClient,
     SmtpSink, OUTSIDE_IP,
 };

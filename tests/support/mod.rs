@@ -1,0 +1,187 @@
+//! End-to-end test harness: a private Postfix instance on loopback
+//! ([`postfix`]), an `smtp-sink` that stands in for the destination server
+//! ([`sink`]), and a small SMTP client that records every reply ([`smtp`]).
+//!
+//! Use it from an integration test with
+//!
+//! ```ignore
+//! mod support;
+//! use support::{Postfix, PostfixOptions, SmtpClient, SmtpSink, OUTSIDE_IP};
+//! ```
+//!
+//! (`tests/common/` is something else: the in-process milter driven by
+//! indymilter-test.)
+//!
+//! Requirements: Linux, root (Postfix's `postfix start` and the `virtual`
+//! delivery agent need it), and the Debian `postfix` package
+//! (`scripts/test-deps.sh` installs it). Nothing here skips silently: a
+//! missing binary is a panic that says how to install it.
+//!
+//! Every instance and every sink lives in its own temporary directory with
+//! its own ports, so tests in one binary may run in parallel. Everything
+//! talks to 127.0.0.0/8 only: DNS is off in the Postfix SMTP client, mail
+//! for a domain that is neither a virtual mailbox domain nor routed by the
+//! test's `transport_maps` is bounced by the `error` transport, and on
+//! Linux the whole of 127/8 is on `lo`, so a client can connect from
+//! 127.0.0.2 (an "outside" client or a gateway; only 127.0.0.1 is in
+//! `mynetworks`).
+//!
+//! Set `DUALROUTE_KEEP_TMP=1` to keep the temporary trees (configuration,
+//! queue, Maildirs, `maillog`, sink dumps); their paths are printed.
+#![allow(dead_code)]
+
+pub mod postfix;
+pub mod sink;
+pub mod smtp;
+
+// Each test binary uses a different part of the harness.
+#[allow(unused_imports)]
+pub use postfix::{processes_in, read_maildir, Delivery, MaildirMessage, Postfix, PostfixOptions};
+#[allow(unused_imports)]
+pub use sink::{xtext_decode, xtext_encode, SinkMessage, SinkRcpt, SmtpSink};
+#[allow(unused_imports)]
+pub use smtp::{send, Reply, SmtpClient, SmtpTranscript};
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long the `wait_*` helpers poll before they panic.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+const POLL: Duration = Duration::from_millis(50);
+
+const NOT_INSTALLED: &str =
+    "postfix is not installed: run scripts/test-deps.sh (as root) or `apt-get install postfix`";
+
+/// The address a test client uses to be an outside (non-`mynetworks`)
+/// client, or a gateway.
+pub const OUTSIDE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Whether something listens on TCP `port` on 127.0.0.1 or 0.0.0.0. Reads
+/// /proc/net/tcp instead of connecting, so smtpd logs no extra session.
+pub fn is_listening(port: u16) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok();
+    };
+    let wanted = [
+        format!("0100007F:{port:04X}"),
+        format!("00000000:{port:04X}"),
+    ];
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // fields[1] is local_address, fields[3] is st; 0A is LISTEN.
+        fields.len() > 3 && wanted.iter().any(|w| w == fields[1]) && fields[3] == "0A"
+    })
+}
+
+/// Polls `probe` every 50 ms for up to [`WAIT`].
+pub fn poll<T>(mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(found) = probe() {
+            return Some(found);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The values of header field `name` (case-insensitive) in a message's
+/// header, unfolded.
+pub(crate) fn header_values(text: &str, name: &str) -> Vec<String> {
+    let mut values: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some(value) = current.as_mut() {
+                value.push(' ');
+                value.push_str(line.trim());
+            }
+            continue;
+        }
+        values.extend(current.take());
+        if let Some((field, value)) = line.split_once(':') {
+            if field.eq_ignore_ascii_case(name) {
+                current = Some(value.trim().to_owned());
+            }
+        }
+    }
+    values.extend(current);
+    values
+}
+
+/// Finds a Postfix program in $PATH or /usr/sbin (where Debian puts them,
+/// and which a non-login root shell may not have in $PATH).
+pub(crate) fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("{NOT_INSTALLED} ({name} not found)"))
+}
+
+/// uid and gid of a user, via NSS.
+pub(crate) fn user_ids(user: &str) -> (u32, u32) {
+    let output = Command::new("getent")
+        .args(["passwd", user])
+        .output()
+        .expect("run getent");
+    let line = String::from_utf8_lossy(&output.stdout).into_owned();
+    let fields: Vec<&str> = line.trim().split(':').collect();
+    match (
+        fields.get(2).and_then(|u| u.parse().ok()),
+        fields.get(3).and_then(|g| g.parse().ok()),
+    ) {
+        (Some(uid), Some(gid)) => (uid, gid),
+        _ => panic!("user {user:?} does not exist: {NOT_INSTALLED}"),
+    }
+}
+
+pub(crate) fn keep_tmp() -> bool {
+    std::env::var_os("DUALROUTE_KEEP_TMP").is_some_and(|v| v == "1")
+}
+
+pub(crate) fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+pub(crate) fn write(path: &Path, contents: &str) {
+    fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// All regular files below `dir`, recursively (the deferred queue is
+/// hashed into subdirectories). Files that vanish while we look are
+/// skipped: the queue manager renames them all the time.
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => found.extend(files_under(&entry.path())),
+            Ok(kind) if kind.is_file() => found.push(entry.path()),
+            _ => {}
+        }
+    }
+    found
+}
