@@ -1,0 +1,315 @@
+//! Whole messages through the milter protocol: several recipients with
+//! different fates, several messages per connection, aborted messages,
+//! duplicate recipients, the loop header, and RCPT arguments that are not
+//! addresses (DESIGN.md §2, §3).
+
+mod common;
+
+use common::*;
+use indymilter_test::{EomAction, Status};
+
+const CONFIG: &str = include_str!("messages.yaml");
+const INSTANCE: &str = "mx1.dualroute.test";
+
+/// DESIGN.md §2: a recipient never disappears without a replacement. Every
+/// deleted recipient was one of the message's own, and has exactly one
+/// added replacement whose ORCPT names it (the test addresses need no
+/// xtext encoding).
+#[track_caller]
+fn assert_nothing_lost(originals: &[&str], actions: &[EomAction]) {
+    for gone in deleted(actions) {
+        assert!(originals.contains(&gone.as_str()), "deleted {gone}, which was never a recipient");
+        let inner = gone.trim_start_matches('<').trim_end_matches('>');
+        let orcpt = format!("ORCPT=rfc822;{inner}");
+        let replacements = actions
+            .iter()
+            .filter(|a| {
+                matches!(a, EomAction::AddRecipient { args: Some(args), .. }
+                if args.to_string_lossy().split_ascii_whitespace().any(|p| p == orcpt))
+            })
+            .count();
+        assert_eq!(replacements, 1, "{gone} was deleted with {replacements} replacements: {actions:?}");
+    }
+}
+
+#[tokio::test]
+async fn mixed_message_gets_exactly_its_actions() {
+    let milter = Milter::start(CONFIG).await;
+    let rcpts: &[&[&str]] = &[
+        &["<alice@split.test>"],         // split, present: keep
+        &["<friend@elsewhere.example>"], // not managed: keep
+        &["<carol@split.test>"],         // per-user copy_to
+        &["<alice@dual.test>"],          // dual, present: copy
+        &["<zed@split.test>"],           // split, unknown: redirect
+        &["<nobody@dual.test>"],         // dual, unknown: reject
+        &["<zoe@route.test>"],           // route: redirect
+    ];
+    let d = milter.deliver(CLIENT, None, rcpts).await;
+    for (i, status) in d.rcpt.iter().enumerate() {
+        if i == 5 {
+            assert_rejected(status, "550 5.1.1");
+        } else {
+            assert_eq!(status, &Status::Continue, "RCPT {:?}", rcpts[i]);
+        }
+    }
+    assert_actions(
+        &d.actions,
+        &[
+            add("<carol@zoho.example.net>", "ORCPT=rfc822;carol@split.test NOTIFY=NEVER"),
+            add("<alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER"),
+            delete("<zed@split.test>"),
+            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            delete("<zoe@route.test>"),
+            add("<zoe@route.test.dualroute.invalid>", "ORCPT=rfc822;zoe@route.test"),
+            header(INSTANCE),
+        ],
+    );
+    assert_nothing_lost(&["<zed@split.test>", "<zoe@route.test>"], &d.actions);
+    assert_eq!(d.eom, Status::Continue);
+    milter.shutdown().await;
+}
+
+#[tokio::test]
+async fn all_recipients_redirected_none_lost() {
+    let milter = Milter::start(CONFIG).await;
+    let originals = ["<ann@route.test>", "<ben@route.test>", "<zed@split.test>"];
+    let rcpts: Vec<&[&str]> = originals.iter().map(std::slice::from_ref).collect();
+    let d = milter.deliver(CLIENT, None, &rcpts).await;
+    assert!(d.rcpt.iter().all(|s| *s == Status::Continue), "{:?}", d.rcpt);
+    // Deleting every recipient without adding would make Postfix drop the
+    // message silently (DESIGN.md §8): each one must have its replacement.
+    assert_actions(
+        &d.actions,
+        &[
+            delete("<ann@route.test>"),
+            add("<ann@route.test.dualroute.invalid>", "ORCPT=rfc822;ann@route.test"),
+            delete("<ben@route.test>"),
+            add("<ben@route.test.dualroute.invalid>", "ORCPT=rfc822;ben@route.test"),
+            delete("<zed@split.test>"),
+            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            header(INSTANCE),
+        ],
+    );
+    assert_eq!(deleted(&d.actions).len(), originals.len());
+    assert_nothing_lost(&originals, &d.actions);
+    milter.shutdown().await;
+}
+
+#[tokio::test]
+async fn messages_on_one_connection_are_independent() {
+    let milter = Milter::start(CONFIG).await;
+    let mut session = milter.session(CLIENT).await;
+
+    let first = session.message(None, &[&["<zed@split.test>"]], &[]).await;
+    assert_actions(
+        &first.actions,
+        &[
+            delete("<zed@split.test>"),
+            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            header(INSTANCE),
+        ],
+    );
+
+    let second = session.message(None, &[&["<ann@route.test>"]], &[]).await;
+    assert_actions(
+        &second.actions,
+        &[
+            delete("<ann@route.test>"),
+            add("<ann@route.test.dualroute.invalid>", "ORCPT=rfc822;ann@route.test"),
+            header(INSTANCE),
+        ],
+    );
+
+    // A message that needs nothing gets nothing, even after routed ones.
+    let third = session.message(None, &[&["<alice@split.test>"]], &[]).await;
+    assert_actions(&third.actions, &[]);
+
+    // A rejection in one message does not carry over to the next.
+    let fourth = session.message(None, &[&["<nobody@dual.test>"]], &[]).await;
+    assert_rejected(fourth.status(), "550 5.1.1");
+    assert_actions(&fourth.actions, &[]);
+    let fifth = session.message(None, &[&["<alice@dual.test>"]], &[]).await;
+    assert_eq!(fifth.status(), &Status::Continue);
+    assert_actions(
+        &fifth.actions,
+        &[add("<alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER"), header(INSTANCE)],
+    );
+
+    session.close().await;
+    milter.shutdown().await;
+}
+
+#[tokio::test]
+async fn aborted_message_leaves_nothing_behind() {
+    let milter = Milter::start(CONFIG).await;
+    let mut session = milter.session(CLIENT).await;
+
+    // Aborted after RCPT (RSET): its recipients must not reappear.
+    session.mail(None).await;
+    assert_eq!(session.rcpt(&["<zed@split.test>"]).await, Status::Continue);
+    assert_eq!(session.rcpt(&["<alice@dual.test>"]).await, Status::Continue);
+    session.abort().await;
+
+    let clean = session.message(None, &[&["<alice@split.test>"]], &[]).await;
+    assert_eq!(clean.status(), &Status::Continue);
+    assert_actions(&clean.actions, &[]);
+
+    let routed = session.message(None, &[&["<ann@route.test>"]], &[]).await;
+    assert_actions(
+        &routed.actions,
+        &[
+            delete("<ann@route.test>"),
+            add("<ann@route.test.dualroute.invalid>", "ORCPT=rfc822;ann@route.test"),
+            header(INSTANCE),
+        ],
+    );
+
+    // Aborted after its headers, one of which was our loop header: the next
+    // message is not taken for a loop.
+    session.mail(None).await;
+    assert_eq!(session.rcpt(&["<ben@route.test>"]).await, Status::Continue);
+    session.data(&[(LOOP_HEADER, INSTANCE)]).await;
+    session.abort().await;
+
+    let after = session.message(None, &[&["<zed@split.test>"]], &[]).await;
+    assert_actions(
+        &after.actions,
+        &[
+            delete("<zed@split.test>"),
+            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            header(INSTANCE),
+        ],
+    );
+
+    session.close().await;
+    milter.shutdown().await;
+}
+
+#[tokio::test]
+async fn duplicate_rcpt_is_routed_once() {
+    let milter = Milter::start(CONFIG).await;
+    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"], &["<zed@split.test>"]]).await;
+    assert_actions(
+        &d.actions,
+        &[
+            delete("<zed@split.test>"),
+            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            header(INSTANCE),
+        ],
+    );
+
+    let d = milter.deliver(CLIENT, None, &[&["<alice@dual.test>"], &["<alice@dual.test>"]]).await;
+    assert_actions(
+        &d.actions,
+        &[add("<alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER"), header(INSTANCE)],
+    );
+
+    // The same mailbox in two spellings: the MTA holds two recipients, so
+    // both are deleted (each exactly as given), and the mailbox is added once.
+    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"], &["<ZED@Split.test>"]]).await;
+    assert_eq!(
+        deleted(&d.actions),
+        ["<ZED@Split.test>".to_owned(), "<zed@split.test>".to_owned()].into_iter().collect(),
+        "{:?}",
+        d.actions
+    );
+    let adds: Vec<String> = added(&d.actions).into_iter().collect();
+    assert_eq!(adds.len(), 1, "{:?}", d.actions);
+    assert!(adds[0].eq_ignore_ascii_case("<zed@split.test.dualroute.invalid>"), "{adds:?}");
+    assert_eq!(d.actions.len(), 4, "two deletes, one add, one header: {:?}", d.actions);
+    milter.shutdown().await;
+}
+
+#[tokio::test]
+async fn own_loop_header_stops_all_routing() {
+    let milter = Milter::start(CONFIG).await;
+    let rcpts: &[&[&str]] =
+        &[&["<zed@split.test>"], &["<alice@dual.test>"], &["<carol@split.test>"], &["<ann@route.test>"]];
+    let variants: [&[(&str, &str)]; 3] = [
+        &[(LOOP_HEADER, INSTANCE)],
+        // Header names and host names are case-insensitive.
+        &[("x-dualroute", "MX1.DualRoute.TEST")],
+        // One of several X-Dualroute headers names us.
+        &[(LOOP_HEADER, "mx9.other.example"), (LOOP_HEADER, INSTANCE)],
+    ];
+    for headers in variants {
+        let mut session = milter.session(CLIENT).await;
+        let d = session.message(None, rcpts, headers).await;
+        session.close().await;
+        assert!(d.rcpt.iter().all(|s| *s == Status::Continue), "{headers:?}: {:?}", d.rcpt);
+        assert_actions(&d.actions, &[]);
+        assert_eq!(d.eom, Status::Continue, "{headers:?}");
+    }
+    milter.shutdown().await;
+}
+
+#[tokio::test]
+async fn another_instances_loop_header_is_routed_normally() {
+    let milter = Milter::start(CONFIG).await;
+    let mut session = milter.session(CLIENT).await;
+    for other in ["mx2.dualroute.test", "dualroute.test", "mx1.dualroute.test.example"] {
+        let d = session.message(None, &[&["<zed@split.test>"]], &[(LOOP_HEADER, other)]).await;
+        assert_actions(
+            &d.actions,
+            &[
+                delete("<zed@split.test>"),
+                add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+                header(INSTANCE),
+            ],
+        );
+    }
+    session.close().await;
+    milter.shutdown().await;
+}
+
+#[tokio::test]
+async fn null_and_garbage_recipients_are_left_alone() {
+    let milter = Milter::start(CONFIG).await;
+    let mut session = milter.session(CLIENT).await;
+    let garbage: &[&str] = &[
+        "<>",
+        "<not an address>",
+        "<postmaster>",
+        "garbage",
+        "<@>",
+        "<zed@>",
+        "<@split.test>",
+        "<zed@split.test",
+        "<\"unterminated@split.test>",
+        "<zed@-bad-.split.test>",
+        "<@relay.example:>",
+        "",
+    ];
+    for g in garbage {
+        let d = session.message(None, &[&[g]], &[]).await;
+        assert_eq!(d.status(), &Status::Continue, "RCPT {g:?}");
+        assert_actions(&d.actions, &[]);
+        assert_eq!(d.eom, Status::Continue, "{g:?}");
+    }
+    // Bytes that are not UTF-8.
+    session.mail(None).await;
+    assert_eq!(session.rcpt_bytes(&[b"<z\xffed@split.test>"]).await, Status::Continue);
+    let (actions, status) = {
+        session.data(&[]).await;
+        session.eom().await
+    };
+    assert_actions(&actions, &[]);
+    assert_eq!(status, Status::Continue);
+
+    // Garbage next to a real recipient: only the real one is touched. A
+    // panic in the milter would have dropped this connection, so this also
+    // shows the session survived all of the above.
+    let mut rcpts: Vec<&[&str]> = garbage.iter().map(std::slice::from_ref).collect();
+    rcpts.push(&["<zed@split.test>"]);
+    let d = session.message(None, &rcpts, &[]).await;
+    assert_actions(
+        &d.actions,
+        &[
+            delete("<zed@split.test>"),
+            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            header(INSTANCE),
+        ],
+    );
+    session.close().await;
+    milter.shutdown().await;
+}
