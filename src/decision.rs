@@ -61,6 +61,8 @@ pub enum Rule {
     NotAnAddress,
     NotManaged,
     Disabled,
+    /// Routing is held back at run time (waiting for verification).
+    Held(String),
     /// The client is a gateway: never routed again.
     Gateway { present: bool },
     /// `require_gateway` and the client is neither gateway nor authenticated.
@@ -75,6 +77,7 @@ impl fmt::Display for Rule {
             Rule::NotAnAddress => f.write_str("not a routable address"),
             Rule::NotManaged => f.write_str("domain not managed by dualroute"),
             Rule::Disabled => f.write_str("domain has enabled: false"),
+            Rule::Held(why) => write!(f, "routing held: {why}"),
             Rule::Gateway { present: true } => f.write_str("client is a gateway: mail it relays is not routed again"),
             Rule::Gateway { present: false } => f.write_str("client is a gateway and the address has no mailbox here"),
             Rule::RequireGateway => f.write_str("require_gateway: client is neither a gateway nor authenticated"),
@@ -101,11 +104,18 @@ impl Verdict {
     }
 }
 
+/// The address as shown in a reply text. libmilter's smfi_setreply: a
+/// lone '%' makes Sendmail drop the text, so such addresses are not shown.
+fn shown(address: &Address) -> String {
+    let a = address.to_string();
+    if a.contains('%') { "recipient".into() } else { format!("<{a}>") }
+}
+
 fn unknown_user(address: &Address) -> Rejection {
     Rejection {
         code: "550",
         xcode: "5.1.1",
-        text: format!("<{address}>: Recipient address rejected: no mailbox here by that name"),
+        text: format!("{}: Recipient address rejected: no mailbox here by that name", shown(address)),
     }
 }
 
@@ -114,7 +124,8 @@ fn not_from_gateway(address: &Address) -> Rejection {
         code: "550",
         xcode: "5.7.1",
         text: format!(
-            "<{address}>: Recipient address rejected: mail for {} is accepted only through its designated gateway",
+            "{}: Recipient address rejected: mail for {} is accepted only through its designated gateway",
+            shown(address),
             address.domain
         ),
     }
@@ -154,6 +165,10 @@ pub fn decide(policy: &Policy, envelope: &Envelope, address: Option<&Address>) -
     };
     if !domain.config.enabled {
         return Verdict::new(Decision::Keep, Rule::Disabled);
+    }
+    // Held domains behave as `enabled: false` (DESIGN.md §7).
+    if let Some(why) = policy.holds.reason(&domain.name) {
+        return Verdict::new(Decision::Keep, Rule::Held(why));
     }
     let present = is_present(policy, domain, address);
     // 2. A gateway relays to us on purpose; sending its mail back out

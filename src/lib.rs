@@ -14,6 +14,7 @@ pub mod explain;
 pub mod milter;
 pub mod policy;
 pub mod postfix;
+pub mod probe;
 pub mod session;
 
 use policy::{Policy, SharedPolicy};
@@ -51,12 +52,67 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
             column: None,
             message: format!("reload task failed: {e}"),
         })))?;
+    let old = match shared.read() {
+        Ok(p) => p.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    loaded.inherit_verification(&old);
     let new = Arc::new(loaded);
     match shared.write() {
         Ok(mut guard) => *guard = new,
         Err(poisoned) => *poisoned.into_inner() = new,
     }
     Ok(())
+}
+
+/// Probes held domains until their destination accepts the `verify`
+/// address, then releases them; retries with backoff (30 s doubling to
+/// 10 min). Runs for the life of the milter and follows reloads.
+pub async fn verify_loop(shared: SharedPolicy) {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+    let mut next: HashMap<String, (Instant, Duration)> = HashMap::new();
+    loop {
+        let policy = match shared.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let now = Instant::now();
+        for (name, d) in &policy.domains {
+            let Some(addr) = &d.config.verify else { continue };
+            if policy.holds.reason(name).is_none() {
+                continue;
+            }
+            let (due, backoff) = next.get(name).copied().unwrap_or((now, Duration::from_secs(30)));
+            if due > now {
+                continue;
+            }
+            let rcpt = addr.to_string();
+            match probe::verify(&d.config.destination, &policy.config.instance, &rcpt, probe::STEP_TIMEOUT).await {
+                Ok(reports) if reports.iter().any(|r| r.accepted) => {
+                    let host = reports.iter().find(|r| r.accepted).map(|r| r.target.addr.to_string()).unwrap_or_default();
+                    tracing::info!("{name}: verification passed ({host} accepts {rcpt}); routing starts");
+                    policy.holds.release(name);
+                    next.remove(name);
+                    continue;
+                }
+                Ok(reports) => {
+                    let why: Vec<String> = reports
+                        .iter()
+                        .map(|r| format!("{}: {}", r.target.addr, r.error.clone().unwrap_or_else(|| "not accepted".into())))
+                        .collect();
+                    tracing::warn!("{name}: verification of {rcpt} failed ({}); routing stays off, retry in {}s", why.join("; "), backoff.as_secs());
+                    policy.holds.hold(name, format!("waiting for verification: last probe failed: {}", why.join("; ")));
+                }
+                Err(e) => {
+                    tracing::warn!("{name}: verification of {rcpt} failed ({e}); routing stays off, retry in {}s", backoff.as_secs());
+                    policy.holds.hold(name, format!("waiting for verification: last probe failed: {e}"));
+                }
+            }
+            next.insert(name.clone(), (Instant::now() + backoff, (backoff * 2).min(Duration::from_secs(600))));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Serves the milter on `listener` until `shutdown` completes.

@@ -35,6 +35,10 @@ enum Command {
         #[arg(long, value_name = "USER")]
         auth: Option<String>,
     },
+    /// Probe the destination of DOMAIN with its `verify` address (EHLO, MAIL FROM:<>, RCPT TO, QUIT)
+    Verify {
+        domain: String,
+    },
     /// Print the Postfix main.cf/master.cf/map lines this configuration needs
     PostfixConfig {
         /// Write main.cf.dualroute, master.cf.dualroute and the tables into DIR instead of printing
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(path),
         Command::Check => check(path),
+        Command::Verify { domain } => verify(path, &domain),
         Command::PostfixConfig { write, map_dir } => {
             let policy = match dualroute::load_policy(&path) {
                 Ok(p) => p,
@@ -91,6 +96,46 @@ fn main() -> ExitCode {
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("dualroute: {e}");
     ExitCode::FAILURE
+}
+
+fn verify(path: PathBuf, domain: &str) -> ExitCode {
+    let policy = match dualroute::load_policy(&path) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let name = dualroute::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
+    let Some(d) = policy.domains.get(&name) else {
+        return fail(format!("{domain} is not a managed domain in {}", path.display()));
+    };
+    let Some(rcpt) = &d.config.verify else {
+        return fail(format!("{name} has no `verify:` address to probe"));
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let rcpt = rcpt.to_string();
+    let result = runtime.block_on(dualroute::probe::verify(
+        &d.config.destination,
+        &policy.config.instance,
+        &rcpt,
+        dualroute::probe::STEP_TIMEOUT,
+    ));
+    match result {
+        Err(e) => fail(format!("{name}: cannot find the destination's hosts: {e}")),
+        Ok(reports) => {
+            for r in &reports {
+                println!("{r}");
+            }
+            if reports.iter().any(|r| r.accepted) {
+                println!("{name}: verified: the destination accepts {rcpt}");
+                ExitCode::SUCCESS
+            } else {
+                println!("{name}: NOT verified: no host accepted {rcpt}");
+                ExitCode::FAILURE
+            }
+        }
+    }
 }
 
 fn check(path: PathBuf) -> ExitCode {
@@ -159,6 +204,7 @@ async fn serve(path: PathBuf) -> ExitCode {
     };
     let listen = policy.config.listen.clone();
     let shared = dualroute::share(policy);
+    tokio::spawn(dualroute::verify_loop(shared.clone()));
     let (mut hup, mut term, mut int) = match (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),

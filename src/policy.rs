@@ -7,7 +7,7 @@
 use crate::accounts::{self, Accounts, LoadError, LoadReport, MatchRules};
 use crate::address::Address;
 use crate::config::{Config, Destination, DomainConfig, UserRule};
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::{Arc, RwLock}};
 
 #[derive(Debug)]
 pub struct DomainPolicy {
@@ -38,11 +38,37 @@ impl DomainPolicy {
     }
 }
 
+/// Domains whose routing is held back at run time (DESIGN.md §7): waiting
+/// for the verification probe. Shared and mutable, unlike the rest of the
+/// policy: a probe result must take effect at once, also for messages that
+/// started earlier.
+#[derive(Debug, Default)]
+pub struct Holds {
+    held: RwLock<HashMap<String, String>>,
+}
+
+impl Holds {
+    /// Why routing for `domain` is held, if it is.
+    pub fn reason(&self, domain: &str) -> Option<String> {
+        let map = self.held.read().unwrap_or_else(|p| p.into_inner());
+        map.get(domain).cloned()
+    }
+
+    pub fn hold(&self, domain: &str, reason: String) {
+        self.held.write().unwrap_or_else(|p| p.into_inner()).insert(domain.to_owned(), reason);
+    }
+
+    pub fn release(&self, domain: &str) {
+        self.held.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
+    }
+}
+
 #[derive(Debug)]
 pub struct Policy {
     pub config: Config,
     pub rules: MatchRules,
     pub domains: HashMap<String, DomainPolicy>,
+    pub holds: Arc<Holds>,
 }
 
 pub type SharedPolicy = Arc<std::sync::RwLock<Arc<Policy>>>;
@@ -55,6 +81,7 @@ impl Policy {
             delimiters: config.recipient_delimiter.clone(),
         };
         let mut domains = HashMap::new();
+        let holds = Holds::default();
         for (name, d) in &config.domains {
             let (accounts, report) = match &d.accounts {
                 Some(sources) => {
@@ -68,12 +95,28 @@ impl Policy {
                 .iter()
                 .map(|(a, r)| (rules.key(&a.unquoted_local()).into_owned(), r.clone()))
                 .collect();
+            if let Some(v) = &d.verify {
+                holds.hold(&name.0, format!("waiting for verification: the destination has not yet accepted {v}"));
+            }
             domains.insert(
                 name.0.clone(),
                 DomainPolicy { name: name.0.clone(), config: d.clone(), accounts, report, users },
             );
         }
-        Ok(Policy { config, rules, domains })
+        Ok(Policy { config, rules, domains, holds: Arc::new(holds) })
+    }
+
+    /// After a reload: a domain whose destination and probe address did not
+    /// change keeps its verification.
+    pub fn inherit_verification(&self, old: &Policy) {
+        for (name, d) in &self.domains {
+            if let Some(o) = old.domains.get(name) {
+                let same = o.config.verify == d.config.verify && o.config.destination == d.config.destination;
+                if same && d.config.verify.is_some() && old.holds.reason(name).is_none() {
+                    self.holds.release(name);
+                }
+            }
+        }
     }
 
     pub fn is_gateway(&self, ip: IpAddr) -> bool {

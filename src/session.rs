@@ -77,6 +77,15 @@ impl Message {
             plan.loop_detected = true;
             return plan;
         }
+        // Recipients that stay as they are: adding one of them again would
+        // deliver it twice on Postfix (DESIGN.md §8).
+        let staying: Vec<String> = self
+            .recipients
+            .iter()
+            .filter(|r| !matches!(r.verdict.decision, Decision::Redirect(_)))
+            .filter_map(|r| r.arg.address.as_ref().map(|a| a.to_string()))
+            .collect();
+        plan.existing = staying.iter().map(|a| format!("<{a}>")).collect();
         for r in &self.recipients {
             let bounce = r
                 .arg
@@ -144,6 +153,8 @@ pub struct Plan {
     pub header: Option<String>,
     /// The message already passed through this instance: nothing routed.
     pub loop_detected: bool,
+    /// Recipients the message keeps, which must not be added again.
+    existing: Vec<String>,
 }
 
 impl Plan {
@@ -152,7 +163,7 @@ impl Plan {
         // Postfix delivers a duplicate added recipient twice unless address,
         // ORCPT and NOTIFY all match (DESIGN.md §8): add each address once.
         let same = |p: &String| if fold_case { p.eq_ignore_ascii_case(&path) } else { *p == path };
-        if !self.add.iter().any(|(p, _)| same(p)) {
+        if !self.add.iter().any(|(p, _)| same(p)) && !self.existing.iter().any(same) {
             self.add.push((path, args));
         }
     }

@@ -1,0 +1,193 @@
+//! The verification probe (DESIGN.md §7): before routing starts, ask the
+//! destination whether it accepts the `verify` address — EHLO, MAIL
+//! FROM:<>, RCPT TO:<verify>, QUIT — and report every step. It never sends
+//! a message: routing itself stays with the MTA.
+
+use crate::config::{Destination, Host};
+use std::{fmt, net::{IpAddr, SocketAddr}, time::Duration};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// One host to probe, and how it was found.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// e.g. `MX 10 mx1.example.net` or `[192.0.2.30]:2525`.
+    pub via: String,
+}
+
+/// One SMTP exchange step.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Step {
+    pub sent: Option<String>,
+    pub code: u16,
+    pub reply: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct HostReport {
+    pub target: Target,
+    pub steps: Vec<Step>,
+    pub accepted: bool,
+    pub error: Option<String>,
+}
+
+impl fmt::Display for HostReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} ({}):", self.target.addr, self.target.via)?;
+        for s in &self.steps {
+            match &s.sent {
+                Some(c) => writeln!(f, "  > {c}\n  < {}", s.reply)?,
+                None => writeln!(f, "  < {}", s.reply)?,
+            }
+        }
+        if let Some(e) = &self.error {
+            writeln!(f, "  ✘ {e}")?;
+        }
+        write!(f, "  {}", if self.accepted { "✔ accepted" } else { "✘ not accepted" })
+    }
+}
+
+/// Per-step timeout: RFC 5321 §4.5.3.2 allows minutes; a probe that waits
+/// that long only delays routing, so it gives up sooner and retries later.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Finds the hosts of a destination, in the order the MTA would try them:
+/// MX records by preference for names (falling back to the address records
+/// when there is no MX, RFC 5321 §5.1), address records only for `[name]`,
+/// literals as they are.
+pub async fn targets(destination: &Destination) -> Result<Vec<Target>, String> {
+    let hosts: Vec<Host> = match destination {
+        Destination::Hosts(h) => h.clone(),
+        Destination::Domain { domain, .. } => vec![Host { name: domain.0.clone(), bracketed: false, port: None }],
+    };
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for h in hosts {
+        let port = h.port.unwrap_or(25);
+        if let Ok(ip) = h.name.parse::<IpAddr>() {
+            out.push(Target { addr: SocketAddr::new(ip, port), via: h.to_string() });
+            continue;
+        }
+        let names: Vec<(String, String)> = if h.bracketed {
+            vec![(h.name.clone(), h.to_string())]
+        } else {
+            match mx(&h.name).await {
+                Ok(mx) if !mx.is_empty() => mx.into_iter().map(|(pref, n)| (n.clone(), format!("MX {pref} {n} of {}", h.name))).collect(),
+                Ok(_) => vec![(h.name.clone(), format!("{} (no MX: address records)", h.name))],
+                Err(e) => {
+                    errors.push(format!("MX lookup of {}: {e}", h.name));
+                    continue;
+                }
+            }
+        };
+        for (name, via) in names {
+            match tokio::net::lookup_host((name.as_str(), port)).await {
+                Ok(addrs) => out.extend(addrs.map(|addr| Target { addr, via: via.clone() })),
+                Err(e) => errors.push(format!("address lookup of {name}: {e}")),
+            }
+        }
+    }
+    if out.is_empty() {
+        Err(if errors.is_empty() { "no hosts".into() } else { errors.join("; ") })
+    } else {
+        Ok(out)
+    }
+}
+
+async fn mx(name: &str) -> Result<Vec<(u16, String)>, String> {
+    let resolver = hickory_resolver::TokioResolver::builder_tokio().map_err(|e| e.to_string())?.build();
+    match resolver.mx_lookup(format!("{name}.")).await {
+        Ok(lookup) => {
+            let mut mx: Vec<(u16, String)> = lookup
+                .iter()
+                .map(|r| (r.preference(), r.exchange().to_utf8().trim_end_matches('.').to_owned()))
+                .collect();
+            mx.sort();
+            Ok(mx)
+        }
+        Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Probes one host: EHLO, MAIL FROM:<>, RCPT TO:<rcpt>, QUIT.
+pub async fn probe_host(target: Target, helo: &str, rcpt: &str, step_timeout: Duration) -> HostReport {
+    let mut report = HostReport { target, steps: Vec::new(), accepted: false, error: None };
+    if let Err(e) = converse(&mut report, helo, rcpt, step_timeout).await {
+        report.error = Some(e);
+    }
+    report
+}
+
+async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration) -> Result<(), String> {
+    let addr = report.target.addr;
+    let stream = timeout(t, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connect to {addr}: timed out"))?
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let step = |report: &mut HostReport, sent: Option<String>, (code, reply): (u16, String)| {
+        report.steps.push(Step { sent, code, reply });
+        code
+    };
+    if step(report, None, reply(&mut read, t).await?) != 220 {
+        return Err("no 220 greeting".into());
+    }
+    for (cmd, want) in [
+        (format!("EHLO {helo}"), 250),
+        ("MAIL FROM:<>".to_owned(), 250),
+        (format!("RCPT TO:<{rcpt}>"), 250),
+    ] {
+        write.write_all(format!("{cmd}\r\n").as_bytes()).await.map_err(|e| format!("{cmd}: {e}"))?;
+        let code = step(report, Some(cmd.clone()), reply(&mut read, t).await?);
+        if code / 100 != want / 100 {
+            let _ = write.write_all(b"QUIT\r\n").await;
+            return Err(format!("{cmd} refused"));
+        }
+    }
+    report.accepted = true;
+    let _ = write.write_all(b"QUIT\r\n").await;
+    if let Ok(r) = reply(&mut read, t).await {
+        step(report, Some("QUIT".into()), r);
+    }
+    Ok(())
+}
+
+/// Reads one (possibly multi-line) SMTP reply.
+async fn reply<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R, t: Duration) -> Result<(u16, String), String> {
+    let mut text = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = timeout(t, read.read_line(&mut line))
+            .await
+            .map_err(|_| "timed out waiting for a reply".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        let line = line.trim_end().to_owned();
+        let code = line.get(..3).and_then(|c| c.parse::<u16>().ok()).ok_or_else(|| format!("not an SMTP reply: {line:?}"))?;
+        let more = line.as_bytes().get(3) == Some(&b'-');
+        text.push(line);
+        if !more {
+            return Ok((code, text.join(" / ")));
+        }
+    }
+}
+
+/// Probes the destination's hosts in order until one accepts.
+pub async fn verify(destination: &Destination, helo: &str, rcpt: &str, step_timeout: Duration) -> Result<Vec<HostReport>, String> {
+    let mut reports = Vec::new();
+    for target in targets(destination).await? {
+        let r = probe_host(target, helo, rcpt, step_timeout).await;
+        let done = r.accepted;
+        reports.push(r);
+        if done {
+            break;
+        }
+    }
+    Ok(reports)
+}
