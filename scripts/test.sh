@@ -6,4 +6,4 @@ set -eu
 cd "$(dirname "$0")/.."
 sh scripts/test-deps.sh
 cargo build --release --all-targets
-cargo test --release --all-targets "$@"
+cargo test --release "$@"

@@ -1,0 +1,143 @@
+//! The verification probe (DESIGN.md §7) against real SMTP servers on
+//! loopback: `smtp-sink` accepting, `smtp-sink` refusing recipients, and a
+//! closed port; and the running milter holding a domain's routing until
+//! the probe passes.
+
+mod support;
+
+use dualroute::decision::Decision;
+use indymilter_test::{EomAction, Status, TestConnection};
+use std::{process::Command, time::Duration};
+use support::{free_port, SmtpSink};
+
+fn config(dir: &std::path::Path, nexthop: &str) -> std::path::PathBuf {
+    let path = dir.join("milter.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "instance: probe.test\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn verify(path: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(["verify", "example.com", "--config"])
+        .arg(path)
+        .output()
+        .expect("run dualroute verify");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+#[test]
+fn probe_accepted() {
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = verify(&config(dir.path(), &sink.nexthop()));
+    assert_eq!(code, Some(0), "{out}");
+    for step in ["< 220", "> EHLO probe.test", "> MAIL FROM:<>", "> RCPT TO:<postmaster@example.com>", "✔ accepted", "verified"] {
+        assert!(out.contains(step), "{step:?} missing in:\n{out}");
+    }
+    // A probe never sends a message.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sink.messages().is_empty(), "the probe must not deliver anything");
+}
+
+#[test]
+fn probe_refused() {
+    let sink = SmtpSink::start_rejecting();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = verify(&config(dir.path(), &sink.nexthop()));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("< 550"), "{out}");
+    assert!(out.contains("RCPT TO:<postmaster@example.com> refused"), "{out}");
+    assert!(out.contains("NOT verified"), "{out}");
+}
+
+#[test]
+fn probe_closed_port() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = verify(&config(dir.path(), &format!("[127.0.0.1]:{port}")));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("connect to 127.0.0.1:{port}")), "{out}");
+    assert!(out.contains("NOT verified"), "{out}");
+}
+
+#[test]
+fn unknown_domain_or_no_verify_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "[127.0.0.1]:9");
+    let out = Command::new(env!("CARGO_BIN_EXE_dualroute")).args(["verify", "other.example", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a managed domain"));
+}
+
+/// Sends one message to `zed@example.com` and returns the actions.
+async fn route_once(addr: std::net::SocketAddr) -> Vec<EomAction> {
+    let mut conn = TestConnection::open(addr).await.unwrap();
+    assert_eq!(conn.connect("client.test", [203, 0, 113, 5]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.mail(["<s@sender.test>"]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.rcpt(["<zed@example.com>"]).await.unwrap(), Status::Continue);
+    let (actions, status) = conn.eom().await.unwrap();
+    assert_eq!(status, Status::Continue);
+    conn.close().await.unwrap();
+    actions.actions
+}
+
+async fn milter_with_verify(nexthop: &str) -> (std::net::SocketAddr, dualroute::policy::SharedPolicy) {
+    let text = format!(
+        "instance: probe.test\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n"
+    );
+    let policy = dualroute::policy::Policy::load(dualroute::config::parse(&text, "t.yaml").unwrap()).unwrap();
+    let shared = dualroute::share(policy);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(dualroute::run(listener, shared.clone(), std::future::pending::<()>()));
+    tokio::spawn(dualroute::verify_loop(shared.clone()));
+    (addr, shared)
+}
+
+#[tokio::test]
+async fn milter_holds_routing_until_verified() {
+    let sink = SmtpSink::start();
+    let (addr, shared) = milter_with_verify(&sink.nexthop()).await;
+    // Poll: the probe runs at once; until it passes the domain is held.
+    let mut routed = false;
+    for _ in 0..100 {
+        let actions = route_once(addr).await;
+        if actions.is_empty() {
+            let policy = shared.read().unwrap().clone();
+            assert!(policy.holds.reason("example.com").is_some(), "no actions although not held");
+        } else {
+            assert!(actions.contains(&EomAction::DeleteRecipient { rcpt: c"<zed@example.com>".into() }), "{actions:?}");
+            routed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(routed, "routing never started although the sink accepts the probe");
+}
+
+#[tokio::test]
+async fn milter_keeps_routing_off_when_probe_refused() {
+    let sink = SmtpSink::start_rejecting();
+    let (addr, shared) = milter_with_verify(&sink.nexthop()).await;
+    // Wait for the first probe to have run and failed.
+    let mut reason = String::new();
+    for _ in 0..100 {
+        reason = shared.read().unwrap().holds.reason("example.com").unwrap_or_default();
+        if reason.contains("last probe failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reason.contains("last probe failed"), "{reason}");
+    assert!(route_once(addr).await.is_empty(), "a held domain must not be routed");
+    let policy = shared.read().unwrap().clone();
+    let v = dualroute::decision::decide(&policy, &Default::default(), dualroute::address::RcptArg::parse(&["<zed@example.com>"]).address.as_ref());
+    assert_eq!(v.decision, Decision::Keep);
+}
