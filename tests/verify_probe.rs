@@ -10,15 +10,16 @@ use indymilter_test::{EomAction, Status, TestConnection};
 use std::{process::Command, time::Duration};
 use support::{free_port, SmtpSink};
 
+/// A route domain whose destination is `nexthop`, probed with postmaster@.
+fn yaml(nexthop: &str) -> String {
+    format!(
+        "instance: probe.test\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n"
+    )
+}
+
 fn config(dir: &std::path::Path, nexthop: &str) -> std::path::PathBuf {
     let path = dir.join("milter.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "instance: probe.test\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, yaml(nexthop)).unwrap();
     path
 }
 
@@ -89,10 +90,7 @@ async fn route_once(addr: std::net::SocketAddr) -> Vec<EomAction> {
 }
 
 async fn milter_with_verify(nexthop: &str) -> (std::net::SocketAddr, dualroute::policy::SharedPolicy) {
-    let text = format!(
-        "instance: probe.test\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n"
-    );
-    let policy = dualroute::policy::Policy::load(dualroute::config::parse(&text, "t.yaml").unwrap()).unwrap();
+    let policy = dualroute::policy::Policy::load(dualroute::config::parse(&yaml(nexthop), "t.yaml").unwrap()).unwrap();
     let shared = dualroute::share(policy);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
