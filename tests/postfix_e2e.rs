@@ -1,0 +1,1168 @@
+//! End-to-end: the real `dualroute` binary in front of a real, private
+//! Postfix (tests/support/), with an `smtp-sink` as the other server.
+//!
+//! Every scenario
+//! 1. writes a milter.yaml (listen on a free loopback port, instance
+//!    `e2e.test`, destinations pointing at its own sink);
+//! 2. runs `dualroute postfix-config --write DIR --map-dir /etc/postfix` and
+//!    feeds all of its output (main.cf lines, master.cf lines, tables) into
+//!    the Postfix instance; the only hand-written additions are the test's
+//!    mailboxes, `dualroute_catchall` in `virtual_mailbox_maps` (the step
+//!    docs/postfix.md §3 does by hand) and, where a scenario needs it, a
+//!    transport entry for a domain that has no DNS here;
+//! 3. starts `dualroute run --config milter.yaml` as a child process;
+//! 4. sends real SMTP and checks the real effects: Maildirs, sink dumps,
+//!    SMTP replies, the maillog, the milter's own log, and an empty queue
+//!    with nothing bounced at the end.
+//!
+//! They need root and Postfix (scripts/test-deps.sh). Set
+//! `DUALROUTE_KEEP_TMP=1` to keep the trees (milter.yaml, generated config,
+//! milter log) of a run.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{
+    free_port, is_listening, read_maildir, MaildirMessage, Postfix, PostfixOptions, SinkMessage,
+    SinkRcpt, SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP,
+};
+
+const SENDER: &str = "sender@outside.test";
+const INSTANCE: &str = "e2e.test";
+/// The gateway of the scenarios that have one.
+const GATEWAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// An outside client that is not a gateway (and not in `mynetworks`).
+const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+fn message(subject: &str) -> String {
+    format!("From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n")
+}
+
+// ---------------------------------------------------------------------
+// The milter as a child process.
+// ---------------------------------------------------------------------
+
+/// `dualroute run --config …` as a child process, its stderr appended to a
+/// file. Killed on Drop.
+struct Milter {
+    child: Option<Child>,
+    port: u16,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Milter {
+    fn start(config: &Path, port: u16, log: &Path) -> Milter {
+        let mut milter = Milter {
+            child: None,
+            port,
+            config: config.to_owned(),
+            log: log.to_owned(),
+        };
+        milter.spawn();
+        milter
+    }
+
+    /// Starts the binary and waits until its port listens.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the milter is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("DUALROUTE_LOG", "info,dualroute=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run dualroute");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_listening(self.port) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "dualroute run exited ({status}) before listening on {}:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "dualroute run does not listen on 127.0.0.1:{} after 10 s:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would. Waits until the port is closed.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while is_listening(self.port) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!is_listening(self.port), "milter port {} still open after kill", self.port);
+    }
+
+    /// Everything the milter logged so far, without colour codes.
+    fn log(&self) -> String {
+        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+impl Drop for Milter {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------
+// One scenario: sink + milter.yaml + postfix-config + Postfix + milter.
+// ---------------------------------------------------------------------
+
+struct Setup {
+    /// The `domains:` section of milter.yaml, indented by two spaces per
+    /// level below `domains:`; `{SINK}` becomes the sink's `[127.0.0.1]:PORT`.
+    domains_yaml: String,
+    gateways: Vec<String>,
+    postfix: PostfixOptions,
+    /// Domains a test-added transport entry sends to the sink (no DNS here).
+    to_sink: Vec<String>,
+    /// Add the generated `dualroute_catchall` to `virtual_mailbox_maps`.
+    catchall: bool,
+}
+
+fn setup(domains_yaml: &str) -> Setup {
+    Setup {
+        domains_yaml: domains_yaml.to_owned(),
+        gateways: Vec::new(),
+        postfix: PostfixOptions::default(),
+        to_sink: Vec::new(),
+        catchall: true,
+    }
+}
+
+impl Setup {
+    /// Postfix mailboxes (without the harness's own catch-all: the generated
+    /// `dualroute_catchall` plays that part).
+    fn mailboxes(mut self, domain: &str, accounts: &[&str]) -> Self {
+        self.postfix = self.postfix.domain_without_catchall(domain, accounts);
+        self
+    }
+
+    /// Postfix mailboxes plus the harness's own `@domain` catch-all
+    /// (`catchall/DOMAIN/`): Postfix accepts every address of the domain,
+    /// so whatever is refused is refused by the milter.
+    fn mailboxes_accept_all(mut self, domain: &str, accounts: &[&str]) -> Self {
+        self.postfix = self.postfix.domain(domain, accounts);
+        self
+    }
+
+    /// Do not add `dualroute_catchall` (there is none without split/route
+    /// domains).
+    fn without_dualroute_catchall(mut self) -> Self {
+        self.catchall = false;
+        self
+    }
+
+    fn gateway(mut self, ip: IpAddr) -> Self {
+        self.gateways.push(ip.to_string());
+        self
+    }
+
+    fn route_to_sink(mut self, domain: &str) -> Self {
+        self.to_sink.push(domain.to_owned());
+        self
+    }
+
+    fn main_cf(mut self, line: &str) -> Self {
+        self.postfix = self.postfix.main_cf(line);
+        self
+    }
+
+    fn start(self) -> E2e {
+        let tmp = tempfile::Builder::new()
+            .prefix("dualroute-e2e-")
+            .tempdir()
+            .expect("create a temporary directory");
+        let dir = tmp.path().to_path_buf();
+        let sink = SmtpSink::start();
+        let milter_port = free_port();
+
+        // 1. milter.yaml
+        let gateways = self
+            .gateways
+            .iter()
+            .map(|g| format!("\"{g}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let yaml = format!(
+            "listen: inet:127.0.0.1:{milter_port}\ninstance: {INSTANCE}\nstate_dir: {state}\n{gw}domains:\n{domains}",
+            state = dir.join("state").display(),
+            gw = if gateways.is_empty() { String::new() } else { format!("gateways: [{gateways}]\n") },
+            domains = self.domains_yaml.replace("{SINK}", &sink.nexthop()),
+        );
+        let config = dir.join("milter.yaml");
+        fs::write(&config, &yaml).expect("write milter.yaml");
+
+        // 2. dualroute postfix-config
+        let generated = postfix_config(&config, &dir.join("postfix-config"));
+        let mut opts = self.postfix;
+        let mut main_cf = generated.main_cf.clone();
+        if !self.to_sink.is_empty() {
+            let entries: String = self
+                .to_sink
+                .iter()
+                .map(|d| format!("{d} smtp:{}\n", sink.nexthop()))
+                .collect();
+            opts = opts.map("e2e_transport", &entries);
+            // Appended to the generated transport_maps, or on its own.
+            match main_cf.iter_mut().find(|l| l.starts_with("transport_maps")) {
+                Some(line) => line.push_str(", hash:/etc/postfix/e2e_transport"),
+                None => main_cf.push("transport_maps = hash:/etc/postfix/e2e_transport".into()),
+            }
+        }
+        if self.catchall {
+            assert!(
+                generated.tables.iter().any(|(name, _)| name == "dualroute_catchall"),
+                "postfix-config printed no dualroute_catchall table for a configuration with split/route domains:\n{}",
+                generated.printed
+            );
+            // docs/postfix.md §3: after the existing mailbox table.
+            main_cf.push(
+                "virtual_mailbox_maps = hash:$config_directory/vmailbox, hash:/etc/postfix/dualroute_catchall"
+                    .into(),
+            );
+        }
+        for line in &main_cf {
+            opts = opts.main_cf(line);
+        }
+        for line in &generated.master_cf {
+            opts = opts.master_cf(line);
+        }
+        for (name, contents) in &generated.tables {
+            opts = opts.map(name, contents);
+        }
+        let pf = Postfix::start(opts);
+        // The generated milter setting is the one in force (the harness
+        // adds none of its own).
+        assert_eq!(pf.postconf("smtpd_milters"), format!("inet:127.0.0.1:{milter_port}"));
+        assert_eq!(pf.postconf("milter_default_action"), "tempfail");
+
+        // 3. dualroute run
+        let milter = Milter::start(&config, milter_port, &dir.join("milter.log"));
+
+        E2e {
+            milter,
+            pf,
+            sink,
+            generated,
+            tmp: Some(tmp),
+        }
+    }
+}
+
+/// What `dualroute postfix-config` produced.
+struct Generated {
+    /// `name = value` lines of main.cf.dualroute.
+    main_cf: Vec<String>,
+    /// master.cf.dualroute, line by line.
+    master_cf: Vec<String>,
+    /// (file name, contents) of each table.
+    tables: Vec<(String, String)>,
+    /// The printed form (`postfix-config` without `--write`), for messages.
+    printed: String,
+}
+
+fn postfix_config(config: &Path, out_dir: &Path) -> Generated {
+    let run = |extra: &[&std::ffi::OsStr]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .arg("postfix-config")
+            .arg("--config")
+            .arg(config)
+            .args(["--map-dir", "/etc/postfix"])
+            .args(extra)
+            .output()
+            .expect("run dualroute postfix-config");
+        assert!(
+            output.status.success(),
+            "dualroute postfix-config failed ({}):\n{}\n--- milter.yaml ---\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            fs::read_to_string(config).unwrap_or_default()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let printed = run(&[]);
+    let written = run(&["--write".as_ref(), out_dir.as_os_str()]);
+    let read = |name: &str| {
+        fs::read_to_string(out_dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
+    };
+    let main_cf: Vec<String> = read("main.cf.dualroute")
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    let master_cf: Vec<String> = read("master.cf.dualroute").lines().map(str::to_owned).collect();
+    let tables = written
+        .lines()
+        .filter_map(|path| Path::new(path.trim()).file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".cf.dualroute"))
+        .map(|name| {
+            let contents = read(&name);
+            (name, contents)
+        })
+        .collect();
+    // Both forms say the same about main.cf.
+    for line in &main_cf {
+        assert!(printed.contains(line.as_str()), "{line:?} missing from the printed form:\n{printed}");
+    }
+    Generated {
+        main_cf,
+        master_cf,
+        tables,
+        printed,
+    }
+}
+
+/// A running scenario. Fields drop in order: the milter, then Postfix, then
+/// the sink, then the temporary tree.
+struct E2e {
+    milter: Milter,
+    pf: Postfix,
+    sink: SmtpSink,
+    generated: Generated,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Drop for E2e {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            if std::env::var_os("DUALROUTE_KEEP_TMP").is_some_and(|v| v == "1") {
+                eprintln!("DUALROUTE_KEEP_TMP: kept the scenario tree {}", tmp.keep().display());
+            }
+        }
+    }
+}
+
+/// A recipient as the sink saw it, with the message it came in.
+#[derive(Debug)]
+struct SinkDelivery {
+    rcpt: SinkRcpt,
+    message: SinkMessage,
+}
+
+impl E2e {
+    /// An outside client (not in mynetworks, not a gateway).
+    fn client(&self) -> SmtpClient {
+        SmtpClient::new(self.pf.smtp_addr()).bind(OUTSIDE_IP)
+    }
+
+    fn client_from(&self, ip: IpAddr) -> SmtpClient {
+        SmtpClient::new(self.pf.smtp_addr()).bind(ip)
+    }
+
+    /// Everything that helps understand a failure.
+    fn diag(&self) -> String {
+        let sink: Vec<String> = self
+            .sink
+            .messages()
+            .iter()
+            .map(|m| format!("{}: MAIL {} RCPT {:?}", m.path.display(), m.mail_args, m.rcpts))
+            .collect();
+        let maildirs: Vec<String> = self
+            .maildir_files()
+            .iter()
+            .map(|(dir, m)| format!("{dir}: {}", m.path.display()))
+            .collect();
+        format!(
+            "{}\n--- milter log ({}) ---\n{}\n--- sink ---\n{}\n--- Maildir files ---\n{}\n--- postfix-config ---\n{}",
+            self.pf.diagnostics(),
+            self.milter.log.display(),
+            self.milter.log(),
+            sink.join("\n"),
+            maildirs.join("\n"),
+            self.generated.printed,
+        )
+    }
+
+    /// The generated catch-all Maildir of a split/route domain.
+    fn catchall(&self, domain: &str) -> Vec<MaildirMessage> {
+        read_maildir(&self.pf.maildir_root().join(format!("{domain}/dualroute-catchall/")))
+    }
+
+    fn mailbox(&self, address: &str) -> Vec<MaildirMessage> {
+        self.pf.maildir_messages(address)
+    }
+
+    /// Every message file in every Maildir under the Maildir root, with
+    /// the Maildir it is in (relative to the root, e.g. `example.com/alice`).
+    fn maildir_files(&self) -> Vec<(String, MaildirMessage)> {
+        let root = self.pf.maildir_root();
+        let mut found = Vec::new();
+        collect_maildirs(&root, &root, &mut found);
+        found.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+        found
+    }
+
+    /// How many messages each Maildir holds (only non-empty ones).
+    fn maildir_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for (dir, _) in self.maildir_files() {
+            *counts.entry(dir).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Every RCPT the sink received, over all messages.
+    fn sink_deliveries(&self) -> Vec<SinkDelivery> {
+        self.sink
+            .messages()
+            .into_iter()
+            .flat_map(|m| {
+                m.rcpts
+                    .clone()
+                    .into_iter()
+                    .map(move |rcpt| SinkDelivery { rcpt, message: m.clone() })
+            })
+            .collect()
+    }
+
+    /// Waits until the sink has received `n` RCPTs in all.
+    fn wait_sink_rcpts(&self, n: usize) -> Vec<SinkDelivery> {
+        let deadline = Instant::now() + support::WAIT;
+        loop {
+            let found = self.sink_deliveries();
+            if found.len() >= n {
+                return found;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {n} RCPTs at the sink, got {}\n{}", found.len(), self.diag());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The one sink RCPT for `address`; panics when there is none or more.
+    fn sink_rcpt(&self, address: &str) -> SinkDelivery {
+        let mut found: Vec<SinkDelivery> =
+            self.sink_deliveries().into_iter().filter(|d| d.rcpt.address == address).collect();
+        assert_eq!(found.len(), 1, "RCPTs for {address} at the sink\n{}", self.diag());
+        found.remove(0)
+    }
+
+    /// The queue is empty, nothing is deferred, held or bounced.
+    fn finish(&self) {
+        self.pf.wait_queue_empty();
+        self.pf.assert_no_deferred_or_held();
+        let log = self.pf.maillog();
+        assert!(!log.contains("status=bounced"), "a bounce\n{}", self.diag());
+        assert!(!log.contains("status=deferred"), "a deferral\n{}", self.diag());
+    }
+
+    /// Sends and checks that the message was taken.
+    fn send_ok(&self, client: &SmtpClient, rcpts: &[&str], subject: &str) -> SmtpTranscript {
+        let t = client.send(SENDER, rcpts, &message(subject));
+        assert!(t.accepted(), "{t}\n{}", self.diag());
+        t
+    }
+
+    /// The milter logged the decisions for this queue id.
+    fn milter_logged(&self, t: &SmtpTranscript, words: &[&str]) {
+        let queue_id = t.queue_id().expect("a queue id");
+        let found = support::poll(|| {
+            let log = self.milter.log();
+            let line = log
+                .lines()
+                .find(|l| l.contains(&queue_id) && words.iter().all(|w| l.contains(w)))
+                .map(str::to_owned);
+            line
+        });
+        assert!(
+            found.is_some(),
+            "no milter log line with queue id {queue_id} and {words:?}\n{}",
+            self.diag()
+        );
+    }
+}
+
+fn collect_maildirs(root: &Path, dir: &Path, found: &mut Vec<(String, MaildirMessage)>) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let mut is_maildir = false;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some("new" | "cur" | "tmp") => is_maildir = true,
+            _ => collect_maildirs(root, &path, found),
+        }
+    }
+    if is_maildir {
+        let name = dir.strip_prefix(root).unwrap_or(dir).display().to_string();
+        for m in read_maildir(dir) {
+            found.push((name.clone(), m));
+        }
+    }
+}
+
+fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+// ---------------------------------------------------------------------
+// Scenarios.
+// ---------------------------------------------------------------------
+
+const SPLIT_EXAMPLE_COM: &str = r#"  example.com:
+    mode: split
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com, bob@example.com] }]
+"#;
+
+/// split: present here only; unknown only at the sink, as the original
+/// address (generic map) with ORCPT naming it; nothing in the catch-all.
+#[test]
+fn split_keeps_present_and_routes_unknown_with_original_address() {
+    let e = setup(SPLIT_EXAMPLE_COM)
+        .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+        .start();
+    let t = e.send_ok(&e.client(), &["alice@example.com", "zed@example.com"], "split");
+    assert_eq!(t.rcpt("alice@example.com").code, 250, "{t}");
+    assert_eq!(t.rcpt("zed@example.com").code, 250, "{t}");
+    e.finish();
+
+    let alice = e.mailbox("alice@example.com");
+    assert_eq!(alice.len(), 1, "{}", e.diag());
+    assert_eq!(alice[0].header("Delivered-To"), ["alice@example.com"]);
+    // Postfix delivers the message the milter changed: the header is there.
+    assert_eq!(alice[0].header("X-Dualroute"), [INSTANCE], "{}", e.diag());
+    assert!(e.mailbox("bob@example.com").is_empty());
+    assert!(e.catchall("example.com").is_empty(), "zed reached the catch-all\n{}", e.diag());
+
+    e.wait_sink_rcpts(1);
+    let zed = e.sink_rcpt("zed@example.com");
+    assert_eq!(e.sink_deliveries().len(), 1, "{}", e.diag());
+    assert_eq!(zed.rcpt.orcpt().as_deref(), Some("rfc822;zed@example.com"), "{}", e.diag());
+    assert_eq!(zed.message.mail_from(), SENDER);
+    assert_eq!(zed.message.header("X-Dualroute"), [INSTANCE]);
+    assert_eq!(zed.message.header("Subject"), ["split"]);
+    assert!(zed.message.text.contains("body of split"));
+    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
+
+    // The maillog shows the relay address going out through the dualroute
+    // transport to the sink.
+    let out = e
+        .pf
+        .deliveries()
+        .into_iter()
+        .find(|d| d.to == "zed@example.com.dualroute.invalid")
+        .unwrap_or_else(|| panic!("no delivery of the relay address\n{}", e.diag()));
+    assert_eq!(out.status, "sent");
+    assert_eq!(out.relay, format!("127.0.0.1[127.0.0.1]:{}", e.sink.port()));
+    e.milter_logged(&t, &["zed@example.com", "redirect to zed@example.com.dualroute.invalid"]);
+}
+
+/// dual: present here and at the sink (NOTIFY=NEVER with `bounce: false`,
+/// NOTIFY=FAILURE with `bounce: true`, ORCPT the original); unknown refused
+/// at RCPT and delivered nowhere. In example.com Postfix refuses the
+/// unknown address itself (no catch-all: the setup postfix-config
+/// implies); example.org has a catch-all of its own, so there the milter
+/// refuses it.
+#[test]
+fn dual_copies_present_and_refuses_unknown() {
+    let e = setup(
+        r#"  example.com:
+    mode: dual
+    destination: { hosts: ["{SINK}"] }
+    bounce: false
+    accounts: [{ list: [alice@example.com] }]
+  example.org:
+    mode: dual
+    destination: { hosts: ["{SINK}"] }
+    bounce: true
+    accounts: [{ list: [frank@example.org] }]
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com"])
+    .mailboxes_accept_all("example.org", &["frank@example.org"])
+    .without_dualroute_catchall()
+    .start();
+    // No split/route domain: postfix-config prints no catch-all.
+    assert!(
+        !e.generated.tables.iter().any(|(n, _)| n == "dualroute_catchall"),
+        "{}",
+        e.generated.printed
+    );
+
+    let t = e.client().send(
+        SENDER,
+        &["alice@example.com", "zed@example.com", "frank@example.org", "yan@example.org"],
+        &message("dual"),
+    );
+    for unknown in ["zed@example.com", "yan@example.org"] {
+        let r = t.rcpt(unknown);
+        assert_eq!((r.code, r.enhanced()), (550, Some("5.1.1")), "{t}\n{}", e.diag());
+    }
+    assert_eq!(t.rcpt("alice@example.com").code, 250, "{t}");
+    assert_eq!(t.rcpt("frank@example.org").code, 250, "{t}");
+    assert!(t.accepted(), "{t}\n{}", e.diag());
+    e.finish();
+    let log = e.pf.maillog();
+    assert!(
+        log.lines().any(|l| l.contains(": reject: RCPT") && l.contains("<zed@example.com>: Recipient address rejected: User unknown")),
+        "Postfix itself should refuse zed\n{}",
+        e.diag()
+    );
+    assert!(
+        log.lines().any(|l| l.contains("milter-reject: RCPT") && l.contains("5.1.1") && l.contains("yan@example.org")),
+        "the milter should refuse yan\n{}",
+        e.diag()
+    );
+
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1), ("example.org/frank", 1)]),
+        "{}",
+        e.diag()
+    );
+    e.wait_sink_rcpts(2);
+    let sink = e.sink_deliveries();
+    let mut addresses: Vec<&str> = sink.iter().map(|d| d.rcpt.address.as_str()).collect();
+    addresses.sort();
+    assert_eq!(addresses, ["alice@example.com", "frank@example.org"], "{}", e.diag());
+
+    let alice = e.sink_rcpt("alice@example.com");
+    assert_eq!(alice.rcpt.notify(), Some("NEVER"), "{}", e.diag());
+    assert_eq!(alice.rcpt.orcpt().as_deref(), Some("rfc822;alice@example.com"));
+    assert_eq!(alice.message.header("X-Dualroute"), [INSTANCE]);
+    let frank = e.sink_rcpt("frank@example.org");
+    assert_eq!(frank.rcpt.notify(), Some("FAILURE"), "{}", e.diag());
+    assert_eq!(frank.rcpt.orcpt().as_deref(), Some("rfc822;frank@example.org"));
+    assert_eq!(frank.message.header("X-Dualroute"), [INSTANCE]);
+
+    // The local copies too went through the milter once.
+    for address in ["alice@example.com", "frank@example.org"] {
+        let local = e.mailbox(address);
+        assert_eq!(local[0].header("X-Dualroute"), [INSTANCE], "{address}");
+    }
+    // Nothing anywhere for the refused addresses.
+    assert!(
+        e.pf.deliveries().iter().all(|d| !d.to.starts_with("zed@") && !d.to.starts_with("yan@")),
+        "{}",
+        e.diag()
+    );
+    assert!(e.pf.maildir_messages("@example.org").is_empty(), "{}", e.diag());
+}
+
+/// route: nothing stays here (neither the mailbox nor the catch-all),
+/// everything goes to the sink.
+#[test]
+fn route_sends_everything_to_the_destination() {
+    let e = setup(
+        r#"  example.com:
+    mode: route
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com] }]
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com"])
+    .start();
+    let t = e.send_ok(&e.client(), &["alice@example.com", "zed@example.com"], "route");
+    e.finish();
+
+    e.wait_sink_rcpts(2);
+    assert_eq!(e.sink_deliveries().len(), 2, "{}", e.diag());
+    for address in ["alice@example.com", "zed@example.com"] {
+        let d = e.sink_rcpt(address);
+        assert_eq!(d.rcpt.orcpt(), Some(format!("rfc822;{address}")), "{}", e.diag());
+        assert_eq!(d.message.header("X-Dualroute"), [INSTANCE]);
+    }
+    assert!(e.mailbox("alice@example.com").is_empty(), "{}", e.diag());
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+    assert_eq!(e.maildir_counts(), counts(&[]), "{}", e.diag());
+    e.milter_logged(&t, &["redirect to alice@example.com.dualroute.invalid", "redirect to zed@example.com.dualroute.invalid"]);
+}
+
+/// `destination: { domain: D, change_envelope: true }`: the routing address
+/// is local@D, delivered as ordinary mail for D (here: a test-added
+/// transport entry, there is no DNS).
+#[test]
+fn change_envelope_destination_rewrites_to_the_destination_domain() {
+    let e = setup(
+        r#"  example.com:
+    mode: split
+    destination: { domain: newdest.test, change_envelope: true }
+    accounts: [{ list: [alice@example.com] }]
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com"])
+    .route_to_sink("newdest.test")
+    .start();
+    let t = e.send_ok(&e.client(), &["alice@example.com", "zed@example.com"], "change envelope");
+    e.finish();
+
+    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
+    e.wait_sink_rcpts(1);
+    assert_eq!(e.sink_deliveries().len(), 1, "{}", e.diag());
+    let zed = e.sink_rcpt("zed@newdest.test");
+    assert_eq!(zed.rcpt.orcpt().as_deref(), Some("rfc822;zed@example.com"), "{}", e.diag());
+    assert_eq!(zed.message.header("X-Dualroute"), [INSTANCE]);
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+    e.milter_logged(&t, &["redirect to zed@newdest.test"]);
+}
+
+/// Per-user rules: copy_to (kept here and copied), redirect_to (only there),
+/// keep in a route domain (only here); everyone else by the mode.
+#[test]
+fn per_user_copy_redirect_and_keep() {
+    let e = setup(
+        r#"  example.com:
+    mode: split
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com, carol@example.com, dave@example.com] }]
+    users:
+      carol@example.com: { copy_to: [carol@pilot.test] }
+      dave@example.com: { redirect_to: dave@pilot.test }
+  example.net:
+    mode: route
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [erin@example.net, gus@example.net] }]
+    users:
+      erin@example.net: { keep: true }
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com", "carol@example.com", "dave@example.com"])
+    .mailboxes("example.net", &["erin@example.net", "gus@example.net"])
+    .route_to_sink("pilot.test")
+    .start();
+    let t = e.send_ok(
+        &e.client(),
+        &[
+            "alice@example.com",
+            "carol@example.com",
+            "dave@example.com",
+            "erin@example.net",
+            "gus@example.net",
+        ],
+        "pilots",
+    );
+    e.finish();
+
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1), ("example.com/carol", 1), ("example.net/erin", 1)]),
+        "{}",
+        e.diag()
+    );
+    e.wait_sink_rcpts(3);
+    let mut at_sink: Vec<String> = e.sink_deliveries().into_iter().map(|d| d.rcpt.address).collect();
+    at_sink.sort();
+    assert_eq!(at_sink, ["carol@pilot.test", "dave@pilot.test", "gus@example.net"], "{}", e.diag());
+
+    let carol = e.sink_rcpt("carol@pilot.test");
+    assert_eq!(carol.rcpt.orcpt().as_deref(), Some("rfc822;carol@example.com"));
+    assert_eq!(carol.rcpt.notify(), Some("NEVER"), "a copy, bounce: false");
+    let dave = e.sink_rcpt("dave@pilot.test");
+    assert_eq!(dave.rcpt.orcpt().as_deref(), Some("rfc822;dave@example.com"));
+    let gus = e.sink_rcpt("gus@example.net");
+    assert_eq!(gus.rcpt.orcpt().as_deref(), Some("rfc822;gus@example.net"));
+    for d in [&carol, &dave, &gus] {
+        assert_eq!(d.message.header("X-Dualroute"), [INSTANCE]);
+    }
+    assert!(e.catchall("example.com").is_empty());
+    assert!(e.catchall("example.net").is_empty());
+    e.milter_logged(&t, &["copy to carol@pilot.test", "redirect to dave@pilot.test", "erin@example.net> keep"]);
+}
+
+/// `enabled: false`: Postfix behaves as without the milter: present to its
+/// Maildir, unknown to the catch-all; nothing at the sink, no header.
+#[test]
+fn disabled_domain_is_left_to_postfix() {
+    let e = setup(
+        r#"  example.com:
+    mode: split
+    enabled: false
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com] }]
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com"])
+    .start();
+    let t = e.send_ok(&e.client(), &["alice@example.com", "zed@example.com"], "disabled");
+    e.finish();
+
+    assert_eq!(e.mailbox("alice@example.com").len(), 1, "{}", e.diag());
+    let catchall = e.catchall("example.com");
+    assert_eq!(catchall.len(), 1, "{}", e.diag());
+    assert_eq!(catchall[0].header("X-Original-To"), ["zed@example.com"]);
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1), ("example.com/dualroute-catchall", 1)]),
+        "{}",
+        e.diag()
+    );
+    for (_, m) in e.maildir_files() {
+        assert!(m.header("X-Dualroute").is_empty(), "{}", m.text);
+    }
+    assert!(e.sink.messages().is_empty(), "{}", e.diag());
+    e.milter_logged(&t, &["zed@example.com> keep (domain has enabled: false)"]);
+}
+
+/// A gateway client: nothing is routed; an address without a mailbox is
+/// refused by the milter (Postfix itself accepted it: catch-all).
+#[test]
+fn gateway_client_is_never_routed() {
+    let e = setup(SPLIT_EXAMPLE_COM)
+        .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+        .gateway(GATEWAY_IP)
+        .start();
+    let t = e.client_from(GATEWAY_IP).send(
+        SENDER,
+        &["alice@example.com", "zed@example.com"],
+        &message("from the gateway"),
+    );
+    let zed = t.rcpt("zed@example.com");
+    assert_eq!((zed.code, zed.enhanced()), (550, Some("5.1.1")), "{t}\n{}", e.diag());
+    assert!(zed.text.contains("zed@example.com"), "{t}");
+    assert_eq!(t.rcpt("alice@example.com").code, 250, "{t}");
+    assert!(t.accepted(), "{t}");
+    e.finish();
+
+    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
+    assert!(e.mailbox("alice@example.com")[0].header("X-Dualroute").is_empty());
+    assert!(e.sink.messages().is_empty(), "{}", e.diag());
+    // The refusal came from the milter, not from Postfix's own tables.
+    assert!(
+        e.pf.maillog().contains("milter-reject: RCPT from"),
+        "{}",
+        e.diag()
+    );
+
+    // The same from a client that is not a gateway is routed.
+    e.send_ok(&e.client_from(OTHER_IP), &["zed@example.com"], "not from the gateway");
+    e.finish();
+    e.wait_sink_rcpts(1);
+    assert_eq!(e.sink_rcpt("zed@example.com").message.header("Subject"), ["not from the gateway"]);
+}
+
+/// `require_gateway: true`: other clients are refused 550 5.7.1 at RCPT;
+/// the gateway gets through (and is not routed).
+#[test]
+fn require_gateway_refuses_other_clients() {
+    let e = setup(
+        r#"  example.com:
+    mode: split
+    require_gateway: true
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com] }]
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com"])
+    .gateway(GATEWAY_IP)
+    .start();
+
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), OTHER_IP] {
+        let t = e.client_from(ip).send(SENDER, &["alice@example.com", "zed@example.com"], &message("direct"));
+        for rcpt in ["alice@example.com", "zed@example.com"] {
+            let r = t.rcpt(rcpt);
+            assert_eq!((r.code, r.enhanced()), (550, Some("5.7.1")), "from {ip}: {t}\n{}", e.diag());
+        }
+        assert!(!t.accepted(), "{t}");
+    }
+    assert!(e.pf.queue().is_empty(), "{}", e.diag());
+
+    let t = e.send_ok(&e.client_from(GATEWAY_IP), &["alice@example.com"], "via the gateway");
+    assert_eq!(t.rcpt("alice@example.com").code, 250, "{t}");
+    e.finish();
+    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
+    assert_eq!(e.mailbox("alice@example.com")[0].header("Subject"), ["via the gateway"]);
+    assert!(e.sink.messages().is_empty(), "{}", e.diag());
+}
+
+/// A message that already carries our X-Dualroute header is not routed:
+/// the unknown split recipient stays where Postfix put it (the catch-all)
+/// and the milter logs a warning. Another instance's header does not stop
+/// routing.
+#[test]
+fn loop_header_stops_routing() {
+    let e = setup(SPLIT_EXAMPLE_COM)
+        .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+        .start();
+    let looped = format!("X-Dualroute: {INSTANCE}\n{}", message("looped"));
+    let t = e.client().send(SENDER, &["alice@example.com", "zed@example.com"], &looped);
+    assert!(t.accepted(), "{t}\n{}", e.diag());
+    e.finish();
+
+    let catchall = e.catchall("example.com");
+    assert_eq!(catchall.len(), 1, "{}", e.diag());
+    assert_eq!(catchall[0].header("X-Original-To"), ["zed@example.com"]);
+    assert_eq!(catchall[0].header("X-Dualroute"), [INSTANCE], "not added a second time");
+    assert_eq!(e.mailbox("alice@example.com").len(), 1);
+    assert!(e.sink.messages().is_empty(), "{}", e.diag());
+    let queue_id = t.queue_id().unwrap();
+    assert!(
+        e.milter
+            .log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(&queue_id) && l.contains("X-Dualroute")),
+        "no warning about the loop\n{}",
+        e.diag()
+    );
+
+    // Another MX's header: routed as usual, our header added once.
+    let other = format!("X-Dualroute: mx9.elsewhere.test\n{}", message("other instance"));
+    let t = e.client().send(SENDER, &["zed@example.com"], &other);
+    assert!(t.accepted(), "{t}");
+    e.finish();
+    e.wait_sink_rcpts(1);
+    let zed = e.sink_rcpt("zed@example.com");
+    let headers = zed.message.header("X-Dualroute");
+    assert_eq!(headers.iter().filter(|v| *v == INSTANCE).count(), 1, "{headers:?}");
+    assert!(headers.iter().any(|v| v == "mx9.elsewhere.test"), "{headers:?}");
+    assert_eq!(e.catchall("example.com").len(), 1, "{}", e.diag());
+}
+
+/// Subaddresses and case: `bob+news@` is bob's; `zed+x@` is routed with its
+/// tag (ORCPT xtext-encoded); `ALICE@EXAMPLE.COM` is alice's.
+///
+/// Postfix must split `+` tags too, or it looks `bob+news@` up as it is and
+/// files it in the catch-all while the milter (which matched bob) keeps it:
+/// `recipient_delimiter = +` is set here to match the milter's default.
+#[test]
+fn subaddresses_and_case() {
+    let e = setup(SPLIT_EXAMPLE_COM)
+        .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+        .main_cf("recipient_delimiter = +")
+        .start();
+    let t = e.send_ok(
+        &e.client(),
+        &["bob+news@example.com", "zed+x@example.com", "ALICE@EXAMPLE.COM"],
+        "tags and case",
+    );
+    e.finish();
+
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1), ("example.com/bob", 1)]),
+        "{}",
+        e.diag()
+    );
+    assert_eq!(e.mailbox("bob@example.com")[0].header("X-Original-To"), ["bob+news@example.com"]);
+    assert_eq!(e.mailbox("alice@example.com")[0].header("X-Original-To"), ["ALICE@EXAMPLE.COM"]);
+    e.wait_sink_rcpts(1);
+    assert_eq!(e.sink_deliveries().len(), 1, "{}", e.diag());
+    let zed = e.sink_rcpt("zed+x@example.com");
+    assert_eq!(zed.rcpt.param("ORCPT"), Some("rfc822;zed+2Bx@example.com"), "{}", e.diag());
+    assert_eq!(zed.rcpt.orcpt().as_deref(), Some("rfc822;zed+x@example.com"));
+    e.milter_logged(&t, &["redirect to zed+x@example.com.dualroute.invalid"]);
+}
+
+/// One message with every kind of recipient: each ends up exactly once in
+/// the right place, nothing anywhere else.
+#[test]
+fn mixed_message_every_recipient_exactly_once() {
+    let e = setup(
+        r#"  example.com:
+    mode: split
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com, bob@example.com, carol@example.com, dave@example.com] }]
+    users:
+      carol@example.com: { copy_to: carol@pilot.test }
+      dave@example.com: { redirect_to: dave@pilot.test }
+  example.org:
+    mode: dual
+    destination: { hosts: ["{SINK}"] }
+    bounce: true
+    accounts: [{ list: [frank@example.org] }]
+  example.net:
+    mode: route
+    destination: { hosts: ["{SINK}"] }
+    users:
+      erin@example.net: { keep: true }
+  example.edu:
+    mode: split
+    enabled: false
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [hal@example.edu] }]
+  example.info:
+    mode: split
+    destination: { domain: newdest.test, change_envelope: true }
+    accounts: [{ list: [ivy@example.info] }]
+"#,
+    )
+    .mailboxes(
+        "example.com",
+        &["alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com"],
+    )
+    .mailboxes("example.org", &["frank@example.org"])
+    .mailboxes("example.net", &["erin@example.net", "gus@example.net"])
+    .mailboxes("example.edu", &["hal@example.edu"])
+    .mailboxes("example.info", &["ivy@example.info"])
+    .mailboxes("unmanaged.test", &["jo@unmanaged.test"])
+    .route_to_sink("pilot.test")
+    .route_to_sink("newdest.test")
+    .main_cf("recipient_delimiter = +")
+    .start();
+    let rcpts = [
+        "alice@example.com",      // split, present: here
+        "bob+news@example.com",   // split, present via subaddress: here
+        "zed@example.com",        // split, unknown: sink
+        "zed+x@example.com",      // split, unknown with a tag: sink
+        "carol@example.com",      // copy_to: here + sink
+        "dave@example.com",       // redirect_to: sink
+        "frank@example.org",      // dual present: here + sink
+        "yan@example.org",        // dual unknown: refused
+        "erin@example.net",       // keep in route: here
+        "gus@example.net",        // route: sink
+        "hal@example.edu",        // disabled, present: here
+        "kim@example.edu",        // disabled, unknown: catch-all
+        "ivy@example.info",       // split with change_envelope, present: here
+        "lou@example.info",       // split with change_envelope, unknown: sink as lou@newdest.test
+        "jo@unmanaged.test",      // not managed: here
+    ];
+    let t = e.client().send(SENDER, &rcpts, &message("everything"));
+    for (rcpt, reply) in t.rcpts() {
+        let expected = if rcpt == "yan@example.org" { 550 } else { 250 };
+        assert_eq!(reply.code, expected, "{rcpt}: {t}\n{}", e.diag());
+    }
+    assert!(t.accepted(), "{t}");
+    e.finish();
+
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[
+            ("example.com/alice", 1),
+            ("example.com/bob", 1),
+            ("example.com/carol", 1),
+            ("example.edu/dualroute-catchall", 1),
+            ("example.edu/hal", 1),
+            ("example.info/ivy", 1),
+            ("example.net/erin", 1),
+            ("example.org/frank", 1),
+            ("unmanaged.test/jo", 1),
+        ]),
+        "{}",
+        e.diag()
+    );
+    assert_eq!(e.catchall("example.edu")[0].header("X-Original-To"), ["kim@example.edu"]);
+
+    let expected_sink = [
+        ("carol@pilot.test", "carol@example.com", Some("NEVER")),
+        ("dave@pilot.test", "dave@example.com", None),
+        ("frank@example.org", "frank@example.org", Some("FAILURE")),
+        ("gus@example.net", "gus@example.net", None),
+        ("lou@newdest.test", "lou@example.info", None),
+        ("zed+x@example.com", "zed+x@example.com", None),
+        ("zed@example.com", "zed@example.com", None),
+    ];
+    e.wait_sink_rcpts(expected_sink.len());
+    let sink = e.sink_deliveries();
+    let mut at_sink: Vec<&str> = sink.iter().map(|d| d.rcpt.address.as_str()).collect();
+    at_sink.sort();
+    let expected: Vec<&str> = expected_sink.iter().map(|(a, _, _)| *a).collect();
+    assert_eq!(at_sink, expected, "{}", e.diag());
+    for (address, original, notify) in expected_sink {
+        let d = e.sink_rcpt(address);
+        assert_eq!(d.rcpt.orcpt(), Some(format!("rfc822;{original}")), "{address}\n{}", e.diag());
+        if let Some(notify) = notify {
+            assert_eq!(d.rcpt.notify(), Some(notify), "{address}");
+        }
+    }
+    // One X-Dualroute header on every copy, routed or local (it is one
+    // message), and the body intact.
+    for m in e.sink.messages() {
+        assert_eq!(m.header("X-Dualroute"), [INSTANCE], "{}", m.text);
+        assert!(m.text.contains("body of everything"));
+    }
+    for (dir, m) in e.maildir_files() {
+        assert_eq!(m.header("X-Dualroute"), [INSTANCE], "{dir}");
+    }
+    // Every delivery in the maillog is a success, and each final
+    // destination appears once.
+    let deliveries = e.pf.deliveries();
+    assert_eq!(deliveries.len(), 9 + expected_sink.len(), "{}", e.diag());
+    assert!(deliveries.iter().all(|d| d.status == "sent"), "{}", e.diag());
+}
+
+/// The milter dies: Postfix answers 451 4.7.1 and queues nothing; once it
+/// is back, the client's retry is delivered exactly once.
+#[test]
+fn milter_down_tempfails_then_retry_delivers_once() {
+    let mut e = setup(SPLIT_EXAMPLE_COM)
+        .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+        .start();
+    e.milter.kill();
+
+    let rcpts = ["alice@example.com", "zed@example.com"];
+    let t = e.client().send(SENDER, &rcpts, &message("retried"));
+    let tempfail = t
+        .steps
+        .iter()
+        .find(|(command, _)| command.starts_with("MAIL") || command.starts_with("RCPT"))
+        .filter(|(_, r)| r.code == 451)
+        .map(|(_, r)| r.clone());
+    assert_eq!(
+        tempfail.as_ref().map(|r| r.enhanced()),
+        Some(Some("4.7.1")),
+        "expected 451 4.7.1 at MAIL or RCPT: {t}\n{}",
+        e.diag()
+    );
+    assert!(!t.accepted(), "{t}");
+    assert!(e.pf.queue().is_empty(), "{}", e.diag());
+    assert!(e.pf.maillog().contains("milter"), "{}", e.diag());
+
+    e.milter.spawn();
+    let t = e.send_ok(&e.client(), &rcpts, "retried");
+    e.finish();
+    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
+    e.wait_sink_rcpts(1);
+    // Give a duplicate a chance to show up before counting.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(e.sink_deliveries().len(), 1, "{}", e.diag());
+    e.sink_rcpt("zed@example.com");
+    e.milter_logged(&t, &["redirect to zed@example.com.dualroute.invalid"]);
+    let _ = std::io::stderr().flush();
+}
