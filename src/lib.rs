@@ -16,6 +16,7 @@ pub mod policy;
 pub mod postfix;
 pub mod probe;
 pub mod session;
+pub mod state;
 
 use policy::{Policy, SharedPolicy};
 use std::{future::Future, io, path::Path, sync::Arc};
@@ -30,9 +31,39 @@ pub enum LoadError {
 }
 
 /// Reads `milter.yaml` and every account source it names.
+/// The routing state under `state_dir` is read too (errors are logged and
+/// hold the domain concerned).
 pub fn load_policy(path: &Path) -> Result<Policy, LoadError> {
     let config = config::read_file(path)?;
-    Ok(Policy::load(config)?)
+    let policy = Policy::load(config)?;
+    for e in policy.refresh_state() {
+        tracing::error!("{e}; routing for that domain stays off");
+    }
+    Ok(policy)
+}
+
+fn current(shared: &SharedPolicy) -> Arc<Policy> {
+    match shared.read() {
+        Ok(p) => p.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+/// Follows `state_dir` (admin enable/disable, breaker trips) so that the
+/// running milter obeys `dualroute enable`/`disable` within seconds.
+pub async fn state_loop(shared: SharedPolicy, every: std::time::Duration) {
+    let mut last_errors = Vec::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let policy = current(&shared);
+        let errors = tokio::task::spawn_blocking(move || policy.refresh_state()).await.unwrap_or_default();
+        if errors != last_errors {
+            for e in &errors {
+                tracing::error!("{e}; routing for that domain stays off");
+            }
+            last_errors = errors;
+        }
+    }
 }
 
 /// Wraps a policy for sharing between the milter and the reload task.
@@ -52,11 +83,7 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
             column: None,
             message: format!("reload task failed: {e}"),
         })))?;
-    let old = match shared.read() {
-        Ok(p) => p.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    };
-    loaded.inherit_verification(&old);
+    loaded.inherit_verification(&current(shared));
     let new = Arc::new(loaded);
     match shared.write() {
         Ok(mut guard) => *guard = new,
@@ -73,14 +100,17 @@ pub async fn verify_loop(shared: SharedPolicy) {
     use std::time::{Duration, Instant};
     let mut next: HashMap<String, (Instant, Duration)> = HashMap::new();
     loop {
-        let policy = match shared.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let policy = current(&shared);
         let now = Instant::now();
+        let record = |name: &str, passed: bool, detail: String| {
+            let v = state::Verification { at: state::now(), passed, detail };
+            if let Err(e) = state::StateDir::new(&policy.config.state_dir).record_verification(name, &v) {
+                tracing::warn!("{name}: cannot record the probe result: {e}");
+            }
+        };
         for (name, d) in &policy.domains {
             let Some(addr) = &d.config.verify else { continue };
-            if policy.holds.reason(name).is_none() {
+            if !policy.holds.awaiting_verification(name) {
                 continue;
             }
             let (due, backoff) = next.get(name).copied().unwrap_or((now, Duration::from_secs(30)));
@@ -92,6 +122,7 @@ pub async fn verify_loop(shared: SharedPolicy) {
                 Ok(reports) if reports.iter().any(|r| r.accepted) => {
                     let host = reports.iter().find(|r| r.accepted).map(|r| r.target.addr.to_string()).unwrap_or_default();
                     tracing::info!("{name}: verification passed ({host} accepts {rcpt}); routing starts");
+                    record(name, true, format!("{host} accepts {rcpt}"));
                     policy.holds.release(name);
                     next.remove(name);
                     continue;
@@ -102,10 +133,12 @@ pub async fn verify_loop(shared: SharedPolicy) {
                         .map(|r| format!("{}: {}", r.target.addr, r.error.clone().unwrap_or_else(|| "not accepted".into())))
                         .collect();
                     tracing::warn!("{name}: verification of {rcpt} failed ({}); routing stays off, retry in {}s", why.join("; "), backoff.as_secs());
+                    record(name, false, why.join("; "));
                     policy.holds.hold(name, format!("waiting for verification: last probe failed: {}", why.join("; ")));
                 }
                 Err(e) => {
                     tracing::warn!("{name}: verification of {rcpt} failed ({e}); routing stays off, retry in {}s", backoff.as_secs());
+                    record(name, false, e.clone());
                     policy.holds.hold(name, format!("waiting for verification: last probe failed: {e}"));
                 }
             }

@@ -39,6 +39,17 @@ enum Command {
     Verify {
         domain: String,
     },
+    /// Show the routing state of every domain: active, waiting for verification, tripped, disabled
+    Status,
+    /// Switch routing for DOMAIN back on (clears an admin disable and a breaker trip)
+    Enable { domain: String },
+    /// Switch routing for DOMAIN off until `enable` (persists across restarts)
+    Disable {
+        domain: String,
+        /// Why, for `status` and the log
+        #[arg(long, default_value = "disabled with dualroute disable")]
+        reason: String,
+    },
     /// Print the Postfix main.cf/master.cf/map lines this configuration needs
     PostfixConfig {
         /// Write main.cf.dualroute, master.cf.dualroute and the tables into DIR instead of printing
@@ -57,6 +68,9 @@ fn main() -> ExitCode {
         Command::Run => run(path),
         Command::Check => check(path),
         Command::Verify { domain } => verify(path, &domain),
+        Command::Status => status(path),
+        Command::Enable { domain } => switch(path, &domain, None),
+        Command::Disable { domain, reason } => switch(path, &domain, Some(&reason)),
         Command::PostfixConfig { write, map_dir } => {
             let policy = match dualroute::load_policy(&path) {
                 Ok(p) => p,
@@ -96,6 +110,83 @@ fn main() -> ExitCode {
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("dualroute: {e}");
     ExitCode::FAILURE
+}
+
+fn status(path: PathBuf) -> ExitCode {
+    let policy = match dualroute::load_policy(&path) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let dir = dualroute::state::StateDir::new(&policy.config.state_dir);
+    let mut names: Vec<&String> = policy.domains.keys().collect();
+    names.sort();
+    let mut ok = true;
+    for name in names {
+        let d = &policy.domains[name];
+        let st = match dir.load(name) {
+            Ok(s) => s,
+            Err(e) => {
+                ok = false;
+                println!("{name}: ERROR: {e} (routing is off until the file is fixed or removed)");
+                continue;
+            }
+        };
+        let mode = d.config.mode;
+        let line = if !d.config.enabled {
+            "transparent (enabled: false in the configuration)".to_owned()
+        } else if let Some(x) = &st.disabled {
+            format!("DISABLED by an administrator since {}: {}", dualroute::state::when(x.since), x.reason)
+        } else if let Some(t) = &st.tripped {
+            format!(
+                "TRIPPED by the bounce breaker since {}: {} permanent failures within {}s; last: {}",
+                dualroute::state::when(t.since),
+                t.bounces,
+                t.window_secs,
+                t.last
+            )
+        } else if let Some(addr) = &d.config.verify {
+            match &st.verification {
+                Some(v) if v.passed => format!("active (verified {}: {})", dualroute::state::when(v.at), v.detail),
+                Some(v) => format!("WAITING for verification of {addr}; last probe {}: {}", dualroute::state::when(v.at), v.detail),
+                None => format!("WAITING for verification of {addr}; no probe yet"),
+            }
+        } else {
+            "active".to_owned()
+        };
+        println!("{name}: mode {mode}: {line}");
+    }
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn switch(path: PathBuf, domain: &str, disable: Option<&str>) -> ExitCode {
+    let policy = match dualroute::load_policy(&path) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let name = dualroute::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
+    if !policy.domains.contains_key(&name) {
+        return fail(format!("{domain} is not a managed domain in {}", path.display()));
+    }
+    let dir = dualroute::state::StateDir::new(&policy.config.state_dir);
+    match disable {
+        Some(reason) => match dir.disable(&name, reason) {
+            Ok(()) => println!("{name}: routing disabled; the running milter follows within seconds"),
+            Err(e) => return fail(format!("cannot write {}: {e}", dir.dir.display())),
+        },
+        None => match dir.enable(&name) {
+            Ok((was_disabled, was_tripped)) => {
+                let what = match (was_disabled, was_tripped) {
+                    (false, false) => "was not disabled or tripped",
+                    (true, false) => "admin disable cleared",
+                    (false, true) => "breaker trip cleared",
+                    (true, true) => "admin disable and breaker trip cleared",
+                };
+                println!("{name}: routing enabled ({what}); the running milter follows within seconds");
+            }
+            Err(e) => return fail(format!("cannot write {}: {e}", dir.dir.display())),
+        },
+    }
+    ExitCode::SUCCESS
 }
 
 fn verify(path: PathBuf, domain: &str) -> ExitCode {
@@ -205,6 +296,7 @@ async fn serve(path: PathBuf) -> ExitCode {
     let listen = policy.config.listen.clone();
     let shared = dualroute::share(policy);
     tokio::spawn(dualroute::verify_loop(shared.clone()));
+    tokio::spawn(dualroute::state_loop(shared.clone(), std::time::Duration::from_secs(2)));
     let (mut hup, mut term, mut int) = match (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),

@@ -38,28 +38,50 @@ impl DomainPolicy {
     }
 }
 
-/// Domains whose routing is held back at run time (DESIGN.md §7): waiting
-/// for the verification probe. Shared and mutable, unlike the rest of the
-/// policy: a probe result must take effect at once, also for messages that
-/// started earlier.
+/// Domains whose routing is held back at run time (DESIGN.md §7): disabled
+/// by an administrator or tripped by the breaker (persisted under
+/// `state_dir`), or waiting for the verification probe. Shared and mutable,
+/// unlike the rest of the policy: such a change must take effect at once,
+/// also for messages that started earlier.
 #[derive(Debug, Default)]
 pub struct Holds {
-    held: RwLock<HashMap<String, String>>,
+    persisted: RwLock<HashMap<String, String>>,
+    verification: RwLock<HashMap<String, String>>,
 }
 
 impl Holds {
     /// Why routing for `domain` is held, if it is.
     pub fn reason(&self, domain: &str) -> Option<String> {
-        let map = self.held.read().unwrap_or_else(|p| p.into_inner());
-        map.get(domain).cloned()
+        let persisted = self.persisted.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = persisted.get(domain) {
+            return Some(r.clone());
+        }
+        let verification = self.verification.read().unwrap_or_else(|p| p.into_inner());
+        verification.get(domain).cloned()
     }
 
+    /// Whether the domain still waits for a successful probe.
+    pub fn awaiting_verification(&self, domain: &str) -> bool {
+        self.verification.read().unwrap_or_else(|p| p.into_inner()).contains_key(domain)
+    }
+
+    /// Holds routing until the verification probe passes.
     pub fn hold(&self, domain: &str, reason: String) {
-        self.held.write().unwrap_or_else(|p| p.into_inner()).insert(domain.to_owned(), reason);
+        self.verification.write().unwrap_or_else(|p| p.into_inner()).insert(domain.to_owned(), reason);
     }
 
+    /// The probe passed.
     pub fn release(&self, domain: &str) {
-        self.held.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
+        self.verification.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
+    }
+
+    /// Replaces the holds that come from `state_dir`.
+    pub fn set_persisted(&self, holds: HashMap<String, String>) {
+        *self.persisted.write().unwrap_or_else(|p| p.into_inner()) = holds;
+    }
+
+    fn persisted(&self) -> HashMap<String, String> {
+        self.persisted.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -112,11 +134,36 @@ impl Policy {
         for (name, d) in &self.domains {
             if let Some(o) = old.domains.get(name) {
                 let same = o.config.verify == d.config.verify && o.config.destination == d.config.destination;
-                if same && d.config.verify.is_some() && old.holds.reason(name).is_none() {
+                if same && d.config.verify.is_some() && !old.holds.awaiting_verification(name) {
                     self.holds.release(name);
                 }
             }
         }
+        self.holds.set_persisted(old.holds.persisted());
+    }
+
+    /// Re-reads the admin and breaker state of every domain from
+    /// `state_dir`. A state file that cannot be read holds its domain: when
+    /// in doubt, do not route (errors are returned for the log).
+    pub fn refresh_state(&self) -> Vec<String> {
+        let dir = crate::state::StateDir::new(&self.config.state_dir);
+        let mut holds = HashMap::new();
+        let mut errors = Vec::new();
+        for name in self.domains.keys() {
+            match dir.load(name) {
+                Ok(st) => {
+                    if let Some(r) = st.hold_reason() {
+                        holds.insert(name.clone(), r);
+                    }
+                }
+                Err(e) => {
+                    holds.insert(name.clone(), format!("state file unreadable: {e}"));
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        self.holds.set_persisted(holds);
+        errors
     }
 
     pub fn is_gateway(&self, ip: IpAddr) -> bool {

@@ -12,8 +12,10 @@ use support::{free_port, SmtpSink};
 
 /// A route domain whose destination is `nexthop`, probed with postmaster@.
 fn yaml(nexthop: &str) -> String {
+    let state = std::env::temp_dir().join(format!("dualroute-probe-state-{}-{}", std::process::id(), free_port()));
     format!(
-        "instance: probe.test\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n"
+        "instance: probe.test\nstate_dir: {}\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n",
+        state.display()
     )
 }
 

@@ -1,0 +1,197 @@
+//! Routing state that must survive restarts (DESIGN.md §7), kept under
+//! `state_dir` as one small file per domain and concern, so that the
+//! running milter and the `enable`/`disable` commands never write the same
+//! file:
+//!
+//! - `<domain>.disabled` — written by `dualroute disable`, removed by `enable`;
+//! - `<domain>.tripped`  — written by the bounce breaker, removed by `enable`;
+//! - `<domain>.verify`   — the last probe result, written by the milter.
+//!
+//! Every write goes to a temporary file that is then renamed over the old
+//! one, so a reader never sees half a file and a crash never leaves one.
+
+use serde::{Deserialize, Serialize};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// `dualroute disable DOMAIN`.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
+pub struct Disabled {
+    pub since: u64,
+    pub reason: String,
+}
+
+/// A breaker trip.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
+pub struct Tripped {
+    pub since: u64,
+    /// Permanent failures of routed mail counted within the window.
+    pub bounces: u32,
+    pub window_secs: u64,
+    /// The last failure's log line, for the administrator.
+    pub last: String,
+}
+
+/// The last verification probe.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    pub at: u64,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// Everything persisted about one domain.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct DomainState {
+    pub disabled: Option<Disabled>,
+    pub tripped: Option<Tripped>,
+    pub verification: Option<Verification>,
+}
+
+impl DomainState {
+    /// Why routing is off because of persisted state (admin or breaker).
+    pub fn hold_reason(&self) -> Option<String> {
+        if let Some(d) = &self.disabled {
+            return Some(format!("disabled by an administrator since {} ({}); `dualroute enable` switches it back on", when(d.since), d.reason));
+        }
+        self.tripped.as_ref().map(|t| {
+            format!(
+                "bounce breaker tripped since {}: {} permanent failures of routed mail within {}s; `dualroute enable` switches it back on",
+                when(t.since),
+                t.bounces,
+                t.window_secs
+            )
+        })
+    }
+}
+
+/// A Unix time as UTC `YYYY-MM-DD HH:MM:SS`.
+pub fn when(secs: u64) -> String {
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The state directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: &Path) -> StateDir {
+        StateDir { dir: dir.to_owned() }
+    }
+
+    fn file(&self, domain: &str, kind: &str) -> PathBuf {
+        self.dir.join(format!("{domain}.{kind}"))
+    }
+
+    fn read<T: for<'de> Deserialize<'de>>(&self, domain: &str, kind: &str) -> io::Result<Option<T>> {
+        let path = self.file(domain, kind);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_yaml::from_str(&text)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        }
+    }
+
+    fn write<T: Serialize>(&self, domain: &str, kind: &str, value: &T) -> io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.file(domain, kind);
+        let text = serde_yaml::to_string(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let tmp = self.dir.join(format!(".{domain}.{kind}.{}", std::process::id()));
+        std::fs::write(&tmp, text)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
+    fn remove(&self, domain: &str, kind: &str) -> io::Result<bool> {
+        match std::fs::remove_file(self.file(domain, kind)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn load(&self, domain: &str) -> io::Result<DomainState> {
+        Ok(DomainState {
+            disabled: self.read(domain, "disabled")?,
+            tripped: self.read(domain, "tripped")?,
+            verification: self.read(domain, "verify")?,
+        })
+    }
+
+    pub fn disable(&self, domain: &str, reason: &str) -> io::Result<()> {
+        self.write(domain, "disabled", &Disabled { since: now(), reason: reason.to_owned() })
+    }
+
+    /// Clears an admin disable and a breaker trip. Returns what was cleared.
+    pub fn enable(&self, domain: &str) -> io::Result<(bool, bool)> {
+        Ok((self.remove(domain, "disabled")?, self.remove(domain, "tripped")?))
+    }
+
+    pub fn trip(&self, domain: &str, trip: &Tripped) -> io::Result<()> {
+        self.write(domain, "tripped", trip)
+    }
+
+    pub fn record_verification(&self, domain: &str, v: &Verification) -> io::Result<()> {
+        self.write(domain, "verify", v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_enable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(&dir.path().join("state"));
+        assert_eq!(s.load("example.com").unwrap(), DomainState::default());
+        s.disable("example.com", "maintenance").unwrap();
+        let t = Tripped { since: 1, bounces: 20, window_secs: 3600, last: "x".into() };
+        s.trip("example.com", &t).unwrap();
+        let st = s.load("example.com").unwrap();
+        assert!(st.hold_reason().unwrap().contains("disabled by an administrator"));
+        assert_eq!(st.tripped, Some(t));
+        assert_eq!(s.enable("example.com").unwrap(), (true, true));
+        assert_eq!(s.load("example.com").unwrap().hold_reason(), None);
+        // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(&s.dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("example.com.tripped"), "{{{{").unwrap();
+        let e = StateDir::new(dir.path()).load("example.com").unwrap_err();
+        assert!(e.to_string().contains("example.com.tripped"), "{e}");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(when(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(when(1_795_000_000), "2026-11-18 11:06:40 UTC");
+    }
+}
