@@ -92,6 +92,39 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
     Ok(())
 }
 
+/// Reloads configuration and accounts when an account file changes
+/// (checked every `every`). A failed reload keeps the running policy and is
+/// retried only after the file changes again.
+pub async fn watch_accounts(shared: SharedPolicy, path: std::path::PathBuf, every: std::time::Duration) {
+    let mut failed_for: Option<Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let policy = current(&shared);
+        let changed: Vec<String> = policy.changed_account_files().iter().map(|p| p.display().to_string()).collect();
+        if changed.is_empty() {
+            continue;
+        }
+        let stamp: Vec<_> = policy
+            .account_files
+            .iter()
+            .map(|(p, _)| (p.clone(), std::fs::metadata(p).and_then(|m| m.modified()).ok()))
+            .collect();
+        if failed_for.as_ref() == Some(&stamp) {
+            continue;
+        }
+        match reload(&shared, &path).await {
+            Ok(()) => {
+                tracing::info!("account file changed ({}): reloaded {}", changed.join(", "), path.display());
+                failed_for = None;
+            }
+            Err(e) => {
+                tracing::error!("account file changed ({}) but reload failed, keeping the running configuration: {e}", changed.join(", "));
+                failed_for = Some(stamp);
+            }
+        }
+    }
+}
+
 /// Probes held domains until their destination accepts the `verify`
 /// address, then releases them; retries with backoff (30 s doubling to
 /// 10 min). Runs for the life of the milter and follows reloads.

@@ -297,6 +297,7 @@ async fn serve(path: PathBuf) -> ExitCode {
     let shared = dualroute::share(policy);
     tokio::spawn(dualroute::verify_loop(shared.clone()));
     tokio::spawn(dualroute::state_loop(shared.clone(), std::time::Duration::from_secs(2)));
+    tokio::spawn(dualroute::watch_accounts(shared.clone(), path.clone(), std::time::Duration::from_secs(2)));
     let (mut hup, mut term, mut int) = match (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),

@@ -91,6 +91,9 @@ pub struct Policy {
     pub rules: MatchRules,
     pub domains: HashMap<String, DomainPolicy>,
     pub holds: Arc<Holds>,
+    /// Account files and their modification times when they were read, to
+    /// reload when one changes (DESIGN.md §7).
+    pub account_files: Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>,
 }
 
 pub type SharedPolicy = Arc<std::sync::RwLock<Arc<Policy>>>;
@@ -104,6 +107,20 @@ impl Policy {
         };
         let mut domains = HashMap::new();
         let holds = Holds::default();
+        // Taken before reading: a change during the read triggers a reload.
+        let account_files = config
+            .domains
+            .values()
+            .flat_map(|d| d.accounts.iter().flatten())
+            .filter_map(|s| match s {
+                crate::config::AccountSource::File(p) | crate::config::AccountSource::PostfixMap(p) => Some(p.clone()),
+                crate::config::AccountSource::List(_) => None,
+            })
+            .map(|p| {
+                let m = modified(&p);
+                (p, m)
+            })
+            .collect();
         for (name, d) in &config.domains {
             let (accounts, report) = match &d.accounts {
                 Some(sources) => {
@@ -125,7 +142,7 @@ impl Policy {
                 DomainPolicy { name: name.0.clone(), config: d.clone(), accounts, report, users },
             );
         }
-        Ok(Policy { config, rules, domains, holds: Arc::new(holds) })
+        Ok(Policy { config, rules, domains, holds: Arc::new(holds), account_files })
     }
 
     /// After a reload: a domain whose destination and probe address did not
@@ -166,6 +183,11 @@ impl Policy {
         errors
     }
 
+    /// The account files that changed since this policy read them.
+    pub fn changed_account_files(&self) -> Vec<&std::path::Path> {
+        self.account_files.iter().filter(|(p, m)| modified(p) != *m).map(|(p, _)| p.as_path()).collect()
+    }
+
     pub fn is_gateway(&self, ip: IpAddr) -> bool {
         self.config.gateways.iter().any(|g| g.contains(ip))
     }
@@ -173,4 +195,8 @@ impl Policy {
     pub fn domain(&self, address: &Address) -> Option<&DomainPolicy> {
         self.domains.get(&address.domain)
     }
+}
+
+fn modified(p: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
