@@ -281,16 +281,33 @@ pub struct SinkRcpt {
 
 impl SinkRcpt {
     fn parse(args: &str) -> SinkRcpt {
-        let mut words = args.split_whitespace();
-        let address = words
-            .next()
-            .unwrap_or("")
+        // The path ends at the first `>` outside a quoted string: a quoted
+        // local part may contain spaces (`<"john doe"@example.com>`).
+        let args = args.trim_start();
+        let mut end = args.find(char::is_whitespace).unwrap_or(args.len());
+        if args.starts_with('<') {
+            let (mut quoted, mut escaped) = (false, false);
+            for (i, c) in args.char_indices() {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' if quoted => escaped = true,
+                    '"' => quoted = !quoted,
+                    '>' if !quoted => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let (path, rest) = args.split_at(end);
+        let address = path
             .trim_start_matches('<')
             .trim_end_matches('>')
             .to_owned();
         SinkRcpt {
             address,
-            params: words.map(str::to_owned).collect(),
+            params: rest.split_whitespace().map(str::to_owned).collect(),
         }
     }
 
