@@ -38,6 +38,9 @@ enum Command {
     /// Probe the destination of DOMAIN with its `verify` address (EHLO, MAIL FROM:<>, RCPT TO, QUIT)
     Verify {
         domain: String,
+        /// Also send a short test message to the verify address
+        #[arg(long)]
+        send: bool,
     },
     /// Show the routing state of every domain: active, waiting for verification, tripped, disabled
     Status,
@@ -67,7 +70,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(path),
         Command::Check => check(path),
-        Command::Verify { domain } => verify(path, &domain),
+        Command::Verify { domain, send } => verify(path, &domain, send),
         Command::Status => status(path),
         Command::Enable { domain } => switch(path, &domain, None),
         Command::Disable { domain, reason } => switch(path, &domain, Some(&reason)),
@@ -189,7 +192,7 @@ fn switch(path: PathBuf, domain: &str, disable: Option<&str>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn verify(path: PathBuf, domain: &str) -> ExitCode {
+fn verify(path: PathBuf, domain: &str, send: bool) -> ExitCode {
     let policy = match dualroute::load_policy(&path) {
         Ok(p) => p,
         Err(e) => return fail(e),
@@ -211,6 +214,7 @@ fn verify(path: PathBuf, domain: &str) -> ExitCode {
         &policy.config.instance,
         &rcpt,
         dualroute::probe::STEP_TIMEOUT,
+        send,
     ));
     match result {
         Err(e) => fail(format!("{name}: cannot find the destination's hosts: {e}")),

@@ -113,15 +113,16 @@ async fn mx(name: &str) -> Result<Vec<(u16, String)>, String> {
 }
 
 /// Probes one host: EHLO, MAIL FROM:<>, RCPT TO:<rcpt>, QUIT.
-pub async fn probe_host(target: Target, helo: &str, rcpt: &str, step_timeout: Duration) -> HostReport {
+/// With `send`, a short test message follows the accepted RCPT (DATA).
+pub async fn probe_host(target: Target, helo: &str, rcpt: &str, step_timeout: Duration, send: bool) -> HostReport {
     let mut report = HostReport { target, steps: Vec::new(), accepted: false, error: None };
-    if let Err(e) = converse(&mut report, helo, rcpt, step_timeout).await {
+    if let Err(e) = converse(&mut report, helo, rcpt, step_timeout, send).await {
         report.error = Some(e);
     }
     report
 }
 
-async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration) -> Result<(), String> {
+async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration, send: bool) -> Result<(), String> {
     let addr = report.target.addr;
     let stream = timeout(t, TcpStream::connect(addr))
         .await
@@ -146,6 +147,22 @@ async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration) 
         if code / 100 != want / 100 {
             let _ = write.write_all(b"QUIT\r\n").await;
             return Err(format!("{cmd} refused"));
+        }
+    }
+    if send {
+        write.write_all(b"DATA\r\n").await.map_err(|e| format!("DATA: {e}"))?;
+        if step(report, Some("DATA".into()), reply(&mut read, t).await?) != 354 {
+            return Err("DATA refused".into());
+        }
+        let date = crate::state::rfc5322_date(crate::state::now());
+        let message = format!(
+            "From: <MAILER-DAEMON@{helo}>\r\nTo: <{rcpt}>\r\nSubject: dualroute verification test\r\nDate: {date}\r\nMessage-ID: <dualroute-verify-{}@{helo}>\r\n\r\nA test message from dualroute on {helo}: the destination accepts mail\r\nfor {rcpt}. Mail routed by dualroute will arrive like this one.\r\n.\r\n",
+            crate::state::now()
+        );
+        write.write_all(message.as_bytes()).await.map_err(|e| format!("message: {e}"))?;
+        let code = step(report, Some("(message) .".into()), reply(&mut read, t).await?);
+        if code != 250 {
+            return Err("the test message was refused".into());
         }
     }
     report.accepted = true;
@@ -179,10 +196,10 @@ async fn reply<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R, t: Duration) ->
 }
 
 /// Probes the destination's hosts in order until one accepts.
-pub async fn verify(destination: &Destination, helo: &str, rcpt: &str, step_timeout: Duration) -> Result<Vec<HostReport>, String> {
+pub async fn verify(destination: &Destination, helo: &str, rcpt: &str, step_timeout: Duration, send: bool) -> Result<Vec<HostReport>, String> {
     let mut reports = Vec::new();
     for target in targets(destination).await? {
-        let r = probe_host(target, helo, rcpt, step_timeout).await;
+        let r = probe_host(target, helo, rcpt, step_timeout, send).await;
         let done = r.accepted;
         reports.push(r);
         if done {

@@ -73,12 +73,11 @@ impl DomainState {
     }
 }
 
-/// A Unix time as UTC `YYYY-MM-DD HH:MM:SS`.
-pub fn when(secs: u64) -> String {
-    let days = secs / 86400;
+/// Year, month, day, hour, minute, second (UTC) of a Unix time, by Howard
+/// Hinnant's civil-from-days algorithm.
+fn civil(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
     let rem = secs % 86400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
+    let z = (secs / 86400) as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
@@ -87,7 +86,23 @@ pub fn when(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// A Unix time as UTC `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn when(secs: u64) -> String {
+    let (y, m, d, hh, mm, ss) = civil(secs);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02} UTC")
+}
+
+/// A Unix time as an RFC 5322 §3.3 date: `Thu, 26 Nov 2026 23:16:27 +0000`.
+pub fn rfc5322_date(secs: u64) -> String {
+    let (y, m, d, hh, mm, ss) = civil(secs);
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let wd = DAYS[((secs / 86400) % 7) as usize];
+    let mon = MONTHS[(m - 1).clamp(0, 11) as usize];
+    format!("{wd}, {d} {mon} {y:04} {hh:02}:{mm:02}:{ss:02} +0000")
 }
 
 /// The state directory.
@@ -193,5 +208,6 @@ mod tests {
     fn dates() {
         assert_eq!(when(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(when(1_795_000_000), "2026-11-18 11:06:40 UTC");
+        assert_eq!(rfc5322_date(1_795_000_000), "Wed, 18 Nov 2026 11:06:40 +0000");
     }
 }

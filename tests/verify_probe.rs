@@ -50,6 +50,25 @@ fn probe_accepted() {
 }
 
 #[test]
+fn probe_send_delivers_one_test_message() {
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), &sink.nexthop());
+    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(["verify", "example.com", "--send", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("> DATA") && text.contains("< 354"), "{text}");
+    let messages = sink.wait_messages(1);
+    assert_eq!(messages.len(), 1, "exactly one test message");
+    assert_eq!(messages[0].rcpt_addresses(), vec!["postmaster@example.com".to_owned()]);
+    assert!(messages[0].text.contains("Subject: dualroute verification test"), "{}", messages[0].text);
+}
+
+#[test]
 fn probe_refused() {
     let sink = SmtpSink::start_rejecting();
     let dir = tempfile::tempdir().unwrap();
