@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod address;
 pub mod config;
 pub mod decision;
+pub mod dns;
 pub mod explain;
 pub mod milter;
 pub mod policy;
@@ -151,7 +152,7 @@ pub async fn verify_loop(shared: SharedPolicy) {
                 continue;
             }
             let rcpt = addr.to_string();
-            match probe::verify(&d.config.destination, &policy.config.instance, &rcpt, probe::STEP_TIMEOUT, false).await {
+            match probe::verify(&d.config.destination, &policy.config.dns, &policy.config.instance, &rcpt, probe::STEP_TIMEOUT, false).await {
                 Ok(reports) if reports.iter().any(|r| r.accepted) => {
                     let host = reports.iter().find(|r| r.accepted).map(|r| r.target.addr.to_string()).unwrap_or_default();
                     tracing::info!("{name}: verification passed ({host} accepts {rcpt}); routing starts");

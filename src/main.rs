@@ -211,6 +211,7 @@ fn verify(path: PathBuf, domain: &str, send: bool) -> ExitCode {
     let rcpt = rcpt.to_string();
     let result = runtime.block_on(dualroute::probe::verify(
         &d.config.destination,
+        &policy.config.dns,
         &policy.config.instance,
         &rcpt,
         dualroute::probe::STEP_TIMEOUT,

@@ -3,7 +3,8 @@
 //! FROM:<>, RCPT TO:<verify>, QUIT — and report every step. It never sends
 //! a message: routing itself stays with the MTA.
 
-use crate::config::{Destination, Host};
+use crate::config::{Destination, DnsConfig, Host};
+use crate::dns::{Dns, Lookup};
 use std::{fmt, net::{IpAddr, SocketAddr}, time::Duration};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -53,40 +54,19 @@ impl fmt::Display for HostReport {
 /// that long only delays routing, so it gives up sooner and retries later.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Finds the hosts of a destination, in the order the MTA would try them:
-/// MX records by preference for names (falling back to the address records
-/// when there is no MX, RFC 5321 §5.1), address records only for `[name]`,
-/// literals as they are.
-pub async fn targets(destination: &Destination) -> Result<Vec<Target>, String> {
+/// Finds the hosts of a destination, in the order the MTA would try them
+/// (see [`host_targets`]).
+pub async fn targets(destination: &Destination, dns: &impl Lookup) -> Result<Vec<Target>, String> {
     let hosts: Vec<Host> = match destination {
         Destination::Hosts(h) => h.clone(),
         Destination::Domain { domain, .. } => vec![Host { name: domain.0.clone(), bracketed: false, port: None }],
     };
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    for h in hosts {
-        let port = h.port.unwrap_or(25);
-        if let Ok(ip) = h.name.parse::<IpAddr>() {
-            out.push(Target { addr: SocketAddr::new(ip, port), via: h.to_string() });
-            continue;
-        }
-        let names: Vec<(String, String)> = if h.bracketed {
-            vec![(h.name.clone(), h.to_string())]
-        } else {
-            match mx(&h.name).await {
-                Ok(mx) if !mx.is_empty() => mx.into_iter().map(|(pref, n)| (n.clone(), format!("MX {pref} {n} of {}", h.name))).collect(),
-                Ok(_) => vec![(h.name.clone(), format!("{} (no MX: address records)", h.name))],
-                Err(e) => {
-                    errors.push(format!("MX lookup of {}: {e}", h.name));
-                    continue;
-                }
-            }
-        };
-        for (name, via) in names {
-            match tokio::net::lookup_host((name.as_str(), port)).await {
-                Ok(addrs) => out.extend(addrs.map(|addr| Target { addr, via: via.clone() })),
-                Err(e) => errors.push(format!("address lookup of {name}: {e}")),
-            }
+    for h in &hosts {
+        match host_targets(h, dns).await {
+            Ok(t) => out.extend(t),
+            Err(e) => errors.push(e),
         }
     }
     if out.is_empty() {
@@ -96,20 +76,35 @@ pub async fn targets(destination: &Destination) -> Result<Vec<Target>, String> {
     }
 }
 
-async fn mx(name: &str) -> Result<Vec<(u16, String)>, String> {
-    let resolver = hickory_resolver::TokioResolver::builder_tokio().map_err(|e| e.to_string())?.build();
-    match resolver.mx_lookup(format!("{name}.")).await {
-        Ok(lookup) => {
-            let mut mx: Vec<(u16, String)> = lookup
-                .iter()
-                .map(|r| (r.preference(), r.exchange().to_utf8().trim_end_matches('.').to_owned()))
-                .collect();
-            mx.sort();
-            Ok(mx)
-        }
-        Err(e) if e.is_no_records_found() => Ok(Vec::new()),
-        Err(e) => Err(e.to_string()),
+/// The addresses of one next hop, in the order the MTA would try them: MX
+/// records by preference for names (falling back to the address records
+/// when there is no MX, RFC 5321 §5.1), address records only for `[name]`,
+/// literals as they are. The error names every lookup that failed or
+/// found nothing.
+pub async fn host_targets(h: &Host, dns: &impl Lookup) -> Result<Vec<Target>, String> {
+    let port = h.port.unwrap_or(25);
+    if let Ok(ip) = h.name.parse::<IpAddr>() {
+        return Ok(vec![Target { addr: SocketAddr::new(ip, port), via: h.to_string() }]);
     }
+    let names: Vec<(String, String)> = if h.bracketed {
+        vec![(h.name.clone(), h.to_string())]
+    } else {
+        match dns.mx(&h.name).await {
+            Ok(mx) if !mx.is_empty() => mx.into_iter().map(|(pref, n)| (n.clone(), format!("MX {pref} {n} of {}", h.name))).collect(),
+            Ok(_) => vec![(h.name.clone(), format!("{} (no MX: address records)", h.name))],
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (name, via) in names {
+        match dns.ips(&name).await {
+            Ok(ips) if ips.is_empty() => errors.push(format!("{name} has no address records")),
+            Ok(ips) => out.extend(ips.into_iter().map(|ip| Target { addr: SocketAddr::new(ip, port), via: via.clone() })),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if out.is_empty() { Err(errors.join("; ")) } else { Ok(out) }
 }
 
 /// Probes one host: EHLO, MAIL FROM:<>, RCPT TO:<rcpt>, QUIT.
@@ -195,10 +190,19 @@ async fn reply<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R, t: Duration) ->
     }
 }
 
-/// Probes the destination's hosts in order until one accepts.
-pub async fn verify(destination: &Destination, helo: &str, rcpt: &str, step_timeout: Duration, send: bool) -> Result<Vec<HostReport>, String> {
+/// Probes the destination's hosts in order until one accepts; names are
+/// looked up with the name servers of `dns:`.
+pub async fn verify(
+    destination: &Destination,
+    dns: &DnsConfig,
+    helo: &str,
+    rcpt: &str,
+    step_timeout: Duration,
+    send: bool,
+) -> Result<Vec<HostReport>, String> {
+    let dns = Dns::new(dns).map_err(|e| e.to_string())?;
     let mut reports = Vec::new();
-    for target in targets(destination).await? {
+    for target in targets(destination, &dns).await? {
         let r = probe_host(target, helo, rcpt, step_timeout, send).await;
         let done = r.accepted;
         reports.push(r);

@@ -76,6 +76,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         state_dir: raw.state_dir,
         domains: raw.domains,
         breaker: raw.breaker,
+        dns: raw.dns,
     };
     validate(&config).map_err(|(path, message)| {
         let (line, column) = locate(text, &path).unzip();
