@@ -8,6 +8,7 @@
 
 pub mod accounts;
 pub mod address;
+pub mod breaker;
 pub mod config;
 pub mod decision;
 pub mod dns;

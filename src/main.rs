@@ -303,6 +303,9 @@ async fn serve(path: PathBuf) -> ExitCode {
     tokio::spawn(dualroute::verify_loop(shared.clone()));
     tokio::spawn(dualroute::state_loop(shared.clone(), std::time::Duration::from_secs(2)));
     tokio::spawn(dualroute::watch_accounts(shared.clone(), path.clone(), std::time::Duration::from_secs(2)));
+    // The bounce breaker (DESIGN.md §7) idles while there is no `breaker:`,
+    // and follows reloads that add, change or remove it.
+    tokio::spawn(dualroute::breaker::run(shared.clone()));
     let (mut hup, mut term, mut int) = match (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
