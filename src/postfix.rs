@@ -85,6 +85,11 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
         "milter_protocol",
         "6".into(),
     ));
+    out.main.push(param(
+        "must equal the milter's recipient_delimiter, or Postfix and dualroute disagree about who bob+tag@ is",
+        "recipient_delimiter",
+        c.recipient_delimiter.clone(),
+    ));
 
     let mut transport = Table {
         file: TRANSPORT_MAP.into(),

@@ -104,6 +104,15 @@ impl Message {
                     if !plan.delete.contains(&r.arg.raw) {
                         plan.delete.push(r.arg.raw.clone());
                     }
+                    // Postfix drops a source route (RFC 5321 §4.1.2) before it
+                    // queues the recipient, so a delete of the argument as
+                    // received would match nothing: delete the bare path too.
+                    // A delete that matches nothing does no harm.
+                    if let Some(bare) = r.arg.original_mailbox().map(|m| format!("<{m}>")) {
+                        if bare != r.arg.raw && !plan.delete.contains(&bare) {
+                            plan.delete.push(bare);
+                        }
+                    }
                     // Carry NOTIFY and ORCPT over, so the sender's DSN
                     // request and the original recipient survive.
                     let mut args = orcpt(&r.arg);

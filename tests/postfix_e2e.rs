@@ -1201,17 +1201,11 @@ fn envelope_forms_survive_the_round_trip() {
     assert_eq!(john.rcpt.param("ORCPT"), Some("rfc822;\"john+20doe\"@example.com"), "{}", e.diag());
 }
 
-/// KNOWN BUG (reported, not fixed here: src/ belongs to others): a
-/// recipient with a source route, `<@relay.test:yu@example.com>`, in a
-/// split domain without a mailbox is routed to the destination AND stays
-/// in the catch-all. Postfix strips the route when it queues the recipient
-/// (`to=<yu@example.com>`), and its delete-recipient does not match the
-/// milter's `<@relay.test:yu@example.com>` (it compares the internalized
-/// argument with the queued address), so the delete is silently a no-op.
-/// Fix: on a source-routed RCPT also delete `<yu@example.com>` (a delete
-/// that matches nothing is harmless). Run with `--ignored`.
+/// A recipient with a source route, `<@relay.test:yu@example.com>`, in a
+/// split domain without a mailbox: Postfix strips the route when it queues
+/// the recipient (`to=<yu@example.com>`), so the milter must also delete
+/// `<yu@example.com>`, or the recipient would be routed AND kept.
 #[test]
-#[ignore = "known bug: source-routed recipient is routed and also kept (see doc comment)"]
 fn source_routed_recipient_is_routed_exactly_once() {
     let e = setup(SPLIT_EXAMPLE_COM)
         .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
@@ -1224,16 +1218,12 @@ fn source_routed_recipient_is_routed_exactly_once() {
     assert!(e.catchall("example.com").is_empty(), "yu also landed in the catch-all\n{}", e.diag());
 }
 
-/// GAP (reported): the milter matches `bob+news@` to bob with its default
-/// `recipient_delimiter: "+"` and keeps it, but `postfix-config` does not
-/// print `recipient_delimiter = +`; a Postfix without it (the built-in
-/// default is empty; Debian's packaged main.cf does set `+`) looks up
-/// `bob+news@example.com` as it is and files it in `dualroute_catchall`,
-/// where bob never sees it. `subaddresses_and_case` sets it by hand. Fix:
-/// have postfix-config print `recipient_delimiter = <the milter's value>`
-/// (or a note to keep the two equal). Run with `--ignored`.
+/// The milter matches `bob+news@` to bob with its default
+/// `recipient_delimiter: "+"` and keeps it; Postfix must agree (its
+/// built-in default is empty), so `postfix-config` prints
+/// `recipient_delimiter`. With only the generated settings, bob+news@
+/// reaches bob's Maildir, not the catch-all.
 #[test]
-#[ignore = "gap: postfix-config does not print recipient_delimiter (see doc comment)"]
 fn subaddress_of_a_present_user_with_only_postfix_config_settings() {
     let e = setup(SPLIT_EXAMPLE_COM)
         .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
