@@ -485,7 +485,7 @@ impl Breaker {
         &self.attribution.get_or_insert_with(|| (policy.clone(), Attribution::new(policy))).1
     }
 
-    fn tick(&mut self, policy: &Arc<Policy>) {
+    fn tick(&mut self, policy: &Arc<Policy>, shared: &SharedPolicy) {
         let lines = self.follower.poll();
         let failures: Vec<Failure> = lines.iter().filter_map(|l| parse_line(l)).collect();
         if failures.is_empty() {
@@ -499,12 +499,12 @@ impl Breaker {
                 owners.extend(self.attribution(policy).domains(rcpt).iter().cloned());
             }
             for domain in owners {
-                self.count(policy, &dir, &domain, f, now);
+                self.count(policy, shared, &dir, &domain, f, now);
             }
         }
     }
 
-    fn count(&mut self, policy: &Policy, dir: &StateDir, domain: &str, f: &Failure, now: Instant) {
+    fn count(&mut self, policy: &Arc<Policy>, shared: &SharedPolicy, dir: &StateDir, domain: &str, f: &Failure, now: Instant) {
         // Routing is already off (or the state is unreadable, which holds
         // the domain too): a late bounce of mail routed before.
         match dir.load(domain) {
@@ -535,8 +535,15 @@ impl Breaker {
             return;
         }
         window.reset();
-        // Take effect now, not at the state follower's next look.
-        for e in policy.refresh_state() {
+        // Take effect now, not at the state follower's next look: for
+        // messages in flight (they keep the policy they started with) and,
+        // after a reload during this poll, for new ones.
+        let latest = crate::current(shared);
+        let mut errors = policy.refresh_state();
+        if !Arc::ptr_eq(&latest, policy) {
+            errors.extend(latest.refresh_state());
+        }
+        for e in errors {
             tracing::error!("{e}; routing for that domain stays off");
         }
         tracing::error!(
@@ -557,6 +564,7 @@ pub async fn run(shared: SharedPolicy) {
     let mut breaker: Option<Breaker> = None;
     loop {
         let policy = crate::current(&shared);
+        let shared = shared.clone();
         // File reads, state files and the error log are blocking I/O; each
         // poll is short, so shutdown never waits for it.
         let task = tokio::task::spawn_blocking(move || {
@@ -570,7 +578,7 @@ pub async fn run(shared: SharedPolicy) {
                 (Some(c), b @ None) => *b = Some(Breaker::new(c.clone())),
             }
             if let Some(b) = &mut breaker {
-                b.tick(&policy);
+                b.tick(&policy, &shared);
             }
             breaker
         });
@@ -582,5 +590,28 @@ pub async fn run(shared: SharedPolicy) {
             }
         };
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_dsn_codes() {
+        for ok in ["5.1.1", "5.0.0", "5.7.26", "5.100.999"] {
+            assert!(is_permanent_dsn(ok), "{ok}");
+        }
+        for not in ["4.1.1", "2.0.0", "5.1", "5.1.1.1", "5..1", "5.1.x", "5.1000.1", "55.1.1", ""] {
+            assert!(!is_permanent_dsn(not), "{not}");
+        }
+    }
+
+    #[test]
+    fn windows_as_written_in_the_configuration() {
+        assert_eq!(human(Duration::from_secs(3600)), "1h");
+        assert_eq!(human(Duration::from_secs(90)), "90s");
+        assert_eq!(human(Duration::from_secs(1800)), "30m");
+        assert_eq!(human(Duration::from_secs(2 * 86400)), "2d");
     }
 }

@@ -1,0 +1,686 @@
+//! The bounce breaker (DESIGN.md §7, src/breaker.rs):
+//! - the parser on real Postfix and Sendmail delivery lines;
+//! - attribution of routing addresses to their domain;
+//! - the sliding window;
+//! - the log follower on a temporary file: start at the end, rotation by
+//!   rename and by copytruncate, a file that appears later;
+//! - the breaker task on a temporary maillog: trips at the threshold,
+//!   persists, holds the domain at once, counts anew after `enable`;
+//! - end to end: the real `dualroute run` in front of a private Postfix
+//!   whose destination refuses everything (needs root and Postfix,
+//!   scripts/test-deps.sh).
+
+mod support;
+
+use dualroute::breaker::{parse_line, Attribution, Follower, Window};
+use dualroute::policy::{Policy, SharedPolicy};
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------
+// Lines as Postfix 3.7 and Sendmail 8.17 write them.
+// ---------------------------------------------------------------------
+
+const POSTFIX_BOUNCED: &str = "Jan 12 10:00:01 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9t: to=<zed@example.com.dualroute.invalid>, orig_to=<zed@example.com>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=5.1.1, status=bounced (host 127.0.0.1[127.0.0.1] said: 550 5.1.1 Error: recipient rejected, dsn=2.0.0, status=sent (in reply to RCPT TO command))";
+const POSTFIX_DEFERRED: &str = "Jan 12 10:00:02 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9t: to=<zed@example.com.dualroute.invalid>, orig_to=<zed@example.com>, relay=none, delay=30, delays=0.01/0/30/0, dsn=4.4.1, status=deferred (connect to 127.0.0.1[127.0.0.1]:2525: Connection refused)";
+const POSTFIX_SOFT_BOUNCE: &str = "Jan 12 10:00:02 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9t: to=<zed@example.com.dualroute.invalid>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.1, delays=0.01/0.01/0.02/0.06, dsn=4.1.1, status=deferred (host 127.0.0.1[127.0.0.1] said: 550 5.1.1 unknown (in reply to RCPT TO command))";
+const POSTFIX_SENT: &str = "Jan 12 10:00:03 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9t: to=<zed@example.com.dualroute.invalid>, orig_to=<zed@example.com>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 7A1B2C3D)";
+const POSTFIX_NOQUEUE: &str = "Jan 12 10:00:04 mx postfix/smtpd[99]: NOQUEUE: reject: RCPT from unknown[127.0.0.2]: 550 5.1.1 <zed@example.com.dualroute.invalid>: Recipient address rejected: dsn=5.1.1, status=bounced; from=<s@outside.test> to=<zed@example.com.dualroute.invalid> proto=ESMTP helo=<x>";
+const POSTFIX_ISO_BOUNCED: &str = "2025-01-12T10:00:01.123456+00:00 mx postfix/dualroute/smtp[77]: 4Bc1xY2z3Kz9u: to=<bob+news@example.com.dualroute.invalid>, relay=none, delay=0.01, delays=0/0/0.01/0, dsn=5.4.4, status=bounced (Host or domain name not found. Name service error for name=legacy.example.net type=MX: Host not found)";
+const SENDMAIL_BOUNCED: &str = "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net. [192.0.2.30], dsn=5.1.1, stat=User unknown";
+const SENDMAIL_TWO: &str = "Jan 12 10:00:05 mx sendmail[4242]: 40CA05ab004243: to=zed@example.com.dualroute.invalid,<yan@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=150456, relay=mx.legacy.example.net. [192.0.2.30], dsn=5.0.0, stat=Service unavailable";
+const SENDMAIL_DEFERRED: &str = "Jan 12 10:00:06 mx sm-mta[4242]: 40CA05ab004242: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net., dsn=4.0.0, stat=Deferred: Connection refused by mx.legacy.example.net.";
+const SENDMAIL_SENT: &str = "Jan 12 10:00:07 mx sm-mta[4242]: 40CA05ab004242: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net. [192.0.2.30], dsn=2.0.0, stat=Sent (OK id=1abc)";
+const SENDMAIL_DSN_LINE: &str = "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242: 40CA05ab004244: DSN: User unknown";
+
+#[test]
+fn postfix_bounced_is_a_failure_with_its_recipient_and_dsn() {
+    let f = parse_line(POSTFIX_BOUNCED).expect("a Postfix bounce");
+    assert_eq!(f.recipients, ["zed@example.com.dualroute.invalid"]);
+    // The first dsn= field, not the one inside the reply text.
+    assert_eq!(f.dsn, "5.1.1");
+    assert_eq!(f.line, POSTFIX_BOUNCED);
+    // RFC 5424 time stamps and a syslog_name with a slash.
+    let f = parse_line(POSTFIX_ISO_BOUNCED).expect("a Postfix bounce");
+    assert_eq!(f.recipients, ["bob+news@example.com.dualroute.invalid"]);
+    assert_eq!(f.dsn, "5.4.4");
+    // A trailing newline (as read from the file) changes nothing.
+    assert_eq!(parse_line(&format!("{POSTFIX_BOUNCED}\n")).map(|f| f.line), Some(POSTFIX_BOUNCED.to_owned()));
+}
+
+#[test]
+fn postfix_deferred_sent_and_refused_are_not_failures() {
+    for line in [POSTFIX_DEFERRED, POSTFIX_SOFT_BOUNCE, POSTFIX_SENT, POSTFIX_NOQUEUE] {
+        assert_eq!(parse_line(line), None, "{line}");
+    }
+    // status=bounced with a dsn that is not 5.x.x is not trusted either.
+    let odd = POSTFIX_BOUNCED.replace("dsn=5.1.1", "dsn=4.1.1");
+    assert_eq!(parse_line(&odd), None);
+    let odd = POSTFIX_BOUNCED.replace("dsn=5.1.1", "dsn=5.x.1");
+    assert_eq!(parse_line(&odd), None);
+}
+
+#[test]
+fn sendmail_permanent_failures_only() {
+    let f = parse_line(SENDMAIL_BOUNCED).expect("a Sendmail failure");
+    assert_eq!(f.recipients, ["zed@example.com.dualroute.invalid"]);
+    assert_eq!(f.dsn, "5.1.1");
+    // Several recipients in one to=, with and without brackets.
+    let f = parse_line(SENDMAIL_TWO).expect("a Sendmail failure");
+    assert_eq!(f.recipients, ["zed@example.com.dualroute.invalid", "yan@example.com.dualroute.invalid"]);
+    assert_eq!(f.dsn, "5.0.0");
+    for line in [SENDMAIL_DEFERRED, SENDMAIL_SENT, SENDMAIL_DSN_LINE] {
+        assert_eq!(parse_line(line), None, "{line}");
+    }
+}
+
+#[test]
+fn garbage_is_not_a_failure() {
+    for line in ["", "to=", ": to=", ": to=<>, dsn=5.1.1, status=bounced", "x: to=<a@b>, dsn=5.1.1", "\u{fffd}: to=<a@b>, status=bounced"] {
+        assert_eq!(parse_line(line), None, "{line:?}");
+    }
+}
+
+// ---------------------------------------------------------------------
+// Attribution.
+// ---------------------------------------------------------------------
+
+fn policy(yaml: &str) -> Policy {
+    let config = dualroute::config::parse(yaml, "milter.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    Policy::load(config).expect("load the policy")
+}
+
+const ATTRIBUTION_YAML: &str = r#"
+state_dir: /nonexistent
+domains:
+  example.com:
+    mode: split
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com, carol@example.com, dave@example.com] }]
+    users:
+      carol@example.com: { copy_to: [Carol@Pilot.test, carol2@pilot.test] }
+      dave@example.com: { redirect_to: dave@pilot.test }
+  example.org:
+    mode: route
+    destination: { domain: legacy.example.net }
+  example.info:
+    mode: split
+    destination: { domain: newdest.test, change_envelope: true }
+    accounts: [{ list: [ivy@example.info] }]
+  example.biz:
+    mode: route
+    destination: { domain: newdest.test, change_envelope: true }
+  example.edu:
+    mode: dual
+    destination: { domain: google.test, change_envelope: true }
+    users:
+      ed@example.edu: { copy_to: carol2@pilot.test }
+"#;
+
+#[test]
+fn routing_addresses_belong_to_their_domain() {
+    let a = Attribution::new(&policy(ATTRIBUTION_YAML));
+    let of = |addr: &str| {
+        let mut d = a.domains(addr).to_vec();
+        d.sort();
+        d
+    };
+    // Relay domains, also for destinations given as a domain without
+    // change_envelope; case of the domain does not matter.
+    assert_eq!(of("zed@example.com.dualroute.invalid"), ["example.com"]);
+    assert_eq!(of("zed+tag@EXAMPLE.COM.dualroute.invalid"), ["example.com"]);
+    assert_eq!(of("gus@example.org.dualroute.invalid"), ["example.org"]);
+    // change_envelope destinations: every domain routing there.
+    assert_eq!(of("lou@newdest.test"), ["example.biz", "example.info"]);
+    assert_eq!(of("ed@google.test"), ["example.edu"]);
+    // Per-user targets: the user's domain, whatever the target's domain is;
+    // a target shared by two domains' users belongs to both.
+    assert_eq!(of("carol@pilot.test"), ["example.com"]);
+    assert_eq!(of("dave@pilot.test"), ["example.com"]);
+    assert_eq!(of("carol2@pilot.test"), ["example.com", "example.edu"]);
+}
+
+#[test]
+fn other_addresses_are_not_routed_mail() {
+    let a = Attribution::new(&policy(ATTRIBUTION_YAML));
+    for addr in [
+        "zed@example.com",                     // the managed domain itself
+        "someone@pilot.test",                  // a target's domain, not a target
+        "x@other.example.dualroute.invalid",   // a relay domain that is not ours
+        "x@legacy.example.net",                // a destination without change_envelope
+        "sender@outside.test",                 // the bounce to the sender
+        "MAILER-DAEMON",
+        "",
+    ] {
+        assert!(a.domains(addr).is_empty(), "{addr:?} → {:?}", a.domains(addr));
+    }
+}
+
+// ---------------------------------------------------------------------
+// The window.
+// ---------------------------------------------------------------------
+
+#[test]
+fn window_trips_at_threshold_within_span_only() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let mut w = Window::new(3, s(60));
+    assert_eq!(w.record(t0), None);
+    assert_eq!(w.record(t0 + s(10)), None);
+    // The first failure is 60 s old: out of the window.
+    assert_eq!(w.record(t0 + s(60)), None);
+    assert_eq!(w.count(t0 + s(60)), 2);
+    assert_eq!(w.record(t0 + s(61)), Some(3));
+    // Until reset, the count stands (a trip that could not be written is
+    // tried again at the next failure).
+    assert_eq!(w.record(t0 + s(62)), Some(4));
+    w.reset();
+    assert_eq!(w.count(t0 + s(62)), 0);
+    assert_eq!(w.record(t0 + s(63)), None);
+    // Everything expires.
+    assert_eq!(w.count(t0 + s(200)), 0);
+    // Threshold 1 trips at once.
+    assert_eq!(Window::new(1, s(1)).record(t0), Some(1));
+}
+
+// ---------------------------------------------------------------------
+// The follower.
+// ---------------------------------------------------------------------
+
+fn append(path: &Path, text: &str) {
+    let mut f = fs::OpenOptions::new().create(true).append(true).open(path).expect("open the log");
+    f.write_all(text.as_bytes()).expect("append to the log");
+}
+
+#[test]
+fn follower_starts_at_the_end_and_returns_complete_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mail.log");
+    append(&log, "old 1\nold 2\n");
+    let mut f = Follower::at_end(&log);
+    assert!(f.poll().is_empty());
+    append(&log, "new 1\nnew 2\nhalf");
+    assert_eq!(f.poll(), ["new 1", "new 2"]);
+    assert!(f.poll().is_empty());
+    append(&log, " a line\r\n");
+    assert_eq!(f.poll(), ["half a line"]);
+}
+
+#[test]
+fn follower_survives_rename_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mail.log");
+    let rotated = dir.path().join("mail.log.1");
+    append(&log, "before start\n");
+    let mut f = Follower::at_end(&log);
+    append(&log, "a\n");
+    assert_eq!(f.poll(), ["a"]);
+
+    // logrotate renames; the MTA writes on to its open file until it
+    // reopens; then the new file appears.
+    fs::rename(&log, &rotated).unwrap();
+    append(&rotated, "b (old file, after the rename)\n");
+    assert_eq!(f.poll(), ["b (old file, after the rename)"]);
+    append(&rotated, "c (old file)\n");
+    append(&log, "d (new file)\n");
+    assert_eq!(f.poll(), ["c (old file)", "d (new file)"]);
+    // A late write to the old file is still read, and the new one is
+    // followed.
+    append(&rotated, "e (old file, late)\n");
+    append(&log, "f (new file)\n");
+    assert_eq!(f.poll(), ["e (old file, late)", "f (new file)"]);
+    assert!(f.poll().is_empty());
+}
+
+#[test]
+fn follower_survives_copytruncate() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mail.log");
+    append(&log, "before start, a long line to make the file long\n");
+    let mut f = Follower::at_end(&log);
+    append(&log, "a\nb\n");
+    assert_eq!(f.poll(), ["a", "b"]);
+    // copytruncate: copied elsewhere, then truncated in place.
+    fs::copy(&log, dir.path().join("mail.log.1")).unwrap();
+    fs::OpenOptions::new().write(true).open(&log).unwrap().set_len(0).unwrap();
+    append(&log, "c\n");
+    assert_eq!(f.poll(), ["c"]);
+    append(&log, "d\n");
+    assert_eq!(f.poll(), ["d"]);
+}
+
+#[test]
+fn follower_waits_for_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mail.log");
+    let mut f = Follower::at_end(&log);
+    assert!(f.poll().is_empty());
+    assert!(f.poll().is_empty());
+    // Everything in a file that appears after the start is new.
+    append(&log, "first\nsecond\n");
+    assert_eq!(f.poll(), ["first", "second"]);
+    // Removed (rotated away with no new file yet), then recreated.
+    fs::remove_file(&log).unwrap();
+    assert!(f.poll().is_empty());
+    append(&log, "third\n");
+    assert_eq!(f.poll(), ["third"]);
+}
+
+// ---------------------------------------------------------------------
+// The breaker task on a temporary maillog.
+// ---------------------------------------------------------------------
+
+struct Task {
+    shared: SharedPolicy,
+    log: PathBuf,
+    state: PathBuf,
+    handle: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// Starts `breaker::run` with threshold 3 within 1 h on `mail.log` in a
+/// temporary directory; `before` is written to the log first.
+fn start_task(before: &str, create_log: bool) -> Task {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mail.log");
+    let state = dir.path().join("state");
+    if create_log {
+        append(&log, before);
+    }
+    let yaml = format!(
+        r#"
+state_dir: {state}
+domains:
+  example.com:
+    mode: split
+    destination: {{ hosts: ["[192.0.2.30]:2525"] }}
+    accounts: [{{ list: [alice@example.com] }}]
+  example.org:
+    mode: route
+    destination: {{ hosts: ["[192.0.2.30]:2525"] }}
+breaker: {{ maillog: {log}, threshold: 3, window: 1h }}
+"#,
+        state = state.display(),
+        log = log.display()
+    );
+    let shared = dualroute::share(policy(&yaml));
+    let handle = tokio::spawn(dualroute::breaker::run(shared.clone()));
+    Task { shared, log, state, handle, _dir: dir }
+}
+
+fn bounce(to: &str) -> String {
+    POSTFIX_BOUNCED.replace("zed@example.com.dualroute.invalid", to) + "\n"
+}
+
+impl Task {
+    fn tripped(&self, domain: &str) -> bool {
+        self.state.join(format!("{domain}.tripped")).exists()
+    }
+
+    fn held(&self, domain: &str) -> Option<String> {
+        let policy = self.shared.read().unwrap().clone();
+        policy.holds.reason(domain)
+    }
+
+    /// Waits until `domain` is tripped (up to 5 s).
+    async fn wait_tripped(&self, domain: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.tripped(domain) {
+            assert!(Instant::now() < deadline, "{domain} was not tripped within 5 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Gives the task time for a few polls.
+    async fn settle(&self) {
+        tokio::time::sleep(dualroute::breaker::POLL * 3).await;
+    }
+}
+
+#[tokio::test]
+async fn task_counts_new_failures_and_trips_at_the_threshold() {
+    // Three failures before the start are history.
+    let before = bounce("a@example.com.dualroute.invalid").repeat(3);
+    let task = start_task(&before, true);
+    task.settle().await;
+    assert!(!task.tripped("example.com"));
+
+    // Not routed mail, deferrals and another domain's failures do not
+    // count for example.com.
+    append(&task.log, &bounce("a@example.com"));
+    append(&task.log, &format!("{POSTFIX_DEFERRED}\n{SENDMAIL_DEFERRED}\n"));
+    append(&task.log, &bounce("b@example.org.dualroute.invalid"));
+    append(&task.log, &bounce("b@example.com.dualroute.invalid"));
+    append(&task.log, &format!("{SENDMAIL_BOUNCED}\n"));
+    task.settle().await;
+    assert!(!task.tripped("example.com"), "tripped at 2 failures");
+    assert_eq!(task.held("example.com"), None);
+
+    append(&task.log, &bounce("c@example.com.dualroute.invalid"));
+    task.wait_tripped("example.com").await;
+    // Held at once, not at the state follower's next look (it does not
+    // run in this test at all).
+    let why = task.held("example.com").expect("example.com held after the trip");
+    assert!(why.contains("bounce breaker tripped"), "{why}");
+    let st = dualroute::state::StateDir::new(&task.state).load("example.com").unwrap();
+    let t = st.tripped.expect("the trip is persisted");
+    assert_eq!((t.bounces, t.window_secs), (3, 3600));
+    assert!(t.last.contains("to=<c@example.com.dualroute.invalid>"), "{}", t.last);
+    // The other domain had one failure: untouched.
+    assert!(!task.tripped("example.org"));
+    assert_eq!(task.held("example.org"), None);
+}
+
+#[tokio::test]
+async fn task_does_not_count_while_tripped_and_counts_anew_after_enable() {
+    let task = start_task("", true);
+    task.settle().await;
+    append(&task.log, &bounce("a@example.com.dualroute.invalid").repeat(3));
+    task.wait_tripped("example.com").await;
+    let first = fs::read_to_string(task.state.join("example.com.tripped")).unwrap();
+
+    // Late bounces while tripped: the trip stays as it was.
+    append(&task.log, &bounce("b@example.com.dualroute.invalid").repeat(5));
+    task.settle().await;
+    assert_eq!(fs::read_to_string(task.state.join("example.com.tripped")).unwrap(), first);
+
+    // `dualroute enable`: the count starts from zero.
+    assert_eq!(dualroute::state::StateDir::new(&task.state).enable("example.com").unwrap(), (false, true));
+    append(&task.log, &bounce("c@example.com.dualroute.invalid").repeat(2));
+    task.settle().await;
+    assert!(!task.tripped("example.com"), "tripped again with 2 new failures: old ones were counted");
+    append(&task.log, &bounce("d@example.com.dualroute.invalid"));
+    task.wait_tripped("example.com").await;
+}
+
+#[tokio::test]
+async fn task_follows_rotation_and_a_log_that_appears_later() {
+    let task = start_task("", false);
+    task.settle().await;
+    // The log appears after the start: all of it counts.
+    append(&task.log, &bounce("a@example.com.dualroute.invalid"));
+    task.settle().await;
+    // Rename rotation.
+    let rotated = task.log.with_extension("log.1");
+    fs::rename(&task.log, &rotated).unwrap();
+    append(&task.log, &bounce("b@example.com.dualroute.invalid"));
+    task.settle().await;
+    assert!(!task.tripped("example.com"));
+    // copytruncate (noticed before the file grows back to where we were:
+    // see src/breaker.rs on what no follower can see).
+    fs::OpenOptions::new().write(true).open(&task.log).unwrap().set_len(0).unwrap();
+    task.settle().await;
+    append(&task.log, &bounce("c@example.com.dualroute.invalid"));
+    task.wait_tripped("example.com").await;
+    let t = dualroute::state::StateDir::new(&task.state).load("example.com").unwrap().tripped.unwrap();
+    assert_eq!(t.bounces, 3);
+}
+
+// ---------------------------------------------------------------------
+// End to end: dualroute run + private Postfix + a refusing smtp-sink.
+// ---------------------------------------------------------------------
+
+const SENDER: &str = "sender@outside.test";
+const INSTANCE: &str = "breaker.test";
+
+fn message(subject: &str) -> String {
+    format!("From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n")
+}
+
+/// `dualroute run --config …` as a child process, its stderr appended to
+/// a file. Killed on Drop. (The same as tests/postfix_e2e.rs's, which is
+/// not shareable across test binaries outside tests/support.)
+struct Milter {
+    child: Option<Child>,
+    port: u16,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Milter {
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the milter is already running");
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open the milter log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("DUALROUTE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run dualroute");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !support::is_listening(self.port) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("dualroute run exited ({status}) before listening:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dualroute run does not listen on 127.0.0.1:{} after 10 s:\n{}", self.port, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while support::is_listening(self.port) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Milter {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the `dualroute` binary with `--config` and returns (success, stdout).
+fn dualroute(config: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run dualroute");
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// Feeds `dualroute postfix-config --write` into the Postfix options, as
+/// tests/postfix_e2e.rs does: every main.cf and master.cf line and every
+/// table, plus `dualroute_catchall` in `virtual_mailbox_maps`.
+fn with_postfix_config(mut opts: support::PostfixOptions, config: &Path, out: &Path) -> support::PostfixOptions {
+    let (ok, printed) = dualroute(config, &["postfix-config", "--write", &out.display().to_string(), "--map-dir", "/etc/postfix"]);
+    assert!(ok, "dualroute postfix-config failed:\n{printed}");
+    let read = |name: &str| fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
+    for line in read("main.cf.dualroute").lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+        opts = opts.main_cf(line);
+    }
+    opts = opts.main_cf("virtual_mailbox_maps = hash:$config_directory/vmailbox, hash:/etc/postfix/dualroute_catchall");
+    for line in read("master.cf.dualroute").lines() {
+        opts = opts.master_cf(line);
+    }
+    for name in ["dualroute_transport", "dualroute_generic", "dualroute_catchall"] {
+        opts = opts.map(name, &read(name));
+    }
+    opts
+}
+
+/// The real thing: example.com is split and routed to a destination that
+/// refuses every recipient. Three bounces of routed mail trip the breaker
+/// (threshold 3 within 1 h); from then on the milter is transparent for
+/// example.com, so Postfix files an unknown address in the catch-all
+/// Maildir instead of routing it; a restart keeps that; `dualroute enable`
+/// brings routing back within seconds.
+#[test]
+fn postfix_bounces_trip_the_breaker_end_to_end() {
+    let tmp = tempfile::Builder::new().prefix("dualroute-breaker-").tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let sink = support::SmtpSink::start_rejecting();
+    let milter_port = support::free_port();
+    let config = dir.join("milter.yaml");
+    let state = dir.join("state");
+    let domains = format!(
+        r#"listen: inet:127.0.0.1:{milter_port}
+instance: {INSTANCE}
+state_dir: {state}
+domains:
+  example.com:
+    mode: split
+    destination: {{ hosts: ["{sink}"] }}
+    accounts: [{{ list: [alice@example.com] }}]
+"#,
+        state = state.display(),
+        sink = sink.nexthop()
+    );
+    fs::write(&config, &domains).unwrap();
+    let opts = support::PostfixOptions::default().domain_without_catchall("example.com", &["alice@example.com"]);
+    let opts = with_postfix_config(opts, &config, &dir.join("postfix-config"));
+    let pf = support::Postfix::start(opts);
+    // Only now is the maillog's path known.
+    fs::write(
+        &config,
+        format!("{domains}breaker: {{ maillog: {}, threshold: 3, window: 1h }}\n", pf.maillog_path().display()),
+    )
+    .unwrap();
+    let mut milter = Milter { child: None, port: milter_port, config: config.clone(), log: dir.join("milter.log") };
+    milter.spawn();
+
+    let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
+    let diag = |milter: &Milter| {
+        format!(
+            "{}\n--- milter log ---\n{}\n--- status ---\n{}",
+            pf.diagnostics(),
+            milter.log(),
+            dualroute(&config, &["status"]).1
+        )
+    };
+    // The relay-domain deliveries (routed mail) in the maillog.
+    let routed = || -> Vec<support::Delivery> {
+        pf.deliveries().into_iter().filter(|d| d.to.ends_with("@example.com.dualroute.invalid")).collect()
+    };
+    let send = |milter: &Milter, rcpts: &[&str], subject: &str| {
+        let t = client.send(SENDER, rcpts, &message(subject));
+        assert!(t.accepted(), "{t}\n{}", diag(milter));
+        pf.wait_queue_empty();
+        t
+    };
+    let wait_for = |milter: &Milter, what: &str, mut probe: Box<dyn FnMut() -> bool + '_>| {
+        if support::poll(|| probe().then_some(())).is_none() {
+            panic!("timed out waiting for {what}\n{}", diag(milter));
+        }
+    };
+    let status = || dualroute(&config, &["status"]).1;
+
+    // 1. One bounce: counted, not tripped.
+    send(&milter, &["zed1@example.com"], "first");
+    wait_for(&milter, "the first bounce to be counted", Box::new(|| milter.log().contains("(1 of 3 within 1h")));
+    let bounced = routed();
+    assert_eq!(bounced.len(), 1, "{}", diag(&milter));
+    assert_eq!((bounced[0].status.as_str(), bounced[0].dsn.as_str()), ("bounced", "5.1.1"));
+    assert_eq!(bounced[0].relay, format!("127.0.0.1[127.0.0.1]:{}", sink.port()));
+    assert!(status().contains("example.com: mode split: active"), "{}", status());
+
+    // 2. Two more: tripped.
+    send(&milter, &["zed2@example.com", "zed3@example.com"], "second");
+    // The error is logged after the holds are refreshed: from then on the
+    // milter is transparent.
+    wait_for(&milter, "the trip", Box::new(|| milter.log().contains("bounce breaker tripped")));
+    assert!(state.join("example.com.tripped").exists(), "{}", diag(&milter));
+    assert_eq!(routed().iter().filter(|d| d.status == "bounced").count(), 3, "{}", diag(&milter));
+    let st = status();
+    assert!(
+        st.contains("example.com: mode split: TRIPPED by the bounce breaker") && st.contains("3 permanent failures within 3600s"),
+        "{st}"
+    );
+    let trip = fs::read_to_string(state.join("example.com.tripped")).unwrap();
+    assert!(trip.contains("bounces: 3"), "{trip}");
+    let errors: Vec<String> = milter
+        .log()
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("bounce breaker tripped"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", diag(&milter));
+    for words in ["example.com", "3 permanent failures", "within 1h", "status=bounced", "run `dualroute enable example.com`"] {
+        assert!(errors[0].contains(words), "{words:?} missing from {}", errors[0]);
+    }
+
+    // 3. Tripped: the milter is transparent for example.com, so Postfix
+    // delivers the unknown address to the catch-all, unrouted.
+    let catchall = pf.maildir_root().join("example.com/dualroute-catchall/");
+    let t = send(&milter, &["zed4@example.com"], "while tripped");
+    let filed = support::read_maildir(&catchall);
+    assert_eq!(filed.len(), 1, "{}", diag(&milter));
+    assert_eq!(filed[0].header("X-Original-To"), ["zed4@example.com"]);
+    assert_eq!(filed[0].header("Subject"), ["while tripped"]);
+    assert!(filed[0].header("X-Dualroute").is_empty(), "{}", filed[0].text);
+    assert_eq!(routed().len(), 3, "routed while tripped\n{}", diag(&milter));
+    let queue_id = t.queue_id().expect("a queue id");
+    assert!(
+        milter.log().lines().any(|l| l.contains(&queue_id) && l.contains("zed4@example.com> keep (routing held: bounce breaker tripped")),
+        "{}",
+        diag(&milter)
+    );
+
+    // 4. A restart keeps the trip, and does not count old lines again.
+    milter.kill();
+    milter.spawn();
+    assert!(status().contains("TRIPPED by the bounce breaker"), "{}", status());
+    send(&milter, &["zed5@example.com"], "after the restart");
+    assert_eq!(support::read_maildir(&catchall).len(), 2, "{}", diag(&milter));
+    assert_eq!(routed().len(), 3, "routed after the restart\n{}", diag(&milter));
+
+    // 5. `dualroute enable`: routing is back within seconds (the running
+    // milter follows state_dir every 2 s), and the breaker counts from 0.
+    let (ok, out) = dualroute(&config, &["enable", "example.com"]);
+    assert!(ok && out.contains("breaker trip cleared"), "{out}");
+    assert!(status().contains("example.com: mode split: active"), "{}", status());
+    std::thread::sleep(Duration::from_secs(3));
+    send(&milter, &["zed6@example.com"], "after enable");
+    wait_for(
+        &milter,
+        "zed6 to reach the sink again",
+        Box::new(|| routed().iter().any(|d| d.to == "zed6@example.com.dualroute.invalid")),
+    );
+    let zed6 = routed().into_iter().find(|d| d.to == "zed6@example.com.dualroute.invalid").unwrap();
+    assert_eq!(zed6.relay, format!("127.0.0.1[127.0.0.1]:{}", sink.port()), "{}", diag(&milter));
+    assert!(zed6.text.contains("rejected by smtp-sink"), "{}", zed6.line);
+    assert_eq!(support::read_maildir(&catchall).len(), 2, "{}", diag(&milter));
+    wait_for(
+        &milter,
+        "zed6's bounce to be counted as the first after enable",
+        Box::new(|| milter.log().lines().any(|l| l.contains("zed6@") && l.contains("(1 of 3 within 1h"))),
+    );
+    assert!(!state.join("example.com.tripped").exists(), "{}", diag(&milter));
+    drop(milter);
+    drop(pf);
+    if std::env::var_os("DUALROUTE_KEEP_TMP").is_some_and(|v| v == "1") {
+        eprintln!("DUALROUTE_KEEP_TMP: kept {}", tmp.keep().display());
+    }
+}
