@@ -2,13 +2,13 @@
 //! on SIGHUP (keeping the running policy when the new file is invalid), and
 //! shuts down cleanly on SIGTERM.
 
+mod support;
+use support::free_port;
+
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap().success();

@@ -3,6 +3,9 @@
 //! with (at MAIL); messages begun after the reload get the new one. And the
 //! real binary reloads by itself when an account file changes.
 
+mod support;
+use support::free_port;
+
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -117,7 +120,7 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
 #[test]
 fn binary_reloads_when_an_account_file_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let accounts = dir.path().join("accounts");
     std::fs::write(&accounts, "alice@example.com\n").unwrap();
     let path = dir.path().join("milter.yaml");

@@ -2,6 +2,9 @@
 //! survives in `state_dir`, `status` reports it, and the running milter
 //! follows within seconds without a restart.
 
+mod support;
+use support::free_port;
+
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::path::Path;
 use std::process::Command;
@@ -54,7 +57,7 @@ async fn wait_until(addr: std::net::SocketAddr, want: bool) -> bool {
 #[test]
 fn status_disable_enable_with_a_running_milter() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let config = write_config(dir.path(), port);
 
     let (code, out) = dualroute(&config, &["status"]);

@@ -61,12 +61,31 @@ const NOT_INSTALLED: &str =
 /// client, or a gateway.
 pub const OUTSIDE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 for a server a test is about to start.
+///
+/// Not `bind(0)`: that hands out ports from the kernel's ephemeral range
+/// (`ip_local_port_range`, 32768–60999 by default), the same range the
+/// kernel uses for outgoing connections and for every other test's
+/// `bind(0)`, so between picking a port and the server binding it another
+/// test's sink or Postfix could take it (seen: one test's mail arrived at
+/// another test's smtp-sink). Ports here come from 20000–31999, below that
+/// range, each handed out once per process, starting at an offset derived
+/// from the pid so concurrent test binaries rarely meet; a port that
+/// something holds is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20000;
+    const COUNT: u32 = 12000;
+    let offset = (std::process::id() % 600) * 20;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (FIRST + (offset + n) % COUNT) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() && !is_listening(port) {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// Whether something listens on TCP `port` on 127.0.0.1 or 0.0.0.0. Reads
