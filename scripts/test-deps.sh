@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install what the end-to-end tests need: Postfix (postfix, postmap,
-# postqueue, smtp-sink) and swaks.  Run as root on Debian 12.  Idempotent:
+# postqueue, smtp-sink), swaks and dnsmasq.  Run as root on Debian 12.  Idempotent:
 # when everything is present it changes nothing and does not touch apt.
 #
 # The tests run private Postfix instances on loopback (tests/support/postfix.rs);
@@ -61,6 +61,20 @@ else
     cleanup
     own_policy=0
     trap - EXIT
+fi
+
+# dualroute doctor's tests (tests/doctor.rs) run dnsmasq on loopback as a
+# real DNS server.  dnsmasq-base ships the binary only, no system service.
+if command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ]; then
+    say "dnsmasq is installed; nothing to do"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        say "missing: dnsmasq; run this script as root" >&2
+        exit 1
+    fi
+    say "missing: dnsmasq; apt-get install -y dnsmasq-base"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dnsmasq-base
 fi
 
 # The system instance must not run: the tests use private instances only.

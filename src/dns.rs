@@ -15,12 +15,18 @@ use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{ResolveError, TokioResolver};
 use std::net::IpAddr;
 
-/// A lookup that failed: timeout, SERVFAIL, REFUSED, no name server.
-/// "No such name" and "no records of that type" are not errors: they come
-/// back as an empty answer.
+/// A lookup that failed. "No such name" and "no records of that type" are
+/// not errors: they come back as an empty answer.
 #[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct DnsError(pub String);
+pub enum DnsError {
+    /// The name server answered with an error code (SERVFAIL, REFUSED, …):
+    /// this name is in trouble, others may be fine.
+    #[error("{0}")]
+    Answer(String),
+    /// No answer at all (timeout, unreachable): the name servers are.
+    #[error("{0}")]
+    NoAnswer(String),
+}
 
 /// An address family, for the A or the AAAA records of a name.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -57,7 +63,7 @@ pub trait Lookup {
 /// The resolver for `dns:` (see the module comment).
 pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, DnsError> {
     let mut builder = if config.nameservers.is_empty() {
-        TokioResolver::builder_tokio().map_err(|e| DnsError(format!("cannot read the system's DNS configuration: {e}")))?
+        TokioResolver::builder_tokio().map_err(|e| DnsError::NoAnswer(format!("cannot read the system's DNS configuration: {e}")))?
     } else {
         let mut group = NameServerConfigGroup::new();
         for &addr in &config.nameservers {
@@ -96,10 +102,12 @@ fn classify(name: &str, rtype: &str, e: ResolveError) -> Result<(), DnsError> {
     if let Some(ProtoErrorKind::NoRecordsFound { response_code, .. }) = e.proto().map(|p| p.kind()) {
         return match response_code {
             ResponseCode::NoError | ResponseCode::NXDomain => Ok(()),
-            code => Err(DnsError(format!("{rtype} lookup of {name}: the name server answered {} ({code})", code_name(*code)))),
+            code => Err(DnsError::Answer(format!("{rtype} lookup of {name}: the name server answered {} ({code})", code_name(*code)))),
         };
     }
-    Err(DnsError(format!("{rtype} lookup of {name}: {e}")))
+    // ResolveError says "proto error: request timed out"; the cause is enough.
+    let why = e.proto().map(ToString::to_string).unwrap_or_else(|| e.to_string());
+    Err(DnsError::NoAnswer(format!("{rtype} lookup of {name}: {why}")))
 }
 
 fn code_name(code: ResponseCode) -> String {

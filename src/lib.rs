@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod config;
 pub mod decision;
 pub mod dns;
+pub mod doctor;
 pub mod explain;
 pub mod milter;
 pub mod policy;

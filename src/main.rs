@@ -42,6 +42,12 @@ enum Command {
         #[arg(long)]
         send: bool,
     },
+    /// DNS checks per domain: MX, SPF covers this server and the destination, the destination resolves, the relay domain does not; exit 1 on any ✘
+    Doctor {
+        /// A public address of this server [default: the A/AAAA records of `instance`]; repeat for several
+        #[arg(long = "ip", value_name = "IP")]
+        ips: Vec<IpAddr>,
+    },
     /// Show the routing state of every domain: active, waiting for verification, tripped, disabled
     Status,
     /// Switch routing for DOMAIN back on (clears an admin disable and a breaker trip)
@@ -71,6 +77,7 @@ fn main() -> ExitCode {
         Command::Run => run(path),
         Command::Check => check(path),
         Command::Verify { domain, send } => verify(path, &domain, send),
+        Command::Doctor { ips } => doctor(path, &ips),
         Command::Status => status(path),
         Command::Enable { domain } => switch(path, &domain, None),
         Command::Disable { domain, reason } => switch(path, &domain, Some(&reason)),
@@ -113,6 +120,24 @@ fn main() -> ExitCode {
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("dualroute: {e}");
     ExitCode::FAILURE
+}
+
+fn doctor(path: PathBuf, ips: &[IpAddr]) -> ExitCode {
+    let policy = match dualroute::load_policy(&path) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let dns = match dualroute::dns::Dns::new(&policy.config.dns) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let report = runtime.block_on(dualroute::doctor::diagnose(&policy, ips, &dns));
+    println!("{report}");
+    if report.problems() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn status(path: PathBuf) -> ExitCode {

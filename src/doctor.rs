@@ -1,0 +1,375 @@
+//! `dualroute doctor` (DESIGN.md §6): the DNS facts a migration depends
+//! on, checked per domain and printed as a ✔/✘ checklist with one line of
+//! advice per ✘.
+//!
+//! - MX: where the domain's mail arrives (this server, the destination or
+//!   elsewhere); none at all, or one that does not resolve, is a ✘.
+//! - SPF: routed mail keeps its original sender, so the destination checks
+//!   the *sender's* SPF against this server; and the domain's users send
+//!   from whichever server holds their mailbox. The domain's own SPF record
+//!   must therefore authorize both this server and the destination. This is
+//!   why Google, Microsoft and Zoho ask to add the forwarding server to the
+//!   domain's SPF record for split and dual delivery.
+//! - The destination resolves (as the MTA would look it up), and not to
+//!   this server (routed mail would loop).
+//! - The relay domain `<domain>.<relay_suffix>` does not resolve: if the
+//!   MTA's transport for it were missing, routed mail would otherwise go to
+//!   whatever host it names.
+//!
+//! DNS failures are ✘ with the error text: doctor cannot vouch for what it
+//! could not look up.
+
+pub mod spf;
+
+use crate::config::{Destination, Host};
+use crate::dns::{DnsError, Lookup};
+use crate::policy::{DomainPolicy, Policy};
+use crate::probe::host_targets;
+use spf::{check_host, SpfResult, Verdict};
+use std::{fmt, net::IpAddr};
+
+/// One line of the checklist.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Check {
+    pub ok: bool,
+    pub text: String,
+    /// What to do about a ✘.
+    pub advice: Option<String>,
+}
+
+impl Check {
+    fn pass(text: String) -> Check {
+        Check { ok: true, text, advice: None }
+    }
+    fn fail(text: String, advice: String) -> Check {
+        Check { ok: false, text, advice: Some(advice) }
+    }
+}
+
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Section {
+    pub title: String,
+    pub checks: Vec<Check>,
+}
+
+/// The whole checklist.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Report {
+    pub sections: Vec<Section>,
+}
+
+impl Report {
+    /// The number of ✘.
+    pub fn problems(&self) -> usize {
+        self.sections.iter().flat_map(|s| &s.checks).filter(|c| !c.ok).count()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for s in &self.sections {
+            writeln!(f, "{}", s.title)?;
+            for c in &s.checks {
+                writeln!(f, "  {} {}", if c.ok { "✔" } else { "✘" }, c.text)?;
+                if let Some(a) = &c.advice {
+                    writeln!(f, "      → {a}")?;
+                }
+            }
+        }
+        match self.problems() {
+            0 => write!(f, "no problems found"),
+            1 => write!(f, "1 problem found"),
+            n => write!(f, "{n} problems found"),
+        }
+    }
+}
+
+/// Checks every managed domain. `given` are this server's addresses from
+/// the command line; when empty, the addresses of the `instance` name.
+pub async fn diagnose(policy: &Policy, given: &[IpAddr], dns: &impl Lookup) -> Report {
+    let config = &policy.config;
+    let instance = config.instance.as_str();
+    // Every check needs the DNS: when the name servers do not answer at
+    // all, say so once instead of timing out on every lookup.
+    if let Some(first) = config.domains.keys().next() {
+        if let Err(DnsError::NoAnswer(e)) = dns.mx(&first.0).await {
+            let servers = if config.dns.nameservers.is_empty() {
+                "the system's, from /etc/resolv.conf".to_owned()
+            } else {
+                config.dns.nameservers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            };
+            let check = Check::fail(
+                format!("the name servers do not answer ({servers}): {e}"),
+                "check `dns: nameservers` in milter.yaml, or /etc/resolv.conf without it; nothing else can be checked until they answer".into(),
+            );
+            return Report { sections: vec![Section { title: "DNS".into(), checks: vec![check] }] };
+        }
+    }
+    let mut head = Section { title: format!("this server ({instance})"), checks: Vec::new() };
+    let this: Vec<IpAddr> = if !given.is_empty() {
+        head.checks.push(Check::pass(format!("addresses given with --ip: {}", list(given))));
+        given.to_vec()
+    } else {
+        let advice = "the SPF checks need this server's public addresses: set `instance:` in milter.yaml to its DNS name, or give them with --ip".to_owned();
+        match dns.ips(instance).await {
+            Ok(ips) if !ips.is_empty() => {
+                head.checks.push(Check::pass(format!("{instance} resolves: {}", list(&ips))));
+                ips
+            }
+            Ok(_) => {
+                head.checks.push(Check::fail(format!("{instance} (`instance`) has no A or AAAA record"), advice));
+                Vec::new()
+            }
+            Err(e) => {
+                head.checks.push(Check::fail(format!("addresses of {instance} (`instance`): {e}"), advice));
+                Vec::new()
+            }
+        }
+    };
+    let mut sections = vec![head];
+    for name in config.domains.keys() {
+        let Some(d) = policy.domains.get(&name.0) else { continue };
+        sections.push(domain(policy, d, &this, dns).await);
+    }
+    Report { sections }
+}
+
+fn list(ips: &[IpAddr]) -> String {
+    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// The hosts routed mail goes to, as `dualroute verify` probes them.
+fn destination_hosts(d: &Destination) -> Vec<Host> {
+    match d {
+        Destination::Hosts(h) => h.clone(),
+        Destination::Domain { domain, .. } => vec![Host { name: domain.0.clone(), bracketed: false, port: None }],
+    }
+}
+
+async fn domain(policy: &Policy, d: &DomainPolicy, this: &[IpAddr], dns: &impl Lookup) -> Section {
+    let name = d.name.as_str();
+    let hosts = destination_hosts(&d.config.destination);
+    let shown: Vec<String> = hosts.iter().map(ToString::to_string).collect();
+    let title = format!(
+        "{name} (mode {}, destination {}{})",
+        d.config.mode,
+        shown.join(", "),
+        if d.config.enabled { "" } else { "; enabled: false" }
+    );
+    let mut checks = Vec::new();
+
+    // The destination first: the MX and SPF checks need its addresses.
+    let mut dest: Vec<(IpAddr, String)> = Vec::new();
+    let mut dest_checks = Vec::new();
+    for h in &hosts {
+        match host_targets(h, dns).await {
+            Ok(targets) => {
+                let looped: Vec<IpAddr> = targets.iter().map(|t| t.addr.ip()).filter(|ip| this.contains(ip)).collect();
+                let text = if h.name.parse::<IpAddr>().is_ok() {
+                    format!("destination {h} is an address literal")
+                } else {
+                    let mut parts: Vec<(String, Vec<IpAddr>)> = Vec::new();
+                    for t in &targets {
+                        match parts.iter_mut().find(|(via, _)| *via == t.via) {
+                            Some((_, ips)) => ips.push(t.addr.ip()),
+                            None => parts.push((t.via.clone(), vec![t.addr.ip()])),
+                        }
+                    }
+                    let parts: Vec<String> = parts.iter().map(|(via, ips)| format!("{via} → {}", list(ips))).collect();
+                    format!("destination {h} resolves: {}", parts.join("; "))
+                };
+                if looped.is_empty() {
+                    dest_checks.push(Check::pass(text));
+                } else {
+                    dest_checks.push(Check::fail(
+                        format!("destination {h} resolves to this server ({})", list(&looped)),
+                        "routed mail would come back here and loop: `destination` must name the other server".into(),
+                    ));
+                }
+                for t in targets {
+                    if !dest.iter().any(|(ip, _)| *ip == t.addr.ip()) {
+                        dest.push((t.addr.ip(), format!("destination {h}")));
+                    }
+                }
+            }
+            Err(e) => dest_checks.push(Check::fail(
+                format!("destination {h} does not resolve: {e}"),
+                format!("the MTA cannot deliver routed mail for {name} and keeps it deferred: publish the records, or correct `destination` in milter.yaml"),
+            )),
+        }
+    }
+
+    checks.push(mx(name, &policy.config.instance, this, &hosts, &dest, dns).await);
+    checks.extend(dest_checks);
+    checks.extend(spf(name, &policy.config.instance, this, &dest, dns).await);
+    if let Some(relay) = d.relay_domain(&policy.config.relay_suffix.0) {
+        checks.push(relay_check(&relay, dns).await);
+    }
+    Section { title, checks }
+}
+
+async fn mx(name: &str, instance: &str, this: &[IpAddr], hosts: &[Host], dest: &[(IpAddr, String)], dns: &impl Lookup) -> Check {
+    let records = match dns.mx(name).await {
+        Ok(r) => r,
+        Err(e) => return Check::fail(format!("MX of {name}: {e}"), "check the name servers (`dns:` in milter.yaml) and run doctor again".into()),
+    };
+    if records.is_empty() {
+        return Check::fail(
+            format!("{name} has no MX record"),
+            format!("publish an MX record for {name} naming the server that receives its mail: this server ({instance}), or the destination"),
+        );
+    }
+    if records.iter().any(|(_, host)| host.is_empty()) {
+        return Check::fail(
+            format!("{name} has a null MX record (RFC 7505): it accepts no mail"),
+            format!("replace it with an MX record naming this server ({instance}) or the destination"),
+        );
+    }
+    let mut parts = Vec::new();
+    let mut unreachable = Vec::new();
+    for (pref, host) in &records {
+        match dns.ips(host).await {
+            Ok(ips) if !ips.is_empty() => {
+                let role = if ips.iter().any(|ip| this.contains(ip)) {
+                    "this server"
+                } else if ips.iter().any(|ip| dest.iter().any(|(d, _)| d == ip)) || hosts.iter().any(|h| h.name == *host) {
+                    "the destination"
+                } else {
+                    "neither this server nor the destination"
+                };
+                parts.push(format!("{pref} {host} → {} ({role})", list(&ips)));
+            }
+            Ok(_) => {
+                parts.push(format!("{pref} {host} (no A or AAAA record)"));
+                unreachable.push(host.as_str());
+            }
+            Err(e) => {
+                parts.push(format!("{pref} {host} ({e})"));
+                unreachable.push(host.as_str());
+            }
+        }
+    }
+    let text = format!("MX of {name}: {}", parts.join("; "));
+    if unreachable.is_empty() {
+        Check::pass(text)
+    } else {
+        Check::fail(
+            text,
+            format!("senders cannot reach {}: give it an A/AAAA record or remove the MX record", unreachable.join(", ")),
+        )
+    }
+}
+
+/// `ip4:…`/`ip6:…` for an address.
+fn mechanism(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("ip4:{a}"),
+        IpAddr::V6(a) => format!("ip6:{a}"),
+    }
+}
+
+async fn spf(name: &str, instance: &str, this: &[IpAddr], dest: &[(IpAddr, String)], dns: &impl Lookup) -> Vec<Check> {
+    let all: Vec<IpAddr> = this.iter().copied().chain(dest.iter().map(|(ip, _)| *ip)).fold(Vec::new(), |mut v, ip| {
+        if !v.contains(&ip) {
+            v.push(ip);
+        }
+        v
+    });
+    let suggestion = || {
+        let mechs: Vec<String> = all.iter().map(|&ip| mechanism(ip)).collect();
+        format!("\"v=spf1 {} ~all\"", mechs.join(" "))
+    };
+    // The record itself first, so that a missing or doubled record is one
+    // ✘, not one per address.
+    let txt = match dns.txt(name).await {
+        Ok(t) => t,
+        Err(e) => return vec![Check::fail(format!("SPF record of {name}: {e}"), "check the name servers of the domain, then run doctor again".into())],
+    };
+    let record = match spf::select(&txt) {
+        Ok(Some(r)) => r.to_owned(),
+        Ok(None) => {
+            return vec![Check::fail(
+                format!("{name} has no SPF record"),
+                format!("publish the TXT record {} at {name}: receivers then accept mail from {name} sent by this server and by the destination", suggestion()),
+            )]
+        }
+        Err(e) => return vec![Check::fail(format!("SPF record of {name}: {e}"), "merge them into one TXT record".into())],
+    };
+    let sender = format!("postmaster@{name}");
+    let this_labelled: Vec<(IpAddr, String)> = this.iter().map(|&ip| (ip, "this server".to_owned())).collect();
+    let roles = [
+        (
+            "this server",
+            this_labelled.as_slice(),
+            format!("mail this server routes to the destination keeps its sender's address, so the destination checks it against {name}'s SPF"),
+        ),
+        (
+            "the destination",
+            dest,
+            format!("users of {name} whose mailbox is on the destination send their mail from there (for a hosted provider, add the include: it documents instead)"),
+        ),
+    ];
+    let mut checks = Vec::new();
+    for (role, ips, why) in roles {
+        if ips.is_empty() {
+            continue;
+        }
+        let mut passed = Vec::new();
+        let mut missing: Vec<(IpAddr, &str, Verdict)> = Vec::new();
+        for (ip, label) in ips {
+            let v = check_host(dns, *ip, name, &sender, instance).await;
+            if v.result == SpfResult::Pass {
+                passed.push(format!("{ip} ({})", v.term.unwrap_or_default()));
+            } else {
+                missing.push((*ip, label, v));
+            }
+        }
+        if missing.is_empty() {
+            checks.push(Check::pass(format!("SPF of {name} authorizes {role}: {}", passed.join(", "))));
+            continue;
+        }
+        let shown: Vec<String> = missing
+            .iter()
+            .map(|(ip, label, v)| match &v.term {
+                Some(t) => format!("{ip} ({label}: {} by {t})", v.result),
+                None => format!("{ip} ({label}: {})", v.result),
+            })
+            .collect();
+        let text = format!("SPF of {name} does not authorize {}", shown.join(", "));
+        let error = missing.iter().find_map(|(_, _, v)| match &v.result {
+            SpfResult::PermError(e) => Some(format!("the SPF record of {name} is broken ({e}); receivers treat that as an error: fix it")),
+            SpfResult::TempError(e) => Some(format!("a DNS lookup failed ({e}): check the name servers and run doctor again")),
+            _ => None,
+        });
+        let advice = error.unwrap_or_else(|| {
+            let mechs: Vec<String> = missing.iter().map(|(ip, _, _)| mechanism(*ip)).collect();
+            format!("add {} to the SPF record of {name} (now \"{record}\"): {why}", mechs.join(" "))
+        });
+        checks.push(Check::fail(text, advice));
+    }
+    checks
+}
+
+async fn relay_check(relay: &str, dns: &impl Lookup) -> Check {
+    // RFC 6761 §6.4: names under .invalid never exist, and resolvers (hickory
+    // included) answer NXDOMAIN for them without asking a name server.
+    if relay.ends_with(".invalid") {
+        return Check::pass(format!("relay domain {relay} does not resolve (.invalid never does, RFC 6761)"));
+    }
+    let found = async {
+        let mut found: Vec<String> = dns.mx(relay).await?.into_iter().map(|(p, h)| format!("MX {p} {h}")).collect();
+        found.extend(dns.ips(relay).await?.into_iter().map(|ip| ip.to_string()));
+        Ok::<_, crate::dns::DnsError>(found)
+    };
+    match found.await {
+        Ok(found) if found.is_empty() => Check::pass(format!("relay domain {relay} does not resolve")),
+        Ok(found) => Check::fail(
+            format!("relay domain {relay} resolves: {}", found.join(", ")),
+            "if the MTA's transport for it is missing, routed mail goes to that host instead of the destination: use a relay_suffix under .invalid (the default, dualroute.invalid), which never resolves".into(),
+        ),
+        Err(e) => Check::fail(
+            format!("relay domain {relay}: {e}"),
+            "doctor cannot tell whether it resolves: check the name servers and run doctor again".into(),
+        ),
+    }
+}
