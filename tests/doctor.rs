@@ -1,0 +1,459 @@
+//! `dualroute doctor` against a real DNS server: dnsmasq on 127.0.0.1 with
+//! the zone of tests/doctor/zone.conf plus each test's own records for
+//! example.test. The binary is run as an administrator would, and its
+//! checklist and exit code are checked line by line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ZONE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/doctor/zone.conf");
+
+fn dnsmasq_binary() -> PathBuf {
+    for p in ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("dnsmasq is not installed: these tests run it as a DNS server on 127.0.0.1. Install it with `sh scripts/test-deps.sh` (as root; it runs `apt-get install dnsmasq-base`, which starts no service)");
+}
+
+/// A dnsmasq answering on 127.0.0.1:`port` (UDP and TCP) until dropped.
+struct Dnsmasq {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq with the base zone and `records` (dnsmasq options).
+    fn start(records: &[&str]) -> Dnsmasq {
+        let binary = dnsmasq_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dnsmasq.log");
+        // A port free for both UDP and TCP; another process may take it
+        // before dnsmasq binds, so a failed start is retried.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&binary)
+                .args(["--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1", "--pid-file="])
+                .arg(format!("--port={port}"))
+                // Also keeps dnsmasq from reading /etc/dnsmasq.conf.
+                .arg(format!("--conf-file={ZONE}"))
+                .arg(format!("--log-facility={}", log.display()))
+                .args(records)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+            if ready(&mut child, port, Duration::from_secs(10)) {
+                return Dnsmasq { child, port, _dir: dir };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let why = std::fs::read_to_string(&log).unwrap_or_default();
+            eprintln!("dnsmasq did not start on port {port}; retrying:\n{why}");
+        }
+        panic!("dnsmasq did not start; see the messages above");
+    }
+
+    fn nameserver(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// dnsmasq accepts TCP on its port once it is up (it binds UDP first).
+fn ready(child: &mut Child, port: u16, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// The records of example.test when everything is right: MX to this
+/// server, SPF covering this server and (through the include) the
+/// destination.
+const GOOD: &[&str] = &[
+    "--mx-host=example.test,mx.example.test,10",
+    "--txt-record=example.test,v=spf1 ip4:127.0.0.10 include:_spf.legacy.test -all",
+];
+
+/// A configuration with one `route` domain, example.test, whose
+/// destination is `destination` (YAML), plus `extra` top-level lines.
+fn config(dir: &Path, nameserver: &str, destination: &str, extra: &str) -> PathBuf {
+    let path = dir.join("milter.yaml");
+    let yaml = format!(
+        "instance: mx.example.test\nstate_dir: state\n{extra}dns:\n  nameservers: [\"{nameserver}\"]\ndomains:\n  example.test:\n    mode: route\n    destination: {destination}\n"
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+struct Run {
+    code: i32,
+    out: String,
+}
+
+impl Run {
+    /// The checklist: (✔?, text) per check line.
+    fn checks(&self) -> Vec<(bool, &str)> {
+        self.out
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("  ✔ ").map(|t| (true, t)).or_else(|| l.strip_prefix("  ✘ ").map(|t| (false, t)))
+            })
+            .collect()
+    }
+
+    /// The check line containing `text`, which must be there.
+    fn line(&self, text: &str) -> (bool, &str) {
+        self.checks()
+            .into_iter()
+            .find(|(_, t)| t.contains(text))
+            .unwrap_or_else(|| panic!("no check line contains {text:?}:\n{}", self.out))
+    }
+
+    /// The advice printed under the ✘ line containing `text`.
+    fn advice(&self, text: &str) -> &str {
+        let mut lines = self.out.lines();
+        while let Some(l) = lines.next() {
+            if l.starts_with("  ✘ ") && l.contains(text) {
+                if let Some(a) = lines.next().and_then(|a| a.strip_prefix("      → ")) {
+                    return a;
+                }
+            }
+        }
+        panic!("no advice under a ✘ line containing {text:?}:\n{}", self.out)
+    }
+
+    fn assert_fails(&self, text: &str) {
+        assert_eq!(self.code, 1, "exit code:\n{}", self.out);
+        assert!(!self.line(text).0, "{text:?} should be ✘:\n{}", self.out);
+    }
+}
+
+fn doctor(config: &Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .arg("doctor")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A panic exits 101; doctor must report, not crash.
+    assert!(!stderr.contains("panicked"), "doctor panicked:\n{stderr}");
+    Run { code: out.status.code().unwrap_or(-1), out: stdout + &stderr }
+}
+
+/// Runs doctor for example.test with `records` and the given destination.
+fn run(records: &[&str], destination: &str, extra: &str, args: &[&str]) -> Run {
+    let dns = Dnsmasq::start(records);
+    let dir = tempfile::tempdir().unwrap();
+    doctor(&config(dir.path(), &dns.nameserver(), destination, extra), args)
+}
+
+const LEGACY: &str = "{ hosts: [legacy.test] }";
+
+#[test]
+fn all_good_is_all_ticks_and_exit_0() {
+    let r = run(GOOD, LEGACY, "", &[]);
+    assert_eq!(r.code, 0, "{}", r.out);
+    let checks = r.checks();
+    assert!(checks.len() >= 6, "{}", r.out);
+    assert!(checks.iter().all(|(ok, _)| *ok), "every line ✔:\n{}", r.out);
+    assert!(!r.out.contains('✘'), "{}", r.out);
+    assert_eq!(r.line("resolves: 127.0.0.10"), (true, "mx.example.test resolves: 127.0.0.10"));
+    assert_eq!(r.line("MX of example.test"), (true, "MX of example.test: 10 mx.example.test → 127.0.0.10 (this server)"));
+    assert_eq!(
+        r.line("destination legacy.test"),
+        (true, "destination legacy.test resolves: MX 10 mx.legacy.test of legacy.test → 127.0.0.20")
+    );
+    assert_eq!(r.line("authorizes this server"), (true, "SPF of example.test authorizes this server: 127.0.0.10 (ip4:127.0.0.10)"));
+    // The destination's address comes from the MX of legacy.test, and the
+    // SPF passes it through include: → mx:.
+    assert_eq!(
+        r.line("authorizes the destination"),
+        (true, "SPF of example.test authorizes the destination: 127.0.0.20 (include:_spf.legacy.test)")
+    );
+    assert!(r.line("relay domain example.test.dualroute.invalid does not resolve").0);
+    assert!(r.out.ends_with("no problems found\n"), "{}", r.out);
+}
+
+#[test]
+fn spf_without_the_destination_names_the_missing_address() {
+    // legacy.test is covered by the include; the second host, a literal
+    // with a port, is not.
+    let r = run(GOOD, "{ hosts: [legacy.test, \"[127.0.0.30]:2525\"] }", "", &[]);
+    r.assert_fails("does not authorize 127.0.0.30");
+    assert_eq!(
+        r.line("does not authorize"),
+        (false, "SPF of example.test does not authorize 127.0.0.30 (destination [127.0.0.30]:2525: fail by -all)")
+    );
+    let advice = r.advice("does not authorize 127.0.0.30");
+    assert!(advice.starts_with("add ip4:127.0.0.30 to the SPF record of example.test"), "{advice}");
+    assert!(!advice.contains("127.0.0.20"), "only the missing address: {advice}");
+    // This server and the other destination host are still fine.
+    assert!(r.line("authorizes this server").0, "{}", r.out);
+    assert!(r.line("destination [127.0.0.30]:2525 is an address literal").0, "{}", r.out);
+    assert!(r.out.ends_with("1 problem found\n"), "{}", r.out);
+}
+
+#[test]
+fn spf_without_this_server_explains_why_it_matters() {
+    let r = run(
+        &["--mx-host=example.test,mx.example.test,10", "--txt-record=example.test,v=spf1 include:_spf.legacy.test ~all"],
+        LEGACY,
+        "",
+        &[],
+    );
+    assert_eq!(
+        r.line("does not authorize"),
+        (false, "SPF of example.test does not authorize 127.0.0.10 (this server: softfail by ~all)")
+    );
+    let advice = r.advice("does not authorize 127.0.0.10");
+    assert!(advice.starts_with("add ip4:127.0.0.10 to the SPF record of example.test"), "{advice}");
+    assert!(advice.contains("keeps its sender's address"), "{advice}");
+    assert!(r.line("authorizes the destination").0, "{}", r.out);
+    assert_eq!(r.code, 1);
+}
+
+#[test]
+fn ip_option_replaces_the_instance_addresses() {
+    let r = run(GOOD, LEGACY, "", &["--ip", "127.0.0.10", "--ip", "127.0.0.11"]);
+    assert_eq!(r.line("--ip"), (true, "addresses given with --ip: 127.0.0.10, 127.0.0.11"));
+    assert_eq!(r.line("does not authorize"), (false, "SPF of example.test does not authorize 127.0.0.11 (this server: fail by -all)"));
+    assert!(r.advice("127.0.0.11").starts_with("add ip4:127.0.0.11 "), "{}", r.out);
+    assert_eq!(r.code, 1);
+}
+
+#[test]
+fn spf_mechanisms_redirect_a_and_mx() {
+    let r = run(
+        &[
+            "--mx-host=example.test,mx.example.test,10",
+            "--txt-record=example.test,v=spf1 redirect=_spf.example.test",
+            "--txt-record=_spf.example.test,v=spf1 a:mx.example.test/32 mx:legacy.test -all",
+        ],
+        LEGACY,
+        "",
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert_eq!(
+        r.line("authorizes this server"),
+        (true, "SPF of example.test authorizes this server: 127.0.0.10 (redirect=_spf.example.test → a:mx.example.test/32)")
+    );
+    assert_eq!(
+        r.line("authorizes the destination"),
+        (true, "SPF of example.test authorizes the destination: 127.0.0.20 (redirect=_spf.example.test → mx:legacy.test)")
+    );
+}
+
+#[test]
+fn no_spf_record_suggests_one() {
+    let r = run(&["--mx-host=example.test,mx.example.test,10"], LEGACY, "", &[]);
+    r.assert_fails("example.test has no SPF record");
+    assert!(
+        r.advice("no SPF record").starts_with("publish the TXT record \"v=spf1 ip4:127.0.0.10 ip4:127.0.0.20 ~all\" at example.test"),
+        "{}",
+        r.out
+    );
+}
+
+#[test]
+fn no_mx_is_a_cross() {
+    let r = run(&["--txt-record=example.test,v=spf1 ip4:127.0.0.10 include:_spf.legacy.test -all"], LEGACY, "", &[]);
+    r.assert_fails("example.test has no MX record");
+    assert!(r.advice("no MX record").contains("this server (mx.example.test)"), "{}", r.out);
+    assert_eq!(r.checks().iter().filter(|(ok, _)| !ok).count(), 1, "only the MX is wrong:\n{}", r.out);
+}
+
+#[test]
+fn mx_at_the_destination_and_an_mx_host_without_address() {
+    let r = run(
+        &[
+            "--mx-host=example.test,mx.legacy.test,10",
+            "--mx-host=example.test,backup.example.test,20",
+            "--txt-record=example.test,v=spf1 ip4:127.0.0.10 include:_spf.legacy.test -all",
+        ],
+        LEGACY,
+        "",
+        &[],
+    );
+    r.assert_fails("MX of example.test");
+    assert_eq!(
+        r.line("MX of example.test"),
+        (false, "MX of example.test: 10 mx.legacy.test → 127.0.0.20 (the destination); 20 backup.example.test (no A or AAAA record)")
+    );
+    assert!(r.advice("MX of example.test").starts_with("senders cannot reach backup.example.test"), "{}", r.out);
+}
+
+#[test]
+fn destination_that_does_not_resolve() {
+    let r = run(GOOD, "{ hosts: [gone.test] }", "", &[]);
+    r.assert_fails("destination gone.test does not resolve");
+    assert_eq!(r.line("destination gone.test"), (false, "destination gone.test does not resolve: gone.test has no address records"));
+    assert!(r.advice("destination gone.test").contains("keeps it deferred"), "{}", r.out);
+    // Without destination addresses there is nothing to check SPF for.
+    assert!(!r.out.contains("authorizes the destination") && !r.out.contains("not authorize"), "{}", r.out);
+}
+
+#[test]
+fn destination_that_is_this_server_would_loop() {
+    let r = run(GOOD, "{ hosts: [\"[mx.example.test]\"] }", "", &[]);
+    r.assert_fails("resolves to this server");
+    assert_eq!(r.line("destination [mx.example.test]"), (false, "destination [mx.example.test] resolves to this server (127.0.0.10)"));
+}
+
+#[test]
+fn relay_suffix_that_resolves() {
+    let mut records = GOOD.to_vec();
+    // Any name under relay.test resolves, as a wildcard record would.
+    records.push("--address=/relay.test/127.0.0.99");
+    let r = run(&records, LEGACY, "relay_suffix: relay.test\n", &[]);
+    r.assert_fails("relay domain example.test.relay.test");
+    assert_eq!(r.line("relay domain"), (false, "relay domain example.test.relay.test resolves: 127.0.0.99"));
+    assert!(r.advice("relay domain").contains(".invalid"), "{}", r.out);
+}
+
+#[test]
+fn relay_suffix_that_does_not_resolve_and_change_envelope_has_none() {
+    let dns = Dnsmasq::start(GOOD);
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), &dns.nameserver(), LEGACY, "relay_suffix: relay.test\n");
+    let r = doctor(&path, &[]);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(r.line("relay domain example.test.relay.test does not resolve").0);
+    // change_envelope: routed mail is addressed to the destination domain
+    // itself, so there is no relay domain to check.
+    let path = config(dir.path(), &dns.nameserver(), "{ domain: legacy.test, change_envelope: true }", "relay_suffix: relay.test\n");
+    let r = doctor(&path, &[]);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(!r.out.contains("relay domain"), "{}", r.out);
+    assert!(r.line("destination legacy.test resolves").0, "{}", r.out);
+}
+
+/// A name server that answers every query with SERVFAIL.
+fn servfail_server() -> u16 {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if n < 12 {
+                continue;
+            }
+            // The query itself, turned into a response: QR, RD kept, RA,
+            // RCODE 2 (SERVFAIL); the question stays, no answers.
+            let mut reply = buf[..n].to_vec();
+            reply[2] = 0x80 | (reply[2] & 0x01);
+            reply[3] = 0x82;
+            let _ = socket.send_to(&reply, from);
+        }
+    });
+    port
+}
+
+#[test]
+fn servfail_is_a_cross_with_the_error_not_a_crash() {
+    let port = servfail_server();
+    let dir = tempfile::tempdir().unwrap();
+    let r = doctor(&config(dir.path(), &format!("127.0.0.1:{port}"), LEGACY, ""), &[]);
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert_eq!(
+        r.line("addresses of mx.example.test"),
+        (false, "addresses of mx.example.test (`instance`): A lookup of mx.example.test: the name server answered SERVFAIL (Server Failure)")
+    );
+    assert!(!r.line("MX of example.test").0);
+    assert!(r.line("MX of example.test").1.contains("SERVFAIL"), "{}", r.out);
+    assert!(r.line("destination legacy.test does not resolve").1.contains("SERVFAIL"), "{}", r.out);
+    assert!(r.line("SPF record of example.test").1.contains("SERVFAIL"), "{}", r.out);
+    assert!(r.checks().iter().all(|(ok, t)| !ok || t.contains(".invalid")), "{}", r.out);
+}
+
+#[test]
+fn silent_name_server_is_one_cross() {
+    // Nothing listens here: every query times out. Doctor says so once
+    // instead of timing out on every check.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let r = doctor(&config(dir.path(), &format!("127.0.0.1:{port}"), LEGACY, ""), &[]);
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert_eq!(r.checks().len(), 1, "{}", r.out);
+    assert!(r.line(&format!("the name servers do not answer (127.0.0.1:{port})")).1.contains("timed out"), "{}", r.out);
+}
+
+/// An SMTP server that accepts everything, for `dualroute verify`.
+fn smtp_server() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut read = BufReader::new(stream.try_clone().unwrap());
+            let _ = stream.write_all(b"220 mx.legacy.test ESMTP\r\n");
+            let mut line = String::new();
+            while read.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let quit = line.to_ascii_uppercase().starts_with("QUIT");
+                let _ = stream.write_all(if quit { b"221 bye\r\n" } else { b"250 ok\r\n" });
+                if quit {
+                    break;
+                }
+                line.clear();
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn verify_finds_the_destination_through_the_configured_name_servers() {
+    // legacy.test's MX points to mx.legacy.test; here it is 127.0.0.1, where
+    // the test's SMTP server listens. Only dnsmasq knows these names.
+    let dns = Dnsmasq::start(&["--host-record=mx.verify.test,127.0.0.1", "--mx-host=verify.test,mx.verify.test,10"]);
+    let port = smtp_server();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "instance: mx.example.test\nstate_dir: state\ndns: {{ nameservers: [\"{}\"] }}\ndomains:\n  example.test:\n    mode: route\n    verify: postmaster@verify.test\n    destination: {{ hosts: [\"verify.test:{port}\"] }}\n",
+            dns.nameserver()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dualroute")).args(["verify", "example.test", "--config"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("127.0.0.1:{port} (MX 10 mx.verify.test of verify.test)")), "{stdout}");
+    assert!(stdout.contains("example.test: verified"), "{stdout}");
+}
