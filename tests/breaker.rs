@@ -17,8 +17,8 @@ use dualroute::policy::{Policy, SharedPolicy};
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{dualroute, postfix_config, MilterProcess};
 
 // ---------------------------------------------------------------------
 // Lines as Postfix 3.7 and Sendmail 8.17 write them.
@@ -436,101 +436,6 @@ fn message(subject: &str) -> String {
     format!("From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n")
 }
 
-/// `dualroute run --config …` as a child process, its stderr appended to
-/// a file. Killed on Drop. (The same as tests/postfix_e2e.rs's, which is
-/// not shareable across test binaries outside tests/support.)
-struct Milter {
-    child: Option<Child>,
-    port: u16,
-    config: PathBuf,
-    log: PathBuf,
-}
-
-impl Milter {
-    fn spawn(&mut self) {
-        assert!(self.child.is_none(), "the milter is already running");
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open the milter log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("DUALROUTE_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("run dualroute");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !support::is_listening(self.port) {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("dualroute run exited ({status}) before listening:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("dualroute run does not listen on 127.0.0.1:{} after 10 s:\n{}", self.port, self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child = Some(child);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while support::is_listening(self.port) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Milter {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Runs the `dualroute` binary with `--config` and returns (success, stdout).
-fn dualroute(config: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run dualroute");
-    (
-        out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-    )
-}
-
-/// Feeds `dualroute postfix-config --write` into the Postfix options, as
-/// tests/postfix_e2e.rs does: every main.cf and master.cf line and every
-/// table, plus `dualroute_catchall` in `virtual_mailbox_maps`.
-fn with_postfix_config(mut opts: support::PostfixOptions, config: &Path, out: &Path) -> support::PostfixOptions {
-    let (ok, printed) = dualroute(config, &["postfix-config", "--write", &out.display().to_string(), "--map-dir", "/etc/postfix"]);
-    assert!(ok, "dualroute postfix-config failed:\n{printed}");
-    let read = |name: &str| fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
-    for line in read("main.cf.dualroute").lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
-        opts = opts.main_cf(line);
-    }
-    opts = opts.main_cf("virtual_mailbox_maps = hash:$config_directory/vmailbox, hash:/etc/postfix/dualroute_catchall");
-    for line in read("master.cf.dualroute").lines() {
-        opts = opts.master_cf(line);
-    }
-    for name in ["dualroute_transport", "dualroute_generic", "dualroute_catchall"] {
-        opts = opts.map(name, &read(name));
-    }
-    opts
-}
-
 /// The real thing: example.com is split and routed to a destination that
 /// refuses every recipient. Three bounces of routed mail trip the breaker
 /// (threshold 3 within 1 h); from then on the milter is transparent for
@@ -560,7 +465,7 @@ domains:
     );
     fs::write(&config, &domains).unwrap();
     let opts = support::PostfixOptions::default().domain_without_catchall("example.com", &["alice@example.com"]);
-    let opts = with_postfix_config(opts, &config, &dir.join("postfix-config"));
+    let opts = postfix_config(&config, &dir.join("postfix-config")).apply_to(opts);
     let pf = support::Postfix::start(opts);
     // Only now is the maillog's path known.
     fs::write(
@@ -568,11 +473,10 @@ domains:
         format!("{domains}breaker: {{ maillog: {}, threshold: 3, window: 1h }}\n", pf.maillog_path().display()),
     )
     .unwrap();
-    let mut milter = Milter { child: None, port: milter_port, config: config.clone(), log: dir.join("milter.log") };
-    milter.spawn();
+    let mut milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
 
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
-    let diag = |milter: &Milter| {
+    let diag = |milter: &MilterProcess| {
         format!(
             "{}\n--- milter log ---\n{}\n--- status ---\n{}",
             pf.diagnostics(),
@@ -584,13 +488,13 @@ domains:
     let routed = || -> Vec<support::Delivery> {
         pf.deliveries().into_iter().filter(|d| d.to.ends_with("@example.com.dualroute.invalid")).collect()
     };
-    let send = |milter: &Milter, rcpts: &[&str], subject: &str| {
+    let send = |milter: &MilterProcess, rcpts: &[&str], subject: &str| {
         let t = client.send(SENDER, rcpts, &message(subject));
         assert!(t.accepted(), "{t}\n{}", diag(milter));
         pf.wait_queue_empty();
         t
     };
-    let wait_for = |milter: &Milter, what: &str, mut probe: Box<dyn FnMut() -> bool + '_>| {
+    let wait_for = |milter: &MilterProcess, what: &str, mut probe: Box<dyn FnMut() -> bool + '_>| {
         if support::poll(|| probe().then_some(())).is_none() {
             panic!("timed out waiting for {what}\n{}", diag(milter));
         }
@@ -658,8 +562,8 @@ domains:
 
     // 5. `dualroute enable`: routing is back within seconds (the running
     // milter follows state_dir every 2 s), and the breaker counts from 0.
-    let (ok, out) = dualroute(&config, &["enable", "example.com"]);
-    assert!(ok && out.contains("breaker trip cleared"), "{out}");
+    let (exit, out) = dualroute(&config, &["enable", "example.com"]);
+    assert!(exit.success() && out.contains("breaker trip cleared"), "{out}");
     assert!(status().contains("example.com: mode split: active"), "{}", status());
     std::thread::sleep(Duration::from_secs(3));
     send(&milter, &["zed6@example.com"], "after enable");
@@ -680,7 +584,7 @@ domains:
     assert!(!state.join("example.com.tripped").exists(), "{}", diag(&milter));
     drop(milter);
     drop(pf);
-    if std::env::var_os("DUALROUTE_KEEP_TMP").is_some_and(|v| v == "1") {
+    if support::keep_tmp() {
         eprintln!("DUALROUTE_KEEP_TMP: kept {}", tmp.keep().display());
     }
 }

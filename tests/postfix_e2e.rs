@@ -25,13 +25,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::{
-    free_port, is_listening, read_maildir, MaildirMessage, Postfix, PostfixOptions, SinkMessage,
-    SinkRcpt, SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP,
+    free_port, postfix_config, read_maildir, MaildirMessage, MilterProcess, Postfix, PostfixConfig,
+    PostfixOptions, SinkMessage, SinkRcpt, SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP,
 };
 
 const SENDER: &str = "sender@outside.test";
@@ -46,117 +45,6 @@ fn message(subject: &str) -> String {
 }
 
 // ---------------------------------------------------------------------
-// The milter as a child process.
-// ---------------------------------------------------------------------
-
-/// `dualroute run --config …` as a child process, its stderr appended to a
-/// file. Killed on Drop.
-struct Milter {
-    child: Option<Child>,
-    port: u16,
-    config: PathBuf,
-    log: PathBuf,
-}
-
-impl Milter {
-    fn start(config: &Path, port: u16, log: &Path) -> Milter {
-        let mut milter = Milter {
-            child: None,
-            port,
-            config: config.to_owned(),
-            log: log.to_owned(),
-        };
-        milter.spawn();
-        milter
-    }
-
-    /// Starts the binary and waits until its port listens.
-    fn spawn(&mut self) {
-        assert!(self.child.is_none(), "the milter is already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("DUALROUTE_LOG", "info,dualroute=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("run dualroute");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !is_listening(self.port) {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "dualroute run exited ({status}) before listening on {}:\n{}",
-                    self.port,
-                    self.log()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "dualroute run does not listen on 127.0.0.1:{} after 10 s:\n{}",
-                    self.port,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child = Some(child);
-    }
-
-    /// SIGKILL, as a crash would. Waits until the port is closed.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while is_listening(self.port) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(!is_listening(self.port), "milter port {} still open after kill", self.port);
-    }
-
-    /// Everything the milter logged so far, without colour codes.
-    fn log(&self) -> String {
-        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
-    }
-}
-
-impl Drop for Milter {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------
 // One scenario: sink + milter.yaml + postfix-config + Postfix + milter.
 // ---------------------------------------------------------------------
 
@@ -168,7 +56,8 @@ struct Setup {
     postfix: PostfixOptions,
     /// Domains a test-added transport entry sends to the sink (no DNS here).
     to_sink: Vec<String>,
-    /// Add the generated `dualroute_catchall` to `virtual_mailbox_maps`.
+    /// Expect postfix-config to generate `dualroute_catchall` (which
+    /// [`PostfixConfig::apply_to`] adds to `virtual_mailbox_maps`).
     catchall: bool,
 }
 
@@ -198,7 +87,7 @@ impl Setup {
         self
     }
 
-    /// Do not add `dualroute_catchall` (there is none without split/route
+    /// Expect no `dualroute_catchall` (there is none without split/route
     /// domains).
     fn without_dualroute_catchall(mut self) -> Self {
         self.catchall = false;
@@ -247,8 +136,14 @@ impl Setup {
 
         // 2. dualroute postfix-config
         let generated = postfix_config(&config, &dir.join("postfix-config"));
-        let mut opts = self.postfix;
-        let mut main_cf = generated.main_cf.clone();
+        if self.catchall {
+            assert!(
+                generated.has_table("dualroute_catchall"),
+                "postfix-config printed no dualroute_catchall table for a configuration with split/route domains:\n{}",
+                generated.printed
+            );
+        }
+        let mut opts = generated.apply_to(self.postfix);
         if !self.to_sink.is_empty() {
             let entries: String = self
                 .to_sink
@@ -257,31 +152,10 @@ impl Setup {
                 .collect();
             opts = opts.map("e2e_transport", &entries);
             // Appended to the generated transport_maps, or on its own.
-            match main_cf.iter_mut().find(|l| l.starts_with("transport_maps")) {
+            match opts.main_cf.iter_mut().find(|l| l.starts_with("transport_maps")) {
                 Some(line) => line.push_str(", hash:/etc/postfix/e2e_transport"),
-                None => main_cf.push("transport_maps = hash:/etc/postfix/e2e_transport".into()),
+                None => opts.main_cf.push("transport_maps = hash:/etc/postfix/e2e_transport".into()),
             }
-        }
-        if self.catchall {
-            assert!(
-                generated.tables.iter().any(|(name, _)| name == "dualroute_catchall"),
-                "postfix-config printed no dualroute_catchall table for a configuration with split/route domains:\n{}",
-                generated.printed
-            );
-            // docs/postfix.md §3: after the existing mailbox table.
-            main_cf.push(
-                "virtual_mailbox_maps = hash:$config_directory/vmailbox, hash:/etc/postfix/dualroute_catchall"
-                    .into(),
-            );
-        }
-        for line in &main_cf {
-            opts = opts.main_cf(line);
-        }
-        for line in &generated.master_cf {
-            opts = opts.master_cf(line);
-        }
-        for (name, contents) in &generated.tables {
-            opts = opts.map(name, contents);
         }
         let pf = Postfix::start(opts);
         // The generated milter setting is the one in force (the harness
@@ -290,7 +164,7 @@ impl Setup {
         assert_eq!(pf.postconf("milter_default_action"), "tempfail");
 
         // 3. dualroute run
-        let milter = Milter::start(&config, milter_port, &dir.join("milter.log"));
+        let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
 
         E2e {
             milter,
@@ -302,84 +176,20 @@ impl Setup {
     }
 }
 
-/// What `dualroute postfix-config` produced.
-struct Generated {
-    /// `name = value` lines of main.cf.dualroute.
-    main_cf: Vec<String>,
-    /// master.cf.dualroute, line by line.
-    master_cf: Vec<String>,
-    /// (file name, contents) of each table.
-    tables: Vec<(String, String)>,
-    /// The printed form (`postfix-config` without `--write`), for messages.
-    printed: String,
-}
-
-fn postfix_config(config: &Path, out_dir: &Path) -> Generated {
-    let run = |extra: &[&std::ffi::OsStr]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-            .arg("postfix-config")
-            .arg("--config")
-            .arg(config)
-            .args(["--map-dir", "/etc/postfix"])
-            .args(extra)
-            .output()
-            .expect("run dualroute postfix-config");
-        assert!(
-            output.status.success(),
-            "dualroute postfix-config failed ({}):\n{}\n--- milter.yaml ---\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr),
-            fs::read_to_string(config).unwrap_or_default()
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
-    let printed = run(&[]);
-    let written = run(&["--write".as_ref(), out_dir.as_os_str()]);
-    let read = |name: &str| {
-        fs::read_to_string(out_dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
-    };
-    let main_cf: Vec<String> = read("main.cf.dualroute")
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
-    let master_cf: Vec<String> = read("master.cf.dualroute").lines().map(str::to_owned).collect();
-    let tables = written
-        .lines()
-        .filter_map(|path| Path::new(path.trim()).file_name())
-        .map(|name| name.to_string_lossy().into_owned())
-        .filter(|name| !name.ends_with(".cf.dualroute"))
-        .map(|name| {
-            let contents = read(&name);
-            (name, contents)
-        })
-        .collect();
-    // Both forms say the same about main.cf.
-    for line in &main_cf {
-        assert!(printed.contains(line.as_str()), "{line:?} missing from the printed form:\n{printed}");
-    }
-    Generated {
-        main_cf,
-        master_cf,
-        tables,
-        printed,
-    }
-}
-
 /// A running scenario. Fields drop in order: the milter, then Postfix, then
 /// the sink, then the temporary tree.
 struct E2e {
-    milter: Milter,
+    milter: MilterProcess,
     pf: Postfix,
     sink: SmtpSink,
-    generated: Generated,
+    generated: PostfixConfig,
     tmp: Option<tempfile::TempDir>,
 }
 
 impl Drop for E2e {
     fn drop(&mut self) {
         if let Some(tmp) = self.tmp.take() {
-            if std::env::var_os("DUALROUTE_KEEP_TMP").is_some_and(|v| v == "1") {
+            if support::keep_tmp() {
                 eprintln!("DUALROUTE_KEEP_TMP: kept the scenario tree {}", tmp.keep().display());
             }
         }
@@ -419,7 +229,7 @@ impl E2e {
         format!(
             "{}\n--- milter log ({}) ---\n{}\n--- sink ---\n{}\n--- Maildir files ---\n{}\n--- postfix-config ---\n{}",
             self.pf.diagnostics(),
-            self.milter.log.display(),
+            self.milter.log_path().display(),
             self.milter.log(),
             sink.join("\n"),
             maildirs.join("\n"),
@@ -632,7 +442,7 @@ fn dual_copies_present_and_refuses_unknown() {
     .start();
     // No split/route domain: postfix-config prints no catch-all.
     assert!(
-        !e.generated.tables.iter().any(|(n, _)| n == "dualroute_catchall"),
+        !e.generated.has_table("dualroute_catchall"),
         "{}",
         e.generated.printed
     );

@@ -4,7 +4,7 @@
 //! real binary reloads by itself when an account file changes.
 
 mod support;
-use support::free_port;
+use support::{free_port, MilterProcess};
 
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,23 +132,10 @@ fn binary_reloads_when_an_account_file_changes() {
         ),
     )
     .unwrap();
-    let log = dir.path().join("stderr");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
+    let addr = milter.addr();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let result = rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if Instant::now() > deadline {
-                return Err("milter did not start".to_owned());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         let (seen, _, _) = conversation(addr, None).await?;
         if seen != Seen::Routed {
             return Err(format!("zed is not an account yet, expected routed, got {seen:?}"));
@@ -165,9 +152,8 @@ fn binary_reloads_when_an_account_file_changes() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let _ = child.kill();
-    let _ = child.wait();
-    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    milter.kill();
+    let stderr = milter.log();
     result.unwrap_or_else(|e| panic!("{e}\nmilter stderr:\n{stderr}"));
     assert!(stderr.contains("account file changed"), "{stderr}");
 }

@@ -3,20 +3,11 @@
 //! follows within seconds without a restart.
 
 mod support;
-use support::free_port;
+use support::{dualroute, free_port, MilterProcess};
 
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn dualroute(config: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dualroute")).args(args).arg("--config").arg(config).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-    )
-}
 
 fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
     let path = dir.join("milter.yaml");
@@ -60,34 +51,21 @@ fn status_disable_enable_with_a_running_milter() {
     let port = free_port();
     let config = write_config(dir.path(), port);
 
-    let (code, out) = dualroute(&config, &["status"]);
-    assert_eq!(code, 0, "{out}");
+    let (status, out) = dualroute(&config, &["status"]);
+    assert_eq!(status.code(), Some(0), "{out}");
     assert!(out.contains("example.com: mode route: active"), "{out}");
     assert!(out.contains("example.org: mode route: WAITING for verification of postmaster@example.org; no probe yet"), "{out}");
     assert!(out.contains("example.net: mode route: transparent (enabled: false"), "{out}");
 
-    let log = dir.path().join("stderr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut milter = MilterProcess::start(&config, port, &dir.path().join("stderr"));
+    let addr = milter.addr();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let result: Result<(), String> = rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if Instant::now() > deadline {
-                return Err("milter did not start".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         if !routed(addr).await {
             return Err("example.com should be routed at first".into());
         }
-        let (code, out) = dualroute(&config, &["disable", "example.com", "--reason", "legacy server maintenance"]);
-        if code != 0 {
+        let (status, out) = dualroute(&config, &["disable", "example.com", "--reason", "legacy server maintenance"]);
+        if status.code() != Some(0) {
             return Err(out);
         }
         if !wait_until(addr, false).await {
@@ -102,8 +80,8 @@ fn status_disable_enable_with_a_running_milter() {
         if !out.contains("example.org: mode route: WAITING for verification of postmaster@example.org; last probe") {
             return Err(format!("status after a failed probe: {out}"));
         }
-        let (code, out) = dualroute(&config, &["enable", "example.com"]);
-        if code != 0 || !out.contains("admin disable cleared") {
+        let (status, out) = dualroute(&config, &["enable", "example.com"]);
+        if status.code() != Some(0) || !out.contains("admin disable cleared") {
             return Err(out);
         }
         if !wait_until(addr, true).await {
@@ -111,17 +89,15 @@ fn status_disable_enable_with_a_running_milter() {
         }
         Ok(())
     });
-    let _ = child.kill();
-    let _ = child.wait();
-    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-    result.unwrap_or_else(|e| panic!("{e}\nmilter stderr:\n{stderr}"));
+    milter.kill();
+    result.unwrap_or_else(|e| panic!("{e}\nmilter stderr:\n{}", milter.log()));
 
     // The state survives a restart: disable, then a new process (explain
     // loads the same state) still sees it.
     dualroute(&config, &["disable", "example.com"]);
     let (_, out) = dualroute(&config, &["explain", "zed@example.com"]);
     assert!(out.contains("keep — routing held: disabled by an administrator"), "{out}");
-    let (code, out) = dualroute(&config, &["enable", "nosuch.example"]);
-    assert_eq!(code, 1, "{out}");
+    let (status, out) = dualroute(&config, &["enable", "nosuch.example"]);
+    assert_eq!(status.code(), Some(1), "{out}");
     assert!(out.contains("not a managed domain"), "{out}");
 }

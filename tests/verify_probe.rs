@@ -7,8 +7,8 @@ mod support;
 
 use dualroute::decision::Decision;
 use indymilter_test::{EomAction, Status, TestConnection};
-use std::{process::Command, time::Duration};
-use support::{free_port, SmtpSink};
+use std::time::Duration;
+use support::{dualroute, dualroute_output, free_port, SmtpSink};
 
 /// A route domain whose destination is `nexthop`, probed with postmaster@.
 fn yaml(nexthop: &str) -> String {
@@ -25,21 +25,18 @@ fn config(dir: &std::path::Path, nexthop: &str) -> std::path::PathBuf {
     path
 }
 
-fn verify(path: &std::path::Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-        .args(["verify", "example.com", "--config"])
-        .arg(path)
-        .output()
-        .expect("run dualroute verify");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code(), text)
+/// `dualroute verify example.com` with `nexthop` as the destination: its
+/// exit code and everything it printed.
+fn verify(nexthop: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, out) = dualroute(&config(dir.path(), nexthop), &["verify", "example.com"]);
+    (status.code(), out)
 }
 
 #[test]
 fn probe_accepted() {
     let sink = SmtpSink::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (code, out) = verify(&config(dir.path(), &sink.nexthop()));
+    let (code, out) = verify(&sink.nexthop());
     assert_eq!(code, Some(0), "{out}");
     for step in ["< 220", "> EHLO probe.test", "> MAIL FROM:<>", "> RCPT TO:<postmaster@example.com>", "✔ accepted", "verified"] {
         assert!(out.contains(step), "{step:?} missing in:\n{out}");
@@ -54,11 +51,7 @@ fn probe_send_delivers_one_test_message() {
     let sink = SmtpSink::start();
     let dir = tempfile::tempdir().unwrap();
     let path = config(dir.path(), &sink.nexthop());
-    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-        .args(["verify", "example.com", "--send", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = dualroute_output(&path, &["verify", "example.com", "--send"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("> DATA") && text.contains("< 354"), "{text}");
@@ -71,8 +64,7 @@ fn probe_send_delivers_one_test_message() {
 #[test]
 fn probe_refused() {
     let sink = SmtpSink::start_rejecting();
-    let dir = tempfile::tempdir().unwrap();
-    let (code, out) = verify(&config(dir.path(), &sink.nexthop()));
+    let (code, out) = verify(&sink.nexthop());
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("< 550"), "{out}");
     assert!(out.contains("RCPT TO:<postmaster@example.com> refused"), "{out}");
@@ -82,8 +74,7 @@ fn probe_refused() {
 #[test]
 fn probe_closed_port() {
     let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let (code, out) = verify(&config(dir.path(), &format!("[127.0.0.1]:{port}")));
+    let (code, out) = verify(&format!("[127.0.0.1]:{port}"));
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains(&format!("connect to 127.0.0.1:{port}")), "{out}");
     assert!(out.contains("NOT verified"), "{out}");
@@ -93,7 +84,7 @@ fn probe_closed_port() {
 fn unknown_domain_or_no_verify_address() {
     let dir = tempfile::tempdir().unwrap();
     let path = config(dir.path(), "[127.0.0.1]:9");
-    let out = Command::new(env!("CARGO_BIN_EXE_dualroute")).args(["verify", "other.example", "--config"]).arg(&path).output().unwrap();
+    let out = dualroute_output(&path, &["verify", "other.example"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a managed domain"));
 }

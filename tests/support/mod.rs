@@ -1,6 +1,8 @@
 //! End-to-end test harness: a private Postfix instance on loopback
 //! ([`postfix`]), an `smtp-sink` that stands in for the destination server
-//! ([`sink`]), and a small SMTP client that records every reply ([`smtp`]).
+//! ([`sink`]), a small SMTP client that records every reply ([`smtp`]), and
+//! the real `dualroute` binary: `dualroute run` as a child process, its
+//! one-shot commands, and `postfix-config` fed into Postfix ([`milter`]).
 //!
 //! Use it from an integration test with
 //!
@@ -12,7 +14,7 @@
 //! (`tests/common/` is something else: the in-process milter driven by
 //! indymilter-test.)
 //!
-//! Requirements: Linux, root (Postfix's `postfix start` and the `virtual`
+//! Requirements of [`postfix`]: Linux, root (Postfix's `postfix start` and the `virtual`
 //! delivery agent need it), and the Debian `postfix` package
 //! (`scripts/test-deps.sh` installs it). Nothing here skips silently: a
 //! missing binary is a panic that says how to install it.
@@ -30,11 +32,14 @@
 //! queue, Maildirs, `maillog`, sink dumps); their paths are printed.
 #![allow(dead_code)]
 
+pub mod milter;
 pub mod postfix;
 pub mod sink;
 pub mod smtp;
 
 // Each test binary uses a different part of the harness.
+#[allow(unused_imports)]
+pub use milter::{dualroute, dualroute_output, postfix_config, MilterProcess, PostfixConfig};
 #[allow(unused_imports)]
 pub use postfix::{processes_in, read_maildir, Delivery, MaildirMessage, Postfix, PostfixOptions};
 #[allow(unused_imports)]

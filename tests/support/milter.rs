@@ -1,0 +1,285 @@
+//! The real `dualroute` binary as the tests run it: `dualroute run` as a
+//! child process ([`MilterProcess`]), a one-shot command such as `status`
+//! or `enable` ([`dualroute`]), and `dualroute postfix-config` fed into a
+//! private Postfix instance ([`postfix_config`], [`PostfixConfig::apply_to`]).
+//!
+//! (`tests/common/` has the other milter: `dualroute::run` in-process,
+//! driven by indymilter-test.)
+
+use super::{is_listening, PostfixOptions};
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long `dualroute run` may take to listen, or to exit after a signal.
+const START: Duration = Duration::from_secs(10);
+
+/// `dualroute run --config …` as a child process, its stderr appended to a
+/// log file (logging `info`, and `debug` for dualroute itself: the
+/// decisions). Killed on Drop.
+pub struct MilterProcess {
+    child: Option<Child>,
+    port: u16,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl MilterProcess {
+    /// Starts the milter on `config`, whose `listen:` is
+    /// `inet:127.0.0.1:PORT`, and waits until it listens.
+    pub fn start(config: &Path, port: u16, log: &Path) -> MilterProcess {
+        let mut milter = MilterProcess {
+            child: None,
+            port,
+            config: config.to_owned(),
+            log: log.to_owned(),
+        };
+        milter.spawn();
+        milter
+    }
+
+    /// Starts the binary (again, after [`MilterProcess::kill`]) and waits
+    /// until its port listens.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the milter is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("DUALROUTE_LOG", "info,dualroute=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run dualroute");
+        let deadline = Instant::now() + START;
+        while !is_listening(self.port) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "dualroute run exited ({status}) before listening on 127.0.0.1:{}:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "dualroute run does not listen on 127.0.0.1:{} after {START:?}:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would. Waits until the port is closed.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while is_listening(self.port) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!is_listening(self.port), "milter port {} still open after kill", self.port);
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`) to the running milter.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("the milter is not running").id();
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// Whether the process is still there (it has not exited by itself).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Waits for the process to exit by itself (after a signal) and
+    /// returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the milter is not running");
+        let deadline = Instant::now() + START;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for dualroute run") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dualroute run did not exit within {START:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Where the milter listens.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// Everything the milter logged so far, without colour codes.
+    pub fn log(&self) -> String {
+        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for MilterProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Runs `dualroute ARGS --config CONFIG` to the end; for a test that cares
+/// which of stdout and stderr says something.
+pub fn dualroute_output(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run dualroute")
+}
+
+/// Runs `dualroute ARGS --config CONFIG` and returns its exit status and
+/// what it wrote (stdout, then stderr).
+pub fn dualroute(config: &Path, args: &[&str]) -> (ExitStatus, String) {
+    let out = dualroute_output(config, args);
+    (
+        out.status,
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// What `dualroute postfix-config` produced for a configuration.
+pub struct PostfixConfig {
+    /// `name = value` lines of main.cf.dualroute.
+    pub main_cf: Vec<String>,
+    /// master.cf.dualroute, line by line.
+    pub master_cf: Vec<String>,
+    /// (file name, contents) of each table.
+    pub tables: Vec<(String, String)>,
+    /// The printed form (`postfix-config` without `--write`), for messages.
+    pub printed: String,
+}
+
+/// Runs `dualroute postfix-config --map-dir /etc/postfix` on `config`, once
+/// printing and once with `--write out_dir`, and reads what it wrote.
+pub fn postfix_config(config: &Path, out_dir: &Path) -> PostfixConfig {
+    let run = |extra: &[&str]| {
+        let args = [&["postfix-config", "--map-dir", "/etc/postfix"], extra].concat();
+        let output = dualroute_output(config, &args);
+        assert!(
+            output.status.success(),
+            "dualroute postfix-config failed ({}):\n{}\n--- milter.yaml ---\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            fs::read_to_string(config).unwrap_or_default()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let out = out_dir.to_str().expect("a UTF-8 temporary path");
+    let printed = run(&[]);
+    let written = run(&["--write", out]);
+    let read = |name: &str| {
+        fs::read_to_string(out_dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
+    };
+    let main_cf: Vec<String> = read("main.cf.dualroute")
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    let master_cf: Vec<String> = read("master.cf.dualroute").lines().map(str::to_owned).collect();
+    let tables = written
+        .lines()
+        .filter_map(|path| Path::new(path.trim()).file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".cf.dualroute"))
+        .map(|name| {
+            let contents = read(&name);
+            (name, contents)
+        })
+        .collect();
+    // Both forms say the same about main.cf.
+    for line in &main_cf {
+        assert!(printed.contains(line.as_str()), "{line:?} missing from the printed form:\n{printed}");
+    }
+    PostfixConfig {
+        main_cf,
+        master_cf,
+        tables,
+        printed,
+    }
+}
+
+impl PostfixConfig {
+    /// Whether postfix-config generated the table `name`.
+    pub fn has_table(&self, name: &str) -> bool {
+        self.tables.iter().any(|(table, _)| table == name)
+    }
+
+    /// Adds all of it to a Postfix instance's options: every main.cf and
+    /// master.cf line and every table, and, where there is a
+    /// `dualroute_catchall` (split/route domains), that table in
+    /// `virtual_mailbox_maps` after the instance's own mailbox table: the
+    /// step docs/postfix.md §3 does by hand.
+    pub fn apply_to(&self, mut opts: PostfixOptions) -> PostfixOptions {
+        for line in &self.main_cf {
+            opts = opts.main_cf(line);
+        }
+        if self.has_table("dualroute_catchall") {
+            opts = opts.main_cf(
+                "virtual_mailbox_maps = hash:$config_directory/vmailbox, hash:/etc/postfix/dualroute_catchall",
+            );
+        }
+        for line in &self.master_cf {
+            opts = opts.master_cf(line);
+        }
+        for (name, contents) in &self.tables {
+            opts = opts.map(name, contents);
+        }
+        opts
+    }
+}
