@@ -7,6 +7,7 @@
 //! [`explain`] for the command line.
 
 pub mod accounts;
+pub mod commands;
 pub mod address;
 pub mod breaker;
 pub mod config;

@@ -2,7 +2,7 @@
 //! the socket, handles signals and hands over to the library.
 
 use clap::{Parser, Subcommand};
-use dualroute::{config, decision::Envelope, explain::explain};
+use dualroute::{commands, config, decision::Envelope};
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
@@ -73,234 +73,23 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = config::config_path(cli.config.as_deref());
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(path),
-        Command::Check => check(path),
-        Command::Verify { domain, send } => verify(path, &domain, send),
-        Command::Doctor { ips } => doctor(path, &ips),
-        Command::Status => status(path),
-        Command::Enable { domain } => switch(path, &domain, None),
-        Command::Disable { domain, reason } => switch(path, &domain, Some(&reason)),
-        Command::PostfixConfig { write, map_dir } => {
-            let policy = match dualroute::load_policy(&path) {
-                Ok(p) => p,
-                Err(e) => return fail(e),
-            };
-            let pf = dualroute::postfix::generate(&policy, &map_dir);
-            match write {
-                None => print!("{}", pf.render(&map_dir)),
-                Some(dir) => match pf.write(&dir) {
-                    Ok(files) => {
-                        for f in files {
-                            println!("{}", dir.join(f).display());
-                        }
-                        for n in &pf.notes {
-                            eprintln!("NOTE: {n}");
-                        }
-                    }
-                    Err(e) => return fail(format!("cannot write {}: {e}", dir.display())),
-                },
-            }
-            ExitCode::SUCCESS
-        }
-        Command::Explain { addresses, client, auth } => {
-            let policy = match dualroute::load_policy(&path) {
-                Ok(p) => p,
-                Err(e) => return fail(e),
-            };
-            let envelope = Envelope { client, auth };
-            for a in addresses {
-                println!("{}", explain(&policy, &envelope, &a));
-            }
-            ExitCode::SUCCESS
-        }
-    }
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => return run(path),
+        Command::Check => commands::check(&path),
+        Command::Verify { domain, send } => commands::verify(&path, &domain, send),
+        Command::Doctor { ips } => commands::doctor(&path, &ips),
+        Command::Status => commands::status(&path),
+        Command::Enable { domain } => commands::switch(&path, &domain, None),
+        Command::Disable { domain, reason } => commands::switch(&path, &domain, Some(&reason)),
+        Command::PostfixConfig { write, map_dir } => commands::postfix_config(&path, write.as_deref(), &map_dir),
+        Command::Explain { addresses, client, auth } => commands::explain(&path, &addresses, &Envelope { client, auth }),
+    };
+    result.unwrap_or_else(fail)
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("dualroute: {e}");
     ExitCode::FAILURE
-}
-
-fn doctor(path: PathBuf, ips: &[IpAddr]) -> ExitCode {
-    let policy = match dualroute::load_policy(&path) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let dns = match dualroute::dns::Dns::new(&policy.config.dns) {
-        Ok(d) => d,
-        Err(e) => return fail(e),
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot start the runtime: {e}")),
-    };
-    let report = runtime.block_on(dualroute::doctor::diagnose(&policy, ips, &dns));
-    println!("{report}");
-    if report.problems() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-}
-
-fn status(path: PathBuf) -> ExitCode {
-    let policy = match dualroute::load_policy(&path) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let dir = dualroute::state::StateDir::new(&policy.config.state_dir);
-    let mut names: Vec<&String> = policy.domains.keys().collect();
-    names.sort();
-    let mut ok = true;
-    for name in names {
-        let d = &policy.domains[name];
-        let st = match dir.load(name) {
-            Ok(s) => s,
-            Err(e) => {
-                ok = false;
-                println!("{name}: ERROR: {e} (routing is off until the file is fixed or removed)");
-                continue;
-            }
-        };
-        let mode = d.config.mode;
-        let line = if !d.config.enabled {
-            "transparent (enabled: false in the configuration)".to_owned()
-        } else if let Some(x) = &st.disabled {
-            format!("DISABLED by an administrator since {}: {}", dualroute::state::when(x.since), x.reason)
-        } else if let Some(t) = &st.tripped {
-            format!(
-                "TRIPPED by the bounce breaker since {}: {} permanent failures within {}s; last: {}",
-                dualroute::state::when(t.since),
-                t.bounces,
-                t.window_secs,
-                t.last
-            )
-        } else if let Some(addr) = &d.config.verify {
-            match &st.verification {
-                Some(v) if v.passed => format!("active (verified {}: {})", dualroute::state::when(v.at), v.detail),
-                Some(v) => format!("WAITING for verification of {addr}; last probe {}: {}", dualroute::state::when(v.at), v.detail),
-                None => format!("WAITING for verification of {addr}; no probe yet"),
-            }
-        } else {
-            "active".to_owned()
-        };
-        println!("{name}: mode {mode}: {line}");
-    }
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-}
-
-fn switch(path: PathBuf, domain: &str, disable: Option<&str>) -> ExitCode {
-    let policy = match dualroute::load_policy(&path) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let name = dualroute::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
-    if !policy.domains.contains_key(&name) {
-        return fail(format!("{domain} is not a managed domain in {}", path.display()));
-    }
-    let dir = dualroute::state::StateDir::new(&policy.config.state_dir);
-    match disable {
-        Some(reason) => match dir.disable(&name, reason) {
-            Ok(()) => println!("{name}: routing disabled; the running milter follows within seconds"),
-            Err(e) => return fail(format!("cannot write {}: {e}", dir.dir.display())),
-        },
-        None => match dir.enable(&name) {
-            Ok((was_disabled, was_tripped)) => {
-                let what = match (was_disabled, was_tripped) {
-                    (false, false) => "was not disabled or tripped",
-                    (true, false) => "admin disable cleared",
-                    (false, true) => "breaker trip cleared",
-                    (true, true) => "admin disable and breaker trip cleared",
-                };
-                println!("{name}: routing enabled ({what}); the running milter follows within seconds");
-            }
-            Err(e) => return fail(format!("cannot write {}: {e}", dir.dir.display())),
-        },
-    }
-    ExitCode::SUCCESS
-}
-
-fn verify(path: PathBuf, domain: &str, send: bool) -> ExitCode {
-    let policy = match dualroute::load_policy(&path) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let name = dualroute::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
-    let Some(d) = policy.domains.get(&name) else {
-        return fail(format!("{domain} is not a managed domain in {}", path.display()));
-    };
-    let Some(rcpt) = &d.config.verify else {
-        return fail(format!("{name} has no `verify:` address to probe"));
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot start the runtime: {e}")),
-    };
-    let rcpt = rcpt.to_string();
-    let result = runtime.block_on(dualroute::probe::verify(
-        &d.config.destination,
-        &policy.config.dns,
-        &policy.config.instance,
-        &rcpt,
-        dualroute::probe::STEP_TIMEOUT,
-        send,
-    ));
-    match result {
-        Err(e) => fail(format!("{name}: cannot find the destination's hosts: {e}")),
-        Ok(reports) => {
-            for r in &reports {
-                println!("{r}");
-            }
-            if reports.iter().any(|r| r.accepted) {
-                println!("{name}: verified: the destination accepts {rcpt}");
-                ExitCode::SUCCESS
-            } else {
-                println!("{name}: NOT verified: no host accepted {rcpt}");
-                ExitCode::FAILURE
-            }
-        }
-    }
-}
-
-fn check(path: PathBuf) -> ExitCode {
-    let policy = match dualroute::load_policy(&path) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let c = &policy.config;
-    println!("{}: OK", path.display());
-    println!("listen {}, instance {}, relay suffix {}", c.listen, c.instance, c.relay_suffix);
-    if !c.gateways.is_empty() {
-        let g: Vec<String> = c.gateways.iter().map(ToString::to_string).collect();
-        println!("gateways: {}", g.join(", "));
-    }
-    for name in c.domains.keys() {
-        let Some(d) = policy.domains.get(&name.0) else { continue };
-        let dest = match &d.config.destination {
-            config::Destination::Hosts(h) => {
-                let h: Vec<String> = h.iter().map(ToString::to_string).collect();
-                format!("hosts {}", h.join(", "))
-            }
-            config::Destination::Domain { domain, change_envelope } => {
-                format!("domain {domain}{}", if *change_envelope { " (change_envelope)" } else { "" })
-            }
-        };
-        let via = d.relay_domain(&c.relay_suffix.0).map(|r| format!(" via {r}")).unwrap_or_default();
-        let accounts = match &d.accounts {
-            Some(a) => format!(
-                "{} accounts ({} entries of other domains ignored, {} map keys not accounts)",
-                a.len(),
-                d.report.other_domains,
-                d.report.not_accounts
-            ),
-            None => "no accounts".into(),
-        };
-        println!(
-            "{name}: mode {}{}, destination {dest}{via}; {accounts}; {} per-user rules{}",
-            d.config.mode,
-            if d.config.enabled { "" } else { " (enabled: false)" },
-            d.users.len(),
-            if d.config.require_gateway { "; require_gateway" } else { "" },
-        );
-    }
-    ExitCode::SUCCESS
 }
 
 fn run(path: PathBuf) -> ExitCode {
