@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 pub fn callbacks(policy: SharedPolicy) -> Callbacks<Session> {
     Callbacks::new()
-        .on_negotiate(|cx, _, _| Box::pin(negotiate(cx)))
+        .on_negotiate(|cx, offered, _| Box::pin(negotiate(cx, offered)))
         .on_connect(|cx, _, socket| Box::pin(connect(cx, socket)))
         .on_mail(move |cx, args| Box::pin(mail(policy.clone(), cx, args)))
         .on_rcpt(|cx, args| Box::pin(rcpt(cx, args)))
@@ -23,8 +23,16 @@ pub fn callbacks(policy: SharedPolicy) -> Callbacks<Session> {
         .on_abort(|cx| Box::pin(abort(cx)))
 }
 
-async fn negotiate(cx: &mut NegotiateContext<Session>) -> Status {
-    cx.requested_actions |= Actions::ADD_RCPT | Actions::ADD_RCPT_EXT | Actions::DELETE_RCPT | Actions::ADD_HEADER;
+async fn negotiate(cx: &mut NegotiateContext<Session>, offered: Actions) -> Status {
+    let needed = Actions::ADD_RCPT | Actions::DELETE_RCPT | Actions::ADD_HEADER;
+    if !offered.contains(needed) {
+        // Requesting them anyway fails the negotiation, and the MTA applies
+        // its default action (tempfail): nothing is delivered unrouted.
+        error!("the MTA does not allow adding/deleting recipients and adding headers ({offered:?}); dualroute cannot work with it");
+    }
+    // Recipients with ESMTP parameters (ORCPT, NOTIFY) when the MTA can;
+    // otherwise plain (see eom).
+    cx.requested_actions |= needed | (offered & Actions::ADD_RCPT_EXT);
     // `{auth_authen}` decides `require_gateway`; the queue id `i` is only
     // known at end of message on Postfix (DESIGN.md §8).
     cx.requested_macros.insert(MacroStage::Mail, c"{auth_authen}".into());
@@ -110,7 +118,17 @@ async fn eom(cx: &mut EomContext<Session>) -> Status {
     }
     let result: Result<(), indymilter::ActionError> = async {
         for (rcpt, args) in &plan.add {
-            cx.actions.add_recipient_ext(rcpt.as_str(), Some(args.as_str())).await?;
+            match cx.actions.add_recipient_ext(rcpt.as_str(), Some(args.as_str())).await {
+                // An MTA without add-recipient-with-parameters (Postfix
+                // before milter_protocol 6, Sendmail before 8.14): add the
+                // recipient plainly rather than tempfail every routed
+                // message; ORCPT and NOTIFY are lost, so say so.
+                Err(indymilter::ActionError::NotAvailable) => {
+                    warn!(queue_id = %queue_id, "the MTA did not grant add-recipient with ESMTP parameters (set milter_protocol = 6): {rcpt} added without {args}");
+                    cx.actions.add_recipient(rcpt.as_str()).await?;
+                }
+                other => other?,
+            }
         }
         for rcpt in &plan.delete {
             cx.actions.delete_recipient(rcpt.as_str()).await?;

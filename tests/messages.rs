@@ -277,3 +277,27 @@ async fn null_and_garbage_recipients_are_left_alone() {
     session.close().await;
     milter.shutdown().await;
 }
+
+/// An MTA that cannot add recipients with ESMTP parameters (old Postfix
+/// milter protocol, Sendmail before 8.14) still gets its recipients
+/// redirected, plainly, instead of a negotiation failure.
+#[tokio::test]
+async fn mta_without_add_recipient_with_parameters() {
+    use indymilter_test::{Actions, TestConnection};
+    let milter = Milter::start(CONFIG).await;
+    let offered = Actions::ADD_RCPT | Actions::DELETE_RCPT | Actions::ADD_HEADER | Actions::CHANGE_HEADER;
+    let mut conn = TestConnection::configure().available_actions(offered).open_tcp(milter.addr()).await.unwrap();
+    assert!(!conn.negotiated_actions().contains(Actions::ADD_RCPT_EXT));
+    conn.connect("client.test", [203, 0, 113, 9]).await.unwrap();
+    conn.mail(["<s@sender.test>"]).await.unwrap();
+    conn.rcpt(["<zed@split.test>"]).await.unwrap();
+    let (actions, status) = conn.eom().await.unwrap();
+    assert_eq!(status, Status::Continue);
+    assert!(actions.has_delete_recipient("<zed@split.test>"), "{actions:?}");
+    assert!(
+        actions.actions.contains(&EomAction::AddRecipient { rcpt: c"<zed@split.test.dualroute.invalid>".into(), args: None }),
+        "{actions:?}"
+    );
+    conn.close().await.unwrap();
+    milter.shutdown().await;
+}
