@@ -25,7 +25,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let count: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let count: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("accounts");
     {
@@ -34,7 +37,10 @@ fn main() {
             writeln!(f, "User.{i:07}.name@example.com").expect("write");
         }
     }
-    let rules = MatchRules { case: LocalPartCase::Insensitive, delimiters: "+".into() };
+    let rules = MatchRules {
+        case: LocalPartCase::Insensitive,
+        delimiters: "+".into(),
+    };
     let sources = [AccountSource::File(path.clone())];
     let runs = 5;
 
@@ -84,7 +90,13 @@ fn main() {
     println!("accounts: {count} addresses, median of {runs} loads");
     println!("  dualroute Accounts     load {ours:.3} s   resident +{:.1} MiB   lookup {lookup_ns:.0} ns   process peak {:.1} MiB",
         after.saturating_sub(before) as f64 / 1024.0, ours_peak as f64 / 1024.0);
-    println!("  baseline HashSet<String> load {base:.3} s   resident +{:.1} MiB", base_rss as f64 / 1024.0);
-    println!("  ratio (ours / baseline): time {:.2}, memory {:.2}", ours / base,
-        after.saturating_sub(before) as f64 / base_rss.max(1) as f64);
+    println!(
+        "  baseline HashSet<String> load {base:.3} s   resident +{:.1} MiB",
+        base_rss as f64 / 1024.0
+    );
+    println!(
+        "  ratio (ours / baseline): time {:.2}, memory {:.2}",
+        ours / base,
+        after.saturating_sub(before) as f64 / base_rss.max(1) as f64
+    );
 }

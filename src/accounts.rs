@@ -5,8 +5,8 @@
 //! (offset, length) pairs; a lookup is a binary search. No per-entry heap
 //! allocation, about 8 bytes of overhead per address.
 
-use crate::config::{AccountSource, LocalPartCase};
 use crate::address::{normalize_domain, Address};
+use crate::config::{AccountSource, LocalPartCase};
 use std::{borrow::Cow, fmt, path::Path};
 
 /// How local parts are compared (`local_part_case`, `recipient_delimiter`).
@@ -21,7 +21,11 @@ impl MatchRules {
     pub fn key<'a>(&self, unquoted_local: &'a str) -> Cow<'a, str> {
         match self.case {
             LocalPartCase::Sensitive => Cow::Borrowed(unquoted_local),
-            LocalPartCase::Insensitive if unquoted_local.bytes().any(|b| b.is_ascii_uppercase() || b >= 0x80) => {
+            LocalPartCase::Insensitive
+                if unquoted_local
+                    .bytes()
+                    .any(|b| b.is_ascii_uppercase() || b >= 0x80) =>
+            {
                 Cow::Owned(unquoted_local.to_lowercase())
             }
             LocalPartCase::Insensitive => Cow::Borrowed(unquoted_local),
@@ -67,7 +71,9 @@ impl Accounts {
 
     /// Whether a comparison key (see [`MatchRules::key`]) is an account.
     pub fn contains(&self, key: &str) -> bool {
-        self.index.binary_search_by(|&e| self.get(e).cmp(key)).is_ok()
+        self.index
+            .binary_search_by(|&e| self.get(e).cmp(key))
+            .is_ok()
     }
 
     fn push(&mut self, key: &str) -> Result<(), LoadError> {
@@ -79,7 +85,11 @@ impl Accounts {
                 self.index.push((s, l));
                 Ok(())
             }
-            _ => Err(LoadError { file: String::new(), line: None, message: "more than 4 GiB of account names".into() }),
+            _ => Err(LoadError {
+                file: String::new(),
+                line: None,
+                message: "more than 4 GiB of account names".into(),
+            }),
         }
     }
 
@@ -122,7 +132,11 @@ pub struct LoadReport {
 }
 
 /// Loads the accounts of `domain` (A-label, lower case) from its sources.
-pub fn load(domain: &str, sources: &[AccountSource], rules: &MatchRules) -> Result<(Accounts, LoadReport), LoadError> {
+pub fn load(
+    domain: &str,
+    sources: &[AccountSource],
+    rules: &MatchRules,
+) -> Result<(Accounts, LoadReport), LoadError> {
     let mut acc = Accounts::default();
     let mut report = LoadReport::default();
     for source in sources {
@@ -141,8 +155,7 @@ pub fn load(domain: &str, sources: &[AccountSource], rules: &MatchRules) -> Resu
                     let line = line.trim();
                     let comment = [" #", "\t#"].iter().filter_map(|c| line.find(c)).min();
                     let entry = comment.map_or(line, |i| line[..i].trim_end());
-                    add_entry(&mut acc, &mut report, domain, rules, entry)
-                        .map_err(|m| (Some(n), m))
+                    add_entry(&mut acc, &mut report, domain, rules, entry).map_err(|m| (Some(n), m))
                 })?;
             }
             AccountSource::PostfixMap(path) => {
@@ -167,7 +180,13 @@ pub fn load(domain: &str, sources: &[AccountSource], rules: &MatchRules) -> Resu
     Ok((acc, report))
 }
 
-fn add_entry(acc: &mut Accounts, report: &mut LoadReport, domain: &str, rules: &MatchRules, entry: &str) -> Result<(), String> {
+fn add_entry(
+    acc: &mut Accounts,
+    report: &mut LoadReport,
+    domain: &str,
+    rules: &MatchRules,
+    entry: &str,
+) -> Result<(), String> {
     let entry = entry.trim();
     let Some(at) = entry.rfind('@') else {
         return Err(format!("{entry:?} is not an address (missing '@')"));
@@ -176,7 +195,9 @@ fn add_entry(acc: &mut Accounts, report: &mut LoadReport, domain: &str, rules: &
     // Fast path for the common case (an ASCII domain), avoiding IDNA work
     // per line on million-line files.
     let ours = if d.is_ascii() {
-        d.strip_suffix('.').unwrap_or(d).eq_ignore_ascii_case(domain)
+        d.strip_suffix('.')
+            .unwrap_or(d)
+            .eq_ignore_ascii_case(domain)
     } else {
         normalize_domain(d).map(|n| n == domain).unwrap_or(false)
     };
@@ -186,7 +207,9 @@ fn add_entry(acc: &mut Accounts, report: &mut LoadReport, domain: &str, rules: &
     }
     let local = &entry[..at];
     let unquoted = if local.starts_with('"') {
-        Address::parse(entry).map_err(|e| format!("{entry:?}: {e}"))?.unquoted_local()
+        Address::parse(entry)
+            .map_err(|e| format!("{entry:?}: {e}"))?
+            .unquoted_local()
     } else if local.is_empty() || local.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(format!("{entry:?} is not a valid address"));
     } else {
@@ -203,7 +226,11 @@ fn read_lines(
 ) -> Result<(), LoadError> {
     use std::io::BufRead;
     let source = path.display().to_string();
-    let fail = |line, message| LoadError { file: source.clone(), line, message };
+    let fail = |line, message| LoadError {
+        file: source.clone(),
+        line,
+        message,
+    };
     let file = std::fs::File::open(path).map_err(|e| fail(None, format!("cannot read: {e}")))?;
     let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
     let mut buf = Vec::new();
@@ -232,7 +259,10 @@ mod tests {
     use std::io::Write;
 
     fn rules() -> MatchRules {
-        MatchRules { case: LocalPartCase::Insensitive, delimiters: "+".into() }
+        MatchRules {
+            case: LocalPartCase::Insensitive,
+            delimiters: "+".into(),
+        }
     }
 
     #[test]
@@ -242,7 +272,10 @@ mod tests {
         assert_eq!(r.base("bob+news"), Some("bob"));
         assert_eq!(r.base("+news"), None);
         assert_eq!(r.base("bob"), None);
-        let r = MatchRules { case: LocalPartCase::Sensitive, delimiters: "".into() };
+        let r = MatchRules {
+            case: LocalPartCase::Sensitive,
+            delimiters: "".into(),
+        };
         assert_eq!(r.key("Bob"), "Bob");
         assert_eq!(r.base("bob+news"), None);
     }
@@ -256,15 +289,29 @@ mod tests {
         writeln!(f, "# comment\nAlice@Example.com\n\n  bob@example.com   # trailing\nzed@other.example\n\"john doe\"@example.com").unwrap();
         let mut f = std::fs::File::create(&map).unwrap();
         writeln!(f, "carol@example.com  example.com/carol/\n@example.com  example.com/catchall/\n  continued\nlocalonly x\ndave@EXAMPLE.COM. d/").unwrap();
-        let list = AccountSource::List(vec!["erin@example.com".parse::<ConfigAddress>().unwrap(), "x@y.example".parse().unwrap()]);
-        let sources = [list, AccountSource::File(file), AccountSource::PostfixMap(map)];
+        let list = AccountSource::List(vec![
+            "erin@example.com".parse::<ConfigAddress>().unwrap(),
+            "x@y.example".parse().unwrap(),
+        ]);
+        let sources = [
+            list,
+            AccountSource::File(file),
+            AccountSource::PostfixMap(map),
+        ];
         let (acc, report) = load("example.com", &sources, &rules()).unwrap();
         for present in ["alice", "bob", "carol", "dave", "erin", "john doe"] {
             assert!(acc.contains(present), "{present}");
         }
         assert!(!acc.contains(""));
         assert!(!acc.contains("zed"));
-        assert_eq!(report, LoadReport { accounts: 6, other_domains: 2, not_accounts: 2 });
+        assert_eq!(
+            report,
+            LoadReport {
+                accounts: 6,
+                other_domains: 2,
+                not_accounts: 2
+            }
+        );
     }
 
     #[test]
@@ -272,10 +319,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("accounts");
         std::fs::write(&file, "a@example.com\nnot-an-address\n").unwrap();
-        let err = load("example.com", &[AccountSource::File(file.clone())], &rules()).unwrap_err();
+        let err = load(
+            "example.com",
+            &[AccountSource::File(file.clone())],
+            &rules(),
+        )
+        .unwrap_err();
         assert_eq!(err.line, Some(2));
-        assert!(err.to_string().starts_with(&format!("{}:2: ", file.display())), "{err}");
-        let missing = load("example.com", &[AccountSource::File(dir.path().join("nope"))], &rules()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}:2: ", file.display())),
+            "{err}"
+        );
+        let missing = load(
+            "example.com",
+            &[AccountSource::File(dir.path().join("nope"))],
+            &rules(),
+        )
+        .unwrap_err();
         assert!(missing.message.contains("cannot read"), "{missing}");
     }
 }

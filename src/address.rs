@@ -58,11 +58,16 @@ impl Address {
         // RFC 5321 §4.1.2 Dot-string: atext and dots; UTF-8 allowed
         // (RFC 6531). Specials only inside a quoted local part.
         if !local.starts_with('"')
-            && local.bytes().any(|b| b <= b' ' || b == 0x7f || b"()<>[]:;@\\,\"".contains(&b))
+            && local
+                .bytes()
+                .any(|b| b <= b' ' || b == 0x7f || b"()<>[]:;@\\,\"".contains(&b))
         {
             return Err(AddressError::BadChar);
         }
-        Ok(Address { local: local.to_owned(), domain: normalize_domain(domain)? })
+        Ok(Address {
+            local: local.to_owned(),
+            domain: normalize_domain(domain)?,
+        })
     }
 
     /// The local part with quoting removed: `"john doe"` → `john doe`,
@@ -138,7 +143,9 @@ pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if valid && ascii.len() <= 253 {
         Ok(ascii)
@@ -192,11 +199,17 @@ impl RcptArg {
             .filter(|p| !p.is_empty())
             .map(parse_param)
             .collect();
-        RcptArg { raw: path.to_owned(), address: parse_path(path), params }
+        RcptArg {
+            raw: path.to_owned(),
+            address: parse_path(path),
+            params,
+        }
     }
 
     pub fn param(&self, keyword: &str) -> Option<&EsmtpParam> {
-        self.params.iter().find(|p| p.keyword.eq_ignore_ascii_case(keyword))
+        self.params
+            .iter()
+            .find(|p| p.keyword.eq_ignore_ascii_case(keyword))
     }
 
     /// The address without angle brackets and source route, as the client
@@ -210,8 +223,14 @@ impl RcptArg {
 
 fn parse_param(p: &str) -> EsmtpParam {
     match p.split_once('=') {
-        Some((k, v)) => EsmtpParam { keyword: k.to_ascii_uppercase(), value: Some(v.to_owned()) },
-        None => EsmtpParam { keyword: p.to_ascii_uppercase(), value: None },
+        Some((k, v)) => EsmtpParam {
+            keyword: k.to_ascii_uppercase(),
+            value: Some(v.to_owned()),
+        },
+        None => EsmtpParam {
+            keyword: p.to_ascii_uppercase(),
+            value: None,
+        },
     }
 }
 
@@ -260,7 +279,10 @@ mod tests {
     use super::*;
 
     fn addr(local: &str, domain: &str) -> Option<Address> {
-        Some(Address { local: local.into(), domain: domain.into() })
+        Some(Address {
+            local: local.into(),
+            domain: domain.into(),
+        })
     }
 
     #[test]
@@ -275,8 +297,14 @@ mod tests {
     #[test]
     fn params_separate_and_trailing() {
         let r = RcptArg::parse(&["<a@x.example>", "notify=NEVER", "ORCPT=rfc822;a@x.example"]);
-        assert_eq!(r.param("NOTIFY").and_then(|p| p.value.as_deref()), Some("NEVER"));
-        assert_eq!(r.param("orcpt").and_then(|p| p.value.as_deref()), Some("rfc822;a@x.example"));
+        assert_eq!(
+            r.param("NOTIFY").and_then(|p| p.value.as_deref()),
+            Some("NEVER")
+        );
+        assert_eq!(
+            r.param("orcpt").and_then(|p| p.value.as_deref()),
+            Some("rfc822;a@x.example")
+        );
         let r = RcptArg::parse(&["<a@x.example> NOTIFY=NEVER"]);
         assert_eq!(r.raw, "<a@x.example>");
         assert_eq!(r.params.len(), 1);
@@ -301,7 +329,19 @@ mod tests {
 
     #[test]
     fn null_and_garbage_are_left_alone() {
-        for bad in ["<>", "", "<", ">", "<@>", "<postmaster>", "<a@>", "<@x>", "<a b@x>", "<\"x@y>", "<a@-x.example>"] {
+        for bad in [
+            "<>",
+            "",
+            "<",
+            ">",
+            "<@>",
+            "<postmaster>",
+            "<a@>",
+            "<@x>",
+            "<a b@x>",
+            "<\"x@y>",
+            "<a@-x.example>",
+        ] {
             let r = RcptArg::parse(&[bad]);
             assert_eq!(r.address, None, "{bad:?}");
         }

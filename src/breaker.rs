@@ -127,21 +127,34 @@ pub fn parse_line(line: &str) -> Option<Failure> {
     }
     let recipients: Vec<String> = to
         .split(',')
-        .map(|r| r.trim().trim_start_matches('<').trim_end_matches('>').to_owned())
+        .map(|r| {
+            r.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        })
         .filter(|r| !r.is_empty())
         .collect();
     if recipients.is_empty() {
         return None;
     }
-    Some(Failure { recipients, dsn: dsn.to_owned(), line: line.to_owned() })
+    Some(Failure {
+        recipients,
+        dsn: dsn.to_owned(),
+        line: line.to_owned(),
+    })
 }
 
 /// `5.X.Y` (RFC 3463 §2: class 5 is a permanent failure).
 fn is_permanent_dsn(dsn: &str) -> bool {
     let mut parts = dsn.split('.');
     parts.next() == Some("5")
-        && parts.next().is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-        && parts.next().is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts
+            .next()
+            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts
+            .next()
+            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
         && parts.next().is_none()
 }
 
@@ -179,8 +192,12 @@ impl Attribution {
                     a.relay_domains.insert(relay, name.clone());
                 }
                 None => {
-                    if let crate::config::Destination::Domain { domain, .. } = &d.config.destination {
-                        a.envelope_domains.entry(domain.0.clone()).or_default().push(name.clone());
+                    if let crate::config::Destination::Domain { domain, .. } = &d.config.destination
+                    {
+                        a.envelope_domains
+                            .entry(domain.0.clone())
+                            .or_default()
+                            .push(name.clone());
                     }
                 }
             }
@@ -191,7 +208,10 @@ impl Attribution {
                     crate::config::UserRule::Keep => Vec::new(),
                 };
                 for t in targets {
-                    let owners = a.targets.entry(target_key(&t.local, &t.domain)).or_default();
+                    let owners = a
+                        .targets
+                        .entry(target_key(&t.local, &t.domain))
+                        .or_default();
                     if !owners.contains(name) {
                         owners.push(name.clone());
                     }
@@ -204,7 +224,9 @@ impl Attribution {
     /// The managed domains whose routing produced `recipient` (as logged);
     /// empty for mail that was not routed by us.
     pub fn domains(&self, recipient: &str) -> &[String] {
-        let Some((local, domain)) = recipient.rsplit_once('@') else { return &[] };
+        let Some((local, domain)) = recipient.rsplit_once('@') else {
+            return &[];
+        };
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         if let Some(owners) = self.targets.get(&target_key(local, &domain)) {
             return owners;
@@ -212,7 +234,10 @@ impl Attribution {
         if let Some(owner) = self.relay_domains.get(&domain) {
             return std::slice::from_ref(owner);
         }
-        self.envelope_domains.get(&domain).map(Vec::as_slice).unwrap_or(&[])
+        self.envelope_domains
+            .get(&domain)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 }
 
@@ -237,7 +262,11 @@ pub struct Window {
 
 impl Window {
     pub fn new(threshold: u32, span: Duration) -> Window {
-        Window { threshold: threshold.max(1), span, hits: VecDeque::new() }
+        Window {
+            threshold: threshold.max(1),
+            span,
+            hits: VecDeque::new(),
+        }
     }
 
     /// New limits after a reload; the failures counted so far stay.
@@ -307,7 +336,13 @@ impl Source {
         // path names a moment later.
         let meta = file.metadata()?;
         let offset = if at_end { meta.len() } else { 0 };
-        Ok(Source { file, dev: meta.dev(), ino: meta.ino(), offset, partial: Vec::new() })
+        Ok(Source {
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            offset,
+            partial: Vec::new(),
+        })
     }
 
     fn is(&self, meta: &std::fs::Metadata) -> bool {
@@ -345,7 +380,11 @@ impl Source {
         let rest = self.partial.split_off(complete);
         for line in self.partial.split(|&b| b == b'\n') {
             if !line.is_empty() {
-                lines.push(String::from_utf8_lossy(line).trim_end_matches('\r').to_owned());
+                lines.push(
+                    String::from_utf8_lossy(line)
+                        .trim_end_matches('\r')
+                        .to_owned(),
+                );
             }
         }
         self.partial = rest;
@@ -370,7 +409,12 @@ impl Follower {
     /// Starts following `path` from its current end. A missing file is
     /// waited for (and, once it appears, read from its start).
     pub fn at_end(path: &Path) -> Follower {
-        let mut f = Follower { path: path.to_owned(), current: None, previous: None, problem: None };
+        let mut f = Follower {
+            path: path.to_owned(),
+            current: None,
+            previous: None,
+            problem: None,
+        };
         match Source::open(path, true) {
             Ok(s) => f.current = Some(s),
             Err(e) => f.report(&e),
@@ -394,7 +438,10 @@ impl Follower {
         }
         if let Some(cur) = &mut self.current {
             if let Err(e) = cur.read_new(&self.path, &mut lines) {
-                tracing::warn!("bounce breaker: cannot read {}: {e}; reopening it", self.path.display());
+                tracing::warn!(
+                    "bounce breaker: cannot read {}: {e}; reopening it",
+                    self.path.display()
+                );
                 self.current = None;
             }
         }
@@ -403,7 +450,10 @@ impl Follower {
             Ok(_) => match Source::open(&self.path, false) {
                 Ok(mut new) => {
                     if self.current.is_some() {
-                        tracing::info!("bounce breaker: {} was rotated; following the new file", self.path.display());
+                        tracing::info!(
+                            "bounce breaker: {} was rotated; following the new file",
+                            self.path.display()
+                        );
                     } else {
                         tracing::info!("bounce breaker: following {}", self.path.display());
                     }
@@ -427,7 +477,10 @@ impl Follower {
 
     fn report(&mut self, e: &io::Error) {
         let problem = if e.kind() == io::ErrorKind::NotFound {
-            format!("{} does not exist (yet); waiting for it", self.path.display())
+            format!(
+                "{} does not exist (yet); waiting for it",
+                self.path.display()
+            )
         } else {
             format!("cannot read {}: {e}; retrying", self.path.display())
         };
@@ -460,7 +513,12 @@ impl Breaker {
             human(config.window.0)
         );
         let follower = Follower::at_end(&config.maillog);
-        Breaker { config, follower, attribution: None, windows: HashMap::new() }
+        Breaker {
+            config,
+            follower,
+            attribution: None,
+            windows: HashMap::new(),
+        }
     }
 
     /// Takes the configuration of a reload: a new `maillog` is followed
@@ -482,7 +540,10 @@ impl Breaker {
         if !matches!(&self.attribution, Some((p, _)) if Arc::ptr_eq(p, policy)) {
             self.attribution = None;
         }
-        &self.attribution.get_or_insert_with(|| (policy.clone(), Attribution::new(policy))).1
+        &self
+            .attribution
+            .get_or_insert_with(|| (policy.clone(), Attribution::new(policy)))
+            .1
     }
 
     fn tick(&mut self, policy: &Arc<Policy>, shared: &SharedPolicy) {
@@ -504,7 +565,15 @@ impl Breaker {
         }
     }
 
-    fn count(&mut self, policy: &Arc<Policy>, shared: &SharedPolicy, dir: &StateDir, domain: &str, f: &Failure, now: Instant) {
+    fn count(
+        &mut self,
+        policy: &Arc<Policy>,
+        shared: &SharedPolicy,
+        dir: &StateDir,
+        domain: &str,
+        f: &Failure,
+        now: Instant,
+    ) {
         // Routing is already off (or the state is unreadable, which holds
         // the domain too): a late bounce of mail routed before.
         match dir.load(domain) {
@@ -515,7 +584,10 @@ impl Breaker {
             }
         }
         let (threshold, span) = (self.config.threshold, self.config.window.0);
-        let window = self.windows.entry(domain.to_owned()).or_insert_with(|| Window::new(threshold, span));
+        let window = self
+            .windows
+            .entry(domain.to_owned())
+            .or_insert_with(|| Window::new(threshold, span));
         let Some(count) = window.record(now) else {
             tracing::warn!(
                 "{domain}: routed mail failed permanently ({} of {threshold} within {} before routing is switched off): {}",
@@ -525,7 +597,12 @@ impl Breaker {
             );
             return;
         };
-        let trip = Tripped { since: state::now(), bounces: count, window_secs: span.as_secs(), last: f.line.clone() };
+        let trip = Tripped {
+            since: state::now(),
+            bounces: count,
+            window_secs: span.as_secs(),
+            last: f.line.clone(),
+        };
         if let Err(e) = dir.trip(domain, &trip) {
             tracing::error!(
                 "{domain}: {count} permanent failures of routed mail within {}, but the bounce breaker cannot record the trip in {}: {e}; routing stays ON until it can",
@@ -571,7 +648,9 @@ pub async fn run(shared: SharedPolicy) {
             match (&policy.config.breaker, &mut breaker) {
                 (None, b) => {
                     if b.take().is_some() {
-                        tracing::info!("bounce breaker: no `breaker:` in the configuration any more; stopped");
+                        tracing::info!(
+                            "bounce breaker: no `breaker:` in the configuration any more; stopped"
+                        );
                     }
                 }
                 (Some(c), Some(b)) => b.reconfigure(c),
@@ -602,7 +681,9 @@ mod tests {
         for ok in ["5.1.1", "5.0.0", "5.7.26", "5.100.999"] {
             assert!(is_permanent_dsn(ok), "{ok}");
         }
-        for not in ["4.1.1", "2.0.0", "5.1", "5.1.1.1", "5..1", "5.1.x", "5.1000.1", "55.1.1", ""] {
+        for not in [
+            "4.1.1", "2.0.0", "5.1", "5.1.1.1", "5..1", "5.1.x", "5.1000.1", "55.1.1", "",
+        ] {
             assert!(!is_permanent_dsn(not), "{not}");
         }
     }

@@ -18,13 +18,19 @@ pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn postfix_config(path: &Path, write: Option<&Path>, map_dir: &Path) -> Result<ExitCode, String> {
+pub fn postfix_config(
+    path: &Path,
+    write: Option<&Path>,
+    map_dir: &Path,
+) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let pf = crate::postfix::generate(&policy, map_dir);
     match write {
         None => print!("{}", pf.render(map_dir)),
         Some(dir) => {
-            let files = pf.write(dir).map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
+            let files = pf
+                .write(dir)
+                .map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
             for f in files {
                 println!("{}", dir.join(f).display());
             }
@@ -48,7 +54,11 @@ pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
     };
     let report = runtime.block_on(crate::doctor::diagnose(&policy, ips, &dns));
     println!("{report}");
-    Ok(if report.problems() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.problems() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub fn status(path: &Path) -> Result<ExitCode, String> {
@@ -71,7 +81,11 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
         let line = if !d.config.enabled {
             "transparent (enabled: false in the configuration)".to_owned()
         } else if let Some(x) = &st.disabled {
-            format!("DISABLED by an administrator since {}: {}", crate::state::when(x.since), x.reason)
+            format!(
+                "DISABLED by an administrator since {}: {}",
+                crate::state::when(x.since),
+                x.reason
+            )
         } else if let Some(t) = &st.tripped {
             format!(
                 "TRIPPED by the bounce breaker since {}: {} permanent failures within {}s; last: {}",
@@ -82,8 +96,16 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
             )
         } else if let Some(addr) = &d.config.verify {
             match &st.verification {
-                Some(v) if v.passed => format!("active (verified {}: {})", crate::state::when(v.at), v.detail),
-                Some(v) => format!("WAITING for verification of {addr}; last probe {}: {}", crate::state::when(v.at), v.detail),
+                Some(v) if v.passed => format!(
+                    "active (verified {}: {})",
+                    crate::state::when(v.at),
+                    v.detail
+                ),
+                Some(v) => format!(
+                    "WAITING for verification of {addr}; last probe {}: {}",
+                    crate::state::when(v.at),
+                    v.detail
+                ),
                 None => format!("WAITING for verification of {addr}; no probe yet"),
             }
         } else {
@@ -91,33 +113,44 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
         };
         println!("{name}: mode {mode}: {line}");
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let name = crate::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
     if !policy.domains.contains_key(&name) {
-        return Err(format!("{domain} is not a managed domain in {}", path.display()));
+        return Err(format!(
+            "{domain} is not a managed domain in {}",
+            path.display()
+        ));
     }
     let dir = crate::state::StateDir::new(&policy.config.state_dir);
     match disable {
         Some(reason) => match dir.disable(&name, reason) {
-            Ok(()) => println!("{name}: routing disabled; the running milter follows within seconds"),
-            Err(e) => return Err(format!("cannot write {}: {e}", dir.dir.display())),
-        },
-        None => match dir.enable(&name) {
-            Ok((was_disabled, was_tripped)) => {
-                let what = match (was_disabled, was_tripped) {
-                    (false, false) => "was not disabled or tripped",
-                    (true, false) => "admin disable cleared",
-                    (false, true) => "breaker trip cleared",
-                    (true, true) => "admin disable and breaker trip cleared",
-                };
-                println!("{name}: routing enabled ({what}); the running milter follows within seconds");
+            Ok(()) => {
+                println!("{name}: routing disabled; the running milter follows within seconds")
             }
             Err(e) => return Err(format!("cannot write {}: {e}", dir.dir.display())),
         },
+        None => {
+            match dir.enable(&name) {
+                Ok((was_disabled, was_tripped)) => {
+                    let what = match (was_disabled, was_tripped) {
+                        (false, false) => "was not disabled or tripped",
+                        (true, false) => "admin disable cleared",
+                        (false, true) => "breaker trip cleared",
+                        (true, true) => "admin disable and breaker trip cleared",
+                    };
+                    println!("{name}: routing enabled ({what}); the running milter follows within seconds");
+                }
+                Err(e) => return Err(format!("cannot write {}: {e}", dir.dir.display())),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -126,7 +159,10 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
     let policy = load(path)?;
     let name = crate::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
     let Some(d) = policy.domains.get(&name) else {
-        return Err(format!("{domain} is not a managed domain in {}", path.display()));
+        return Err(format!(
+            "{domain} is not a managed domain in {}",
+            path.display()
+        ));
     };
     let Some(rcpt) = &d.config.verify else {
         return Err(format!("{name} has no `verify:` address to probe"));
@@ -165,23 +201,41 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let c = &policy.config;
     println!("{}: OK", path.display());
-    println!("listen {}, instance {}, relay suffix {}", c.listen, c.instance, c.relay_suffix);
+    println!(
+        "listen {}, instance {}, relay suffix {}",
+        c.listen, c.instance, c.relay_suffix
+    );
     if !c.gateways.is_empty() {
         let g: Vec<String> = c.gateways.iter().map(ToString::to_string).collect();
         println!("gateways: {}", g.join(", "));
     }
     for name in c.domains.keys() {
-        let Some(d) = policy.domains.get(&name.0) else { continue };
+        let Some(d) = policy.domains.get(&name.0) else {
+            continue;
+        };
         let dest = match &d.config.destination {
             crate::config::Destination::Hosts(h) => {
                 let h: Vec<String> = h.iter().map(ToString::to_string).collect();
                 format!("hosts {}", h.join(", "))
             }
-            crate::config::Destination::Domain { domain, change_envelope } => {
-                format!("domain {domain}{}", if *change_envelope { " (change_envelope)" } else { "" })
+            crate::config::Destination::Domain {
+                domain,
+                change_envelope,
+            } => {
+                format!(
+                    "domain {domain}{}",
+                    if *change_envelope {
+                        " (change_envelope)"
+                    } else {
+                        ""
+                    }
+                )
             }
         };
-        let via = d.relay_domain(&c.relay_suffix.0).map(|r| format!(" via {r}")).unwrap_or_default();
+        let via = d
+            .relay_domain(&c.relay_suffix.0)
+            .map(|r| format!(" via {r}"))
+            .unwrap_or_default();
         let accounts = match &d.accounts {
             Some(a) => format!(
                 "{} accounts ({} entries of other domains ignored, {} map keys not accounts)",
@@ -194,9 +248,17 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
         println!(
             "{name}: mode {}{}, destination {dest}{via}; {accounts}; {} per-user rules{}",
             d.config.mode,
-            if d.config.enabled { "" } else { " (enabled: false)" },
+            if d.config.enabled {
+                ""
+            } else {
+                " (enabled: false)"
+            },
             d.users.len(),
-            if d.config.require_gateway { "; require_gateway" } else { "" },
+            if d.config.require_gateway {
+                "; require_gateway"
+            } else {
+                ""
+            },
         );
     }
     Ok(ExitCode::SUCCESS)

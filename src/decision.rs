@@ -64,11 +64,17 @@ pub enum Rule {
     /// Routing is held back at run time (waiting for verification).
     Held(String),
     /// The client is a gateway: never routed again.
-    Gateway { present: bool },
+    Gateway {
+        present: bool,
+    },
     /// `require_gateway` and the client is neither gateway nor authenticated.
     RequireGateway,
     User(&'static str),
-    Mode { mode: Mode, present: bool, has_accounts: bool },
+    Mode {
+        mode: Mode,
+        present: bool,
+        has_accounts: bool,
+    },
 }
 
 impl fmt::Display for Rule {
@@ -78,16 +84,41 @@ impl fmt::Display for Rule {
             Rule::NotManaged => f.write_str("domain not managed by dualroute"),
             Rule::Disabled => f.write_str("domain has enabled: false"),
             Rule::Held(why) => write!(f, "routing held: {why}"),
-            Rule::Gateway { present: true } => f.write_str("client is a gateway: mail it relays is not routed again"),
-            Rule::Gateway { present: false } => f.write_str("client is a gateway and the address has no mailbox here"),
-            Rule::RequireGateway => f.write_str("require_gateway: client is neither a gateway nor authenticated"),
-            Rule::User(kind) => write!(f, "per-user rule {kind}"),
-            Rule::Mode { mode, present: _, has_accounts: false } if *mode == Mode::Dual => {
-                write!(f, "mode dual, no accounts configured: every accepted address counts as present")
+            Rule::Gateway { present: true } => {
+                f.write_str("client is a gateway: mail it relays is not routed again")
             }
-            Rule::Mode { mode, present: _, has_accounts: false } => write!(f, "mode {mode}"),
-            Rule::Mode { mode, present: true, .. } => write!(f, "mode {mode}, account present here"),
-            Rule::Mode { mode, present: false, .. } => write!(f, "mode {mode}, no account here"),
+            Rule::Gateway { present: false } => {
+                f.write_str("client is a gateway and the address has no mailbox here")
+            }
+            Rule::RequireGateway => {
+                f.write_str("require_gateway: client is neither a gateway nor authenticated")
+            }
+            Rule::User(kind) => write!(f, "per-user rule {kind}"),
+            Rule::Mode {
+                mode,
+                present: _,
+                has_accounts: false,
+            } if *mode == Mode::Dual => {
+                write!(
+                    f,
+                    "mode dual, no accounts configured: every accepted address counts as present"
+                )
+            }
+            Rule::Mode {
+                mode,
+                present: _,
+                has_accounts: false,
+            } => write!(f, "mode {mode}"),
+            Rule::Mode {
+                mode,
+                present: true,
+                ..
+            } => write!(f, "mode {mode}, account present here"),
+            Rule::Mode {
+                mode,
+                present: false,
+                ..
+            } => write!(f, "mode {mode}, no account here"),
         }
     }
 }
@@ -108,14 +139,21 @@ impl Verdict {
 /// lone '%' makes Sendmail drop the text, so such addresses are not shown.
 fn shown(address: &Address) -> String {
     let a = address.to_string();
-    if a.contains('%') { "recipient".into() } else { format!("<{a}>") }
+    if a.contains('%') {
+        "recipient".into()
+    } else {
+        format!("<{a}>")
+    }
 }
 
 fn unknown_user(address: &Address) -> Rejection {
     Rejection {
         code: "550",
         xcode: "5.1.1",
-        text: format!("{}: Recipient address rejected: no mailbox here by that name", shown(address)),
+        text: format!(
+            "{}: Recipient address rejected: no mailbox here by that name",
+            shown(address)
+        ),
     }
 }
 
@@ -136,13 +174,23 @@ fn not_from_gateway(address: &Address) -> Rejection {
 /// With a subaddress, the full address is tried first, then its base, as
 /// Postfix does with `recipient_delimiter`.
 fn is_present(policy: &Policy, domain: &DomainPolicy, address: &Address) -> bool {
-    let Some(accounts) = &domain.accounts else { return true };
+    let Some(accounts) = &domain.accounts else {
+        return true;
+    };
     let unquoted = address.unquoted_local();
     let key = policy.rules.key(&unquoted);
-    accounts.contains(&key) || policy.rules.base(&key).is_some_and(|b| accounts.contains(b))
+    accounts.contains(&key)
+        || policy
+            .rules
+            .base(&key)
+            .is_some_and(|b| accounts.contains(b))
 }
 
-fn user_rule<'p>(policy: &Policy, domain: &'p DomainPolicy, address: &Address) -> Option<&'p UserRule> {
+fn user_rule<'p>(
+    policy: &Policy,
+    domain: &'p DomainPolicy,
+    address: &Address,
+) -> Option<&'p UserRule> {
     if domain.users.is_empty() {
         return None;
     }
@@ -178,12 +226,18 @@ pub fn decide(policy: &Policy, envelope: &Envelope, address: Option<&Address>) -
         return if present {
             Verdict::new(Decision::Keep, Rule::Gateway { present: true })
         } else {
-            Verdict::new(Decision::Reject(unknown_user(address)), Rule::Gateway { present: false })
+            Verdict::new(
+                Decision::Reject(unknown_user(address)),
+                Rule::Gateway { present: false },
+            )
         };
     }
     // 3. Lock-down: only the gateway or our own authenticated users.
     if domain.config.require_gateway && envelope.auth.as_deref().is_none_or(str::is_empty) {
-        return Verdict::new(Decision::Reject(not_from_gateway(address)), Rule::RequireGateway);
+        return Verdict::new(
+            Decision::Reject(not_from_gateway(address)),
+            Rule::RequireGateway,
+        );
     }
     // 4. Per-user rules.
     if let Some(rule) = user_rule(policy, domain, address) {
@@ -193,12 +247,19 @@ pub fn decide(policy: &Policy, envelope: &Envelope, address: Option<&Address>) -
                 Decision::Copy(to.iter().map(ToString::to_string).collect()),
                 Rule::User("copy_to"),
             ),
-            UserRule::RedirectTo(to) => Verdict::new(Decision::Redirect(to.to_string()), Rule::User("redirect_to")),
+            UserRule::RedirectTo(to) => Verdict::new(
+                Decision::Redirect(to.to_string()),
+                Rule::User("redirect_to"),
+            ),
         };
     }
     // 5. The mode's row.
     let mode = domain.config.mode;
-    let rule = Rule::Mode { mode, present, has_accounts: domain.accounts.is_some() };
+    let rule = Rule::Mode {
+        mode,
+        present,
+        has_accounts: domain.accounts.is_some(),
+    };
     let routed = || domain.routing_address(&address.local, &policy.config.relay_suffix.0);
     let decision = match (mode, present) {
         (Mode::Split, true) => Decision::Keep,

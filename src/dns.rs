@@ -7,7 +7,9 @@
 //! and on Debian the host's own name is listed there as 127.0.1.1.
 
 use crate::config::DnsConfig;
-use hickory_resolver::config::{NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig};
+use hickory_resolver::config::{
+    NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig,
+};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::xfer::Protocol;
@@ -37,7 +39,11 @@ pub enum Family {
 
 impl Family {
     pub fn of(ip: IpAddr) -> Family {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
     }
 }
 
@@ -63,7 +69,9 @@ pub trait Lookup {
 /// The resolver for `dns:` (see the module comment).
 pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, DnsError> {
     let mut builder = if config.nameservers.is_empty() {
-        TokioResolver::builder_tokio().map_err(|e| DnsError::NoAnswer(format!("cannot read the system's DNS configuration: {e}")))?
+        TokioResolver::builder_tokio().map_err(|e| {
+            DnsError::NoAnswer(format!("cannot read the system's DNS configuration: {e}"))
+        })?
     } else {
         let mut group = NameServerConfigGroup::new();
         for &addr in &config.nameservers {
@@ -75,7 +83,10 @@ pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, DnsError> {
                 group.push(ns);
             }
         }
-        TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], group), TokioConnectionProvider::default())
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], group),
+            TokioConnectionProvider::default(),
+        )
     };
     builder.options_mut().use_hosts_file = ResolveHosts::Never;
     Ok(builder.build())
@@ -92,22 +103,35 @@ impl Dns {
 
 /// Fully qualified, so that no search domain is ever appended.
 fn fqdn(name: &str) -> String {
-    if name.ends_with('.') { name.to_owned() } else { format!("{name}.") }
+    if name.ends_with('.') {
+        name.to_owned()
+    } else {
+        format!("{name}.")
+    }
 }
 
 /// Empty answers (NXDOMAIN, NOERROR without records) are `Ok(None)`.
 /// hickory reports SERVFAIL and REFUSED as "no records found" too, with
 /// their response code: those are failures, not answers.
 fn classify(name: &str, rtype: &str, e: ResolveError) -> Result<(), DnsError> {
-    if let Some(ProtoErrorKind::NoRecordsFound { response_code, .. }) = e.proto().map(|p| p.kind()) {
+    if let Some(ProtoErrorKind::NoRecordsFound { response_code, .. }) = e.proto().map(|p| p.kind())
+    {
         return match response_code {
             ResponseCode::NoError | ResponseCode::NXDomain => Ok(()),
-            code => Err(DnsError::Answer(format!("{rtype} lookup of {name}: the name server answered {} ({code})", code_name(*code)))),
+            code => Err(DnsError::Answer(format!(
+                "{rtype} lookup of {name}: the name server answered {} ({code})",
+                code_name(*code)
+            ))),
         };
     }
     // ResolveError says "proto error: request timed out"; the cause is enough.
-    let why = e.proto().map(ToString::to_string).unwrap_or_else(|| e.to_string());
-    Err(DnsError::NoAnswer(format!("{rtype} lookup of {name}: {why}")))
+    let why = e
+        .proto()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| e.to_string());
+    Err(DnsError::NoAnswer(format!(
+        "{rtype} lookup of {name}: {why}"
+    )))
 }
 
 fn code_name(code: ResponseCode) -> String {
@@ -126,7 +150,12 @@ impl Lookup for Dns {
             Ok(lookup) => {
                 let mut mx: Vec<(u16, String)> = lookup
                     .iter()
-                    .map(|r| (r.preference(), r.exchange().to_ascii().trim_end_matches('.').to_lowercase()))
+                    .map(|r| {
+                        (
+                            r.preference(),
+                            r.exchange().to_ascii().trim_end_matches('.').to_lowercase(),
+                        )
+                    })
                     .collect();
                 mx.sort();
                 Ok(mx)
@@ -139,7 +168,12 @@ impl Lookup for Dns {
         match self.0.txt_lookup(fqdn(name)).await {
             Ok(lookup) => Ok(lookup
                 .iter()
-                .map(|t| t.txt_data().iter().map(|s| String::from_utf8_lossy(s)).collect::<String>())
+                .map(|t| {
+                    t.txt_data()
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s))
+                        .collect::<String>()
+                })
                 .collect()),
             Err(e) => classify(name, "TXT", e).map(|()| Vec::new()),
         }

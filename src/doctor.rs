@@ -39,10 +39,18 @@ pub struct Check {
 
 impl Check {
     fn pass(text: String) -> Check {
-        Check { ok: true, text, advice: None }
+        Check {
+            ok: true,
+            text,
+            advice: None,
+        }
     }
     fn fail(text: String, advice: String) -> Check {
-        Check { ok: false, text, advice: Some(advice) }
+        Check {
+            ok: false,
+            text,
+            advice: Some(advice),
+        }
     }
 }
 
@@ -61,7 +69,11 @@ pub struct Report {
 impl Report {
     /// The number of ✘.
     pub fn problems(&self) -> usize {
-        self.sections.iter().flat_map(|s| &s.checks).filter(|c| !c.ok).count()
+        self.sections
+            .iter()
+            .flat_map(|s| &s.checks)
+            .filter(|c| !c.ok)
+            .count()
     }
 }
 
@@ -96,53 +108,86 @@ pub async fn diagnose(policy: &Policy, given: &[IpAddr], dns: &impl Lookup) -> R
             let servers = if config.dns.nameservers.is_empty() {
                 "the system's, from /etc/resolv.conf".to_owned()
             } else {
-                config.dns.nameservers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                config
+                    .dns
+                    .nameservers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             let check = Check::fail(
                 format!("the name servers do not answer ({servers}): {e}"),
                 "check `dns: nameservers` in milter.yaml, or /etc/resolv.conf without it; nothing else can be checked until they answer".into(),
             );
-            return Report { sections: vec![Section { title: "DNS".into(), checks: vec![check] }] };
+            return Report {
+                sections: vec![Section {
+                    title: "DNS".into(),
+                    checks: vec![check],
+                }],
+            };
         }
     }
-    let mut head = Section { title: format!("this server ({instance})"), checks: Vec::new() };
+    let mut head = Section {
+        title: format!("this server ({instance})"),
+        checks: Vec::new(),
+    };
     let this: Vec<IpAddr> = if !given.is_empty() {
-        head.checks.push(Check::pass(format!("addresses given with --ip: {}", list(given))));
+        head.checks.push(Check::pass(format!(
+            "addresses given with --ip: {}",
+            list(given)
+        )));
         given.to_vec()
     } else {
         let advice = "the SPF checks need this server's public addresses: set `instance:` in milter.yaml to its DNS name, or give them with --ip".to_owned();
         match dns.ips(instance).await {
             Ok(ips) if !ips.is_empty() => {
-                head.checks.push(Check::pass(format!("{instance} resolves: {}", list(&ips))));
+                head.checks
+                    .push(Check::pass(format!("{instance} resolves: {}", list(&ips))));
                 ips
             }
             Ok(_) => {
-                head.checks.push(Check::fail(format!("{instance} (`instance`) has no A or AAAA record"), advice));
+                head.checks.push(Check::fail(
+                    format!("{instance} (`instance`) has no A or AAAA record"),
+                    advice,
+                ));
                 Vec::new()
             }
             Err(e) => {
-                head.checks.push(Check::fail(format!("addresses of {instance} (`instance`): {e}"), advice));
+                head.checks.push(Check::fail(
+                    format!("addresses of {instance} (`instance`): {e}"),
+                    advice,
+                ));
                 Vec::new()
             }
         }
     };
     let mut sections = vec![head];
     for name in config.domains.keys() {
-        let Some(d) = policy.domains.get(&name.0) else { continue };
+        let Some(d) = policy.domains.get(&name.0) else {
+            continue;
+        };
         sections.push(domain(policy, d, &this, dns).await);
     }
     Report { sections }
 }
 
 fn list(ips: &[IpAddr]) -> String {
-    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The hosts routed mail goes to, as `dualroute verify` probes them.
 fn destination_hosts(d: &Destination) -> Vec<Host> {
     match d {
         Destination::Hosts(h) => h.clone(),
-        Destination::Domain { domain, .. } => vec![Host { name: domain.0.clone(), bracketed: false, port: None }],
+        Destination::Domain { domain, .. } => vec![Host {
+            name: domain.0.clone(),
+            bracketed: false,
+            port: None,
+        }],
     }
 }
 
@@ -154,7 +199,11 @@ async fn domain(policy: &Policy, d: &DomainPolicy, this: &[IpAddr], dns: &impl L
         "{name} (mode {}, destination {}{})",
         d.config.mode,
         shown.join(", "),
-        if d.config.enabled { "" } else { "; enabled: false" }
+        if d.config.enabled {
+            ""
+        } else {
+            "; enabled: false"
+        }
     );
     let mut checks = Vec::new();
 
@@ -208,10 +257,22 @@ async fn domain(policy: &Policy, d: &DomainPolicy, this: &[IpAddr], dns: &impl L
     Section { title, checks }
 }
 
-async fn mx(name: &str, instance: &str, this: &[IpAddr], hosts: &[Host], dest: &[(IpAddr, String)], dns: &impl Lookup) -> Check {
+async fn mx(
+    name: &str,
+    instance: &str,
+    this: &[IpAddr],
+    hosts: &[Host],
+    dest: &[(IpAddr, String)],
+    dns: &impl Lookup,
+) -> Check {
     let records = match dns.mx(name).await {
         Ok(r) => r,
-        Err(e) => return Check::fail(format!("MX of {name}: {e}"), "check the name servers (`dns:` in milter.yaml) and run doctor again".into()),
+        Err(e) => {
+            return Check::fail(
+                format!("MX of {name}: {e}"),
+                "check the name servers (`dns:` in milter.yaml) and run doctor again".into(),
+            )
+        }
     };
     if records.is_empty() {
         return Check::fail(
@@ -222,7 +283,9 @@ async fn mx(name: &str, instance: &str, this: &[IpAddr], hosts: &[Host], dest: &
     if records.iter().any(|(_, host)| host.is_empty()) {
         return Check::fail(
             format!("{name} has a null MX record (RFC 7505): it accepts no mail"),
-            format!("replace it with an MX record naming this server ({instance}) or the destination"),
+            format!(
+                "replace it with an MX record naming this server ({instance}) or the destination"
+            ),
         );
     }
     let mut parts = Vec::new();
@@ -232,7 +295,9 @@ async fn mx(name: &str, instance: &str, this: &[IpAddr], hosts: &[Host], dest: &
             Ok(ips) if !ips.is_empty() => {
                 let role = if ips.iter().any(|ip| this.contains(ip)) {
                     "this server"
-                } else if ips.iter().any(|ip| dest.iter().any(|(d, _)| d == ip)) || hosts.iter().any(|h| h.name == *host) {
+                } else if ips.iter().any(|ip| dest.iter().any(|(d, _)| d == ip))
+                    || hosts.iter().any(|h| h.name == *host)
+                {
                     "the destination"
                 } else {
                     "neither this server nor the destination"
@@ -255,7 +320,10 @@ async fn mx(name: &str, instance: &str, this: &[IpAddr], hosts: &[Host], dest: &
     } else {
         Check::fail(
             text,
-            format!("senders cannot reach {}: give it an A/AAAA record or remove the MX record", unreachable.join(", ")),
+            format!(
+                "senders cannot reach {}: give it an A/AAAA record or remove the MX record",
+                unreachable.join(", ")
+            ),
         )
     }
 }
@@ -268,13 +336,23 @@ fn mechanism(ip: IpAddr) -> String {
     }
 }
 
-async fn spf(name: &str, instance: &str, this: &[IpAddr], dest: &[(IpAddr, String)], dns: &impl Lookup) -> Vec<Check> {
-    let all: Vec<IpAddr> = this.iter().copied().chain(dest.iter().map(|(ip, _)| *ip)).fold(Vec::new(), |mut v, ip| {
-        if !v.contains(&ip) {
-            v.push(ip);
-        }
-        v
-    });
+async fn spf(
+    name: &str,
+    instance: &str,
+    this: &[IpAddr],
+    dest: &[(IpAddr, String)],
+    dns: &impl Lookup,
+) -> Vec<Check> {
+    let all: Vec<IpAddr> = this
+        .iter()
+        .copied()
+        .chain(dest.iter().map(|(ip, _)| *ip))
+        .fold(Vec::new(), |mut v, ip| {
+            if !v.contains(&ip) {
+                v.push(ip);
+            }
+            v
+        });
     let suggestion = || {
         let mechs: Vec<String> = all.iter().map(|&ip| mechanism(ip)).collect();
         format!("\"v=spf1 {} ~all\"", mechs.join(" "))
@@ -283,7 +361,12 @@ async fn spf(name: &str, instance: &str, this: &[IpAddr], dest: &[(IpAddr, Strin
     // ✘, not one per address.
     let txt = match dns.txt(name).await {
         Ok(t) => t,
-        Err(e) => return vec![Check::fail(format!("SPF record of {name}: {e}"), "check the name servers of the domain, then run doctor again".into())],
+        Err(e) => {
+            return vec![Check::fail(
+                format!("SPF record of {name}: {e}"),
+                "check the name servers of the domain, then run doctor again".into(),
+            )]
+        }
     };
     let record = match spf::select(&txt) {
         Ok(Some(r)) => r.to_owned(),
@@ -296,7 +379,10 @@ async fn spf(name: &str, instance: &str, this: &[IpAddr], dest: &[(IpAddr, Strin
         Err(e) => return vec![Check::fail(format!("SPF record of {name}: {e}"), "merge them into one TXT record".into())],
     };
     let sender = format!("postmaster@{name}");
-    let this_labelled: Vec<(IpAddr, String)> = this.iter().map(|&ip| (ip, "this server".to_owned())).collect();
+    let this_labelled: Vec<(IpAddr, String)> = this
+        .iter()
+        .map(|&ip| (ip, "this server".to_owned()))
+        .collect();
     let roles = [
         (
             "this server",
@@ -325,7 +411,10 @@ async fn spf(name: &str, instance: &str, this: &[IpAddr], dest: &[(IpAddr, Strin
             }
         }
         if missing.is_empty() {
-            checks.push(Check::pass(format!("SPF of {name} authorizes {role}: {}", passed.join(", "))));
+            checks.push(Check::pass(format!(
+                "SPF of {name} authorizes {role}: {}",
+                passed.join(", ")
+            )));
             continue;
         }
         let shown: Vec<String> = missing
@@ -343,7 +432,10 @@ async fn spf(name: &str, instance: &str, this: &[IpAddr], dest: &[(IpAddr, Strin
         });
         let advice = error.unwrap_or_else(|| {
             let mechs: Vec<String> = missing.iter().map(|(ip, _, _)| mechanism(*ip)).collect();
-            format!("add {} to the SPF record of {name} (now \"{record}\"): {why}", mechs.join(" "))
+            format!(
+                "add {} to the SPF record of {name} (now \"{record}\"): {why}",
+                mechs.join(" ")
+            )
         });
         checks.push(Check::fail(text, advice));
     }
@@ -354,10 +446,17 @@ async fn relay_check(relay: &str, dns: &impl Lookup) -> Check {
     // RFC 6761 §6.4: names under .invalid never exist, and resolvers (hickory
     // included) answer NXDOMAIN for them without asking a name server.
     if relay.ends_with(".invalid") {
-        return Check::pass(format!("relay domain {relay} does not resolve (.invalid never does, RFC 6761)"));
+        return Check::pass(format!(
+            "relay domain {relay} does not resolve (.invalid never does, RFC 6761)"
+        ));
     }
     let found = async {
-        let mut found: Vec<String> = dns.mx(relay).await?.into_iter().map(|(p, h)| format!("MX {p} {h}")).collect();
+        let mut found: Vec<String> = dns
+            .mx(relay)
+            .await?
+            .into_iter()
+            .map(|(p, h)| format!("MX {p} {h}"))
+            .collect();
         found.extend(dns.ips(relay).await?.into_iter().map(|ip| ip.to_string()));
         Ok::<_, crate::dns::DnsError>(found)
     };

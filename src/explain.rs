@@ -9,15 +9,23 @@ use crate::policy::Policy;
 /// angle brackets, as it would appear in RCPT TO).
 pub fn explain(policy: &Policy, envelope: &Envelope, input: &str) -> String {
     let input = input.trim();
-    let path = if input.starts_with('<') { input.to_owned() } else { format!("<{input}>") };
+    let path = if input.starts_with('<') {
+        input.to_owned()
+    } else {
+        format!("<{input}>")
+    };
     let arg = RcptArg::parse(&[path]);
     let verdict = decide(policy, envelope, arg.address.as_ref());
     let mut line = format!("{input}: {} — {}", verdict.decision, verdict.rule);
-    if let (Some(a), Decision::Copy(_) | Decision::Redirect(_)) = (&arg.address, &verdict.decision) {
+    if let (Some(a), Decision::Copy(_) | Decision::Redirect(_)) = (&arg.address, &verdict.decision)
+    {
         if let Some(d) = policy.domain(a) {
             if let Some(relay) = d.relay_domain(&policy.config.relay_suffix.0) {
                 if matches!(verdict.rule, crate::decision::Rule::Mode { .. }) {
-                    line.push_str(&format!(" (the MTA sends {relay} to the destination and restores @{})", d.name));
+                    line.push_str(&format!(
+                        " (the MTA sends {relay} to the destination and restores @{})",
+                        d.name
+                    ));
                 }
             }
         }

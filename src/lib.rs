@@ -7,9 +7,9 @@
 //! [`explain`] for the command line.
 
 pub mod accounts;
-pub mod commands;
 pub mod address;
 pub mod breaker;
+pub mod commands;
 pub mod config;
 pub mod decision;
 pub mod dns;
@@ -60,7 +60,9 @@ pub async fn state_loop(shared: SharedPolicy, every: std::time::Duration) {
     loop {
         tokio::time::sleep(every).await;
         let policy = current(&shared);
-        let errors = tokio::task::spawn_blocking(move || policy.refresh_state()).await.unwrap_or_default();
+        let errors = tokio::task::spawn_blocking(move || policy.refresh_state())
+            .await
+            .unwrap_or_default();
         if errors != last_errors {
             for e in &errors {
                 tracing::error!("{e}; routing for that domain stays off");
@@ -81,12 +83,14 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
     let path = path.to_owned();
     let loaded = tokio::task::spawn_blocking(move || load_policy(&path))
         .await
-        .unwrap_or_else(|e| Err(LoadError::Config(config::ConfigError {
-            file: String::new(),
-            line: None,
-            column: None,
-            message: format!("reload task failed: {e}"),
-        })))?;
+        .unwrap_or_else(|e| {
+            Err(LoadError::Config(config::ConfigError {
+                file: String::new(),
+                line: None,
+                column: None,
+                message: format!("reload task failed: {e}"),
+            }))
+        })?;
     loaded.inherit_verification(&current(shared));
     let new = Arc::new(loaded);
     match shared.write() {
@@ -99,26 +103,43 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
 /// Reloads configuration and accounts when an account file changes
 /// (checked every `every`). A failed reload keeps the running policy and is
 /// retried only after the file changes again.
-pub async fn watch_accounts(shared: SharedPolicy, path: std::path::PathBuf, every: std::time::Duration) {
+pub async fn watch_accounts(
+    shared: SharedPolicy,
+    path: std::path::PathBuf,
+    every: std::time::Duration,
+) {
     let mut failed_for: Option<Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>> = None;
     loop {
         tokio::time::sleep(every).await;
         let policy = current(&shared);
-        let changed: Vec<String> = policy.changed_account_files().iter().map(|p| p.display().to_string()).collect();
+        let changed: Vec<String> = policy
+            .changed_account_files()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         if changed.is_empty() {
             continue;
         }
         let stamp: Vec<_> = policy
             .account_files
             .iter()
-            .map(|(p, _)| (p.clone(), std::fs::metadata(p).and_then(|m| m.modified()).ok()))
+            .map(|(p, _)| {
+                (
+                    p.clone(),
+                    std::fs::metadata(p).and_then(|m| m.modified()).ok(),
+                )
+            })
             .collect();
         if failed_for.as_ref() == Some(&stamp) {
             continue;
         }
         match reload(&shared, &path).await {
             Ok(()) => {
-                tracing::info!("account file changed ({}): reloaded {}", changed.join(", "), path.display());
+                tracing::info!(
+                    "account file changed ({}): reloaded {}",
+                    changed.join(", "),
+                    path.display()
+                );
                 failed_for = None;
             }
             Err(e) => {
@@ -140,25 +161,51 @@ pub async fn verify_loop(shared: SharedPolicy) {
         let policy = current(&shared);
         let now = Instant::now();
         let record = |name: &str, passed: bool, detail: String| {
-            let v = state::Verification { at: state::now(), passed, detail };
-            if let Err(e) = state::StateDir::new(&policy.config.state_dir).record_verification(name, &v) {
+            let v = state::Verification {
+                at: state::now(),
+                passed,
+                detail,
+            };
+            if let Err(e) =
+                state::StateDir::new(&policy.config.state_dir).record_verification(name, &v)
+            {
                 tracing::warn!("{name}: cannot record the probe result: {e}");
             }
         };
         for (name, d) in &policy.domains {
-            let Some(addr) = &d.config.verify else { continue };
+            let Some(addr) = &d.config.verify else {
+                continue;
+            };
             if !policy.holds.awaiting_verification(name) {
                 continue;
             }
-            let (due, backoff) = next.get(name).copied().unwrap_or((now, Duration::from_secs(30)));
+            let (due, backoff) = next
+                .get(name)
+                .copied()
+                .unwrap_or((now, Duration::from_secs(30)));
             if due > now {
                 continue;
             }
             let rcpt = addr.to_string();
-            match probe::verify(&d.config.destination, &policy.config.dns, &policy.config.instance, &rcpt, probe::STEP_TIMEOUT, false).await {
+            match probe::verify(
+                &d.config.destination,
+                &policy.config.dns,
+                &policy.config.instance,
+                &rcpt,
+                probe::STEP_TIMEOUT,
+                false,
+            )
+            .await
+            {
                 Ok(reports) if reports.iter().any(|r| r.accepted) => {
-                    let host = reports.iter().find(|r| r.accepted).map(|r| r.target.addr.to_string()).unwrap_or_default();
-                    tracing::info!("{name}: verification passed ({host} accepts {rcpt}); routing starts");
+                    let host = reports
+                        .iter()
+                        .find(|r| r.accepted)
+                        .map(|r| r.target.addr.to_string())
+                        .unwrap_or_default();
+                    tracing::info!(
+                        "{name}: verification passed ({host} accepts {rcpt}); routing starts"
+                    );
                     record(name, true, format!("{host} accepts {rcpt}"));
                     policy.holds.release(name);
                     next.remove(name);
@@ -167,19 +214,40 @@ pub async fn verify_loop(shared: SharedPolicy) {
                 Ok(reports) => {
                     let why: Vec<String> = reports
                         .iter()
-                        .map(|r| format!("{}: {}", r.target.addr, r.error.clone().unwrap_or_else(|| "not accepted".into())))
+                        .map(|r| {
+                            format!(
+                                "{}: {}",
+                                r.target.addr,
+                                r.error.clone().unwrap_or_else(|| "not accepted".into())
+                            )
+                        })
                         .collect();
                     tracing::warn!("{name}: verification of {rcpt} failed ({}); routing stays off, retry in {}s", why.join("; "), backoff.as_secs());
                     record(name, false, why.join("; "));
-                    policy.holds.hold(name, format!("waiting for verification: last probe failed: {}", why.join("; ")));
+                    policy.holds.hold(
+                        name,
+                        format!(
+                            "waiting for verification: last probe failed: {}",
+                            why.join("; ")
+                        ),
+                    );
                 }
                 Err(e) => {
                     tracing::warn!("{name}: verification of {rcpt} failed ({e}); routing stays off, retry in {}s", backoff.as_secs());
                     record(name, false, e.clone());
-                    policy.holds.hold(name, format!("waiting for verification: last probe failed: {e}"));
+                    policy.holds.hold(
+                        name,
+                        format!("waiting for verification: last probe failed: {e}"),
+                    );
                 }
             }
-            next.insert(name.clone(), (Instant::now() + backoff, (backoff * 2).min(Duration::from_secs(600))));
+            next.insert(
+                name.clone(),
+                (
+                    Instant::now() + backoff,
+                    (backoff * 2).min(Duration::from_secs(600)),
+                ),
+            );
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -193,6 +261,9 @@ pub async fn run(
 ) -> io::Result<()> {
     // libmilter's idle timeout (7210 s) is kept: Postfix and Sendmail hold
     // the milter connection for the whole SMTP session, idle or not.
-    let config = indymilter::Config { max_connections: 1000, ..Default::default() };
+    let config = indymilter::Config {
+        max_connections: 1000,
+        ..Default::default()
+    };
     indymilter::run(listener, milter::callbacks(policy), config, shutdown).await
 }

@@ -9,7 +9,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
 #[derive(Parser)]
-#[command(name = "dualroute", version, about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail")]
+#[command(
+    name = "dualroute",
+    version,
+    about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail"
+)]
 struct Cli {
     /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]
     #[arg(long, short, global = true)]
@@ -81,8 +85,14 @@ fn main() -> ExitCode {
         Command::Status => commands::status(&path),
         Command::Enable { domain } => commands::switch(&path, &domain, None),
         Command::Disable { domain, reason } => commands::switch(&path, &domain, Some(&reason)),
-        Command::PostfixConfig { write, map_dir } => commands::postfix_config(&path, write.as_deref(), &map_dir),
-        Command::Explain { addresses, client, auth } => commands::explain(&path, &addresses, &Envelope { client, auth }),
+        Command::PostfixConfig { write, map_dir } => {
+            commands::postfix_config(&path, write.as_deref(), &map_dir)
+        }
+        Command::Explain {
+            addresses,
+            client,
+            auth,
+        } => commands::explain(&path, &addresses, &Envelope { client, auth }),
     };
     result.unwrap_or_else(fail)
 }
@@ -115,8 +125,15 @@ async fn serve(path: PathBuf) -> ExitCode {
     let listen = policy.config.listen.clone();
     let shared = dualroute::share(policy);
     tokio::spawn(dualroute::verify_loop(shared.clone()));
-    tokio::spawn(dualroute::state_loop(shared.clone(), std::time::Duration::from_secs(2)));
-    tokio::spawn(dualroute::watch_accounts(shared.clone(), path.clone(), std::time::Duration::from_secs(2)));
+    tokio::spawn(dualroute::state_loop(
+        shared.clone(),
+        std::time::Duration::from_secs(2),
+    ));
+    tokio::spawn(dualroute::watch_accounts(
+        shared.clone(),
+        path.clone(),
+        std::time::Duration::from_secs(2),
+    ));
     // The bounce breaker (DESIGN.md §7) idles while there is no `breaker:`,
     // and follows reloads that add, change or remove it.
     tokio::spawn(dualroute::breaker::run(shared.clone()));
@@ -145,13 +162,18 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
     };
     let result = match &listen {
-        config::Socket::Inet { host, port } => match TcpListener::bind((host.as_str(), *port)).await {
-            Ok(l) => {
-                info!("dualroute {} listening on {listen}", env!("CARGO_PKG_VERSION"));
-                dualroute::run(l, shared, shutdown).await
+        config::Socket::Inet { host, port } => {
+            match TcpListener::bind((host.as_str(), *port)).await {
+                Ok(l) => {
+                    info!(
+                        "dualroute {} listening on {listen}",
+                        env!("CARGO_PKG_VERSION")
+                    );
+                    dualroute::run(l, shared, shutdown).await
+                }
+                Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
             }
-            Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
-        },
+        }
         config::Socket::Unix(p) => {
             // A socket file left by a killed instance would make bind fail.
             if std::fs::symlink_metadata(p).is_ok_and(|m| {
@@ -165,10 +187,15 @@ async fn serve(path: PathBuf) -> ExitCode {
                     // The MTA runs as another user (postfix): let it connect;
                     // access is controlled by the directory's permissions.
                     use std::os::unix::fs::PermissionsExt;
-                    if let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666)) {
+                    if let Err(e) =
+                        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666))
+                    {
                         error!("cannot chmod {}: {e}", p.display());
                     }
-                    info!("dualroute {} listening on {listen}", env!("CARGO_PKG_VERSION"));
+                    info!(
+                        "dualroute {} listening on {listen}",
+                        env!("CARGO_PKG_VERSION")
+                    );
                     let r = dualroute::run(l, shared, shutdown).await;
                     let _ = std::fs::remove_file(p);
                     r

@@ -35,7 +35,8 @@ async fn negotiate(cx: &mut NegotiateContext<Session>, offered: Actions) -> Stat
     cx.requested_actions |= needed | (offered & Actions::ADD_RCPT_EXT);
     // `{auth_authen}` decides `require_gateway`; the queue id `i` is only
     // known at end of message on Postfix (DESIGN.md §8).
-    cx.requested_macros.insert(MacroStage::Mail, c"{auth_authen}".into());
+    cx.requested_macros
+        .insert(MacroStage::Mail, c"{auth_authen}".into());
     cx.requested_macros.insert(MacroStage::Eom, c"i".into());
     cx.data = Some(Session::default());
     Status::Continue
@@ -57,13 +58,20 @@ fn text(s: &CStr) -> String {
 }
 
 async fn mail(policy: SharedPolicy, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
-    let auth = cx.macros.get(c"{auth_authen}").map(text).filter(|s| !s.is_empty());
+    let auth = cx
+        .macros
+        .get(c"{auth_authen}")
+        .map(text)
+        .filter(|s| !s.is_empty());
     let snapshot = match policy.read() {
         Ok(p) => p.clone(),
         Err(poisoned) => poisoned.into_inner().clone(),
     };
     let session = cx.data.get_or_insert_with(Session::default);
-    let envelope = Envelope { client: session.client, auth };
+    let envelope = Envelope {
+        client: session.client,
+        auth,
+    };
     let sender = args.first().map(|s| text(s)).unwrap_or_default();
     session.message = Some(Message::new(snapshot, envelope, sender));
     Status::Continue
@@ -78,12 +86,24 @@ async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let strings: Option<Vec<&str>> = args.iter().map(|a| a.to_str().ok()).collect();
     let arg = match strings {
         Some(s) => RcptArg::parse(&s),
-        None => RcptArg { raw: args.first().map(|a| text(a)).unwrap_or_default(), address: None, params: Vec::new() },
+        None => RcptArg {
+            raw: args.first().map(|a| text(a)).unwrap_or_default(),
+            address: None,
+            params: Vec::new(),
+        },
     };
     let verdict = message.rcpt(arg).clone();
-    debug!("RCPT {}: {} ({})", args.first().map(|a| text(a)).unwrap_or_default(), verdict.decision, verdict.rule);
+    debug!(
+        "RCPT {}: {} ({})",
+        args.first().map(|a| text(a)).unwrap_or_default(),
+        verdict.decision,
+        verdict.rule
+    );
     if let Decision::Reject(r) = &verdict.decision {
-        return match cx.reply.set_error_reply(r.code, Some(r.xcode), [r.text.as_str()]) {
+        return match cx
+            .reply
+            .set_error_reply(r.code, Some(r.xcode), [r.text.as_str()])
+        {
             Ok(()) => Status::Reject,
             Err(e) => {
                 error!("cannot set reply {r}: {e}");
@@ -105,7 +125,11 @@ async fn eom(cx: &mut EomContext<Session>) -> Status {
     let Some(message) = cx.data.as_mut().and_then(|s| s.message.take()) else {
         return Status::Continue;
     };
-    let queue_id = cx.macros.get(c"i").map(text).unwrap_or_else(|| "NOQUEUE".into());
+    let queue_id = cx
+        .macros
+        .get(c"i")
+        .map(text)
+        .unwrap_or_else(|| "NOQUEUE".into());
     let plan = message.plan();
     if plan.loop_detected {
         warn!(

@@ -7,7 +7,11 @@
 use crate::accounts::{self, Accounts, LoadError, LoadReport, MatchRules};
 use crate::address::Address;
 use crate::config::{Config, Destination, DomainConfig, UserRule};
-use std::{collections::HashMap, net::IpAddr, sync::{Arc, RwLock}};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
 
 #[derive(Debug)]
 pub struct DomainPolicy {
@@ -24,7 +28,10 @@ impl DomainPolicy {
     /// The address mail for `local` is routed to (DESIGN.md §4).
     pub fn routing_address(&self, local: &str, relay_suffix: &str) -> String {
         match &self.config.destination {
-            Destination::Domain { domain, change_envelope: true } => format!("{local}@{domain}"),
+            Destination::Domain {
+                domain,
+                change_envelope: true,
+            } => format!("{local}@{domain}"),
             _ => format!("{local}@{}.{relay_suffix}", self.name),
         }
     }
@@ -32,7 +39,10 @@ impl DomainPolicy {
     /// The relay domain for destinations that need one.
     pub fn relay_domain(&self, relay_suffix: &str) -> Option<String> {
         match &self.config.destination {
-            Destination::Domain { change_envelope: true, .. } => None,
+            Destination::Domain {
+                change_envelope: true,
+                ..
+            } => None,
             _ => Some(format!("{}.{relay_suffix}", self.name)),
         }
     }
@@ -62,17 +72,26 @@ impl Holds {
 
     /// Whether the domain still waits for a successful probe.
     pub fn awaiting_verification(&self, domain: &str) -> bool {
-        self.verification.read().unwrap_or_else(|p| p.into_inner()).contains_key(domain)
+        self.verification
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(domain)
     }
 
     /// Holds routing until the verification probe passes.
     pub fn hold(&self, domain: &str, reason: String) {
-        self.verification.write().unwrap_or_else(|p| p.into_inner()).insert(domain.to_owned(), reason);
+        self.verification
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(domain.to_owned(), reason);
     }
 
     /// The probe passed.
     pub fn release(&self, domain: &str) {
-        self.verification.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
+        self.verification
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(domain);
     }
 
     /// Replaces the holds that come from `state_dir`.
@@ -81,7 +100,10 @@ impl Holds {
     }
 
     fn persisted(&self) -> HashMap<String, String> {
-        self.persisted.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.persisted
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -113,7 +135,8 @@ impl Policy {
             .values()
             .flat_map(|d| d.accounts.iter().flatten())
             .filter_map(|s| match s {
-                crate::config::AccountSource::File(p) | crate::config::AccountSource::PostfixMap(p) => Some(p.clone()),
+                crate::config::AccountSource::File(p)
+                | crate::config::AccountSource::PostfixMap(p) => Some(p.clone()),
                 crate::config::AccountSource::List(_) => None,
             })
             .map(|p| {
@@ -135,14 +158,29 @@ impl Policy {
                 .map(|(a, r)| (rules.key(&a.unquoted_local()).into_owned(), r.clone()))
                 .collect();
             if let Some(v) = &d.verify {
-                holds.hold(&name.0, format!("waiting for verification: the destination has not yet accepted {v}"));
+                holds.hold(
+                    &name.0,
+                    format!("waiting for verification: the destination has not yet accepted {v}"),
+                );
             }
             domains.insert(
                 name.0.clone(),
-                DomainPolicy { name: name.0.clone(), config: d.clone(), accounts, report, users },
+                DomainPolicy {
+                    name: name.0.clone(),
+                    config: d.clone(),
+                    accounts,
+                    report,
+                    users,
+                },
             );
         }
-        Ok(Policy { config, rules, domains, holds: Arc::new(holds), account_files })
+        Ok(Policy {
+            config,
+            rules,
+            domains,
+            holds: Arc::new(holds),
+            account_files,
+        })
     }
 
     /// After a reload: a domain whose destination and probe address did not
@@ -150,7 +188,8 @@ impl Policy {
     pub fn inherit_verification(&self, old: &Policy) {
         for (name, d) in &self.domains {
             if let Some(o) = old.domains.get(name) {
-                let same = o.config.verify == d.config.verify && o.config.destination == d.config.destination;
+                let same = o.config.verify == d.config.verify
+                    && o.config.destination == d.config.destination;
                 if same && d.config.verify.is_some() && !old.holds.awaiting_verification(name) {
                     self.holds.release(name);
                 }
@@ -185,7 +224,11 @@ impl Policy {
 
     /// The account files that changed since this policy read them.
     pub fn changed_account_files(&self) -> Vec<&std::path::Path> {
-        self.account_files.iter().filter(|(p, m)| modified(p) != *m).map(|(p, _)| p.as_path()).collect()
+        self.account_files
+            .iter()
+            .filter(|(p, m)| modified(p) != *m)
+            .map(|(p, _)| p.as_path())
+            .collect()
     }
 
     pub fn is_gateway(&self, ip: IpAddr) -> bool {

@@ -5,7 +5,11 @@
 
 use crate::config::{Destination, DnsConfig, Host};
 use crate::dns::{Dns, Lookup};
-use std::{fmt, net::{IpAddr, SocketAddr}, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -46,7 +50,15 @@ impl fmt::Display for HostReport {
         if let Some(e) = &self.error {
             writeln!(f, "  ✘ {e}")?;
         }
-        write!(f, "  {}", if self.accepted { "✔ accepted" } else { "✘ not accepted" })
+        write!(
+            f,
+            "  {}",
+            if self.accepted {
+                "✔ accepted"
+            } else {
+                "✘ not accepted"
+            }
+        )
     }
 }
 
@@ -59,7 +71,11 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn targets(destination: &Destination, dns: &impl Lookup) -> Result<Vec<Target>, String> {
     let hosts: Vec<Host> = match destination {
         Destination::Hosts(h) => h.clone(),
-        Destination::Domain { domain, .. } => vec![Host { name: domain.0.clone(), bracketed: false, port: None }],
+        Destination::Domain { domain, .. } => vec![Host {
+            name: domain.0.clone(),
+            bracketed: false,
+            port: None,
+        }],
     };
     let mut out = Vec::new();
     let mut errors = Vec::new();
@@ -70,7 +86,11 @@ pub async fn targets(destination: &Destination, dns: &impl Lookup) -> Result<Vec
         }
     }
     if out.is_empty() {
-        Err(if errors.is_empty() { "no hosts".into() } else { errors.join("; ") })
+        Err(if errors.is_empty() {
+            "no hosts".into()
+        } else {
+            errors.join("; ")
+        })
     } else {
         Ok(out)
     }
@@ -84,14 +104,23 @@ pub async fn targets(destination: &Destination, dns: &impl Lookup) -> Result<Vec
 pub async fn host_targets(h: &Host, dns: &impl Lookup) -> Result<Vec<Target>, String> {
     let port = h.port.unwrap_or(25);
     if let Ok(ip) = h.name.parse::<IpAddr>() {
-        return Ok(vec![Target { addr: SocketAddr::new(ip, port), via: h.to_string() }]);
+        return Ok(vec![Target {
+            addr: SocketAddr::new(ip, port),
+            via: h.to_string(),
+        }]);
     }
     let names: Vec<(String, String)> = if h.bracketed {
         vec![(h.name.clone(), h.to_string())]
     } else {
         match dns.mx(&h.name).await {
-            Ok(mx) if !mx.is_empty() => mx.into_iter().map(|(pref, n)| (n.clone(), format!("MX {pref} {n} of {}", h.name))).collect(),
-            Ok(_) => vec![(h.name.clone(), format!("{} (no MX: address records)", h.name))],
+            Ok(mx) if !mx.is_empty() => mx
+                .into_iter()
+                .map(|(pref, n)| (n.clone(), format!("MX {pref} {n} of {}", h.name)))
+                .collect(),
+            Ok(_) => vec![(
+                h.name.clone(),
+                format!("{} (no MX: address records)", h.name),
+            )],
             Err(e) => return Err(e.to_string()),
         }
     };
@@ -100,24 +129,48 @@ pub async fn host_targets(h: &Host, dns: &impl Lookup) -> Result<Vec<Target>, St
     for (name, via) in names {
         match dns.ips(&name).await {
             Ok(ips) if ips.is_empty() => errors.push(format!("{name} has no address records")),
-            Ok(ips) => out.extend(ips.into_iter().map(|ip| Target { addr: SocketAddr::new(ip, port), via: via.clone() })),
+            Ok(ips) => out.extend(ips.into_iter().map(|ip| Target {
+                addr: SocketAddr::new(ip, port),
+                via: via.clone(),
+            })),
             Err(e) => errors.push(e.to_string()),
         }
     }
-    if out.is_empty() { Err(errors.join("; ")) } else { Ok(out) }
+    if out.is_empty() {
+        Err(errors.join("; "))
+    } else {
+        Ok(out)
+    }
 }
 
 /// Probes one host: EHLO, MAIL FROM:<>, RCPT TO:<rcpt>, QUIT.
 /// With `send`, a short test message follows the accepted RCPT (DATA).
-pub async fn probe_host(target: Target, helo: &str, rcpt: &str, step_timeout: Duration, send: bool) -> HostReport {
-    let mut report = HostReport { target, steps: Vec::new(), accepted: false, error: None };
+pub async fn probe_host(
+    target: Target,
+    helo: &str,
+    rcpt: &str,
+    step_timeout: Duration,
+    send: bool,
+) -> HostReport {
+    let mut report = HostReport {
+        target,
+        steps: Vec::new(),
+        accepted: false,
+        error: None,
+    };
     if let Err(e) = converse(&mut report, helo, rcpt, step_timeout, send).await {
         report.error = Some(e);
     }
     report
 }
 
-async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration, send: bool) -> Result<(), String> {
+async fn converse(
+    report: &mut HostReport,
+    helo: &str,
+    rcpt: &str,
+    t: Duration,
+    send: bool,
+) -> Result<(), String> {
     let addr = report.target.addr;
     let stream = timeout(t, TcpStream::connect(addr))
         .await
@@ -137,7 +190,10 @@ async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration, 
         ("MAIL FROM:<>".to_owned(), 250),
         (format!("RCPT TO:<{rcpt}>"), 250),
     ] {
-        write.write_all(format!("{cmd}\r\n").as_bytes()).await.map_err(|e| format!("{cmd}: {e}"))?;
+        write
+            .write_all(format!("{cmd}\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("{cmd}: {e}"))?;
         let code = step(report, Some(cmd.clone()), reply(&mut read, t).await?);
         if code / 100 != want / 100 {
             let _ = write.write_all(b"QUIT\r\n").await;
@@ -145,7 +201,10 @@ async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration, 
         }
     }
     if send {
-        write.write_all(b"DATA\r\n").await.map_err(|e| format!("DATA: {e}"))?;
+        write
+            .write_all(b"DATA\r\n")
+            .await
+            .map_err(|e| format!("DATA: {e}"))?;
         if step(report, Some("DATA".into()), reply(&mut read, t).await?) != 354 {
             return Err("DATA refused".into());
         }
@@ -154,8 +213,15 @@ async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration, 
             "From: <MAILER-DAEMON@{helo}>\r\nTo: <{rcpt}>\r\nSubject: dualroute verification test\r\nDate: {date}\r\nMessage-ID: <dualroute-verify-{}@{helo}>\r\n\r\nA test message from dualroute on {helo}: the destination accepts mail\r\nfor {rcpt}. Mail routed by dualroute will arrive like this one.\r\n.\r\n",
             crate::state::now()
         );
-        write.write_all(message.as_bytes()).await.map_err(|e| format!("message: {e}"))?;
-        let code = step(report, Some("(message) .".into()), reply(&mut read, t).await?);
+        write
+            .write_all(message.as_bytes())
+            .await
+            .map_err(|e| format!("message: {e}"))?;
+        let code = step(
+            report,
+            Some("(message) .".into()),
+            reply(&mut read, t).await?,
+        );
         if code != 250 {
             return Err("the test message was refused".into());
         }
@@ -169,7 +235,10 @@ async fn converse(report: &mut HostReport, helo: &str, rcpt: &str, t: Duration, 
 }
 
 /// Reads one (possibly multi-line) SMTP reply.
-async fn reply<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R, t: Duration) -> Result<(u16, String), String> {
+async fn reply<R: tokio::io::AsyncBufRead + Unpin>(
+    read: &mut R,
+    t: Duration,
+) -> Result<(u16, String), String> {
     let mut text = Vec::new();
     loop {
         let mut line = String::new();
@@ -181,7 +250,10 @@ async fn reply<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R, t: Duration) ->
             return Err("connection closed".into());
         }
         let line = line.trim_end().to_owned();
-        let code = line.get(..3).and_then(|c| c.parse::<u16>().ok()).ok_or_else(|| format!("not an SMTP reply: {line:?}"))?;
+        let code = line
+            .get(..3)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| format!("not an SMTP reply: {line:?}"))?;
         let more = line.as_bytes().get(3) == Some(&b'-');
         text.push(line);
         if !more {

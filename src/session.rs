@@ -42,7 +42,14 @@ pub struct Message {
 
 impl Message {
     pub fn new(policy: Arc<Policy>, envelope: Envelope, sender: String) -> Message {
-        Message { policy, envelope, sender, recipients: Vec::new(), rejected: Vec::new(), loop_header: false }
+        Message {
+            policy,
+            envelope,
+            sender,
+            recipients: Vec::new(),
+            rejected: Vec::new(),
+            loop_header: false,
+        }
     }
 
     /// Decides a RCPT and remembers it. A recipient given twice with the
@@ -52,14 +59,20 @@ impl Message {
             return &self.recipients[i].verdict;
         }
         let verdict = decide(&self.policy, &self.envelope, arg.address.as_ref());
-        let list = if matches!(verdict.decision, Decision::Reject(_)) { &mut self.rejected } else { &mut self.recipients };
+        let list = if matches!(verdict.decision, Decision::Reject(_)) {
+            &mut self.rejected
+        } else {
+            &mut self.recipients
+        };
         list.push(Recipient { arg, verdict });
         &list[list.len() - 1].verdict
     }
 
     pub fn header(&mut self, name: &str, value: &str) {
         if name.eq_ignore_ascii_case(LOOP_HEADER)
-            && value.split([',', ' ', '\t']).any(|v| v.trim().eq_ignore_ascii_case(&self.policy.config.instance))
+            && value
+                .split([',', ' ', '\t'])
+                .any(|v| v.trim().eq_ignore_ascii_case(&self.policy.config.instance))
         {
             self.loop_header = true;
         }
@@ -68,7 +81,12 @@ impl Message {
     /// The end-of-message actions.
     pub fn plan(&self) -> Plan {
         let mut plan = Plan::default();
-        let routes = self.recipients.iter().any(|r| matches!(r.verdict.decision, Decision::Copy(_) | Decision::Redirect(_)));
+        let routes = self.recipients.iter().any(|r| {
+            matches!(
+                r.verdict.decision,
+                Decision::Copy(_) | Decision::Redirect(_)
+            )
+        });
         if !routes {
             return plan;
         }
@@ -95,7 +113,11 @@ impl Message {
                 .is_some_and(|d| d.config.bounce);
             match &r.verdict.decision {
                 Decision::Copy(targets) => {
-                    let args = format!("{} NOTIFY={}", orcpt(&r.arg), if bounce { "FAILURE" } else { "NEVER" });
+                    let args = format!(
+                        "{} NOTIFY={}",
+                        orcpt(&r.arg),
+                        if bounce { "FAILURE" } else { "NEVER" }
+                    );
                     for t in targets {
                         plan.add(t, args.clone(), fold);
                     }
@@ -135,7 +157,11 @@ impl Message {
             if !line.is_empty() {
                 line.push_str("; ");
             }
-            let _ = write!(line, "{} {} ({})", r.arg.raw, r.verdict.decision, r.verdict.rule);
+            let _ = write!(
+                line,
+                "{} {} ({})",
+                r.arg.raw, r.verdict.decision, r.verdict.rule
+            );
         }
         line
     }
@@ -147,7 +173,10 @@ impl Message {
 fn orcpt(arg: &RcptArg) -> String {
     match arg.param("ORCPT") {
         Some(p) => p.to_string(),
-        None => format!("ORCPT=rfc822;{}", xtext(arg.original_mailbox().unwrap_or_default())),
+        None => format!(
+            "ORCPT=rfc822;{}",
+            xtext(arg.original_mailbox().unwrap_or_default())
+        ),
     }
 }
 
@@ -171,7 +200,13 @@ impl Plan {
         let path = format!("<{address}>");
         // Postfix delivers a duplicate added recipient twice unless address,
         // ORCPT and NOTIFY all match (DESIGN.md §8): add each address once.
-        let same = |p: &String| if fold_case { p.eq_ignore_ascii_case(&path) } else { *p == path };
+        let same = |p: &String| {
+            if fold_case {
+                p.eq_ignore_ascii_case(&path)
+            } else {
+                *p == path
+            }
+        };
         if !self.add.iter().any(|(p, _)| same(p)) && !self.existing.iter().any(same) {
             self.add.push((path, args));
         }

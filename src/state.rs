@@ -19,7 +19,10 @@ use std::{
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// `dualroute disable DOMAIN`.
@@ -99,7 +102,9 @@ pub fn when(secs: u64) -> String {
 pub fn rfc5322_date(secs: u64) -> String {
     let (y, m, d, hh, mm, ss) = civil(secs);
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let wd = DAYS[((secs / 86400) % 7) as usize];
     let mon = MONTHS[(m - 1).clamp(0, 11) as usize];
     format!("{wd}, {d} {mon} {y:04} {hh:02}:{mm:02}:{ss:02} +0000")
@@ -113,19 +118,28 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn new(dir: &Path) -> StateDir {
-        StateDir { dir: dir.to_owned() }
+        StateDir {
+            dir: dir.to_owned(),
+        }
     }
 
     fn file(&self, domain: &str, kind: &str) -> PathBuf {
         self.dir.join(format!("{domain}.{kind}"))
     }
 
-    fn read<T: for<'de> Deserialize<'de>>(&self, domain: &str, kind: &str) -> io::Result<Option<T>> {
+    fn read<T: for<'de> Deserialize<'de>>(
+        &self,
+        domain: &str,
+        kind: &str,
+    ) -> io::Result<Option<T>> {
         let path = self.file(domain, kind);
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_yaml::from_str(&text)
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+            Ok(text) => serde_yaml::from_str(&text).map(Some).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
         }
@@ -134,11 +148,15 @@ impl StateDir {
     fn write<T: Serialize>(&self, domain: &str, kind: &str, value: &T) -> io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.file(domain, kind);
-        let text = serde_yaml::to_string(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let tmp = self.dir.join(format!(".{domain}.{kind}.{}", std::process::id()));
+        let text = serde_yaml::to_string(value)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let tmp = self
+            .dir
+            .join(format!(".{domain}.{kind}.{}", std::process::id()));
         std::fs::write(&tmp, text)?;
         std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
     }
 
     fn remove(&self, domain: &str, kind: &str) -> io::Result<bool> {
@@ -158,12 +176,22 @@ impl StateDir {
     }
 
     pub fn disable(&self, domain: &str, reason: &str) -> io::Result<()> {
-        self.write(domain, "disabled", &Disabled { since: now(), reason: reason.to_owned() })
+        self.write(
+            domain,
+            "disabled",
+            &Disabled {
+                since: now(),
+                reason: reason.to_owned(),
+            },
+        )
     }
 
     /// Clears an admin disable and a breaker trip. Returns what was cleared.
     pub fn enable(&self, domain: &str) -> io::Result<(bool, bool)> {
-        Ok((self.remove(domain, "disabled")?, self.remove(domain, "tripped")?))
+        Ok((
+            self.remove(domain, "disabled")?,
+            self.remove(domain, "tripped")?,
+        ))
     }
 
     pub fn trip(&self, domain: &str, trip: &Tripped) -> io::Result<()> {
@@ -185,10 +213,18 @@ mod tests {
         let s = StateDir::new(&dir.path().join("state"));
         assert_eq!(s.load("example.com").unwrap(), DomainState::default());
         s.disable("example.com", "maintenance").unwrap();
-        let t = Tripped { since: 1, bounces: 20, window_secs: 3600, last: "x".into() };
+        let t = Tripped {
+            since: 1,
+            bounces: 20,
+            window_secs: 3600,
+            last: "x".into(),
+        };
         s.trip("example.com", &t).unwrap();
         let st = s.load("example.com").unwrap();
-        assert!(st.hold_reason().unwrap().contains("disabled by an administrator"));
+        assert!(st
+            .hold_reason()
+            .unwrap()
+            .contains("disabled by an administrator"));
         assert_eq!(st.tripped, Some(t));
         assert_eq!(s.enable("example.com").unwrap(), (true, true));
         assert_eq!(s.load("example.com").unwrap().hold_reason(), None);
@@ -208,6 +244,9 @@ mod tests {
     fn dates() {
         assert_eq!(when(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(when(1_795_000_000), "2026-11-18 11:06:40 UTC");
-        assert_eq!(rfc5322_date(1_795_000_000), "Wed, 18 Nov 2026 11:06:40 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_000_000),
+            "Wed, 18 Nov 2026 11:06:40 +0000"
+        );
     }
 }

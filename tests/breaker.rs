@@ -34,7 +34,8 @@ const SENDMAIL_BOUNCED: &str = "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242:
 const SENDMAIL_TWO: &str = "Jan 12 10:00:05 mx sendmail[4242]: 40CA05ab004243: to=zed@example.com.dualroute.invalid,<yan@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=150456, relay=mx.legacy.example.net. [192.0.2.30], dsn=5.0.0, stat=Service unavailable";
 const SENDMAIL_DEFERRED: &str = "Jan 12 10:00:06 mx sm-mta[4242]: 40CA05ab004242: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net., dsn=4.0.0, stat=Deferred: Connection refused by mx.legacy.example.net.";
 const SENDMAIL_SENT: &str = "Jan 12 10:00:07 mx sm-mta[4242]: 40CA05ab004242: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net. [192.0.2.30], dsn=2.0.0, stat=Sent (OK id=1abc)";
-const SENDMAIL_DSN_LINE: &str = "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242: 40CA05ab004244: DSN: User unknown";
+const SENDMAIL_DSN_LINE: &str =
+    "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242: 40CA05ab004244: DSN: User unknown";
 
 #[test]
 fn postfix_bounced_is_a_failure_with_its_recipient_and_dsn() {
@@ -48,12 +49,20 @@ fn postfix_bounced_is_a_failure_with_its_recipient_and_dsn() {
     assert_eq!(f.recipients, ["bob+news@example.com.dualroute.invalid"]);
     assert_eq!(f.dsn, "5.4.4");
     // A trailing newline (as read from the file) changes nothing.
-    assert_eq!(parse_line(&format!("{POSTFIX_BOUNCED}\n")).map(|f| f.line), Some(POSTFIX_BOUNCED.to_owned()));
+    assert_eq!(
+        parse_line(&format!("{POSTFIX_BOUNCED}\n")).map(|f| f.line),
+        Some(POSTFIX_BOUNCED.to_owned())
+    );
 }
 
 #[test]
 fn postfix_deferred_sent_and_refused_are_not_failures() {
-    for line in [POSTFIX_DEFERRED, POSTFIX_SOFT_BOUNCE, POSTFIX_SENT, POSTFIX_NOQUEUE] {
+    for line in [
+        POSTFIX_DEFERRED,
+        POSTFIX_SOFT_BOUNCE,
+        POSTFIX_SENT,
+        POSTFIX_NOQUEUE,
+    ] {
         assert_eq!(parse_line(line), None, "{line}");
     }
     // status=bounced with a dsn that is not 5.x.x is not trusted either.
@@ -70,7 +79,13 @@ fn sendmail_permanent_failures_only() {
     assert_eq!(f.dsn, "5.1.1");
     // Several recipients in one to=, with and without brackets.
     let f = parse_line(SENDMAIL_TWO).expect("a Sendmail failure");
-    assert_eq!(f.recipients, ["zed@example.com.dualroute.invalid", "yan@example.com.dualroute.invalid"]);
+    assert_eq!(
+        f.recipients,
+        [
+            "zed@example.com.dualroute.invalid",
+            "yan@example.com.dualroute.invalid"
+        ]
+    );
     assert_eq!(f.dsn, "5.0.0");
     for line in [SENDMAIL_DEFERRED, SENDMAIL_SENT, SENDMAIL_DSN_LINE] {
         assert_eq!(parse_line(line), None, "{line}");
@@ -79,7 +94,14 @@ fn sendmail_permanent_failures_only() {
 
 #[test]
 fn garbage_is_not_a_failure() {
-    for line in ["", "to=", ": to=", ": to=<>, dsn=5.1.1, status=bounced", "x: to=<a@b>, dsn=5.1.1", "\u{fffd}: to=<a@b>, status=bounced"] {
+    for line in [
+        "",
+        "to=",
+        ": to=",
+        ": to=<>, dsn=5.1.1, status=bounced",
+        "x: to=<a@b>, dsn=5.1.1",
+        "\u{fffd}: to=<a@b>, status=bounced",
+    ] {
         assert_eq!(parse_line(line), None, "{line:?}");
     }
 }
@@ -89,7 +111,8 @@ fn garbage_is_not_a_failure() {
 // ---------------------------------------------------------------------
 
 fn policy(yaml: &str) -> Policy {
-    let config = dualroute::config::parse(yaml, "milter.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let config =
+        dualroute::config::parse(yaml, "milter.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     Policy::load(config).expect("load the policy")
 }
 
@@ -147,15 +170,19 @@ fn routing_addresses_belong_to_their_domain() {
 fn other_addresses_are_not_routed_mail() {
     let a = Attribution::new(&policy(ATTRIBUTION_YAML));
     for addr in [
-        "zed@example.com",                     // the managed domain itself
-        "someone@pilot.test",                  // a target's domain, not a target
-        "x@other.example.dualroute.invalid",   // a relay domain that is not ours
-        "x@legacy.example.net",                // a destination without change_envelope
-        "sender@outside.test",                 // the bounce to the sender
+        "zed@example.com",                   // the managed domain itself
+        "someone@pilot.test",                // a target's domain, not a target
+        "x@other.example.dualroute.invalid", // a relay domain that is not ours
+        "x@legacy.example.net",              // a destination without change_envelope
+        "sender@outside.test",               // the bounce to the sender
         "MAILER-DAEMON",
         "",
     ] {
-        assert!(a.domains(addr).is_empty(), "{addr:?} → {:?}", a.domains(addr));
+        assert!(
+            a.domains(addr).is_empty(),
+            "{addr:?} → {:?}",
+            a.domains(addr)
+        );
     }
 }
 
@@ -191,7 +218,11 @@ fn window_trips_at_threshold_within_span_only() {
 // ---------------------------------------------------------------------
 
 fn append(path: &Path, text: &str) {
-    let mut f = fs::OpenOptions::new().create(true).append(true).open(path).expect("open the log");
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the log");
     f.write_all(text.as_bytes()).expect("append to the log");
 }
 
@@ -245,7 +276,12 @@ fn follower_survives_copytruncate() {
     assert_eq!(f.poll(), ["a", "b"]);
     // copytruncate: copied elsewhere, then truncated in place.
     fs::copy(&log, dir.path().join("mail.log.1")).unwrap();
-    fs::OpenOptions::new().write(true).open(&log).unwrap().set_len(0).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     append(&log, "c\n");
     assert_eq!(f.poll(), ["c"]);
     append(&log, "d\n");
@@ -314,7 +350,13 @@ breaker: {{ maillog: {log}, threshold: 3, window: 1h }}
     );
     let shared = dualroute::share(policy(&yaml));
     let handle = tokio::spawn(dualroute::breaker::run(shared.clone()));
-    Task { shared, log, state, handle, _dir: dir }
+    Task {
+        shared,
+        log,
+        state,
+        handle,
+        _dir: dir,
+    }
 }
 
 fn bounce(to: &str) -> String {
@@ -335,7 +377,10 @@ impl Task {
     async fn wait_tripped(&self, domain: &str) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.tripped(domain) {
-            assert!(Instant::now() < deadline, "{domain} was not tripped within 5 s");
+            assert!(
+                Instant::now() < deadline,
+                "{domain} was not tripped within 5 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -357,7 +402,10 @@ async fn task_counts_new_failures_and_trips_at_the_threshold() {
     // Not routed mail, deferrals and another domain's failures do not
     // count for example.com.
     append(&task.log, &bounce("a@example.com"));
-    append(&task.log, &format!("{POSTFIX_DEFERRED}\n{SENDMAIL_DEFERRED}\n"));
+    append(
+        &task.log,
+        &format!("{POSTFIX_DEFERRED}\n{SENDMAIL_DEFERRED}\n"),
+    );
     append(&task.log, &bounce("b@example.org.dualroute.invalid"));
     append(&task.log, &bounce("b@example.com.dualroute.invalid"));
     append(&task.log, &format!("{SENDMAIL_BOUNCED}\n"));
@@ -369,12 +417,20 @@ async fn task_counts_new_failures_and_trips_at_the_threshold() {
     task.wait_tripped("example.com").await;
     // Held at once, not at the state follower's next look (it does not
     // run in this test at all).
-    let why = task.held("example.com").expect("example.com held after the trip");
+    let why = task
+        .held("example.com")
+        .expect("example.com held after the trip");
     assert!(why.contains("bounce breaker tripped"), "{why}");
-    let st = dualroute::state::StateDir::new(&task.state).load("example.com").unwrap();
+    let st = dualroute::state::StateDir::new(&task.state)
+        .load("example.com")
+        .unwrap();
     let t = st.tripped.expect("the trip is persisted");
     assert_eq!((t.bounces, t.window_secs), (3, 3600));
-    assert!(t.last.contains("to=<c@example.com.dualroute.invalid>"), "{}", t.last);
+    assert!(
+        t.last.contains("to=<c@example.com.dualroute.invalid>"),
+        "{}",
+        t.last
+    );
     // The other domain had one failure: untouched.
     assert!(!task.tripped("example.org"));
     assert_eq!(task.held("example.org"), None);
@@ -384,20 +440,40 @@ async fn task_counts_new_failures_and_trips_at_the_threshold() {
 async fn task_does_not_count_while_tripped_and_counts_anew_after_enable() {
     let task = start_task("", true);
     task.settle().await;
-    append(&task.log, &bounce("a@example.com.dualroute.invalid").repeat(3));
+    append(
+        &task.log,
+        &bounce("a@example.com.dualroute.invalid").repeat(3),
+    );
     task.wait_tripped("example.com").await;
     let first = fs::read_to_string(task.state.join("example.com.tripped")).unwrap();
 
     // Late bounces while tripped: the trip stays as it was.
-    append(&task.log, &bounce("b@example.com.dualroute.invalid").repeat(5));
+    append(
+        &task.log,
+        &bounce("b@example.com.dualroute.invalid").repeat(5),
+    );
     task.settle().await;
-    assert_eq!(fs::read_to_string(task.state.join("example.com.tripped")).unwrap(), first);
+    assert_eq!(
+        fs::read_to_string(task.state.join("example.com.tripped")).unwrap(),
+        first
+    );
 
     // `dualroute enable`: the count starts from zero.
-    assert_eq!(dualroute::state::StateDir::new(&task.state).enable("example.com").unwrap(), (false, true));
-    append(&task.log, &bounce("c@example.com.dualroute.invalid").repeat(2));
+    assert_eq!(
+        dualroute::state::StateDir::new(&task.state)
+            .enable("example.com")
+            .unwrap(),
+        (false, true)
+    );
+    append(
+        &task.log,
+        &bounce("c@example.com.dualroute.invalid").repeat(2),
+    );
     task.settle().await;
-    assert!(!task.tripped("example.com"), "tripped again with 2 new failures: old ones were counted");
+    assert!(
+        !task.tripped("example.com"),
+        "tripped again with 2 new failures: old ones were counted"
+    );
     append(&task.log, &bounce("d@example.com.dualroute.invalid"));
     task.wait_tripped("example.com").await;
 }
@@ -417,11 +493,20 @@ async fn task_follows_rotation_and_a_log_that_appears_later() {
     assert!(!task.tripped("example.com"));
     // copytruncate (noticed before the file grows back to where we were:
     // see src/breaker.rs on what no follower can see).
-    fs::OpenOptions::new().write(true).open(&task.log).unwrap().set_len(0).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&task.log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     task.settle().await;
     append(&task.log, &bounce("c@example.com.dualroute.invalid"));
     task.wait_tripped("example.com").await;
-    let t = dualroute::state::StateDir::new(&task.state).load("example.com").unwrap().tripped.unwrap();
+    let t = dualroute::state::StateDir::new(&task.state)
+        .load("example.com")
+        .unwrap()
+        .tripped
+        .unwrap();
     assert_eq!(t.bounces, 3);
 }
 
@@ -433,7 +518,9 @@ const SENDER: &str = "sender@outside.test";
 const INSTANCE: &str = "breaker.test";
 
 fn message(subject: &str) -> String {
-    format!("From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n")
+    format!(
+        "From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n"
+    )
 }
 
 /// The real thing: example.com is split and routed to a destination that
@@ -444,7 +531,10 @@ fn message(subject: &str) -> String {
 /// brings routing back within seconds.
 #[test]
 fn postfix_bounces_trip_the_breaker_end_to_end() {
-    let tmp = tempfile::Builder::new().prefix("dualroute-breaker-").tempdir().expect("a temporary directory");
+    let tmp = tempfile::Builder::new()
+        .prefix("dualroute-breaker-")
+        .tempdir()
+        .expect("a temporary directory");
     let dir = tmp.path();
     let sink = support::SmtpSink::start_rejecting();
     let milter_port = support::free_port();
@@ -464,13 +554,17 @@ domains:
         sink = sink.nexthop()
     );
     fs::write(&config, &domains).unwrap();
-    let opts = support::PostfixOptions::default().domain_without_catchall("example.com", &["alice@example.com"]);
+    let opts = support::PostfixOptions::default()
+        .domain_without_catchall("example.com", &["alice@example.com"]);
     let opts = postfix_config(&config, &dir.join("postfix-config")).apply_to(opts);
     let pf = support::Postfix::start(opts);
     // Only now is the maillog's path known.
     fs::write(
         &config,
-        format!("{domains}breaker: {{ maillog: {}, threshold: 3, window: 1h }}\n", pf.maillog_path().display()),
+        format!(
+            "{domains}breaker: {{ maillog: {}, threshold: 3, window: 1h }}\n",
+            pf.maillog_path().display()
+        ),
     )
     .unwrap();
     let mut milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
@@ -486,7 +580,10 @@ domains:
     };
     // The relay-domain deliveries (routed mail) in the maillog.
     let routed = || -> Vec<support::Delivery> {
-        pf.deliveries().into_iter().filter(|d| d.to.ends_with("@example.com.dualroute.invalid")).collect()
+        pf.deliveries()
+            .into_iter()
+            .filter(|d| d.to.ends_with("@example.com.dualroute.invalid"))
+            .collect()
     };
     let send = |milter: &MilterProcess, rcpts: &[&str], subject: &str| {
         let t = client.send(SENDER, rcpts, &message(subject));
@@ -494,32 +591,61 @@ domains:
         pf.wait_queue_empty();
         t
     };
-    let wait_for = |milter: &MilterProcess, what: &str, mut probe: Box<dyn FnMut() -> bool + '_>| {
-        if support::poll(|| probe().then_some(())).is_none() {
-            panic!("timed out waiting for {what}\n{}", diag(milter));
-        }
-    };
+    let wait_for =
+        |milter: &MilterProcess, what: &str, mut probe: Box<dyn FnMut() -> bool + '_>| {
+            if support::poll(|| probe().then_some(())).is_none() {
+                panic!("timed out waiting for {what}\n{}", diag(milter));
+            }
+        };
     let status = || dualroute(&config, &["status"]).1;
 
     // 1. One bounce: counted, not tripped.
     send(&milter, &["zed1@example.com"], "first");
-    wait_for(&milter, "the first bounce to be counted", Box::new(|| milter.log().contains("(1 of 3 within 1h")));
+    wait_for(
+        &milter,
+        "the first bounce to be counted",
+        Box::new(|| milter.log().contains("(1 of 3 within 1h")),
+    );
     let bounced = routed();
     assert_eq!(bounced.len(), 1, "{}", diag(&milter));
-    assert_eq!((bounced[0].status.as_str(), bounced[0].dsn.as_str()), ("bounced", "5.1.1"));
-    assert_eq!(bounced[0].relay, format!("127.0.0.1[127.0.0.1]:{}", sink.port()));
-    assert!(status().contains("example.com: mode split: active"), "{}", status());
+    assert_eq!(
+        (bounced[0].status.as_str(), bounced[0].dsn.as_str()),
+        ("bounced", "5.1.1")
+    );
+    assert_eq!(
+        bounced[0].relay,
+        format!("127.0.0.1[127.0.0.1]:{}", sink.port())
+    );
+    assert!(
+        status().contains("example.com: mode split: active"),
+        "{}",
+        status()
+    );
 
     // 2. Two more: tripped.
     send(&milter, &["zed2@example.com", "zed3@example.com"], "second");
     // The error is logged after the holds are refreshed: from then on the
     // milter is transparent.
-    wait_for(&milter, "the trip", Box::new(|| milter.log().contains("bounce breaker tripped")));
-    assert!(state.join("example.com.tripped").exists(), "{}", diag(&milter));
-    assert_eq!(routed().iter().filter(|d| d.status == "bounced").count(), 3, "{}", diag(&milter));
+    wait_for(
+        &milter,
+        "the trip",
+        Box::new(|| milter.log().contains("bounce breaker tripped")),
+    );
+    assert!(
+        state.join("example.com.tripped").exists(),
+        "{}",
+        diag(&milter)
+    );
+    assert_eq!(
+        routed().iter().filter(|d| d.status == "bounced").count(),
+        3,
+        "{}",
+        diag(&milter)
+    );
     let st = status();
     assert!(
-        st.contains("example.com: mode split: TRIPPED by the bounce breaker") && st.contains("3 permanent failures within 3600s"),
+        st.contains("example.com: mode split: TRIPPED by the bounce breaker")
+            && st.contains("3 permanent failures within 3600s"),
         "{st}"
     );
     let trip = fs::read_to_string(state.join("example.com.tripped")).unwrap();
@@ -531,8 +657,18 @@ domains:
         .map(str::to_owned)
         .collect();
     assert_eq!(errors.len(), 1, "{}", diag(&milter));
-    for words in ["example.com", "3 permanent failures", "within 1h", "status=bounced", "run `dualroute enable example.com`"] {
-        assert!(errors[0].contains(words), "{words:?} missing from {}", errors[0]);
+    for words in [
+        "example.com",
+        "3 permanent failures",
+        "within 1h",
+        "status=bounced",
+        "run `dualroute enable example.com`",
+    ] {
+        assert!(
+            errors[0].contains(words),
+            "{words:?} missing from {}",
+            errors[0]
+        );
     }
 
     // 3. Tripped: the milter is transparent for example.com, so Postfix
@@ -543,11 +679,16 @@ domains:
     assert_eq!(filed.len(), 1, "{}", diag(&milter));
     assert_eq!(filed[0].header("X-Original-To"), ["zed4@example.com"]);
     assert_eq!(filed[0].header("Subject"), ["while tripped"]);
-    assert!(filed[0].header("X-Dualroute").is_empty(), "{}", filed[0].text);
+    assert!(
+        filed[0].header("X-Dualroute").is_empty(),
+        "{}",
+        filed[0].text
+    );
     assert_eq!(routed().len(), 3, "routed while tripped\n{}", diag(&milter));
     let queue_id = t.queue_id().expect("a queue id");
     assert!(
-        milter.log().lines().any(|l| l.contains(&queue_id) && l.contains("zed4@example.com> keep (routing held: bounce breaker tripped")),
+        milter.log().lines().any(|l| l.contains(&queue_id)
+            && l.contains("zed4@example.com> keep (routing held: bounce breaker tripped")),
         "{}",
         diag(&milter)
     );
@@ -555,33 +696,80 @@ domains:
     // 4. A restart keeps the trip, and does not count old lines again.
     milter.kill();
     milter.spawn();
-    assert!(status().contains("TRIPPED by the bounce breaker"), "{}", status());
+    assert!(
+        status().contains("TRIPPED by the bounce breaker"),
+        "{}",
+        status()
+    );
     send(&milter, &["zed5@example.com"], "after the restart");
-    assert_eq!(support::read_maildir(&catchall).len(), 2, "{}", diag(&milter));
-    assert_eq!(routed().len(), 3, "routed after the restart\n{}", diag(&milter));
+    assert_eq!(
+        support::read_maildir(&catchall).len(),
+        2,
+        "{}",
+        diag(&milter)
+    );
+    assert_eq!(
+        routed().len(),
+        3,
+        "routed after the restart\n{}",
+        diag(&milter)
+    );
 
     // 5. `dualroute enable`: routing is back within seconds (the running
     // milter follows state_dir every 2 s), and the breaker counts from 0.
     let (exit, out) = dualroute(&config, &["enable", "example.com"]);
-    assert!(exit.success() && out.contains("breaker trip cleared"), "{out}");
-    assert!(status().contains("example.com: mode split: active"), "{}", status());
+    assert!(
+        exit.success() && out.contains("breaker trip cleared"),
+        "{out}"
+    );
+    assert!(
+        status().contains("example.com: mode split: active"),
+        "{}",
+        status()
+    );
     std::thread::sleep(Duration::from_secs(3));
     send(&milter, &["zed6@example.com"], "after enable");
     wait_for(
         &milter,
         "zed6 to reach the sink again",
-        Box::new(|| routed().iter().any(|d| d.to == "zed6@example.com.dualroute.invalid")),
+        Box::new(|| {
+            routed()
+                .iter()
+                .any(|d| d.to == "zed6@example.com.dualroute.invalid")
+        }),
     );
-    let zed6 = routed().into_iter().find(|d| d.to == "zed6@example.com.dualroute.invalid").unwrap();
-    assert_eq!(zed6.relay, format!("127.0.0.1[127.0.0.1]:{}", sink.port()), "{}", diag(&milter));
+    let zed6 = routed()
+        .into_iter()
+        .find(|d| d.to == "zed6@example.com.dualroute.invalid")
+        .unwrap();
+    assert_eq!(
+        zed6.relay,
+        format!("127.0.0.1[127.0.0.1]:{}", sink.port()),
+        "{}",
+        diag(&milter)
+    );
     assert!(zed6.text.contains("rejected by smtp-sink"), "{}", zed6.line);
-    assert_eq!(support::read_maildir(&catchall).len(), 2, "{}", diag(&milter));
+    assert_eq!(
+        support::read_maildir(&catchall).len(),
+        2,
+        "{}",
+        diag(&milter)
+    );
     wait_for(
         &milter,
         "zed6's bounce to be counted as the first after enable",
-        Box::new(|| milter.log().lines().any(|l| l.contains("zed6@") && l.contains("(1 of 3 within 1h"))),
+        Box::new(|| {
+            milter
+                .log()
+                .lines()
+                .any(|l| l.contains("zed6@") && l.contains("(1 of 3 within 1h"))
+        }),
     );
-    assert!(!state.join("example.com.tripped").exists(), "{}", diag(&milter));
+    assert!(
+        !state.join("example.com.tripped").exists(),
+        "{}",
+        diag(&milter)
+    );
     drop(milter);
     drop(pf);
     if support::keep_tmp() {

@@ -8,7 +8,10 @@ use support::{dualroute_output, free_port, poll, MilterProcess};
 use std::net::TcpStream;
 
 fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
-    assert!(poll(|| f().then_some(())).is_some(), "timed out waiting for {what}");
+    assert!(
+        poll(|| f().then_some(())).is_some(),
+        "timed out waiting for {what}"
+    );
 }
 
 #[test]
@@ -21,14 +24,35 @@ fn serves_reloads_and_stops() {
     };
     std::fs::write(&path, good("route")).unwrap();
     let mut milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
-    assert!(milter.log().contains(&format!("listening on inet:127.0.0.1:{port}")), "{}", milter.log());
+    assert!(
+        milter
+            .log()
+            .contains(&format!("listening on inet:127.0.0.1:{port}")),
+        "{}",
+        milter.log()
+    );
 
     // An invalid file: reload refused, old policy kept, error logged.
-    std::fs::write(&path, good("route").replace("mode: route", "mode: sideways")).unwrap();
+    std::fs::write(
+        &path,
+        good("route").replace("mode: route", "mode: sideways"),
+    )
+    .unwrap();
     milter.signal("HUP");
-    wait_for(|| milter.log().contains("reload failed"), "the reload error");
-    assert!(milter.log().contains("keeping the running configuration"), "{}", milter.log());
-    assert!(milter.log().contains("unknown variant `sideways`"), "{}", milter.log());
+    wait_for(
+        || milter.log().contains("reload failed"),
+        "the reload error",
+    );
+    assert!(
+        milter.log().contains("keeping the running configuration"),
+        "{}",
+        milter.log()
+    );
+    assert!(
+        milter.log().contains("unknown variant `sideways`"),
+        "{}",
+        milter.log()
+    );
     assert!(milter.is_running(), "the milter must survive a bad reload");
 
     std::fs::write(&path, good("dual")).unwrap();
@@ -39,7 +63,10 @@ fn serves_reloads_and_stops() {
     let status = milter.wait_exit();
     assert!(status.success(), "exit status {status:?}: {}", milter.log());
     assert!(milter.log().contains("SIGTERM: shutting down"));
-    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "still listening after exit");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still listening after exit"
+    );
 }
 
 #[test]
@@ -49,5 +76,6 @@ fn refuses_to_start_on_bad_config() {
     std::fs::write(&path, "domains:\n  example.com:\n    mode: split\n    destination: { hosts: [\"[192.0.2.1]\"] }\n").unwrap();
     let out = dualroute_output(&path, &["run"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("milter.yaml:3:5: domains.example.com: mode `split` needs `accounts`"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("milter.yaml:3:5: domains.example.com: mode `split` needs `accounts`"));
 }

@@ -23,7 +23,10 @@ fn error(text: &str) -> String {
 
 fn assert_error(text: &str, position: &str, what: &str) {
     let e = error(text);
-    assert!(e.starts_with(&format!("milter.yaml:{position}: ")), "position {position} expected: {e}");
+    assert!(
+        e.starts_with(&format!("milter.yaml:{position}: ")),
+        "position {position} expected: {e}"
+    );
     assert!(e.contains(what), "{what:?} expected: {e}");
 }
 
@@ -34,20 +37,44 @@ fn base_is_valid() {
 
 #[test]
 fn unknown_key() {
-    assert_error(&format!("listne: inet:127.0.0.1:1\n{BASE}"), "1:1", "unknown field `listne`");
-    assert_error(&BASE.replace("    mode: split\n", "    mode: split\n    bounces: true\n"), "4:5", "unknown field `bounces`");
+    assert_error(
+        &format!("listne: inet:127.0.0.1:1\n{BASE}"),
+        "1:1",
+        "unknown field `listne`",
+    );
+    assert_error(
+        &BASE.replace("    mode: split\n", "    mode: split\n    bounces: true\n"),
+        "4:5",
+        "unknown field `bounces`",
+    );
 }
 
 #[test]
 fn bad_address() {
-    assert_error(&BASE.replace("[alice@example.com]", "[alice@example.com, bob]"), "7:35", "\"bob\" is not a mail address");
-    assert_error(&format!("{BASE}    users:\n      carol@example.com: {{ redirect_to: \"carol@@x\" }}\n"), "9:41", "not a mail address");
+    assert_error(
+        &BASE.replace("[alice@example.com]", "[alice@example.com, bob]"),
+        "7:35",
+        "\"bob\" is not a mail address",
+    );
+    assert_error(
+        &format!("{BASE}    users:\n      carol@example.com: {{ redirect_to: \"carol@@x\" }}\n"),
+        "9:41",
+        "not a mail address",
+    );
 }
 
 #[test]
 fn bad_cidr() {
-    assert_error(&format!("gateways: [192.0.2.0/33]\n{BASE}"), "1:12", "not an IP address or CIDR");
-    assert_error(&format!("gateways: [\"192.0.2.1/24\"]\n{BASE}"), "1:12", "host bits are set; did you mean 192.0.2.0/24?");
+    assert_error(
+        &format!("gateways: [192.0.2.0/33]\n{BASE}"),
+        "1:12",
+        "not an IP address or CIDR",
+    );
+    assert_error(
+        &format!("gateways: [\"192.0.2.1/24\"]\n{BASE}"),
+        "1:12",
+        "host bits are set; did you mean 192.0.2.0/24?",
+    );
 }
 
 #[test]
@@ -58,7 +85,10 @@ fn split_without_accounts() {
 
 #[test]
 fn destination_both_hosts_and_domain() {
-    let text = BASE.replace("      hosts: [\"[192.0.2.30]:2525\"]\n", "      hosts: [\"[192.0.2.30]:2525\"]\n      domain: legacy.example\n");
+    let text = BASE.replace(
+        "      hosts: [\"[192.0.2.30]:2525\"]\n",
+        "      hosts: [\"[192.0.2.30]:2525\"]\n      domain: legacy.example\n",
+    );
     assert_error(&text, "5:7", "`hosts` and `domain` are mutually exclusive");
 }
 
@@ -72,43 +102,83 @@ fn destination_in_a_managed_domain_loops() {
 
 #[test]
 fn user_rule_target_loops() {
-    let itself = format!("{BASE}    users:\n      carol@example.com: {{ redirect_to: Carol@example.com }}\n");
+    let itself = format!(
+        "{BASE}    users:\n      carol@example.com: {{ redirect_to: Carol@example.com }}\n"
+    );
     assert_error(&itself, "9:41", "is the user itself");
     let route = format!(
         "{BASE}    users:\n      carol@example.com: {{ copy_to: [x@other.example, c@example.org] }}\n  example.org:\n    mode: route\n    destination:\n      hosts: [\"[192.0.2.9]\"]\n"
     );
-    assert_error(&route, "9:55", "c@example.org is in example.org, which this milter routes");
+    assert_error(
+        &route,
+        "9:55",
+        "c@example.org is in example.org, which this milter routes",
+    );
 }
 
 #[test]
 fn user_outside_its_domain() {
     let text = format!("{BASE}    users:\n      carol@example.org: {{ keep: true }}\n");
-    assert_error(&text, "9:7", "carol@example.org is not in domain example.com");
+    assert_error(
+        &text,
+        "9:7",
+        "carol@example.org is not in domain example.com",
+    );
 }
 
 #[test]
 fn bad_values() {
-    assert_error(&BASE.replace("mode: split", "mode: spilt"), "3:11", "unknown variant `spilt`");
-    assert_error(&format!("listen: tcp:1\n{BASE}"), "1:9", "unknown socket type");
-    assert_error(&BASE.replace("[\"[192.0.2.30]:2525\"]", "[\"192.0.2.30\"]"), "5:15", "write an IP address in brackets");
-    assert_error(&format!("{BASE}breaker:\n  maillog: /var/log/mail.log\n  window: 1w\n"), "10:11", "unit must be s, m, h or d");
-    assert_error(&BASE.replace("example.com:\n", "exa mple.com:\n"), "2:3", "not a valid domain name");
+    assert_error(
+        &BASE.replace("mode: split", "mode: spilt"),
+        "3:11",
+        "unknown variant `spilt`",
+    );
+    assert_error(
+        &format!("listen: tcp:1\n{BASE}"),
+        "1:9",
+        "unknown socket type",
+    );
+    assert_error(
+        &BASE.replace("[\"[192.0.2.30]:2525\"]", "[\"192.0.2.30\"]"),
+        "5:15",
+        "write an IP address in brackets",
+    );
+    assert_error(
+        &format!("{BASE}breaker:\n  maillog: /var/log/mail.log\n  window: 1w\n"),
+        "10:11",
+        "unit must be s, m, h or d",
+    );
+    assert_error(
+        &BASE.replace("example.com:\n", "exa mple.com:\n"),
+        "2:3",
+        "not a valid domain name",
+    );
     assert_error(&format!("{BASE}    users:\n      carol@example.com: {{ keep: true, redirect_to: a@b.example }}\n"), "9:26", "mutually exclusive");
 }
 
 #[test]
 fn require_gateway_without_gateways() {
-    let text = BASE.replace("    mode: split\n", "    mode: split\n    require_gateway: true\n");
+    let text = BASE.replace(
+        "    mode: split\n",
+        "    mode: split\n    require_gateway: true\n",
+    );
     assert_error(&text, "4:22", "needs `gateways`");
 }
 
 #[test]
 fn yaml_syntax_error() {
     let e = error("domains:\n  example.com: \"unterminated\n");
-    assert!(e.starts_with("milter.yaml:3:1: found unexpected end of stream"), "{e}");
+    assert!(
+        e.starts_with("milter.yaml:3:1: found unexpected end of stream"),
+        "{e}"
+    );
 }
 
 #[test]
 fn no_domains() {
-    assert_error("listen: inet:127.0.0.1:1\ndomains: {}\n", "2:10", "no domains");
+    assert_error(
+        "listen: inet:127.0.0.1:1\ndomains: {}\n",
+        "2:10",
+        "no domains",
+    );
 }

@@ -61,7 +61,10 @@ async fn split_unknown_is_redirected_with_the_exact_original_argument() {
         &d,
         &[
             delete("<Zed@Split.TEST>"),
-            add("<Zed@split.test.dualroute.invalid>", "ORCPT=rfc822;Zed@Split.TEST"),
+            add(
+                "<Zed@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;Zed@Split.TEST",
+            ),
             header(INSTANCE),
         ],
     );
@@ -78,7 +81,10 @@ async fn orcpt_is_xtext() {
         &d,
         &[
             delete("<zed+tag@split.test>"),
-            add("<zed+tag@split.test.dualroute.invalid>", "ORCPT=rfc822;zed+2Btag@split.test"),
+            add(
+                "<zed+tag@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;zed+2Btag@split.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -87,7 +93,10 @@ async fn orcpt_is_xtext() {
         &d,
         &[
             delete("<\"john doe\"@split.test>"),
-            add("<\"john doe\"@split.test.dualroute.invalid>", "ORCPT=rfc822;\"john+20doe\"@split.test"),
+            add(
+                "<\"john doe\"@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;\"john+20doe\"@split.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -106,7 +115,10 @@ async fn source_route_is_ignored_for_matching_but_kept_for_delete() {
         &[
             delete(raw),
             delete("<zed@split.test>"),
-            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            add(
+                "<zed@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;zed@split.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -121,7 +133,13 @@ async fn dual_present_is_copied_without_bounces() {
     let d = one(&milter, &["<alice@dual.test>"]).await;
     assert_routed(
         &d,
-        &[add("<alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER"), header(INSTANCE)],
+        &[
+            add(
+                "<alice@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER",
+            ),
+            header(INSTANCE),
+        ],
     );
     milter.shutdown().await;
 }
@@ -133,7 +151,10 @@ async fn dual_with_bounce_asks_for_failure_notices() {
     assert_routed(
         &d,
         &[
-            add("<alice@bounce.test.dualroute.invalid>", "ORCPT=rfc822;alice@bounce.test NOTIFY=FAILURE"),
+            add(
+                "<alice@bounce.test.dualroute.invalid>",
+                "ORCPT=rfc822;alice@bounce.test NOTIFY=FAILURE",
+            ),
             header(INSTANCE),
         ],
     );
@@ -143,7 +164,11 @@ async fn dual_with_bounce_asks_for_failure_notices() {
 #[tokio::test]
 async fn dual_unknown_is_rejected_at_rcpt() {
     let milter = Milter::start(CONFIG).await;
-    for rcpt in ["<nobody@dual.test>", "<Nobody@DUAL.test>", "<nobody@bounce.test>"] {
+    for rcpt in [
+        "<nobody@dual.test>",
+        "<Nobody@DUAL.test>",
+        "<nobody@bounce.test>",
+    ] {
         let d = one(&milter, &[rcpt]).await;
         assert_refused(&d, "550 5.1.1");
         assert_eq!(d.eom, Status::Continue, "{rcpt}");
@@ -180,7 +205,10 @@ async fn route_redirects_present_and_unknown() {
             &d,
             &[
                 delete(&rcpt),
-                add(&format!("<{local}@route.test.dualroute.invalid>"), &format!("ORCPT=rfc822;{local}@route.test")),
+                add(
+                    &format!("<{local}@route.test.dualroute.invalid>"),
+                    &format!("ORCPT=rfc822;{local}@route.test"),
+                ),
                 header(INSTANCE),
             ],
         );
@@ -196,7 +224,10 @@ async fn change_envelope_routes_to_the_destination_domain() {
         &d,
         &[
             delete("<zed@envelope.test>"),
-            add("<zed@envelope.test.test-google-a.com>", "ORCPT=rfc822;zed@envelope.test"),
+            add(
+                "<zed@envelope.test.test-google-a.com>",
+                "ORCPT=rfc822;zed@envelope.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -212,7 +243,10 @@ async fn domain_destination_without_change_envelope_uses_the_relay_domain() {
         &d,
         &[
             delete("<zed@mx.test>"),
-            add("<zed@mx.test.dualroute.invalid>", "ORCPT=rfc822;zed@mx.test"),
+            add(
+                "<zed@mx.test.dualroute.invalid>",
+                "ORCPT=rfc822;zed@mx.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -222,7 +256,12 @@ async fn domain_destination_without_change_envelope_uses_the_relay_domain() {
 #[tokio::test]
 async fn disabled_and_unmanaged_domains_are_transparent() {
     let milter = Milter::start(CONFIG).await;
-    for rcpt in ["<alice@off.test>", "<zed@off.test>", "<someone@elsewhere.example>", "<alice@sub.split.test>"] {
+    for rcpt in [
+        "<alice@off.test>",
+        "<zed@off.test>",
+        "<someone@elsewhere.example>",
+        "<alice@sub.split.test>",
+    ] {
         assert_untouched(&one(&milter, &[rcpt]).await);
     }
     // Also from a gateway and under require_gateway rules: rule 1 comes first.
@@ -251,9 +290,13 @@ async fn gateway_mail_is_never_routed_again() {
         // Not present, in a domain with accounts: refused. This comes before
         // per-user rules (rule 2 before rule 4), so even a user with a
         // rule but no mailbox here is refused.
-        for rcpt in
-            ["<zed@split.test>", "<nobody@dual.test>", "<zed@route.test>", "<zed@locked.test>", "<carol@split.test>"]
-        {
+        for rcpt in [
+            "<zed@split.test>",
+            "<nobody@dual.test>",
+            "<zed@route.test>",
+            "<zed@locked.test>",
+            "<carol@split.test>",
+        ] {
             let d = milter.deliver(client, None, &[&[rcpt]]).await;
             assert_refused(&d, "550 5.1.1");
         }
@@ -267,10 +310,17 @@ async fn require_gateway_refuses_unauthenticated_clients() {
     for rcpt in ["<alice@locked.test>", "<zed@locked.test>"] {
         assert_refused(&milter.deliver(CLIENT, None, &[&[rcpt]]).await, "550 5.7.1");
         // An empty `{auth_authen}` is no authentication.
-        assert_refused(&milter.deliver(CLIENT, Some(""), &[&[rcpt]]).await, "550 5.7.1");
+        assert_refused(
+            &milter.deliver(CLIENT, Some(""), &[&[rcpt]]).await,
+            "550 5.7.1",
+        );
     }
     // Other domains are not locked down for the same client.
-    assert_untouched(&milter.deliver(CLIENT, None, &[&["<alice@split.test>"]]).await);
+    assert_untouched(
+        &milter
+            .deliver(CLIENT, None, &[&["<alice@split.test>"]])
+            .await,
+    );
     milter.shutdown().await;
 }
 
@@ -278,13 +328,22 @@ async fn require_gateway_refuses_unauthenticated_clients() {
 async fn require_gateway_lets_authenticated_senders_through_to_the_mode() {
     let milter = Milter::start(CONFIG).await;
     let auth = Some("alice@locked.test");
-    assert_untouched(&milter.deliver(CLIENT, auth, &[&["<alice@locked.test>"]]).await);
-    let d = milter.deliver(CLIENT, auth, &[&["<zed@locked.test>"]]).await;
+    assert_untouched(
+        &milter
+            .deliver(CLIENT, auth, &[&["<alice@locked.test>"]])
+            .await,
+    );
+    let d = milter
+        .deliver(CLIENT, auth, &[&["<zed@locked.test>"]])
+        .await;
     assert_routed(
         &d,
         &[
             delete("<zed@locked.test>"),
-            add("<zed@locked.test.dualroute.invalid>", "ORCPT=rfc822;zed@locked.test"),
+            add(
+                "<zed@locked.test.dualroute.invalid>",
+                "ORCPT=rfc822;zed@locked.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -298,8 +357,14 @@ async fn per_user_copy_to_several_targets() {
     assert_routed(
         &d,
         &[
-            add("<carol@zoho.example.net>", "ORCPT=rfc822;carol@split.test NOTIFY=NEVER"),
-            add("<carol@backup.example.org>", "ORCPT=rfc822;carol@split.test NOTIFY=NEVER"),
+            add(
+                "<carol@zoho.example.net>",
+                "ORCPT=rfc822;carol@split.test NOTIFY=NEVER",
+            ),
+            add(
+                "<carol@backup.example.org>",
+                "ORCPT=rfc822;carol@split.test NOTIFY=NEVER",
+            ),
             header(INSTANCE),
         ],
     );
@@ -335,7 +400,11 @@ async fn per_user_redirect_to() {
 #[tokio::test]
 async fn per_user_keep_overrides_route_mode() {
     let milter = Milter::start(CONFIG).await;
-    for rcpt in ["<erin@route.test>", "<Erin@ROUTE.test>", "<erin+list@route.test>"] {
+    for rcpt in [
+        "<erin@route.test>",
+        "<Erin@ROUTE.test>",
+        "<erin+list@route.test>",
+    ] {
         assert_untouched(&one(&milter, &[rcpt]).await);
     }
     milter.shutdown().await;
@@ -351,7 +420,10 @@ async fn subaddress_matches_the_account_and_keeps_its_tag() {
     assert_routed(
         &d,
         &[
-            add("<bob+news@dual.test.dualroute.invalid>", "ORCPT=rfc822;bob+2Bnews@dual.test NOTIFY=NEVER"),
+            add(
+                "<bob+news@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;bob+2Bnews@dual.test NOTIFY=NEVER",
+            ),
             header(INSTANCE),
         ],
     );
@@ -361,25 +433,42 @@ async fn subaddress_matches_the_account_and_keeps_its_tag() {
         &d,
         &[
             delete("<alice+x@route.test>"),
-            add("<alice+x@route.test.dualroute.invalid>", "ORCPT=rfc822;alice+2Bx@route.test"),
+            add(
+                "<alice+x@route.test.dualroute.invalid>",
+                "ORCPT=rfc822;alice+2Bx@route.test",
+            ),
             header(INSTANCE),
         ],
     );
     // A tag on an address without an account is still unknown.
-    assert_refused(&one(&milter, &["<nobody+news@dual.test>"]).await, "550 5.1.1");
+    assert_refused(
+        &one(&milter, &["<nobody+news@dual.test>"]).await,
+        "550 5.1.1",
+    );
     milter.shutdown().await;
 }
 
 #[tokio::test]
 async fn upper_case_variants_match_and_keep_their_spelling() {
     let milter = Milter::start(CONFIG).await;
-    for rcpt in ["<ALICE@SPLIT.TEST>", "<Alice@Split.Test>", "<BOB+News@split.test>", "<\"alice\"@split.test>"] {
+    for rcpt in [
+        "<ALICE@SPLIT.TEST>",
+        "<Alice@Split.Test>",
+        "<BOB+News@split.test>",
+        "<\"alice\"@split.test>",
+    ] {
         assert_untouched(&one(&milter, &[rcpt]).await);
     }
     let d = one(&milter, &["<Alice@Dual.Test>"]).await;
     assert_routed(
         &d,
-        &[add("<Alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;Alice@Dual.Test NOTIFY=NEVER"), header(INSTANCE)],
+        &[
+            add(
+                "<Alice@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;Alice@Dual.Test NOTIFY=NEVER",
+            ),
+            header(INSTANCE),
+        ],
     );
     milter.shutdown().await;
 }
@@ -387,12 +476,23 @@ async fn upper_case_variants_match_and_keep_their_spelling() {
 #[tokio::test]
 async fn redirect_carries_the_original_esmtp_parameters() {
     let milter = Milter::start(CONFIG).await;
-    let d = one(&milter, &["<zed@split.test>", "NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;x@y"]).await;
+    let d = one(
+        &milter,
+        &[
+            "<zed@split.test>",
+            "NOTIFY=SUCCESS,FAILURE",
+            "ORCPT=rfc822;x@y",
+        ],
+    )
+    .await;
     assert_routed(
         &d,
         &[
             delete("<zed@split.test>"),
-            add("<zed@split.test.dualroute.invalid>", "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@y"),
+            add(
+                "<zed@split.test.dualroute.invalid>",
+                "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@y",
+            ),
             header(INSTANCE),
         ],
     );
@@ -402,7 +502,10 @@ async fn redirect_carries_the_original_esmtp_parameters() {
         &d,
         &[
             delete("<zed@split.test>"),
-            add("<zed@split.test.dualroute.invalid>", "NOTIFY=NEVER ORCPT=rfc822;zed@split.test"),
+            add(
+                "<zed@split.test.dualroute.invalid>",
+                "NOTIFY=NEVER ORCPT=rfc822;zed@split.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -413,10 +516,24 @@ async fn redirect_carries_the_original_esmtp_parameters() {
 async fn copy_keeps_the_clients_orcpt() {
     let milter = Milter::start(CONFIG).await;
     // RFC 3461 §4.2: a client's ORCPT already names the original recipient.
-    let d = one(&milter, &["<alice@dual.test>", "ORCPT=rfc822;alias@example.org", "NOTIFY=SUCCESS"]).await;
+    let d = one(
+        &milter,
+        &[
+            "<alice@dual.test>",
+            "ORCPT=rfc822;alias@example.org",
+            "NOTIFY=SUCCESS",
+        ],
+    )
+    .await;
     assert_routed(
         &d,
-        &[add("<alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;alias@example.org NOTIFY=NEVER"), header(INSTANCE)],
+        &[
+            add(
+                "<alice@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;alias@example.org NOTIFY=NEVER",
+            ),
+            header(INSTANCE),
+        ],
     );
     milter.shutdown().await;
 }

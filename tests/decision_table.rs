@@ -52,11 +52,17 @@ fn verdict(p: &Policy, env: &Envelope, rcpt: &str) -> (Decision, Rule) {
 }
 
 fn outsider() -> Envelope {
-    Envelope { client: Some("203.0.113.9".parse().unwrap()), auth: None }
+    Envelope {
+        client: Some("203.0.113.9".parse().unwrap()),
+        auth: None,
+    }
 }
 
 fn gateway() -> Envelope {
-    Envelope { client: Some("192.0.2.25".parse().unwrap()), auth: None }
+    Envelope {
+        client: Some("192.0.2.25".parse().unwrap()),
+        auth: None,
+    }
 }
 
 fn redirect(to: &str) -> Decision {
@@ -79,34 +85,59 @@ fn mode_rows() {
     let p = policy();
     let e = outsider();
     use dualroute::config::Mode::*;
-    let mode = |mode, present, has_accounts| Rule::Mode { mode, present, has_accounts };
+    let mode = |mode, present, has_accounts| Rule::Mode {
+        mode,
+        present,
+        has_accounts,
+    };
     // split: keep | redirect
-    assert_eq!(verdict(&p, &e, "<alice@split.test>"), (Decision::Keep, mode(Split, true, true)));
+    assert_eq!(
+        verdict(&p, &e, "<alice@split.test>"),
+        (Decision::Keep, mode(Split, true, true))
+    );
     assert_eq!(
         verdict(&p, &e, "<zed@split.test>"),
-        (redirect("zed@split.test.dualroute.invalid"), mode(Split, false, true))
+        (
+            redirect("zed@split.test.dualroute.invalid"),
+            mode(Split, false, true)
+        )
     );
     // dual: copy | reject 550 5.1.1
     assert_eq!(
         verdict(&p, &e, "<alice@dual.test>"),
-        (copy(&["alice@dual.test.dualroute.invalid"]), mode(Dual, true, true))
+        (
+            copy(&["alice@dual.test.dualroute.invalid"]),
+            mode(Dual, true, true)
+        )
     );
     let (d, r) = verdict(&p, &e, "<zed@dual.test>");
-    assert_eq!((reject_code(&d), r), (Some(("550", "5.1.1")), mode(Dual, false, true)));
+    assert_eq!(
+        (reject_code(&d), r),
+        (Some(("550", "5.1.1")), mode(Dual, false, true))
+    );
     // dual without accounts: everything counts as present.
     assert_eq!(
         verdict(&p, &e, "<zed@dualall.test>"),
-        (copy(&["zed@dualall.test.alias.example"]), mode(Dual, true, false))
+        (
+            copy(&["zed@dualall.test.alias.example"]),
+            mode(Dual, true, false)
+        )
     );
     // route: redirect | redirect (domain destination without change_envelope
     // uses the relay domain).
     assert_eq!(
         verdict(&p, &e, "<alice@route.test>"),
-        (redirect("alice@route.test.dualroute.invalid"), mode(Route, true, true))
+        (
+            redirect("alice@route.test.dualroute.invalid"),
+            mode(Route, true, true)
+        )
     );
     assert_eq!(
         verdict(&p, &e, "<zed@route.test>"),
-        (redirect("zed@route.test.dualroute.invalid"), mode(Route, false, true))
+        (
+            redirect("zed@route.test.dualroute.invalid"),
+            mode(Route, false, true)
+        )
     );
 }
 
@@ -114,52 +145,121 @@ fn mode_rows() {
 fn rule_1_not_managed_or_disabled() {
     let p = policy();
     let e = outsider();
-    assert_eq!(verdict(&p, &e, "<alice@elsewhere.example>"), (Decision::Keep, Rule::NotManaged));
-    assert_eq!(verdict(&p, &e, "<alice@off.test>"), (Decision::Keep, Rule::Disabled));
+    assert_eq!(
+        verdict(&p, &e, "<alice@elsewhere.example>"),
+        (Decision::Keep, Rule::NotManaged)
+    );
+    assert_eq!(
+        verdict(&p, &e, "<alice@off.test>"),
+        (Decision::Keep, Rule::Disabled)
+    );
     // Disabled wins over everything else, the gateway rule included.
-    assert_eq!(verdict(&p, &gateway(), "<zed@off.test>"), (Decision::Keep, Rule::Disabled));
+    assert_eq!(
+        verdict(&p, &gateway(), "<zed@off.test>"),
+        (Decision::Keep, Rule::Disabled)
+    );
     assert_eq!(verdict(&p, &e, "<>"), (Decision::Keep, Rule::NotAnAddress));
-    assert_eq!(verdict(&p, &e, "<not an address>"), (Decision::Keep, Rule::NotAnAddress));
+    assert_eq!(
+        verdict(&p, &e, "<not an address>"),
+        (Decision::Keep, Rule::NotAnAddress)
+    );
 }
 
 #[test]
 fn rule_2_gateway() {
     let p = policy();
     let g = gateway();
-    assert_eq!(verdict(&p, &g, "<alice@split.test>"), (Decision::Keep, Rule::Gateway { present: true }));
+    assert_eq!(
+        verdict(&p, &g, "<alice@split.test>"),
+        (Decision::Keep, Rule::Gateway { present: true })
+    );
     let (d, r) = verdict(&p, &g, "<zed@split.test>");
-    assert_eq!((reject_code(&d), r), (Some(("550", "5.1.1")), Rule::Gateway { present: false }));
+    assert_eq!(
+        (reject_code(&d), r),
+        (Some(("550", "5.1.1")), Rule::Gateway { present: false })
+    );
     // Routing of any kind is off for gateway clients: route mode, per-user
     // rules and dual copies included.
-    assert_eq!(verdict(&p, &g, "<alice@route.test>"), (Decision::Keep, Rule::Gateway { present: true }));
-    assert_eq!(verdict(&p, &g, "<dave@split.test>").1, Rule::Gateway { present: false });
-    assert_eq!(verdict(&p, &g, "<alice@dual.test>"), (Decision::Keep, Rule::Gateway { present: true }));
+    assert_eq!(
+        verdict(&p, &g, "<alice@route.test>"),
+        (Decision::Keep, Rule::Gateway { present: true })
+    );
+    assert_eq!(
+        verdict(&p, &g, "<dave@split.test>").1,
+        Rule::Gateway { present: false }
+    );
+    assert_eq!(
+        verdict(&p, &g, "<alice@dual.test>"),
+        (Decision::Keep, Rule::Gateway { present: true })
+    );
     // Without accounts, nothing is unknown: kept.
-    assert_eq!(verdict(&p, &g, "<zed@dualall.test>"), (Decision::Keep, Rule::Gateway { present: true }));
+    assert_eq!(
+        verdict(&p, &g, "<zed@dualall.test>"),
+        (Decision::Keep, Rule::Gateway { present: true })
+    );
     // IPv6 network and v4-mapped addresses.
-    let v6 = Envelope { client: Some("2001:db8::25".parse().unwrap()), auth: None };
-    assert_eq!(verdict(&p, &v6, "<alice@route.test>").1, Rule::Gateway { present: true });
-    let mapped = Envelope { client: Some("::ffff:192.0.2.25".parse().unwrap()), auth: None };
-    assert_eq!(verdict(&p, &mapped, "<alice@route.test>").1, Rule::Gateway { present: true });
+    let v6 = Envelope {
+        client: Some("2001:db8::25".parse().unwrap()),
+        auth: None,
+    };
+    assert_eq!(
+        verdict(&p, &v6, "<alice@route.test>").1,
+        Rule::Gateway { present: true }
+    );
+    let mapped = Envelope {
+        client: Some("::ffff:192.0.2.25".parse().unwrap()),
+        auth: None,
+    };
+    assert_eq!(
+        verdict(&p, &mapped, "<alice@route.test>").1,
+        Rule::Gateway { present: true }
+    );
     // The gateway beats require_gateway, trivially.
-    assert_eq!(verdict(&p, &g, "<alice@locked.test>"), (Decision::Keep, Rule::Gateway { present: true }));
+    assert_eq!(
+        verdict(&p, &g, "<alice@locked.test>"),
+        (Decision::Keep, Rule::Gateway { present: true })
+    );
 }
 
 #[test]
 fn rule_3_require_gateway() {
     let p = policy();
     let (d, r) = verdict(&p, &outsider(), "<alice@locked.test>");
-    assert_eq!((reject_code(&d), r), (Some(("550", "5.7.1")), Rule::RequireGateway));
+    assert_eq!(
+        (reject_code(&d), r),
+        (Some(("550", "5.7.1")), Rule::RequireGateway)
+    );
     let no_client = Envelope::default();
-    assert_eq!(verdict(&p, &no_client, "<alice@locked.test>").1, Rule::RequireGateway);
-    let empty_auth = Envelope { auth: Some(String::new()), ..outsider() };
-    assert_eq!(verdict(&p, &empty_auth, "<alice@locked.test>").1, Rule::RequireGateway);
+    assert_eq!(
+        verdict(&p, &no_client, "<alice@locked.test>").1,
+        Rule::RequireGateway
+    );
+    let empty_auth = Envelope {
+        auth: Some(String::new()),
+        ..outsider()
+    };
+    assert_eq!(
+        verdict(&p, &empty_auth, "<alice@locked.test>").1,
+        Rule::RequireGateway
+    );
     // Authenticated senders get the mode's row.
-    let authed = Envelope { auth: Some("alice".into()), ..outsider() };
-    assert_eq!(verdict(&p, &authed, "<alice@locked.test>").0, Decision::Keep);
-    assert_eq!(verdict(&p, &authed, "<zed@locked.test>").0, redirect("zed@locked.test.dualroute.invalid"));
+    let authed = Envelope {
+        auth: Some("alice".into()),
+        ..outsider()
+    };
+    assert_eq!(
+        verdict(&p, &authed, "<alice@locked.test>").0,
+        Decision::Keep
+    );
+    assert_eq!(
+        verdict(&p, &authed, "<zed@locked.test>").0,
+        redirect("zed@locked.test.dualroute.invalid")
+    );
     // Other domains are not locked.
-    assert_eq!(verdict(&p, &outsider(), "<alice@split.test>").0, Decision::Keep);
+    assert_eq!(
+        verdict(&p, &outsider(), "<alice@split.test>").0,
+        Decision::Keep
+    );
 }
 
 #[test]
@@ -168,14 +268,29 @@ fn rule_4_per_user() {
     let e = outsider();
     assert_eq!(
         verdict(&p, &e, "<carol@split.test>"),
-        (copy(&["carol@new.example", "archive@new.example"]), Rule::User("copy_to"))
+        (
+            copy(&["carol@new.example", "archive@new.example"]),
+            Rule::User("copy_to")
+        )
     );
-    assert_eq!(verdict(&p, &e, "<dave@split.test>"), (redirect("dave@new.example"), Rule::User("redirect_to")));
-    assert_eq!(verdict(&p, &e, "<erin@split.test>"), (Decision::Keep, Rule::User("keep")));
+    assert_eq!(
+        verdict(&p, &e, "<dave@split.test>"),
+        (redirect("dave@new.example"), Rule::User("redirect_to"))
+    );
+    assert_eq!(
+        verdict(&p, &e, "<erin@split.test>"),
+        (Decision::Keep, Rule::User("keep"))
+    );
     // keep overrides route mode.
-    assert_eq!(verdict(&p, &e, "<erin@route.test>"), (Decision::Keep, Rule::User("keep")));
+    assert_eq!(
+        verdict(&p, &e, "<erin@route.test>"),
+        (Decision::Keep, Rule::User("keep"))
+    );
     // Rules match case-insensitively and through the subaddress.
-    assert_eq!(verdict(&p, &e, "<DAVE+lists@Split.Test>").1, Rule::User("redirect_to"));
+    assert_eq!(
+        verdict(&p, &e, "<DAVE+lists@Split.Test>").1,
+        Rule::User("redirect_to")
+    );
 }
 
 #[test]
@@ -184,9 +299,15 @@ fn addresses_case_and_subaddress() {
     let e = outsider();
     assert_eq!(verdict(&p, &e, "<ALICE@SPLIT.TEST>").0, Decision::Keep);
     assert_eq!(verdict(&p, &e, "<alice+news@split.test>").0, Decision::Keep);
-    assert_eq!(verdict(&p, &e, "<@relay.example:alice@split.test>").0, Decision::Keep);
+    assert_eq!(
+        verdict(&p, &e, "<@relay.example:alice@split.test>").0,
+        Decision::Keep
+    );
     // The routing address keeps the local part as written, tag included.
-    assert_eq!(verdict(&p, &e, "<Zed+News@Split.Test>").0, redirect("Zed+News@split.test.dualroute.invalid"));
+    assert_eq!(
+        verdict(&p, &e, "<Zed+News@Split.Test>").0,
+        redirect("Zed+News@split.test.dualroute.invalid")
+    );
     assert_eq!(
         verdict(&p, &e, "<\"zed doe\"@split.test>").0,
         redirect("\"zed doe\"@split.test.dualroute.invalid")
@@ -195,10 +316,19 @@ fn addresses_case_and_subaddress() {
 
 #[test]
 fn case_sensitive_and_no_delimiter() {
-    let text = CONFIG.replace("instance: mx1.test", "instance: mx1.test\nlocal_part_case: sensitive\nrecipient_delimiter: \"\"");
+    let text = CONFIG.replace(
+        "instance: mx1.test",
+        "instance: mx1.test\nlocal_part_case: sensitive\nrecipient_delimiter: \"\"",
+    );
     let p = Policy::load(dualroute::config::parse(&text, "t.yaml").unwrap()).unwrap();
     let e = outsider();
     assert_eq!(verdict(&p, &e, "<alice@split.test>").0, Decision::Keep);
-    assert_eq!(verdict(&p, &e, "<Alice@split.test>").0, redirect("Alice@split.test.dualroute.invalid"));
-    assert_eq!(verdict(&p, &e, "<alice+news@split.test>").0, redirect("alice+news@split.test.dualroute.invalid"));
+    assert_eq!(
+        verdict(&p, &e, "<Alice@split.test>").0,
+        redirect("Alice@split.test.dualroute.invalid")
+    );
+    assert_eq!(
+        verdict(&p, &e, "<alice+news@split.test>").0,
+        redirect("alice+news@split.test.dualroute.invalid")
+    );
 }

@@ -38,7 +38,14 @@ impl Dnsmasq {
         for _ in 0..5 {
             let port = free_port();
             let mut child = Command::new(&binary)
-                .args(["--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1", "--pid-file="])
+                .args([
+                    "--no-daemon",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--pid-file=",
+                ])
                 .arg(format!("--port={port}"))
                 // Also keeps dnsmasq from reading /etc/dnsmasq.conf.
                 .arg(format!("--conf-file={ZONE}"))
@@ -50,7 +57,11 @@ impl Dnsmasq {
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
             if ready(&mut child, port, Duration::from_secs(10)) {
-                return Dnsmasq { child, port, _dir: dir };
+                return Dnsmasq {
+                    child,
+                    port,
+                    _dir: dir,
+                };
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -127,7 +138,9 @@ impl Run {
         self.out
             .lines()
             .filter_map(|l| {
-                l.strip_prefix("  ✔ ").map(|t| (true, t)).or_else(|| l.strip_prefix("  ✘ ").map(|t| (false, t)))
+                l.strip_prefix("  ✔ ")
+                    .map(|t| (true, t))
+                    .or_else(|| l.strip_prefix("  ✘ ").map(|t| (false, t)))
             })
             .collect()
     }
@@ -150,7 +163,10 @@ impl Run {
                 }
             }
         }
-        panic!("no advice under a ✘ line containing {text:?}:\n{}", self.out)
+        panic!(
+            "no advice under a ✘ line containing {text:?}:\n{}",
+            self.out
+        )
     }
 
     fn assert_fails(&self, text: &str) {
@@ -171,14 +187,20 @@ fn doctor(config: &Path, args: &[&str]) -> Run {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // A panic exits 101; doctor must report, not crash.
     assert!(!stderr.contains("panicked"), "doctor panicked:\n{stderr}");
-    Run { code: out.status.code().unwrap_or(-1), out: stdout + &stderr }
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        out: stdout + &stderr,
+    }
 }
 
 /// Runs doctor for example.test with `records` and the given destination.
 fn run(records: &[&str], destination: &str, extra: &str, args: &[&str]) -> Run {
     let dns = Dnsmasq::start(records);
     let dir = tempfile::tempdir().unwrap();
-    doctor(&config(dir.path(), &dns.nameserver(), destination, extra), args)
+    doctor(
+        &config(dir.path(), &dns.nameserver(), destination, extra),
+        args,
+    )
 }
 
 const LEGACY: &str = "{ hosts: [legacy.test] }";
@@ -191,20 +213,44 @@ fn all_good_is_all_ticks_and_exit_0() {
     assert!(checks.len() >= 6, "{}", r.out);
     assert!(checks.iter().all(|(ok, _)| *ok), "every line ✔:\n{}", r.out);
     assert!(!r.out.contains('✘'), "{}", r.out);
-    assert_eq!(r.line("resolves: 127.0.0.10"), (true, "mx.example.test resolves: 127.0.0.10"));
-    assert_eq!(r.line("MX of example.test"), (true, "MX of example.test: 10 mx.example.test → 127.0.0.10 (this server)"));
+    assert_eq!(
+        r.line("resolves: 127.0.0.10"),
+        (true, "mx.example.test resolves: 127.0.0.10")
+    );
+    assert_eq!(
+        r.line("MX of example.test"),
+        (
+            true,
+            "MX of example.test: 10 mx.example.test → 127.0.0.10 (this server)"
+        )
+    );
     assert_eq!(
         r.line("destination legacy.test"),
-        (true, "destination legacy.test resolves: MX 10 mx.legacy.test of legacy.test → 127.0.0.20")
+        (
+            true,
+            "destination legacy.test resolves: MX 10 mx.legacy.test of legacy.test → 127.0.0.20"
+        )
     );
-    assert_eq!(r.line("authorizes this server"), (true, "SPF of example.test authorizes this server: 127.0.0.10 (ip4:127.0.0.10)"));
+    assert_eq!(
+        r.line("authorizes this server"),
+        (
+            true,
+            "SPF of example.test authorizes this server: 127.0.0.10 (ip4:127.0.0.10)"
+        )
+    );
     // The destination's address comes from the MX of legacy.test, and the
     // SPF passes it through include: → mx:.
     assert_eq!(
         r.line("authorizes the destination"),
-        (true, "SPF of example.test authorizes the destination: 127.0.0.20 (include:_spf.legacy.test)")
+        (
+            true,
+            "SPF of example.test authorizes the destination: 127.0.0.20 (include:_spf.legacy.test)"
+        )
     );
-    assert!(r.line("relay domain example.test.dualroute.invalid does not resolve").0);
+    assert!(
+        r.line("relay domain example.test.dualroute.invalid does not resolve")
+            .0
+    );
     assert!(r.out.ends_with("no problems found\n"), "{}", r.out);
 }
 
@@ -212,35 +258,60 @@ fn all_good_is_all_ticks_and_exit_0() {
 fn spf_without_the_destination_names_the_missing_address() {
     // legacy.test is covered by the include; the second host, a literal
     // with a port, is not.
-    let r = run(GOOD, "{ hosts: [legacy.test, \"[127.0.0.30]:2525\"] }", "", &[]);
+    let r = run(
+        GOOD,
+        "{ hosts: [legacy.test, \"[127.0.0.30]:2525\"] }",
+        "",
+        &[],
+    );
     r.assert_fails("does not authorize 127.0.0.30");
     assert_eq!(
         r.line("does not authorize"),
         (false, "SPF of example.test does not authorize 127.0.0.30 (destination [127.0.0.30]:2525: fail by -all)")
     );
     let advice = r.advice("does not authorize 127.0.0.30");
-    assert!(advice.starts_with("add ip4:127.0.0.30 to the SPF record of example.test"), "{advice}");
-    assert!(!advice.contains("127.0.0.20"), "only the missing address: {advice}");
+    assert!(
+        advice.starts_with("add ip4:127.0.0.30 to the SPF record of example.test"),
+        "{advice}"
+    );
+    assert!(
+        !advice.contains("127.0.0.20"),
+        "only the missing address: {advice}"
+    );
     // This server and the other destination host are still fine.
     assert!(r.line("authorizes this server").0, "{}", r.out);
-    assert!(r.line("destination [127.0.0.30]:2525 is an address literal").0, "{}", r.out);
+    assert!(
+        r.line("destination [127.0.0.30]:2525 is an address literal")
+            .0,
+        "{}",
+        r.out
+    );
     assert!(r.out.ends_with("1 problem found\n"), "{}", r.out);
 }
 
 #[test]
 fn spf_without_this_server_explains_why_it_matters() {
     let r = run(
-        &["--mx-host=example.test,mx.example.test,10", "--txt-record=example.test,v=spf1 include:_spf.legacy.test ~all"],
+        &[
+            "--mx-host=example.test,mx.example.test,10",
+            "--txt-record=example.test,v=spf1 include:_spf.legacy.test ~all",
+        ],
         LEGACY,
         "",
         &[],
     );
     assert_eq!(
         r.line("does not authorize"),
-        (false, "SPF of example.test does not authorize 127.0.0.10 (this server: softfail by ~all)")
+        (
+            false,
+            "SPF of example.test does not authorize 127.0.0.10 (this server: softfail by ~all)"
+        )
     );
     let advice = r.advice("does not authorize 127.0.0.10");
-    assert!(advice.starts_with("add ip4:127.0.0.10 to the SPF record of example.test"), "{advice}");
+    assert!(
+        advice.starts_with("add ip4:127.0.0.10 to the SPF record of example.test"),
+        "{advice}"
+    );
     assert!(advice.contains("keeps its sender's address"), "{advice}");
     assert!(r.line("authorizes the destination").0, "{}", r.out);
     assert_eq!(r.code, 1);
@@ -248,10 +319,28 @@ fn spf_without_this_server_explains_why_it_matters() {
 
 #[test]
 fn ip_option_replaces_the_instance_addresses() {
-    let r = run(GOOD, LEGACY, "", &["--ip", "127.0.0.10", "--ip", "127.0.0.11"]);
-    assert_eq!(r.line("--ip"), (true, "addresses given with --ip: 127.0.0.10, 127.0.0.11"));
-    assert_eq!(r.line("does not authorize"), (false, "SPF of example.test does not authorize 127.0.0.11 (this server: fail by -all)"));
-    assert!(r.advice("127.0.0.11").starts_with("add ip4:127.0.0.11 "), "{}", r.out);
+    let r = run(
+        GOOD,
+        LEGACY,
+        "",
+        &["--ip", "127.0.0.10", "--ip", "127.0.0.11"],
+    );
+    assert_eq!(
+        r.line("--ip"),
+        (true, "addresses given with --ip: 127.0.0.10, 127.0.0.11")
+    );
+    assert_eq!(
+        r.line("does not authorize"),
+        (
+            false,
+            "SPF of example.test does not authorize 127.0.0.11 (this server: fail by -all)"
+        )
+    );
+    assert!(
+        r.advice("127.0.0.11").starts_with("add ip4:127.0.0.11 "),
+        "{}",
+        r.out
+    );
     assert_eq!(r.code, 1);
 }
 
@@ -280,10 +369,17 @@ fn spf_mechanisms_redirect_a_and_mx() {
 
 #[test]
 fn no_spf_record_suggests_one() {
-    let r = run(&["--mx-host=example.test,mx.example.test,10"], LEGACY, "", &[]);
+    let r = run(
+        &["--mx-host=example.test,mx.example.test,10"],
+        LEGACY,
+        "",
+        &[],
+    );
     r.assert_fails("example.test has no SPF record");
     assert!(
-        r.advice("no SPF record").starts_with("publish the TXT record \"v=spf1 ip4:127.0.0.10 ip4:127.0.0.20 ~all\" at example.test"),
+        r.advice("no SPF record").starts_with(
+            "publish the TXT record \"v=spf1 ip4:127.0.0.10 ip4:127.0.0.20 ~all\" at example.test"
+        ),
         "{}",
         r.out
     );
@@ -291,10 +387,25 @@ fn no_spf_record_suggests_one() {
 
 #[test]
 fn no_mx_is_a_cross() {
-    let r = run(&["--txt-record=example.test,v=spf1 ip4:127.0.0.10 include:_spf.legacy.test -all"], LEGACY, "", &[]);
+    let r = run(
+        &["--txt-record=example.test,v=spf1 ip4:127.0.0.10 include:_spf.legacy.test -all"],
+        LEGACY,
+        "",
+        &[],
+    );
     r.assert_fails("example.test has no MX record");
-    assert!(r.advice("no MX record").contains("this server (mx.example.test)"), "{}", r.out);
-    assert_eq!(r.checks().iter().filter(|(ok, _)| !ok).count(), 1, "only the MX is wrong:\n{}", r.out);
+    assert!(
+        r.advice("no MX record")
+            .contains("this server (mx.example.test)"),
+        "{}",
+        r.out
+    );
+    assert_eq!(
+        r.checks().iter().filter(|(ok, _)| !ok).count(),
+        1,
+        "only the MX is wrong:\n{}",
+        r.out
+    );
 }
 
 #[test]
@@ -314,24 +425,50 @@ fn mx_at_the_destination_and_an_mx_host_without_address() {
         r.line("MX of example.test"),
         (false, "MX of example.test: 10 mx.legacy.test → 127.0.0.20 (the destination); 20 backup.example.test (no A or AAAA record)")
     );
-    assert!(r.advice("MX of example.test").starts_with("senders cannot reach backup.example.test"), "{}", r.out);
+    assert!(
+        r.advice("MX of example.test")
+            .starts_with("senders cannot reach backup.example.test"),
+        "{}",
+        r.out
+    );
 }
 
 #[test]
 fn destination_that_does_not_resolve() {
     let r = run(GOOD, "{ hosts: [gone.test] }", "", &[]);
     r.assert_fails("destination gone.test does not resolve");
-    assert_eq!(r.line("destination gone.test"), (false, "destination gone.test does not resolve: gone.test has no address records"));
-    assert!(r.advice("destination gone.test").contains("keeps it deferred"), "{}", r.out);
+    assert_eq!(
+        r.line("destination gone.test"),
+        (
+            false,
+            "destination gone.test does not resolve: gone.test has no address records"
+        )
+    );
+    assert!(
+        r.advice("destination gone.test")
+            .contains("keeps it deferred"),
+        "{}",
+        r.out
+    );
     // Without destination addresses there is nothing to check SPF for.
-    assert!(!r.out.contains("authorizes the destination") && !r.out.contains("not authorize"), "{}", r.out);
+    assert!(
+        !r.out.contains("authorizes the destination") && !r.out.contains("not authorize"),
+        "{}",
+        r.out
+    );
 }
 
 #[test]
 fn destination_that_is_this_server_would_loop() {
     let r = run(GOOD, "{ hosts: [\"[mx.example.test]\"] }", "", &[]);
     r.assert_fails("resolves to this server");
-    assert_eq!(r.line("destination [mx.example.test]"), (false, "destination [mx.example.test] resolves to this server (127.0.0.10)"));
+    assert_eq!(
+        r.line("destination [mx.example.test]"),
+        (
+            false,
+            "destination [mx.example.test] resolves to this server (127.0.0.10)"
+        )
+    );
 }
 
 #[test]
@@ -341,7 +478,13 @@ fn relay_suffix_that_resolves() {
     records.push("--address=/relay.test/127.0.0.99");
     let r = run(&records, LEGACY, "relay_suffix: relay.test\n", &[]);
     r.assert_fails("relay domain example.test.relay.test");
-    assert_eq!(r.line("relay domain"), (false, "relay domain example.test.relay.test resolves: 127.0.0.99"));
+    assert_eq!(
+        r.line("relay domain"),
+        (
+            false,
+            "relay domain example.test.relay.test resolves: 127.0.0.99"
+        )
+    );
     assert!(r.advice("relay domain").contains(".invalid"), "{}", r.out);
 }
 
@@ -349,13 +492,26 @@ fn relay_suffix_that_resolves() {
 fn relay_suffix_that_does_not_resolve_and_change_envelope_has_none() {
     let dns = Dnsmasq::start(GOOD);
     let dir = tempfile::tempdir().unwrap();
-    let path = config(dir.path(), &dns.nameserver(), LEGACY, "relay_suffix: relay.test\n");
+    let path = config(
+        dir.path(),
+        &dns.nameserver(),
+        LEGACY,
+        "relay_suffix: relay.test\n",
+    );
     let r = doctor(&path, &[]);
     assert_eq!(r.code, 0, "{}", r.out);
-    assert!(r.line("relay domain example.test.relay.test does not resolve").0);
+    assert!(
+        r.line("relay domain example.test.relay.test does not resolve")
+            .0
+    );
     // change_envelope: routed mail is addressed to the destination domain
     // itself, so there is no relay domain to check.
-    let path = config(dir.path(), &dns.nameserver(), "{ domain: legacy.test, change_envelope: true }", "relay_suffix: relay.test\n");
+    let path = config(
+        dir.path(),
+        &dns.nameserver(),
+        "{ domain: legacy.test, change_envelope: true }",
+        "relay_suffix: relay.test\n",
+    );
     let r = doctor(&path, &[]);
     assert_eq!(r.code, 0, "{}", r.out);
     assert!(!r.out.contains("relay domain"), "{}", r.out);
@@ -387,17 +543,40 @@ fn servfail_server() -> u16 {
 fn servfail_is_a_cross_with_the_error_not_a_crash() {
     let port = servfail_server();
     let dir = tempfile::tempdir().unwrap();
-    let r = doctor(&config(dir.path(), &format!("127.0.0.1:{port}"), LEGACY, ""), &[]);
+    let r = doctor(
+        &config(dir.path(), &format!("127.0.0.1:{port}"), LEGACY, ""),
+        &[],
+    );
     assert_eq!(r.code, 1, "{}", r.out);
     assert_eq!(
         r.line("addresses of mx.example.test"),
         (false, "addresses of mx.example.test (`instance`): A lookup of mx.example.test: the name server answered SERVFAIL (Server Failure)")
     );
     assert!(!r.line("MX of example.test").0);
-    assert!(r.line("MX of example.test").1.contains("SERVFAIL"), "{}", r.out);
-    assert!(r.line("destination legacy.test does not resolve").1.contains("SERVFAIL"), "{}", r.out);
-    assert!(r.line("SPF record of example.test").1.contains("SERVFAIL"), "{}", r.out);
-    assert!(r.checks().iter().all(|(ok, t)| !ok || t.contains(".invalid")), "{}", r.out);
+    assert!(
+        r.line("MX of example.test").1.contains("SERVFAIL"),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.line("destination legacy.test does not resolve")
+            .1
+            .contains("SERVFAIL"),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.line("SPF record of example.test").1.contains("SERVFAIL"),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.checks()
+            .iter()
+            .all(|(ok, t)| !ok || t.contains(".invalid")),
+        "{}",
+        r.out
+    );
 }
 
 #[test]
@@ -406,10 +585,21 @@ fn silent_name_server_is_one_cross() {
     // instead of timing out on every check.
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let r = doctor(&config(dir.path(), &format!("127.0.0.1:{port}"), LEGACY, ""), &[]);
+    let r = doctor(
+        &config(dir.path(), &format!("127.0.0.1:{port}"), LEGACY, ""),
+        &[],
+    );
     assert_eq!(r.code, 1, "{}", r.out);
     assert_eq!(r.checks().len(), 1, "{}", r.out);
-    assert!(r.line(&format!("the name servers do not answer (127.0.0.1:{port})")).1.contains("timed out"), "{}", r.out);
+    assert!(
+        r.line(&format!(
+            "the name servers do not answer (127.0.0.1:{port})"
+        ))
+        .1
+        .contains("timed out"),
+        "{}",
+        r.out
+    );
 }
 
 /// An SMTP server that accepts everything, for `dualroute verify`.
@@ -439,7 +629,10 @@ fn smtp_server() -> u16 {
 fn verify_finds_the_destination_through_the_configured_name_servers() {
     // legacy.test's MX points to mx.legacy.test; here it is 127.0.0.1, where
     // the test's SMTP server listens. Only dnsmasq knows these names.
-    let dns = Dnsmasq::start(&["--host-record=mx.verify.test,127.0.0.1", "--mx-host=verify.test,mx.verify.test,10"]);
+    let dns = Dnsmasq::start(&[
+        "--host-record=mx.verify.test,127.0.0.1",
+        "--mx-host=verify.test,mx.verify.test,10",
+    ]);
     let port = smtp_server();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("milter.yaml");
@@ -451,9 +644,22 @@ fn verify_finds_the_destination_through_the_configured_name_servers() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dualroute")).args(["verify", "example.test", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(["verify", "example.test", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains(&format!("127.0.0.1:{port} (MX 10 mx.verify.test of verify.test)")), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "127.0.0.1:{port} (MX 10 mx.verify.test of verify.test)"
+        )),
+        "{stdout}"
+    );
     assert!(stdout.contains("example.test: verified"), "{stdout}");
 }

@@ -28,7 +28,10 @@ fn shipped_configs() -> Vec<PathBuf> {
 #[test]
 fn every_shipped_config_checks() {
     let files = shipped_configs();
-    assert!(files.len() >= 6, "milter.yaml and five examples expected, found {files:?}");
+    assert!(
+        files.len() >= 6,
+        "milter.yaml and five examples expected, found {files:?}"
+    );
     for f in files {
         let out = check(&f);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -40,7 +43,11 @@ fn every_shipped_config_checks() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(stdout.contains(": OK"), "{}: {stdout}", f.display());
-        assert!(stdout.contains("example.com: mode "), "{}: {stdout}", f.display());
+        assert!(
+            stdout.contains("example.com: mode "),
+            "{}: {stdout}",
+            f.display()
+        );
     }
 }
 
@@ -56,7 +63,10 @@ fn broken_config_fails_with_position() {
     let out = check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let expected = format!("{}:5:7: domains.example.com.destination: `hosts` and `domain` are mutually exclusive", path.display());
+    let expected = format!(
+        "{}:5:7: domains.example.com.destination: `hosts` and `domain` are mutually exclusive",
+        path.display()
+    );
     assert!(stderr.contains(&expected), "{stderr}");
 }
 

@@ -66,7 +66,9 @@ fn explained_fate(input: &str, line: &str) -> Fate {
         .strip_prefix(input)
         .and_then(|r| r.strip_prefix(": "))
         .unwrap_or_else(|| panic!("explain line does not start with {input:?}: {line:?}"));
-    let (decision, _rule) = rest.split_once(" — ").unwrap_or_else(|| panic!("explain line has no ' — RULE': {line:?}"));
+    let (decision, _rule) = rest
+        .split_once(" — ")
+        .unwrap_or_else(|| panic!("explain line has no ' — RULE': {line:?}"));
     if decision == "keep" {
         Fate::Keep
     } else if let Some(to) = decision.strip_prefix("copy to ") {
@@ -81,7 +83,10 @@ fn explained_fate(input: &str, line: &str) -> Fate {
 }
 
 fn unbracket(path: &str) -> String {
-    path.strip_prefix('<').and_then(|p| p.strip_suffix('>')).unwrap_or(path).to_owned()
+    path.strip_prefix('<')
+        .and_then(|p| p.strip_suffix('>'))
+        .unwrap_or(path)
+        .to_owned()
 }
 
 /// What the milter did with a one-recipient message whose RCPT was `raw`.
@@ -94,7 +99,11 @@ fn milter_fate(raw: &str, d: &Delivery) -> Fate {
     assert_eq!(d.eom, Status::Continue, "end of message for {raw}");
     let deletes = deleted(&d.actions);
     let adds: BTreeSet<String> = added(&d.actions).iter().map(|p| unbracket(p)).collect();
-    let headers = d.actions.iter().filter(|a| matches!(a, EomAction::AddHeader { .. })).count();
+    let headers = d
+        .actions
+        .iter()
+        .filter(|a| matches!(a, EomAction::AddHeader { .. }))
+        .count();
     let fate = if deletes.is_empty() && adds.is_empty() {
         Fate::Keep
     } else if deletes == BTreeSet::from([raw.to_owned()]) && adds.len() == 1 {
@@ -108,7 +117,11 @@ fn milter_fate(raw: &str, d: &Delivery) -> Fate {
     let want_header = if fate == Fate::Keep { 0 } else { 1 };
     assert_eq!(headers, want_header, "RCPT {raw}: {:?}", d.actions);
     if want_header == 1 {
-        assert!(d.actions.contains(&header(INSTANCE)), "RCPT {raw}: {:?}", d.actions);
+        assert!(
+            d.actions.contains(&header(INSTANCE)),
+            "RCPT {raw}: {:?}",
+            d.actions
+        );
     }
     fate
 }
@@ -130,7 +143,10 @@ fn config_path() -> PathBuf {
 /// line per address.
 fn explain_command(client: Option<IpAddr>, auth: Option<&str>) -> Vec<String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dualroute"));
-    cmd.arg("--config").arg(config_path()).arg("explain").args(ADDRESSES);
+    cmd.arg("--config")
+        .arg(config_path())
+        .arg("explain")
+        .args(ADDRESSES);
     if let Some(ip) = client {
         cmd.arg("--client").arg(ip.to_string());
     }
@@ -138,22 +154,41 @@ fn explain_command(client: Option<IpAddr>, auth: Option<&str>) -> Vec<String> {
         cmd.arg("--auth").arg(user);
     }
     let out = cmd.output().expect("run dualroute explain");
-    assert!(out.status.success(), "dualroute explain failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("explain prints UTF-8").lines().map(str::to_owned).collect()
+    assert!(
+        out.status.success(),
+        "dualroute explain failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("explain prints UTF-8")
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// For one client/authentication: the library, the command and the milter
 /// agree on every address.
 async fn compare(explain_client: Option<IpAddr>, milter_client: IpAddr, auth: Option<&str>) {
     let policy = policy(CONFIG);
-    let envelope = Envelope { client: explain_client, auth: auth.map(str::to_owned) };
+    let envelope = Envelope {
+        client: explain_client,
+        auth: auth.map(str::to_owned),
+    };
     let lines = explain_command(explain_client, auth);
-    assert_eq!(lines.len(), ADDRESSES.len(), "one line per address: {lines:#?}");
+    assert_eq!(
+        lines.len(),
+        ADDRESSES.len(),
+        "one line per address: {lines:#?}"
+    );
 
     let milter = Milter::start(CONFIG).await;
     for (input, command_line) in ADDRESSES.iter().zip(&lines) {
         let library_line = explain(&policy, &envelope, input);
-        assert_eq!(command_line, &library_line, "`dualroute explain` and explain() differ for {input}");
+        assert_eq!(
+            command_line, &library_line,
+            "`dualroute explain` and explain() differ for {input}"
+        );
 
         let raw = rcpt_arg(input);
         let d = milter.deliver(milter_client, auth, &[&[&raw]]).await;
@@ -196,9 +231,18 @@ async fn authenticated_client() {
 fn addresses_cover_every_rule() {
     let policy = policy(CONFIG);
     let envelopes = [
-        Envelope { client: Some(CLIENT), auth: None },
-        Envelope { client: Some(GATEWAY), auth: None },
-        Envelope { client: Some(CLIENT), auth: Some("alice@locked.test".into()) },
+        Envelope {
+            client: Some(CLIENT),
+            auth: None,
+        },
+        Envelope {
+            client: Some(GATEWAY),
+            auth: None,
+        },
+        Envelope {
+            client: Some(CLIENT),
+            auth: Some("alice@locked.test".into()),
+        },
     ];
     let mut seen = Vec::new();
     for envelope in &envelopes {
@@ -210,7 +254,11 @@ fn addresses_cover_every_rule() {
             }
         }
     }
-    let mode = |mode, present, has_accounts| Rule::Mode { mode, present, has_accounts };
+    let mode = |mode, present, has_accounts| Rule::Mode {
+        mode,
+        present,
+        has_accounts,
+    };
     let every = [
         Rule::NotAnAddress,
         Rule::NotManaged,
@@ -231,6 +279,9 @@ fn addresses_cover_every_rule() {
         mode(Mode::Route, true, false),
     ];
     for rule in every {
-        assert!(seen.contains(&rule), "no address in the list is decided by {rule:?}");
+        assert!(
+            seen.contains(&rule),
+            "no address in the list is decided by {rule:?}"
+        );
     }
 }

@@ -18,7 +18,10 @@ const INSTANCE: &str = "mx1.dualroute.test";
 #[track_caller]
 fn assert_nothing_lost(originals: &[&str], actions: &[EomAction]) {
     for gone in deleted(actions) {
-        assert!(originals.contains(&gone.as_str()), "deleted {gone}, which was never a recipient");
+        assert!(
+            originals.contains(&gone.as_str()),
+            "deleted {gone}, which was never a recipient"
+        );
         let inner = gone.trim_start_matches('<').trim_end_matches('>');
         let orcpt = format!("ORCPT=rfc822;{inner}");
         let replacements = actions
@@ -28,7 +31,10 @@ fn assert_nothing_lost(originals: &[&str], actions: &[EomAction]) {
                 if args.to_string_lossy().split_ascii_whitespace().any(|p| p == orcpt))
             })
             .count();
-        assert_eq!(replacements, 1, "{gone} was deleted with {replacements} replacements: {actions:?}");
+        assert_eq!(
+            replacements, 1,
+            "{gone} was deleted with {replacements} replacements: {actions:?}"
+        );
     }
 }
 
@@ -40,7 +46,10 @@ fn redirected(rcpt: &str) -> [EomAction; 3] {
     let address = rcpt.trim_start_matches('<').trim_end_matches('>');
     [
         delete(rcpt),
-        add(&format!("<{address}.dualroute.invalid>"), &format!("ORCPT=rfc822;{address}")),
+        add(
+            &format!("<{address}.dualroute.invalid>"),
+            &format!("ORCPT=rfc822;{address}"),
+        ),
         header(INSTANCE),
     ]
 }
@@ -68,12 +77,24 @@ async fn mixed_message_gets_exactly_its_actions() {
     assert_actions(
         &d.actions,
         &[
-            add("<carol@zoho.example.net>", "ORCPT=rfc822;carol@split.test NOTIFY=NEVER"),
-            add("<alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER"),
+            add(
+                "<carol@zoho.example.net>",
+                "ORCPT=rfc822;carol@split.test NOTIFY=NEVER",
+            ),
+            add(
+                "<alice@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER",
+            ),
             delete("<zed@split.test>"),
-            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            add(
+                "<zed@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;zed@split.test",
+            ),
             delete("<zoe@route.test>"),
-            add("<zoe@route.test.dualroute.invalid>", "ORCPT=rfc822;zoe@route.test"),
+            add(
+                "<zoe@route.test.dualroute.invalid>",
+                "ORCPT=rfc822;zoe@route.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -88,18 +109,31 @@ async fn all_recipients_redirected_none_lost() {
     let originals = ["<ann@route.test>", "<ben@route.test>", "<zed@split.test>"];
     let rcpts: Vec<&[&str]> = originals.iter().map(std::slice::from_ref).collect();
     let d = milter.deliver(CLIENT, None, &rcpts).await;
-    assert!(d.rcpt.iter().all(|s| *s == Status::Continue), "{:?}", d.rcpt);
+    assert!(
+        d.rcpt.iter().all(|s| *s == Status::Continue),
+        "{:?}",
+        d.rcpt
+    );
     // Deleting every recipient without adding would make Postfix drop the
     // message silently (DESIGN.md §8): each one must have its replacement.
     assert_actions(
         &d.actions,
         &[
             delete("<ann@route.test>"),
-            add("<ann@route.test.dualroute.invalid>", "ORCPT=rfc822;ann@route.test"),
+            add(
+                "<ann@route.test.dualroute.invalid>",
+                "ORCPT=rfc822;ann@route.test",
+            ),
             delete("<ben@route.test>"),
-            add("<ben@route.test.dualroute.invalid>", "ORCPT=rfc822;ben@route.test"),
+            add(
+                "<ben@route.test.dualroute.invalid>",
+                "ORCPT=rfc822;ben@route.test",
+            ),
             delete("<zed@split.test>"),
-            add("<zed@split.test.dualroute.invalid>", "ORCPT=rfc822;zed@split.test"),
+            add(
+                "<zed@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;zed@split.test",
+            ),
             header(INSTANCE),
         ],
     );
@@ -131,7 +165,13 @@ async fn messages_on_one_connection_are_independent() {
     assert_eq!(fifth.status(), &Status::Continue);
     assert_actions(
         &fifth.actions,
-        &[add("<alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER"), header(INSTANCE)],
+        &[
+            add(
+                "<alice@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER",
+            ),
+            header(INSTANCE),
+        ],
     );
 
     session.close().await;
@@ -173,36 +213,74 @@ async fn aborted_message_leaves_nothing_behind() {
 #[tokio::test]
 async fn duplicate_rcpt_is_routed_once() {
     let milter = Milter::start(CONFIG).await;
-    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"], &["<zed@split.test>"]]).await;
+    let d = milter
+        .deliver(
+            CLIENT,
+            None,
+            &[&["<zed@split.test>"], &["<zed@split.test>"]],
+        )
+        .await;
     assert_actions(&d.actions, &redirected("<zed@split.test>"));
 
-    let d = milter.deliver(CLIENT, None, &[&["<alice@dual.test>"], &["<alice@dual.test>"]]).await;
+    let d = milter
+        .deliver(
+            CLIENT,
+            None,
+            &[&["<alice@dual.test>"], &["<alice@dual.test>"]],
+        )
+        .await;
     assert_actions(
         &d.actions,
-        &[add("<alice@dual.test.dualroute.invalid>", "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER"), header(INSTANCE)],
+        &[
+            add(
+                "<alice@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;alice@dual.test NOTIFY=NEVER",
+            ),
+            header(INSTANCE),
+        ],
     );
 
     // The same mailbox in two spellings: the MTA holds two recipients, so
     // both are deleted (each exactly as given), and the mailbox is added once.
-    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"], &["<ZED@Split.test>"]]).await;
+    let d = milter
+        .deliver(
+            CLIENT,
+            None,
+            &[&["<zed@split.test>"], &["<ZED@Split.test>"]],
+        )
+        .await;
     assert_eq!(
         deleted(&d.actions),
-        ["<ZED@Split.test>".to_owned(), "<zed@split.test>".to_owned()].into_iter().collect(),
+        ["<ZED@Split.test>".to_owned(), "<zed@split.test>".to_owned()]
+            .into_iter()
+            .collect(),
         "{:?}",
         d.actions
     );
     let adds: Vec<String> = added(&d.actions).into_iter().collect();
     assert_eq!(adds.len(), 1, "{:?}", d.actions);
-    assert!(adds[0].eq_ignore_ascii_case("<zed@split.test.dualroute.invalid>"), "{adds:?}");
-    assert_eq!(d.actions.len(), 4, "two deletes, one add, one header: {:?}", d.actions);
+    assert!(
+        adds[0].eq_ignore_ascii_case("<zed@split.test.dualroute.invalid>"),
+        "{adds:?}"
+    );
+    assert_eq!(
+        d.actions.len(),
+        4,
+        "two deletes, one add, one header: {:?}",
+        d.actions
+    );
     milter.shutdown().await;
 }
 
 #[tokio::test]
 async fn own_loop_header_stops_all_routing() {
     let milter = Milter::start(CONFIG).await;
-    let rcpts: &[&[&str]] =
-        &[&["<zed@split.test>"], &["<alice@dual.test>"], &["<carol@split.test>"], &["<ann@route.test>"]];
+    let rcpts: &[&[&str]] = &[
+        &["<zed@split.test>"],
+        &["<alice@dual.test>"],
+        &["<carol@split.test>"],
+        &["<ann@route.test>"],
+    ];
     let variants: [&[(&str, &str)]; 3] = [
         &[(LOOP_HEADER, INSTANCE)],
         // Header names and host names are case-insensitive.
@@ -214,7 +292,11 @@ async fn own_loop_header_stops_all_routing() {
         let mut session = milter.session(CLIENT).await;
         let d = session.message(None, rcpts, headers).await;
         session.close().await;
-        assert!(d.rcpt.iter().all(|s| *s == Status::Continue), "{headers:?}: {:?}", d.rcpt);
+        assert!(
+            d.rcpt.iter().all(|s| *s == Status::Continue),
+            "{headers:?}: {:?}",
+            d.rcpt
+        );
         assert_actions(&d.actions, &[]);
         assert_eq!(d.eom, Status::Continue, "{headers:?}");
     }
@@ -225,8 +307,14 @@ async fn own_loop_header_stops_all_routing() {
 async fn another_instances_loop_header_is_routed_normally() {
     let milter = Milter::start(CONFIG).await;
     let mut session = milter.session(CLIENT).await;
-    for other in ["mx2.dualroute.test", "dualroute.test", "mx1.dualroute.test.example"] {
-        let d = session.message(None, &[&["<zed@split.test>"]], &[(LOOP_HEADER, other)]).await;
+    for other in [
+        "mx2.dualroute.test",
+        "dualroute.test",
+        "mx1.dualroute.test.example",
+    ] {
+        let d = session
+            .message(None, &[&["<zed@split.test>"]], &[(LOOP_HEADER, other)])
+            .await;
         assert_actions(&d.actions, &redirected("<zed@split.test>"));
     }
     session.close().await;
@@ -259,7 +347,10 @@ async fn null_and_garbage_recipients_are_left_alone() {
     }
     // Bytes that are not UTF-8.
     session.mail(None).await;
-    assert_eq!(session.rcpt_bytes(&[b"<z\xffed@split.test>"]).await, Status::Continue);
+    assert_eq!(
+        session.rcpt_bytes(&[b"<z\xffed@split.test>"]).await,
+        Status::Continue
+    );
     let (actions, status) = {
         session.data(&[]).await;
         session.eom().await
@@ -285,17 +376,28 @@ async fn null_and_garbage_recipients_are_left_alone() {
 async fn mta_without_add_recipient_with_parameters() {
     use indymilter_test::{Actions, TestConnection};
     let milter = Milter::start(CONFIG).await;
-    let offered = Actions::ADD_RCPT | Actions::DELETE_RCPT | Actions::ADD_HEADER | Actions::CHANGE_HEADER;
-    let mut conn = TestConnection::configure().available_actions(offered).open_tcp(milter.addr()).await.unwrap();
+    let offered =
+        Actions::ADD_RCPT | Actions::DELETE_RCPT | Actions::ADD_HEADER | Actions::CHANGE_HEADER;
+    let mut conn = TestConnection::configure()
+        .available_actions(offered)
+        .open_tcp(milter.addr())
+        .await
+        .unwrap();
     assert!(!conn.negotiated_actions().contains(Actions::ADD_RCPT_EXT));
     conn.connect("client.test", [203, 0, 113, 9]).await.unwrap();
     conn.mail(["<s@sender.test>"]).await.unwrap();
     conn.rcpt(["<zed@split.test>"]).await.unwrap();
     let (actions, status) = conn.eom().await.unwrap();
     assert_eq!(status, Status::Continue);
-    assert!(actions.has_delete_recipient("<zed@split.test>"), "{actions:?}");
     assert!(
-        actions.actions.contains(&EomAction::AddRecipient { rcpt: c"<zed@split.test.dualroute.invalid>".into(), args: None }),
+        actions.has_delete_recipient("<zed@split.test>"),
+        "{actions:?}"
+    );
+    assert!(
+        actions.actions.contains(&EomAction::AddRecipient {
+            rcpt: c"<zed@split.test.dualroute.invalid>".into(),
+            args: None
+        }),
         "{actions:?}"
     );
     conn.close().await.unwrap();

@@ -41,7 +41,9 @@ const GATEWAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 
 fn message(subject: &str) -> String {
-    format!("From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n")
+    format!(
+        "From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n"
+    )
 }
 
 // ---------------------------------------------------------------------
@@ -152,15 +154,24 @@ impl Setup {
                 .collect();
             opts = opts.map("e2e_transport", &entries);
             // Appended to the generated transport_maps, or on its own.
-            match opts.main_cf.iter_mut().find(|l| l.starts_with("transport_maps")) {
+            match opts
+                .main_cf
+                .iter_mut()
+                .find(|l| l.starts_with("transport_maps"))
+            {
                 Some(line) => line.push_str(", hash:/etc/postfix/e2e_transport"),
-                None => opts.main_cf.push("transport_maps = hash:/etc/postfix/e2e_transport".into()),
+                None => opts
+                    .main_cf
+                    .push("transport_maps = hash:/etc/postfix/e2e_transport".into()),
             }
         }
         let pf = Postfix::start(opts);
         // The generated milter setting is the one in force (the harness
         // adds none of its own).
-        assert_eq!(pf.postconf("smtpd_milters"), format!("inet:127.0.0.1:{milter_port}"));
+        assert_eq!(
+            pf.postconf("smtpd_milters"),
+            format!("inet:127.0.0.1:{milter_port}")
+        );
         assert_eq!(pf.postconf("milter_default_action"), "tempfail");
 
         // 3. dualroute run
@@ -190,7 +201,10 @@ impl Drop for E2e {
     fn drop(&mut self) {
         if let Some(tmp) = self.tmp.take() {
             if support::keep_tmp() {
-                eprintln!("DUALROUTE_KEEP_TMP: kept the scenario tree {}", tmp.keep().display());
+                eprintln!(
+                    "DUALROUTE_KEEP_TMP: kept the scenario tree {}",
+                    tmp.keep().display()
+                );
             }
         }
     }
@@ -219,7 +233,14 @@ impl E2e {
             .sink
             .messages()
             .iter()
-            .map(|m| format!("{}: MAIL {} RCPT {:?}", m.path.display(), m.mail_args, m.rcpts))
+            .map(|m| {
+                format!(
+                    "{}: MAIL {} RCPT {:?}",
+                    m.path.display(),
+                    m.mail_args,
+                    m.rcpts
+                )
+            })
             .collect();
         let maildirs: Vec<String> = self
             .maildir_files()
@@ -239,7 +260,12 @@ impl E2e {
 
     /// The generated catch-all Maildir of a split/route domain.
     fn catchall(&self, domain: &str) -> Vec<MaildirMessage> {
-        read_maildir(&self.pf.maildir_root().join(format!("{domain}/dualroute-catchall/")))
+        read_maildir(
+            &self
+                .pf
+                .maildir_root()
+                .join(format!("{domain}/dualroute-catchall/")),
+        )
     }
 
     fn mailbox(&self, address: &str) -> Vec<MaildirMessage> {
@@ -271,10 +297,10 @@ impl E2e {
             .messages()
             .into_iter()
             .flat_map(|m| {
-                m.rcpts
-                    .clone()
-                    .into_iter()
-                    .map(move |rcpt| SinkDelivery { rcpt, message: m.clone() })
+                m.rcpts.clone().into_iter().map(move |rcpt| SinkDelivery {
+                    rcpt,
+                    message: m.clone(),
+                })
             })
             .collect()
     }
@@ -288,7 +314,11 @@ impl E2e {
                 return found;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {n} RCPTs at the sink, got {}\n{}", found.len(), self.diag());
+                panic!(
+                    "timed out waiting for {n} RCPTs at the sink, got {}\n{}",
+                    found.len(),
+                    self.diag()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -296,9 +326,17 @@ impl E2e {
 
     /// The one sink RCPT for `address`; panics when there is none or more.
     fn sink_rcpt(&self, address: &str) -> SinkDelivery {
-        let mut found: Vec<SinkDelivery> =
-            self.sink_deliveries().into_iter().filter(|d| d.rcpt.address == address).collect();
-        assert_eq!(found.len(), 1, "RCPTs for {address} at the sink\n{}", self.diag());
+        let mut found: Vec<SinkDelivery> = self
+            .sink_deliveries()
+            .into_iter()
+            .filter(|d| d.rcpt.address == address)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "RCPTs for {address} at the sink\n{}",
+            self.diag()
+        );
         found.remove(0)
     }
 
@@ -308,7 +346,11 @@ impl E2e {
         self.pf.assert_no_deferred_or_held();
         let log = self.pf.maillog();
         assert!(!log.contains("status=bounced"), "a bounce\n{}", self.diag());
-        assert!(!log.contains("status=deferred"), "a deferral\n{}", self.diag());
+        assert!(
+            !log.contains("status=deferred"),
+            "a deferral\n{}",
+            self.diag()
+        );
     }
 
     /// Sends and checks that the message was taken.
@@ -338,7 +380,9 @@ impl E2e {
 }
 
 fn collect_maildirs(root: &Path, dir: &Path, found: &mut Vec<(String, MaildirMessage)>) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     let mut is_maildir = false;
     for entry in entries.flatten() {
         let path = entry.path();
@@ -379,7 +423,11 @@ fn split_keeps_present_and_routes_unknown_with_original_address() {
     let e = setup(SPLIT_EXAMPLE_COM)
         .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
         .start();
-    let t = e.send_ok(&e.client(), &["alice@example.com", "zed@example.com"], "split");
+    let t = e.send_ok(
+        &e.client(),
+        &["alice@example.com", "zed@example.com"],
+        "split",
+    );
     assert_eq!(t.rcpt("alice@example.com").code, 250, "{t}");
     assert_eq!(t.rcpt("zed@example.com").code, 250, "{t}");
     e.finish();
@@ -390,29 +438,48 @@ fn split_keeps_present_and_routes_unknown_with_original_address() {
     // Postfix delivers the message the milter changed: the header is there.
     assert_eq!(alice[0].header("X-Dualroute"), [INSTANCE], "{}", e.diag());
     assert!(e.mailbox("bob@example.com").is_empty());
-    assert!(e.catchall("example.com").is_empty(), "zed reached the catch-all\n{}", e.diag());
+    assert!(
+        e.catchall("example.com").is_empty(),
+        "zed reached the catch-all\n{}",
+        e.diag()
+    );
 
     e.wait_sink_rcpts(1);
     let zed = e.sink_rcpt("zed@example.com");
     assert_eq!(e.sink_deliveries().len(), 1, "{}", e.diag());
-    assert_eq!(zed.rcpt.orcpt().as_deref(), Some("rfc822;zed@example.com"), "{}", e.diag());
+    assert_eq!(
+        zed.rcpt.orcpt().as_deref(),
+        Some("rfc822;zed@example.com"),
+        "{}",
+        e.diag()
+    );
     assert_eq!(zed.message.mail_from(), SENDER);
     assert_eq!(zed.message.header("X-Dualroute"), [INSTANCE]);
     assert_eq!(zed.message.header("Subject"), ["split"]);
     assert!(zed.message.text.contains("body of split"));
-    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1)]),
+        "{}",
+        e.diag()
+    );
 
     // The maillog shows the relay address going out through the dualroute
     // transport to the sink.
-    let out = e
-        .pf
-        .deliveries()
-        .into_iter()
-        .find(|d| d.to == "zed@example.com.dualroute.invalid")
-        .unwrap_or_else(|| panic!("no delivery of the relay address\n{}", e.diag()));
+    let out =
+        e.pf.deliveries()
+            .into_iter()
+            .find(|d| d.to == "zed@example.com.dualroute.invalid")
+            .unwrap_or_else(|| panic!("no delivery of the relay address\n{}", e.diag()));
     assert_eq!(out.status, "sent");
     assert_eq!(out.relay, format!("127.0.0.1[127.0.0.1]:{}", e.sink.port()));
-    e.milter_logged(&t, &["zed@example.com", "redirect to zed@example.com.dualroute.invalid"]);
+    e.milter_logged(
+        &t,
+        &[
+            "zed@example.com",
+            "redirect to zed@example.com.dualroute.invalid",
+        ],
+    );
 }
 
 /// dual: present here and at the sink (NOTIFY=NEVER with `bounce: false`,
@@ -449,12 +516,22 @@ fn dual_copies_present_and_refuses_unknown() {
 
     let t = e.client().send(
         SENDER,
-        &["alice@example.com", "zed@example.com", "frank@example.org", "yan@example.org"],
+        &[
+            "alice@example.com",
+            "zed@example.com",
+            "frank@example.org",
+            "yan@example.org",
+        ],
         &message("dual"),
     );
     for unknown in ["zed@example.com", "yan@example.org"] {
         let r = t.rcpt(unknown);
-        assert_eq!((r.code, r.enhanced()), (550, Some("5.1.1")), "{t}\n{}", e.diag());
+        assert_eq!(
+            (r.code, r.enhanced()),
+            (550, Some("5.1.1")),
+            "{t}\n{}",
+            e.diag()
+        );
     }
     assert_eq!(t.rcpt("alice@example.com").code, 250, "{t}");
     assert_eq!(t.rcpt("frank@example.org").code, 250, "{t}");
@@ -462,12 +539,15 @@ fn dual_copies_present_and_refuses_unknown() {
     e.finish();
     let log = e.pf.maillog();
     assert!(
-        log.lines().any(|l| l.contains(": reject: RCPT") && l.contains("<zed@example.com>: Recipient address rejected: User unknown")),
+        log.lines().any(|l| l.contains(": reject: RCPT")
+            && l.contains("<zed@example.com>: Recipient address rejected: User unknown")),
         "Postfix itself should refuse zed\n{}",
         e.diag()
     );
     assert!(
-        log.lines().any(|l| l.contains("milter-reject: RCPT") && l.contains("5.1.1") && l.contains("yan@example.org")),
+        log.lines().any(|l| l.contains("milter-reject: RCPT")
+            && l.contains("5.1.1")
+            && l.contains("yan@example.org")),
         "the milter should refuse yan\n{}",
         e.diag()
     );
@@ -482,15 +562,26 @@ fn dual_copies_present_and_refuses_unknown() {
     let sink = e.sink_deliveries();
     let mut addresses: Vec<&str> = sink.iter().map(|d| d.rcpt.address.as_str()).collect();
     addresses.sort();
-    assert_eq!(addresses, ["alice@example.com", "frank@example.org"], "{}", e.diag());
+    assert_eq!(
+        addresses,
+        ["alice@example.com", "frank@example.org"],
+        "{}",
+        e.diag()
+    );
 
     let alice = e.sink_rcpt("alice@example.com");
     assert_eq!(alice.rcpt.notify(), Some("NEVER"), "{}", e.diag());
-    assert_eq!(alice.rcpt.orcpt().as_deref(), Some("rfc822;alice@example.com"));
+    assert_eq!(
+        alice.rcpt.orcpt().as_deref(),
+        Some("rfc822;alice@example.com")
+    );
     assert_eq!(alice.message.header("X-Dualroute"), [INSTANCE]);
     let frank = e.sink_rcpt("frank@example.org");
     assert_eq!(frank.rcpt.notify(), Some("FAILURE"), "{}", e.diag());
-    assert_eq!(frank.rcpt.orcpt().as_deref(), Some("rfc822;frank@example.org"));
+    assert_eq!(
+        frank.rcpt.orcpt().as_deref(),
+        Some("rfc822;frank@example.org")
+    );
     assert_eq!(frank.message.header("X-Dualroute"), [INSTANCE]);
 
     // The local copies too went through the milter once.
@@ -500,11 +591,17 @@ fn dual_copies_present_and_refuses_unknown() {
     }
     // Nothing anywhere for the refused addresses.
     assert!(
-        e.pf.deliveries().iter().all(|d| !d.to.starts_with("zed@") && !d.to.starts_with("yan@")),
+        e.pf.deliveries()
+            .iter()
+            .all(|d| !d.to.starts_with("zed@") && !d.to.starts_with("yan@")),
         "{}",
         e.diag()
     );
-    assert!(e.pf.maildir_messages("@example.org").is_empty(), "{}", e.diag());
+    assert!(
+        e.pf.maildir_messages("@example.org").is_empty(),
+        "{}",
+        e.diag()
+    );
 }
 
 /// route: nothing stays here (neither the mailbox nor the catch-all),
@@ -520,20 +617,35 @@ fn route_sends_everything_to_the_destination() {
     )
     .mailboxes("example.com", &["alice@example.com"])
     .start();
-    let t = e.send_ok(&e.client(), &["alice@example.com", "zed@example.com"], "route");
+    let t = e.send_ok(
+        &e.client(),
+        &["alice@example.com", "zed@example.com"],
+        "route",
+    );
     e.finish();
 
     e.wait_sink_rcpts(2);
     assert_eq!(e.sink_deliveries().len(), 2, "{}", e.diag());
     for address in ["alice@example.com", "zed@example.com"] {
         let d = e.sink_rcpt(address);
-        assert_eq!(d.rcpt.orcpt(), Some(format!("rfc822;{address}")), "{}", e.diag());
+        assert_eq!(
+            d.rcpt.orcpt(),
+            Some(format!("rfc822;{address}")),
+            "{}",
+            e.diag()
+        );
         assert_eq!(d.message.header("X-Dualroute"), [INSTANCE]);
     }
     assert!(e.mailbox("alice@example.com").is_empty(), "{}", e.diag());
     assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
     assert_eq!(e.maildir_counts(), counts(&[]), "{}", e.diag());
-    e.milter_logged(&t, &["redirect to alice@example.com.dualroute.invalid", "redirect to zed@example.com.dualroute.invalid"]);
+    e.milter_logged(
+        &t,
+        &[
+            "redirect to alice@example.com.dualroute.invalid",
+            "redirect to zed@example.com.dualroute.invalid",
+        ],
+    );
 }
 
 /// `destination: { domain: D, change_envelope: true }`: the routing address
@@ -551,14 +663,28 @@ fn change_envelope_destination_rewrites_to_the_destination_domain() {
     .mailboxes("example.com", &["alice@example.com"])
     .route_to_sink("newdest.test")
     .start();
-    let t = e.send_ok(&e.client(), &["alice@example.com", "zed@example.com"], "change envelope");
+    let t = e.send_ok(
+        &e.client(),
+        &["alice@example.com", "zed@example.com"],
+        "change envelope",
+    );
     e.finish();
 
-    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1)]),
+        "{}",
+        e.diag()
+    );
     e.wait_sink_rcpts(1);
     assert_eq!(e.sink_deliveries().len(), 1, "{}", e.diag());
     let zed = e.sink_rcpt("zed@newdest.test");
-    assert_eq!(zed.rcpt.orcpt().as_deref(), Some("rfc822;zed@example.com"), "{}", e.diag());
+    assert_eq!(
+        zed.rcpt.orcpt().as_deref(),
+        Some("rfc822;zed@example.com"),
+        "{}",
+        e.diag()
+    );
     assert_eq!(zed.message.header("X-Dualroute"), [INSTANCE]);
     assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
     e.milter_logged(&t, &["redirect to zed@newdest.test"]);
@@ -584,7 +710,10 @@ fn per_user_copy_redirect_and_keep() {
       erin@example.net: { keep: true }
 "#,
     )
-    .mailboxes("example.com", &["alice@example.com", "carol@example.com", "dave@example.com"])
+    .mailboxes(
+        "example.com",
+        &["alice@example.com", "carol@example.com", "dave@example.com"],
+    )
     .mailboxes("example.net", &["erin@example.net", "gus@example.net"])
     .route_to_sink("pilot.test")
     .start();
@@ -603,20 +732,39 @@ fn per_user_copy_redirect_and_keep() {
 
     assert_eq!(
         e.maildir_counts(),
-        counts(&[("example.com/alice", 1), ("example.com/carol", 1), ("example.net/erin", 1)]),
+        counts(&[
+            ("example.com/alice", 1),
+            ("example.com/carol", 1),
+            ("example.net/erin", 1)
+        ]),
         "{}",
         e.diag()
     );
     e.wait_sink_rcpts(3);
-    let mut at_sink: Vec<String> = e.sink_deliveries().into_iter().map(|d| d.rcpt.address).collect();
+    let mut at_sink: Vec<String> = e
+        .sink_deliveries()
+        .into_iter()
+        .map(|d| d.rcpt.address)
+        .collect();
     at_sink.sort();
-    assert_eq!(at_sink, ["carol@pilot.test", "dave@pilot.test", "gus@example.net"], "{}", e.diag());
+    assert_eq!(
+        at_sink,
+        ["carol@pilot.test", "dave@pilot.test", "gus@example.net"],
+        "{}",
+        e.diag()
+    );
 
     let carol = e.sink_rcpt("carol@pilot.test");
-    assert_eq!(carol.rcpt.orcpt().as_deref(), Some("rfc822;carol@example.com"));
+    assert_eq!(
+        carol.rcpt.orcpt().as_deref(),
+        Some("rfc822;carol@example.com")
+    );
     assert_eq!(carol.rcpt.notify(), Some("NEVER"), "a copy, bounce: false");
     let dave = e.sink_rcpt("dave@pilot.test");
-    assert_eq!(dave.rcpt.orcpt().as_deref(), Some("rfc822;dave@example.com"));
+    assert_eq!(
+        dave.rcpt.orcpt().as_deref(),
+        Some("rfc822;dave@example.com")
+    );
     let gus = e.sink_rcpt("gus@example.net");
     assert_eq!(gus.rcpt.orcpt().as_deref(), Some("rfc822;gus@example.net"));
     for d in [&carol, &dave, &gus] {
@@ -624,7 +772,14 @@ fn per_user_copy_redirect_and_keep() {
     }
     assert!(e.catchall("example.com").is_empty());
     assert!(e.catchall("example.net").is_empty());
-    e.milter_logged(&t, &["copy to carol@pilot.test", "redirect to dave@pilot.test", "erin@example.net> keep"]);
+    e.milter_logged(
+        &t,
+        &[
+            "copy to carol@pilot.test",
+            "redirect to dave@pilot.test",
+            "erin@example.net> keep",
+        ],
+    );
 }
 
 /// `enabled: false`: Postfix behaves as without the milter: present to its
@@ -641,7 +796,11 @@ fn disabled_domain_is_left_to_postfix() {
     )
     .mailboxes("example.com", &["alice@example.com"])
     .start();
-    let t = e.send_ok(&e.client(), &["alice@example.com", "zed@example.com"], "disabled");
+    let t = e.send_ok(
+        &e.client(),
+        &["alice@example.com", "zed@example.com"],
+        "disabled",
+    );
     e.finish();
 
     assert_eq!(e.mailbox("alice@example.com").len(), 1, "{}", e.diag());
@@ -650,7 +809,10 @@ fn disabled_domain_is_left_to_postfix() {
     assert_eq!(catchall[0].header("X-Original-To"), ["zed@example.com"]);
     assert_eq!(
         e.maildir_counts(),
-        counts(&[("example.com/alice", 1), ("example.com/dualroute-catchall", 1)]),
+        counts(&[
+            ("example.com/alice", 1),
+            ("example.com/dualroute-catchall", 1)
+        ]),
         "{}",
         e.diag()
     );
@@ -675,14 +837,26 @@ fn gateway_client_is_never_routed() {
         &message("from the gateway"),
     );
     let zed = t.rcpt("zed@example.com");
-    assert_eq!((zed.code, zed.enhanced()), (550, Some("5.1.1")), "{t}\n{}", e.diag());
+    assert_eq!(
+        (zed.code, zed.enhanced()),
+        (550, Some("5.1.1")),
+        "{t}\n{}",
+        e.diag()
+    );
     assert!(zed.text.contains("zed@example.com"), "{t}");
     assert_eq!(t.rcpt("alice@example.com").code, 250, "{t}");
     assert!(t.accepted(), "{t}");
     e.finish();
 
-    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
-    assert!(e.mailbox("alice@example.com")[0].header("X-Dualroute").is_empty());
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1)]),
+        "{}",
+        e.diag()
+    );
+    assert!(e.mailbox("alice@example.com")[0]
+        .header("X-Dualroute")
+        .is_empty());
     assert!(e.sink.messages().is_empty(), "{}", e.diag());
     // The refusal came from the milter, not from Postfix's own tables.
     assert!(
@@ -692,10 +866,17 @@ fn gateway_client_is_never_routed() {
     );
 
     // The same from a client that is not a gateway is routed.
-    e.send_ok(&e.client_from(OTHER_IP), &["zed@example.com"], "not from the gateway");
+    e.send_ok(
+        &e.client_from(OTHER_IP),
+        &["zed@example.com"],
+        "not from the gateway",
+    );
     e.finish();
     e.wait_sink_rcpts(1);
-    assert_eq!(e.sink_rcpt("zed@example.com").message.header("Subject"), ["not from the gateway"]);
+    assert_eq!(
+        e.sink_rcpt("zed@example.com").message.header("Subject"),
+        ["not from the gateway"]
+    );
 }
 
 /// `require_gateway: true`: other clients are refused 550 5.7.1 at RCPT;
@@ -715,20 +896,41 @@ fn require_gateway_refuses_other_clients() {
     .start();
 
     for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), OTHER_IP] {
-        let t = e.client_from(ip).send(SENDER, &["alice@example.com", "zed@example.com"], &message("direct"));
+        let t = e.client_from(ip).send(
+            SENDER,
+            &["alice@example.com", "zed@example.com"],
+            &message("direct"),
+        );
         for rcpt in ["alice@example.com", "zed@example.com"] {
             let r = t.rcpt(rcpt);
-            assert_eq!((r.code, r.enhanced()), (550, Some("5.7.1")), "from {ip}: {t}\n{}", e.diag());
+            assert_eq!(
+                (r.code, r.enhanced()),
+                (550, Some("5.7.1")),
+                "from {ip}: {t}\n{}",
+                e.diag()
+            );
         }
         assert!(!t.accepted(), "{t}");
     }
     assert!(e.pf.queue().is_empty(), "{}", e.diag());
 
-    let t = e.send_ok(&e.client_from(GATEWAY_IP), &["alice@example.com"], "via the gateway");
+    let t = e.send_ok(
+        &e.client_from(GATEWAY_IP),
+        &["alice@example.com"],
+        "via the gateway",
+    );
     assert_eq!(t.rcpt("alice@example.com").code, 250, "{t}");
     e.finish();
-    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
-    assert_eq!(e.mailbox("alice@example.com")[0].header("Subject"), ["via the gateway"]);
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1)]),
+        "{}",
+        e.diag()
+    );
+    assert_eq!(
+        e.mailbox("alice@example.com")[0].header("Subject"),
+        ["via the gateway"]
+    );
     assert!(e.sink.messages().is_empty(), "{}", e.diag());
 }
 
@@ -742,14 +944,20 @@ fn loop_header_stops_routing() {
         .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
         .start();
     let looped = format!("X-Dualroute: {INSTANCE}\n{}", message("looped"));
-    let t = e.client().send(SENDER, &["alice@example.com", "zed@example.com"], &looped);
+    let t = e
+        .client()
+        .send(SENDER, &["alice@example.com", "zed@example.com"], &looped);
     assert!(t.accepted(), "{t}\n{}", e.diag());
     e.finish();
 
     let catchall = e.catchall("example.com");
     assert_eq!(catchall.len(), 1, "{}", e.diag());
     assert_eq!(catchall[0].header("X-Original-To"), ["zed@example.com"]);
-    assert_eq!(catchall[0].header("X-Dualroute"), [INSTANCE], "not added a second time");
+    assert_eq!(
+        catchall[0].header("X-Dualroute"),
+        [INSTANCE],
+        "not added a second time"
+    );
     assert_eq!(e.mailbox("alice@example.com").len(), 1);
     assert!(e.sink.messages().is_empty(), "{}", e.diag());
     let queue_id = t.queue_id().unwrap();
@@ -763,15 +971,25 @@ fn loop_header_stops_routing() {
     );
 
     // Another MX's header: routed as usual, our header added once.
-    let other = format!("X-Dualroute: mx9.elsewhere.test\n{}", message("other instance"));
+    let other = format!(
+        "X-Dualroute: mx9.elsewhere.test\n{}",
+        message("other instance")
+    );
     let t = e.client().send(SENDER, &["zed@example.com"], &other);
     assert!(t.accepted(), "{t}");
     e.finish();
     e.wait_sink_rcpts(1);
     let zed = e.sink_rcpt("zed@example.com");
     let headers = zed.message.header("X-Dualroute");
-    assert_eq!(headers.iter().filter(|v| *v == INSTANCE).count(), 1, "{headers:?}");
-    assert!(headers.iter().any(|v| v == "mx9.elsewhere.test"), "{headers:?}");
+    assert_eq!(
+        headers.iter().filter(|v| *v == INSTANCE).count(),
+        1,
+        "{headers:?}"
+    );
+    assert!(
+        headers.iter().any(|v| v == "mx9.elsewhere.test"),
+        "{headers:?}"
+    );
     assert_eq!(e.catchall("example.com").len(), 1, "{}", e.diag());
 }
 
@@ -789,7 +1007,11 @@ fn subaddresses_and_case() {
         .start();
     let t = e.send_ok(
         &e.client(),
-        &["bob+news@example.com", "zed+x@example.com", "ALICE@EXAMPLE.COM"],
+        &[
+            "bob+news@example.com",
+            "zed+x@example.com",
+            "ALICE@EXAMPLE.COM",
+        ],
         "tags and case",
     );
     e.finish();
@@ -800,13 +1022,27 @@ fn subaddresses_and_case() {
         "{}",
         e.diag()
     );
-    assert_eq!(e.mailbox("bob@example.com")[0].header("X-Original-To"), ["bob+news@example.com"]);
-    assert_eq!(e.mailbox("alice@example.com")[0].header("X-Original-To"), ["ALICE@EXAMPLE.COM"]);
+    assert_eq!(
+        e.mailbox("bob@example.com")[0].header("X-Original-To"),
+        ["bob+news@example.com"]
+    );
+    assert_eq!(
+        e.mailbox("alice@example.com")[0].header("X-Original-To"),
+        ["ALICE@EXAMPLE.COM"]
+    );
     e.wait_sink_rcpts(1);
     assert_eq!(e.sink_deliveries().len(), 1, "{}", e.diag());
     let zed = e.sink_rcpt("zed+x@example.com");
-    assert_eq!(zed.rcpt.param("ORCPT"), Some("rfc822;zed+2Bx@example.com"), "{}", e.diag());
-    assert_eq!(zed.rcpt.orcpt().as_deref(), Some("rfc822;zed+x@example.com"));
+    assert_eq!(
+        zed.rcpt.param("ORCPT"),
+        Some("rfc822;zed+2Bx@example.com"),
+        "{}",
+        e.diag()
+    );
+    assert_eq!(
+        zed.rcpt.orcpt().as_deref(),
+        Some("rfc822;zed+x@example.com")
+    );
     e.milter_logged(&t, &["redirect to zed+x@example.com.dualroute.invalid"]);
 }
 
@@ -845,7 +1081,12 @@ fn mixed_message_every_recipient_exactly_once() {
     )
     .mailboxes(
         "example.com",
-        &["alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com"],
+        &[
+            "alice@example.com",
+            "bob@example.com",
+            "carol@example.com",
+            "dave@example.com",
+        ],
     )
     .mailboxes("example.org", &["frank@example.org"])
     .mailboxes("example.net", &["erin@example.net", "gus@example.net"])
@@ -857,21 +1098,21 @@ fn mixed_message_every_recipient_exactly_once() {
     .main_cf("recipient_delimiter = +")
     .start();
     let rcpts = [
-        "alice@example.com",      // split, present: here
-        "bob+news@example.com",   // split, present via subaddress: here
-        "zed@example.com",        // split, unknown: sink
-        "zed+x@example.com",      // split, unknown with a tag: sink
-        "carol@example.com",      // copy_to: here + sink
-        "dave@example.com",       // redirect_to: sink
-        "frank@example.org",      // dual present: here + sink
-        "yan@example.org",        // dual unknown: refused
-        "erin@example.net",       // keep in route: here
-        "gus@example.net",        // route: sink
-        "hal@example.edu",        // disabled, present: here
-        "kim@example.edu",        // disabled, unknown: catch-all
-        "ivy@example.info",       // split with change_envelope, present: here
-        "lou@example.info",       // split with change_envelope, unknown: sink as lou@newdest.test
-        "jo@unmanaged.test",      // not managed: here
+        "alice@example.com",    // split, present: here
+        "bob+news@example.com", // split, present via subaddress: here
+        "zed@example.com",      // split, unknown: sink
+        "zed+x@example.com",    // split, unknown with a tag: sink
+        "carol@example.com",    // copy_to: here + sink
+        "dave@example.com",     // redirect_to: sink
+        "frank@example.org",    // dual present: here + sink
+        "yan@example.org",      // dual unknown: refused
+        "erin@example.net",     // keep in route: here
+        "gus@example.net",      // route: sink
+        "hal@example.edu",      // disabled, present: here
+        "kim@example.edu",      // disabled, unknown: catch-all
+        "ivy@example.info",     // split with change_envelope, present: here
+        "lou@example.info",     // split with change_envelope, unknown: sink as lou@newdest.test
+        "jo@unmanaged.test",    // not managed: here
     ];
     let t = e.client().send(SENDER, &rcpts, &message("everything"));
     for (rcpt, reply) in t.rcpts() {
@@ -897,7 +1138,10 @@ fn mixed_message_every_recipient_exactly_once() {
         "{}",
         e.diag()
     );
-    assert_eq!(e.catchall("example.edu")[0].header("X-Original-To"), ["kim@example.edu"]);
+    assert_eq!(
+        e.catchall("example.edu")[0].header("X-Original-To"),
+        ["kim@example.edu"]
+    );
 
     let expected_sink = [
         ("carol@pilot.test", "carol@example.com", Some("NEVER")),
@@ -916,7 +1160,12 @@ fn mixed_message_every_recipient_exactly_once() {
     assert_eq!(at_sink, expected, "{}", e.diag());
     for (address, original, notify) in expected_sink {
         let d = e.sink_rcpt(address);
-        assert_eq!(d.rcpt.orcpt(), Some(format!("rfc822;{original}")), "{address}\n{}", e.diag());
+        assert_eq!(
+            d.rcpt.orcpt(),
+            Some(format!("rfc822;{original}")),
+            "{address}\n{}",
+            e.diag()
+        );
         if let Some(notify) = notify {
             assert_eq!(d.rcpt.notify(), Some(notify), "{address}");
         }
@@ -934,7 +1183,11 @@ fn mixed_message_every_recipient_exactly_once() {
     // destination appears once.
     let deliveries = e.pf.deliveries();
     assert_eq!(deliveries.len(), 9 + expected_sink.len(), "{}", e.diag());
-    assert!(deliveries.iter().all(|d| d.status == "sent"), "{}", e.diag());
+    assert!(
+        deliveries.iter().all(|d| d.status == "sent"),
+        "{}",
+        e.diag()
+    );
 }
 
 /// The milter dies: Postfix answers 451 4.7.1 and queues nothing; once it
@@ -967,7 +1220,12 @@ fn milter_down_tempfails_then_retry_delivers_once() {
     e.milter.spawn();
     let t = e.send_ok(&e.client(), &rcpts, "retried");
     e.finish();
-    assert_eq!(e.maildir_counts(), counts(&[("example.com/alice", 1)]), "{}", e.diag());
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1)]),
+        "{}",
+        e.diag()
+    );
     e.wait_sink_rcpts(1);
     // Give a duplicate a chance to show up before counting.
     std::thread::sleep(Duration::from_millis(300));
@@ -1001,14 +1259,29 @@ fn envelope_forms_survive_the_round_trip() {
     e.finish();
     e.wait_sink_rcpts(2);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(e.maildir_counts(), counts(&[("example.com/bob", 1)]), "{}", e.diag());
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/bob", 1)]),
+        "{}",
+        e.diag()
+    );
     assert_eq!(e.sink_deliveries().len(), 2, "{}", e.diag());
 
     let zed = e.sink_rcpt("zed@example.com");
     assert_eq!(zed.rcpt.notify(), Some("FAILURE"), "{}", e.diag());
-    assert_eq!(zed.rcpt.orcpt().as_deref(), Some("rfc822;zed-original@example.com"), "{}", e.diag());
+    assert_eq!(
+        zed.rcpt.orcpt().as_deref(),
+        Some("rfc822;zed-original@example.com"),
+        "{}",
+        e.diag()
+    );
     let john = e.sink_rcpt("\"john doe\"@example.com");
-    assert_eq!(john.rcpt.param("ORCPT"), Some("rfc822;\"john+20doe\"@example.com"), "{}", e.diag());
+    assert_eq!(
+        john.rcpt.param("ORCPT"),
+        Some("rfc822;\"john+20doe\"@example.com"),
+        "{}",
+        e.diag()
+    );
 }
 
 /// A recipient with a source route, `<@relay.test:yu@example.com>`, in a
@@ -1020,12 +1293,25 @@ fn source_routed_recipient_is_routed_exactly_once() {
     let e = setup(SPLIT_EXAMPLE_COM)
         .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
         .start();
-    e.send_ok(&e.client(), &["<@relay.test:yu@example.com>"], "source route");
+    e.send_ok(
+        &e.client(),
+        &["<@relay.test:yu@example.com>"],
+        "source route",
+    );
     e.finish();
     e.wait_sink_rcpts(1);
     let yu = e.sink_rcpt("yu@example.com");
-    assert_eq!(yu.rcpt.orcpt().as_deref(), Some("rfc822;yu@example.com"), "{}", e.diag());
-    assert!(e.catchall("example.com").is_empty(), "yu also landed in the catch-all\n{}", e.diag());
+    assert_eq!(
+        yu.rcpt.orcpt().as_deref(),
+        Some("rfc822;yu@example.com"),
+        "{}",
+        e.diag()
+    );
+    assert!(
+        e.catchall("example.com").is_empty(),
+        "yu also landed in the catch-all\n{}",
+        e.diag()
+    );
 }
 
 /// The milter matches `bob+news@` to bob with its default
@@ -1040,5 +1326,10 @@ fn subaddress_of_a_present_user_with_only_postfix_config_settings() {
         .start();
     e.send_ok(&e.client(), &["bob+news@example.com"], "tagged");
     e.finish();
-    assert_eq!(e.maildir_counts(), counts(&[("example.com/bob", 1)]), "{}", e.diag());
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/bob", 1)]),
+        "{}",
+        e.diag()
+    );
 }

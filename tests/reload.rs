@@ -26,11 +26,21 @@ enum Seen {
     Kept,
 }
 
-async fn conversation(addr: std::net::SocketAddr, hold: Option<Arc<AtomicBool>>) -> Result<(Seen, Instant, Instant), String> {
-    let mut conn = TestConnection::open(addr).await.map_err(|e| format!("open: {e}"))?;
-    conn.connect("client.test", [203, 0, 113, 7]).await.map_err(|e| format!("connect: {e}"))?;
+async fn conversation(
+    addr: std::net::SocketAddr,
+    hold: Option<Arc<AtomicBool>>,
+) -> Result<(Seen, Instant, Instant), String> {
+    let mut conn = TestConnection::open(addr)
+        .await
+        .map_err(|e| format!("open: {e}"))?;
+    conn.connect("client.test", [203, 0, 113, 7])
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let mail_start = Instant::now();
-    let s = conn.mail(["<s@sender.test>"]).await.map_err(|e| format!("mail: {e}"))?;
+    let s = conn
+        .mail(["<s@sender.test>"])
+        .await
+        .map_err(|e| format!("mail: {e}"))?;
     let mail_done = Instant::now();
     if s != Status::Continue {
         return Err(format!("MAIL answered {s:?}"));
@@ -41,7 +51,10 @@ async fn conversation(addr: std::net::SocketAddr, hold: Option<Arc<AtomicBool>>)
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    let s = conn.rcpt(["<zed@example.com>"]).await.map_err(|e| format!("rcpt: {e}"))?;
+    let s = conn
+        .rcpt(["<zed@example.com>"])
+        .await
+        .map_err(|e| format!("rcpt: {e}"))?;
     if s != Status::Continue {
         return Err(format!("RCPT answered {s:?}"));
     }
@@ -50,7 +63,9 @@ async fn conversation(addr: std::net::SocketAddr, hold: Option<Arc<AtomicBool>>)
         return Err(format!("EOM answered {s:?}"));
     }
     conn.close().await.map_err(|e| format!("close: {e}"))?;
-    let routed = actions.actions.contains(&EomAction::DeleteRecipient { rcpt: c"<zed@example.com>".into() });
+    let routed = actions.actions.contains(&EomAction::DeleteRecipient {
+        rcpt: c"<zed@example.com>".into(),
+    });
     match (routed, actions.actions.is_empty()) {
         (true, false) => Ok((Seen::Routed, mail_start, mail_done)),
         (false, true) => Ok((Seen::Kept, mail_start, mail_done)),
@@ -66,7 +81,11 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
     let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(dualroute::run(listener, shared.clone(), std::future::pending::<()>()));
+    tokio::spawn(dualroute::run(
+        listener,
+        shared.clone(),
+        std::future::pending::<()>(),
+    ));
 
     let reloaded = Arc::new(AtomicBool::new(false));
     // Messages begun before the reload that finish after it.
@@ -98,7 +117,11 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
 
     for h in in_flight {
         let (seen, _, _) = h.await.unwrap().expect("in-flight conversation failed");
-        assert_eq!(seen, Seen::Routed, "a message begun before the reload must keep the old policy");
+        assert_eq!(
+            seen,
+            Seen::Routed,
+            "a message begun before the reload must keep the old policy"
+        );
     }
     let (mut before, mut after, mut total) = (0, 0, 0);
     for h in load {
@@ -114,7 +137,10 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
             }
         }
     }
-    assert!(before > 10 && after > 10, "too little load to show anything: {before} before, {after} after, {total} in all");
+    assert!(
+        before > 10 && after > 10,
+        "too little load to show anything: {before} before, {after} after, {total} in all"
+    );
 }
 
 #[test]
@@ -138,9 +164,12 @@ fn binary_reloads_when_an_account_file_changes() {
     let result = rt.block_on(async {
         let (seen, _, _) = conversation(addr, None).await?;
         if seen != Seen::Routed {
-            return Err(format!("zed is not an account yet, expected routed, got {seen:?}"));
+            return Err(format!(
+                "zed is not an account yet, expected routed, got {seen:?}"
+            ));
         }
-        std::fs::write(&accounts, "alice@example.com\nzed@example.com\n").map_err(|e| e.to_string())?;
+        std::fs::write(&accounts, "alice@example.com\nzed@example.com\n")
+            .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if conversation(addr, None).await?.0 == Seen::Kept {

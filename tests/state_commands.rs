@@ -26,10 +26,15 @@ async fn routed(addr: std::net::SocketAddr) -> bool {
     let mut conn = TestConnection::open(addr).await.unwrap();
     conn.connect("client.test", [203, 0, 113, 7]).await.unwrap();
     conn.mail(["<s@sender.test>"]).await.unwrap();
-    assert_eq!(conn.rcpt(["<zed@example.com>"]).await.unwrap(), Status::Continue);
+    assert_eq!(
+        conn.rcpt(["<zed@example.com>"]).await.unwrap(),
+        Status::Continue
+    );
     let (actions, _) = conn.eom().await.unwrap();
     conn.close().await.unwrap();
-    actions.actions.contains(&EomAction::DeleteRecipient { rcpt: c"<zed@example.com>".into() })
+    actions.actions.contains(&EomAction::DeleteRecipient {
+        rcpt: c"<zed@example.com>".into(),
+    })
 }
 
 async fn wait_until(addr: std::net::SocketAddr, want: bool) -> bool {
@@ -55,7 +60,10 @@ fn status_disable_enable_with_a_running_milter() {
     assert_eq!(status.code(), Some(0), "{out}");
     assert!(out.contains("example.com: mode route: active"), "{out}");
     assert!(out.contains("example.org: mode route: WAITING for verification of postmaster@example.org; no probe yet"), "{out}");
-    assert!(out.contains("example.net: mode route: transparent (enabled: false"), "{out}");
+    assert!(
+        out.contains("example.net: mode route: transparent (enabled: false"),
+        "{out}"
+    );
 
     let mut milter = MilterProcess::start(&config, port, &dir.path().join("stderr"));
     let addr = milter.addr();
@@ -96,7 +104,10 @@ fn status_disable_enable_with_a_running_milter() {
     // loads the same state) still sees it.
     dualroute(&config, &["disable", "example.com"]);
     let (_, out) = dualroute(&config, &["explain", "zed@example.com"]);
-    assert!(out.contains("keep — routing held: disabled by an administrator"), "{out}");
+    assert!(
+        out.contains("keep — routing held: disabled by an administrator"),
+        "{out}"
+    );
     let (status, out) = dualroute(&config, &["enable", "nosuch.example"]);
     assert_eq!(status.code(), Some(1), "{out}");
     assert!(out.contains("not a managed domain"), "{out}");

@@ -12,7 +12,11 @@ use support::{dualroute, dualroute_output, free_port, SmtpSink};
 
 /// A route domain whose destination is `nexthop`, probed with postmaster@.
 fn yaml(nexthop: &str) -> String {
-    let state = std::env::temp_dir().join(format!("dualroute-probe-state-{}-{}", std::process::id(), free_port()));
+    let state = std::env::temp_dir().join(format!(
+        "dualroute-probe-state-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
     format!(
         "instance: probe.test\nstate_dir: {}\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n",
         state.display()
@@ -38,12 +42,22 @@ fn probe_accepted() {
     let sink = SmtpSink::start();
     let (code, out) = verify(&sink.nexthop());
     assert_eq!(code, Some(0), "{out}");
-    for step in ["< 220", "> EHLO probe.test", "> MAIL FROM:<>", "> RCPT TO:<postmaster@example.com>", "✔ accepted", "verified"] {
+    for step in [
+        "< 220",
+        "> EHLO probe.test",
+        "> MAIL FROM:<>",
+        "> RCPT TO:<postmaster@example.com>",
+        "✔ accepted",
+        "verified",
+    ] {
         assert!(out.contains(step), "{step:?} missing in:\n{out}");
     }
     // A probe never sends a message.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(sink.messages().is_empty(), "the probe must not deliver anything");
+    assert!(
+        sink.messages().is_empty(),
+        "the probe must not deliver anything"
+    );
 }
 
 #[test]
@@ -57,8 +71,17 @@ fn probe_send_delivers_one_test_message() {
     assert!(text.contains("> DATA") && text.contains("< 354"), "{text}");
     let messages = sink.wait_messages(1);
     assert_eq!(messages.len(), 1, "exactly one test message");
-    assert_eq!(messages[0].rcpt_addresses(), vec!["postmaster@example.com".to_owned()]);
-    assert!(messages[0].text.contains("Subject: dualroute verification test"), "{}", messages[0].text);
+    assert_eq!(
+        messages[0].rcpt_addresses(),
+        vec!["postmaster@example.com".to_owned()]
+    );
+    assert!(
+        messages[0]
+            .text
+            .contains("Subject: dualroute verification test"),
+        "{}",
+        messages[0].text
+    );
 }
 
 #[test]
@@ -67,7 +90,10 @@ fn probe_refused() {
     let (code, out) = verify(&sink.nexthop());
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("< 550"), "{out}");
-    assert!(out.contains("RCPT TO:<postmaster@example.com> refused"), "{out}");
+    assert!(
+        out.contains("RCPT TO:<postmaster@example.com> refused"),
+        "{out}"
+    );
     assert!(out.contains("NOT verified"), "{out}");
 }
 
@@ -76,7 +102,10 @@ fn probe_closed_port() {
     let port = free_port();
     let (code, out) = verify(&format!("[127.0.0.1]:{port}"));
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains(&format!("connect to 127.0.0.1:{port}")), "{out}");
+    assert!(
+        out.contains(&format!("connect to 127.0.0.1:{port}")),
+        "{out}"
+    );
     assert!(out.contains("NOT verified"), "{out}");
 }
 
@@ -92,21 +121,39 @@ fn unknown_domain_or_no_verify_address() {
 /// Sends one message to `zed@example.com` and returns the actions.
 async fn route_once(addr: std::net::SocketAddr) -> Vec<EomAction> {
     let mut conn = TestConnection::open(addr).await.unwrap();
-    assert_eq!(conn.connect("client.test", [203, 0, 113, 5]).await.unwrap(), Status::Continue);
-    assert_eq!(conn.mail(["<s@sender.test>"]).await.unwrap(), Status::Continue);
-    assert_eq!(conn.rcpt(["<zed@example.com>"]).await.unwrap(), Status::Continue);
+    assert_eq!(
+        conn.connect("client.test", [203, 0, 113, 5]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        conn.mail(["<s@sender.test>"]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        conn.rcpt(["<zed@example.com>"]).await.unwrap(),
+        Status::Continue
+    );
     let (actions, status) = conn.eom().await.unwrap();
     assert_eq!(status, Status::Continue);
     conn.close().await.unwrap();
     actions.actions
 }
 
-async fn milter_with_verify(nexthop: &str) -> (std::net::SocketAddr, dualroute::policy::SharedPolicy) {
-    let policy = dualroute::policy::Policy::load(dualroute::config::parse(&yaml(nexthop), "t.yaml").unwrap()).unwrap();
+async fn milter_with_verify(
+    nexthop: &str,
+) -> (std::net::SocketAddr, dualroute::policy::SharedPolicy) {
+    let policy = dualroute::policy::Policy::load(
+        dualroute::config::parse(&yaml(nexthop), "t.yaml").unwrap(),
+    )
+    .unwrap();
     let shared = dualroute::share(policy);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(dualroute::run(listener, shared.clone(), std::future::pending::<()>()));
+    tokio::spawn(dualroute::run(
+        listener,
+        shared.clone(),
+        std::future::pending::<()>(),
+    ));
     tokio::spawn(dualroute::verify_loop(shared.clone()));
     (addr, shared)
 }
@@ -121,15 +168,26 @@ async fn milter_holds_routing_until_verified() {
         let actions = route_once(addr).await;
         if actions.is_empty() {
             let policy = shared.read().unwrap().clone();
-            assert!(policy.holds.reason("example.com").is_some(), "no actions although not held");
+            assert!(
+                policy.holds.reason("example.com").is_some(),
+                "no actions although not held"
+            );
         } else {
-            assert!(actions.contains(&EomAction::DeleteRecipient { rcpt: c"<zed@example.com>".into() }), "{actions:?}");
+            assert!(
+                actions.contains(&EomAction::DeleteRecipient {
+                    rcpt: c"<zed@example.com>".into()
+                }),
+                "{actions:?}"
+            );
             routed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(routed, "routing never started although the sink accepts the probe");
+    assert!(
+        routed,
+        "routing never started although the sink accepts the probe"
+    );
 }
 
 #[tokio::test]
@@ -139,15 +197,29 @@ async fn milter_keeps_routing_off_when_probe_refused() {
     // Wait for the first probe to have run and failed.
     let mut reason = String::new();
     for _ in 0..100 {
-        reason = shared.read().unwrap().holds.reason("example.com").unwrap_or_default();
+        reason = shared
+            .read()
+            .unwrap()
+            .holds
+            .reason("example.com")
+            .unwrap_or_default();
         if reason.contains("last probe failed") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(reason.contains("last probe failed"), "{reason}");
-    assert!(route_once(addr).await.is_empty(), "a held domain must not be routed");
+    assert!(
+        route_once(addr).await.is_empty(),
+        "a held domain must not be routed"
+    );
     let policy = shared.read().unwrap().clone();
-    let v = dualroute::decision::decide(&policy, &Default::default(), dualroute::address::RcptArg::parse(&["<zed@example.com>"]).address.as_ref());
+    let v = dualroute::decision::decide(
+        &policy,
+        &Default::default(),
+        dualroute::address::RcptArg::parse(&["<zed@example.com>"])
+            .address
+            .as_ref(),
+    );
     assert_eq!(v.decision, Decision::Keep);
 }

@@ -38,7 +38,10 @@ macro_rules! deserialize_from_str {
 
 /// Deserializes a mapping as `R`, then checks it with `check`, inside the
 /// mapping's own deserialization so that errors point at the mapping.
-fn checked_map<'de, D, R, T>(d: D, check: impl FnOnce(R) -> Result<T, String>) -> Result<T, D::Error>
+fn checked_map<'de, D, R, T>(
+    d: D,
+    check: impl FnOnce(R) -> Result<T, String>,
+) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     R: Deserialize<'de>,
@@ -79,9 +82,9 @@ impl fmt::Display for Socket {
 impl FromStr for Socket {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, rest) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?}: expected inet:HOST:PORT, inet:PORT@HOST or unix:/PATH"))?;
+        let (kind, rest) = s.split_once(':').ok_or_else(|| {
+            format!("{s:?}: expected inet:HOST:PORT, inet:PORT@HOST or unix:/PATH")
+        })?;
         match kind {
             "unix" | "local" => {
                 if rest.starts_with('/') {
@@ -106,10 +109,17 @@ impl FromStr for Socket {
                 if host.is_empty() {
                     return Err(format!("{s:?}: missing host"));
                 }
-                let port = port.parse::<u16>().map_err(|_| format!("{s:?}: bad port {port:?}"))?;
-                Ok(Socket::Inet { host: host.to_owned(), port })
+                let port = port
+                    .parse::<u16>()
+                    .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+                Ok(Socket::Inet {
+                    host: host.to_owned(),
+                    port,
+                })
             }
-            _ => Err(format!("{s:?}: unknown socket type {kind:?} (use inet: or unix:)")),
+            _ => Err(format!(
+                "{s:?}: unknown socket type {kind:?} (use inet: or unix:)"
+            )),
         }
     }
 }
@@ -125,7 +135,9 @@ impl FromStr for DomainName {
         if s.starts_with('[') {
             return Err(format!("{s:?}: an address literal is not a mail domain"));
         }
-        normalize_domain(s).map(DomainName).map_err(|e| e.to_string())
+        normalize_domain(s)
+            .map(DomainName)
+            .map_err(|e| e.to_string())
     }
 }
 deserialize_from_str!(DomainName, "domain");
@@ -144,7 +156,10 @@ impl FromStr for ConfigAddress {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let inner = s.strip_prefix('<').and_then(|s| s.strip_suffix('>')).unwrap_or(s);
+        let inner = s
+            .strip_prefix('<')
+            .and_then(|s| s.strip_suffix('>'))
+            .unwrap_or(s);
         match Address::parse(inner) {
             Ok(a) if a.domain.starts_with('[') => {
                 Err(format!("{s:?}: use a domain name, not an address literal"))
@@ -250,11 +265,15 @@ impl FromStr for Host {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, bracketed, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (name, after) =
-                rest.split_once(']').ok_or_else(|| format!("{s:?}: missing ']'"))?;
+            let (name, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?}: missing ']'"))?;
             let port = match after {
                 "" => None,
-                p => Some(p.strip_prefix(':').ok_or_else(|| format!("{s:?}: expected ':PORT' after ']'"))?),
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("{s:?}: expected ':PORT' after ']'"))?,
+                ),
             };
             (name, true, port)
         } else {
@@ -264,7 +283,12 @@ impl FromStr for Host {
             }
         };
         let port = port
-            .map(|p| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| format!("{s:?}: bad port {p:?}")))
+            .map(|p| {
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| format!("{s:?}: bad port {p:?}"))
+            })
             .transpose()?;
         let name = if name.parse::<IpAddr>().is_ok() {
             if !bracketed {
@@ -274,7 +298,11 @@ impl FromStr for Host {
         } else {
             normalize_domain(name).map_err(|e| format!("{s:?}: {e}"))?
         };
-        Ok(Host { name, bracketed, port })
+        Ok(Host {
+            name,
+            bracketed,
+            port,
+        })
     }
 }
 deserialize_from_str!(Host, "host");
@@ -285,7 +313,10 @@ pub enum Destination {
     /// Explicit hosts: routing addresses use the relay domain.
     Hosts(Vec<Host>),
     /// A domain whose MX receives routed mail.
-    Domain { domain: DomainName, change_envelope: bool },
+    Domain {
+        domain: DomainName,
+        change_envelope: bool,
+    },
 }
 
 #[derive(Deserialize)]
@@ -298,7 +329,8 @@ struct RawDestination {
 
 impl<'de> Deserialize<'de> for Destination {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        checked_map(d, |raw: RawDestination| match (raw.hosts, raw.domain, raw.change_envelope) {
+        checked_map(d, |raw: RawDestination| {
+            match (raw.hosts, raw.domain, raw.change_envelope) {
             (Some(_), Some(_), _) => Err("`hosts` and `domain` are mutually exclusive".into()),
             (Some(_), None, Some(true)) => {
                 Err("`change_envelope` needs `domain`: with `hosts`, routed mail uses the relay domain".into())
@@ -307,6 +339,7 @@ impl<'de> Deserialize<'de> for Destination {
             (Some(hosts), None, _) => Ok(Destination::Hosts(hosts)),
             (None, Some(domain), ce) => Ok(Destination::Domain { domain, change_envelope: ce.unwrap_or(false) }),
             (None, None, _) => Err("needs `hosts` or `domain`".into()),
+        }
         })
     }
 }
@@ -329,11 +362,13 @@ struct RawAccountSource {
 
 impl<'de> Deserialize<'de> for AccountSource {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        checked_map(d, |raw: RawAccountSource| match (raw.list, raw.file, raw.postfix_map) {
-            (Some(l), None, None) => Ok(AccountSource::List(l)),
-            (None, Some(f), None) => Ok(AccountSource::File(f)),
-            (None, None, Some(m)) => Ok(AccountSource::PostfixMap(m)),
-            _ => Err("each source is exactly one of `list`, `file`, `postfix_map`".into()),
+        checked_map(d, |raw: RawAccountSource| {
+            match (raw.list, raw.file, raw.postfix_map) {
+                (Some(l), None, None) => Ok(AccountSource::List(l)),
+                (None, Some(f), None) => Ok(AccountSource::File(f)),
+                (None, None, Some(m)) => Ok(AccountSource::PostfixMap(m)),
+                _ => Err("each source is exactly one of `list`, `file`, `postfix_map`".into()),
+            }
         })
     }
 }
@@ -363,22 +398,28 @@ enum OneOrMany<T> {
 
 impl<'de> Deserialize<'de> for UserRule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        checked_map(d, |raw: RawUserRule| match (raw.copy_to, raw.redirect_to, raw.keep) {
-            (Some(c), None, None) => {
-                let list: Vec<Address> = match c {
-                    OneOrMany::One(a) => vec![a.0],
-                    OneOrMany::Many(v) => v.into_iter().map(|a| a.0).collect(),
-                };
-                if list.is_empty() {
-                    return Err("`copy_to` is empty".into());
+        checked_map(d, |raw: RawUserRule| {
+            match (raw.copy_to, raw.redirect_to, raw.keep) {
+                (Some(c), None, None) => {
+                    let list: Vec<Address> = match c {
+                        OneOrMany::One(a) => vec![a.0],
+                        OneOrMany::Many(v) => v.into_iter().map(|a| a.0).collect(),
+                    };
+                    if list.is_empty() {
+                        return Err("`copy_to` is empty".into());
+                    }
+                    Ok(UserRule::CopyTo(list))
                 }
-                Ok(UserRule::CopyTo(list))
+                (None, Some(r), None) => Ok(UserRule::RedirectTo(r.0)),
+                (None, None, Some(true)) => Ok(UserRule::Keep),
+                (None, None, Some(false)) => {
+                    Err("`keep: false` means nothing; remove the rule".into())
+                }
+                (None, None, None) => {
+                    Err("needs one of `copy_to`, `redirect_to`, `keep: true`".into())
+                }
+                _ => Err("`copy_to`, `redirect_to` and `keep` are mutually exclusive".into()),
             }
-            (None, Some(r), None) => Ok(UserRule::RedirectTo(r.0)),
-            (None, None, Some(true)) => Ok(UserRule::Keep),
-            (None, None, Some(false)) => Err("`keep: false` means nothing; remove the rule".into()),
-            (None, None, None) => Err("needs one of `copy_to`, `redirect_to`, `keep: true`".into()),
-            _ => Err("`copy_to`, `redirect_to` and `keep` are mutually exclusive".into()),
         })
     }
 }
@@ -455,7 +496,9 @@ impl<'de> Deserialize<'de> for DomainConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, |raw: RawDomainConfig| {
             if matches!(&raw.accounts, Some(a) if a.is_empty()) {
-                return Err("`accounts` is empty; give at least one source or remove the key".into());
+                return Err(
+                    "`accounts` is empty; give at least one source or remove the key".into(),
+                );
             }
             if raw.mode == Mode::Split && raw.accounts.is_none() {
                 return Err("mode `split` needs `accounts`: without them nothing is known to be present here, so everything would be redirected (use `mode: route` for that)".into());
@@ -484,7 +527,9 @@ impl FromStr for Window {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 1h"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 1h"))?;
         let secs = match unit.trim() {
             "s" => n,
             "m" => n * 60,
@@ -526,13 +571,19 @@ impl FromStr for Nameserver {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = s
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(Nameserver(SocketAddr::new(ip, 53)));
         }
         match s.parse::<SocketAddr>() {
             Ok(a) if a.port() == 0 => Err(format!("{s:?}: port 0")),
             Ok(a) => Ok(Nameserver(a)),
-            Err(_) => Err(format!("{s:?}: expected IP, IP:PORT or [IPv6]:PORT (a name server is given by address)")),
+            Err(_) => Err(format!(
+                "{s:?}: expected IP, IP:PORT or [IPv6]:PORT (a name server is given by address)"
+            )),
         }
     }
 }
@@ -554,7 +605,11 @@ struct RawDnsConfig {
 
 impl<'de> Deserialize<'de> for DnsConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        checked_map(d, |raw: RawDnsConfig| Ok(DnsConfig { nameservers: raw.nameservers.into_iter().map(|n| n.0).collect() }))
+        checked_map(d, |raw: RawDnsConfig| {
+            Ok(DnsConfig {
+                nameservers: raw.nameservers.into_iter().map(|n| n.0).collect(),
+            })
+        })
     }
 }
 
@@ -597,7 +652,10 @@ pub(crate) struct RawConfig {
 }
 
 fn default_listen() -> Socket {
-    Socket::Inet { host: "127.0.0.1".into(), port: 8899 }
+    Socket::Inet {
+        host: "127.0.0.1".into(),
+        port: 8899,
+    }
 }
 fn default_relay_suffix() -> DomainName {
     DomainName("dualroute.invalid".into())
@@ -625,12 +683,18 @@ mod tests {
 
     #[test]
     fn sockets() {
-        let inet = |h: &str, p| Socket::Inet { host: h.into(), port: p };
+        let inet = |h: &str, p| Socket::Inet {
+            host: h.into(),
+            port: p,
+        };
         assert_eq!("inet:127.0.0.1:8899".parse(), Ok(inet("127.0.0.1", 8899)));
         assert_eq!("inet:8899@127.0.0.1".parse(), Ok(inet("127.0.0.1", 8899)));
         assert_eq!("inet6:8899@::1".parse(), Ok(inet("::1", 8899)));
         assert_eq!("inet:[::1]:8899".parse(), Ok(inet("::1", 8899)));
-        assert_eq!("unix:/run/x.sock".parse(), Ok(Socket::Unix("/run/x.sock".into())));
+        assert_eq!(
+            "unix:/run/x.sock".parse(),
+            Ok(Socket::Unix("/run/x.sock".into()))
+        );
         assert!("unix:relative".parse::<Socket>().is_err());
         assert!("inet:127.0.0.1".parse::<Socket>().is_err());
         assert!("tcp:1@x".parse::<Socket>().is_err());
@@ -640,9 +704,15 @@ mod tests {
     #[test]
     fn hosts() {
         let h: Host = "[192.0.2.30]:2525".parse().unwrap();
-        assert_eq!((h.name.as_str(), h.bracketed, h.port), ("192.0.2.30", true, Some(2525)));
+        assert_eq!(
+            (h.name.as_str(), h.bracketed, h.port),
+            ("192.0.2.30", true, Some(2525))
+        );
         let h: Host = "MX1.Legacy.example.net".parse().unwrap();
-        assert_eq!((h.name.as_str(), h.bracketed, h.port), ("mx1.legacy.example.net", false, None));
+        assert_eq!(
+            (h.name.as_str(), h.bracketed, h.port),
+            ("mx1.legacy.example.net", false, None)
+        );
         assert!("192.0.2.30".parse::<Host>().is_err());
         assert!("[192.0.2.30".parse::<Host>().is_err());
         assert!("mx:0".parse::<Host>().is_err());

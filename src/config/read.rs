@@ -88,7 +88,12 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                 _ => shown.push_str(&format!(".{seg}")),
             }
         }
-        ConfigError { file: file.to_owned(), line, column, message: format!("{shown}: {message}") }
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            message: format!("{shown}: {message}"),
+        }
     })?;
     Ok(config)
 }
@@ -135,18 +140,42 @@ fn key(k: impl fmt::Display) -> Seg {
 
 fn validate(c: &Config) -> Result<(), Invalid> {
     if c.domains.is_empty() {
-        return Err((vec![key("domains")], "no domains: dualroute would do nothing".into()));
+        return Err((
+            vec![key("domains")],
+            "no domains: dualroute would do nothing".into(),
+        ));
     }
-    if c.instance.is_empty() || c.instance.contains(|ch: char| ch.is_whitespace() || ch.is_control()) {
-        return Err((vec![key("instance")], format!("{:?}: must be one word (it is written into the X-Dualroute header)", c.instance)));
+    if c.instance.is_empty()
+        || c.instance
+            .contains(|ch: char| ch.is_whitespace() || ch.is_control())
+    {
+        return Err((
+            vec![key("instance")],
+            format!(
+                "{:?}: must be one word (it is written into the X-Dualroute header)",
+                c.instance
+            ),
+        ));
     }
-    if c.recipient_delimiter.contains(['@', '"']) || c.recipient_delimiter.chars().any(|ch| ch.is_whitespace()) {
-        return Err((vec![key("recipient_delimiter")], "must not contain '@', quotes or spaces".into()));
+    if c.recipient_delimiter.contains(['@', '"'])
+        || c.recipient_delimiter.chars().any(|ch| ch.is_whitespace())
+    {
+        return Err((
+            vec![key("recipient_delimiter")],
+            "must not contain '@', quotes or spaces".into(),
+        ));
     }
     let managed = |d: &str| c.domains.keys().any(|m| m.0 == d);
     let suffix = &c.relay_suffix.0;
-    if let Some(m) = c.domains.keys().find(|m| suffix == &m.0 || suffix.ends_with(&format!(".{}", m.0))) {
-        return Err((vec![key("relay_suffix")], format!("{suffix} lies inside managed domain {m}: routed mail would come back here")));
+    if let Some(m) = c
+        .domains
+        .keys()
+        .find(|m| suffix == &m.0 || suffix.ends_with(&format!(".{}", m.0)))
+    {
+        return Err((
+            vec![key("relay_suffix")],
+            format!("{suffix} lies inside managed domain {m}: routed mail would come back here"),
+        ));
     }
     for (name, d) in &c.domains {
         let at = |rest: Vec<Seg>| {
@@ -162,29 +191,50 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             }
         }
         if d.require_gateway && c.gateways.is_empty() {
-            return Err((at(vec![key("require_gateway")]),
-                "needs `gateways`: with none listed, every unauthenticated sender would be refused".into()));
+            return Err((
+                at(vec![key("require_gateway")]),
+                "needs `gateways`: with none listed, every unauthenticated sender would be refused"
+                    .into(),
+            ));
         }
         for (user, rule) in &d.users {
             if user.domain != name.0 {
-                return Err((at(vec![key("users"), Seg::KeyItself(user.to_string())]),
-                    format!("{user} is not in domain {name}")));
+                return Err((
+                    at(vec![key("users"), Seg::KeyItself(user.to_string())]),
+                    format!("{user} is not in domain {name}"),
+                ));
             }
             let targets: Vec<(Vec<Seg>, &crate::address::Address)> = match rule {
                 UserRule::CopyTo(list) => list
                     .iter()
                     .enumerate()
-                    .map(|(j, a)| (vec![key("users"), key(user), key("copy_to"), Seg::Index(j)], a))
+                    .map(|(j, a)| {
+                        (
+                            vec![key("users"), key(user), key("copy_to"), Seg::Index(j)],
+                            a,
+                        )
+                    })
                     .collect(),
-                UserRule::RedirectTo(a) => vec![(vec![key("users"), key(user), key("redirect_to")], a)],
+                UserRule::RedirectTo(a) => {
+                    vec![(vec![key("users"), key(user), key("redirect_to")], a)]
+                }
                 UserRule::Keep => vec![],
             };
             for (path, target) in targets {
                 let same = target.domain == user.domain
-                    && target.unquoted_local().eq_ignore_ascii_case(&user.unquoted_local());
-                let target_mode = c.domains.iter().find(|(m, _)| m.0 == target.domain).map(|(_, t)| t.mode);
+                    && target
+                        .unquoted_local()
+                        .eq_ignore_ascii_case(&user.unquoted_local());
+                let target_mode = c
+                    .domains
+                    .iter()
+                    .find(|(m, _)| m.0 == target.domain)
+                    .map(|(_, t)| t.mode);
                 if same {
-                    return Err((at(path), format!("{target} is the user itself: that would loop")));
+                    return Err((
+                        at(path),
+                        format!("{target} is the user itself: that would loop"),
+                    ));
                 }
                 if target_mode == Some(Mode::Route) {
                     return Err((at(path), format!(
@@ -197,7 +247,10 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     }
     if let Some(b) = &c.breaker {
         if b.threshold == 0 {
-            return Err((vec![key("breaker"), key("threshold")], "must be at least 1".into()));
+            return Err((
+                vec![key("breaker"), key("threshold")],
+                "must be at least 1".into(),
+            ));
         }
     }
     Ok(())
@@ -217,7 +270,11 @@ pub fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
 fn loose(s: &str) -> String {
     let s = s.trim();
     match s.rsplit_once('@') {
-        Some((l, d)) => format!("{}@{}", l.to_lowercase(), normalize_domain(d).unwrap_or_else(|_| d.to_lowercase())),
+        Some((l, d)) => format!(
+            "{}@{}",
+            l.to_lowercase(),
+            normalize_domain(d).unwrap_or_else(|_| d.to_lowercase())
+        ),
         None => normalize_domain(s).unwrap_or_else(|_| s.to_lowercase()),
     }
 }
@@ -285,7 +342,11 @@ impl<'de> Visitor<'de> for Locate<'_> {
 
 impl Locate<'_> {
     fn leaf<E: de::Error>(&self) -> Result<(), E> {
-        Err(de::Error::custom(if self.0.is_empty() { FOUND } else { "not found" }))
+        Err(de::Error::custom(if self.0.is_empty() {
+            FOUND
+        } else {
+            "not found"
+        }))
     }
 }
 
@@ -339,10 +400,24 @@ mod tests {
         assert_eq!(locate(text, &[key("a")]), Some((1, 4)));
         assert_eq!(locate(text, &[key("b"), key("example.com")]), Some((4, 5)));
         assert_eq!(
-            locate(text, &[key("b"), key("example.com"), key("users"), Seg::KeyItself("X@Example.com".into())]),
+            locate(
+                text,
+                &[
+                    key("b"),
+                    key("example.com"),
+                    key("users"),
+                    Seg::KeyItself("X@Example.com".into())
+                ]
+            ),
             Some((5, 7))
         );
-        assert_eq!(locate(text, &[key("b"), key("example.com"), key("list"), Seg::Index(1)]), Some((6, 15)));
+        assert_eq!(
+            locate(
+                text,
+                &[key("b"), key("example.com"), key("list"), Seg::Index(1)]
+            ),
+            Some((6, 15))
+        );
         assert_eq!(locate(text, &[key("c")]), None);
         assert_eq!(locate("{{{", &[key("c")]), None);
     }

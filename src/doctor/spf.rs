@@ -55,9 +55,23 @@ const MAX_MX_NAMES: usize = 10;
 
 /// Evaluates the SPF record of `domain` for mail from `ip`, with `sender`
 /// as MAIL FROM and `helo` as the HELO name (both only matter to macros).
-pub async fn check_host(dns: &impl Lookup, ip: IpAddr, domain: &str, sender: &str, helo: &str) -> Verdict {
-    let mut eval = Eval { dns, ip, sender: sender.to_owned(), helo: helo.to_owned(), lookups: 0, voids: 0 };
-    eval.check(domain.trim_end_matches('.').to_lowercase()).await
+pub async fn check_host(
+    dns: &impl Lookup,
+    ip: IpAddr,
+    domain: &str,
+    sender: &str,
+    helo: &str,
+) -> Verdict {
+    let mut eval = Eval {
+        dns,
+        ip,
+        sender: sender.to_owned(),
+        helo: helo.to_owned(),
+        lookups: 0,
+        voids: 0,
+    };
+    eval.check(domain.trim_end_matches('.').to_lowercase())
+        .await
 }
 
 /// The SPF record among a domain's TXT records (§4.5): `Ok(None)` when
@@ -74,7 +88,10 @@ pub fn select(txt: &[String]) -> Result<Option<&str>, String> {
     match spf.as_slice() {
         [] => Ok(None),
         [one] => Ok(Some(one)),
-        more => Err(format!("{} SPF records; there must be exactly one (RFC 7208 §4.5)", more.len())),
+        more => Err(format!(
+            "{} SPF records; there must be exactly one (RFC 7208 §4.5)",
+            more.len()
+        )),
     }
 }
 
@@ -163,7 +180,10 @@ fn parse(record: &str) -> Result<Record, String> {
         let split = rest.find([':', '/']).unwrap_or(rest.len());
         let (name, args) = rest.split_at(split);
         let spec = |args: &str| -> Result<String, String> {
-            let s = args.strip_prefix(':').filter(|s| !s.is_empty()).ok_or_else(|| format!("`{term}` needs a domain"))?;
+            let s = args
+                .strip_prefix(':')
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| format!("`{term}` needs a domain"))?;
             check_macros(s)?;
             Ok(s.to_owned())
         };
@@ -172,8 +192,13 @@ fn parse(record: &str) -> Result<Record, String> {
             "include" => Mechanism::Include(spec(args)?),
             "exists" => Mechanism::Exists(spec(args)?),
             "a" | "mx" => {
-                let (domain, cidr) = dual_cidr(args).ok_or_else(|| format!("`{term}`: bad CIDR length"))?;
-                let domain = if domain.is_empty() { None } else { Some(spec(domain)?) };
+                let (domain, cidr) =
+                    dual_cidr(args).ok_or_else(|| format!("`{term}`: bad CIDR length"))?;
+                let domain = if domain.is_empty() {
+                    None
+                } else {
+                    Some(spec(domain)?)
+                };
                 if name.eq_ignore_ascii_case("a") {
                     Mechanism::A(domain, cidr)
                 } else {
@@ -184,12 +209,19 @@ fn parse(record: &str) -> Result<Record, String> {
             "ptr" => Mechanism::Ptr(Some(spec(args)?)),
             "ip4" | "ip6" => {
                 let v6 = name.eq_ignore_ascii_case("ip6");
-                let net = args.strip_prefix(':').and_then(|a| network(a, v6)).ok_or_else(|| format!("`{term}` is not a valid {name} network"))?;
+                let net = args
+                    .strip_prefix(':')
+                    .and_then(|a| network(a, v6))
+                    .ok_or_else(|| format!("`{term}` is not a valid {name} network"))?;
                 Mechanism::Ip(net)
             }
             _ => return Err(format!("unknown mechanism `{term}`")),
         };
-        out.directives.push(Directive { qualifier, mechanism, text: term.to_owned() });
+        out.directives.push(Directive {
+            qualifier,
+            mechanism,
+            text: term.to_owned(),
+        });
     }
     Ok(out)
 }
@@ -199,7 +231,8 @@ fn modifier(term: &str) -> Option<(&str, &str)> {
     let (name, value) = term.split_once('=')?;
     let mut chars = name.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
-    (first_ok && chars.all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))).then_some((name, value))
+    (first_ok && chars.all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        .then_some((name, value))
 }
 
 /// Splits `[:domain][/v4][//v6]` into the domain part and the CIDR lengths.
@@ -232,17 +265,26 @@ fn network(s: &str, v6: bool) -> Option<IpNet> {
     };
     if v6 {
         let a = addr.parse().ok()?;
-        Ipv6Net::new(a, len.unwrap_or(128)).ok().map(|n| IpNet::V6(n.trunc()))
+        Ipv6Net::new(a, len.unwrap_or(128))
+            .ok()
+            .map(|n| IpNet::V6(n.trunc()))
     } else {
         let a = addr.parse().ok()?;
-        Ipv4Net::new(a, len.unwrap_or(32)).ok().map(|n| IpNet::V4(n.trunc()))
+        Ipv4Net::new(a, len.unwrap_or(32))
+            .ok()
+            .map(|n| IpNet::V4(n.trunc()))
     }
 }
 
 /// Checks macro syntax without values, so that a bad macro is a syntax
 /// error of the record.
 fn check_macros(spec: &str) -> Result<(), String> {
-    let ctx = MacroValues { sender: "a@b", domain: "d", ip: IpAddr::from([0, 0, 0, 0]), helo: "h" };
+    let ctx = MacroValues {
+        sender: "a@b",
+        domain: "d",
+        ip: IpAddr::from([0, 0, 0, 0]),
+        helo: "h",
+    };
     expand(spec, &ctx).map(|_| ())
 }
 
@@ -268,7 +310,10 @@ fn expand(spec: &str, v: &MacroValues) -> Result<String, String> {
             Some('-') => out.push_str("%20"),
             Some('{') => {
                 let body: String = chars.by_ref().take_while(|&c| c != '}').collect();
-                out.push_str(&macro_value(&body, v).ok_or_else(|| format!("bad macro %{{{body}}} in {spec:?}"))?);
+                out.push_str(
+                    &macro_value(&body, v)
+                        .ok_or_else(|| format!("bad macro %{{{body}}} in {spec:?}"))?,
+                );
             }
             _ => return Err(format!("bad '%' in {spec:?} (write %% for a percent sign)")),
         }
@@ -280,7 +325,10 @@ fn macro_value(body: &str, v: &MacroValues) -> Option<String> {
     let mut chars = body.chars();
     let letter = chars.next()?.to_ascii_lowercase();
     let rest: String = chars.collect();
-    let (local, sender_domain) = v.sender.rsplit_once('@').unwrap_or(("postmaster", v.sender));
+    let (local, sender_domain) = v
+        .sender
+        .rsplit_once('@')
+        .unwrap_or(("postmaster", v.sender));
     let value = match letter {
         's' => v.sender.to_owned(),
         'l' => local.to_owned(),
@@ -288,7 +336,13 @@ fn macro_value(body: &str, v: &MacroValues) -> Option<String> {
         'd' => v.domain.to_owned(),
         'i' => match v.ip {
             IpAddr::V4(a) => a.to_string(),
-            IpAddr::V6(a) => a.octets().iter().flat_map(|b| [b >> 4, b & 15]).map(|n| format!("{n:x}")).collect::<Vec<_>>().join("."),
+            IpAddr::V6(a) => a
+                .octets()
+                .iter()
+                .flat_map(|b| [b >> 4, b & 15])
+                .map(|n| format!("{n:x}"))
+                .collect::<Vec<_>>()
+                .join("."),
         },
         'p' => "unknown".to_owned(),
         'v' => if v.ip.is_ipv4() { "in-addr" } else { "ip6" }.to_owned(),
@@ -303,7 +357,11 @@ fn macro_value(body: &str, v: &MacroValues) -> Option<String> {
     if !delimiters.chars().all(|c| ".-+,/_=".contains(c)) {
         return None;
     }
-    let delimiters = if delimiters.is_empty() { "." } else { delimiters };
+    let delimiters = if delimiters.is_empty() {
+        "."
+    } else {
+        delimiters
+    };
     let mut parts: Vec<&str> = value.split(|c| delimiters.contains(c)).collect();
     if reverse {
         parts.reverse();
@@ -334,9 +392,15 @@ impl<'a, L: Lookup> Eval<'a, L> {
         'a: 'b,
     {
         Box::pin(async move {
-            let verdict = |result, term: Option<&str>| Verdict { result, term: term.map(str::to_owned) };
+            let verdict = |result, term: Option<&str>| Verdict {
+                result,
+                term: term.map(str::to_owned),
+            };
             // §4.3: a name that cannot be a domain has no SPF record.
-            if domain.is_empty() || domain.len() > 253 || domain.split('.').any(|l| l.is_empty() || l.len() > 63) {
+            if domain.is_empty()
+                || domain.len() > 253
+                || domain.split('.').any(|l| l.is_empty() || l.len() > 63)
+            {
                 return verdict(SpfResult::None, None);
             }
             let txt = match self.dns.txt(&domain).await {
@@ -369,14 +433,19 @@ impl<'a, L: Lookup> Eval<'a, L> {
                 };
                 let sub = self.check(target.clone()).await;
                 let result = match sub.result {
-                    SpfResult::None => SpfResult::PermError(format!("{term}: {target} has no SPF record")),
+                    SpfResult::None => {
+                        SpfResult::PermError(format!("{term}: {target} has no SPF record"))
+                    }
                     other => other,
                 };
                 let term = match sub.term {
                     Some(t) => format!("{term} → {t}"),
                     None => term,
                 };
-                return Verdict { result, term: Some(term) };
+                return Verdict {
+                    result,
+                    term: Some(term),
+                };
             }
             verdict(SpfResult::Neutral, None)
         })
@@ -395,15 +464,26 @@ impl<'a, L: Lookup> Eval<'a, L> {
             Mechanism::Mx(spec, cidr) => {
                 self.count()?;
                 let target = self.target(spec.as_deref(), domain)?;
-                let mx = self.dns.mx(&target).await.map_err(|e| SpfResult::TempError(e.to_string()))?;
+                let mx = self
+                    .dns
+                    .mx(&target)
+                    .await
+                    .map_err(|e| SpfResult::TempError(e.to_string()))?;
                 if mx.is_empty() {
                     self.void()?;
                 }
                 if mx.len() > MAX_MX_NAMES {
-                    return Err(SpfResult::PermError(format!("{target} has {} MX records; SPF looks at 10 at most (RFC 7208 §4.6.4)", mx.len())));
+                    return Err(SpfResult::PermError(format!(
+                        "{target} has {} MX records; SPF looks at 10 at most (RFC 7208 §4.6.4)",
+                        mx.len()
+                    )));
                 }
                 for (_, host) in mx {
-                    let addrs = self.dns.addrs(&host, Family::of(self.ip)).await.map_err(|e| SpfResult::TempError(e.to_string()))?;
+                    let addrs = self
+                        .dns
+                        .addrs(&host, Family::of(self.ip))
+                        .await
+                        .map_err(|e| SpfResult::TempError(e.to_string()))?;
                     if addrs.iter().any(|&a| self.within(a, *cidr)) {
                         return Ok(true);
                     }
@@ -417,7 +497,11 @@ impl<'a, L: Lookup> Eval<'a, L> {
             Mechanism::Exists(spec) => {
                 self.count()?;
                 let target = self.target(Some(spec), domain)?;
-                let found = self.dns.addrs(&target, Family::V4).await.map_err(|e| SpfResult::TempError(e.to_string()))?;
+                let found = self
+                    .dns
+                    .addrs(&target, Family::V4)
+                    .await
+                    .map_err(|e| SpfResult::TempError(e.to_string()))?;
                 if found.is_empty() {
                     self.void()?;
                 }
@@ -432,14 +516,20 @@ impl<'a, L: Lookup> Eval<'a, L> {
                     SpfResult::Fail | SpfResult::SoftFail | SpfResult::Neutral => Ok(false),
                     SpfResult::TempError(e) => Err(SpfResult::TempError(e)),
                     SpfResult::PermError(e) => Err(SpfResult::PermError(e)),
-                    SpfResult::None => Err(SpfResult::PermError(format!("include:{target}: {target} has no SPF record"))),
+                    SpfResult::None => Err(SpfResult::PermError(format!(
+                        "include:{target}: {target} has no SPF record"
+                    ))),
                 }
             }
         }
     }
 
     async fn addrs(&mut self, name: &str) -> Result<Vec<IpAddr>, SpfResult> {
-        let addrs = self.dns.addrs(name, Family::of(self.ip)).await.map_err(|e| SpfResult::TempError(e.to_string()))?;
+        let addrs = self
+            .dns
+            .addrs(name, Family::of(self.ip))
+            .await
+            .map_err(|e| SpfResult::TempError(e.to_string()))?;
         if addrs.is_empty() {
             self.void()?;
         }
@@ -452,9 +542,19 @@ impl<'a, L: Lookup> Eval<'a, L> {
     }
 
     fn target(&self, spec: Option<&str>, domain: &str) -> Result<String, SpfResult> {
-        let Some(spec) = spec else { return Ok(domain.to_owned()) };
-        let values = MacroValues { sender: &self.sender, domain, ip: self.ip, helo: &self.helo };
-        let mut t = expand(spec, &values).map_err(SpfResult::PermError)?.trim_end_matches('.').to_lowercase();
+        let Some(spec) = spec else {
+            return Ok(domain.to_owned());
+        };
+        let values = MacroValues {
+            sender: &self.sender,
+            domain,
+            ip: self.ip,
+            helo: &self.helo,
+        };
+        let mut t = expand(spec, &values)
+            .map_err(SpfResult::PermError)?
+            .trim_end_matches('.')
+            .to_lowercase();
         // §7.3: a name that grew too long loses labels on the left.
         while t.len() > 253 {
             match t.split_once('.') {
@@ -468,7 +568,10 @@ impl<'a, L: Lookup> Eval<'a, L> {
     fn count(&mut self) -> Result<(), SpfResult> {
         self.lookups += 1;
         if self.lookups > MAX_LOOKUPS {
-            return Err(SpfResult::PermError("more than 10 DNS lookups (include, a, mx, ptr, exists, redirect; RFC 7208 §4.6.4)".into()));
+            return Err(SpfResult::PermError(
+                "more than 10 DNS lookups (include, a, mx, ptr, exists, redirect; RFC 7208 §4.6.4)"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -476,7 +579,9 @@ impl<'a, L: Lookup> Eval<'a, L> {
     fn void(&mut self) -> Result<(), SpfResult> {
         self.voids += 1;
         if self.voids > MAX_VOID_LOOKUPS {
-            return Err(SpfResult::PermError("more than 2 lookups found nothing (RFC 7208 §4.6.4)".into()));
+            return Err(SpfResult::PermError(
+                "more than 2 lookups found nothing (RFC 7208 §4.6.4)".into(),
+            ));
         }
         Ok(())
     }
@@ -500,11 +605,24 @@ mod tests {
     impl Lookup for Zone {
         async fn mx(&self, name: &str) -> Result<Vec<(u16, String)>, DnsError> {
             self.fail(name)?;
-            Ok(self.mx.get(name).into_iter().flatten().enumerate().map(|(i, h)| (i as u16 * 10, h.to_string())).collect())
+            Ok(self
+                .mx
+                .get(name)
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, h)| (i as u16 * 10, h.to_string()))
+                .collect())
         }
         async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
             self.fail(name)?;
-            Ok(self.txt.get(name).into_iter().flatten().map(|t| t.to_string()).collect())
+            Ok(self
+                .txt
+                .get(name)
+                .into_iter()
+                .flatten()
+                .map(|t| t.to_string())
+                .collect())
         }
         async fn addrs(&self, name: &str, family: Family) -> Result<Vec<IpAddr>, DnsError> {
             self.fail(name)?;
@@ -522,7 +640,9 @@ mod tests {
     impl Zone {
         fn fail(&self, name: &str) -> Result<(), DnsError> {
             if self.broken.contains(&name) {
-                return Err(DnsError::NoAnswer(format!("lookup of {name}: request timed out")));
+                return Err(DnsError::NoAnswer(format!(
+                    "lookup of {name}: request timed out"
+                )));
             }
             Ok(())
         }
@@ -541,8 +661,16 @@ mod tests {
     }
 
     fn check(zone: &Zone, ip: &str, domain: &str) -> Verdict {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(check_host(zone, ip.parse().unwrap(), domain, &format!("postmaster@{domain}"), "mx.example.test"))
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(check_host(
+            zone,
+            ip.parse().unwrap(),
+            domain,
+            &format!("postmaster@{domain}"),
+            "mx.example.test",
+        ))
     }
 
     fn result(zone: &Zone, ip: &str, domain: &str) -> SpfResult {
@@ -552,16 +680,40 @@ mod tests {
     #[test]
     fn ip_networks_and_qualifiers() {
         let z = Zone::default()
-            .txt("example.test", "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/32 ?ip4:198.51.100.1 ~all")
+            .txt(
+                "example.test",
+                "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/32 ?ip4:198.51.100.1 ~all",
+            )
             .txt("hard.test", "v=spf1 ip4:192.0.2.1 -all")
             .txt("open.test", "v=spf1 ip4:192.0.2.1");
-        assert_eq!(check(&z, "192.0.2.77", "example.test"), Verdict { result: SpfResult::Pass, term: Some("ip4:192.0.2.0/24".into()) });
+        assert_eq!(
+            check(&z, "192.0.2.77", "example.test"),
+            Verdict {
+                result: SpfResult::Pass,
+                term: Some("ip4:192.0.2.0/24".into())
+            }
+        );
         assert_eq!(result(&z, "2001:db8::1", "example.test"), SpfResult::Pass);
-        assert_eq!(result(&z, "198.51.100.1", "example.test"), SpfResult::Neutral);
-        assert_eq!(check(&z, "203.0.113.1", "example.test"), Verdict { result: SpfResult::SoftFail, term: Some("~all".into()) });
+        assert_eq!(
+            result(&z, "198.51.100.1", "example.test"),
+            SpfResult::Neutral
+        );
+        assert_eq!(
+            check(&z, "203.0.113.1", "example.test"),
+            Verdict {
+                result: SpfResult::SoftFail,
+                term: Some("~all".into())
+            }
+        );
         assert_eq!(result(&z, "192.0.2.2", "hard.test"), SpfResult::Fail);
         // No match and no `all`: neutral (§4.7).
-        assert_eq!(check(&z, "192.0.2.2", "open.test"), Verdict { result: SpfResult::Neutral, term: None });
+        assert_eq!(
+            check(&z, "192.0.2.2", "open.test"),
+            Verdict {
+                result: SpfResult::Neutral,
+                term: None
+            }
+        );
     }
 
     #[test]
@@ -574,9 +726,18 @@ mod tests {
             .host("relay.example.test", &["198.51.100.1"])
             .txt("other.test", "v=spf1 mx:example.test//64 a -all")
             .host("other.test", &["203.0.113.5"]);
-        assert_eq!(check(&z, "192.0.2.11", "example.test"), Verdict { result: SpfResult::Pass, term: Some("mx".into()) });
+        assert_eq!(
+            check(&z, "192.0.2.11", "example.test"),
+            Verdict {
+                result: SpfResult::Pass,
+                term: Some("mx".into())
+            }
+        );
         assert_eq!(result(&z, "2001:db8::11", "example.test"), SpfResult::Pass);
-        assert_eq!(check(&z, "198.51.100.14", "example.test").term.as_deref(), Some("a:relay.example.test/28"));
+        assert_eq!(
+            check(&z, "198.51.100.14", "example.test").term.as_deref(),
+            Some("a:relay.example.test/28")
+        );
         assert_eq!(result(&z, "198.51.100.16", "example.test"), SpfResult::Fail);
         assert_eq!(result(&z, "2001:db8::ffff", "other.test"), SpfResult::Pass);
         assert_eq!(result(&z, "192.0.2.12", "other.test"), SpfResult::Fail);
@@ -586,7 +747,10 @@ mod tests {
     #[test]
     fn include_and_redirect() {
         let z = Zone::default()
-            .txt("example.test", "v=spf1 include:_spf.provider.test include:_spf.legacy.test -all")
+            .txt(
+                "example.test",
+                "v=spf1 include:_spf.provider.test include:_spf.legacy.test -all",
+            )
             .txt("_spf.provider.test", "v=spf1 ip4:192.0.2.0/28 -all")
             .txt("_spf.legacy.test", "v=spf1 mx:legacy.test ?all")
             .mx("legacy.test", &["mx.legacy.test"])
@@ -595,17 +759,31 @@ mod tests {
             .txt("noinc.test", "v=spf1 include:nospf.test -all")
             .txt("nospf.test", "some other text")
             .txt("noredir.test", "v=spf1 redirect=nospf.test");
-        assert_eq!(check(&z, "192.0.2.3", "example.test").term.as_deref(), Some("include:_spf.provider.test"));
-        assert_eq!(check(&z, "198.51.100.20", "example.test").term.as_deref(), Some("include:_spf.legacy.test"));
+        assert_eq!(
+            check(&z, "192.0.2.3", "example.test").term.as_deref(),
+            Some("include:_spf.provider.test")
+        );
+        assert_eq!(
+            check(&z, "198.51.100.20", "example.test").term.as_deref(),
+            Some("include:_spf.legacy.test")
+        );
         // A neutral include does not match; the outer -all decides.
         assert_eq!(result(&z, "203.0.113.9", "example.test"), SpfResult::Fail);
         assert_eq!(result(&z, "203.0.113.1", "redir.test"), SpfResult::Pass);
         assert_eq!(
             check(&z, "192.0.2.3", "redir.test"),
-            Verdict { result: SpfResult::Pass, term: Some("redirect=example.test → include:_spf.provider.test".into()) }
+            Verdict {
+                result: SpfResult::Pass,
+                term: Some("redirect=example.test → include:_spf.provider.test".into())
+            }
         );
-        assert!(matches!(result(&z, "192.0.2.3", "noinc.test"), SpfResult::PermError(e) if e.contains("nospf.test has no SPF record")));
-        assert!(matches!(result(&z, "192.0.2.3", "noredir.test"), SpfResult::PermError(_)));
+        assert!(
+            matches!(result(&z, "192.0.2.3", "noinc.test"), SpfResult::PermError(e) if e.contains("nospf.test has no SPF record"))
+        );
+        assert!(matches!(
+            result(&z, "192.0.2.3", "noredir.test"),
+            SpfResult::PermError(_)
+        ));
         assert_eq!(result(&z, "192.0.2.3", "nospf.test"), SpfResult::None);
         assert_eq!(result(&z, "192.0.2.3", "absent.test"), SpfResult::None);
     }
@@ -613,41 +791,77 @@ mod tests {
     #[test]
     fn lookup_limits() {
         let mut z = Zone::default().txt("deep.test", "v=spf1 include:l1.test -all");
-        let names: Vec<&'static str> = (1..=11).map(|i| &*Box::leak(format!("l{i}.test").into_boxed_str())).collect();
+        let names: Vec<&'static str> = (1..=11)
+            .map(|i| &*Box::leak(format!("l{i}.test").into_boxed_str()))
+            .collect();
         for w in names.windows(2) {
-            z = z.txt(w[0], Box::leak(format!("v=spf1 include:{} -all", w[1]).into_boxed_str()));
+            z = z.txt(
+                w[0],
+                Box::leak(format!("v=spf1 include:{} -all", w[1]).into_boxed_str()),
+            );
         }
         z = z.txt("l11.test", "v=spf1 +all");
-        assert!(matches!(result(&z, "192.0.2.1", "deep.test"), SpfResult::PermError(e) if e.contains("10 DNS lookups")));
+        assert!(
+            matches!(result(&z, "192.0.2.1", "deep.test"), SpfResult::PermError(e) if e.contains("10 DNS lookups"))
+        );
         // Ten are fine: l2 … l11 is a chain of ten includes.
         assert_eq!(result(&z, "192.0.2.1", "l1.test"), SpfResult::Pass);
         let z = Zone::default().txt("void.test", "v=spf1 a:n1.test a:n2.test a:n3.test +all");
-        assert!(matches!(result(&z, "192.0.2.1", "void.test"), SpfResult::PermError(e) if e.contains("found nothing")));
-        let many: Vec<&'static str> = (0..11).map(|i| &*Box::leak(format!("mx{i}.test").into_boxed_str())).collect();
-        let z = Zone::default().txt("mx.test", "v=spf1 mx -all").mx("mx.test", &many);
-        assert!(matches!(result(&z, "192.0.2.1", "mx.test"), SpfResult::PermError(e) if e.contains("MX records")));
+        assert!(
+            matches!(result(&z, "192.0.2.1", "void.test"), SpfResult::PermError(e) if e.contains("found nothing"))
+        );
+        let many: Vec<&'static str> = (0..11)
+            .map(|i| &*Box::leak(format!("mx{i}.test").into_boxed_str()))
+            .collect();
+        let z = Zone::default()
+            .txt("mx.test", "v=spf1 mx -all")
+            .mx("mx.test", &many);
+        assert!(
+            matches!(result(&z, "192.0.2.1", "mx.test"), SpfResult::PermError(e) if e.contains("MX records"))
+        );
     }
 
     #[test]
     fn errors() {
-        let z = Zone { broken: vec!["broken.test", "mx.broken.test"], ..Zone::default() }
-            .txt("two.test", "v=spf1 -all")
-            .txt("two.test", "v=spf1 +all")
-            .txt("syntax.test", "v=spf1 ip4:192.0.2.1 foo:bar -all")
-            .txt("badip.test", "v=spf1 ip4:2001:db8::1 -all")
-            .txt("late.test", "v=spf1 +all ip4:999.0.0.1")
-            .txt("inc.test", "v=spf1 include:broken.test -all")
-            .txt("mx.test", "v=spf1 mx -all")
-            .mx("mx.test", &["mx.broken.test"])
-            .txt("spf2.test", "v=spf10 +all");
-        assert!(matches!(result(&z, "192.0.2.1", "two.test"), SpfResult::PermError(e) if e.contains("2 SPF records")));
-        assert!(matches!(result(&z, "192.0.2.1", "syntax.test"), SpfResult::PermError(e) if e.contains("foo:bar")));
-        assert!(matches!(result(&z, "192.0.2.1", "badip.test"), SpfResult::PermError(_)));
+        let z = Zone {
+            broken: vec!["broken.test", "mx.broken.test"],
+            ..Zone::default()
+        }
+        .txt("two.test", "v=spf1 -all")
+        .txt("two.test", "v=spf1 +all")
+        .txt("syntax.test", "v=spf1 ip4:192.0.2.1 foo:bar -all")
+        .txt("badip.test", "v=spf1 ip4:2001:db8::1 -all")
+        .txt("late.test", "v=spf1 +all ip4:999.0.0.1")
+        .txt("inc.test", "v=spf1 include:broken.test -all")
+        .txt("mx.test", "v=spf1 mx -all")
+        .mx("mx.test", &["mx.broken.test"])
+        .txt("spf2.test", "v=spf10 +all");
+        assert!(
+            matches!(result(&z, "192.0.2.1", "two.test"), SpfResult::PermError(e) if e.contains("2 SPF records"))
+        );
+        assert!(
+            matches!(result(&z, "192.0.2.1", "syntax.test"), SpfResult::PermError(e) if e.contains("foo:bar"))
+        );
+        assert!(matches!(
+            result(&z, "192.0.2.1", "badip.test"),
+            SpfResult::PermError(_)
+        ));
         // A syntax error anywhere makes the whole record a permerror (§4.6).
-        assert!(matches!(result(&z, "192.0.2.1", "late.test"), SpfResult::PermError(_)));
-        assert!(matches!(result(&z, "192.0.2.1", "broken.test"), SpfResult::TempError(e) if e.contains("timed out")));
-        assert!(matches!(result(&z, "192.0.2.1", "inc.test"), SpfResult::TempError(_)));
-        assert!(matches!(result(&z, "192.0.2.1", "mx.test"), SpfResult::TempError(_)));
+        assert!(matches!(
+            result(&z, "192.0.2.1", "late.test"),
+            SpfResult::PermError(_)
+        ));
+        assert!(
+            matches!(result(&z, "192.0.2.1", "broken.test"), SpfResult::TempError(e) if e.contains("timed out"))
+        );
+        assert!(matches!(
+            result(&z, "192.0.2.1", "inc.test"),
+            SpfResult::TempError(_)
+        ));
+        assert!(matches!(
+            result(&z, "192.0.2.1", "mx.test"),
+            SpfResult::TempError(_)
+        ));
         assert_eq!(result(&z, "192.0.2.1", "spf2.test"), SpfResult::None);
     }
 
@@ -659,14 +873,25 @@ mod tests {
             .txt("user.test", "v=spf1 exists:%{l}.%{o}.users.test -all")
             .host("postmaster.user.test.users.test", &["127.0.0.2"])
             .txt("six.test", "v=spf1 exists:%{i}.six.test -all")
-            .host("2.0.0.1.0.d.b.8.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.six.test", &["127.0.0.2"])
+            .host(
+                "2.0.0.1.0.d.b.8.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.six.test",
+                &["127.0.0.2"],
+            )
             .txt("bad.test", "v=spf1 exists:%{x}.bad.test -all");
         assert_eq!(result(&z, "192.0.2.1", "example.test"), SpfResult::Pass);
         assert_eq!(result(&z, "192.0.2.2", "example.test"), SpfResult::Fail);
         assert_eq!(result(&z, "192.0.2.2", "user.test"), SpfResult::Pass);
         assert_eq!(result(&z, "2001:db8::1", "six.test"), SpfResult::Pass);
-        assert!(matches!(result(&z, "192.0.2.1", "bad.test"), SpfResult::PermError(_)));
-        let v = MacroValues { sender: "strong-bad@email.example.com", domain: "email.example.com", ip: "192.0.2.3".parse().unwrap(), helo: "h" };
+        assert!(matches!(
+            result(&z, "192.0.2.1", "bad.test"),
+            SpfResult::PermError(_)
+        ));
+        let v = MacroValues {
+            sender: "strong-bad@email.example.com",
+            domain: "email.example.com",
+            ip: "192.0.2.3".parse().unwrap(),
+            helo: "h",
+        };
         // Examples of RFC 7208 §7.4.
         assert_eq!(expand("%{s}", &v).unwrap(), "strong-bad@email.example.com");
         assert_eq!(expand("%{d4}", &v).unwrap(), "email.example.com");
@@ -676,7 +901,10 @@ mod tests {
         assert_eq!(expand("%{l-}", &v).unwrap(), "strong.bad");
         assert_eq!(expand("%{lr-}", &v).unwrap(), "bad.strong");
         assert_eq!(expand("%{l1r-}", &v).unwrap(), "strong");
-        assert_eq!(expand("%{ir}.%{v}._spf.%{d2}", &v).unwrap(), "3.2.0.192.in-addr._spf.example.com");
+        assert_eq!(
+            expand("%{ir}.%{v}._spf.%{d2}", &v).unwrap(),
+            "3.2.0.192.in-addr._spf.example.com"
+        );
         assert!(expand("%{d0}", &v).is_err());
         assert!(expand("50%", &v).is_err());
     }

@@ -26,7 +26,8 @@ pub const LOOP_HEADER: &str = "X-Dualroute";
 /// Parses and loads a test configuration, failing the test with the
 /// loader's own message when it is invalid.
 pub fn policy(yaml: &str) -> Policy {
-    let config = dualroute::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("test config: {e}"));
+    let config =
+        dualroute::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("test config: {e}"));
     Policy::load(config).unwrap_or_else(|e| panic!("test accounts: {e}"))
 }
 
@@ -40,13 +41,21 @@ pub struct Milter {
 impl Milter {
     pub async fn start(yaml: &str) -> Milter {
         let shared = dualroute::share(policy(yaml));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local address of the listener");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener
+            .local_addr()
+            .expect("local address of the listener");
         let (shutdown, stop) = oneshot::channel::<()>();
         let handle = tokio::spawn(dualroute::run(listener, shared, async move {
             let _ = stop.await;
         }));
-        Milter { addr, shutdown, handle }
+        Milter {
+            addr,
+            shutdown,
+            handle,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -58,7 +67,10 @@ impl Milter {
     /// sessions. It shows as that session's connection being dropped.)
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(());
-        self.handle.await.expect("milter task panicked").expect("milter ended with an error");
+        self.handle
+            .await
+            .expect("milter task panicked")
+            .expect("milter ended with an error");
     }
 
     /// Opens an SMTP session from `client`.
@@ -103,12 +115,21 @@ pub struct Session {
 
 impl Session {
     pub async fn open(addr: SocketAddr, client: IpAddr) -> Session {
-        let mut conn = TestConnection::open(addr).await.expect("milter negotiation");
-        let status = conn.connect("client.example.org", client).await.expect("connect stage");
+        let mut conn = TestConnection::open(addr)
+            .await
+            .expect("milter negotiation");
+        let status = conn
+            .connect("client.example.org", client)
+            .await
+            .expect("connect stage");
         assert_eq!(status, Status::Continue, "connect from {client}");
         let mut session = Session { conn };
         if !session.skipped(ProtoOpts::NO_HELO) {
-            let status = session.conn.helo("client.example.org").await.expect("helo stage");
+            let status = session
+                .conn
+                .helo("client.example.org")
+                .await
+                .expect("helo stage");
             assert_eq!(status, Status::Continue, "HELO");
         }
         session
@@ -122,21 +143,33 @@ impl Session {
     /// MAIL FROM, with `{auth_authen}` when the client authenticated.
     pub async fn mail(&mut self, auth: Option<&str>) {
         if let Some(user) = auth {
-            self.conn.macros(MacroStage::Mail, [("{auth_authen}", user)]).await.expect("macros at MAIL");
+            self.conn
+                .macros(MacroStage::Mail, [("{auth_authen}", user)])
+                .await
+                .expect("macros at MAIL");
         }
-        let status = self.conn.mail(["<sender@example.org>"]).await.expect("mail stage");
+        let status = self
+            .conn
+            .mail(["<sender@example.org>"])
+            .await
+            .expect("mail stage");
         assert_eq!(status, Status::Continue, "MAIL FROM");
     }
 
     /// RCPT TO with `args` (path first, then ESMTP parameters).
     pub async fn rcpt(&mut self, args: &[&str]) -> Status {
-        self.conn.rcpt(args.iter().copied()).await.expect("rcpt stage")
+        self.conn
+            .rcpt(args.iter().copied())
+            .await
+            .expect("rcpt stage")
     }
 
     /// RCPT TO with arguments that need not be UTF-8 (clients send any bytes).
     pub async fn rcpt_bytes(&mut self, args: &[&[u8]]) -> Status {
-        let args: Vec<CString> =
-            args.iter().map(|a| CString::new(a.to_vec()).expect("no NUL in test strings")).collect();
+        let args: Vec<CString> = args
+            .iter()
+            .map(|a| CString::new(a.to_vec()).expect("no NUL in test strings"))
+            .collect();
         self.conn.rcpt(args).await.expect("rcpt stage")
     }
 
@@ -172,7 +205,12 @@ impl Session {
     }
 
     /// A whole message: MAIL, the RCPTs, DATA with `headers`, end of message.
-    pub async fn message(&mut self, auth: Option<&str>, rcpts: &[&[&str]], headers: &[(&str, &str)]) -> Delivery {
+    pub async fn message(
+        &mut self,
+        auth: Option<&str>,
+        rcpts: &[&[&str]],
+        headers: &[(&str, &str)],
+    ) -> Delivery {
         self.mail(auth).await;
         let mut rcpt = Vec::new();
         for args in rcpts {
@@ -199,17 +237,25 @@ fn cstring(s: &str) -> CString {
 
 /// `AddRecipient` of `rcpt` (angle brackets included) with ESMTP `args`.
 pub fn add(rcpt: &str, args: &str) -> EomAction {
-    EomAction::AddRecipient { rcpt: cstring(rcpt), args: Some(cstring(args)) }
+    EomAction::AddRecipient {
+        rcpt: cstring(rcpt),
+        args: Some(cstring(args)),
+    }
 }
 
 /// `DeleteRecipient` of `rcpt`, exactly as the RCPT argument was given.
 pub fn delete(rcpt: &str) -> EomAction {
-    EomAction::DeleteRecipient { rcpt: cstring(rcpt) }
+    EomAction::DeleteRecipient {
+        rcpt: cstring(rcpt),
+    }
 }
 
 /// The loop-prevention header naming `instance`.
 pub fn header(instance: &str) -> EomAction {
-    EomAction::AddHeader { name: cstring(LOOP_HEADER), value: cstring(instance) }
+    EomAction::AddHeader {
+        name: cstring(LOOP_HEADER),
+        value: cstring(instance),
+    }
 }
 
 /// An action in words. ESMTP parameters are sorted: RFC 3461 gives no order
@@ -220,7 +266,12 @@ pub fn describe(action: &EomAction) -> String {
         EomAction::AddRecipient { rcpt, args } => {
             let mut params: Vec<String> = args
                 .as_deref()
-                .map(|a| a.to_string_lossy().split_ascii_whitespace().map(str::to_owned).collect())
+                .map(|a| {
+                    a.to_string_lossy()
+                        .split_ascii_whitespace()
+                        .map(str::to_owned)
+                        .collect()
+                })
                 .unwrap_or_default();
             params.sort();
             format!("add {} [{}]", rcpt.to_string_lossy(), params.join(" "))
@@ -228,7 +279,11 @@ pub fn describe(action: &EomAction) -> String {
         EomAction::DeleteRecipient { rcpt } => format!("delete {}", rcpt.to_string_lossy()),
         EomAction::AddHeader { name, value } => {
             // The MTA may pass header values with their leading space.
-            format!("header {}: {}", name.to_string_lossy(), value.to_string_lossy().trim_start())
+            format!(
+                "header {}: {}",
+                name.to_string_lossy(),
+                value.to_string_lossy().trim_start()
+            )
         }
         other => format!("{other:?}"),
     }
@@ -258,7 +313,10 @@ pub fn rejection(status: &Status) -> String {
 #[track_caller]
 pub fn assert_rejected(status: &Status, code: &str) {
     let text = rejection(status);
-    assert!(text.starts_with(&format!("{code} ")), "expected a {code} reply, got {text:?}");
+    assert!(
+        text.starts_with(&format!("{code} ")),
+        "expected a {code} reply, got {text:?}"
+    );
 }
 
 /// Recipients added, as (path, sorted parameters).

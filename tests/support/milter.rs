@@ -92,7 +92,11 @@ impl MilterProcess {
         while is_listening(self.port) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!is_listening(self.port), "milter port {} still open after kill", self.port);
+        assert!(
+            !is_listening(self.port),
+            "milter port {} still open after kill",
+            self.port
+        );
     }
 
     /// Sends a signal by name (`HUP`, `TERM`) to the running milter.
@@ -125,7 +129,10 @@ impl MilterProcess {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("dualroute run did not exit within {START:?}:\n{}", self.log());
+                panic!(
+                    "dualroute run did not exit within {START:?}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -189,7 +196,11 @@ pub fn dualroute(config: &Path, args: &[&str]) -> (ExitStatus, String) {
     let out = dualroute_output(config, args);
     (
         out.status,
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -231,7 +242,10 @@ pub fn postfix_config(config: &Path, out_dir: &Path) -> PostfixConfig {
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(str::to_owned)
         .collect();
-    let master_cf: Vec<String> = read("master.cf.dualroute").lines().map(str::to_owned).collect();
+    let master_cf: Vec<String> = read("master.cf.dualroute")
+        .lines()
+        .map(str::to_owned)
+        .collect();
     let tables = written
         .lines()
         .filter_map(|path| Path::new(path.trim()).file_name())
@@ -244,7 +258,10 @@ pub fn postfix_config(config: &Path, out_dir: &Path) -> PostfixConfig {
         .collect();
     // Both forms say the same about main.cf.
     for line in &main_cf {
-        assert!(printed.contains(line.as_str()), "{line:?} missing from the printed form:\n{printed}");
+        assert!(
+            printed.contains(line.as_str()),
+            "{line:?} missing from the printed form:\n{printed}"
+        );
     }
     PostfixConfig {
         main_cf,

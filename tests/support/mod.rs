@@ -90,7 +90,10 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free TCP port on 127.0.0.1 in {FIRST}..{}", FIRST + COUNT);
+    panic!(
+        "no free TCP port on 127.0.0.1 in {FIRST}..{}",
+        FIRST + COUNT
+    );
 }
 
 /// Whether something listens on TCP `port` on 127.0.0.1 or 0.0.0.0. Reads
