@@ -207,13 +207,16 @@ fn add_entry(
     }
     let local = &entry[..at];
     let unquoted = if local.starts_with('"') {
-        Address::parse(entry)
-            .map_err(|e| format!("{entry:?}: {e}"))?
-            .unquoted_local()
+        Cow::Owned(
+            Address::parse(entry)
+                .map_err(|e| format!("{entry:?}: {e}"))?
+                .unquoted_local()
+                .into_owned(),
+        )
     } else if local.is_empty() || local.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(format!("{entry:?} is not a valid address"));
     } else {
-        local.to_owned()
+        Cow::Borrowed(local)
     };
     acc.push(&rules.key(&unquoted)).map_err(|e| e.message)
 }

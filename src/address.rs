@@ -6,7 +6,7 @@
 //! the ESMTP parameters as separate arguments. Nothing here may panic on
 //! whatever bytes a client sends; what cannot be parsed is left alone.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 /// A mail address split into local part and domain.
 ///
@@ -73,7 +73,7 @@ impl Address {
     /// The local part with quoting removed: `"john doe"` → `john doe`,
     /// `"bob"` → `bob` (RFC 5321 §4.1.2: a quoted string that needs no
     /// quoting denotes the same mailbox as the plain one).
-    pub fn unquoted_local(&self) -> String {
+    pub fn unquoted_local(&self) -> Cow<'_, str> {
         unquote(&self.local)
     }
 }
@@ -103,9 +103,9 @@ fn split_at_domain(s: &str) -> Result<usize, AddressError> {
     s.rfind('@').ok_or(AddressError::NoAt)
 }
 
-fn unquote(local: &str) -> String {
+fn unquote(local: &str) -> Cow<'_, str> {
     let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
-        return local.to_owned();
+        return Cow::Borrowed(local);
     };
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();
@@ -118,7 +118,7 @@ fn unquote(local: &str) -> String {
             out.push(c);
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 /// A domain in the form used for matching: A-labels, lower case, no trailing

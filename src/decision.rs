@@ -5,7 +5,7 @@
 
 use crate::address::Address;
 use crate::config::{Mode, UserRule};
-use crate::policy::{DomainPolicy, Policy};
+use crate::policy::Policy;
 use std::{fmt, net::IpAddr};
 
 /// Facts about the SMTP session that the decision depends on.
@@ -169,37 +169,10 @@ fn not_from_gateway(address: &Address) -> Rejection {
     }
 }
 
-/// Whether the address has a mailbox here. Without `accounts`, every
-/// address the MTA accepted counts as present (DESIGN.md §2, dual row).
-/// With a subaddress, the full address is tried first, then its base, as
-/// Postfix does with `recipient_delimiter`.
-fn is_present(policy: &Policy, domain: &DomainPolicy, address: &Address) -> bool {
-    let Some(accounts) = &domain.accounts else {
-        return true;
-    };
-    let unquoted = address.unquoted_local();
-    let key = policy.rules.key(&unquoted);
-    accounts.contains(&key)
-        || policy
-            .rules
-            .base(&key)
-            .is_some_and(|b| accounts.contains(b))
-}
-
-fn user_rule<'p>(
-    policy: &Policy,
-    domain: &'p DomainPolicy,
-    address: &Address,
-) -> Option<&'p UserRule> {
-    if domain.users.is_empty() {
-        return None;
-    }
-    let unquoted = address.unquoted_local();
-    let key = policy.rules.key(&unquoted);
-    domain
-        .users
-        .get(key.as_ref())
-        .or_else(|| policy.rules.base(&key).and_then(|b| domain.users.get(b)))
+/// Looks a local part up the way Postfix does with `recipient_delimiter`:
+/// the full comparison key first, then its base (`bob+news` → `bob`).
+fn lookup<'k, T>(policy: &Policy, key: &'k str, get: impl Fn(&'k str) -> Option<T>) -> Option<T> {
+    get(key).or_else(|| policy.rules.base(key).and_then(get))
 }
 
 /// Decides what happens to one recipient.
@@ -218,7 +191,14 @@ pub fn decide(policy: &Policy, envelope: &Envelope, address: Option<&Address>) -
     if let Some(why) = policy.holds.reason(&domain.name) {
         return Verdict::new(Decision::Keep, Rule::Held(why));
     }
-    let present = is_present(policy, domain, address);
+    let unquoted = address.unquoted_local();
+    let key = policy.rules.key(&unquoted);
+    // Without `accounts`, every address the MTA accepted counts as present
+    // (DESIGN.md §2, dual row).
+    let present = match &domain.accounts {
+        Some(accounts) => lookup(policy, &key, |k| accounts.contains(k).then_some(())).is_some(),
+        None => true,
+    };
     // 2. A gateway relays to us on purpose; sending its mail back out
     // would loop.
     let gateway = envelope.client.is_some_and(|ip| policy.is_gateway(ip));
@@ -240,7 +220,7 @@ pub fn decide(policy: &Policy, envelope: &Envelope, address: Option<&Address>) -
         );
     }
     // 4. Per-user rules.
-    if let Some(rule) = user_rule(policy, domain, address) {
+    if let Some(rule) = lookup(policy, &key, |k| domain.users.get(k)) {
         return match rule {
             UserRule::Keep => Verdict::new(Decision::Keep, Rule::User("keep")),
             UserRule::CopyTo(to) => Verdict::new(

@@ -22,7 +22,7 @@ pub mod probe;
 pub mod session;
 pub mod state;
 
-use policy::{Policy, SharedPolicy};
+use policy::{current, Policy, SharedPolicy};
 use std::{future::Future, io, path::Path, sync::Arc};
 
 /// Anything that stops a configuration from loading.
@@ -44,13 +44,6 @@ pub fn load_policy(path: &Path) -> Result<Policy, LoadError> {
         tracing::error!("{e}; routing for that domain stays off");
     }
     Ok(policy)
-}
-
-fn current(shared: &SharedPolicy) -> Arc<Policy> {
-    match shared.read() {
-        Ok(p) => p.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    }
 }
 
 /// Follows `state_dir` (admin enable/disable, breaker trips) so that the

@@ -63,10 +63,7 @@ async fn mail(policy: SharedPolicy, cx: &mut Context<Session>, args: Vec<CString
         .get(c"{auth_authen}")
         .map(text)
         .filter(|s| !s.is_empty());
-    let snapshot = match policy.read() {
-        Ok(p) => p.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    };
+    let snapshot = crate::policy::current(&policy);
     let session = cx.data.get_or_insert_with(Session::default);
     let envelope = Envelope {
         client: session.client,

@@ -120,6 +120,15 @@ pub struct Policy {
 
 pub type SharedPolicy = Arc<std::sync::RwLock<Arc<Policy>>>;
 
+/// The policy in force now. A poisoned lock still holds a complete policy
+/// (it is only ever replaced whole), so it is used rather than failing.
+pub fn current(shared: &SharedPolicy) -> Arc<Policy> {
+    match shared.read() {
+        Ok(p) => p.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
 impl Policy {
     /// Loads every account source the configuration names.
     pub fn load(config: Config) -> Result<Policy, LoadError> {

@@ -90,20 +90,35 @@ impl Message {
         if !routes {
             return plan;
         }
-        let fold = self.policy.config.local_part_case == LocalPartCase::Insensitive;
         if self.loop_header {
             plan.loop_detected = true;
             return plan;
         }
-        // Recipients that stay as they are: adding one of them again would
-        // deliver it twice on Postfix (DESIGN.md §8).
-        let staying: Vec<String> = self
+        // Every recipient the message will have, as paths: the ones it keeps
+        // and the ones added so far. Adding one of them again would deliver
+        // it twice on Postfix (it only merges recipients whose address,
+        // ORCPT and NOTIFY all match, DESIGN.md §8), so each is added once.
+        let fold = self.policy.config.local_part_case == LocalPartCase::Insensitive;
+        let mut present: Vec<String> = self
             .recipients
             .iter()
             .filter(|r| !matches!(r.verdict.decision, Decision::Redirect(_)))
-            .filter_map(|r| r.arg.address.as_ref().map(|a| a.to_string()))
+            .filter_map(|r| r.arg.address.as_ref().map(|a| format!("<{a}>")))
             .collect();
-        plan.existing = staying.iter().map(|a| format!("<{a}>")).collect();
+        let mut add = |plan: &mut Plan, address: &str, args: String| {
+            let path = format!("<{address}>");
+            let same = |p: &String| {
+                if fold {
+                    p.eq_ignore_ascii_case(&path)
+                } else {
+                    *p == path
+                }
+            };
+            if !present.iter().any(same) {
+                present.push(path.clone());
+                plan.add.push((path, args));
+            }
+        };
         for r in &self.recipients {
             let bounce = r
                 .arg
@@ -119,7 +134,7 @@ impl Message {
                         if bounce { "FAILURE" } else { "NEVER" }
                     );
                     for t in targets {
-                        plan.add(t, args.clone(), fold);
+                        add(&mut plan, t, args.clone());
                     }
                 }
                 Decision::Redirect(target) => {
@@ -141,12 +156,15 @@ impl Message {
                     if let Some(notify) = r.arg.param("NOTIFY") {
                         let _ = write!(args, " {notify}");
                     }
-                    plan.add(target, args, fold);
+                    add(&mut plan, target, args);
                 }
                 Decision::Keep | Decision::Reject(_) => {}
             }
         }
-        plan.header = Some(self.policy.config.instance.clone());
+        // Only a message that was changed is marked.
+        if !plan.add.is_empty() || !plan.delete.is_empty() {
+            plan.header = Some(self.policy.config.instance.clone());
+        }
         plan
     }
 
@@ -185,34 +203,11 @@ fn orcpt(arg: &RcptArg) -> String {
 pub struct Plan {
     /// Recipients to add: path with angle brackets, ESMTP arguments.
     pub add: Vec<(String, String)>,
-    /// RCPT arguments to delete, exactly as received.
+    /// RCPT arguments to delete, exactly as received (plus the bare path
+    /// of a source-routed one).
     pub delete: Vec<String>,
     /// Value of the `X-Dualroute` header to add.
     pub header: Option<String>,
     /// The message already passed through this instance: nothing routed.
     pub loop_detected: bool,
-    /// Recipients the message keeps, which must not be added again.
-    existing: Vec<String>,
-}
-
-impl Plan {
-    fn add(&mut self, address: &str, args: String, fold_case: bool) {
-        let path = format!("<{address}>");
-        // Postfix delivers a duplicate added recipient twice unless address,
-        // ORCPT and NOTIFY all match (DESIGN.md §8): add each address once.
-        let same = |p: &String| {
-            if fold_case {
-                p.eq_ignore_ascii_case(&path)
-            } else {
-                *p == path
-            }
-        };
-        if !self.add.iter().any(|(p, _)| same(p)) && !self.existing.iter().any(same) {
-            self.add.push((path, args));
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.add.is_empty() && self.delete.is_empty() && self.header.is_none()
-    }
 }

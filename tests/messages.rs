@@ -403,3 +403,21 @@ async fn mta_without_add_recipient_with_parameters() {
     conn.close().await.unwrap();
     milter.shutdown().await;
 }
+
+/// A copy target that is already a recipient of the message is not added
+/// again: Postfix would deliver it twice (its ORCPT and NOTIFY differ).
+#[tokio::test]
+async fn copy_target_already_a_recipient_is_not_added_again() {
+    let milter = Milter::start(CONFIG).await;
+    let d = milter
+        .deliver(
+            CLIENT,
+            None,
+            &[&["<carol@split.test>"], &["<Carol@Zoho.Example.NET>"]],
+        )
+        .await;
+    // Nothing to add, nothing to delete (carol stays, her copy target is
+    // already there), so the message is not marked either.
+    assert_actions(&d.actions, &[]);
+    milter.shutdown().await;
+}
