@@ -101,43 +101,41 @@ pub async fn watch_accounts(
     path: std::path::PathBuf,
     every: std::time::Duration,
 ) {
-    let mut failed_for: Option<Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>> = None;
+    // The modification times a reload failed on: not retried until a file
+    // changes again.
+    let mut failed_for = None;
     loop {
         tokio::time::sleep(every).await;
         let policy = current(&shared);
-        let changed: Vec<String> = policy
-            .changed_account_files()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        if changed.is_empty() {
-            continue;
-        }
-        let stamp: Vec<_> = policy
+        let now: Vec<_> = policy
             .account_files
             .iter()
-            .map(|(p, _)| {
-                (
-                    p.clone(),
-                    std::fs::metadata(p).and_then(|m| m.modified()).ok(),
-                )
-            })
+            .map(|(p, _)| policy::modified(p))
             .collect();
-        if failed_for.as_ref() == Some(&stamp) {
+        let changed: Vec<String> = policy
+            .account_files
+            .iter()
+            .zip(&now)
+            .filter(|((_, then), now)| then != *now)
+            .map(|((p, _), _)| p.display().to_string())
+            .collect();
+        if changed.is_empty() || failed_for.as_ref() == Some(&now) {
             continue;
         }
+        let changed = changed.join(", ");
         match reload(&shared, &path).await {
             Ok(()) => {
                 tracing::info!(
-                    "account file changed ({}): reloaded {}",
-                    changed.join(", "),
+                    "account file changed ({changed}): reloaded {}",
                     path.display()
                 );
                 failed_for = None;
             }
             Err(e) => {
-                tracing::error!("account file changed ({}) but reload failed, keeping the running configuration: {e}", changed.join(", "));
-                failed_for = Some(stamp);
+                tracing::error!(
+                    "account file changed ({changed}) but reload failed, keeping the running configuration: {e}"
+                );
+                failed_for = Some(now);
             }
         }
     }
@@ -180,7 +178,7 @@ pub async fn verify_loop(shared: SharedPolicy) {
                 continue;
             }
             let rcpt = addr.to_string();
-            match probe::verify(
+            let outcome = match probe::verify(
                 &d.config.destination,
                 &policy.config.dns,
                 &policy.config.instance,
@@ -190,47 +188,36 @@ pub async fn verify_loop(shared: SharedPolicy) {
             )
             .await
             {
-                Ok(reports) if reports.iter().any(|r| r.accepted) => {
-                    let host = reports
+                Ok(reports) => match reports.iter().find(|r| r.accepted) {
+                    Some(r) => Ok(format!("{} accepts {rcpt}", r.target.addr)),
+                    None => Err(reports
                         .iter()
-                        .find(|r| r.accepted)
-                        .map(|r| r.target.addr.to_string())
-                        .unwrap_or_default();
-                    tracing::info!(
-                        "{name}: verification passed ({host} accepts {rcpt}); routing starts"
-                    );
-                    record(name, true, format!("{host} accepts {rcpt}"));
+                        .map(|r| {
+                            let e = r.error.as_deref().unwrap_or("not accepted");
+                            format!("{}: {e}", r.target.addr)
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")),
+                },
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(detail) => {
+                    tracing::info!("{name}: verification passed ({detail}); routing starts");
+                    record(name, true, detail);
                     policy.holds.release(name);
                     next.remove(name);
                     continue;
                 }
-                Ok(reports) => {
-                    let why: Vec<String> = reports
-                        .iter()
-                        .map(|r| {
-                            format!(
-                                "{}: {}",
-                                r.target.addr,
-                                r.error.clone().unwrap_or_else(|| "not accepted".into())
-                            )
-                        })
-                        .collect();
-                    tracing::warn!("{name}: verification of {rcpt} failed ({}); routing stays off, retry in {}s", why.join("; "), backoff.as_secs());
-                    record(name, false, why.join("; "));
-                    policy.holds.hold(
-                        name,
-                        format!(
-                            "waiting for verification: last probe failed: {}",
-                            why.join("; ")
-                        ),
+                Err(why) => {
+                    tracing::warn!(
+                        "{name}: verification of {rcpt} failed ({why}); routing stays off, retry in {}s",
+                        backoff.as_secs()
                     );
-                }
-                Err(e) => {
-                    tracing::warn!("{name}: verification of {rcpt} failed ({e}); routing stays off, retry in {}s", backoff.as_secs());
-                    record(name, false, e.clone());
+                    record(name, false, why.clone());
                     policy.holds.hold(
                         name,
-                        format!("waiting for verification: last probe failed: {e}"),
+                        format!("waiting for verification: last probe failed: {why}"),
                     );
                 }
             }

@@ -231,15 +231,6 @@ impl Policy {
         errors
     }
 
-    /// The account files that changed since this policy read them.
-    pub fn changed_account_files(&self) -> Vec<&std::path::Path> {
-        self.account_files
-            .iter()
-            .filter(|(p, m)| modified(p) != *m)
-            .map(|(p, _)| p.as_path())
-            .collect()
-    }
-
     pub fn is_gateway(&self, ip: IpAddr) -> bool {
         self.config.gateways.iter().any(|g| g.contains(ip))
     }
@@ -249,6 +240,7 @@ impl Policy {
     }
 }
 
-fn modified(p: &std::path::Path) -> Option<std::time::SystemTime> {
+/// A file's modification time, `None` when it cannot be read.
+pub fn modified(p: &std::path::Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
