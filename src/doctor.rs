@@ -21,7 +21,7 @@
 
 pub mod spf;
 
-use crate::config::{Destination, Host};
+use crate::config::Host;
 use crate::dns::{DnsError, Lookup};
 use crate::policy::{DomainPolicy, Policy};
 use crate::probe::host_targets;
@@ -179,21 +179,9 @@ fn list(ips: &[IpAddr]) -> String {
         .join(", ")
 }
 
-/// The hosts routed mail goes to, as `dualroute verify` probes them.
-fn destination_hosts(d: &Destination) -> Vec<Host> {
-    match d {
-        Destination::Hosts(h) => h.clone(),
-        Destination::Domain { domain, .. } => vec![Host {
-            name: domain.0.clone(),
-            bracketed: false,
-            port: None,
-        }],
-    }
-}
-
 async fn domain(policy: &Policy, d: &DomainPolicy, this: &[IpAddr], dns: &impl Lookup) -> Section {
     let name = d.name.as_str();
-    let hosts = destination_hosts(&d.config.destination);
+    let hosts = d.config.destination.hosts();
     let shown: Vec<String> = hosts.iter().map(ToString::to_string).collect();
     let title = format!(
         "{name} (mode {}, destination {}{})",

@@ -69,14 +69,7 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Finds the hosts of a destination, in the order the MTA would try them
 /// (see [`host_targets`]).
 pub async fn targets(destination: &Destination, dns: &impl Lookup) -> Result<Vec<Target>, String> {
-    let hosts: Vec<Host> = match destination {
-        Destination::Hosts(h) => h.clone(),
-        Destination::Domain { domain, .. } => vec![Host {
-            name: domain.0.clone(),
-            bracketed: false,
-            port: None,
-        }],
-    };
+    let hosts = destination.hosts();
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for h in &hosts {

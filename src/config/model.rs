@@ -319,6 +319,21 @@ pub enum Destination {
     },
 }
 
+impl Destination {
+    /// The next hops routed mail goes to: the hosts, or the destination
+    /// domain as a name to look up (its MX first).
+    pub fn hosts(&self) -> Vec<Host> {
+        match self {
+            Destination::Hosts(h) => h.clone(),
+            Destination::Domain { domain, .. } => vec![Host {
+                name: domain.0.clone(),
+                bracketed: false,
+                port: None,
+            }],
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDestination {
