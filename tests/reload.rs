@@ -3,6 +3,7 @@
 //! with (at MAIL); messages begun after the reload get the new one. And the
 //! real binary reloads by itself when an account file changes.
 
+mod common;
 mod support;
 use support::{free_port, MilterProcess};
 
@@ -79,13 +80,8 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
     let path = dir.path().join("milter.yaml");
     std::fs::write(&path, config(dir.path(), "route")).unwrap();
     let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(dualroute::run(
-        listener,
-        shared.clone(),
-        std::future::pending::<()>(),
-    ));
+    let milter = common::Milter::serve(shared.clone()).await;
+    let addr = milter.addr();
 
     let reloaded = Arc::new(AtomicBool::new(false));
     // Messages begun before the reload that finish after it.

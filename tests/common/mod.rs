@@ -40,7 +40,12 @@ pub struct Milter {
 
 impl Milter {
     pub async fn start(yaml: &str) -> Milter {
-        let shared = dualroute::share(policy(yaml));
+        Milter::serve(dualroute::share(policy(yaml))).await
+    }
+
+    /// Serves a policy the test keeps a handle on (to reload it, or to run
+    /// the verification loop beside the milter).
+    pub async fn serve(shared: dualroute::policy::SharedPolicy) -> Milter {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
