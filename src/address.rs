@@ -189,7 +189,7 @@ impl RcptArg {
     /// that still holds parameters after the closing `>` is split here.
     pub fn parse<S: AsRef<str>>(args: &[S]) -> RcptArg {
         let first = args.first().map(|s| s.as_ref()).unwrap_or("");
-        let (path, trailing) = match first.find('>') {
+        let (path, trailing) = match closing_bracket(first) {
             Some(end) if first.starts_with('<') => (&first[..=end], first[end + 1..].trim()),
             _ => (first, ""),
         };
@@ -219,6 +219,41 @@ impl RcptArg {
         let inner = strip_source_route(inner);
         (!inner.is_empty()).then_some(inner)
     }
+}
+
+/// The `>` that closes a path: not one inside a quoted local part
+/// (`<"a>b"@example.com>`, RFC 5321 §4.1.2 Quoted-string).
+fn closing_bracket(s: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The domain a RCPT argument that cannot be parsed seems to be for: the
+/// last non-empty text after an `@`, without brackets and dots around it
+/// (`<alice@example.com@>` → `example.com`, `<@example.com>` →
+/// `example.com`). Only used to decide whether to refuse such an argument,
+/// never to route it.
+pub fn loose_domain(raw: &str) -> Option<String> {
+    raw.rsplit('@')
+        .map(|part| {
+            let end = part
+                .find(|c: char| c == '>' || c.is_whitespace())
+                .unwrap_or(part.len());
+            part[..end].trim_matches(|c: char| c == '<' || c == '.' || c == '"')
+        })
+        .take_while(|_| raw.contains('@'))
+        .find(|d| !d.is_empty())
+        .and_then(|d| normalize_domain(d).ok())
 }
 
 fn parse_param(p: &str) -> EsmtpParam {
@@ -346,6 +381,25 @@ mod tests {
             assert_eq!(r.address, None, "{bad:?}");
         }
         assert_eq!(RcptArg::parse::<&str>(&[]).address, None);
+    }
+
+    #[test]
+    fn quoted_bracket_and_loose_domain() {
+        let r = RcptArg::parse(&["<\"a>b\"@example.com>"]);
+        assert_eq!(r.raw, "<\"a>b\"@example.com>");
+        assert_eq!(r.address, addr("\"a>b\"", "example.com"));
+        assert!(r.params.is_empty());
+        for (raw, domain) in [
+            ("<alice@example.com@>", Some("example.com")),
+            ("<<alice@Example.COM>>", Some("example.com")),
+            ("alice@example.com>", Some("example.com")),
+            ("<@example.com>", Some("example.com")),
+            ("<postmaster>", None),
+            ("<>", None),
+            ("", None),
+        ] {
+            assert_eq!(loose_domain(raw).as_deref(), domain, "{raw:?}");
+        }
     }
 
     #[test]

@@ -624,7 +624,7 @@ impl Breaker {
             tracing::error!("{e}; routing for that domain stays off");
         }
         tracing::error!(
-            "{domain}: bounce breaker tripped: {count} permanent failures of routed mail within {} (threshold {threshold}); routing for {domain} is switched off (the milter is transparent, as with `enabled: false`) and stays off across restarts ({}); last failure: {}; check the destination, then run `dualroute enable {domain}` to switch routing back on",
+            "{domain}: bounce breaker tripped: {count} permanent failures of routed mail within {} (threshold {threshold}); routing for {domain} is switched off (mailboxes here still get their mail; addresses that would be routed are refused with 451 4.4.4 until routing is back on) and stays off across restarts ({}); last failure: {}; check the destination, then run `dualroute enable {domain}` to switch routing back on",
             human(span),
             dir.dir.join(format!("{domain}.tripped")).display(),
             f.line

@@ -3,7 +3,7 @@
 //! Each prints its result and returns the exit code; an error (`Err`) is
 //! printed by `main` with exit status 1.
 
-use crate::{decision::Envelope, policy::Policy};
+use crate::{decision::Envelope, holds::Hold, policy::Policy};
 use std::{net::IpAddr, path::Path, process::ExitCode};
 
 fn load(path: &Path) -> Result<Policy, String> {
@@ -12,8 +12,9 @@ fn load(path: &Path) -> Result<Policy, String> {
 
 pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result<ExitCode, String> {
     let policy = load(path)?;
+    let holds = policy.holds.current();
     for a in addresses {
-        println!("{}", crate::explain::explain(&policy, envelope, a));
+        println!("{}", crate::explain::explain(&policy, &holds, envelope, a));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -64,52 +65,51 @@ pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
 pub fn status(path: &Path) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let dir = crate::state::StateDir::new(&policy.config.state_dir);
+    // The same holds the running milter reads (src/holds.rs).
+    let holds = policy.holds.current();
     let mut names: Vec<&String> = policy.domains.keys().collect();
     names.sort();
     let mut ok = true;
     for name in names {
         let d = &policy.domains[name];
-        let st = match dir.load(name) {
-            Ok(s) => s,
-            Err(e) => {
-                ok = false;
-                println!("{name}: ERROR: {e} (routing is off until the file is fixed or removed)");
-                continue;
-            }
-        };
         let mode = d.config.mode;
         let line = if !d.config.enabled {
-            "transparent (enabled: false in the configuration)".to_owned()
-        } else if let Some(x) = &st.disabled {
-            format!(
-                "DISABLED by an administrator since {}: {}",
-                crate::state::when(x.since),
-                x.reason
-            )
-        } else if let Some(t) = &st.tripped {
-            format!(
-                "TRIPPED by the bounce breaker since {}: {} permanent failures within {}s; last: {}",
-                crate::state::when(t.since),
-                t.bounces,
-                t.window_secs,
-                t.last
-            )
-        } else if let Some(addr) = &d.config.verify {
-            match &st.verification {
-                Some(v) if v.passed => format!(
-                    "active (verified {}: {})",
-                    crate::state::when(v.at),
-                    v.detail
-                ),
-                Some(v) => format!(
-                    "WAITING for verification of {addr}; last probe {}: {}",
-                    crate::state::when(v.at),
-                    v.detail
-                ),
-                None => format!("WAITING for verification of {addr}; no probe yet"),
-            }
+            "routing OFF (enabled: false in the configuration): mailboxes here get their mail, addresses that would be routed are refused with 451 4.4.4".to_owned()
         } else {
-            "active".to_owned()
+            match holds.get(name) {
+                Some(Hold::Disabled(x)) => format!(
+                    "DISABLED by an administrator since {}: {}",
+                    crate::state::when(x.since),
+                    x.reason
+                ),
+                Some(Hold::Tripped(t)) => format!(
+                    "TRIPPED by the bounce breaker since {}: {} permanent failures within {}s; last: {}",
+                    crate::state::when(t.since),
+                    t.bounces,
+                    t.window_secs,
+                    t.last
+                ),
+                Some(Hold::Verification { address, last }) => match last {
+                    Some(v) => format!(
+                        "WAITING for verification of {address}; last probe {}: {}",
+                        crate::state::when(v.at),
+                        v.detail
+                    ),
+                    None => format!("WAITING for verification of {address}; no probe yet"),
+                },
+                Some(h @ Hold::Unreadable(_)) => {
+                    ok = false;
+                    format!("ERROR: {h}")
+                }
+                None => match dir.load(name).ok().and_then(|s| s.verification) {
+                    Some(v) if d.config.verify.is_some() => format!(
+                        "active (verified {}: {})",
+                        crate::state::when(v.at),
+                        v.detail
+                    ),
+                    _ => "active".to_owned(),
+                },
+            }
         };
         println!("{name}: mode {mode}: {line}");
     }

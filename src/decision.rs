@@ -1,11 +1,13 @@
-//! The decision for one recipient (DESIGN.md §2): a pure function of the
-//! policy, the envelope facts and the address, returning what to do and the
-//! rule that said so. The milter and `dualroute explain` both call
-//! [`decide`], so what `explain` prints is what the milter does.
+//! The decision for one recipient (docs/design.md, "Decision table"): a pure
+//! function of the policy, the runtime holds, the envelope facts and the
+//! address, returning what to do and the rule that said so. The milter and
+//! `dualroute explain` both call [`decide_rcpt`], so what `explain` prints
+//! is what the milter does.
 
-use crate::address::Address;
+use crate::address::{loose_domain, Address, RcptArg};
 use crate::config::{Mode, UserRule};
-use crate::policy::Policy;
+use crate::holds::{Hold, Holds};
+use crate::policy::{DomainPolicy, Policy};
 use std::{fmt, net::IpAddr};
 
 /// Facts about the SMTP session that the decision depends on.
@@ -39,8 +41,10 @@ pub enum Decision {
     Copy(Vec<String>),
     /// Delete it and add this routing address.
     Redirect(String),
-    /// Refuse it at RCPT.
+    /// Refuse it at RCPT (5xx).
     Reject(Rejection),
+    /// Refuse it at RCPT for now (4xx): the sender's MTA retries.
+    Tempfail(Rejection),
 }
 
 impl fmt::Display for Decision {
@@ -50,19 +54,66 @@ impl fmt::Display for Decision {
             Decision::Copy(to) => write!(f, "copy to {}", to.join(", ")),
             Decision::Redirect(to) => write!(f, "redirect to {to}"),
             Decision::Reject(r) => write!(f, "reject {}", r),
+            Decision::Tempfail(r) => write!(f, "tempfail {}", r),
         }
     }
 }
 
-/// The rule of DESIGN.md §2 that made a decision.
+/// Why routing for a domain is off.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Off {
+    /// `enabled: false` in the configuration.
+    Config,
+    /// A runtime hold (src/holds.rs).
+    Hold(Hold),
+}
+
+impl Off {
+    fn cause(&self) -> &'static str {
+        match self {
+            Off::Config => "enabled: false in the configuration",
+            Off::Hold(h) => h.cause(),
+        }
+    }
+}
+
+impl fmt::Display for Off {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Off::Config => f.write_str("the domain has enabled: false"),
+            Off::Hold(h) => h.fmt(f),
+        }
+    }
+}
+
+/// What routing being off did to a recipient.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum OffEffect {
+    /// It would have been kept anyway.
+    Kept,
+    /// It would have been copied: kept, the copy is not made.
+    CopySkipped,
+    /// It would have been redirected, but it has a mailbox here: kept.
+    KeptInsteadOfRedirect,
+    /// It would have been redirected and has no mailbox here: tempfail.
+    Paused,
+}
+
+/// The rule of docs/design.md ("Decision table") that made a decision.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub enum Rule {
-    /// `<>`, no domain, or unparsable: left alone.
+    /// `<>`, no domain, or an unparsable argument outside managed domains:
+    /// left alone.
     NotAnAddress,
+    /// An argument of a managed domain that cannot be parsed, or that the
+    /// MTA parsed into another mailbox.
+    BadAddress(String),
     NotManaged,
-    Disabled,
-    /// Routing is held back at run time (waiting for verification).
-    Held(String),
+    /// Routing for the domain is off.
+    Off {
+        why: Off,
+        effect: OffEffect,
+    },
     /// The client is a gateway: never routed again.
     Gateway {
         present: bool,
@@ -81,9 +132,23 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rule::NotAnAddress => f.write_str("not a routable address"),
+            Rule::BadAddress(why) => write!(f, "unusable address of a managed domain: {why}"),
             Rule::NotManaged => f.write_str("domain not managed by dualroute"),
-            Rule::Disabled => f.write_str("domain has enabled: false"),
-            Rule::Held(why) => write!(f, "routing held: {why}"),
+            Rule::Off { why, effect } => {
+                write!(f, "routing off ({why})")?;
+                match effect {
+                    OffEffect::Kept => Ok(()),
+                    OffEffect::CopySkipped => {
+                        f.write_str(": delivered here, no copy to the destination")
+                    }
+                    OffEffect::KeptInsteadOfRedirect => {
+                        f.write_str(": has a mailbox here, delivered here instead of redirected")
+                    }
+                    OffEffect::Paused => f.write_str(
+                        ": no mailbox here; refused for now, the sender retries until routing resumes",
+                    ),
+                }
+            }
             Rule::Gateway { present: true } => {
                 f.write_str("client is a gateway: mail it relays is not routed again")
             }
@@ -169,40 +234,163 @@ fn not_from_gateway(address: &Address) -> Rejection {
     }
 }
 
+/// `451 4.4.4`: the recipient would be routed, routing is off and it has
+/// no mailbox here. Postfix's rule for a doubtful recipient: tempfail, so
+/// the sender's MTA retries and the mail arrives once routing resumes —
+/// never into the catch-all (RFC 3463 X.4.4: unable to route).
+fn routing_paused(address: &Address, why: &Off) -> Rejection {
+    Rejection {
+        code: "451",
+        xcode: "4.4.4",
+        text: format!(
+            "{}: routing of mail for {} is paused ({}); try again later",
+            shown(address),
+            address.domain,
+            why.cause()
+        ),
+    }
+}
+
+/// `550 5.1.3` (RFC 3463: bad destination mailbox address syntax).
+fn bad_syntax() -> Rejection {
+    Rejection {
+        code: "550",
+        xcode: "5.1.3",
+        text: "Recipient address rejected: bad address syntax; write it as <local@domain>".into(),
+    }
+}
+
 /// Looks a local part up the way Postfix does with `recipient_delimiter`:
 /// the full comparison key first, then its base (`bob+news` → `bob`).
 fn lookup<'k, T>(policy: &Policy, key: &'k str, get: impl Fn(&'k str) -> Option<T>) -> Option<T> {
     get(key).or_else(|| policy.rules.base(key).and_then(get))
 }
 
-/// Decides what happens to one recipient.
-pub fn decide(policy: &Policy, envelope: &Envelope, address: Option<&Address>) -> Verdict {
+/// Decides what happens to one RCPT: `arg` is the argument as received,
+/// `mta` the MTA's own parse of it when it gives one (Postfix: the
+/// `{rcpt_addr}` macro at RCPT).
+///
+/// The decision is made on the mailbox the MTA will deliver to. The milter
+/// parses the argument itself and checks that parse against the MTA's: a
+/// recipient of a managed domain whose argument cannot be parsed, or whose
+/// parse names another mailbox than the MTA's, is refused `550 5.1.3` —
+/// Postfix normalises `<alice@example.com@>` or `<<bob@example.com>>` into
+/// real mailboxes, and keeping what the milter cannot read would let such
+/// forms past `require_gateway` or into the catch-all.
+pub fn decide_rcpt(
+    policy: &Policy,
+    holds: &Holds,
+    envelope: &Envelope,
+    arg: &RcptArg,
+    mta: Option<&str>,
+) -> Verdict {
+    // An `{rcpt_addr}` without '@' is not a mailbox: Sendmail gives the
+    // local user name for its local mailer. Then only our own parse counts.
+    let theirs = mta
+        .map(str::trim)
+        .filter(|m| m.contains('@'))
+        .map(Address::parse);
+    let managed = |a: &Address| policy.domain(a).is_some();
+    match (&arg.address, theirs) {
+        (Some(ours), Some(Ok(theirs))) if !same_mailbox(ours, &theirs) => {
+            if managed(ours) || managed(&theirs) {
+                Verdict::new(
+                    Decision::Reject(bad_syntax()),
+                    Rule::BadAddress(format!(
+                        "the MTA reads {} as {theirs}, dualroute as {ours}",
+                        arg.raw
+                    )),
+                )
+            } else {
+                Verdict::new(Decision::Keep, Rule::NotManaged)
+            }
+        }
+        (Some(ours), Some(Err(e))) if managed(ours) => Verdict::new(
+            Decision::Reject(bad_syntax()),
+            Rule::BadAddress(format!("the MTA's form of {} is unusable: {e}", arg.raw)),
+        ),
+        (Some(ours), _) => decide(policy, holds, envelope, Some(ours)),
+        (None, theirs) => {
+            let domain = match theirs {
+                Some(Ok(a)) => Some(a.domain),
+                _ => loose_domain(&arg.raw),
+            };
+            match domain {
+                Some(d) if policy.domains.contains_key(&d) => Verdict::new(
+                    Decision::Reject(bad_syntax()),
+                    Rule::BadAddress(format!("cannot parse {} (domain {d})", arg.raw)),
+                ),
+                _ => decide(policy, holds, envelope, None),
+            }
+        }
+    }
+}
+
+/// Whether two parses name the same mailbox: same domain, same local part
+/// without quoting, compared without case (Postfix's table lookups fold
+/// case; a difference in case alone is no reason to refuse mail).
+fn same_mailbox(a: &Address, b: &Address) -> bool {
+    a.domain == b.domain && a.unquoted_local().to_lowercase() == b.unquoted_local().to_lowercase()
+}
+
+/// Decides what happens to one recipient, given the mailbox.
+pub fn decide(
+    policy: &Policy,
+    holds: &Holds,
+    envelope: &Envelope,
+    address: Option<&Address>,
+) -> Verdict {
     let Some(address) = address else {
         return Verdict::new(Decision::Keep, Rule::NotAnAddress);
     };
-    // 1. Not ours, or switched off: transparent.
+    // 1. Not ours: transparent.
     let Some(domain) = policy.domain(address) else {
         return Verdict::new(Decision::Keep, Rule::NotManaged);
     };
-    if !domain.config.enabled {
-        return Verdict::new(Decision::Keep, Rule::Disabled);
-    }
-    // Held domains behave as `enabled: false` (DESIGN.md §7).
-    if let Some(why) = policy.holds.reason(&domain.name) {
-        return Verdict::new(Decision::Keep, Rule::Held(why));
-    }
     let unquoted = address.unquoted_local();
     let key = policy.rules.key(&unquoted);
     // Without `accounts`, every address the MTA accepted counts as present
-    // (DESIGN.md §2, dual row).
+    // (dual row of the table).
     let present = match &domain.accounts {
         Some(accounts) => lookup(policy, &key, |k| accounts.contains(k).then_some(())).is_some(),
-        None => true,
+        None => domain.config.mode == Mode::Dual,
     };
+    let gateway = envelope.client.is_some_and(|ip| policy.is_gateway(ip));
+    let locked_out = domain.config.require_gateway
+        && !gateway
+        && envelope.auth.as_deref().is_none_or(str::is_empty);
+    // 1. Routing off (enabled: false, or held at run time).
+    let off = if !domain.config.enabled {
+        Some(Off::Config)
+    } else {
+        holds.get(&domain.name).cloned().map(Off::Hold)
+    };
+    if let Some(why) = off {
+        // The lock-down is access control, not routing: pausing routing
+        // must not open the domain to clients that bypass its gateway.
+        if locked_out {
+            return Verdict::new(
+                Decision::Reject(not_from_gateway(address)),
+                Rule::RequireGateway,
+            );
+        }
+        let routed = route(policy, domain, &key, present, address);
+        let (decision, effect) = match routed.decision {
+            Decision::Reject(_) | Decision::Tempfail(_) => return routed,
+            Decision::Keep => (Decision::Keep, OffEffect::Kept),
+            Decision::Copy(_) => (Decision::Keep, OffEffect::CopySkipped),
+            Decision::Redirect(_) if present => (Decision::Keep, OffEffect::KeptInsteadOfRedirect),
+            Decision::Redirect(_) => (
+                Decision::Tempfail(routing_paused(address, &why)),
+                OffEffect::Paused,
+            ),
+        };
+        return Verdict::new(decision, Rule::Off { why, effect });
+    }
     // 2. A gateway relays to us on purpose; sending its mail back out
     // would loop.
-    let gateway = envelope.client.is_some_and(|ip| policy.is_gateway(ip));
     if gateway {
+        let present = domain.accounts.is_none() || present;
         return if present {
             Verdict::new(Decision::Keep, Rule::Gateway { present: true })
         } else {
@@ -213,14 +401,25 @@ pub fn decide(policy: &Policy, envelope: &Envelope, address: Option<&Address>) -
         };
     }
     // 3. Lock-down: only the gateway or our own authenticated users.
-    if domain.config.require_gateway && envelope.auth.as_deref().is_none_or(str::is_empty) {
+    if locked_out {
         return Verdict::new(
             Decision::Reject(not_from_gateway(address)),
             Rule::RequireGateway,
         );
     }
+    route(policy, domain, &key, present, address)
+}
+
+/// Rules 4 and 5: the per-user rule, else the mode's row.
+fn route(
+    policy: &Policy,
+    domain: &DomainPolicy,
+    key: &str,
+    present: bool,
+    address: &Address,
+) -> Verdict {
     // 4. Per-user rules.
-    if let Some(rule) = lookup(policy, &key, |k| domain.users.get(k)) {
+    if let Some(rule) = lookup(policy, key, |k| domain.users.get(k)) {
         return match rule {
             UserRule::Keep => Verdict::new(Decision::Keep, Rule::User("keep")),
             UserRule::CopyTo(to) => Verdict::new(

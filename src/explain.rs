@@ -2,12 +2,14 @@
 //! the same [`decide`] as the milter.
 
 use crate::address::RcptArg;
-use crate::decision::{decide, Decision, Envelope};
+use crate::decision::{decide_rcpt, Decision, Envelope};
+use crate::holds::Holds;
 use crate::policy::Policy;
 
 /// Explains what the milter does with `input` (an address with or without
-/// angle brackets, as it would appear in RCPT TO).
-pub fn explain(policy: &Policy, envelope: &Envelope, input: &str) -> String {
+/// angle brackets, as it would appear in RCPT TO), under `holds` (read from
+/// `state_dir` as the running milter reads them).
+pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str) -> String {
     let input = input.trim();
     let path = if input.starts_with('<') {
         input.to_owned()
@@ -15,7 +17,7 @@ pub fn explain(policy: &Policy, envelope: &Envelope, input: &str) -> String {
         format!("<{input}>")
     };
     let arg = RcptArg::parse(&[path]);
-    let verdict = decide(policy, envelope, arg.address.as_ref());
+    let verdict = decide_rcpt(policy, holds, envelope, &arg, None);
     let mut line = format!("{input}: {} — {}", verdict.decision, verdict.rule);
     if let (Some(a), Decision::Copy(_) | Decision::Redirect(_)) = (&arg.address, &verdict.decision)
     {

@@ -15,6 +15,7 @@ pub mod decision;
 pub mod dns;
 pub mod doctor;
 pub mod explain;
+pub mod holds;
 pub mod milter;
 pub mod policy;
 pub mod postfix;
@@ -84,7 +85,10 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
                 message: format!("reload task failed: {e}"),
             }))
         })?;
-    loaded.inherit_verification(&current(shared));
+    let mut loaded = loaded;
+    for e in loaded.take_over_holds(&current(shared)) {
+        tracing::error!("{e}; routing for that domain stays off");
+    }
     let new = Arc::new(loaded);
     match shared.write() {
         Ok(mut guard) => *guard = new,
@@ -151,23 +155,42 @@ pub async fn verify_loop(shared: SharedPolicy) {
     loop {
         let policy = current(&shared);
         let now = Instant::now();
-        let record = |name: &str, passed: bool, detail: String| {
+        // The result goes to state_dir first and the holds are read back
+        // from there, so the milter, `status` and `explain` agree
+        // (src/holds.rs). A result that cannot be recorded keeps routing
+        // off: when in doubt, do not route.
+        let record = |name: &str, d: &policy::DomainPolicy, passed: bool, detail: String| {
             let v = state::Verification {
                 at: state::now(),
                 passed,
                 detail,
+                target: holds::probe_target(&d.config),
             };
-            if let Err(e) =
-                state::StateDir::new(&policy.config.state_dir).record_verification(name, &v)
-            {
-                tracing::warn!("{name}: cannot record the probe result: {e}");
+            match state::StateDir::new(&policy.config.state_dir).record_verification(name, &v) {
+                Ok(()) => {
+                    for e in current(&shared).refresh_state() {
+                        tracing::error!("{e}; routing for that domain stays off");
+                    }
+                    true
+                }
+                Err(e) => {
+                    if passed {
+                        tracing::error!(
+                            "{name}: the destination passed verification, but the result cannot be recorded in {}: {e}; routing stays off until it can",
+                            policy.config.state_dir.display()
+                        );
+                    } else {
+                        tracing::warn!("{name}: cannot record the probe result: {e}");
+                    }
+                    false
+                }
             }
         };
         for (name, d) in &policy.domains {
             let Some(addr) = &d.config.verify else {
                 continue;
             };
-            if !policy.holds.awaiting_verification(name) {
+            if !policy.holds.current().awaiting_verification(name) {
                 continue;
             }
             let (due, backoff) = next
@@ -204,21 +227,17 @@ pub async fn verify_loop(shared: SharedPolicy) {
             match outcome {
                 Ok(detail) => {
                     tracing::info!("{name}: verification passed ({detail}); routing starts");
-                    record(name, true, detail);
-                    policy.holds.release(name);
-                    next.remove(name);
-                    continue;
+                    if record(name, d, true, detail) {
+                        next.remove(name);
+                        continue;
+                    }
                 }
                 Err(why) => {
                     tracing::warn!(
                         "{name}: verification of {rcpt} failed ({why}); routing stays off, retry in {}s",
                         backoff.as_secs()
                     );
-                    record(name, false, why.clone());
-                    policy.holds.hold(
-                        name,
-                        format!("waiting for verification: last probe failed: {why}"),
-                    );
+                    record(name, d, false, why);
                 }
             }
             next.insert(

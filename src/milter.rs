@@ -2,7 +2,7 @@
 //! [`Session`]/[`Message`] and carries out the end-of-message [`Plan`].
 
 use crate::address::RcptArg;
-use crate::decision::{Decision, Envelope};
+use crate::decision::{Decision, Envelope, Rejection};
 use crate::policy::SharedPolicy;
 use crate::session::{Message, Session, LOOP_HEADER};
 use indymilter::{
@@ -38,6 +38,10 @@ async fn negotiate(cx: &mut NegotiateContext<Session>, offered: Actions) -> Stat
     cx.requested_macros
         .insert(MacroStage::Mail, c"{auth_authen}".into());
     cx.requested_macros.insert(MacroStage::Eom, c"i".into());
+    // `{rcpt_addr}`: the MTA's own parse of the RCPT argument, the mailbox
+    // it will deliver to; the decision is checked against it (src/decision.rs).
+    cx.requested_macros
+        .insert(MacroStage::Rcpt, c"{rcpt_addr}".into());
     cx.data = Some(Session::default());
     Status::Continue
 }
@@ -75,9 +79,6 @@ async fn mail(policy: SharedPolicy, cx: &mut Context<Session>, args: Vec<CString
 }
 
 async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
-    let Some(message) = cx.data.as_mut().and_then(|s| s.message.as_mut()) else {
-        return Status::Continue;
-    };
     // Only valid UTF-8 is parsed: a delete must repeat the argument byte for
     // byte, which a lossy conversion could not.
     let strings: Option<Vec<&str>> = args.iter().map(|a| a.to_str().ok()).collect();
@@ -89,26 +90,52 @@ async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
             params: Vec::new(),
         },
     };
-    let verdict = message.rcpt(arg).clone();
-    debug!(
-        "RCPT {}: {} ({})",
-        args.first().map(|a| text(a)).unwrap_or_default(),
+    let mta = cx.macros.get(c"{rcpt_addr}").map(text);
+    let Some(message) = cx.data.as_mut().and_then(|s| s.message.as_mut()) else {
+        return Status::Continue;
+    };
+    let verdict = message.rcpt(arg, mta.as_deref()).clone();
+    let shown = args.first().map(|a| text(a)).unwrap_or_default();
+    let from = cx
+        .data
+        .as_ref()
+        .and_then(|s| s.message.as_ref())
+        .map(|m| m.sender.as_str());
+    // A refused recipient never reaches end of message, where the message's
+    // line is logged: say it now, as Postfix logs its own "NOQUEUE: reject".
+    if matches!(
         verdict.decision,
-        verdict.rule
-    );
-    if let Decision::Reject(r) = &verdict.decision {
-        return match cx
-            .reply
-            .set_error_reply(r.code, Some(r.xcode), [r.text.as_str()])
-        {
-            Ok(()) => Status::Reject,
-            Err(e) => {
-                error!("cannot set reply {r}: {e}");
-                Status::Reject
-            }
-        };
+        Decision::Reject(_) | Decision::Tempfail(_)
+    ) {
+        info!(
+            "NOQUEUE: RCPT {shown}: {} ({}); from={}, MTA address {}",
+            verdict.decision,
+            verdict.rule,
+            from.unwrap_or(""),
+            mta.as_deref().unwrap_or("-")
+        );
+    } else {
+        debug!(
+            "RCPT {shown}: {} ({}); MTA address {}",
+            verdict.decision,
+            verdict.rule,
+            mta.as_deref().unwrap_or("-")
+        );
     }
-    Status::Continue
+    match &verdict.decision {
+        Decision::Reject(r) => refuse(&mut cx.reply, r, Status::Reject),
+        Decision::Tempfail(r) => refuse(&mut cx.reply, r, Status::Tempfail),
+        _ => Status::Continue,
+    }
+}
+
+/// Refuses with the rejection's own reply; should the reply not be
+/// accepted, the MTA's default reply of the same class still refuses.
+fn refuse(reply: &mut impl SetErrorReply, r: &Rejection, status: Status) -> Status {
+    if let Err(e) = reply.set_error_reply(r.code, Some(r.xcode), [r.text.as_str()]) {
+        error!("cannot set reply {r}: {e}");
+    }
+    status
 }
 
 async fn header(cx: &mut Context<Session>, name: CString, value: CString) -> Status {
@@ -128,10 +155,29 @@ async fn eom(cx: &mut EomContext<Session>) -> Status {
         .map(text)
         .unwrap_or_else(|| "NOQUEUE".into());
     let plan = message.plan();
+    if plan.refuse_loop {
+        let r = Rejection {
+            code: "554",
+            xcode: "5.4.6",
+            text: format!(
+                "message refused: routing loop detected (it already carries {LOOP_HEADER}: {})",
+                message.policy.config.instance
+            ),
+        };
+        warn!(
+            queue_id = %queue_id,
+            from = %message.sender,
+            "routing loop: the message already carries {LOOP_HEADER}: {} and would be redirected again; refused with {r}: {}",
+            message.policy.config.instance,
+            message.summary()
+        );
+        return refuse(&mut cx.reply, &r, Status::Reject);
+    }
     if plan.loop_detected {
         warn!(
             queue_id = %queue_id,
-            "message already carries {LOOP_HEADER}: {}; routing nothing (mail loop?): {}",
+            from = %message.sender,
+            "the message already carries {LOOP_HEADER}: {}: delivered here without copies (mail loop?): {}",
             message.policy.config.instance,
             message.summary()
         );

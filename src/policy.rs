@@ -7,6 +7,7 @@
 use crate::accounts::{self, Accounts, LoadError, LoadReport, MatchRules};
 use crate::address::Address;
 use crate::config::{Config, Destination, DomainConfig, UserRule};
+use crate::holds::Holds;
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -48,62 +49,21 @@ impl DomainPolicy {
     }
 }
 
-/// Domains whose routing is held back at run time (DESIGN.md §7): disabled
-/// by an administrator or tripped by the breaker (persisted under
-/// `state_dir`), or waiting for the verification probe. Shared and mutable,
-/// unlike the rest of the policy: such a change must take effect at once,
-/// also for messages that started earlier.
+/// The holds in force (src/holds.rs), shared by every policy a reload
+/// produces: unlike the rest of the policy, a hold must take effect at
+/// once, also for messages that started before it.
 #[derive(Debug, Default)]
-pub struct Holds {
-    persisted: RwLock<HashMap<String, String>>,
-    verification: RwLock<HashMap<String, String>>,
-}
+pub struct HoldsHandle(RwLock<Arc<Holds>>);
 
-impl Holds {
-    /// Why routing for `domain` is held, if it is.
-    pub fn reason(&self, domain: &str) -> Option<String> {
-        let persisted = self.persisted.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = persisted.get(domain) {
-            return Some(r.clone());
-        }
-        let verification = self.verification.read().unwrap_or_else(|p| p.into_inner());
-        verification.get(domain).cloned()
+impl HoldsHandle {
+    /// The holds now. A poisoned lock still holds a complete value (it is
+    /// only ever replaced whole).
+    pub fn current(&self) -> Arc<Holds> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Whether the domain still waits for a successful probe.
-    pub fn awaiting_verification(&self, domain: &str) -> bool {
-        self.verification
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(domain)
-    }
-
-    /// Holds routing until the verification probe passes.
-    pub fn hold(&self, domain: &str, reason: String) {
-        self.verification
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(domain.to_owned(), reason);
-    }
-
-    /// The probe passed.
-    pub fn release(&self, domain: &str) {
-        self.verification
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(domain);
-    }
-
-    /// Replaces the holds that come from `state_dir`.
-    pub fn set_persisted(&self, holds: HashMap<String, String>) {
-        *self.persisted.write().unwrap_or_else(|p| p.into_inner()) = holds;
-    }
-
-    fn persisted(&self) -> HashMap<String, String> {
-        self.persisted
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn replace(&self, holds: Holds) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(holds);
     }
 }
 
@@ -112,7 +72,8 @@ pub struct Policy {
     pub config: Config,
     pub rules: MatchRules,
     pub domains: HashMap<String, DomainPolicy>,
-    pub holds: Arc<Holds>,
+    /// Runtime holds; [`Policy::refresh_state`] re-reads them.
+    pub holds: Arc<HoldsHandle>,
     /// Account files and their modification times when they were read, to
     /// reload when one changes (DESIGN.md §7).
     pub account_files: Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>,
@@ -137,7 +98,6 @@ impl Policy {
             delimiters: config.recipient_delimiter.clone(),
         };
         let mut domains = HashMap::new();
-        let holds = Holds::default();
         // Taken before reading: a change during the read triggers a reload.
         let account_files = config
             .domains
@@ -166,12 +126,6 @@ impl Policy {
                 .iter()
                 .map(|(a, r)| (rules.key(&a.unquoted_local()).into_owned(), r.clone()))
                 .collect();
-            if let Some(v) = &d.verify {
-                holds.hold(
-                    &name.0,
-                    format!("waiting for verification: the destination has not yet accepted {v}"),
-                );
-            }
             domains.insert(
                 name.0.clone(),
                 DomainPolicy {
@@ -183,51 +137,33 @@ impl Policy {
                 },
             );
         }
+        // The holds are read with the policy, so that no instant exists in
+        // which a disabled or unverified domain routes.
+        let (holds, _) = Holds::read(&config);
         Ok(Policy {
             config,
             rules,
             domains,
-            holds: Arc::new(holds),
+            holds: Arc::new(HoldsHandle(RwLock::new(Arc::new(holds)))),
             account_files,
         })
     }
 
-    /// After a reload: a domain whose destination and probe address did not
-    /// change keeps its verification.
-    pub fn inherit_verification(&self, old: &Policy) {
-        for (name, d) in &self.domains {
-            if let Some(o) = old.domains.get(name) {
-                let same = o.config.verify == d.config.verify
-                    && o.config.destination == d.config.destination;
-                if same && d.config.verify.is_some() && !old.holds.awaiting_verification(name) {
-                    self.holds.release(name);
-                }
-            }
-        }
-        self.holds.set_persisted(old.holds.persisted());
+    /// After a reload: the new policy takes over the running holds
+    /// handle (so messages that started under the old policy follow holds
+    /// too) and fills it from `state_dir` for its own domains.
+    pub fn take_over_holds(&mut self, old: &Policy) -> Vec<String> {
+        self.holds = old.holds.clone();
+        self.refresh_state()
     }
 
-    /// Re-reads the admin and breaker state of every domain from
-    /// `state_dir`. A state file that cannot be read holds its domain: when
-    /// in doubt, do not route (errors are returned for the log).
+    /// Re-reads the admin, breaker and verification state of every domain
+    /// from `state_dir` (src/holds.rs). A state file that cannot be read
+    /// holds its domain: when in doubt, do not route (errors are returned
+    /// for the log).
     pub fn refresh_state(&self) -> Vec<String> {
-        let dir = crate::state::StateDir::new(&self.config.state_dir);
-        let mut holds = HashMap::new();
-        let mut errors = Vec::new();
-        for name in self.domains.keys() {
-            match dir.load(name) {
-                Ok(st) => {
-                    if let Some(r) = st.hold_reason() {
-                        holds.insert(name.clone(), r);
-                    }
-                }
-                Err(e) => {
-                    holds.insert(name.clone(), format!("state file unreadable: {e}"));
-                    errors.push(e.to_string());
-                }
-            }
-        }
-        self.holds.set_persisted(holds);
+        let (holds, errors) = Holds::read(&self.config);
+        self.holds.replace(holds);
         errors
     }
 

@@ -5,7 +5,7 @@
 
 use crate::address::{xtext, RcptArg};
 use crate::config::LocalPartCase;
-use crate::decision::{decide, Decision, Envelope, Verdict};
+use crate::decision::{decide_rcpt, Decision, Envelope, Verdict};
 use crate::policy::Policy;
 use std::{fmt::Write as _, net::IpAddr, sync::Arc};
 
@@ -52,14 +52,21 @@ impl Message {
         }
     }
 
-    /// Decides a RCPT and remembers it. A recipient given twice with the
-    /// same argument is decided once.
-    pub fn rcpt(&mut self, arg: RcptArg) -> &Verdict {
+    /// Decides a RCPT and remembers it; `mta` is the MTA's own parse of
+    /// the address (`{rcpt_addr}`), when it sent one. A recipient given
+    /// twice with the same argument is decided once.
+    pub fn rcpt(&mut self, arg: RcptArg, mta: Option<&str>) -> &Verdict {
         if let Some(i) = self.recipients.iter().position(|r| r.arg.raw == arg.raw) {
             return &self.recipients[i].verdict;
         }
-        let verdict = decide(&self.policy, &self.envelope, arg.address.as_ref());
-        let list = if matches!(verdict.decision, Decision::Reject(_)) {
+        // Holds are read per RCPT, not per message: a `disable` or a
+        // breaker trip takes effect at once.
+        let holds = self.policy.holds.current();
+        let verdict = decide_rcpt(&self.policy, &holds, &self.envelope, &arg, mta);
+        let list = if matches!(
+            verdict.decision,
+            Decision::Reject(_) | Decision::Tempfail(_)
+        ) {
             &mut self.rejected
         } else {
             &mut self.recipients
@@ -90,8 +97,18 @@ impl Message {
         if !routes {
             return plan;
         }
+        // Our own header: the message has passed through this instance
+        // before. Copies are not made again (local recipients still get it);
+        // a recipient to redirect would go round the loop or, kept, into the
+        // catch-all, so the message is refused, as Postfix refuses a
+        // forwarding loop (554 5.4.6, RFC 3463: routing loop detected). A
+        // forged header only refuses the forger's own message.
         if self.loop_header {
             plan.loop_detected = true;
+            plan.refuse_loop = self
+                .recipients
+                .iter()
+                .any(|r| matches!(r.verdict.decision, Decision::Redirect(_)));
             return plan;
         }
         // Every recipient the message will have, as paths: the ones it keeps
@@ -158,7 +175,7 @@ impl Message {
                     }
                     add(&mut plan, target, args);
                 }
-                Decision::Keep | Decision::Reject(_) => {}
+                Decision::Keep | Decision::Reject(_) | Decision::Tempfail(_) => {}
             }
         }
         // Only a message that was changed is marked.
@@ -210,4 +227,6 @@ pub struct Plan {
     pub header: Option<String>,
     /// The message already passed through this instance: nothing routed.
     pub loop_detected: bool,
+    /// ... and a recipient would be redirected: refuse it (554 5.4.6).
+    pub refuse_loop: bool,
 }

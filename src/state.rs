@@ -49,6 +49,11 @@ pub struct Verification {
     pub at: u64,
     pub passed: bool,
     pub detail: String,
+    /// What was probed (`holds::probe_target`): a pass counts only for the
+    /// destination and address configured when it was recorded. Records
+    /// from before this field read as empty, i.e. "probe again".
+    #[serde(default)]
+    pub target: String,
 }
 
 /// Everything persisted about one domain.
@@ -57,23 +62,6 @@ pub struct DomainState {
     pub disabled: Option<Disabled>,
     pub tripped: Option<Tripped>,
     pub verification: Option<Verification>,
-}
-
-impl DomainState {
-    /// Why routing is off because of persisted state (admin or breaker).
-    pub fn hold_reason(&self) -> Option<String> {
-        if let Some(d) = &self.disabled {
-            return Some(format!("disabled by an administrator since {} ({}); `dualroute enable` switches it back on", when(d.since), d.reason));
-        }
-        self.tripped.as_ref().map(|t| {
-            format!(
-                "bounce breaker tripped since {}: {} permanent failures of routed mail within {}s; `dualroute enable` switches it back on",
-                when(t.since),
-                t.bounces,
-                t.window_secs
-            )
-        })
-    }
 }
 
 /// Year, month, day, hour, minute, second (UTC) of a Unix time, by Howard
@@ -156,7 +144,10 @@ impl StateDir {
         std::fs::write(&tmp, text)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        // The rename lives in the directory: without syncing it a crash can
+        // lose a breaker trip or a `disable` that was already reported.
+        std::fs::File::open(&self.dir)?.sync_all()
     }
 
     fn remove(&self, domain: &str, kind: &str) -> io::Result<bool> {
@@ -221,13 +212,13 @@ mod tests {
         };
         s.trip("example.com", &t).unwrap();
         let st = s.load("example.com").unwrap();
-        assert!(st
-            .hold_reason()
-            .unwrap()
-            .contains("disabled by an administrator"));
+        assert_eq!(
+            st.disabled.map(|d| d.reason).as_deref(),
+            Some("maintenance")
+        );
         assert_eq!(st.tripped, Some(t));
         assert_eq!(s.enable("example.com").unwrap(), (true, true));
-        assert_eq!(s.load("example.com").unwrap().hold_reason(), None);
+        assert_eq!(s.load("example.com").unwrap(), DomainState::default());
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(&s.dir).unwrap().count(), 0);
     }

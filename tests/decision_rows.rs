@@ -254,19 +254,36 @@ async fn domain_destination_without_change_envelope_uses_the_relay_domain() {
 }
 
 #[tokio::test]
-async fn disabled_and_unmanaged_domains_are_transparent() {
+async fn unmanaged_domains_are_transparent() {
     let milter = Milter::start(CONFIG).await;
-    for rcpt in [
-        "<alice@off.test>",
-        "<zed@off.test>",
-        "<someone@elsewhere.example>",
-        "<alice@sub.split.test>",
-    ] {
+    for rcpt in ["<someone@elsewhere.example>", "<alice@sub.split.test>"] {
         assert_untouched(&one(&milter, &[rcpt]).await);
     }
-    // Also from a gateway and under require_gateway rules: rule 1 comes first.
-    let d = milter.deliver(GATEWAY, None, &[&["<zed@off.test>"]]).await;
-    assert_untouched(&d);
+    milter.shutdown().await;
+}
+
+/// Routing off (`enabled: false`, rule 1): a mailbox here is kept, what
+/// would be routed away and has no mailbox here is refused for now — from
+/// an ordinary client and from a gateway alike.
+#[tokio::test]
+async fn disabled_domain_keeps_mailboxes_and_tempfails_the_rest() {
+    let milter = Milter::start(CONFIG).await;
+    for client in [CLIENT, GATEWAY] {
+        let d = milter.deliver(client, None, &[&["<alice@off.test>"]]).await;
+        assert_untouched(&d);
+        let d = milter.deliver(client, None, &[&["<zed@off.test>"]]).await;
+        match d.status() {
+            Status::Tempfail { message: Some(m) } => {
+                let m = m.to_string_lossy();
+                assert!(
+                    m.starts_with("451 4.4.4 <zed@off.test>: routing of mail for off.test is paused (enabled: false"),
+                    "{m}"
+                );
+            }
+            other => panic!("expected 451 4.4.4, got {other:?}"),
+        }
+        assert_actions(&d.actions, &[]);
+    }
     milter.shutdown().await;
 }
 

@@ -2,8 +2,10 @@
 //! [`decide`] function (no milter, no I/O).
 
 use dualroute::address::RcptArg;
-use dualroute::decision::{decide, Decision, Envelope, Rule};
+use dualroute::decision::{decide_rcpt, Decision, Envelope, Off, OffEffect, Rule};
+use dualroute::holds::{Hold, Holds};
 use dualroute::policy::Policy;
+use dualroute::state::{Disabled, Tripped, Verification};
 
 const CONFIG: &str = r#"
 instance: mx1.test
@@ -46,9 +48,20 @@ fn policy() -> Policy {
 }
 
 fn verdict(p: &Policy, env: &Envelope, rcpt: &str) -> (Decision, Rule) {
+    verdict_held(p, &Holds::default(), env, rcpt)
+}
+
+fn verdict_held(p: &Policy, holds: &Holds, env: &Envelope, rcpt: &str) -> (Decision, Rule) {
     let arg = RcptArg::parse(&[rcpt]);
-    let v = decide(p, env, arg.address.as_ref());
+    let v = decide_rcpt(p, holds, env, &arg, None);
     (v.decision, v.rule)
+}
+
+fn tempfail_code(d: &Decision) -> Option<(&'static str, &'static str)> {
+    match d {
+        Decision::Tempfail(r) => Some((r.code, r.xcode)),
+        _ => None,
+    }
 }
 
 fn outsider() -> Envelope {
@@ -149,20 +162,119 @@ fn rule_1_not_managed_or_disabled() {
         verdict(&p, &e, "<alice@elsewhere.example>"),
         (Decision::Keep, Rule::NotManaged)
     );
+    // enabled: false: what routing would send away and has no mailbox here
+    // is refused for now, never delivered into the catch-all.
+    let paused = Rule::Off {
+        why: Off::Config,
+        effect: OffEffect::Paused,
+    };
+    let (d, r) = verdict(&p, &e, "<alice@off.test>");
     assert_eq!(
-        verdict(&p, &e, "<alice@off.test>"),
-        (Decision::Keep, Rule::Disabled)
+        (tempfail_code(&d), r),
+        (Some(("451", "4.4.4")), paused.clone())
     );
-    // Disabled wins over everything else, the gateway rule included.
-    assert_eq!(
-        verdict(&p, &gateway(), "<zed@off.test>"),
-        (Decision::Keep, Rule::Disabled)
-    );
+    // Routing off wins over the gateway rule.
+    let (d, r) = verdict(&p, &gateway(), "<zed@off.test>");
+    assert_eq!((tempfail_code(&d), r), (Some(("451", "4.4.4")), paused));
     assert_eq!(verdict(&p, &e, "<>"), (Decision::Keep, Rule::NotAnAddress));
+    // An argument of a managed domain that cannot be parsed is refused
+    // 550 5.1.3; one of another domain is left alone.
+    let (d, r) = verdict(&p, &e, "<not an address@split.test>");
+    assert_eq!(reject_code(&d), Some(("550", "5.1.3")), "{r}");
+    assert!(matches!(r, Rule::BadAddress(_)), "{r:?}");
     assert_eq!(
-        verdict(&p, &e, "<not an address>"),
+        verdict(&p, &e, "<not an address@elsewhere.example>"),
         (Decision::Keep, Rule::NotAnAddress)
     );
+}
+
+/// Every cause of "routing off" gives the same decisions (docs/design.md,
+/// "Routing off"): mailboxes here are kept without copies, what would be
+/// routed away and has no mailbox here gets 451 4.4.4, refusals stay.
+#[test]
+fn routing_off_same_for_every_cause() {
+    let p = policy();
+    let causes = [
+        Hold::Disabled(Disabled {
+            since: 1,
+            reason: "maintenance".into(),
+        }),
+        Hold::Tripped(Tripped {
+            since: 1,
+            bounces: 20,
+            window_secs: 3600,
+            last: "status=bounced".into(),
+        }),
+        Hold::Verification {
+            address: "postmaster@new.example".into(),
+            last: Some(Verification {
+                at: 1,
+                passed: false,
+                detail: "550 no".into(),
+                target: String::new(),
+            }),
+        },
+        Hold::Unreadable("split.test.tripped: bad".into()),
+    ];
+    let e = outsider();
+    for hold in causes {
+        let mut holds = Holds::default();
+        for d in [
+            "split.test",
+            "dual.test",
+            "dualall.test",
+            "route.test",
+            "locked.test",
+        ] {
+            holds.insert(d, hold.clone());
+        }
+        let off = |effect| Rule::Off {
+            why: Off::Hold(hold.clone()),
+            effect,
+        };
+        let v = |rcpt: &str| verdict_held(&p, &holds, &e, rcpt);
+        assert_eq!(
+            v("<alice@split.test>"),
+            (Decision::Keep, off(OffEffect::Kept))
+        );
+        assert_eq!(
+            v("<erin@split.test>"),
+            (Decision::Keep, off(OffEffect::Kept))
+        );
+        assert_eq!(
+            v("<carol@split.test>"),
+            (Decision::Keep, off(OffEffect::CopySkipped))
+        );
+        assert_eq!(
+            v("<alice@dual.test>"),
+            (Decision::Keep, off(OffEffect::CopySkipped))
+        );
+        assert_eq!(
+            v("<zed@dualall.test>"),
+            (Decision::Keep, off(OffEffect::CopySkipped))
+        );
+        assert_eq!(
+            v("<alice@route.test>"),
+            (Decision::Keep, off(OffEffect::KeptInsteadOfRedirect))
+        );
+        for paused in ["<zed@split.test>", "<dave@split.test>", "<zed@route.test>"] {
+            let (d, r) = v(paused);
+            assert_eq!(tempfail_code(&d), Some(("451", "4.4.4")), "{paused}: {d}");
+            assert_eq!(r, off(OffEffect::Paused), "{paused}");
+            assert!(d.to_string().contains("paused"), "{d}");
+        }
+        // Unknown in dual mode is still unknown; the lock-down still holds.
+        let (d, _) = v("<zed@dual.test>");
+        assert_eq!(reject_code(&d), Some(("550", "5.1.1")));
+        let (d, r) = v("<alice@locked.test>");
+        assert_eq!(
+            (reject_code(&d), r),
+            (Some(("550", "5.7.1")), Rule::RequireGateway)
+        );
+        // The gateway is exempt from the lock-down, not from the hold.
+        let (d, _) = verdict_held(&p, &holds, &gateway(), "<zed@locked.test>");
+        assert_eq!(tempfail_code(&d), Some(("451", "4.4.4")));
+    }
 }
 
 #[test]

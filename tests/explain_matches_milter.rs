@@ -16,7 +16,7 @@ mod common;
 use common::*;
 use dualroute::address::RcptArg;
 use dualroute::config::Mode;
-use dualroute::decision::{decide, Envelope, Rule};
+use dualroute::decision::{decide_rcpt, Envelope, Off, OffEffect, Rule};
 use dualroute::explain::explain;
 use indymilter_test::{EomAction, Status};
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, process::Command};
@@ -58,6 +58,8 @@ enum Fate {
     Redirect(String),
     /// The full reply: code, enhanced code, text.
     Reject(String),
+    /// A 4xx refusal at RCPT, with its full reply.
+    Tempfail(String),
 }
 
 /// The decision part of an explain line: `INPUT: DECISION — RULE[ (note)]`.
@@ -77,6 +79,8 @@ fn explained_fate(input: &str, line: &str) -> Fate {
         Fate::Redirect(to.to_owned())
     } else if let Some(reply) = decision.strip_prefix("reject ") {
         Fate::Reject(reply.to_owned())
+    } else if let Some(reply) = decision.strip_prefix("tempfail ") {
+        Fate::Tempfail(reply.to_owned())
     } else {
         panic!("unknown decision in explain line {line:?}")
     }
@@ -94,6 +98,11 @@ fn milter_fate(raw: &str, d: &Delivery) -> Fate {
     if let Status::Reject { .. } = d.status() {
         assert_actions(&d.actions, &[]);
         return Fate::Reject(rejection(d.status()));
+    }
+    if let Status::Tempfail { message } = d.status() {
+        assert_actions(&d.actions, &[]);
+        let reply = message.as_ref().map(|m| m.to_string_lossy().into_owned());
+        return Fate::Tempfail(reply.unwrap_or_default());
     }
     assert_eq!(d.status(), &Status::Continue, "RCPT {raw}");
     assert_eq!(d.eom, Status::Continue, "end of message for {raw}");
@@ -184,7 +193,7 @@ async fn compare(explain_client: Option<IpAddr>, milter_client: IpAddr, auth: Op
 
     let milter = Milter::start(CONFIG).await;
     for (input, command_line) in ADDRESSES.iter().zip(&lines) {
-        let library_line = explain(&policy, &envelope, input);
+        let library_line = explain(&policy, &policy.holds.current(), &envelope, input);
         assert_eq!(
             command_line, &library_line,
             "`dualroute explain` and explain() differ for {input}"
@@ -248,7 +257,7 @@ fn addresses_cover_every_rule() {
     for envelope in &envelopes {
         for input in ADDRESSES {
             let arg = RcptArg::parse(&[rcpt_arg(input)]);
-            let rule = decide(&policy, envelope, arg.address.as_ref()).rule;
+            let rule = decide_rcpt(&policy, &policy.holds.current(), envelope, &arg, None).rule;
             if !seen.contains(&rule) {
                 seen.push(rule);
             }
@@ -262,7 +271,10 @@ fn addresses_cover_every_rule() {
     let every = [
         Rule::NotAnAddress,
         Rule::NotManaged,
-        Rule::Disabled,
+        Rule::Off {
+            why: Off::Config,
+            effect: OffEffect::Paused,
+        },
         Rule::Gateway { present: true },
         Rule::Gateway { present: false },
         Rule::RequireGateway,
@@ -276,7 +288,7 @@ fn addresses_cover_every_rule() {
         mode(Mode::Dual, true, false),
         mode(Mode::Route, true, true),
         mode(Mode::Route, false, true),
-        mode(Mode::Route, true, false),
+        mode(Mode::Route, false, false),
     ];
     for rule in every {
         assert!(

@@ -272,10 +272,18 @@ async fn duplicate_rcpt_is_routed_once() {
     milter.shutdown().await;
 }
 
+/// Our own `X-Dualroute` header: copies are not made again, and a message
+/// with a recipient to redirect is refused 554 5.4.6 (routing loop) —
+/// never delivered into the catch-all.
 #[tokio::test]
-async fn own_loop_header_stops_all_routing() {
+async fn own_loop_header_refuses_redirects_and_skips_copies() {
     let milter = Milter::start(CONFIG).await;
-    let rcpts: &[&[&str]] = &[
+    let copies: &[&[&str]] = &[
+        &["<alice@dual.test>"],
+        &["<carol@split.test>"],
+        &["<alice@split.test>"],
+    ];
+    let with_redirect: &[&[&str]] = &[
         &["<zed@split.test>"],
         &["<alice@dual.test>"],
         &["<carol@split.test>"],
@@ -290,8 +298,7 @@ async fn own_loop_header_stops_all_routing() {
     ];
     for headers in variants {
         let mut session = milter.session(CLIENT).await;
-        let d = session.message(None, rcpts, headers).await;
-        session.close().await;
+        let d = session.message(None, copies, headers).await;
         assert!(
             d.rcpt.iter().all(|s| *s == Status::Continue),
             "{headers:?}: {:?}",
@@ -299,6 +306,20 @@ async fn own_loop_header_stops_all_routing() {
         );
         assert_actions(&d.actions, &[]);
         assert_eq!(d.eom, Status::Continue, "{headers:?}");
+
+        let d = session.message(None, with_redirect, headers).await;
+        assert!(
+            d.rcpt.iter().all(|s| *s == Status::Continue),
+            "{:?}",
+            d.rcpt
+        );
+        assert_actions(&d.actions, &[]);
+        let reply = rejection(&d.eom);
+        assert!(
+            reply.starts_with("554 5.4.6 ") && reply.contains("routing loop"),
+            "{headers:?}: {reply}"
+        );
+        session.close().await;
     }
     milter.shutdown().await;
 }
@@ -321,8 +342,11 @@ async fn another_instances_loop_header_is_routed_normally() {
     milter.shutdown().await;
 }
 
+/// `<>`, garbage and addresses of other domains are left alone; an
+/// argument of a managed domain that cannot be parsed is refused 550 5.1.3
+/// (never kept: the MTA may read it as a real mailbox).
 #[tokio::test]
-async fn null_and_garbage_recipients_are_left_alone() {
+async fn garbage_left_alone_unparsable_managed_refused() {
     let milter = Milter::start(CONFIG).await;
     let mut session = milter.session(CLIENT).await;
     let garbage: &[&str] = &[
@@ -332,11 +356,9 @@ async fn null_and_garbage_recipients_are_left_alone() {
         "garbage",
         "<@>",
         "<zed@>",
-        "<@split.test>",
-        "<zed@split.test",
-        "<\"unterminated@split.test>",
         "<zed@-bad-.split.test>",
         "<@relay.example:>",
+        "<zed@elsewhere.example@>",
         "",
     ];
     for g in garbage {
@@ -345,18 +367,27 @@ async fn null_and_garbage_recipients_are_left_alone() {
         assert_actions(&d.actions, &[]);
         assert_eq!(d.eom, Status::Continue, "{g:?}");
     }
-    // Bytes that are not UTF-8.
+    let unparsable: &[&str] = &[
+        "<@split.test>",
+        "<zed@split.test",
+        "<\"unterminated@split.test>",
+        "<zed@split.test@>",
+        "<<alice@split.test>>",
+        "alice@split.test>",
+        "<not an address@split.test>",
+    ];
+    for u in unparsable {
+        session.mail(None).await;
+        assert_rejected(&session.rcpt(&[u]).await, "550 5.1.3");
+        session.abort().await;
+    }
+    // Bytes that are not UTF-8, in a managed domain: refused too.
     session.mail(None).await;
-    assert_eq!(
-        session.rcpt_bytes(&[b"<z\xffed@split.test>"]).await,
-        Status::Continue
+    assert_rejected(
+        &session.rcpt_bytes(&[b"<z\xffed@split.test>"]).await,
+        "550 5.1.3",
     );
-    let (actions, status) = {
-        session.data(&[]).await;
-        session.eom().await
-    };
-    assert_actions(&actions, &[]);
-    assert_eq!(status, Status::Continue);
+    session.abort().await;
 
     // Garbage next to a real recipient: only the real one is touched. A
     // panic in the milter would have dropped this connection, so this also

@@ -42,7 +42,7 @@ proptest! {
         }
         let _ = arg.original_mailbox();
         let mut m = Message::new(policy(), Envelope::default(), "<s@x>".into());
-        m.rcpt(arg.clone());
+        m.rcpt(arg.clone(), None);
         m.header("X-Dualroute", &hdr);
         let plan = m.plan();
         // Every delete names the RCPT argument exactly as received, or (for

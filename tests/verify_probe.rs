@@ -119,8 +119,10 @@ fn unknown_domain_or_no_verify_address() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a managed domain"));
 }
 
-/// Sends one message to `zed@example.com` and returns the actions.
-async fn route_once(addr: std::net::SocketAddr) -> Vec<EomAction> {
+/// Sends one message to `zed@example.com` (no mailbox here): `None` when
+/// the milter refused the RCPT for now (`451 4.4.4`, routing held), else the
+/// end-of-message actions.
+async fn route_once(addr: std::net::SocketAddr) -> Option<Vec<EomAction>> {
     let mut conn = TestConnection::open(addr).await.unwrap();
     assert_eq!(
         conn.connect("client.test", [203, 0, 113, 5]).await.unwrap(),
@@ -130,14 +132,25 @@ async fn route_once(addr: std::net::SocketAddr) -> Vec<EomAction> {
         conn.mail(["<s@sender.test>"]).await.unwrap(),
         Status::Continue
     );
-    assert_eq!(
-        conn.rcpt(["<zed@example.com>"]).await.unwrap(),
-        Status::Continue
-    );
+    match conn.rcpt(["<zed@example.com>"]).await.unwrap() {
+        Status::Continue => {}
+        Status::Tempfail { message } => {
+            let reply = message.map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned());
+            assert!(
+                reply
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("451 4.4.4 ")),
+                "{reply:?}"
+            );
+            conn.close().await.unwrap();
+            return None;
+        }
+        other => panic!("RCPT <zed@example.com>: {other:?}"),
+    }
     let (actions, status) = conn.eom().await.unwrap();
     assert_eq!(status, Status::Continue);
     conn.close().await.unwrap();
-    actions.actions
+    Some(actions.actions)
 }
 
 async fn milter_with_verify(nexthop: &str) -> (common::Milter, dualroute::policy::SharedPolicy) {
@@ -161,11 +174,15 @@ async fn milter_holds_routing_until_verified() {
         // Read before the message: the probe may release the domain while
         // the message is under way, but a message that starts after the
         // release must be routed.
-        let held_before = shared.read().unwrap().holds.reason("example.com").is_some();
+        let held_before = shared
+            .read()
+            .unwrap()
+            .holds
+            .current()
+            .get("example.com")
+            .is_some();
         let actions = route_once(milter.addr()).await;
-        if actions.is_empty() {
-            assert!(held_before, "no actions although the domain was not held");
-        } else {
+        if let Some(actions) = actions {
             assert!(
                 actions.contains(&EomAction::DeleteRecipient {
                     rcpt: c"<zed@example.com>".into()
@@ -174,6 +191,8 @@ async fn milter_holds_routing_until_verified() {
             );
             routed = true;
             break;
+        } else {
+            assert!(held_before, "refused although the domain was not held");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -194,7 +213,9 @@ async fn milter_keeps_routing_off_when_probe_refused() {
             .read()
             .unwrap()
             .holds
-            .reason("example.com")
+            .current()
+            .get("example.com")
+            .map(ToString::to_string)
             .unwrap_or_default();
         if reason.contains("last probe failed") {
             break;
@@ -202,17 +223,19 @@ async fn milter_keeps_routing_off_when_probe_refused() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(reason.contains("last probe failed"), "{reason}");
-    assert!(
-        route_once(milter.addr()).await.is_empty(),
+    assert_eq!(
+        route_once(milter.addr()).await,
+        None,
         "a held domain must not be routed"
     );
     let policy = shared.read().unwrap().clone();
     let v = dualroute::decision::decide(
         &policy,
+        &policy.holds.current(),
         &Default::default(),
         dualroute::address::RcptArg::parse(&["<zed@example.com>"])
             .address
             .as_ref(),
     );
-    assert_eq!(v.decision, Decision::Keep);
+    assert!(matches!(v.decision, Decision::Tempfail(_)), "{v:?}");
 }

@@ -1,0 +1,169 @@
+//! Why routing for a domain is off at run time (docs/design.md, "Routing
+//! off"): an administrator's `dualroute disable`, a bounce-breaker trip, a
+//! destination not yet verified, or a state file that cannot be read.
+//!
+//! Every hold is derived from the configuration and the files under
+//! `state_dir` by one function, [`Holds::read`], so the running milter and
+//! the one-shot commands (`explain`, `status`) see the same truth. The
+//! verification probe records its result there too, with the destination
+//! and address it probed: a pass counts only while both are unchanged, so
+//! a restart keeps a verified domain routing and a changed destination is
+//! probed again.
+
+use crate::config::{Config, Destination, DomainConfig};
+use crate::state::{self, Disabled, StateDir, Tripped, Verification};
+use std::{collections::HashMap, fmt};
+
+/// One reason routing for a domain is off.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Hold {
+    /// `dualroute disable DOMAIN`.
+    Disabled(Disabled),
+    /// The bounce breaker switched routing off.
+    Tripped(Tripped),
+    /// `verify:` is set and the destination has not (yet) accepted the
+    /// probe address; `last` is the most recent probe of this destination.
+    Verification {
+        address: String,
+        last: Option<Verification>,
+    },
+    /// A state file of the domain cannot be read: when in doubt, do not
+    /// route.
+    Unreadable(String),
+}
+
+impl Hold {
+    /// A few words for the SMTP reply: what paused routing, without the
+    /// details (those go to the log and to `explain`).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Hold::Disabled(_) => "disabled by the administrator",
+            Hold::Tripped(_) => "switched off by the bounce breaker",
+            Hold::Verification { .. } => "waiting for verification of the destination",
+            Hold::Unreadable(_) => "routing state unreadable",
+        }
+    }
+}
+
+impl fmt::Display for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hold::Disabled(d) => write!(
+                f,
+                "disabled by an administrator since {} ({}); `dualroute enable` switches it back on",
+                state::when(d.since),
+                d.reason
+            ),
+            Hold::Tripped(t) => write!(
+                f,
+                "bounce breaker tripped since {}: {} permanent failures of routed mail within {}s; `dualroute enable` switches it back on",
+                state::when(t.since),
+                t.bounces,
+                t.window_secs
+            ),
+            Hold::Verification { address, last: None } => write!(
+                f,
+                "waiting for verification: the destination has not yet accepted {address} (no probe yet)"
+            ),
+            Hold::Verification {
+                address,
+                last: Some(v),
+            } => write!(
+                f,
+                "waiting for verification of {address}: last probe failed {}: {}",
+                state::when(v.at),
+                v.detail
+            ),
+            Hold::Unreadable(e) => write!(
+                f,
+                "state file unreadable: {e}; fix or remove it to resume routing"
+            ),
+        }
+    }
+}
+
+/// What the verification probe of a domain checks: the destination and
+/// the probe address. A recorded pass is valid for exactly this.
+pub fn probe_target(d: &DomainConfig) -> String {
+    let verify = d
+        .verify
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let dest = match &d.destination {
+        Destination::Hosts(h) => {
+            let h: Vec<String> = h.iter().map(ToString::to_string).collect();
+            format!("hosts {}", h.join(", "))
+        }
+        Destination::Domain {
+            domain,
+            change_envelope,
+        } => format!("domain {domain} change_envelope={change_envelope}"),
+    };
+    format!("RCPT TO:<{verify}> at {dest}")
+}
+
+/// The holds of every managed domain, as read from `state_dir`.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Holds {
+    by_domain: HashMap<String, Hold>,
+}
+
+impl Holds {
+    /// Reads the holds of every domain of `config`. A state file that
+    /// cannot be read holds its domain; the errors are returned for the log.
+    pub fn read(config: &Config) -> (Holds, Vec<String>) {
+        let dir = StateDir::new(&config.state_dir);
+        let mut by_domain = HashMap::new();
+        let mut errors = Vec::new();
+        for (name, d) in &config.domains {
+            let name = &name.0;
+            let st = match dir.load(name) {
+                Ok(st) => st,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    by_domain.insert(name.clone(), Hold::Unreadable(e.to_string()));
+                    continue;
+                }
+            };
+            let hold = if let Some(x) = st.disabled {
+                Some(Hold::Disabled(x))
+            } else if let Some(t) = st.tripped {
+                Some(Hold::Tripped(t))
+            } else if let Some(address) = &d.verify {
+                // Only a probe of the destination and address configured now
+                // counts; an older record (another destination) is ignored.
+                let last = st.verification.filter(|v| v.target == probe_target(d));
+                match last {
+                    Some(v) if v.passed => None,
+                    last => Some(Hold::Verification {
+                        address: address.to_string(),
+                        last,
+                    }),
+                }
+            } else {
+                None
+            };
+            if let Some(h) = hold {
+                by_domain.insert(name.clone(), h);
+            }
+        }
+        (Holds { by_domain }, errors)
+    }
+
+    /// Why routing for `domain` is off, if it is.
+    pub fn get(&self, domain: &str) -> Option<&Hold> {
+        self.by_domain.get(domain)
+    }
+
+    /// Whether `domain` waits for a successful verification probe.
+    pub fn awaiting_verification(&self, domain: &str) -> bool {
+        matches!(self.get(domain), Some(Hold::Verification { .. }))
+    }
+
+    /// Holds `domain` (tests, and the one-off holds of callers that know
+    /// better than the state files).
+    pub fn insert(&mut self, domain: &str, hold: Hold) {
+        self.by_domain.insert(domain.to_owned(), hold);
+    }
+}
