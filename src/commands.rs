@@ -186,8 +186,28 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
             for r in &reports {
                 println!("{r}");
             }
-            if reports.iter().any(|r| r.accepted) {
-                println!("{name}: verified: the destination accepts {rcpt}");
+            let accepted = reports.iter().find(|r| r.accepted);
+            // Recorded as the running milter records its own probes: a pass
+            // releases a domain held for verification within seconds,
+            // without waiting for the milter's next retry (src/holds.rs).
+            let v = crate::state::Verification {
+                at: crate::state::now(),
+                passed: accepted.is_some(),
+                detail: match accepted {
+                    Some(r) => format!("{} accepts {rcpt} (dualroute verify)", r.target.addr),
+                    None => format!("no host accepted {rcpt} (dualroute verify)"),
+                },
+                target: crate::holds::probe_target(&d.config),
+            };
+            let dir = crate::state::StateDir::new(&policy.config.state_dir);
+            if let Err(e) = dir.record_verification(&name, &v) {
+                eprintln!(
+                    "{name}: cannot record the result in {}: {e}",
+                    dir.dir.display()
+                );
+            }
+            if accepted.is_some() {
+                println!("{name}: verified: the destination accepts {rcpt}; routing starts within seconds");
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!("{name}: NOT verified: no host accepted {rcpt}");

@@ -61,6 +61,8 @@ struct Setup {
     /// Expect postfix-config to generate `dualroute_catchall` (which
     /// [`PostfixConfig::apply_to`] adds to `virtual_mailbox_maps`).
     catchall: bool,
+    /// The other server refuses every RCPT at first.
+    rejecting_sink: bool,
 }
 
 fn setup(domains_yaml: &str) -> Setup {
@@ -70,6 +72,7 @@ fn setup(domains_yaml: &str) -> Setup {
         postfix: PostfixOptions::default(),
         to_sink: Vec::new(),
         catchall: true,
+        rejecting_sink: false,
     }
 }
 
@@ -101,6 +104,11 @@ impl Setup {
         self
     }
 
+    fn rejecting_sink(mut self) -> Self {
+        self.rejecting_sink = true;
+        self
+    }
+
     fn route_to_sink(mut self, domain: &str) -> Self {
         self.to_sink.push(domain.to_owned());
         self
@@ -117,7 +125,11 @@ impl Setup {
             .tempdir()
             .expect("create a temporary directory");
         let dir = tmp.path().to_path_buf();
-        let sink = SmtpSink::start();
+        let sink = if self.rejecting_sink {
+            SmtpSink::start_rejecting()
+        } else {
+            SmtpSink::start()
+        };
         let milter_port = free_port();
 
         // 1. milter.yaml
@@ -1359,4 +1371,251 @@ fn subaddress_of_a_present_user_with_only_postfix_config_settings() {
         "{}",
         e.diag()
     );
+}
+
+/// Where one odd RCPT form ended up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Refused at RCPT with this code and enhanced code.
+    Refused(u16, &'static str),
+    /// Delivered into this Maildir (relative to the Maildir root).
+    Maildir(&'static str),
+    /// Received by the sink (the other server) as this address.
+    Sink(&'static str),
+}
+
+/// Odd RCPT forms (DESIGN.md §3, docs/design.md "Addresses") from an
+/// outside client that is neither a gateway nor authenticated, through the
+/// real Postfix: to a `split` domain and to a `require_gateway` domain.
+/// Postfix parses each form into a mailbox (`{rcpt_addr}`); the milter
+/// either decides on that same mailbox or refuses `550 5.1.3` — never keeps
+/// what it cannot read, so nothing lands in the catch-all and nothing gets
+/// past the lock-down. The table of what happened is printed (it is the
+/// before/after table of issue 7).
+#[test]
+fn odd_recipient_forms_are_decided_on_the_mta_address_or_refused() {
+    let long = format!("{}@example.com", "l".repeat(200));
+    let long: &'static str = Box::leak(long.into_boxed_str());
+    let e = setup(
+        r#"  example.com:
+    mode: split
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com, bob@example.com] }]
+  locked.test:
+    mode: split
+    require_gateway: true
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@locked.test] }]
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+    .mailboxes("locked.test", &["alice@locked.test"])
+    .gateway(GATEWAY_IP)
+    .start();
+    let bad = Fate::Refused(550, "5.1.3");
+    let locked = Fate::Refused(550, "5.7.1");
+    let forms: Vec<(&str, Fate)> = vec![
+        // Postfix normalises these into real mailboxes; the milter cannot
+        // parse them: refused, not kept.
+        ("<alice@example.com@>", bad.clone()),
+        ("<<alice@example.com>>", bad.clone()),
+        ("alice@example.com>", bad.clone()),
+        ("<bob@example.com@>", bad.clone()),
+        ("<zed@example.com@>", bad.clone()),
+        ("<@example.com>", bad.clone()),
+        // Forms both read the same way: decided as usual.
+        (
+            "<\"alice\"@example.com>",
+            Fate::Maildir("example.com/alice"),
+        ),
+        (
+            "<@relay.test:alice@example.com>",
+            Fate::Maildir("example.com/alice"),
+        ),
+        ("<ALICE@EXAMPLE.COM.>", Fate::Maildir("example.com/alice")),
+        ("<\"a>b\"@example.com>", Fate::Sink("\"a>b\"@example.com")),
+        // Postfix itself reads `%` as a route to other.test (its percent
+        // hack) and refuses to relay: the milter never sees it.
+        ("<zed%other.test@example.com>", Fate::Refused(554, "5.7.1")),
+        (long, Fate::Sink(long)),
+        // 8-bit (SMTPUTF8) local part: routed like any other (smtp-sink's
+        // dump shows each 8-bit byte as '?').
+        ("<zoë@example.com>", Fate::Sink("zo??@example.com")),
+        // The lock-down holds for every form.
+        ("<alice@locked.test>", locked.clone()),
+        ("<alice@locked.test@>", bad.clone()),
+        ("<<alice@locked.test>>", bad.clone()),
+        ("alice@locked.test>", bad.clone()),
+        ("<\"alice\"@locked.test>", locked.clone()),
+        ("<@relay.test:alice@locked.test>", locked.clone()),
+        ("<ALICE@LOCKED.TEST.>", locked.clone()),
+        ("<@locked.test>", bad.clone()),
+    ];
+    let mut table = Vec::new();
+    let mut failures = Vec::new();
+    for (i, (form, want)) in forms.iter().enumerate() {
+        let subject = format!("odd form {i}");
+        let sink_before = e.sink_deliveries().len();
+        let maildir_before = e.maildir_files().len();
+        let t = e
+            .client_from(OTHER_IP)
+            .send(SENDER, &[form], &message(&subject));
+        let (_, reply) = t
+            .steps
+            .iter()
+            .find(|(c, _)| c.starts_with("RCPT TO:"))
+            .unwrap_or_else(|| panic!("no RCPT for {form}: {t}"));
+        let got = if !reply.is_positive() {
+            format!("{} {}", reply.code, reply.enhanced().unwrap_or("-"))
+        } else {
+            // Postfix accepted it: find where it went.
+            e.finish();
+            let sink: Vec<String> = e.sink_deliveries()[sink_before..]
+                .iter()
+                .map(|d| format!("sink {}", d.rcpt.address))
+                .collect();
+            let files = e.maildir_files();
+            let mailboxes: Vec<String> = files
+                .iter()
+                .filter(|(_, m)| m.header("Subject") == [subject.as_str()])
+                .map(|(dir, _)| format!("maildir {dir}"))
+                .collect();
+            assert!(files.len() >= maildir_before);
+            [sink, mailboxes].concat().join(", ")
+        };
+        let expected = match want {
+            Fate::Refused(code, x) => format!("{code} {x}"),
+            Fate::Maildir(dir) => format!("maildir {dir}"),
+            Fate::Sink(a) => format!("sink {a}"),
+        };
+        let text: String = reply.text.chars().take(90).collect();
+        table.push(format!("| `{form}` | {got} | {text} |"));
+        if got != expected {
+            failures.push(format!("{form}: expected {expected}, got {got}\n{t}"));
+        }
+    }
+    eprintln!(
+        "| RCPT argument | result |\n|---|---|\n{}",
+        table.join("\n")
+    );
+    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), e.diag());
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+    assert!(e.catchall("locked.test").is_empty(), "{}", e.diag());
+}
+
+/// Routing off, whatever the cause — waiting for verification, `dualroute
+/// disable`, an unreadable state file (the breaker: tests/breaker.rs) — is
+/// the same through real Postfix: a mailbox here gets its mail, an address
+/// that would be routed gets `451 4.4.4` naming the cause, the catch-all
+/// stays empty; once routing is back, the sender's retry is routed.
+#[test]
+fn routing_off_for_every_cause_tempfails_then_the_retry_is_routed() {
+    let mut e = setup(
+        r#"  example.com:
+    mode: split
+    verify: postmaster@example.com
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com, bob@example.com] }]
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+    .rejecting_sink()
+    .start();
+    let config = e.milter.config().to_owned();
+    let client = e.client_from(OTHER_IP);
+    // Waits until the running milter follows the new state (it re-reads
+    // state_dir every 2 s), with throw-away recipients, then sends alice
+    // and `rcpt` together: alice delivered, `rcpt` refused for now.
+    let attempts = std::cell::Cell::new(0);
+    let paused = |e: &E2e, rcpt: &str, cause: &str| {
+        let deadline = Instant::now() + support::WAIT;
+        loop {
+            attempts.set(attempts.get() + 1);
+            let probe = format!("wait{}@example.com", attempts.get());
+            let t = client.send(SENDER, &[&probe], &message(&probe));
+            if t.rcpt(&probe).code == 451 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{probe} not refused: {t}\n{}",
+                e.diag()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let t = client.send(SENDER, &["alice@example.com", rcpt], &message(rcpt));
+        let r = t.rcpt(rcpt);
+        assert_eq!(
+            (r.code, r.enhanced()),
+            (451, Some("4.4.4")),
+            "{t}\n{}",
+            e.diag()
+        );
+        assert!(r.text.contains(cause), "{cause:?} missing: {t}");
+        assert!(t.accepted(), "alice must still get it: {t}");
+    };
+    let routed = |e: &E2e, rcpt: &str| {
+        let deadline = Instant::now() + support::WAIT;
+        loop {
+            let t = client.send(SENDER, &[rcpt], &message(rcpt));
+            if t.accepted() {
+                e.finish();
+                let deadline = Instant::now() + support::WAIT;
+                while !e.sink_deliveries().iter().any(|d| d.rcpt.address == rcpt) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{rcpt} not at the sink\n{}",
+                        e.diag()
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                return;
+            }
+            assert_eq!(t.rcpt(rcpt).code, 451, "{t}\n{}", e.diag());
+            assert!(
+                Instant::now() < deadline,
+                "{rcpt} still refused: {t}\n{}",
+                e.diag()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+
+    // 1. Verification: the destination refuses the probe address.
+    paused(
+        &e,
+        "zed1@example.com",
+        "waiting for verification of the destination",
+    );
+    let (_, st) = support::dualroute(&config, &["status"]);
+    assert!(st.contains("WAITING for verification"), "{st}");
+    // The destination is fixed; the admin re-verifies at once.
+    e.sink.accept_all();
+    let (exit, out) = support::dualroute(&config, &["verify", "example.com"]);
+    assert!(exit.success(), "{out}");
+    routed(&e, "zed1@example.com");
+
+    // 2. An administrator's disable.
+    let (exit, out) = support::dualroute(&config, &["disable", "example.com"]);
+    assert!(exit.success(), "{out}");
+    paused(&e, "zed2@example.com", "disabled by the administrator");
+    let (exit, out) = support::dualroute(&config, &["enable", "example.com"]);
+    assert!(exit.success(), "{out}");
+    routed(&e, "zed2@example.com");
+
+    // 3. A state file that cannot be read.
+    let state = config.parent().unwrap().join("state/example.com.disabled");
+    fs::write(&state, "{{{{ not yaml").unwrap();
+    paused(&e, "zed3@example.com", "routing state unreadable");
+    let (exit, st) = support::dualroute(&config, &["status"]);
+    assert!(!exit.success() && st.contains("ERROR"), "{st}");
+    fs::remove_file(&state).unwrap();
+    routed(&e, "zed3@example.com");
+
+    e.finish();
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+    assert_eq!(e.mailbox("alice@example.com").len(), 3, "{}", e.diag());
+    for rcpt in ["zed1@example.com", "zed2@example.com", "zed3@example.com"] {
+        e.sink_rcpt(rcpt);
+    }
 }

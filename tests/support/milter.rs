@@ -148,6 +148,11 @@ impl MilterProcess {
         strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
     }
 
+    /// The milter.yaml it runs with.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }

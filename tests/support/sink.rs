@@ -20,6 +20,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// smtp-sink options that refuse every RCPT: -f implies -p (no
+/// PIPELINING); -B sets the hard reject reply.
+const REJECTING: &[&str] = &[
+    "-f",
+    "RCPT",
+    "-B",
+    "550 5.1.1 Error: recipient rejected by smtp-sink",
+];
+
 /// `smtp-sink` on a free loopback port, dumping each message to a file:
 /// the "other server" of a test. Route mail to it with a transport entry
 /// like `example.com.dualroute.invalid smtp:` + [`SmtpSink::nexthop`].
@@ -39,13 +48,38 @@ impl SmtpSink {
 
     /// A sink that answers every RCPT `550 5.1.1` (so Postfix bounces).
     pub fn start_rejecting() -> SmtpSink {
-        // -f implies -p (no PIPELINING); -B sets the hard reject reply.
-        Self::start_with(&[
-            "-f",
-            "RCPT",
-            "-B",
-            "550 5.1.1 Error: recipient rejected by smtp-sink",
-        ])
+        Self::start_with(REJECTING)
+    }
+
+    /// Turns this sink into one that accepts everything, on the same port
+    /// and dump directory (a destination that was fixed).
+    pub fn accept_all(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let template = format!("{}/%Y%m%d%H%M%S.", self.dump_dir.display());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // The old process may hold the port for a moment after it died.
+        loop {
+            let child = Command::new(tool("smtp-sink"))
+                .args(["-u", "nobody", "-d", &template])
+                .arg(format!("127.0.0.1:{}", self.port))
+                .arg("32")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run smtp-sink");
+            self.child = child;
+            std::thread::sleep(POLL);
+            if is_listening(self.port) && self.child.try_wait().ok().flatten().is_none() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "smtp-sink did not listen again on 127.0.0.1:{}",
+                self.port
+            );
+        }
     }
 
     fn start_with(args: &[&str]) -> SmtpSink {

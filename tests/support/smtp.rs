@@ -320,10 +320,11 @@ fn read_reply(reader: &mut impl BufRead) -> Reply {
     }
 }
 
-/// `addr PARAMS` → `<addr> PARAMS`; `<…>…` as it is; empty → `<>`.
+/// `addr PARAMS` → `<addr> PARAMS`; `<…>…` and `…>` as they are (odd
+/// forms a test sends on purpose); empty → `<>`.
 fn envelope_arg(arg: &str) -> String {
     let arg = arg.trim();
-    if arg.starts_with('<') {
+    if arg.starts_with('<') || arg.ends_with('>') {
         return arg.to_owned();
     }
     match arg.split_once(char::is_whitespace) {
