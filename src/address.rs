@@ -199,9 +199,14 @@ impl RcptArg {
             .filter(|p| !p.is_empty())
             .map(parse_param)
             .collect();
+        // Text glued to the closing bracket (`<a@b.example>>`) is not an
+        // ESMTP parameter: the argument as a whole cannot be parsed.
+        let glued = first
+            .get(path.len()..)
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with(char::is_whitespace));
         RcptArg {
             raw: path.to_owned(),
-            address: parse_path(path),
+            address: if glued { None } else { parse_path(path) },
             params,
         }
     }

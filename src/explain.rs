@@ -11,7 +11,9 @@ use crate::policy::Policy;
 /// `state_dir` as the running milter reads them).
 pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str) -> String {
     let input = input.trim();
-    let path = if input.starts_with('<') {
+    // As the MTA would pass it: an address typed without brackets gets
+    // them; anything with a bracket is taken as written.
+    let path = if input.starts_with('<') || input.ends_with('>') {
         input.to_owned()
     } else {
         format!("<{input}>")

@@ -297,3 +297,78 @@ fn addresses_cover_every_rule() {
         );
     }
 }
+
+/// Odd RCPT forms with `{rcpt_addr}` as real Postfix 3.7 sends it
+/// (checked through tests/postfix_e2e.rs; DESIGN facts): explain (which has
+/// no MTA) and the milter (which checks its parse against the MTA's) agree
+/// on every one, from an ordinary client and under `require_gateway`.
+#[tokio::test]
+async fn odd_forms_agree_with_the_mtas_parse() {
+    let policy = policy(CONFIG);
+    let forms: &[(&str, &str)] = &[
+        ("<alice@split.test@>", "alice@split.test"),
+        ("<<alice@split.test>>", "alice@split.test"),
+        ("alice@split.test>", "alice@split.test"),
+        ("<zed@split.test@>", "zed@split.test"),
+        ("<@relay.example:alice@split.test>", "alice@split.test"),
+        ("<\"alice\"@split.test>", "alice@split.test"),
+        ("<ALICE@SPLIT.TEST.>", "alice@split.test"),
+        ("<@split.test>", "\"\"@split.test"),
+        ("<\"a>b\"@split.test>", "\"a>b\"@split.test"),
+        ("<\"john doe\"@split.test>", "\"john doe\"@split.test"),
+        (
+            "<zed%other.example@split.test>",
+            "zed%other.example@split.test",
+        ),
+        ("<zoë@split.test>", "zoë@split.test"),
+        ("<alice@locked.test@>", "alice@locked.test"),
+        ("<<alice@locked.test>>", "alice@locked.test"),
+        ("<\"alice\"@locked.test>", "alice@locked.test"),
+        ("<@locked.test>", "\"\"@locked.test"),
+        ("<>", ""),
+        ("<postmaster>", "postmaster"),
+        ("<alice@elsewhere.example@>", "alice@elsewhere.example"),
+    ];
+    let long = format!("<{}@split.test>", "x".repeat(300));
+    let long_parsed = format!("{}@split.test", "x".repeat(300));
+    let milter = Milter::start(CONFIG).await;
+    let envelope = Envelope {
+        client: Some(CLIENT),
+        auth: None,
+    };
+    for (raw, parsed) in forms
+        .iter()
+        .copied()
+        .chain([(long.as_str(), long_parsed.as_str())])
+    {
+        let line = explain(&policy, &policy.holds.current(), &envelope, raw);
+        let mut session = milter.session(CLIENT).await;
+        session.mail(None).await;
+        let status = session.rcpt_as_parsed(&[raw], parsed).await;
+        let d = if matches!(status, Status::Continue) {
+            session.data(&[]).await;
+            let (actions, eom) = session.eom().await;
+            Delivery {
+                rcpt: vec![status],
+                actions,
+                eom,
+            }
+        } else {
+            session.abort().await;
+            Delivery {
+                rcpt: vec![status],
+                actions: Vec::new(),
+                eom: Status::Continue,
+            }
+        };
+        session.close().await;
+        assert_eq!(
+            milter_fate(raw, &d),
+            explained_fate(raw, &line),
+            "{raw} (MTA: {parsed}): explain says {line:?}, the milter did {:?} {:?}",
+            d.rcpt,
+            d.actions
+        );
+    }
+    milter.shutdown().await;
+}

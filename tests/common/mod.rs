@@ -169,6 +169,16 @@ impl Session {
             .expect("rcpt stage")
     }
 
+    /// RCPT TO with `args`, preceded by the `{rcpt_addr}` macro as Postfix
+    /// sends it (its own parse of the argument).
+    pub async fn rcpt_as_parsed(&mut self, args: &[&str], rcpt_addr: &str) -> Status {
+        self.conn
+            .macros(MacroStage::Rcpt, [("{rcpt_addr}", rcpt_addr)])
+            .await
+            .expect("macros at RCPT");
+        self.rcpt(args).await
+    }
+
     /// RCPT TO with arguments that need not be UTF-8 (clients send any bytes).
     pub async fn rcpt_bytes(&mut self, args: &[&[u8]]) -> Status {
         let args: Vec<CString> = args
