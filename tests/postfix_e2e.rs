@@ -1619,3 +1619,95 @@ fn routing_off_for_every_cause_tempfails_then_the_retry_is_routed() {
         e.sink_rcpt(rcpt);
     }
 }
+
+/// A real loop through a second hop: the other server sends example.com
+/// mail back to us. The routed message comes back carrying our
+/// X-Dualroute header, and the milter refuses it `554 5.4.6` instead of
+/// routing it again or filing it in the catch-all; the second hop's log
+/// shows the refusal (so its postmaster sees the loop).
+#[test]
+fn real_loop_through_a_second_hop_is_refused() {
+    // The second hop: relays example.com (from loopback, in its
+    // mynetworks) back to us once our port is known.
+    let hop = Postfix::start(
+        PostfixOptions::default()
+            .map("loop_transport", "example.com error:4.4.1 not yet\n")
+            .main_cf("transport_maps = hash:loop_transport"),
+    );
+    let e = setup(&format!(
+        r#"  example.com:
+    mode: split
+    destination: {{ hosts: ["[127.0.0.1]:{}"] }}
+    accounts: [{{ list: [alice@example.com] }}]
+"#,
+        hop.port()
+    ))
+    .mailboxes("example.com", &["alice@example.com"])
+    .start();
+    let map = hop.config_dir().join("loop_transport");
+    fs::write(
+        &map,
+        format!("example.com smtp:[127.0.0.1]:{}\n", e.pf.port()),
+    )
+    .unwrap();
+    for (cmd, args) in [
+        (
+            "postmap",
+            vec![
+                "-c".into(),
+                hop.config_dir().display().to_string(),
+                format!("hash:{}", map.display()),
+            ],
+        ),
+        (
+            "postfix",
+            vec![
+                "-c".into(),
+                hop.config_dir().display().to_string(),
+                "reload".into(),
+            ],
+        ),
+    ] {
+        let out = std::process::Command::new(support::tool(cmd))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    let t = e.send_ok(&e.client_from(OTHER_IP), &["zed@example.com"], "loop");
+    // Routed once to the hop, sent back, refused by our milter.
+    let refused = support::poll(|| {
+        hop.maillog()
+            .lines()
+            .find(|l| l.contains("554 5.4.6") && l.contains("routing loop"))
+            .map(str::to_owned)
+    });
+    assert!(
+        refused.is_some(),
+        "the hop never saw 554 5.4.6\n--- hop ---\n{}\n{}",
+        hop.diagnostics(),
+        e.diag()
+    );
+    e.pf.wait_queue_empty();
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+    assert!(e.mailbox("alice@example.com").is_empty(), "{}", e.diag());
+    e.milter_logged(&t, &["redirect to zed@example.com.dualroute.invalid"]);
+    assert!(
+        e.milter
+            .log()
+            .lines()
+            .any(|l| l.contains("routing loop") && l.contains("554 5.4.6")),
+        "{}",
+        e.diag()
+    );
+    // Exactly one pass: the hop received it once and never got it again.
+    let back: Vec<_> = hop
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.to == "zed@example.com")
+        .collect();
+    assert_eq!(back.len(), 1, "{}", hop.diagnostics());
+    assert_ne!(back[0].status, "sent", "{}", hop.diagnostics());
+}
