@@ -118,3 +118,109 @@ fn status_disable_enable_with_a_running_milter() {
     assert_eq!(status.code(), Some(1), "{out}");
     assert!(out.contains("not a managed domain"), "{out}");
 }
+
+/// `dualroute explain` (a one-shot process reading state_dir) and the
+/// running milter agree in every routing state: verification pending,
+/// failed, passed, passed for another destination, disabled, tripped, an
+/// unreadable state file.
+#[test]
+fn explain_and_the_running_milter_agree_in_every_hold_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let state = dir.path().join("state");
+    let path = dir.path().join("milter.yaml");
+    let destination = "[127.0.0.1]:1";
+    std::fs::write(
+        &path,
+        format!(
+            "listen: inet:127.0.0.1:{port}\ninstance: state.test\nstate_dir: {}\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{destination}\"] }}\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let target = format!("RCPT TO:<postmaster@example.com> at hosts {destination}");
+    let verify = |passed: bool, target: &str| {
+        format!("at: 1795000000\npassed: {passed}\ndetail: test\ntarget: \"{target}\"\n")
+    };
+    let tripped = "since: 1795000000\nbounces: 3\nwindow_secs: 3600\nlast: x\n";
+    let disabled = "since: 1795000000\nreason: test\n";
+    // (files to write, whether zed@ is routed, words explain must print)
+    let cases: Vec<(Vec<(&str, String)>, bool, &str)> = vec![
+        (vec![], false, "waiting for verification"),
+        (
+            vec![("verify", verify(false, &target))],
+            false,
+            "last probe failed",
+        ),
+        (vec![("verify", verify(true, &target))], true, "mode route"),
+        (
+            vec![(
+                "verify",
+                verify(
+                    true,
+                    "RCPT TO:<postmaster@example.com> at hosts [192.0.2.9]",
+                ),
+            )],
+            false,
+            "waiting for verification",
+        ),
+        (
+            vec![
+                ("verify", verify(true, &target)),
+                ("disabled", disabled.into()),
+            ],
+            false,
+            "disabled by an administrator since 2026-11-18 11:06:40 UTC",
+        ),
+        (
+            vec![
+                ("verify", verify(true, &target)),
+                ("tripped", tripped.into()),
+            ],
+            false,
+            "bounce breaker tripped since 2026-11-18 11:06:40 UTC",
+        ),
+        (
+            vec![
+                ("verify", verify(true, &target)),
+                ("tripped", "{{{ not yaml".into()),
+            ],
+            false,
+            "state file unreadable",
+        ),
+    ];
+    let mut milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
+    let addr = milter.addr();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut failures = Vec::new();
+    for (files, want_routed, words) in &cases {
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).unwrap();
+        for (kind, text) in files {
+            std::fs::write(state.join(format!("example.com.{kind}")), text).unwrap();
+        }
+        let (_, out) = dualroute(&path, &["explain", "zed@example.com"]);
+        let explained_routed = out.contains("zed@example.com: redirect to ");
+        let explained_paused = out.contains("zed@example.com: tempfail 451 4.4.4 ");
+        if explained_routed != *want_routed
+            || explained_routed == explained_paused
+            || !out.contains(words)
+        {
+            failures.push(format!("{files:?}: explain printed {out}"));
+            continue;
+        }
+        // The running milter follows state_dir within 2 s.
+        if !rt.block_on(wait_until(addr, *want_routed)) {
+            failures.push(format!(
+                "{files:?}: explain says routed={want_routed}, the milter disagrees"
+            ));
+        }
+    }
+    milter.kill();
+    assert!(
+        failures.is_empty(),
+        "{}\nmilter log:\n{}",
+        failures.join("\n"),
+        milter.log()
+    );
+}
