@@ -21,6 +21,7 @@ pub mod postfix;
 pub mod probe;
 pub mod session;
 pub mod state;
+pub mod table;
 
 use policy::{current, Policy, SharedPolicy};
 use std::{future::Future, io, path::Path, sync::Arc};
