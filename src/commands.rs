@@ -1,5 +1,5 @@
 //! The one-shot commands of the `dualroute` program: `check`, `explain`,
-//! `postfix-config`, `verify`, `doctor`, `status`, `enable`, `disable`.
+//! `postfix-config`, `sendmail-config`, `verify`, `doctor`, `status`, `enable`, `disable`.
 //! Each prints its result and returns the exit code; an error (`Err`) is
 //! printed by `main` with exit status 1.
 
@@ -35,6 +35,26 @@ pub fn postfix_config(
                 println!("{}", dir.join(f).display());
             }
             for n in &pf.notes {
+                eprintln!("NOTE: {n}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn sendmail_config(path: &Path, write: Option<&Path>) -> Result<ExitCode, String> {
+    let policy = load(path)?;
+    let sm = crate::sendmail::generate(&policy);
+    match write {
+        None => print!("{}", sm.render()),
+        Some(dir) => {
+            let files = sm
+                .write(dir)
+                .map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
+            for f in files {
+                println!("{}", dir.join(f).display());
+            }
+            for n in &sm.notes {
                 eprintln!("NOTE: {n}");
             }
         }
@@ -260,6 +280,13 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
                 ""
             },
         );
+        if let (crate::config::Mta::Sendmail, Some(relay)) =
+            (c.mta, &d.relay_domain(&c.relay_suffix.0))
+        {
+            println!(
+                "{name}: WARNING: mta is sendmail, which cannot restore @{name} on routed mail (no recipient-side generic map): the destination receives local@{relay}, so it must accept {relay}; or use a `domain` destination with `change_envelope: true` (docs/sendmail.md)"
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

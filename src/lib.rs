@@ -19,6 +19,7 @@ pub mod milter;
 pub mod policy;
 pub mod postfix;
 pub mod probe;
+pub mod sendmail;
 pub mod session;
 pub mod state;
 pub mod table;
