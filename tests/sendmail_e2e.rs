@@ -467,8 +467,9 @@ fn mixed_message_reaches_each_recipient_exactly_once() {
     .start();
     // alice: keep; bob: redirect; carol: keep + copy_to; frank: keep +
     // copy; zed@unmanaged.test: not ours, kept. Also the same recipient
-    // twice, and bob's relay address as an original recipient (Sendmail
-    // de-duplicates an added recipient equal to an existing one).
+    // twice, and carol's copy target as an original recipient: Sendmail
+    // de-duplicates an added recipient equal to an existing one, so it
+    // arrives once (Postfix would deliver it twice, DESIGN.md §8).
     let t = e.send(
         &[
             "alice@example.com",
@@ -477,6 +478,7 @@ fn mixed_message_reaches_each_recipient_exactly_once() {
             "frank@example.org",
             "zed@unmanaged.test",
             "alice@example.com",
+            "carol@zoho.test",
         ],
         "mixed",
     );
