@@ -624,20 +624,27 @@ fn sendmail_bounces_trip_the_breaker_end_to_end() {
 }
 
 /// What docs/sendmail.md says Sendmail's RCPT macros hold: its parse of the
-/// recipient (`sendmail -bt`, `/parse`): for a local recipient (domain in
-/// class w) `{rcpt_mailer}` = local, `{rcpt_host}` empty, `{rcpt_addr}`
-/// the bare user; for a relayed one the mailertable's mailer and host and
-/// the full address.
+/// recipient (`sendmail -bt`, `/parse`, the triple Sendmail hands the milter
+/// as `{rcpt_mailer}`, `{rcpt_host}`, `{rcpt_addr}`): for a local recipient
+/// (domain in class w) the local mailer, no host and the bare user; through
+/// a virtusertable catch-all the catch-all's target; for a relayed one the
+/// mailertable's mailer and host and the full address.
 #[test]
 fn rcpt_macros_are_sendmails_parse_of_the_recipient() {
     let store = SmtpSink::start();
     let sendmail = Sendmail::start(
         SendmailOptions::default()
             .local_domain("local.test")
+            .local_domain("virtual.test")
+            .map(
+                "virtusertable",
+                "carol@virtual.test\tcarol\n@virtual.test\tcatchall\n",
+            )
+            .mc("FEATURE(`virtusertable', `hash -o $DIR/virtusertable')dnl")
             .relay_to("example.com", &store),
     );
     let out = sendmail.address_test(
-        "/parse alice@local.test\n/parse <Alice+tag@LOCAL.test.>\n/parse <@relay.test:alice@local.test>\n/parse bob@example.com\n",
+        "/parse alice@local.test\n/parse <Alice+tag@LOCAL.test.>\n/parse <@relay.test:alice@local.test>\n/parse carol@virtual.test\n/parse zed@virtual.test\n/parse bob@example.com\n",
     );
     let triples: Vec<&str> = out.lines().filter(|l| l.starts_with("mailer ")).collect();
     let sink = format!(
@@ -650,6 +657,8 @@ fn rcpt_macros_are_sendmails_parse_of_the_recipient() {
             "mailer local, user alice",
             "mailer local, user alice+tag",
             "mailer local, user alice",
+            "mailer local, user carol",
+            "mailer local, user catchall",
             sink.as_str(),
         ],
         "{out}"

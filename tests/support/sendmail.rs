@@ -86,10 +86,13 @@ pub struct SendmailOptions {
     /// mailer. Only for `sendmail -bt` address tests: nothing delivers
     /// locally here.
     pub local_domains: Vec<String>,
+    /// Other maps: (file name, source).
+    pub maps: Vec<(String, String)>,
 }
 
 impl SendmailOptions {
-    /// Appends a `.mc` line (before `MAILER()`).
+    /// Appends a `.mc` line (before `MAILER()`); `$DIR` in it becomes the
+    /// instance's directory, where [`SendmailOptions::map`] writes maps.
     pub fn mc(mut self, line: &str) -> Self {
         self.mc.push(line.to_owned());
         self
@@ -122,6 +125,13 @@ impl SendmailOptions {
         self.mailertable
             .push_str(&format!("{domain}\t{mailer}:[127.0.0.1]\n"));
         self.access.push(format!("To:{domain}\tRELAY"));
+        self
+    }
+
+    /// Writes a map source `name` into the instance's directory and
+    /// `makemap hash`es it; refer to it in an `.mc` line as `$DIR/name`.
+    pub fn map(mut self, name: &str, contents: &str) -> Self {
+        self.maps.push((name.to_owned(), contents.to_owned()));
         self
     }
 
@@ -215,7 +225,7 @@ impl Sendmail {
             mailertable = p("mailertable"),
         );
         for line in &opts.mc {
-            mc.push_str(line);
+            mc.push_str(&line.replace("$DIR", &root.display().to_string()));
             mc.push('\n');
         }
         mc.push_str("MAILER(`local')dnl\nMAILER(`smtp')dnl\n");
@@ -239,7 +249,11 @@ impl Sendmail {
         fs::write(root.join("sendmail.cf"), &out.stdout).expect("write sendmail.cf");
         write(&root.join("mailertable"), &opts.mailertable);
         write(&root.join("access"), &(opts.access.join("\n") + "\n"));
-        for map in ["mailertable", "access"] {
+        for (name, contents) in &opts.maps {
+            write(&root.join(name), contents);
+        }
+        let maps = opts.maps.iter().map(|(name, _)| name.as_str());
+        for map in ["mailertable", "access"].into_iter().chain(maps) {
             self.makemap(map);
         }
     }
