@@ -18,23 +18,22 @@ pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn postfix_config(
-    path: &Path,
+/// Prints a generated MTA configuration, or writes its files into `write`
+/// and lists them, with the notes on stderr.
+fn print_or_write(
     write: Option<&Path>,
-    map_dir: &Path,
+    printed: impl FnOnce() -> String,
+    files: impl FnOnce(&Path) -> std::io::Result<Vec<String>>,
+    notes: &[String],
 ) -> Result<ExitCode, String> {
-    let policy = load(path)?;
-    let pf = crate::postfix::generate(&policy, map_dir);
     match write {
-        None => print!("{}", pf.render(map_dir)),
+        None => print!("{}", printed()),
         Some(dir) => {
-            let files = pf
-                .write(dir)
-                .map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
-            for f in files {
+            let written = files(dir).map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
+            for f in written {
                 println!("{}", dir.join(f).display());
             }
-            for n in &pf.notes {
+            for n in notes {
                 eprintln!("NOTE: {n}");
             }
         }
@@ -42,24 +41,20 @@ pub fn postfix_config(
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn postfix_config(
+    path: &Path,
+    write: Option<&Path>,
+    map_dir: &Path,
+) -> Result<ExitCode, String> {
+    let policy = load(path)?;
+    let pf = crate::postfix::generate(&policy, map_dir);
+    print_or_write(write, || pf.render(map_dir), |dir| pf.write(dir), &pf.notes)
+}
+
 pub fn sendmail_config(path: &Path, write: Option<&Path>) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let sm = crate::sendmail::generate(&policy);
-    match write {
-        None => print!("{}", sm.render()),
-        Some(dir) => {
-            let files = sm
-                .write(dir)
-                .map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
-            for f in files {
-                println!("{}", dir.join(f).display());
-            }
-            for n in &sm.notes {
-                eprintln!("NOTE: {n}");
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    print_or_write(write, || sm.render(), |dir| sm.write(dir), &sm.notes)
 }
 
 pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {

@@ -195,30 +195,19 @@ impl PostfixConfig {
                 t.render()
             );
         }
-        for n in &self.notes {
-            s.push_str("\n# NOTE: ");
-            s.push_str(&n.replace('\n', "\n#   "));
-            s.push('\n');
-        }
+        s.push_str(&crate::table::render_notes(&self.notes));
         s
     }
 
     /// Writes `main.cf.dualroute`, `master.cf.dualroute` and the tables into
     /// `dir` (tables are not `postmap`ed: that needs Postfix).
     pub fn write(&self, dir: &Path) -> io::Result<Vec<String>> {
-        std::fs::create_dir_all(dir)?;
-        let mut written = Vec::new();
-        let mut put = |name: &str, text: String| -> io::Result<()> {
-            std::fs::write(dir.join(name), text)?;
-            written.push(name.to_owned());
-            Ok(())
-        };
-        put("main.cf.dualroute", self.main_cf())?;
-        put("master.cf.dualroute", self.master_cf())?;
-        for t in &self.tables {
-            put(&t.file, t.render())?;
-        }
-        Ok(written)
+        let mut files = vec![
+            ("main.cf.dualroute".to_owned(), self.main_cf()),
+            ("master.cf.dualroute".to_owned(), self.master_cf()),
+        ];
+        files.extend(self.tables.iter().map(|t| (t.file.clone(), t.render())));
+        crate::table::write_files(dir, files)
     }
 }
 

@@ -246,29 +246,16 @@ impl SendmailConfig {
             );
         }
         s.push_str("\n# Then rebuild sendmail.cf and the maps and restart: make -C /etc/mail && systemctl restart sendmail\n");
-        for n in &self.notes {
-            s.push_str("\n# NOTE: ");
-            s.push_str(&n.replace('\n', "\n#   "));
-            s.push('\n');
-        }
+        s.push_str(&crate::table::render_notes(&self.notes));
         s
     }
 
     /// Writes `sendmail.mc.dualroute` and the tables into `dir` (the
     /// tables are not `makemap`ed: they are to be merged first).
     pub fn write(&self, dir: &Path) -> io::Result<Vec<String>> {
-        std::fs::create_dir_all(dir)?;
-        let mut written = Vec::new();
-        let mut put = |name: &str, text: String| -> io::Result<()> {
-            std::fs::write(dir.join(name), text)?;
-            written.push(name.to_owned());
-            Ok(())
-        };
-        put(MC_FILE, self.mc())?;
-        for t in &self.tables {
-            put(&t.file, t.render())?;
-        }
-        Ok(written)
+        let mut files = vec![(MC_FILE.to_owned(), self.mc())];
+        files.extend(self.tables.iter().map(|t| (t.file.clone(), t.render())));
+        crate::table::write_files(dir, files)
     }
 }
 

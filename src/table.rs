@@ -2,9 +2,10 @@
 //! (`postfix-config`, `sendmail-config`) write for the administrator to
 //! compile (`postmap`, `makemap`): `key value` lines, each with the reason
 //! for it in a comment above. Both Postfix's `postmap` and Sendmail's
-//! `makemap` skip lines that start with `#`.
+//! `makemap` skip lines that start with `#`. Also what both generators do
+//! with their output: notes as comments, files into a directory.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, io, path::Path};
 
 /// A lookup table to be written and compiled.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -23,4 +24,25 @@ impl Table {
         }
         out
     }
+}
+
+/// Notes for the administrator as `# NOTE:` comment blocks.
+pub fn render_notes(notes: &[String]) -> String {
+    let mut s = String::new();
+    for n in notes {
+        let _ = writeln!(s, "\n# NOTE: {}", n.replace('\n', "\n#   "));
+    }
+    s
+}
+
+/// Writes each `(file name, text)` into `dir`, creating it, and returns
+/// the names written.
+pub fn write_files(dir: &Path, files: Vec<(String, String)>) -> io::Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    for (name, text) in files {
+        std::fs::write(dir.join(&name), text)?;
+        written.push(name);
+    }
+    Ok(written)
 }
