@@ -589,7 +589,7 @@ fn looping_message_is_refused_at_end_of_message() {
 /// Sendmail's own log lines trip the breaker (DESIGN.md §7): the other
 /// server refuses routed mail, Sendmail bounces it with `dsn=5.1.1,
 /// stat=User unknown`, and after `threshold` such lines the domain is
-/// tripped: `status` says so and the next message is not routed.
+/// tripped: `status` says so, and the milter's log names the line.
 #[test]
 fn sendmail_bounces_trip_the_breaker_end_to_end() {
     let e = setup(SPLIT, &["example.com"])
@@ -620,7 +620,16 @@ fn sendmail_bounces_trip_the_breaker_end_to_end() {
         "{out}\n{}",
         e.diagnostics()
     );
-    assert!(e.milter.log().contains("example.com"), "{}", e.milter.log());
+    // The trip names the Sendmail line that completed it.
+    let log = e.milter.log();
+    let trip = log
+        .lines()
+        .find(|l| l.contains("example.com: bounce breaker tripped"))
+        .unwrap_or_else(|| panic!("no trip in the milter log:\n{log}"));
+    assert!(
+        trip.contains("sendmail[") && trip.contains("dsn=5.1.1"),
+        "{trip}"
+    );
 }
 
 /// What docs/sendmail.md says Sendmail's RCPT macros hold: its parse of the
