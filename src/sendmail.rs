@@ -297,4 +297,65 @@ mod tests {
         assert_eq!(value, "dualroute2525:[192.0.2.30]");
         assert!(note.is_some_and(|n| n.contains("mx.example left out")));
     }
+
+    fn generated(yaml: &str) -> SendmailConfig {
+        let config = crate::config::parse(yaml, "milter.yaml").unwrap();
+        generate(&Policy::load(config).unwrap())
+    }
+
+    #[test]
+    fn one_mailertable_entry_per_relay_domain_and_one_mailer_per_port() {
+        let sm = generated(
+            r#"
+listen: unix:/run/dualroute/dualroute.sock
+state_dir: /nonexistent
+domains:
+  a.example:
+    mode: route
+    destination: { hosts: ["[192.0.2.30]:2525", "[192.0.2.31]:2525"] }
+  b.example:
+    mode: route
+    destination: { hosts: ["[192.0.2.40]:2525"] }
+  c.example:
+    mode: route
+    destination: { domain: legacy.example.net }
+  d.example:
+    mode: route
+    destination: { domain: d.example.test-google-a.com, change_envelope: true }
+"#,
+        );
+        let entries: Vec<(&str, &str)> = sm.tables[0]
+            .entries
+            .iter()
+            .map(|(_, k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            entries,
+            vec![
+                (
+                    "a.example.dualroute.invalid",
+                    "dualroute2525:[192.0.2.30]:[192.0.2.31]"
+                ),
+                ("b.example.dualroute.invalid", "dualroute2525:[192.0.2.40]"),
+                ("c.example.dualroute.invalid", "esmtp:legacy.example.net"),
+            ]
+        );
+        assert_eq!(sm.mailers.len(), 1);
+        assert!(sm.mailers[0].line.ends_with("A=TCP $h 2525"));
+        let mc = sm.mc();
+        assert!(mc.contains(
+            "INPUT_MAIL_FILTER(`dualroute', `S=unix:/run/dualroute/dualroute.sock, F=T,"
+        ));
+        assert!(mc
+            .contains("PUSHDIVERT(7)dnl\ndnl # dualroute: a mailer for destinations on port 2525"));
+        // What Sendmail cannot do: a note per relay domain, none for the
+        // change_envelope domain.
+        let cannot: Vec<&String> = sm
+            .notes
+            .iter()
+            .filter(|n| n.contains("cannot restore"))
+            .collect();
+        assert_eq!(cannot.len(), 3, "{cannot:?}");
+        assert!(!cannot.iter().any(|n| n.starts_with("d.example")));
+    }
 }
