@@ -58,6 +58,8 @@ struct Setup {
     gateways: Vec<String>,
     other_rejects: bool,
     breaker_threshold: Option<u32>,
+    /// A domain Sendmail delivers itself, and its virtusertable.
+    local: Option<(String, String)>,
 }
 
 fn setup(domains_yaml: &str, store_domains: &[&str]) -> Setup {
@@ -68,6 +70,7 @@ fn setup(domains_yaml: &str, store_domains: &[&str]) -> Setup {
         gateways: Vec::new(),
         other_rejects: false,
         breaker_threshold: None,
+        local: None,
     }
 }
 
@@ -84,6 +87,11 @@ impl Setup {
 
     fn other_rejects(mut self) -> Self {
         self.other_rejects = true;
+        self
+    }
+
+    fn local_delivery(mut self, domain: &str, virtusertable: &str) -> Self {
+        self.local = Some((domain.to_owned(), virtusertable.to_owned()));
         self
     }
 
@@ -118,6 +126,9 @@ impl Setup {
         }
         for d in &self.other_domains {
             opts = opts.relay_to(d, &other);
+        }
+        if let Some((domain, virtusertable)) = &self.local {
+            opts = opts.local_delivery(domain, virtusertable);
         }
         // Bounces go back to the sender's domain: to "store" too.
         opts = opts.relay_to("outside.test", &store);
@@ -313,6 +324,54 @@ fn split_keeps_present_and_redirects_unknown_with_orcpt() {
         e.milter.log().contains(&format!("queue_id={qid}")),
         "{qid} not in the milter log:\n{}",
         e.milter.log()
+    );
+}
+
+/// A split domain Sendmail delivers itself, as a Debian Sendmail with
+/// mailboxes does: the domain in class w and a virtusertable with a
+/// catch-all so that Sendmail accepts unknown addresses for the milter to
+/// route. Here Sendmail's `{rcpt_addr}` is the local user (`alice`,
+/// `catchall`), not an address (docs/sendmail.md §5): the decision must
+/// still be made on the recipient as received.
+#[test]
+fn split_on_a_locally_delivered_domain() {
+    let e = setup(
+        "  local.test:
+    mode: split
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [alice@local.test]
+",
+        &[],
+    )
+    .local_delivery(
+        "local.test",
+        "alice@local.test\talice\n@local.test\tcatchall\n",
+    )
+    .start();
+    let t = e.send(&["alice@local.test", "bob@local.test"], "local split");
+    e.assert_accepted(&t);
+    let (store, other) = e.settle();
+    assert!(store.is_empty(), "{store:?}");
+    assert_eq!(
+        other,
+        strs(&["bob@local.test.dualroute.invalid"]),
+        "{}",
+        e.diagnostics()
+    );
+    assert_eq!(
+        e.other_rcpt("bob@local.test.dualroute.invalid")
+            .orcpt()
+            .as_deref(),
+        Some("rfc822;bob@local.test")
+    );
+    let alice = e.sendmail.local_mail("alice");
+    assert_eq!(alice.len(), 1, "{}", e.diagnostics());
+    assert!(alice[0].contains("Subject: local split"), "{}", alice[0]);
+    assert!(
+        e.sendmail.local_mail("catchall").is_empty(),
+        "the catch-all got mail:\n{}",
+        e.diagnostics()
     );
 }
 

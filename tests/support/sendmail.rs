@@ -88,6 +88,9 @@ pub struct SendmailOptions {
     pub local_domains: Vec<String>,
     /// Other maps: (file name, source).
     pub maps: Vec<(String, String)>,
+    /// Whether the local mailer writes to files (see
+    /// [`SendmailOptions::local_delivery`]).
+    pub local_delivery: bool,
 }
 
 impl SendmailOptions {
@@ -133,6 +136,25 @@ impl SendmailOptions {
     pub fn map(mut self, name: &str, contents: &str) -> Self {
         self.maps.push((name.to_owned(), contents.to_owned()));
         self
+    }
+
+    /// Delivers `domain` locally, as a Debian Sendmail with mailboxes does:
+    /// the domain in class w, a virtusertable (`virtusertable` is its
+    /// source, e.g. `alice@local.test alice` and a catch-all
+    /// `@local.test catchall`), and a local mailer that writes each message
+    /// to `local/USER.PID` in the instance's directory ([`Sendmail::local_mail`]).
+    /// The mailer runs as root (F=S), does not check passwd (no F=w):
+    /// virtusertable users need no system account, and is not aliased (no
+    /// F=A): there is no aliases database.
+    pub fn local_delivery(mut self, domain: &str, virtusertable: &str) -> Self {
+        self.local_delivery = true;
+        self.local_domain(domain)
+            .map("virtusertable", virtusertable)
+            .mc("FEATURE(`virtusertable', `hash -o $DIR/virtusertable')dnl")
+            .mc("define(`LOCAL_MAILER_PATH', `$DIR/deliver')dnl")
+            .mc("define(`LOCAL_MAILER_ARGS', `deliver $u')dnl")
+            .mc("define(`LOCAL_MAILER_FLAGS', `SPfhn9')dnl")
+            .mc("MODIFY_MAILER_FLAGS(`LOCAL', `-wA')dnl")
     }
 
     /// A domain in class w (see [`SendmailOptions::local_domains`]).
@@ -249,6 +271,18 @@ impl Sendmail {
         fs::write(root.join("sendmail.cf"), &out.stdout).expect("write sendmail.cf");
         write(&root.join("mailertable"), &opts.mailertable);
         write(&root.join("access"), &(opts.access.join("\n") + "\n"));
+        if opts.local_delivery {
+            fs::create_dir(root.join("local")).expect("create local");
+            let deliver = root.join("deliver");
+            write(
+                &deliver,
+                &format!(
+                    "#!/bin/sh\n# The local mailer (A=deliver $u, after -f SENDER with F=f): one file\n# per message and user.\nfor user; do :; done\ncat > {}/local/\"$user.$$\"\n",
+                    root.display()
+                ),
+            );
+            super::set_mode(&deliver, 0o755);
+        }
         for (name, contents) in &opts.maps {
             write(&root.join(name), contents);
         }
@@ -349,6 +383,22 @@ impl Sendmail {
             String::from_utf8_lossy(&stdout),
             String::from_utf8_lossy(&stderr)
         )
+    }
+
+    /// The messages the local mailer delivered to `user`.
+    pub fn local_mail(&self, user: &str) -> Vec<String> {
+        let prefix = format!("{user}.");
+        let mut mail: Vec<String> = files_under(&self.root.join("local"))
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+            })
+            .filter_map(|p| fs::read_to_string(p).ok())
+            .collect();
+        mail.sort();
+        mail
     }
 
     pub fn smtp_addr(&self) -> SocketAddr {
