@@ -127,7 +127,7 @@ pub fn generate(policy: &Policy) -> SendmailConfig {
 
     let mut table = Table {
         file: MAILERTABLE.into(),
-        why: "send each relay domain to its destination (merge into /etc/mail/mailertable)".into(),
+        why: "send each relay domain to its destination (merge into /etc/mail/mailertable; no access or relay-domains entry is needed: recipients a milter adds skip check_rcpt)".into(),
         entries: Vec::new(),
     };
     let mut ports: Vec<u16> = Vec::new();
@@ -202,6 +202,15 @@ pub fn generate(policy: &Policy) -> SendmailConfig {
         out.notes.push(format!(
             "Sendmail refuses unknown local users at RCPT (550 5.1.1 User unknown) before the milter sees them, so for split and route domains ({}) it must accept addresses it has no mailbox for: with the domain in local-host-names, a virtusertable catch-all (`@example.com  catchall-user`); with the domain relayed to a mail store, relay-domains or `To:example.com RELAY` in access. WARNING: if the milter is bypassed (INPUT_MAIL_FILTER removed, or F=T dropped), that catch-all receives mail meant for the other server: watch it.",
             list.join(", ")
+        ));
+    }
+    if c.recipient_delimiter != "+" {
+        // Sendmail's cf rulesets (cf/m4/proto.m4: local mailer, virtusertable
+        // `user+*@domain`) hardcode `+` as the detail delimiter: Postfix's
+        // recipient_delimiter has no Sendmail counterpart to set.
+        out.notes.push(format!(
+            "recipient_delimiter is {:?}, but Sendmail's +detail handling uses \"+\" only: Sendmail would deliver bob+tag@ to bob while dualroute treats bob+tag@ as another address; set recipient_delimiter: \"+\"",
+            c.recipient_delimiter
         ));
     }
     if let Socket::Unix(p) = &c.listen {
@@ -357,5 +366,13 @@ domains:
             .collect();
         assert_eq!(cannot.len(), 3, "{cannot:?}");
         assert!(!cannot.iter().any(|n| n.starts_with("d.example")));
+        assert!(!sm.notes.iter().any(|n| n.contains("recipient_delimiter")));
+        let other_delimiter = generated(
+            "recipient_delimiter: \"-\"\nstate_dir: /nonexistent\ndomains:\n  d.example:\n    mode: route\n    destination: { domain: x.example.net, change_envelope: true }\n",
+        );
+        assert!(other_delimiter
+            .notes
+            .iter()
+            .any(|n| n.starts_with("recipient_delimiter is \"-\"")));
     }
 }
