@@ -1,5 +1,5 @@
 //! The one-shot commands of the `dualroute` program: `check`, `explain`,
-//! `postfix-config`, `verify`, `doctor`, `status`, `enable`, `disable`.
+//! `postfix-config`, `sendmail-config`, `verify`, `doctor`, `status`, `enable`, `disable`.
 //! Each prints its result and returns the exit code; an error (`Err`) is
 //! printed by `main` with exit status 1.
 
@@ -19,6 +19,29 @@ pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints a generated MTA configuration, or writes its files into `write`
+/// and lists them, with the notes on stderr.
+fn print_or_write(
+    write: Option<&Path>,
+    printed: impl FnOnce() -> String,
+    files: impl FnOnce(&Path) -> std::io::Result<Vec<String>>,
+    notes: &[String],
+) -> Result<ExitCode, String> {
+    match write {
+        None => print!("{}", printed()),
+        Some(dir) => {
+            let written = files(dir).map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
+            for f in written {
+                println!("{}", dir.join(f).display());
+            }
+            for n in notes {
+                eprintln!("NOTE: {n}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn postfix_config(
     path: &Path,
     write: Option<&Path>,
@@ -26,21 +49,13 @@ pub fn postfix_config(
 ) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let pf = crate::postfix::generate(&policy, map_dir);
-    match write {
-        None => print!("{}", pf.render(map_dir)),
-        Some(dir) => {
-            let files = pf
-                .write(dir)
-                .map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
-            for f in files {
-                println!("{}", dir.join(f).display());
-            }
-            for n in &pf.notes {
-                eprintln!("NOTE: {n}");
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    print_or_write(write, || pf.render(map_dir), |dir| pf.write(dir), &pf.notes)
+}
+
+pub fn sendmail_config(path: &Path, write: Option<&Path>) -> Result<ExitCode, String> {
+    let policy = load(path)?;
+    let sm = crate::sendmail::generate(&policy);
+    print_or_write(write, || sm.render(), |dir| sm.write(dir), &sm.notes)
 }
 
 pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
@@ -280,6 +295,13 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
                 ""
             },
         );
+        if let (crate::config::Mta::Sendmail, Some(relay)) =
+            (c.mta, &d.relay_domain(&c.relay_suffix.0))
+        {
+            println!(
+                "{name}: WARNING: mta is sendmail, which cannot restore @{name} on routed mail (no recipient-side generic map): the destination receives local@{relay}, so it must accept {relay}; or use a `domain` destination with `change_envelope: true` (docs/sendmail.md)"
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,8 +20,10 @@ pub mod milter;
 pub mod policy;
 pub mod postfix;
 pub mod probe;
+pub mod sendmail;
 pub mod session;
 pub mod state;
+pub mod table;
 
 use policy::{current, Policy, SharedPolicy};
 use std::{future::Future, io, path::Path, sync::Arc};

@@ -72,6 +72,12 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]
         map_dir: PathBuf,
     },
+    /// Print the Sendmail sendmail.mc lines and mailertable entries this configuration needs
+    SendmailConfig {
+        /// Write sendmail.mc.dualroute and mailertable.dualroute into DIR instead of printing
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +94,7 @@ fn main() -> ExitCode {
         Command::PostfixConfig { write, map_dir } => {
             commands::postfix_config(&path, write.as_deref(), &map_dir)
         }
+        Command::SendmailConfig { write } => commands::sendmail_config(&path, write.as_deref()),
         Command::Explain {
             addresses,
             client,

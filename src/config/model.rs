@@ -642,6 +642,19 @@ pub struct Config {
     pub domains: BTreeMap<DomainName, DomainConfig>,
     pub breaker: Option<BreakerConfig>,
     pub dns: DnsConfig,
+    pub mta: Mta,
+}
+
+/// The MTA dualroute runs in (`mta:`, default `postfix`). Only `check`
+/// reads it: Sendmail cannot restore `@domain` on routed mail as Postfix's
+/// `smtp_generic_maps` does (docs/sendmail.md), so a `hosts` destination
+/// needs the other server to accept the relay domain.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mta {
+    #[default]
+    Postfix,
+    Sendmail,
 }
 
 #[derive(Deserialize)]
@@ -664,6 +677,8 @@ pub(crate) struct RawConfig {
     pub breaker: Option<BreakerConfig>,
     #[serde(default)]
     pub dns: DnsConfig,
+    #[serde(default)]
+    pub mta: Mta,
 }
 
 fn default_listen() -> Socket {

@@ -2,7 +2,8 @@
 //! ([`postfix`]), an `smtp-sink` that stands in for the destination server
 //! ([`sink`]), a small SMTP client that records every reply ([`smtp`]), and
 //! the real `dualroute` binary: `dualroute run` as a child process, its
-//! one-shot commands, and `postfix-config` fed into Postfix ([`milter`]).
+//! one-shot commands, and `postfix-config` fed into Postfix ([`milter`]);
+//! a private Sendmail from Debian's unpacked packages ([`sendmail`]).
 //!
 //! Use it from an integration test with
 //!
@@ -34,6 +35,7 @@
 
 pub mod milter;
 pub mod postfix;
+pub mod sendmail;
 pub mod sink;
 pub mod smtp;
 
@@ -42,6 +44,8 @@ pub mod smtp;
 pub use milter::{dualroute, dualroute_output, postfix_config, MilterProcess, PostfixConfig};
 #[allow(unused_imports)]
 pub use postfix::{processes_in, read_maildir, Delivery, MaildirMessage, Postfix, PostfixOptions};
+#[allow(unused_imports)]
+pub use sendmail::{Sendmail, SendmailOptions};
 #[allow(unused_imports)]
 pub use sink::{xtext_decode, xtext_encode, SinkMessage, SinkRcpt, SmtpSink};
 #[allow(unused_imports)]

@@ -1,0 +1,766 @@
+//! End-to-end: the real `dualroute` binary in front of a real, private
+//! Sendmail 8.17 (tests/support/sendmail.rs), with two `smtp-sink`s: the
+//! mail store of the managed domains ("store") and the other server
+//! ("other").
+//!
+//! Every scenario
+//! 1. writes a milter.yaml (listen on a free loopback port, instance
+//!    `e2e.test`, `mta: sendmail`, destinations pointing at "other");
+//! 2. runs `dualroute sendmail-config --write DIR` and uses its output as
+//!    docs/sendmail.md says: `include()` of sendmail.mc.dualroute in the
+//!    .mc before the MAILER() lines, mailertable.dualroute merged into the
+//!    mailertable, `makemap`. The only hand-written additions are the
+//!    harness's own (paths, loopback port) and mailertable entries that
+//!    send each managed domain, and the senders' domain (for bounces), to
+//!    "store";
+//! 3. starts `dualroute run --config milter.yaml` as a child process;
+//! 4. sends real SMTP and checks the real effects: SMTP replies, what each
+//!    sink received (RCPT TO with ORCPT and NOTIFY, the X-Dualroute
+//!    header), Sendmail's log, and an empty queue.
+//!
+//! They need root, Postfix's smtp-sink (scripts/test-deps.sh) and the
+//! unpacked Sendmail (scripts/test-deps-sendmail.sh). Set
+//! `DUALROUTE_KEEP_TMP=1` to keep the trees.
+
+mod support;
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::{
+    dualroute, dualroute_output, free_port, MilterProcess, Sendmail, SendmailOptions, SinkRcpt,
+    SmtpClient, SmtpSink, SmtpTranscript,
+};
+
+const SENDER: &str = "sender@outside.test";
+const INSTANCE: &str = "e2e.test";
+/// The gateway of the scenarios that have one.
+const GATEWAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// An outside client that is not a gateway.
+const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+fn message(subject: &str) -> String {
+    format!(
+        "From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n"
+    )
+}
+
+struct Setup {
+    /// The `domains:` section; `{OTHER}` becomes the other sink's
+    /// `[127.0.0.1]:PORT`.
+    domains_yaml: String,
+    /// Managed domains whose mail store is the "store" sink.
+    store_domains: Vec<String>,
+    /// Other domains (per-user rule targets) Sendmail sends to "other".
+    other_domains: Vec<String>,
+    gateways: Vec<String>,
+    other_rejects: bool,
+    breaker_threshold: Option<u32>,
+    /// A domain Sendmail delivers itself, and its virtusertable.
+    local: Option<(String, String)>,
+}
+
+fn setup(domains_yaml: &str, store_domains: &[&str]) -> Setup {
+    Setup {
+        domains_yaml: domains_yaml.to_owned(),
+        store_domains: store_domains.iter().map(|d| d.to_string()).collect(),
+        other_domains: Vec::new(),
+        gateways: Vec::new(),
+        other_rejects: false,
+        breaker_threshold: None,
+        local: None,
+    }
+}
+
+impl Setup {
+    fn gateway(mut self, ip: IpAddr) -> Self {
+        self.gateways.push(ip.to_string());
+        self
+    }
+
+    fn other_domain(mut self, domain: &str) -> Self {
+        self.other_domains.push(domain.to_owned());
+        self
+    }
+
+    fn other_rejects(mut self) -> Self {
+        self.other_rejects = true;
+        self
+    }
+
+    fn local_delivery(mut self, domain: &str, virtusertable: &str) -> Self {
+        self.local = Some((domain.to_owned(), virtusertable.to_owned()));
+        self
+    }
+
+    fn breaker(mut self, threshold: u32) -> Self {
+        self.breaker_threshold = Some(threshold);
+        self
+    }
+
+    fn start(self) -> E2e {
+        let tmp = tempfile::Builder::new()
+            .prefix("dualroute-sendmail-e2e-")
+            .tempdir()
+            .expect("create a temporary directory");
+        let dir = tmp.path().to_path_buf();
+        let store = SmtpSink::start();
+        let other = if self.other_rejects {
+            SmtpSink::start_rejecting()
+        } else {
+            SmtpSink::start()
+        };
+        let milter_port = free_port();
+        let config = dir.join("milter.yaml");
+        let state_dir = dir.join("state");
+        let gateways = if self.gateways.is_empty() {
+            String::new()
+        } else {
+            format!("gateways: [{}]\n", self.gateways.join(", "))
+        };
+        let mut opts = SendmailOptions::default();
+        for d in &self.store_domains {
+            opts = opts.relay_to(d, &store);
+        }
+        for d in &self.other_domains {
+            opts = opts.relay_to(d, &other);
+        }
+        if let Some((domain, virtusertable)) = &self.local {
+            opts = opts.local_delivery(domain, virtusertable);
+        }
+        // Bounces go back to the sender's domain: to "store" too.
+        opts = opts.relay_to("outside.test", &store);
+        let yaml = |breaker: &str| {
+            format!(
+                "listen: inet:127.0.0.1:{milter_port}\ninstance: {INSTANCE}\nmta: sendmail\nstate_dir: {}\n{gateways}{breaker}domains:\n{}",
+                state_dir.display(),
+                self.domains_yaml.replace("{OTHER}", &format!("[127.0.0.1]:{}", other.port()))
+            )
+        };
+        // The maillog's path is known once Sendmail runs; sendmail-config
+        // does not depend on `breaker:`, the milter does.
+        support::write(&config, &yaml(""));
+        let generated = dir.join("sendmail-config");
+        let sm_config = sendmail_config(&config, &generated);
+        opts = opts
+            .mc(&format!(
+                "include(`{}')dnl",
+                generated.join("sendmail.mc.dualroute").display()
+            ))
+            .mailertable(&sm_config.mailertable);
+        let sendmail = Sendmail::start(opts);
+        if let Some(threshold) = self.breaker_threshold {
+            support::write(
+                &config,
+                &yaml(&format!(
+                    "breaker: {{ maillog: {}, threshold: {threshold}, window: 1h }}\n",
+                    sendmail.maillog_path().display()
+                )),
+            );
+        }
+        let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+        E2e {
+            sendmail,
+            milter,
+            store,
+            other,
+            config,
+            printed: sm_config.printed,
+            _tmp: tmp,
+        }
+    }
+}
+
+struct SendmailConfig {
+    printed: String,
+    mailertable: String,
+}
+
+/// `dualroute sendmail-config` printed and with `--write DIR`: the written
+/// files are what the printed form shows.
+fn sendmail_config(config: &Path, dir: &Path) -> SendmailConfig {
+    let run = |args: &[&str]| {
+        let out = dualroute_output(config, args);
+        assert!(
+            out.status.success(),
+            "dualroute {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let printed = run(&["sendmail-config"]);
+    let written = run(&[
+        "sendmail-config",
+        "--write",
+        dir.to_str().expect("a UTF-8 path"),
+    ]);
+    let mc = fs::read_to_string(dir.join("sendmail.mc.dualroute")).expect("sendmail.mc.dualroute");
+    assert!(printed.contains(&mc), "printed:\n{printed}\nwritten:\n{mc}");
+    let mailertable = if written.contains("mailertable.dualroute") {
+        let t = fs::read_to_string(dir.join("mailertable.dualroute")).expect("mailertable");
+        assert!(printed.contains(&t), "printed:\n{printed}\nwritten:\n{t}");
+        t
+    } else {
+        String::new()
+    };
+    SendmailConfig {
+        printed,
+        mailertable,
+    }
+}
+
+struct E2e {
+    sendmail: Sendmail,
+    milter: MilterProcess,
+    store: SmtpSink,
+    other: SmtpSink,
+    config: PathBuf,
+    printed: String,
+    _tmp: tempfile::TempDir,
+}
+
+/// Every RCPT a sink received, over all its messages, with the message's
+/// `X-Dualroute` header values.
+fn received(sink: &SmtpSink) -> Vec<(SinkRcpt, Vec<String>)> {
+    sink.messages()
+        .into_iter()
+        .flat_map(|m| {
+            let header = m.header("X-Dualroute");
+            m.rcpts
+                .iter()
+                .map(|r| (r.clone(), header.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+impl E2e {
+    fn client(&self) -> SmtpClient {
+        SmtpClient::new(self.sendmail.smtp_addr())
+    }
+
+    fn send(&self, rcpts: &[&str], subject: &str) -> SmtpTranscript {
+        self.client().send(SENDER, rcpts, &message(subject))
+    }
+
+    /// Waits until Sendmail has finished with every message, then returns
+    /// the addresses each sink received, sorted.
+    fn settle(&self) -> (Vec<String>, Vec<String>) {
+        self.sendmail.wait_queue_empty();
+        let addrs = |sink: &SmtpSink| {
+            let mut a: Vec<String> = received(sink).into_iter().map(|(r, _)| r.address).collect();
+            a.sort();
+            a
+        };
+        (addrs(&self.store), addrs(&self.other))
+    }
+
+    fn other_rcpt(&self, address: &str) -> SinkRcpt {
+        received(&self.other)
+            .into_iter()
+            .map(|(r, _)| r)
+            .find(|r| r.address == address)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{address} did not reach the other server\n{}",
+                    self.diagnostics()
+                )
+            })
+    }
+
+    fn diagnostics(&self) -> String {
+        format!(
+            "{}\n--- milter log ---\n{}\n--- sendmail-config ---\n{}",
+            self.sendmail.diagnostics(),
+            self.milter.log(),
+            self.printed
+        )
+    }
+
+    fn assert_accepted(&self, t: &SmtpTranscript) {
+        assert!(t.accepted(), "not accepted: {t:?}\n{}", self.diagnostics());
+    }
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+const SPLIT: &str = "  example.com:
+    mode: split
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [alice@example.com]
+";
+
+#[test]
+fn split_keeps_present_and_redirects_unknown_with_orcpt() {
+    let e = setup(SPLIT, &["example.com"]).start();
+    let t = e.send(&["alice@example.com", "bob@example.com"], "split");
+    e.assert_accepted(&t);
+    let (store, other) = e.settle();
+    assert_eq!(store, strs(&["alice@example.com"]), "{}", e.diagnostics());
+    assert_eq!(
+        other,
+        strs(&["bob@example.com.dualroute.invalid"]),
+        "{}",
+        e.diagnostics()
+    );
+    let bob = e.other_rcpt("bob@example.com.dualroute.invalid");
+    assert_eq!(bob.orcpt().as_deref(), Some("rfc822;bob@example.com"));
+    // The redirected message carries X-Dualroute once.
+    let headers: Vec<Vec<String>> = received(&e.other).into_iter().map(|(_, h)| h).collect();
+    assert_eq!(headers, vec![vec![INSTANCE.to_owned()]]);
+    // The queue id reached the milter (i at end of message, from the
+    // generated confMILTER_MACROS_EOM).
+    // Sendmail: "250 2.0.0 6ATBj8UT022179 Message accepted for delivery".
+    let qid = t
+        .end_of_data()
+        .and_then(|r| r.text.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no queue id in the reply to DATA: {t:?}"));
+    assert!(
+        e.milter.log().contains(&format!("queue_id={qid}")),
+        "{qid} not in the milter log:\n{}",
+        e.milter.log()
+    );
+}
+
+/// A split domain Sendmail delivers itself, as a Debian Sendmail with
+/// mailboxes does: the domain in class w and a virtusertable with a
+/// catch-all so that Sendmail accepts unknown addresses for the milter to
+/// route. Here Sendmail's `{rcpt_addr}` is the local user (`alice`,
+/// `catchall`), not an address (docs/sendmail.md §5): the decision must
+/// still be made on the recipient as received.
+#[test]
+fn split_on_a_locally_delivered_domain() {
+    let e = setup(
+        "  local.test:
+    mode: split
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [alice@local.test]
+",
+        &[],
+    )
+    .local_delivery(
+        "local.test",
+        "alice@local.test\talice\n@local.test\tcatchall\n",
+    )
+    .start();
+    let t = e.send(&["alice@local.test", "bob@local.test"], "local split");
+    e.assert_accepted(&t);
+    let (store, other) = e.settle();
+    assert!(store.is_empty(), "{store:?}");
+    assert_eq!(
+        other,
+        strs(&["bob@local.test.dualroute.invalid"]),
+        "{}",
+        e.diagnostics()
+    );
+    assert_eq!(
+        e.other_rcpt("bob@local.test.dualroute.invalid")
+            .orcpt()
+            .as_deref(),
+        Some("rfc822;bob@local.test")
+    );
+    let alice = e.sendmail.local_mail("alice");
+    assert_eq!(alice.len(), 1, "{}", e.diagnostics());
+    assert!(alice[0].contains("Subject: local split"), "{}", alice[0]);
+    assert!(
+        e.sendmail.local_mail("catchall").is_empty(),
+        "the catch-all got mail:\n{}",
+        e.diagnostics()
+    );
+}
+
+#[test]
+fn dual_copies_present_and_refuses_unknown() {
+    let e = setup(
+        "  example.com:
+    mode: dual
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [alice@example.com]
+",
+        &["example.com"],
+    )
+    .start();
+    let t = e.send(&["alice@example.com", "nobody@example.com"], "dual");
+    e.assert_accepted(&t);
+    let refused = t.rcpt("nobody@example.com");
+    assert_eq!(
+        (refused.code, refused.enhanced()),
+        (550, Some("5.1.1")),
+        "{t:?}"
+    );
+    let (store, other) = e.settle();
+    assert_eq!(store, strs(&["alice@example.com"]), "{}", e.diagnostics());
+    assert_eq!(other, strs(&["alice@example.com.dualroute.invalid"]));
+    let copy = e.other_rcpt("alice@example.com.dualroute.invalid");
+    // Sendmail sends NOTIFY before ORCPT (DESIGN facts): compare as a set.
+    assert_eq!(copy.notify(), Some("NEVER"), "{copy:?}");
+    assert_eq!(copy.orcpt().as_deref(), Some("rfc822;alice@example.com"));
+}
+
+#[test]
+fn route_redirects_everyone() {
+    let e = setup(
+        "  example.com:
+    mode: route
+    destination: { hosts: [\"{OTHER}\"] }
+",
+        &["example.com"],
+    )
+    .start();
+    let t = e.send(&["alice@example.com", "bob@example.com"], "route");
+    e.assert_accepted(&t);
+    let (store, other) = e.settle();
+    assert!(store.is_empty(), "{store:?}\n{}", e.diagnostics());
+    assert_eq!(
+        other,
+        strs(&[
+            "alice@example.com.dualroute.invalid",
+            "bob@example.com.dualroute.invalid"
+        ])
+    );
+}
+
+#[test]
+fn per_user_rules_copy_redirect_keep() {
+    let e = setup(
+        "  example.com:
+    mode: split
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [alice@example.com, carol@example.com, dave@example.com, erin@example.com]
+    users:
+      carol@example.com: { copy_to: [carol@zoho.test] }
+      dave@example.com: { redirect_to: dave@legacy.test }
+      erin@example.com: { keep: true }
+",
+        &["example.com"],
+    )
+    .other_domain("zoho.test")
+    .other_domain("legacy.test")
+    .start();
+    let t = e.send(
+        &["carol@example.com", "dave@example.com", "erin@example.com"],
+        "users",
+    );
+    e.assert_accepted(&t);
+    let (store, other) = e.settle();
+    assert_eq!(
+        store,
+        strs(&["carol@example.com", "erin@example.com"]),
+        "{}",
+        e.diagnostics()
+    );
+    assert_eq!(other, strs(&["carol@zoho.test", "dave@legacy.test"]));
+    assert_eq!(
+        e.other_rcpt("carol@zoho.test").orcpt().as_deref(),
+        Some("rfc822;carol@example.com")
+    );
+    assert_eq!(
+        e.other_rcpt("dave@legacy.test").orcpt().as_deref(),
+        Some("rfc822;dave@example.com")
+    );
+}
+
+#[test]
+fn require_gateway_refuses_outsiders_and_routes_nothing_from_the_gateway() {
+    let e = setup(
+        "  example.com:
+    mode: split
+    require_gateway: true
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [alice@example.com]
+",
+        &["example.com"],
+    )
+    .gateway(GATEWAY_IP)
+    .start();
+    let outsider =
+        e.client()
+            .bind(OTHER_IP)
+            .send(SENDER, &["alice@example.com"], &message("outsider"));
+    let r = outsider.rcpt("alice@example.com");
+    assert_eq!((r.code, r.enhanced()), (550, Some("5.7.1")), "{outsider:?}");
+    assert!(!outsider.accepted());
+
+    let gw = e.client().bind(GATEWAY_IP).send(
+        SENDER,
+        &["alice@example.com", "bob@example.com"],
+        &message("gateway"),
+    );
+    e.assert_accepted(&gw);
+    // From a gateway nothing is routed; bob has no mailbox: 550 5.1.1.
+    let bob = gw.rcpt("bob@example.com");
+    assert_eq!((bob.code, bob.enhanced()), (550, Some("5.1.1")), "{gw:?}");
+    let (store, other) = e.settle();
+    assert_eq!(store, strs(&["alice@example.com"]), "{}", e.diagnostics());
+    assert!(other.is_empty(), "{other:?}");
+}
+
+#[test]
+fn mixed_message_reaches_each_recipient_exactly_once() {
+    let e = setup(
+        "  example.com:
+    mode: split
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [alice@example.com, carol@example.com]
+    users:
+      carol@example.com: { copy_to: [carol@zoho.test] }
+  example.org:
+    mode: dual
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [frank@example.org]
+",
+        &["example.com", "example.org", "unmanaged.test"],
+    )
+    .other_domain("zoho.test")
+    .start();
+    // alice: keep; bob: redirect; carol: keep + copy_to; frank: keep +
+    // copy; zed@unmanaged.test: not ours, kept. Also the same recipient
+    // twice, and carol's copy target as an original recipient: Sendmail
+    // de-duplicates an added recipient equal to an existing one, so it
+    // arrives once (Postfix would deliver it twice, DESIGN.md §8).
+    let t = e.send(
+        &[
+            "alice@example.com",
+            "bob@example.com",
+            "carol@example.com",
+            "frank@example.org",
+            "zed@unmanaged.test",
+            "alice@example.com",
+            "carol@zoho.test",
+        ],
+        "mixed",
+    );
+    e.assert_accepted(&t);
+    let (store, other) = e.settle();
+    assert_eq!(
+        store,
+        strs(&[
+            "alice@example.com",
+            "carol@example.com",
+            "frank@example.org",
+            "zed@unmanaged.test"
+        ]),
+        "{}",
+        e.diagnostics()
+    );
+    assert_eq!(
+        other,
+        strs(&[
+            "bob@example.com.dualroute.invalid",
+            "carol@zoho.test",
+            "frank@example.org.dualroute.invalid"
+        ]),
+        "{}",
+        e.diagnostics()
+    );
+    // carol@zoho.test arrived once, as the sender's recipient: Sendmail
+    // dropped the milter's copy with its ORCPT and NOTIFY.
+    let carol = e.other_rcpt("carol@zoho.test");
+    assert_eq!((carol.orcpt(), carol.notify()), (None, None), "{carol:?}");
+    // Every message at the other server says who routed it, once.
+    for (rcpt, header) in received(&e.other) {
+        assert_eq!(header, vec![INSTANCE.to_owned()], "{rcpt:?}");
+    }
+}
+
+#[test]
+fn milter_down_tempfails_and_the_retry_is_delivered_once() {
+    let mut e = setup(SPLIT, &["example.com"]).start();
+    e.milter.kill();
+    let t = e.send(&["alice@example.com", "bob@example.com"], "down");
+    assert!(!t.accepted(), "accepted while the milter is down: {t:?}");
+    // F=T: Sendmail answers 451 4.3.2 (at MAIL: nothing is queued).
+    let (step, refused) = t
+        .steps
+        .iter()
+        .find(|(_, r)| !r.is_positive())
+        .unwrap_or_else(|| panic!("no refusal: {t:?}"));
+    assert!(step.starts_with("MAIL FROM"), "{t:?}");
+    assert_eq!(
+        (refused.code, refused.enhanced()),
+        (451, Some("4.3.2")),
+        "{t:?}"
+    );
+    assert!(e.sendmail.queue().is_empty(), "{}", e.diagnostics());
+
+    // The sender retries once the milter is back.
+    e.milter.spawn();
+    let t = e.send(&["alice@example.com", "bob@example.com"], "down");
+    e.assert_accepted(&t);
+    let (store, other) = e.settle();
+    assert_eq!(store, strs(&["alice@example.com"]), "{}", e.diagnostics());
+    assert_eq!(other, strs(&["bob@example.com.dualroute.invalid"]));
+}
+
+/// DESIGN.md §2 rule 1: routing off (here: `dualroute disable`) keeps who
+/// has a mailbox, without copies, and refuses with 451 4.4.4 at RCPT who
+/// would be routed away and has none. Needs the lead's contract change.
+#[test]
+fn disabled_domain_keeps_present_and_tempfails_who_would_be_routed() {
+    let e = setup(
+        "  example.com:
+    mode: split
+    destination: { hosts: [\"{OTHER}\"] }
+    accounts:
+      - list: [alice@example.com]
+",
+        &["example.com"],
+    )
+    .start();
+    let (status, out) = dualroute(&e.config, &["disable", "example.com"]);
+    assert!(status.success(), "{out}");
+    // The running milter re-reads the state every 2 s.
+    std::thread::sleep(Duration::from_secs(3));
+    let t = e.send(&["alice@example.com", "bob@example.com"], "held");
+    e.assert_accepted(&t);
+    let bob = t.rcpt("bob@example.com");
+    assert_eq!((bob.code, bob.enhanced()), (451, Some("4.4.4")), "{t:?}");
+    let (store, other) = e.settle();
+    assert_eq!(store, strs(&["alice@example.com"]), "{}", e.diagnostics());
+    assert!(other.is_empty(), "{other:?}");
+}
+
+/// DESIGN.md §2: a message that already carries our X-Dualroute header and
+/// has a recipient to redirect is refused 554 5.4.6 at end of message (no
+/// copies, never the catch-all). Needs the lead's contract change.
+#[test]
+fn looping_message_is_refused_at_end_of_message() {
+    let e = setup(SPLIT, &["example.com"]).start();
+    let looped = format!("X-Dualroute: {INSTANCE}\n{}", message("loop"));
+    let t = e
+        .client()
+        .send(SENDER, &["alice@example.com", "bob@example.com"], &looped);
+    let end = t
+        .end_of_data()
+        .unwrap_or_else(|| panic!("no end of data: {t:?}"));
+    assert_eq!((end.code, end.enhanced()), (554, Some("5.4.6")), "{t:?}");
+    let (store, other) = e.settle();
+    assert!(store.is_empty() && other.is_empty(), "{store:?} {other:?}");
+}
+
+/// Sendmail's own log lines trip the breaker (DESIGN.md §7): the other
+/// server refuses routed mail, Sendmail bounces it with `dsn=5.1.1,
+/// stat=User unknown`, and after `threshold` such lines the domain is
+/// tripped: `status` says so, and the milter's log names the line.
+#[test]
+fn sendmail_bounces_trip_the_breaker_end_to_end() {
+    let e = setup(SPLIT, &["example.com"])
+        .other_rejects()
+        .breaker(2)
+        .start();
+    for i in 0..2 {
+        let t = e.send(&[&format!("bob{i}@example.com")], &format!("bounce {i}"));
+        e.assert_accepted(&t);
+    }
+    for i in 0..2 {
+        let line = e.sendmail.wait_log(&[
+            &format!("to=<bob{i}@example.com.dualroute.invalid>"),
+            "dsn=5.1.1",
+        ]);
+        assert!(line.contains("stat=User unknown"), "{line}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let out = loop {
+        let (_, out) = dualroute(&e.config, &["status"]);
+        if out.contains("TRIPPED") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        out.contains("example.com: mode split: TRIPPED"),
+        "{out}\n{}",
+        e.diagnostics()
+    );
+    // The trip names the Sendmail line that completed it.
+    let log = e.milter.log();
+    let trip = log
+        .lines()
+        .find(|l| l.contains("example.com: bounce breaker tripped"))
+        .unwrap_or_else(|| panic!("no trip in the milter log:\n{log}"));
+    assert!(
+        trip.contains("sendmail[") && trip.contains("dsn=5.1.1"),
+        "{trip}"
+    );
+}
+
+/// What docs/sendmail.md says Sendmail's RCPT macros hold: its parse of the
+/// recipient (`sendmail -bt`, `/parse`, the triple Sendmail hands the milter
+/// as `{rcpt_mailer}`, `{rcpt_host}`, `{rcpt_addr}`): for a local recipient
+/// (domain in class w) the local mailer, no host and the bare user; through
+/// a virtusertable catch-all the catch-all's target; for a relayed one the
+/// mailertable's mailer and host and the full address.
+#[test]
+fn rcpt_macros_are_sendmails_parse_of_the_recipient() {
+    let store = SmtpSink::start();
+    let sendmail = Sendmail::start(
+        SendmailOptions::default()
+            .local_domain("local.test")
+            .local_domain("virtual.test")
+            .map(
+                "virtusertable",
+                "carol@virtual.test\tcarol\n@virtual.test\tcatchall\n",
+            )
+            .mc("FEATURE(`virtusertable', `hash -o $DIR/virtusertable')dnl")
+            .relay_to("example.com", &store),
+    );
+    let out = sendmail.address_test(
+        "/parse alice@local.test\n/parse <Alice+tag@LOCAL.test.>\n/parse <@relay.test:alice@local.test>\n/parse carol@virtual.test\n/parse zed@virtual.test\n/parse bob@example.com\n",
+    );
+    let triples: Vec<&str> = out.lines().filter(|l| l.starts_with("mailer ")).collect();
+    let sink = format!(
+        "mailer sink{}, host [127.0.0.1], user bob@example.com",
+        store.port()
+    );
+    assert_eq!(
+        triples,
+        vec![
+            "mailer local, user alice",
+            "mailer local, user alice+tag",
+            "mailer local, user alice",
+            "mailer local, user carol",
+            "mailer local, user catchall",
+            sink.as_str(),
+        ],
+        "{out}"
+    );
+}
+
+#[test]
+fn check_warns_for_relay_domains_on_sendmail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("milter.yaml");
+    let yaml = |mta: &str| {
+        format!(
+            "mta: {mta}\nstate_dir: {}\ndomains:\n  example.com:\n    mode: route\n    destination: {{ hosts: [\"[192.0.2.30]:2525\"] }}\n  example.org:\n    mode: route\n    destination: {{ domain: example.org.test-google-a.com, change_envelope: true }}\n",
+            dir.path().display()
+        )
+    };
+    support::write(&config, &yaml("sendmail"));
+    let (status, out) = dualroute(&config, &["check"]);
+    assert!(status.success(), "{out}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.contains("WARNING")).collect();
+    assert_eq!(warnings.len(), 1, "{out}");
+    assert!(
+        warnings[0].starts_with("example.com: WARNING: mta is sendmail")
+            && warnings[0].contains("example.com.dualroute.invalid"),
+        "{out}"
+    );
+    support::write(&config, &yaml("postfix"));
+    let (status, out) = dualroute(&config, &["check"]);
+    assert!(status.success() && !out.contains("WARNING"), "{out}");
+    support::write(&config, &yaml("exim"));
+    let (status, out) = dualroute(&config, &["check"]);
+    assert!(!status.success() && out.contains("mta"), "{out}");
+}
