@@ -62,13 +62,31 @@ pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
 }
 
 pub fn status(path: &Path) -> Result<ExitCode, String> {
-    let policy = load(path)?;
-    let dir = crate::state::StateDir::new(&policy.config.state_dir);
-    let mut names: Vec<&String> = policy.domains.keys().collect();
-    names.sort();
+    // The configuration only: the account files may be exactly what the
+    // running milter refused, and that refusal is what to show.
+    let config = crate::config::read_file(path).map_err(|e| e.to_string())?;
+    let dir = crate::state::StateDir::new(&config.state_dir);
     let mut ok = true;
-    for name in names {
-        let d = &policy.domains[name];
+    match dir.reload_refused() {
+        Ok(None) => {}
+        Ok(Some(r)) => {
+            ok = false;
+            println!(
+                "RELOAD REFUSED since {}: {}; the milter keeps running the configuration and accounts it had",
+                crate::state::when(r.since),
+                r.reason
+            );
+        }
+        Err(e) => {
+            ok = false;
+            println!("ERROR: {e}");
+        }
+    }
+    if config.domains.is_empty() {
+        println!("no domains configured: dualroute changes nothing");
+    }
+    for (name, d) in &config.domains {
+        let name = &name.0;
         let st = match dir.load(name) {
             Ok(s) => s,
             Err(e) => {
@@ -77,8 +95,8 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                 continue;
             }
         };
-        let mode = d.config.mode;
-        let line = if !d.config.enabled {
+        let mode = d.mode;
+        let line = if !d.enabled {
             "transparent (enabled: false in the configuration)".to_owned()
         } else if let Some(x) = &st.disabled {
             format!(
@@ -94,7 +112,7 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                 t.window_secs,
                 t.last
             )
-        } else if let Some(addr) = &d.config.verify {
+        } else if let Some(addr) = &d.verify {
             match &st.verification {
                 Some(v) if v.passed => format!(
                     "active (verified {}: {})",
@@ -200,6 +218,16 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
 pub fn check(path: &Path) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let c = &policy.config;
+    if let Some(b) = &c.breaker {
+        // The breaker follows this file; unreadable, it would never trip.
+        if let Err(e) = std::fs::File::open(&b.maillog) {
+            let at = crate::config::read::locate_in_file(path, &["breaker", "maillog"]);
+            return Err(format!(
+                "{at}breaker.maillog: {}: cannot read: {e}; point it at the file the MTA logs to (Postfix: `maillog_file` in main.cf, or rsyslog's mail.log) and make it readable by dualroute",
+                b.maillog.display()
+            ));
+        }
+    }
     println!("{}: OK", path.display());
     println!(
         "listen {}, instance {}, relay suffix {}",
@@ -208,6 +236,9 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
     if !c.gateways.is_empty() {
         let g: Vec<String> = c.gateways.iter().map(ToString::to_string).collect();
         println!("gateways: {}", g.join(", "));
+    }
+    if c.domains.is_empty() {
+        println!("no domains configured: dualroute changes nothing");
     }
     for name in c.domains.keys() {
         let Some(d) = policy.domains.get(&name.0) else {
@@ -260,6 +291,19 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
                 ""
             },
         );
+        for s in &d.report.sources {
+            let mut line = format!("  {}: {} accounts of {name}", s.source, s.accounts);
+            if s.other_domains > 0 {
+                line.push_str(&format!(", {} entries of other domains", s.other_domains));
+            }
+            if s.not_accounts > 0 {
+                line.push_str(&format!(", {} map keys not accounts", s.not_accounts));
+            }
+            println!("{line}");
+        }
+        for w in &d.report.warnings {
+            println!("  WARNING: {w}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

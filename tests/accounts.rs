@@ -79,7 +79,10 @@ fn bom_is_stripped() {
     let path = config(dir.path(), &["file: accounts"]);
     let policy = dualroute::load_policy(&path).unwrap();
     let accounts = policy.domains["example.com"].accounts.as_ref().unwrap();
-    assert!(accounts.contains("alice"), "the first entry after a BOM is lost");
+    assert!(
+        accounts.contains("alice"),
+        "the first entry after a BOM is lost"
+    );
     assert!(accounts.contains("bob"));
     assert_eq!(accounts.len(), 2);
 }
@@ -122,7 +125,11 @@ fn no_account_of_the_domain_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("accounts"), "# nobody here yet\n").unwrap();
     std::fs::write(dir.path().join("others"), "zed@other.example\n").unwrap();
-    for source in ["file: accounts", "postfix_map: others", "list: [a@other.example]"] {
+    for source in [
+        "file: accounts",
+        "postfix_map: others",
+        "list: [a@other.example]",
+    ] {
         let path = config(dir.path(), &[source]);
         let e = load_error(&path);
         assert!(e.contains("no account of example.com"), "{source}: {e}");
@@ -144,15 +151,25 @@ fn check_reports_each_source() {
     .unwrap();
     let path = config(
         dir.path(),
-        &["file: accounts", "postfix_map: vmailbox", "list: [dave@example.com]"],
+        &[
+            "file: accounts",
+            "postfix_map: vmailbox",
+            "list: [dave@example.com]",
+        ],
     );
     let (ok, out) = check(&path, None);
     assert!(ok, "{out}");
     let file = dir.path().join("accounts");
     let map = dir.path().join("vmailbox");
     for expected in [
-        format!("file {}: 2 accounts of example.com, 1 entries of other domains", file.display()),
-        format!("postfix_map {}: 1 accounts of example.com, 1 map keys not accounts", map.display()),
+        format!(
+            "file {}: 2 accounts of example.com, 1 entries of other domains",
+            file.display()
+        ),
+        format!(
+            "postfix_map {}: 1 accounts of example.com, 1 map keys not accounts",
+            map.display()
+        ),
         "list: 1 accounts of example.com".to_owned(),
     ] {
         assert!(out.contains(&expected), "{expected:?} expected:\n{out}");
@@ -169,7 +186,10 @@ fn postfix_type_name_is_read_with_postmap() {
     // The text changed after postmap: Postfix still uses the .db, and so
     // must we.
     std::fs::write(&map, "alice@example.com a/\nbob@example.com b/\n").unwrap();
-    for table in [format!("hash:{}", map.display()), "hash:vmailbox".to_owned()] {
+    for table in [
+        format!("hash:{}", map.display()),
+        "hash:vmailbox".to_owned(),
+    ] {
         let path = config(dir.path(), &[&format!("postfix_map: \"{table}\"")]);
         let (ok, out) = check(&path, Some(&mc));
         assert!(ok, "{table}: {out}");
@@ -201,7 +221,9 @@ fn bare_path_warns_when_its_db_is_older() {
     let (ok, out) = check(&path, Some(&mc));
     assert!(ok, "{out}");
     assert!(
-        out.contains("WARNING") && out.contains("vmailbox.db is older than") && out.contains("postmap"),
+        out.contains("WARNING")
+            && out.contains("vmailbox.db is older than")
+            && out.contains("postmap"),
         "{out}"
     );
 }
@@ -221,12 +243,12 @@ fn postfix_map_type_without_its_compiled_file_names_the_config_line() {
 #[test]
 fn missing_account_file_names_the_config_line() {
     let dir = tempfile::tempdir().unwrap();
-    let path = config(dir.path(), &["list: [alice@example.com]", "file: nope.accounts"]);
-    let e = load_error(&path);
-    assert!(
-        e.starts_with(&format!("{}:8:15: ", path.display())),
-        "{e}"
+    let path = config(
+        dir.path(),
+        &["list: [alice@example.com]", "file: nope.accounts"],
     );
+    let e = load_error(&path);
+    assert!(e.starts_with(&format!("{}:8:15: ", path.display())), "{e}");
     assert!(e.contains("nope.accounts"), "{e}");
 }
 

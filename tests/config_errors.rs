@@ -192,7 +192,10 @@ fn no_domains_is_valid() {
 fn duplicate_domain_names_both_lines() {
     let twice = format!("{BASE}{}", BASE.replace("domains:\n", ""));
     assert_error(&twice, "8:3", "example.com is given twice (lines 2 and 8)");
-    let cased = format!("{BASE}{}", BASE.replace("domains:\n  example.com", "  Example.COM"));
+    let cased = format!(
+        "{BASE}{}",
+        BASE.replace("domains:\n  example.com", "  Example.COM")
+    );
     assert_error(&cased, "8:3", "example.com is given twice (lines 2 and 8)");
 }
 
@@ -201,7 +204,11 @@ fn duplicate_user_names_both_lines() {
     let text = format!(
         "{BASE}    users:\n      carol@example.com: {{ keep: true }}\n      dave@example.com: {{ keep: true }}\n      Carol@Example.com: {{ redirect_to: c@other.example }}\n"
     );
-    assert_error(&text, "11:7", "carol@example.com is given twice (lines 9 and 11)");
+    assert_error(
+        &text,
+        "11:7",
+        "carol@example.com is given twice (lines 9 and 11)",
+    );
     // With `local_part_case: sensitive`, Carol and carol are two users.
     parse(
         &format!("local_part_case: sensitive\n{text}"),
@@ -212,7 +219,8 @@ fn duplicate_user_names_both_lines() {
 
 #[test]
 fn copy_to_the_user_itself_is_located() {
-    let text = format!("{BASE}    users:\n      carol@example.com: {{ copy_to: carol@example.com }}\n");
+    let text =
+        format!("{BASE}    users:\n      carol@example.com: {{ copy_to: carol@example.com }}\n");
     assert_error(&text, "9:37", "is the user itself");
 }
 
@@ -224,16 +232,17 @@ fn non_utf8_config_names_the_line() {
     text.extend_from_slice(b"    users:\n      caf\xe9@example.com: { keep: true }\n");
     std::fs::write(&path, text).unwrap();
     let e = dualroute::config::read_file(&path).unwrap_err().to_string();
-    assert!(
-        e.starts_with(&format!("{}:9:10: ", path.display())),
-        "{e}"
-    );
+    assert!(e.starts_with(&format!("{}:9:10: ", path.display())), "{e}");
     assert!(e.contains("UTF-8"), "{e}");
 }
 
 #[test]
 fn shrink_limit_is_a_fraction() {
-    parse(&format!("accounts_shrink_limit: 0.9\n{BASE}"), "milter.yaml").unwrap();
+    parse(
+        &format!("accounts_shrink_limit: 0.9\n{BASE}"),
+        "milter.yaml",
+    )
+    .unwrap();
     parse(&format!("accounts_shrink_limit: 1\n{BASE}"), "milter.yaml").unwrap();
     assert_error(
         &format!("accounts_shrink_limit: 1.5\n{BASE}"),
