@@ -195,7 +195,7 @@ impl Policy {
     }
 
     /// Why this policy must not replace `running` (DESIGN.md §5): a domain
-    /// would lose more than `accounts_shrink_limit` of its accounts, which
+    /// would lose `accounts_shrink_limit` of its accounts or more, which
     /// is what a truncated or half-generated account file looks like. Its
     /// mail would be routed away (split) or refused (dual), so the running
     /// accounts stay until the administrator confirms by raising the limit
@@ -210,13 +210,13 @@ impl Policy {
                 let now = self.domains[name].accounts.as_ref()?.len();
                 let before = running.domains.get(name)?.accounts.as_ref()?.len();
                 let lost = before.saturating_sub(now);
-                (lost as f64 > limit * before as f64)
+                (lost > 0 && lost as f64 >= limit * before as f64)
                     .then(|| format!("{name} would go from {before} to {now} accounts"))
             })
             .collect();
         (!shrunk.is_empty()).then(|| {
             format!(
-                "{}, more than accounts_shrink_limit ({}) allows; if that is meant, raise accounts_shrink_limit in the configuration (1: no limit) and reload, or restart dualroute",
+                "{}, a loss accounts_shrink_limit ({}) does not allow; if that is meant, raise accounts_shrink_limit in the configuration (1: no limit) and reload, or restart dualroute",
                 shrunk.join("; "),
                 limit
             )

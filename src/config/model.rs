@@ -619,8 +619,9 @@ impl<'de> Deserialize<'de> for DomainEntries {
     }
 }
 
-/// `accounts_shrink_limit`: the largest fraction of a domain's accounts a
-/// reload may remove (0 to 1). Never NaN, hence `Eq`.
+/// `accounts_shrink_limit`: a reload that would remove this fraction of a
+/// domain's accounts or more is refused (0 to 1; 0: any loss, 1: only
+/// losing all, which is an error anyway). Never NaN, hence `Eq`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ShrinkLimit(pub f64);
 
@@ -645,7 +646,7 @@ impl<'de> Deserialize<'de> for ShrinkLimit {
                     Ok(ShrinkLimit(v))
                 } else {
                     Err(E::custom(format!(
-                        "{v}: must be between 0 and 1 (0.5: a reload may remove at most half of a domain's accounts; 1: no limit)"
+                        "{v}: must be between 0 and 1 (0.5: a reload that would remove half of a domain's accounts or more is refused; 1: no limit)"
                     )))
                 }
             }
@@ -799,8 +800,8 @@ pub struct Config {
     pub domains: BTreeMap<DomainName, DomainConfig>,
     pub breaker: Option<BreakerConfig>,
     pub dns: DnsConfig,
-    /// A reload that would remove more than this fraction of a domain's
-    /// accounts is refused (README "Account sources").
+    /// A reload that would remove this fraction of a domain's accounts or
+    /// more is refused (README "Account sources").
     pub accounts_shrink_limit: ShrinkLimit,
 }
 
