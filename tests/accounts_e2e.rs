@@ -147,3 +147,33 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
     drop(milter);
     drop(tmp);
 }
+
+/// DESIGN.md §5: no domains is valid; `check` says the milter changes
+/// nothing, and `run` starts (transparent) with a WARN saying so.
+#[test]
+fn no_domains_starts_transparent_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = tmp.path().join("milter.yaml");
+    fs::write(
+        &config,
+        format!(
+            "listen: inet:127.0.0.1:{port}\nstate_dir: {}\n",
+            tmp.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = dualroute(&config, &["check"]);
+    assert!(ok.success(), "{out}");
+    assert!(
+        out.contains("no domains configured: dualroute changes nothing"),
+        "{out}"
+    );
+    let milter = MilterProcess::start(&config, port, &tmp.path().join("milter.log"));
+    let log = wait_log(&milter, "no domains configured", 1);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("dualroute changes nothing")),
+        "{log}"
+    );
+}
