@@ -78,17 +78,35 @@ pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
 }
 
 pub fn status(path: &Path) -> Result<ExitCode, String> {
-    let policy = load(path)?;
-    let dir = crate::state::StateDir::new(&policy.config.state_dir);
-    // The same holds the running milter reads (src/holds.rs).
-    let holds = policy.holds.current();
-    let mut names: Vec<&String> = policy.domains.keys().collect();
-    names.sort();
+    // The configuration only: the account files may be exactly what the
+    // running milter refused, and that refusal is what to show.
+    let config = crate::config::read_file(path).map_err(|e| e.to_string())?;
+    let dir = crate::state::StateDir::new(&config.state_dir);
     let mut ok = true;
-    for name in names {
-        let d = &policy.domains[name];
-        let mode = d.config.mode;
-        let line = if !d.config.enabled {
+    match dir.reload_refused() {
+        Ok(None) => {}
+        Ok(Some(r)) => {
+            ok = false;
+            println!(
+                "RELOAD REFUSED since {}: {}; the milter keeps running the configuration and accounts it had",
+                crate::state::when(r.since),
+                r.reason
+            );
+        }
+        Err(e) => {
+            ok = false;
+            println!("ERROR: {e}");
+        }
+    }
+    if config.domains.is_empty() {
+        println!("no domains configured: dualroute changes nothing");
+    }
+    // The same holds the running milter reads (src/holds.rs).
+    let (holds, _) = crate::holds::Holds::read(&config);
+    for (name, d) in &config.domains {
+        let name = &name.0;
+        let mode = d.mode;
+        let line = if !d.enabled {
             "routing OFF (enabled: false in the configuration): mailboxes here get their mail, addresses that would be routed are refused with 451 4.4.4".to_owned()
         } else {
             match holds.get(name) {
@@ -117,7 +135,7 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                     format!("ERROR: {h}")
                 }
                 None => match dir.load(name).ok().and_then(|s| s.verification) {
-                    Some(v) if d.config.verify.is_some() => format!(
+                    Some(v) if d.verify.is_some() => format!(
                         "active (verified {}: {})",
                         crate::state::when(v.at),
                         v.detail
@@ -235,6 +253,16 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
 pub fn check(path: &Path) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let c = &policy.config;
+    if let Some(b) = &c.breaker {
+        // The breaker follows this file; unreadable, it would never trip.
+        if let Err(e) = std::fs::File::open(&b.maillog) {
+            let at = crate::config::read::locate_in_file(path, &["breaker", "maillog"]);
+            return Err(format!(
+                "{at}breaker.maillog: {}: cannot read: {e}; point it at the file the MTA logs to (Postfix: `maillog_file` in main.cf, or rsyslog's mail.log) and make it readable by dualroute",
+                b.maillog.display()
+            ));
+        }
+    }
     println!("{}: OK", path.display());
     println!(
         "listen {}, instance {}, relay suffix {}",
@@ -243,6 +271,9 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
     if !c.gateways.is_empty() {
         let g: Vec<String> = c.gateways.iter().map(ToString::to_string).collect();
         println!("gateways: {}", g.join(", "));
+    }
+    if c.domains.is_empty() {
+        println!("no domains configured: dualroute changes nothing");
     }
     for name in c.domains.keys() {
         let Some(d) = policy.domains.get(&name.0) else {
@@ -295,6 +326,19 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
                 ""
             },
         );
+        for s in &d.report.sources {
+            let mut line = format!("  {}: {} accounts of {name}", s.source, s.accounts);
+            if s.other_domains > 0 {
+                line.push_str(&format!(", {} entries of other domains", s.other_domains));
+            }
+            if s.not_accounts > 0 {
+                line.push_str(&format!(", {} map keys not accounts", s.not_accounts));
+            }
+            println!("{line}");
+        }
+        for w in &d.report.warnings {
+            println!("  WARNING: {w}");
+        }
         if let (crate::config::Mta::Sendmail, Some(relay)) =
             (c.mta, &d.relay_domain(&c.relay_suffix.0))
         {

@@ -35,6 +35,10 @@ pub enum LoadError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Accounts(#[from] accounts::LoadError),
+    /// A reload that loaded fine but would shrink a domain's accounts past
+    /// `accounts_shrink_limit`.
+    #[error("{0}")]
+    Shrink(String),
 }
 
 /// Reads `milter.yaml` and every account source it names.
@@ -74,9 +78,13 @@ pub fn share(policy: Policy) -> SharedPolicy {
 }
 
 /// Re-reads the configuration; on error the running policy stays in force
-/// (DESIGN.md §5: a reload with an invalid file keeps the running policy).
+/// (DESIGN.md §5: a reload with an invalid file keeps the running policy),
+/// and so it does when the new accounts shrank past the guard. A refusal
+/// is recorded under `state_dir` for `dualroute status`; a good reload
+/// clears it. The caller logs the error.
 pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError> {
     let path = path.to_owned();
+    let running = current(shared);
     let loaded = tokio::task::spawn_blocking(move || load_policy(&path))
         .await
         .unwrap_or_else(|e| {
@@ -86,9 +94,23 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
                 column: None,
                 message: format!("reload task failed: {e}"),
             }))
-        })?;
+        })
+        .and_then(|p| match p.shrink_refusal(&running) {
+            Some(why) => Err(LoadError::Shrink(why)),
+            None => Ok(p),
+        });
+    let state = state::StateDir::new(&running.config.state_dir);
+    let loaded = match loaded {
+        Ok(p) => p,
+        Err(e) => {
+            if let Err(w) = state.refuse_reload(&e.to_string()) {
+                tracing::error!("cannot record the refused reload for `dualroute status`: {w}");
+            }
+            return Err(e);
+        }
+    };
     let mut loaded = loaded;
-    for e in loaded.take_over_holds(&current(shared)) {
+    for e in loaded.take_over_holds(&running) {
         tracing::error!("{e}; routing for that domain stays off");
     }
     let new = Arc::new(loaded);
@@ -96,19 +118,31 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
         Ok(mut guard) => *guard = new,
         Err(poisoned) => *poisoned.into_inner() = new,
     }
+    if let Err(e) = state.clear_reload_refused() {
+        tracing::warn!("cannot clear the record of a refused reload: {e}");
+    }
     Ok(())
 }
 
 /// Reloads configuration and accounts when an account file changes
-/// (checked every `every`). A failed reload keeps the running policy and is
-/// retried only after the file changes again.
+/// (checked every `every`). A change is acted on once the file has been
+/// still for one interval, so that a file being rewritten is not read half
+/// written. A failed reload keeps the running policy and is retried only
+/// after a file changes again.
 pub async fn watch_accounts(
     shared: SharedPolicy,
     path: std::path::PathBuf,
     every: std::time::Duration,
 ) {
-    // The modification times a reload failed on: not retried until a file
-    // changes again.
+    // The milter has just started with everything loaded: a refusal
+    // recorded by an earlier run no longer describes it.
+    let dir = state::StateDir::new(&current(&shared).config.state_dir);
+    if let Err(e) = dir.clear_reload_refused() {
+        tracing::warn!("cannot clear the record of a refused reload: {e}");
+    }
+    // What the files looked like at the last look, and what a reload
+    // failed on (not retried until a file changes again).
+    let mut last_seen = None;
     let mut failed_for = None;
     loop {
         tokio::time::sleep(every).await;
@@ -116,16 +150,18 @@ pub async fn watch_accounts(
         let now: Vec<_> = policy
             .account_files
             .iter()
-            .map(|(p, _)| policy::modified(p))
+            .map(|(p, _)| file_stamp(p))
             .collect();
         let changed: Vec<String> = policy
             .account_files
             .iter()
             .zip(&now)
-            .filter(|((_, then), now)| then != *now)
+            .filter(|((_, then), now)| *then != now.1)
             .map(|((p, _), _)| p.display().to_string())
             .collect();
-        if changed.is_empty() || failed_for.as_ref() == Some(&now) {
+        let settled = last_seen.as_ref() == Some(&now);
+        last_seen = Some(now.clone());
+        if changed.is_empty() || !settled || failed_for.as_ref() == Some(&now) {
             continue;
         }
         let changed = changed.join(", ");
@@ -139,12 +175,21 @@ pub async fn watch_accounts(
             }
             Err(e) => {
                 tracing::error!(
-                    "account file changed ({changed}) but reload failed, keeping the running configuration: {e}"
+                    "account file changed ({changed}) but the reload was refused, keeping the running configuration: {e}"
                 );
                 failed_for = Some(now);
             }
         }
     }
+}
+
+/// A file's size and modification time, `None` when it cannot be read.
+fn file_stamp(p: &Path) -> (Option<u64>, Option<std::time::SystemTime>) {
+    let m = std::fs::metadata(p).ok();
+    (
+        m.as_ref().map(|m| m.len()),
+        m.and_then(|m| m.modified().ok()),
+    )
 }
 
 /// Probes held domains until their destination accepts the `verify`

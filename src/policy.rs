@@ -103,20 +103,22 @@ impl Policy {
             .domains
             .values()
             .flat_map(|d| d.accounts.iter().flatten())
-            .filter_map(|s| match s {
-                crate::config::AccountSource::File(p)
-                | crate::config::AccountSource::PostfixMap(p) => Some(p.clone()),
-                crate::config::AccountSource::List(_) => None,
-            })
+            .filter_map(|s| s.watched_file())
             .map(|p| {
                 let m = modified(&p);
                 (p, m)
             })
             .collect();
+        if config.domains.is_empty() {
+            tracing::warn!("no domains configured: dualroute changes nothing");
+        }
         for (name, d) in &config.domains {
             let (accounts, report) = match &d.accounts {
                 Some(sources) => {
                     let (a, r) = accounts::load(&name.0, sources, &rules)?;
+                    for w in &r.warnings {
+                        tracing::warn!("{name}: {w}");
+                    }
                     (Some(a), r)
                 }
                 None => (None, LoadReport::default()),
@@ -146,6 +148,35 @@ impl Policy {
             domains,
             holds: Arc::new(HoldsHandle(RwLock::new(Arc::new(holds)))),
             account_files,
+        })
+    }
+
+    /// Why this policy must not replace `running` (DESIGN.md §5): a domain
+    /// would lose `accounts_shrink_limit` of its accounts or more, which
+    /// is what a truncated or half-generated account file looks like. Its
+    /// mail would be routed away (split) or refused (dual), so the running
+    /// accounts stay until the administrator confirms by raising the limit
+    /// or restarting.
+    pub fn shrink_refusal(&self, running: &Policy) -> Option<String> {
+        let limit = self.config.accounts_shrink_limit.0;
+        let mut names: Vec<&String> = self.domains.keys().collect();
+        names.sort();
+        let shrunk: Vec<String> = names
+            .into_iter()
+            .filter_map(|name| {
+                let now = self.domains[name].accounts.as_ref()?.len();
+                let before = running.domains.get(name)?.accounts.as_ref()?.len();
+                let lost = before.saturating_sub(now);
+                (lost > 0 && lost as f64 >= limit * before as f64)
+                    .then(|| format!("{name} would go from {before} to {now} accounts"))
+            })
+            .collect();
+        (!shrunk.is_empty()).then(|| {
+            format!(
+                "{}, a loss accounts_shrink_limit ({}) does not allow; if that is meant, raise accounts_shrink_limit in the configuration (1: no limit) and reload, or restart dualroute",
+                shrunk.join("; "),
+                limit
+            )
         })
     }
 

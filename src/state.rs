@@ -5,7 +5,9 @@
 //!
 //! - `<domain>.disabled` — written by `dualroute disable`, removed by `enable`;
 //! - `<domain>.tripped`  — written by the bounce breaker, removed by `enable`;
-//! - `<domain>.verify`   — the last probe result, written by the milter.
+//! - `<domain>.verify`   — the last probe result, written by the milter;
+//! - `reload-refused`    — a reload the running milter refused (kept its
+//!   policy), for `dualroute status`; removed by the next good load.
 //!
 //! Every write goes to a temporary file that is then renamed over the old
 //! one, so a reader never sees half a file and a crash never leaves one.
@@ -98,6 +100,16 @@ pub fn rfc5322_date(secs: u64) -> String {
     format!("{wd}, {d} {mon} {y:04} {hh:02}:{mm:02}:{ss:02} +0000")
 }
 
+/// A reload the running milter refused: it still runs the policy it had.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
+pub struct ReloadRefused {
+    pub since: u64,
+    pub reason: String,
+}
+
+/// No domain file has this name: those are always `DOMAIN.KIND`.
+const RELOAD_REFUSED: &str = "reload-refused";
+
 /// The state directory.
 #[derive(Clone, Debug)]
 pub struct StateDir {
@@ -120,8 +132,11 @@ impl StateDir {
         domain: &str,
         kind: &str,
     ) -> io::Result<Option<T>> {
-        let path = self.file(domain, kind);
-        match std::fs::read_to_string(&path) {
+        self.read_path(&self.file(domain, kind))
+    }
+
+    fn read_path<T: for<'de> Deserialize<'de>>(&self, path: &Path) -> io::Result<Option<T>> {
+        match std::fs::read_to_string(path) {
             Ok(text) => serde_yaml::from_str(&text).map(Some).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -134,16 +149,18 @@ impl StateDir {
     }
 
     fn write<T: Serialize>(&self, domain: &str, kind: &str, value: &T) -> io::Result<()> {
+        self.write_path(&self.file(domain, kind), value)
+    }
+
+    fn write_path<T: Serialize>(&self, path: &Path, value: &T) -> io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let path = self.file(domain, kind);
         let text = serde_yaml::to_string(value)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let tmp = self
-            .dir
-            .join(format!(".{domain}.{kind}.{}", std::process::id()));
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = self.dir.join(format!(".{name}.{}", std::process::id()));
         std::fs::write(&tmp, text)?;
         std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        std::fs::rename(&tmp, path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         // The rename lives in the directory: without syncing it a crash can
         // lose a breaker trip or a `disable` that was already reported.
@@ -151,7 +168,11 @@ impl StateDir {
     }
 
     fn remove(&self, domain: &str, kind: &str) -> io::Result<bool> {
-        match std::fs::remove_file(self.file(domain, kind)) {
+        self.remove_path(&self.file(domain, kind))
+    }
+
+    fn remove_path(&self, path: &Path) -> io::Result<bool> {
+        match std::fs::remove_file(path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
@@ -191,6 +212,25 @@ impl StateDir {
 
     pub fn record_verification(&self, domain: &str, v: &Verification) -> io::Result<()> {
         self.write(domain, "verify", v)
+    }
+
+    /// Records that the running milter refused a reload.
+    pub fn refuse_reload(&self, reason: &str) -> io::Result<()> {
+        let r = ReloadRefused {
+            since: now(),
+            reason: reason.to_owned(),
+        };
+        self.write_path(&self.dir.join(RELOAD_REFUSED), &r)
+    }
+
+    /// The last refused reload, unless a good load came after it.
+    pub fn reload_refused(&self) -> io::Result<Option<ReloadRefused>> {
+        self.read_path(&self.dir.join(RELOAD_REFUSED))
+    }
+
+    /// A load succeeded: an earlier refusal no longer describes the milter.
+    pub fn clear_reload_refused(&self) -> io::Result<bool> {
+        self.remove_path(&self.dir.join(RELOAD_REFUSED))
     }
 }
 

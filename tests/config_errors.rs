@@ -175,10 +175,93 @@ fn yaml_syntax_error() {
 }
 
 #[test]
-fn no_domains() {
-    assert_error(
+fn no_domains_is_valid() {
+    // DESIGN.md §5: what the Debian package installs; the milter is
+    // transparent and says so.
+    for text in [
         "listen: inet:127.0.0.1:1\ndomains: {}\n",
-        "2:10",
-        "no domains",
+        "listen: inet:127.0.0.1:1\ndomains:\n",
+        "listen: inet:127.0.0.1:1\n",
+    ] {
+        let c = parse(text, "milter.yaml").unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(c.domains.is_empty());
+    }
+}
+
+#[test]
+fn duplicate_domain_names_both_lines() {
+    let twice = format!("{BASE}{}", BASE.replace("domains:\n", ""));
+    assert_error(&twice, "8:3", "example.com is given twice (lines 2 and 8)");
+    let cased = format!(
+        "{BASE}{}",
+        BASE.replace("domains:\n  example.com", "  Example.COM")
     );
+    assert_error(&cased, "8:3", "example.com is given twice (lines 2 and 8)");
+}
+
+#[test]
+fn duplicate_user_names_both_lines() {
+    let text = format!(
+        "{BASE}    users:\n      carol@example.com: {{ keep: true }}\n      dave@example.com: {{ keep: true }}\n      Carol@Example.com: {{ redirect_to: c@other.example }}\n"
+    );
+    assert_error(
+        &text,
+        "11:7",
+        "carol@example.com is given twice (lines 9 and 11)",
+    );
+    // With `local_part_case: sensitive`, Carol and carol are two users.
+    parse(
+        &format!("local_part_case: sensitive\n{text}"),
+        "milter.yaml",
+    )
+    .unwrap();
+}
+
+#[test]
+fn copy_to_the_user_itself_is_located() {
+    let text =
+        format!("{BASE}    users:\n      carol@example.com: {{ copy_to: carol@example.com }}\n");
+    assert_error(&text, "9:37", "is the user itself");
+}
+
+#[test]
+fn non_utf8_config_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    let mut text = BASE.as_bytes().to_vec();
+    text.extend_from_slice(b"    users:\n      caf\xe9@example.com: { keep: true }\n");
+    std::fs::write(&path, text).unwrap();
+    let e = dualroute::config::read_file(&path).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:9:10: ", path.display())), "{e}");
+    assert!(e.contains("UTF-8"), "{e}");
+}
+
+#[test]
+fn shrink_limit_is_a_fraction() {
+    parse(
+        &format!("accounts_shrink_limit: 0.9\n{BASE}"),
+        "milter.yaml",
+    )
+    .unwrap();
+    parse(&format!("accounts_shrink_limit: 1\n{BASE}"), "milter.yaml").unwrap();
+    assert_error(
+        &format!("accounts_shrink_limit: 1.5\n{BASE}"),
+        "1:24",
+        "between 0 and 1",
+    );
+}
+
+/// The duplicate-user check must be linear: 200,000 users load quickly.
+/// (No timed assertion; the figure is in the closing report.)
+#[test]
+fn two_hundred_thousand_users_load() {
+    let mut text = BASE.to_owned();
+    text.push_str("    users:\n");
+    for i in 0..200_000 {
+        text.push_str(&format!("      u{i}@example.com: {{ keep: true }}\n"));
+    }
+    let start = std::time::Instant::now();
+    let c = parse(&text, "milter.yaml").unwrap();
+    eprintln!("200000 users parsed in {:?}", start.elapsed());
+    assert_eq!(c.domains.values().next().unwrap().users.len(), 200_000);
 }

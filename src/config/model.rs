@@ -364,15 +364,113 @@ impl<'de> Deserialize<'de> for Destination {
 pub enum AccountSource {
     List(Vec<ConfigAddress>),
     File(PathBuf),
-    PostfixMap(PathBuf),
+    PostfixMap(PostfixTable),
 }
+
+impl AccountSource {
+    /// The file whose changes mean the accounts changed: the account file,
+    /// or the file Postfix itself reads for the table (the `.db` of a
+    /// `hash:` table, not its text). `None` for `list:`.
+    pub fn watched_file(&self) -> Option<PathBuf> {
+        match self {
+            AccountSource::List(_) => None,
+            AccountSource::File(p) => Some(p.clone()),
+            AccountSource::PostfixMap(t) => Some(t.compiled_file()),
+        }
+    }
+
+    /// The YAML key of the source, for messages.
+    pub fn key(&self) -> &'static str {
+        match self {
+            AccountSource::List(_) => "list",
+            AccountSource::File(_) => "file",
+            AccountSource::PostfixMap(_) => "postfix_map",
+        }
+    }
+}
+
+/// The Postfix lookup table types whose keys `postmap -s` can list
+/// (postmap(1); `lmdb` and `cdb` need the postfix-lmdb / postfix-cdb
+/// packages). Network and pattern tables (mysql, ldap, pcre, ...) cannot
+/// be listed, so they cannot be account sources.
+pub const LISTABLE_TABLE_TYPES: [&str; 5] = ["hash", "btree", "lmdb", "cdb", "texthash"];
+
+/// `postfix_map:` — a Postfix table, either as Postfix names it
+/// (`hash:/etc/postfix/vmailbox`), read through Postfix's own reader, or
+/// as a bare path to its text source, read directly.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct PostfixTable {
+    /// `hash`, `lmdb`, ...; `None` for a bare path.
+    pub kind: Option<String>,
+    pub path: PathBuf,
+}
+
+impl PostfixTable {
+    /// What Postfix opens (dict_db.c, dict_lmdb.c, dict_cdb.c append the
+    /// suffix to the table name; texthash reads the text itself).
+    pub fn compiled_file(&self) -> PathBuf {
+        let suffix = match self.kind.as_deref() {
+            Some("hash" | "btree") => "db",
+            Some("lmdb") => "lmdb",
+            Some("cdb") => "cdb",
+            _ => return self.path.clone(),
+        };
+        let mut name = self.path.clone().into_os_string();
+        name.push(".");
+        name.push(suffix);
+        PathBuf::from(name)
+    }
+}
+
+impl fmt::Display for PostfixTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Some(k) => write!(f, "{k}:{}", self.path.display()),
+            None => write!(f, "{}", self.path.display()),
+        }
+    }
+}
+
+impl FromStr for PostfixTable {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        // `type:name` as in main.cf; a path never starts with a word and a
+        // colon (a relative path that does must be written as ./name).
+        let typed = s.split_once(':').filter(|(k, _)| {
+            !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+        match typed {
+            Some((kind, name)) if LISTABLE_TABLE_TYPES.contains(&kind) => {
+                if name.is_empty() {
+                    return Err(format!("{s:?}: missing the table's path after {kind}:"));
+                }
+                Ok(PostfixTable {
+                    kind: Some(kind.to_owned()),
+                    path: PathBuf::from(name),
+                })
+            }
+            Some((kind, _)) => Err(format!(
+                "{s:?}: a {kind}: table cannot be listed, so it cannot be an account source; use one of {} (or a file: of addresses)",
+                LISTABLE_TABLE_TYPES.map(|k| format!("{k}:")).join(", ")
+            )),
+            None if s.is_empty() => Err("empty path".into()),
+            None => Ok(PostfixTable {
+                kind: None,
+                path: PathBuf::from(s),
+            }),
+        }
+    }
+}
+deserialize_from_str!(PostfixTable, "Postfix table");
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAccountSource {
     list: Option<Vec<ConfigAddress>>,
     file: Option<PathBuf>,
-    postfix_map: Option<PathBuf>,
+    postfix_map: Option<PostfixTable>,
 }
 
 impl<'de> Deserialize<'de> for AccountSource {
@@ -472,34 +570,94 @@ struct RawDomainConfig {
 }
 
 /// `users:` is a mapping in YAML; read it as a sequence of entries so that
-/// the order is kept and a duplicate key is an error, not a silent override.
+/// the order is kept and a duplicate key is seen (the validation reports
+/// it with both lines) rather than silently overriding the first.
 #[derive(Default)]
 struct UserEntries(Vec<(ConfigAddress, UserRule)>);
 
 impl<'de> Deserialize<'de> for UserEntries {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        entries(d, "a mapping of address → rule").map(UserEntries)
+    }
+}
+
+/// A YAML mapping as its entries in order, duplicates included.
+fn entries<'de, D, K, V>(d: D, what: &'static str) -> Result<Vec<(K, V)>, D::Error>
+where
+    D: Deserializer<'de>,
+    K: Deserialize<'de>,
+    V: Deserialize<'de>,
+{
+    struct Entries<K, V>(&'static str, std::marker::PhantomData<(K, V)>);
+    impl<'de, K: Deserialize<'de>, V: Deserialize<'de>> de::Visitor<'de> for Entries<K, V> {
+        type Value = Vec<(K, V)>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(k) = m.next_key::<K>()? {
+                out.push((k, m.next_value::<V>()?));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Entries(what, std::marker::PhantomData))
+}
+
+/// `domains:` as written, duplicates included (see [`UserEntries`]);
+/// empty when the key is absent or has no value.
+#[derive(Default)]
+pub(crate) struct DomainEntries(pub Vec<(DomainName, DomainConfig)>);
+
+impl<'de> Deserialize<'de> for DomainEntries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        entries(d, "a mapping of domain → settings").map(DomainEntries)
+    }
+}
+
+/// `accounts_shrink_limit`: a reload that would remove this fraction of a
+/// domain's accounts or more is refused (0 to 1; 0: any loss, 1: only
+/// losing all, which is an error anyway). Never NaN, hence `Eq`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ShrinkLimit(pub f64);
+
+impl Eq for ShrinkLimit {}
+
+impl Default for ShrinkLimit {
+    fn default() -> Self {
+        ShrinkLimit(0.5)
+    }
+}
+
+impl<'de> Deserialize<'de> for ShrinkLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
-        impl<'de> de::Visitor<'de> for V {
-            type Value = UserEntries;
+        impl de::Visitor<'_> for V {
+            type Value = ShrinkLimit;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a mapping of address → rule")
+                f.write_str("a fraction between 0 and 1")
             }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(UserEntries::default())
-            }
-            fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut out: Vec<(ConfigAddress, UserRule)> = Vec::new();
-                while let Some(k) = m.next_key::<ConfigAddress>()? {
-                    let rule = m.next_value::<UserRule>()?;
-                    if out.iter().any(|e| e.0 == k) {
-                        return Err(de::Error::custom(format!("duplicate user {}", k.0)));
-                    }
-                    out.push((k, rule));
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ShrinkLimit, E> {
+                if (0.0..=1.0).contains(&v) {
+                    Ok(ShrinkLimit(v))
+                } else {
+                    Err(E::custom(format!(
+                        "{v}: must be between 0 and 1 (0.5: a reload that would remove half of a domain's accounts or more is refused; 1: no limit)"
+                    )))
                 }
-                Ok(UserEntries(out))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ShrinkLimit, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ShrinkLimit, E> {
+                self.visit_f64(v as f64)
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_any(V)
     }
 }
 
@@ -642,6 +800,9 @@ pub struct Config {
     pub domains: BTreeMap<DomainName, DomainConfig>,
     pub breaker: Option<BreakerConfig>,
     pub dns: DnsConfig,
+    /// A reload that would remove this fraction of a domain's accounts or
+    /// more is refused (README "Account sources").
+    pub accounts_shrink_limit: ShrinkLimit,
     pub mta: Mta,
 }
 
@@ -673,12 +834,15 @@ pub(crate) struct RawConfig {
     pub gateways: Vec<Gateway>,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    pub domains: BTreeMap<DomainName, DomainConfig>,
+    #[serde(default)]
+    pub domains: DomainEntries,
     pub breaker: Option<BreakerConfig>,
     #[serde(default)]
     pub dns: DnsConfig,
     #[serde(default)]
     pub mta: Mta,
+    #[serde(default)]
+    pub accounts_shrink_limit: ShrinkLimit,
 }
 
 fn default_listen() -> Socket {

@@ -33,11 +33,25 @@ impl fmt::Display for ConfigError {
 /// Reads and validates a configuration file.
 pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
     let label = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    let fail = |line, column, message| ConfigError {
         file: label.clone(),
-        line: None,
-        column: None,
-        message: format!("cannot read: {e}"),
+        line,
+        column,
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| fail(None, None, format!("cannot read: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let bad = e.utf8_error().valid_up_to();
+        let (line, column) = position(&bytes[..bad]);
+        fail(
+            Some(line),
+            Some(column),
+            format!(
+                "not UTF-8 (byte 0x{:02X}): save the file as UTF-8",
+                bytes[bad]
+            ),
+        )
     })?;
     let mut config = parse(&text, &label)?;
     // Relative paths in the file are relative to the file, not to wherever
@@ -54,37 +68,92 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
         }
         for d in config.domains.values_mut() {
             for source in d.accounts.iter_mut().flatten() {
-                if let AccountSource::File(p) | AccountSource::PostfixMap(p) = source {
-                    fix(p);
+                match source {
+                    AccountSource::File(p) => fix(p),
+                    AccountSource::PostfixMap(t) => fix(&mut t.path),
+                    AccountSource::List(_) => {}
                 }
+            }
+        }
+    }
+    // A missing account file is a mistake in this file (a typo, a table
+    // not yet `postmap`ed): say which line names it.
+    for (name, d) in &config.domains {
+        for (i, source) in d.accounts.iter().flatten().enumerate() {
+            let Some(file) = source.watched_file() else {
+                continue;
+            };
+            if let Err(e) = std::fs::metadata(&file) {
+                let at = [
+                    key("domains"),
+                    key(name),
+                    key("accounts"),
+                    Seg::Index(i),
+                    key(source.key()),
+                ];
+                let (line, column) = locate(&text, &at).unzip();
+                let hint = match source {
+                    AccountSource::PostfixMap(t) if t.compiled_file() != t.path => {
+                        format!(" (run `postmap {t}` to build it)")
+                    }
+                    _ => String::new(),
+                };
+                return Err(fail(
+                    line,
+                    column,
+                    format!(
+                        "domains.{name}.accounts[{i}].{}: {}: cannot read: {e}{hint}",
+                        source.key(),
+                        file.display()
+                    ),
+                ));
             }
         }
     }
     Ok(config)
 }
 
+/// `FILE:LINE:COL: ` of the node at `keys` in the configuration file, or
+/// `FILE: ` when it cannot be found; for checks made after loading.
+pub fn locate_in_file(path: &Path, keys: &[&str]) -> String {
+    let at: Vec<Seg> = keys.iter().map(key).collect();
+    let found = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| locate(&text, &at));
+    match found {
+        Some((l, c)) => format!("{}:{l}:{c}: ", path.display()),
+        None => format!("{}: ", path.display()),
+    }
+}
+
+/// 1-based line and column (in bytes) just after `before`.
+fn position(before: &[u8]) -> (usize, usize) {
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.len()
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+        + 1;
+    (line, column)
+}
+
 /// Parses and validates configuration text; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))?;
-    let config = Config {
-        listen: raw.listen,
-        instance: raw.instance.unwrap_or_else(host_name),
-        relay_suffix: raw.relay_suffix,
-        recipient_delimiter: raw.recipient_delimiter,
-        local_part_case: raw.local_part_case,
-        gateways: raw.gateways,
-        state_dir: raw.state_dir,
-        domains: raw.domains,
-        breaker: raw.breaker,
-        dns: raw.dns,
-        mta: raw.mta,
-    };
-    validate(&config).map_err(|(path, message)| {
-        let (line, column) = locate(text, &path).unzip();
+    let locate_err = |(path, message): Invalid| {
+        let (line, column) = locate(text, &path)
+            .or_else(|| {
+                // `copy_to: ADDR` written as one address, not a list.
+                let (last, parent) = path.split_last()?;
+                matches!(last, Seg::Index(0)).then(|| locate(text, parent))?
+            })
+            .unzip();
         let mut shown = String::new();
         for seg in &path {
             match seg {
                 Seg::Index(i) => shown.push_str(&format!("[{i}]")),
+                Seg::Again(..) => {}
                 _ if shown.is_empty() => shown.push_str(&seg.to_string()),
                 _ => shown.push_str(&format!(".{seg}")),
             }
@@ -95,8 +164,69 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             column,
             message: format!("{shown}: {message}"),
         }
-    })?;
+    };
+    let twice = |at: Vec<Seg>, shown: String| {
+        let (head, name) = at.split_at(at.len() - 1);
+        let name = name[0].to_string();
+        let line = |n| {
+            let mut p = head.to_vec();
+            p.push(Seg::Again(name.clone(), n));
+            locate(text, &p).map_or("?".to_owned(), |(l, _)| l.to_string())
+        };
+        let mut p = head.to_vec();
+        p.push(Seg::Again(name.clone(), 1));
+        locate_err((
+            p,
+            format!(
+                "{shown} is given twice (lines {} and {}): keep one",
+                line(0),
+                line(1)
+            ),
+        ))
+    };
+    // Duplicate keys: serde would keep the last silently (DESIGN.md §5).
+    if let Some(name) = first_repeat(raw.domains.0.iter().map(|(n, _)| n.0.clone())) {
+        return Err(twice(vec![key("domains"), key(&name)], name));
+    }
+    let case = crate::accounts::MatchRules {
+        case: raw.local_part_case,
+        delimiters: String::new(),
+    };
+    for (name, d) in &raw.domains.0 {
+        let users = d
+            .users
+            .iter()
+            .map(|(a, _)| format!("{}@{}", case.key(&a.unquoted_local()), a.domain));
+        if let Some(user) = first_repeat(users) {
+            return Err(twice(
+                vec![key("domains"), key(name), key("users"), key(&user)],
+                user,
+            ));
+        }
+    }
+    let config = Config {
+        listen: raw.listen,
+        instance: raw.instance.unwrap_or_else(host_name),
+        relay_suffix: raw.relay_suffix,
+        recipient_delimiter: raw.recipient_delimiter,
+        local_part_case: raw.local_part_case,
+        gateways: raw.gateways,
+        state_dir: raw.state_dir,
+        domains: raw.domains.0.into_iter().collect(),
+        breaker: raw.breaker,
+        dns: raw.dns,
+        accounts_shrink_limit: raw.accounts_shrink_limit,
+        mta: raw.mta,
+    };
+    validate(&config).map_err(locate_err)?;
     Ok(config)
+}
+
+/// The first key that occurs a second time (one pass, hashed: a domain
+/// may have hundreds of thousands of users).
+fn first_repeat(keys: impl Iterator<Item = String>) -> Option<String> {
+    let mut seen = std::collections::HashSet::new();
+    keys.into_iter().find(|k| !seen.insert(k.clone()))
 }
 
 fn yaml_error(file: &str, e: &serde_yaml::Error) -> ConfigError {
@@ -121,13 +251,16 @@ pub enum Seg {
     Key(String),
     /// The mapping key itself.
     KeyItself(String),
+    /// The n-th (from 0) occurrence of a mapping key itself, for keys given
+    /// more than once.
+    Again(String, usize),
     Index(usize),
 }
 
 impl fmt::Display for Seg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Seg::Key(k) | Seg::KeyItself(k) => f.write_str(k),
+            Seg::Key(k) | Seg::KeyItself(k) | Seg::Again(k, _) => f.write_str(k),
             Seg::Index(i) => write!(f, "{i}"),
         }
     }
@@ -140,12 +273,6 @@ fn key(k: impl fmt::Display) -> Seg {
 }
 
 fn validate(c: &Config) -> Result<(), Invalid> {
-    if c.domains.is_empty() {
-        return Err((
-            vec![key("domains")],
-            "no domains: dualroute would do nothing".into(),
-        ));
-    }
     if c.instance.is_empty()
         || c.instance
             .contains(|ch: char| ch.is_whitespace() || ch.is_control())
@@ -298,10 +425,12 @@ impl<'de> Visitor<'de> for Locate<'_> {
         let Some((head, rest)) = self.0.split_first() else {
             return Err(de::Error::custom(FOUND));
         };
-        while let Some(k) = m.next_key_seed(KeySeed(head))? {
-            if k && !matches!(head, Seg::KeyItself(_)) {
+        let mut seen = 0;
+        while let Some(k) = m.next_key_seed(KeySeed(head, seen))? {
+            if k && matches!(head, Seg::Key(_)) {
                 return m.next_value_seed(Locate(rest));
             }
+            seen += usize::from(k);
             m.next_value::<IgnoredAny>()?;
         }
         Err(de::Error::custom("not found"))
@@ -352,8 +481,9 @@ impl Locate<'_> {
 }
 
 /// Reads a mapping key; yields whether it is the wanted one, and fails
-/// (so that the key's own mark is reported) when the key itself is sought.
-struct KeySeed<'p>(&'p Seg);
+/// (so that the key's own mark is reported) when the key itself is sought
+/// and this is its wanted occurrence (the second field: matches so far).
+struct KeySeed<'p>(&'p Seg, usize);
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     type Value = bool;
@@ -371,6 +501,8 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
         match self.0 {
             Seg::Key(k) => Ok(loose(k) == loose(v)),
             Seg::KeyItself(k) if loose(k) == loose(v) => Err(E::custom(FOUND)),
+            Seg::Again(k, n) if loose(k) == loose(v) && *n == self.1 => Err(E::custom(FOUND)),
+            Seg::Again(k, _) => Ok(loose(k) == loose(v)),
             _ => Ok(false),
         }
     }

@@ -5,9 +5,12 @@
 //! (offset, length) pairs; a lookup is a binary search. No per-entry heap
 //! allocation, about 8 bytes of overhead per address.
 
+mod read;
+
 use crate::address::{normalize_domain, Address};
 use crate::config::{AccountSource, LocalPartCase};
-use std::{borrow::Cow, fmt, path::Path};
+use read::{postmap_keys, read_lines, read_stable, stale_db};
+use std::{borrow::Cow, fmt};
 
 /// How local parts are compared (`local_part_case`, `recipient_delimiter`).
 #[derive(Clone, Debug)]
@@ -93,6 +96,17 @@ impl Accounts {
         }
     }
 
+    /// Where the entries of a source start, to drop them when the source is
+    /// read again (see [`read_stable`]).
+    fn mark(&self) -> (usize, usize) {
+        (self.arena.len(), self.index.len())
+    }
+
+    fn reset(&mut self, (arena, index): (usize, usize)) {
+        self.arena.truncate(arena);
+        self.index.truncate(index);
+    }
+
     fn finish(&mut self) {
         let arena = &self.arena;
         let get = |(s, l): (u32, u32)| &arena[s as usize..(s + l) as usize];
@@ -120,9 +134,12 @@ impl fmt::Display for LoadError {
     }
 }
 
-/// What loading found, for `dualroute check` and the log.
+/// What one source gave, for `dualroute check` and the log.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
-pub struct LoadReport {
+pub struct SourceReport {
+    /// `file /path`, `postfix_map hash:/path`, `list`.
+    pub source: String,
+    /// Entries of the domain (before merging with the other sources).
     pub accounts: usize,
     /// Entries of other domains (ignored by design).
     pub other_domains: usize,
@@ -131,7 +148,33 @@ pub struct LoadReport {
     pub not_accounts: usize,
 }
 
+impl SourceReport {
+    /// The source is read again from the start.
+    fn restart(&mut self) {
+        self.accounts = 0;
+        self.other_domains = 0;
+        self.not_accounts = 0;
+    }
+}
+
+/// What loading found, for `dualroute check` and the log.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct LoadReport {
+    /// Distinct accounts of the domain, all sources together.
+    pub accounts: usize,
+    pub other_domains: usize,
+    pub not_accounts: usize,
+    pub sources: Vec<SourceReport>,
+    /// Things an administrator should fix that do not stop the load.
+    pub warnings: Vec<String>,
+}
+
 /// Loads the accounts of `domain` (A-label, lower case) from its sources.
+///
+/// Every line must be an address, a comment or blank: a line that is not
+/// (a stray `#tag`, a tab, a NUL, Latin-1 bytes) would otherwise silently
+/// drop a mailbox, and in split mode its mail would be routed away. A
+/// domain left without any account is an error for the same reason.
 pub fn load(
     domain: &str,
     sources: &[AccountSource],
@@ -140,119 +183,145 @@ pub fn load(
     let mut acc = Accounts::default();
     let mut report = LoadReport::default();
     for source in sources {
+        let mut r = SourceReport::default();
         match source {
             AccountSource::List(list) => {
+                r.source = "list".into();
                 for a in list {
                     if a.0.domain == domain {
                         acc.push(&rules.key(&a.0.unquoted_local()))?;
+                        r.accounts += 1;
                     } else {
-                        report.other_domains += 1;
+                        r.other_domains += 1;
                     }
                 }
             }
             AccountSource::File(path) => {
-                read_lines(path, |n, line| {
-                    let line = line.trim();
-                    let comment = [" #", "\t#"].iter().filter_map(|c| line.find(c)).min();
-                    let entry = comment.map_or(line, |i| line[..i].trim_end());
-                    add_entry(&mut acc, &mut report, domain, rules, entry).map_err(|m| (Some(n), m))
+                r.source = format!("file {}", path.display());
+                let mark = acc.mark();
+                read_stable(path, &mut || {
+                    acc.reset(mark);
+                    r.restart();
+                    read_lines(path, |n, line| {
+                        let comment = [" #", "\t#"].iter().filter_map(|c| line.find(c)).min();
+                        let entry = comment.map_or(line, |i| &line[..i]).trim();
+                        add_entry(&mut acc, &mut r, domain, rules, entry).map_err(|m| (Some(n), m))
+                    })
                 })?;
             }
-            AccountSource::PostfixMap(path) => {
-                read_lines(path, |n, line| {
-                    // Postfix table syntax (postmap(1)): a line that starts
-                    // with whitespace continues the previous one.
-                    if line.starts_with([' ', '\t']) {
-                        return Ok(());
+            AccountSource::PostfixMap(table) => {
+                r.source = format!("postfix_map {table}");
+                if table.kind.is_none() {
+                    report.warnings.extend(stale_db(&table.path));
+                }
+                let compiled = table.compiled_file();
+                let mark = acc.mark();
+                read_stable(&compiled, &mut || {
+                    acc.reset(mark);
+                    r.restart();
+                    let mut each = |n: usize, line: &str| {
+                        // Postfix table syntax (postmap(1)): a line that
+                        // starts with whitespace continues the previous one.
+                        if line.starts_with([' ', '\t']) {
+                            return Ok(());
+                        }
+                        let key = line.split([' ', '\t']).next().unwrap_or("");
+                        if key.starts_with('@') || !key.contains('@') || key.starts_with('/') {
+                            r.not_accounts += 1;
+                            return Ok(());
+                        }
+                        add_entry(&mut acc, &mut r, domain, rules, key).map_err(|m| (Some(n), m))
+                    };
+                    match &table.kind {
+                        None => read_lines(&table.path, &mut each),
+                        Some(_) => postmap_keys(table, &mut each),
                     }
-                    let key = line.split_ascii_whitespace().next().unwrap_or("");
-                    if key.starts_with('@') || !key.contains('@') || key.starts_with('/') {
-                        report.not_accounts += 1;
-                        return Ok(());
-                    }
-                    add_entry(&mut acc, &mut report, domain, rules, key).map_err(|m| (Some(n), m))
                 })?;
             }
         }
+        report.other_domains += r.other_domains;
+        report.not_accounts += r.not_accounts;
+        report.sources.push(r);
     }
     acc.finish();
     report.accounts = acc.len();
+    if acc.is_empty() {
+        let names: Vec<&str> = report.sources.iter().map(|r| r.source.as_str()).collect();
+        return Err(LoadError {
+            file: names.join(", "),
+            line: None,
+            message: format!(
+                "no account of {domain} in its sources: every recipient here would count as without a mailbox (split would route all of them away, dual would refuse all of them); fix the sources, or remove `accounts` if that is meant"
+            ),
+        });
+    }
     Ok((acc, report))
 }
 
+/// Checks that `entry` is an address and, when it is of `domain`, adds it.
 fn add_entry(
     acc: &mut Accounts,
-    report: &mut LoadReport,
+    report: &mut SourceReport,
     domain: &str,
     rules: &MatchRules,
     entry: &str,
 ) -> Result<(), String> {
-    let entry = entry.trim();
+    let bad = |why: &str| format!("{entry:?} is not an address ({why}): one address per line");
+    if entry.starts_with('"') {
+        // Quoted local part (RFC 5321 §4.1.2): the full parser.
+        let a = Address::parse(entry).map_err(|e| bad(&e.to_string()))?;
+        if a.domain == domain {
+            acc.push(&rules.key(&a.unquoted_local()))
+                .map_err(|e| e.message)?;
+            report.accounts += 1;
+        } else {
+            report.other_domains += 1;
+        }
+        return Ok(());
+    }
     let Some(at) = entry.rfind('@') else {
-        return Err(format!("{entry:?} is not an address (missing '@')"));
+        return Err(bad("missing '@'"));
     };
-    let d = &entry[at + 1..];
-    // Fast path for the common case (an ASCII domain), avoiding IDNA work
-    // per line on million-line files.
-    let ours = if d.is_ascii() {
+    let (local, d) = (&entry[..at], &entry[at + 1..]);
+    // RFC 5321 §4.1.2 Dot-string: atext and dots, UTF-8 allowed (RFC
+    // 6531); no spaces, controls or specials outside quotes.
+    if local.is_empty() {
+        return Err(bad("empty local part"));
+    }
+    if let Some(c) = local
+        .chars()
+        .find(|&c| c <= ' ' || c == '\u{7f}' || "()<>[]:;@\\,\"".contains(c))
+    {
+        return Err(bad(&format!("{c:?} in the local part")));
+    }
+    // Fast path for the common case (an ASCII host name), avoiding IDNA
+    // work per line on million-line files.
+    let ascii_name = |d: &str| {
+        let d = d.strip_suffix('.').unwrap_or(d);
+        !d.is_empty()
+            && d.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    };
+    let ours = if d.is_ascii() && ascii_name(d) {
         d.strip_suffix('.')
             .unwrap_or(d)
             .eq_ignore_ascii_case(domain)
+    } else if d.is_ascii() {
+        return Err(bad(&format!("{d:?} is not a domain name")));
     } else {
-        normalize_domain(d).map(|n| n == domain).unwrap_or(false)
+        normalize_domain(d).map_err(|e| bad(&e.to_string()))? == domain
     };
-    if !ours {
+    if ours {
+        acc.push(&rules.key(local)).map_err(|e| e.message)?;
+        report.accounts += 1;
+    } else {
         report.other_domains += 1;
-        return Ok(());
     }
-    let local = &entry[..at];
-    let unquoted = if local.starts_with('"') {
-        Cow::Owned(
-            Address::parse(entry)
-                .map_err(|e| format!("{entry:?}: {e}"))?
-                .unquoted_local()
-                .into_owned(),
-        )
-    } else if local.is_empty() || local.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(format!("{entry:?} is not a valid address"));
-    } else {
-        Cow::Borrowed(local)
-    };
-    acc.push(&rules.key(&unquoted)).map_err(|e| e.message)
-}
-
-/// Calls `each` with every non-blank, non-comment line, streaming the file
-/// so that a million-line table never sits in memory twice.
-fn read_lines(
-    path: &Path,
-    mut each: impl FnMut(usize, &str) -> Result<(), (Option<usize>, String)>,
-) -> Result<(), LoadError> {
-    use std::io::BufRead;
-    let source = path.display().to_string();
-    let fail = |line, message| LoadError {
-        file: source.clone(),
-        line,
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(|e| fail(None, format!("cannot read: {e}")))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
-    let mut buf = Vec::new();
-    let mut n = 0;
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => n += 1,
-            Err(e) => return Err(fail(Some(n + 1), format!("cannot read: {e}"))),
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let line = line.trim_end_matches(['\n', '\r']);
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        each(n, line).map_err(|(line, message)| fail(line, message))?;
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -299,7 +368,10 @@ mod tests {
         let sources = [
             list,
             AccountSource::File(file),
-            AccountSource::PostfixMap(map),
+            AccountSource::PostfixMap(crate::config::PostfixTable {
+                kind: None,
+                path: map.clone(),
+            }),
         ];
         let (acc, report) = load("example.com", &sources, &rules()).unwrap();
         for present in ["alice", "bob", "carol", "dave", "erin", "john doe"] {
@@ -308,12 +380,18 @@ mod tests {
         assert!(!acc.contains(""));
         assert!(!acc.contains("zed"));
         assert_eq!(
-            report,
-            LoadReport {
-                accounts: 6,
-                other_domains: 2,
-                not_accounts: 2
-            }
+            (report.accounts, report.other_domains, report.not_accounts),
+            (6, 2, 2)
+        );
+        let per_source: Vec<_> = report
+            .sources
+            .iter()
+            .map(|s| (s.accounts, s.other_domains, s.not_accounts))
+            .collect();
+        assert_eq!(per_source, [(1, 1, 0), (3, 1, 0), (2, 0, 2)]);
+        assert_eq!(
+            report.sources[2].source,
+            format!("postfix_map {}", map.display())
         );
     }
 
@@ -341,5 +419,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(missing.message.contains("cannot read"), "{missing}");
+    }
+
+    #[test]
+    fn entries_that_are_not_addresses() {
+        let mut acc = Accounts::default();
+        let mut r = SourceReport::default();
+        for bad in [
+            "alice@example.com#pilot",
+            "alice@example.com\tx",
+            "alice@example.com\0",
+            "alice@",
+            "@example.com",
+            "al ice@example.com",
+            "alice@-example.com",
+            "alice@[192.0.2.1]",
+        ] {
+            assert!(
+                add_entry(&mut acc, &mut r, "example.com", &rules(), bad).is_err(),
+                "{bad:?}"
+            );
+        }
+        for good in [
+            "alice@example.com",
+            "a.b+c@EXAMPLE.com.",
+            "jörg@example.com",
+            "x@bücher.example",
+        ] {
+            add_entry(&mut acc, &mut r, "example.com", &rules(), good).unwrap();
+        }
+        assert_eq!((r.accounts, r.other_domains), (3, 1));
     }
 }

@@ -1,0 +1,269 @@
+//! Account sources (DESIGN.md §5 `accounts:`, README "Account sources"):
+//! every line is an address, a comment or blank, or the load fails with
+//! `FILE:LINE`; a domain whose sources give none of its accounts is an
+//! error; Postfix `type:name` tables are read with Postfix's own reader
+//! (`postmap -s`); `check` says what each source gave.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A directory with a milter.yaml whose example.com takes its accounts
+/// from `sources` (YAML list items, one per line).
+fn config(dir: &Path, sources: &[&str]) -> PathBuf {
+    let path = dir.join("milter.yaml");
+    let mut yaml = format!(
+        "state_dir: {}\ndomains:\n  example.com:\n    mode: split\n    destination: {{ hosts: [\"[192.0.2.30]\"] }}\n    accounts:\n",
+        dir.join("state").display()
+    );
+    for s in sources {
+        yaml.push_str(&format!("      - {s}\n"));
+    }
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn load_error(path: &Path) -> String {
+    match dualroute::load_policy(path) {
+        Ok(p) => panic!(
+            "accepted: {:?}",
+            p.domains.get("example.com").map(|d| &d.report)
+        ),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A Postfix configuration directory for `postmap` (the test machine may
+/// have no /etc/postfix/main.cf: Debian's "No configuration").
+fn mail_config(dir: &Path) -> PathBuf {
+    let cf = dir.join("postfix-etc");
+    std::fs::create_dir_all(&cf).unwrap();
+    std::fs::write(cf.join("main.cf"), "compatibility_level = 3.6\n").unwrap();
+    cf
+}
+
+fn postmap(mail_config: &Path, table: &str) {
+    let out = Command::new("postmap")
+        .env("MAIL_CONFIG", mail_config)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .arg(table)
+        .output()
+        .expect("postmap is not installed: run scripts/test-deps.sh or `apt-get install postfix`");
+    assert!(out.status.success(), "postmap {table}: {out:?}");
+}
+
+fn check(path: &Path, mail_config: Option<&Path>) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dualroute"));
+    cmd.args(["check", "--config"]).arg(path);
+    if let Some(mc) = mail_config {
+        cmd.env("MAIL_CONFIG", mc);
+    }
+    let out = cmd.output().expect("run dualroute");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn bom_is_stripped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("accounts"),
+        "\u{feff}alice@example.com\nbob@example.com\n",
+    )
+    .unwrap();
+    let path = config(dir.path(), &["file: accounts"]);
+    let policy = dualroute::load_policy(&path).unwrap();
+    let accounts = policy.domains["example.com"].accounts.as_ref().unwrap();
+    assert!(
+        accounts.contains("alice"),
+        "the first entry after a BOM is lost"
+    );
+    assert!(accounts.contains("bob"));
+    assert_eq!(accounts.len(), 2);
+}
+
+#[test]
+fn a_line_that_is_not_an_address_is_an_error_with_its_line() {
+    let cases: [(&str, &[u8]); 5] = [
+        ("a tag after the address", b"alice@example.com#pilot\n"),
+        ("a tab and more", b"alice@example.com\tx\n"),
+        ("a NUL", b"alice@example.com\0\n"),
+        ("Latin-1", b"caf\xe9@example.com\n"),
+        ("a bare word", b"alice\n"),
+    ];
+    for (what, line) in cases {
+        for source in ["file", "postfix_map"] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut text = b"bob@example.com\n".to_vec();
+            text.extend_from_slice(line);
+            let file = dir.path().join("accounts");
+            std::fs::write(&file, text).unwrap();
+            let path = config(dir.path(), &[&format!("{source}: accounts")]);
+            if source == "postfix_map" && (what == "a tab and more" || what == "a bare word") {
+                // In a Postfix table the first column is the key: these
+                // are `alice@example.com` with a value, and a key that
+                // is no address (Postfix's own business).
+                dualroute::load_policy(&path).unwrap();
+                continue;
+            }
+            let e = load_error(&path);
+            assert!(
+                e.starts_with(&format!("{}:2: ", file.display())),
+                "{source}, {what}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_account_of_the_domain_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("accounts"), "# nobody here yet\n").unwrap();
+    std::fs::write(dir.path().join("others"), "zed@other.example\n").unwrap();
+    for source in [
+        "file: accounts",
+        "postfix_map: others",
+        "list: [a@other.example]",
+    ] {
+        let path = config(dir.path(), &[source]);
+        let e = load_error(&path);
+        assert!(e.contains("no account of example.com"), "{source}: {e}");
+    }
+}
+
+#[test]
+fn check_reports_each_source() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("accounts"),
+        "alice@example.com\nbob@example.com\nzed@other.example\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("vmailbox"),
+        "carol@example.com example.com/carol/\n@example.com catchall\n",
+    )
+    .unwrap();
+    let path = config(
+        dir.path(),
+        &[
+            "file: accounts",
+            "postfix_map: vmailbox",
+            "list: [dave@example.com]",
+        ],
+    );
+    let (ok, out) = check(&path, None);
+    assert!(ok, "{out}");
+    let file = dir.path().join("accounts");
+    let map = dir.path().join("vmailbox");
+    for expected in [
+        format!(
+            "file {}: 2 accounts of example.com, 1 entries of other domains",
+            file.display()
+        ),
+        format!(
+            "postfix_map {}: 1 accounts of example.com, 1 map keys not accounts",
+            map.display()
+        ),
+        "list: 1 accounts of example.com".to_owned(),
+    ] {
+        assert!(out.contains(&expected), "{expected:?} expected:\n{out}");
+    }
+}
+
+#[test]
+fn postfix_type_name_is_read_with_postmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mc = mail_config(dir.path());
+    let map = dir.path().join("vmailbox");
+    std::fs::write(&map, "alice@example.com example.com/alice/\n").unwrap();
+    postmap(&mc, &format!("hash:{}", map.display()));
+    // The text changed after postmap: Postfix still uses the .db, and so
+    // must we.
+    std::fs::write(&map, "alice@example.com a/\nbob@example.com b/\n").unwrap();
+    for table in [
+        format!("hash:{}", map.display()),
+        "hash:vmailbox".to_owned(),
+    ] {
+        let path = config(dir.path(), &[&format!("postfix_map: \"{table}\"")]);
+        let (ok, out) = check(&path, Some(&mc));
+        assert!(ok, "{table}: {out}");
+        assert!(out.contains("1 accounts of example.com"), "{table}: {out}");
+    }
+    let path = config(dir.path(), &["postfix_map: \"texthash:vmailbox\""]);
+    let (ok, out) = check(&path, Some(&mc));
+    assert!(ok && out.contains("2 accounts of example.com"), "{out}");
+    let path = config(dir.path(), &["postfix_map: \"mysql:/etc/postfix/x.cf\""]);
+    let (ok, out) = check(&path, Some(&mc));
+    assert!(!ok && out.contains("mysql"), "{out}");
+}
+
+#[test]
+fn bare_path_warns_when_its_db_is_older() {
+    let dir = tempfile::tempdir().unwrap();
+    let mc = mail_config(dir.path());
+    let map = dir.path().join("vmailbox");
+    std::fs::write(&map, "alice@example.com a/\n").unwrap();
+    postmap(&mc, &format!("hash:{}", map.display()));
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("vmailbox.db"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let path = config(dir.path(), &["postfix_map: vmailbox"]);
+    let (ok, out) = check(&path, Some(&mc));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("WARNING")
+            && out.contains("vmailbox.db is older than")
+            && out.contains("postmap"),
+        "{out}"
+    );
+}
+
+#[test]
+fn postfix_map_type_without_its_compiled_file_names_the_config_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mc = mail_config(dir.path());
+    std::fs::write(dir.path().join("vmailbox"), "alice@example.com a/\n").unwrap();
+    let path = config(dir.path(), &["postfix_map: \"hash:vmailbox\""]);
+    let (ok, out) = check(&path, Some(&mc));
+    assert!(!ok, "{out}");
+    assert!(out.contains(&format!("{}:7:", path.display())), "{out}");
+    assert!(out.contains("vmailbox.db"), "{out}");
+}
+
+#[test]
+fn missing_account_file_names_the_config_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(
+        dir.path(),
+        &["list: [alice@example.com]", "file: nope.accounts"],
+    );
+    let e = load_error(&path);
+    assert!(e.starts_with(&format!("{}:8:15: ", path.display())), "{e}");
+    assert!(e.contains("nope.accounts"), "{e}");
+}
+
+#[test]
+fn check_names_an_unreadable_maillog() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), &["list: [alice@example.com]"]);
+    let mut yaml = std::fs::read_to_string(&path).unwrap();
+    yaml.push_str("breaker:\n  maillog: no-such.log\n");
+    std::fs::write(&path, yaml).unwrap();
+    let (ok, out) = check(&path, None);
+    assert!(!ok, "{out}");
+    assert!(out.contains("no-such.log"), "{out}");
+    assert!(out.contains("maillog"), "{out}");
+    std::fs::write(dir.path().join("no-such.log"), "").unwrap();
+    let (ok, out) = check(&path, None);
+    assert!(ok, "{out}");
+}

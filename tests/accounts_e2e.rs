@@ -1,0 +1,184 @@
+//! End-to-end (issue 7 §4): an account file emptied or cut in half while
+//! the milter runs must not route the mailboxes it lost away. The real
+//! `dualroute run` in front of a private Postfix (tests/support/), an
+//! `smtp-sink` as the other server: after each bad rewrite the milter logs
+//! an ERROR, keeps its accounts, `dualroute status` shows the refusal, and
+//! alice's next message still lands in her Maildir, not at the sink.
+//!
+//! Needs root and Postfix (scripts/test-deps.sh).
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::{
+    dualroute, free_port, postfix_config, MilterProcess, Postfix, PostfixOptions, SmtpClient,
+    SmtpSink, OUTSIDE_IP,
+};
+
+const SENDER: &str = "sender@outside.test";
+
+fn message(subject: &str) -> String {
+    format!("From: {SENDER}\nTo: alice@example.com\nSubject: {subject}\n\nbody of {subject}\n")
+}
+
+/// Waits until the milter log has `n` lines containing `what`.
+fn wait_log(milter: &MilterProcess, what: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = milter.log();
+        if log.lines().filter(|l| l.contains(what)).count() >= n {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {n}th log line with {what:?} after 30 s:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Rewrites the file in place, as an editor or `>` in a script does.
+fn rewrite(path: &Path, names: &[&str]) {
+    let text: String = names.iter().map(|n| format!("{n}@example.com\n")).collect();
+    fs::write(path, text).unwrap();
+}
+
+#[test]
+fn emptied_or_halved_account_file_keeps_mail_local() {
+    let tmp = tempfile::Builder::new()
+        .prefix("dualroute-accounts-e2e-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    let sink = SmtpSink::start();
+    let port = free_port();
+    let accounts = dir.join("example.com.accounts");
+    rewrite(&accounts, &["alice", "bob", "carol", "dave"]);
+    let config = dir.join("milter.yaml");
+    fs::write(
+        &config,
+        format!(
+            "listen: inet:127.0.0.1:{port}\ninstance: e2e.test\nstate_dir: {}\ndomains:\n  example.com:\n    mode: split\n    destination: {{ hosts: [\"{}\"] }}\n    accounts:\n      - file: {}\n",
+            dir.join("state").display(),
+            sink.nexthop(),
+            accounts.display()
+        ),
+    )
+    .unwrap();
+    let generated = postfix_config(&config, &dir.join("postfix-config"));
+    let opts = PostfixOptions::default().domain_without_catchall(
+        "example.com",
+        &[
+            "alice@example.com",
+            "bob@example.com",
+            "carol@example.com",
+            "dave@example.com",
+        ],
+    );
+    let pf = Postfix::start(generated.apply_to(opts));
+    let milter = MilterProcess::start(&config, port, &dir.join("milter.log"));
+    let client = SmtpClient::new(pf.smtp_addr()).bind(OUTSIDE_IP);
+    let diag = |what: &str| {
+        format!(
+            "{what}\n{}\n--- milter log ---\n{}\n--- sink ---\n{:?}",
+            pf.diagnostics(),
+            milter.log(),
+            sink.messages()
+                .iter()
+                .map(|m| m.rcpts.clone())
+                .collect::<Vec<_>>()
+        )
+    };
+    let send = |subject: &str| {
+        let t = client.send(SENDER, &["alice@example.com"], &message(subject));
+        assert!(t.accepted(), "{t}\n{}", diag("not accepted"));
+        pf.wait_queue_empty();
+    };
+
+    send("before");
+    let mut expected = 1;
+    // Alice taken out with half the file, then everything: each reload is
+    // refused and alice's mail stays here.
+    for (what, names) in [("halved", &["bob", "carol"][..]), ("emptied", &[][..])] {
+        rewrite(&accounts, names);
+        // The milter saw the change (and reloaded or refused) ...
+        let log = wait_log(&milter, "account file changed", expected);
+        // ... and alice's next message still lands here, not at the sink.
+        send(what);
+        expected += 1;
+        let alice = pf.maildir_messages("alice@example.com");
+        assert_eq!(alice.len(), expected, "{}", diag(what));
+        assert!(sink.messages().is_empty(), "{}", diag(what));
+        let refusal = log
+            .lines()
+            .filter(|l| l.contains("account file changed"))
+            .nth(expected - 2)
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            refusal.contains("ERROR") && refusal.contains("reload was refused"),
+            "{what}: {refusal}"
+        );
+        let (ok, status) = dualroute(&config, &["status"]);
+        assert!(!ok.success(), "{what}: status exit 0:\n{status}");
+        assert!(status.contains("RELOAD REFUSED since"), "{what}: {status}");
+    }
+    assert!(
+        milter.log().contains("would go from 4 to 2 accounts"),
+        "{}",
+        diag("halving")
+    );
+    assert!(
+        milter.log().contains("no account of example.com"),
+        "{}",
+        diag("emptying")
+    );
+
+    // Put back (and one more): reloaded, the refusal is gone.
+    rewrite(&accounts, &["alice", "bob", "carol", "dave", "erin"]);
+    wait_log(&milter, "account file changed", expected);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, status) = dualroute(&config, &["status"]);
+        if ok.success() && !status.contains("REFUSED") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}\n{}", diag("restore"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(pf.maillog().lines().all(|l| !l.contains("status=bounced")));
+    drop(milter);
+    drop(tmp);
+}
+
+/// DESIGN.md §5: no domains is valid; `check` says the milter changes
+/// nothing, and `run` starts (transparent) with a WARN saying so.
+#[test]
+fn no_domains_starts_transparent_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = tmp.path().join("milter.yaml");
+    fs::write(
+        &config,
+        format!(
+            "listen: inet:127.0.0.1:{port}\nstate_dir: {}\n",
+            tmp.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = dualroute(&config, &["check"]);
+    assert!(ok.success(), "{out}");
+    assert!(
+        out.contains("no domains configured: dualroute changes nothing"),
+        "{out}"
+    );
+    let milter = MilterProcess::start(&config, port, &tmp.path().join("milter.log"));
+    let log = wait_log(&milter, "no domains configured", 1);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("dualroute changes nothing")),
+        "{log}"
+    );
+}

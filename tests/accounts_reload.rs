@@ -1,0 +1,118 @@
+//! A reload must not take a domain's mailboxes away by accident (DESIGN.md
+//! §5): an account file emptied or cut short is refused, the running
+//! accounts stay, the refusal is logged by the caller and shown by
+//! `dualroute status` until a good load clears it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("milter.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "{extra}state_dir: {}\ndomains:\n  example.com:\n    mode: split\n    destination: {{ hosts: [\"[192.0.2.30]\"] }}\n    accounts:\n      - file: accounts\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn accounts(dir: &Path, names: &[&str]) {
+    let text: String = names.iter().map(|n| format!("{n}@example.com\n")).collect();
+    std::fs::write(dir.join("accounts"), text).unwrap();
+}
+
+fn status(path: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(["status", "--config"])
+        .arg(path)
+        .output()
+        .expect("run dualroute");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn count(shared: &dualroute::policy::SharedPolicy) -> usize {
+    let p = dualroute::policy::current(shared);
+    p.domains["example.com"].accounts.as_ref().unwrap().len()
+}
+
+#[tokio::test]
+async fn emptied_account_file_is_refused_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
+    let path = write_config(dir.path(), "");
+    let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
+    assert_eq!(
+        status(&path),
+        (true, "example.com: mode split: active\n".into())
+    );
+
+    std::fs::write(dir.path().join("accounts"), "").unwrap();
+    let e = dualroute::reload(&shared, &path)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no account of example.com"), "{e}");
+    assert_eq!(count(&shared), 4, "the running accounts stay");
+    let (ok, out) = status(&path);
+    assert!(!ok, "status exits 1 while a reload is refused: {out}");
+    assert!(
+        out.starts_with("RELOAD REFUSED since ") && out.contains("no account of example.com"),
+        "{out}"
+    );
+
+    // Fixed: the next reload loads and clears the refusal.
+    accounts(dir.path(), &["alice", "bob", "carol", "dave", "erin"]);
+    dualroute::reload(&shared, &path).await.unwrap();
+    assert_eq!(count(&shared), 5);
+    assert_eq!(
+        status(&path),
+        (true, "example.com: mode split: active\n".into())
+    );
+}
+
+#[tokio::test]
+async fn shrinking_by_half_is_refused_unless_the_limit_allows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
+    let path = write_config(dir.path(), "");
+    let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
+
+    // One of four gone: a normal change.
+    accounts(dir.path(), &["alice", "bob", "carol"]);
+    dualroute::reload(&shared, &path).await.unwrap();
+    assert_eq!(count(&shared), 3);
+    accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
+    dualroute::reload(&shared, &path).await.unwrap();
+
+    // Half gone: refused (default limit 0.5).
+    accounts(dir.path(), &["alice", "bob"]);
+    let e = dualroute::reload(&shared, &path)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("example.com would go from 4 to 2 accounts")
+            && e.contains("accounts_shrink_limit"),
+        "{e}"
+    );
+    assert_eq!(count(&shared), 4);
+    let (ok, out) = status(&path);
+    assert!(!ok && out.contains("from 4 to 2 accounts"), "{out}");
+
+    // The administrator means it: the new limit applies to this reload.
+    write_config(dir.path(), "accounts_shrink_limit: 0.8\n");
+    dualroute::reload(&shared, &path).await.unwrap();
+    assert_eq!(count(&shared), 2);
+    let (ok, out) = status(&path);
+    assert!(ok && !out.contains("REFUSED"), "{out}");
+}
