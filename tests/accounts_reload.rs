@@ -116,3 +116,69 @@ async fn shrinking_by_half_is_refused_unless_the_limit_allows_it() {
     let (ok, out) = status(&path);
     assert!(ok && !out.contains("REFUSED"), "{out}");
 }
+
+/// `postfix_map: hash:…` follows what Postfix reads: editing the text does
+/// nothing until `postmap` rebuilds the .db, which the watcher then sees.
+/// A watcher that starts also clears a refusal left by an earlier run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_table_reloads_after_postmap_not_after_an_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("postfix-etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("main.cf"), "compatibility_level = 3.6\n").unwrap();
+    // postmap (run by us and by the milter) reads main.cf from here.
+    std::env::set_var("MAIL_CONFIG", &etc);
+    let map = dir.path().join("vmailbox");
+    let postmap = || {
+        let out = Command::new("postmap")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .arg(format!("hash:{}", map.display()))
+            .output()
+            .expect(
+                "postmap is not installed: run scripts/test-deps.sh or `apt-get install postfix`",
+            );
+        assert!(out.status.success(), "{out:?}");
+    };
+    std::fs::write(&map, "alice@example.com a/\nbob@example.com b/\n").unwrap();
+    postmap();
+    let path = dir.path().join("milter.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir: {}\ndomains:\n  example.com:\n    mode: split\n    destination: {{ hosts: [\"[192.0.2.30]\"] }}\n    accounts:\n      - postfix_map: \"hash:{}\"\n",
+            dir.path().join("state").display(),
+            map.display()
+        ),
+    )
+    .unwrap();
+    let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
+    assert_eq!(count(&shared), 2);
+    let state = dualroute::state::StateDir::new(&dir.path().join("state"));
+    state.refuse_reload("left by an earlier run").unwrap();
+    let every = std::time::Duration::from_millis(100);
+    let watch = tokio::spawn(dualroute::watch_accounts(
+        shared.clone(),
+        path.clone(),
+        every,
+    ));
+    tokio::time::sleep(every * 5).await;
+    assert_eq!(state.reload_refused().unwrap(), None);
+
+    std::fs::write(
+        &map,
+        "alice@example.com a/\nbob@example.com b/\ncarol@example.com c/\n",
+    )
+    .unwrap();
+    tokio::time::sleep(every * 10).await;
+    assert_eq!(count(&shared), 2, "the text changed, Postfix's .db did not");
+    postmap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while count(&shared) != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "postmap'ed table not reloaded"
+        );
+        tokio::time::sleep(every).await;
+    }
+    watch.abort();
+}

@@ -288,30 +288,43 @@ fn add_entry(
     if local.is_empty() {
         return Err(bad("empty local part"));
     }
-    if let Some(c) = local
-        .chars()
-        .find(|&c| c <= ' ' || c == '\u{7f}' || "()<>[]:;@\\,\"".contains(c))
-    {
-        return Err(bad(&format!("{c:?} in the local part")));
+    if let Some(&b) = local.as_bytes().iter().find(|&&b| {
+        b <= b' '
+            || matches!(
+                b,
+                0x7f | b'('
+                    | b')'
+                    | b'<'
+                    | b'>'
+                    | b'['
+                    | b']'
+                    | b':'
+                    | b';'
+                    | b'@'
+                    | b'\\'
+                    | b','
+                    | b'"'
+            )
+    }) {
+        return Err(bad(&format!("{:?} in the local part", b as char)));
     }
-    // Fast path for the common case (an ASCII host name), avoiding IDNA
-    // work per line on million-line files.
-    let ascii_name = |d: &str| {
-        let d = d.strip_suffix('.').unwrap_or(d);
-        !d.is_empty()
-            && d.split('.').all(|l| {
-                !l.is_empty()
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            })
-    };
-    let ours = if d.is_ascii() && ascii_name(d) {
-        d.strip_suffix('.')
-            .unwrap_or(d)
-            .eq_ignore_ascii_case(domain)
+    // Fast path for the common case, an entry of this very domain (already
+    // a valid name); other names are checked, and only non-ASCII ones pay
+    // for IDNA, which matters on million-line files.
+    let bare = d.strip_suffix('.').unwrap_or(d);
+    let ours = if bare.eq_ignore_ascii_case(domain) {
+        true
     } else if d.is_ascii() {
-        return Err(bad(&format!("{d:?} is not a domain name")));
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if !bare.split('.').all(label_ok) {
+            return Err(bad(&format!("{d:?} is not a domain name")));
+        }
+        false
     } else {
         normalize_domain(d).map_err(|e| bad(&e.to_string()))? == domain
     };

@@ -939,6 +939,39 @@ mod tests {
     }
 
     #[test]
+    fn postfix_tables() {
+        let t = |s: &str| s.parse::<PostfixTable>();
+        let hash = t("hash:/etc/postfix/vmailbox").unwrap();
+        assert_eq!(hash.kind.as_deref(), Some("hash"));
+        assert_eq!(
+            hash.compiled_file(),
+            PathBuf::from("/etc/postfix/vmailbox.db")
+        );
+        assert_eq!(hash.to_string(), "hash:/etc/postfix/vmailbox");
+        assert_eq!(
+            t("lmdb:/x").unwrap().compiled_file(),
+            PathBuf::from("/x.lmdb")
+        );
+        assert_eq!(
+            t("cdb:/x").unwrap().compiled_file(),
+            PathBuf::from("/x.cdb")
+        );
+        assert_eq!(
+            t("texthash:/x").unwrap().compiled_file(),
+            PathBuf::from("/x")
+        );
+        let bare = t("/etc/postfix/vmailbox").unwrap();
+        assert_eq!(bare.kind, None);
+        assert_eq!(bare.compiled_file(), PathBuf::from("/etc/postfix/vmailbox"));
+        assert_eq!(t("./a:b").unwrap().kind, None);
+        assert!(t("mysql:/etc/postfix/mysql.cf")
+            .unwrap_err()
+            .contains("cannot be listed"));
+        assert!(t("pcre:/x").is_err());
+        assert!(t("hash:").is_err());
+    }
+
+    #[test]
     fn windows() {
         assert_eq!("1h".parse(), Ok(Window(Duration::from_secs(3600))));
         assert_eq!("90s".parse(), Ok(Window(Duration::from_secs(90))));
