@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod address;
 pub mod breaker;
+pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod decision;

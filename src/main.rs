@@ -1,78 +1,13 @@
 //! The `dualroute` command: parses options, loads the configuration, binds
 //! the socket, handles signals and hands over to the library.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use dualroute::cli::{Cli, Command};
 use dualroute::{commands, config, decision::Envelope};
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
-
-#[derive(Parser)]
-#[command(
-    name = "dualroute",
-    version,
-    about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail"
-)]
-struct Cli {
-    /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]
-    #[arg(long, short, global = true)]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve the milter (the default)
-    Run,
-    /// Load and validate the configuration and account sources, print a summary
-    Check,
-    /// Print the decision for each address and the rule that made it
-    Explain {
-        #[arg(required = true, value_name = "ADDR")]
-        addresses: Vec<String>,
-        /// Decide as if the mail came from this client address
-        #[arg(long, value_name = "IP")]
-        client: Option<IpAddr>,
-        /// Decide as if the client authenticated as this user
-        #[arg(long, value_name = "USER")]
-        auth: Option<String>,
-    },
-    /// Probe the destination of DOMAIN with its `verify` address (EHLO, MAIL FROM:<>, RCPT TO, QUIT)
-    Verify {
-        domain: String,
-        /// Also send a short test message to the verify address
-        #[arg(long)]
-        send: bool,
-    },
-    /// DNS checks per domain: MX, SPF covers this server and the destination, the destination resolves, the relay domain does not; exit 1 on any ✘
-    Doctor {
-        /// A public address of this server [default: the A/AAAA records of `instance`]; repeat for several
-        #[arg(long = "ip", value_name = "IP")]
-        ips: Vec<IpAddr>,
-    },
-    /// Show the routing state of every domain: active, waiting for verification, tripped, disabled
-    Status,
-    /// Switch routing for DOMAIN back on (clears an admin disable and a breaker trip)
-    Enable { domain: String },
-    /// Switch routing for DOMAIN off until `enable` (persists across restarts)
-    Disable {
-        domain: String,
-        /// Why, for `status` and the log
-        #[arg(long, default_value = "disabled with dualroute disable")]
-        reason: String,
-    },
-    /// Print the Postfix main.cf/master.cf/map lines this configuration needs
-    PostfixConfig {
-        /// Write main.cf.dualroute, master.cf.dualroute and the tables into DIR instead of printing
-        #[arg(long, value_name = "DIR")]
-        write: Option<PathBuf>,
-        /// Directory the tables will live in, as main.cf refers to them
-        #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]
-        map_dir: PathBuf,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
