@@ -9,7 +9,14 @@ use std::{net::IpAddr, path::PathBuf};
 #[command(
     name = "dualroute",
     version,
-    about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail"
+    about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail",
+    after_help = "Environment:
+  DUALROUTE_LOG  what `run` logs to stderr, as a tracing filter: error, warn, info (default),
+                 debug (each recipient's decision), or per module, e.g. info,dualroute=debug.
+                 Lines carry no colour unless stderr is a terminal (NO_COLOR turns it off there
+                 too) and no timestamp under systemd, whose journal stamps them itself.
+  NOTIFY_SOCKET  set by systemd (Type=notify): `run` reports READY after binding the socket
+                 and RELOADING/READY around a SIGHUP reload."
 )]
 pub struct Cli {
     /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]

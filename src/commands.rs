@@ -200,7 +200,9 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
 pub fn check(path: &Path) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let c = &policy.config;
+    let socket_notes = crate::socket::check(&c.listen).map_err(|e| e.to_string())?;
     println!("{}: OK", path.display());
+    socket_notes.iter().for_each(|n| println!("NOTE: {n}"));
     println!(
         "listen {}, instance {}, relay suffix {}",
         c.listen, c.instance, c.relay_suffix

@@ -21,6 +21,7 @@ pub mod policy;
 pub mod postfix;
 pub mod probe;
 pub mod session;
+pub mod socket;
 pub mod state;
 
 use policy::{current, Policy, SharedPolicy};

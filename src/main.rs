@@ -38,13 +38,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn run(path: PathBuf) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DUALROUTE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
@@ -52,12 +46,78 @@ fn run(path: PathBuf) -> ExitCode {
     runtime.block_on(serve(path))
 }
 
+/// Logs to stderr. Colour only on a terminal (files and the journal get
+/// plain text); no timestamp of our own when stderr is the journal, which
+/// stamps every line itself (systemd.exec(5): JOURNAL_STREAM holds the
+/// device and inode of the stream it connected to stderr).
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUALROUTE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    if stderr_is_journal() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// Tells systemd (Type=notify) where we are; a no-op without NOTIFY_SOCKET.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// A bound listening socket of either kind.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, dualroute::socket::SocketFile),
+}
+
+async fn listen(listen: &config::Socket) -> Result<Listener, String> {
+    match listen {
+        config::Socket::Inet { host, port } => TcpListener::bind((host.as_str(), *port))
+            .await
+            .map(Listener::Tcp)
+            .map_err(|e| format!("cannot listen on {listen}: {e}")),
+        config::Socket::Unix(p) => {
+            let bound = dualroute::socket::bind(p).map_err(|e| e.to_string())?;
+            bound
+                .listener
+                .set_nonblocking(true)
+                .and_then(|()| UnixListener::from_std(bound.listener))
+                .map(|l| Listener::Unix(l, bound.file))
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))
+        }
+    }
+}
+
 async fn serve(path: PathBuf) -> ExitCode {
     let policy = match dualroute::load_policy(&path) {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let listen = policy.config.listen.clone();
+    let listen_on = policy.config.listen.clone();
+    // Bind before anything runs: a second instance must stop here.
+    let listener = match listen(&listen_on).await {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
     let shared = dualroute::share(policy);
     tokio::spawn(dualroute::verify_loop(shared.clone()));
     tokio::spawn(dualroute::state_loop(
@@ -82,12 +142,18 @@ async fn serve(path: PathBuf) -> ExitCode {
     };
     let (reload_shared, reload_path) = (shared.clone(), path.clone());
     tokio::spawn(async move {
-        // SIGHUP: reload configuration and accounts atomically.
+        // SIGHUP: reload configuration and accounts atomically. systemd
+        // (ExecReload) waits for READY=1 after RELOADING=1, stamped with
+        // the monotonic clock (sd_notify(3)).
         while hup.recv().await.is_some() {
+            let mut reloading = vec![sd_notify::NotifyState::Reloading];
+            reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+            notify(&reloading);
             match dualroute::reload(&reload_shared, &reload_path).await {
                 Ok(()) => info!("SIGHUP: reloaded {}", reload_path.display()),
                 Err(e) => error!("SIGHUP: reload failed, keeping the running configuration: {e}"),
             }
+            notify(&[sd_notify::NotifyState::Ready]);
         }
     });
     let shutdown = async move {
@@ -95,48 +161,19 @@ async fn serve(path: PathBuf) -> ExitCode {
             _ = term.recv() => info!("SIGTERM: shutting down"),
             _ = int.recv() => info!("SIGINT: shutting down"),
         }
+        notify(&[sd_notify::NotifyState::Stopping]);
     };
-    let result = match &listen {
-        config::Socket::Inet { host, port } => {
-            match TcpListener::bind((host.as_str(), *port)).await {
-                Ok(l) => {
-                    info!(
-                        "dualroute {} listening on {listen}",
-                        env!("CARGO_PKG_VERSION")
-                    );
-                    dualroute::run(l, shared, shutdown).await
-                }
-                Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
-            }
-        }
-        config::Socket::Unix(p) => {
-            // A socket file left by a killed instance would make bind fail.
-            if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(p);
-            }
-            match UnixListener::bind(p) {
-                Ok(l) => {
-                    // The MTA runs as another user (postfix): let it connect;
-                    // access is controlled by the directory's permissions.
-                    use std::os::unix::fs::PermissionsExt;
-                    if let Err(e) =
-                        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666))
-                    {
-                        error!("cannot chmod {}: {e}", p.display());
-                    }
-                    info!(
-                        "dualroute {} listening on {listen}",
-                        env!("CARGO_PKG_VERSION")
-                    );
-                    let r = dualroute::run(l, shared, shutdown).await;
-                    let _ = std::fs::remove_file(p);
-                    r
-                }
-                Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
-            }
+    info!(
+        "dualroute {} listening on {listen_on}",
+        env!("CARGO_PKG_VERSION")
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+    let result = match listener {
+        Listener::Tcp(l) => dualroute::run(l, shared, shutdown).await,
+        Listener::Unix(l, file) => {
+            let r = dualroute::run(l, shared, shutdown).await;
+            file.remove_if_ours();
+            r
         }
     };
     match result {
