@@ -67,13 +67,25 @@ pub enum Command {
         #[arg(long, default_value = "disabled with dualroute disable")]
         reason: String,
     },
-    /// Print the Postfix main.cf/master.cf/map lines this configuration needs
+    /// Print the Postfix main.cf/master.cf/map lines this configuration needs, or apply them
     PostfixConfig {
         /// Write main.cf.dualroute, master.cf.dualroute and the tables into DIR instead of printing
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["apply", "revert"])]
         write: Option<PathBuf>,
-        /// Directory the tables will live in, as main.cf refers to them
+        /// Directory the tables live in, as main.cf refers to them [default: the Postfix configuration directory]
+        #[arg(long, value_name = "DIR")]
+        map_dir: Option<PathBuf>,
+        /// Wire Postfix: postconf -e/-M/-P, postmap; merges with existing lists, idempotent, backs up main.cf and master.cf, runs postfix check and reloads a running Postfix
+        #[arg(long, conflicts_with = "revert")]
+        apply: bool,
+        /// Remove exactly what --apply added (recorded in dualroute.applied in the Postfix configuration directory)
+        #[arg(long)]
+        revert: bool,
+        /// With --apply or --revert: print the changes, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// The Postfix configuration directory to change, as `postconf -c`
         #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]
-        map_dir: PathBuf,
+        postfix_config_dir: PathBuf,
     },
 }

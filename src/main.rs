@@ -20,8 +20,19 @@ fn main() -> ExitCode {
         Command::Status => commands::status(&path),
         Command::Enable { domain } => commands::switch(&path, &domain, None),
         Command::Disable { domain, reason } => commands::switch(&path, &domain, Some(&reason)),
-        Command::PostfixConfig { write, map_dir } => {
-            commands::postfix_config(&path, write.as_deref(), &map_dir)
+        Command::PostfixConfig {
+            write,
+            map_dir,
+            apply,
+            revert,
+            dry_run,
+            postfix_config_dir,
+        } => {
+            let map_dir = map_dir.unwrap_or_else(|| postfix_config_dir.clone());
+            match (apply, revert) {
+                (false, false) => commands::postfix_config(&path, write.as_deref(), &map_dir),
+                _ => commands::postfix_apply(&path, &postfix_config_dir, &map_dir, revert, dry_run),
+            }
         }
         Command::Explain {
             addresses,
