@@ -91,8 +91,13 @@ impl Transcript {
 
     /// Runs a command, records it with its output, returns (success, output).
     fn run(&mut self, program: &str, args: &[&str]) -> (bool, String) {
+        self.run_env(&[], program, args)
+    }
+
+    fn run_env(&mut self, env: &[(&str, &str)], program: &str, args: &[&str]) -> (bool, String) {
         let out = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null())
             .output()
@@ -102,7 +107,8 @@ impl Transcript {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        self.say(&format!("# {program} {}", args.join(" ")));
+        let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+        self.say(&format!("# {}{program} {}", env.concat(), args.join(" ")));
         if !text.trim().is_empty() {
             self.say(text.trim_end());
         }
@@ -299,6 +305,36 @@ fn install_deliver_upgrade_remove_purge() {
         );
     }
 
+    t.say("## install on a machine without Postfix (no user postfix), then add it as documented");
+    let fake = tempfile::tempdir().expect("tmp");
+    fs::write(
+        fake.path().join("getent"),
+        "#!/bin/sh\n# no Postfix on this machine\n[ \"$1 $2\" = \"passwd postfix\" ] && exit 2\nexec /usr/bin/getent \"$@\"\n",
+    )
+    .expect("fake getent");
+    fs::set_permissions(
+        fake.path().join("getent"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    let path = format!(
+        "{}:{}",
+        fake.path().display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    );
+    let (ok, out) = t.run_env(&[("PATH", &path)], "dpkg", &["-i", first_s]);
+    assert!(ok, "postinst without Postfix failed:\n{out}");
+    let out = t.ok("getent", &["group", "dualroute"]);
+    assert!(
+        out.trim().ends_with(':'),
+        "postfix was added without Postfix: {out}"
+    );
+    t.ok("adduser", &["postfix", "dualroute"]);
+    let out = t.ok("getent", &["group", "dualroute"]);
+    assert!(out.trim().ends_with(":postfix"), "{out}");
+    t.ok("dpkg", &["--purge", "dualroute"]);
+    assert!(!user_exists("dualroute") && !group_exists("dualroute"));
+
     t.say("## install");
     t.ok("dpkg", &["-i", first_s]);
     assert_eq!(installed_version().as_deref(), Some(VERSION));
@@ -306,6 +342,10 @@ fn install_deliver_upgrade_remove_purge() {
     assert!(
         !Path::new(SOCKET).exists(),
         "something started the service without systemd"
+    );
+    assert!(
+        Path::new("/etc/systemd/system/multi-user.target.wants/dualroute.service").exists(),
+        "the unit is not enabled (for the next boot with systemd)"
     );
 
     t.say("## owners and modes");
@@ -531,6 +571,11 @@ fn install_deliver_upgrade_remove_purge() {
         SOCKET_DIR,
         UNIT,
         "/usr/share/doc/dualroute",
+        // deb-systemd-helper enables the unit even without systemd; purge
+        // takes that back.
+        "/etc/systemd/system/multi-user.target.wants/dualroute.service",
+        "/var/lib/systemd/deb-systemd-helper-enabled/dualroute.service.dsh-also",
+        "/var/lib/dpkg/info/dualroute.list",
     ] {
         assert!(!Path::new(gone).exists(), "{gone} left after purge");
     }
