@@ -77,6 +77,34 @@ else
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dnsmasq-base
 fi
 
+# The Debian package tests (tests/deb_package.rs): lintian checks the .deb,
+# systemd-analyze (package systemd) checks the unit offline, man-db lets
+# `systemd-analyze verify` check the unit's man: documentation links,
+# adduser and runuser (util-linux) run the maintainer scripts and the unit's
+# ExecStart. cargo-deb (packaging/build-deb.sh) comes from crates.io.
+deb_missing=""
+command -v lintian >/dev/null 2>&1 || deb_missing="$deb_missing lintian"
+command -v systemd-analyze >/dev/null 2>&1 || deb_missing="$deb_missing systemd"
+command -v man >/dev/null 2>&1 || deb_missing="$deb_missing man-db"
+command -v adduser >/dev/null 2>&1 || deb_missing="$deb_missing adduser"
+if [ -z "$deb_missing" ]; then
+    say "lintian, systemd-analyze, man and adduser are installed; nothing to do"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        say "missing:$deb_missing; run this script as root" >&2
+        exit 1
+    fi
+    say "missing:$deb_missing; apt-get install -y$deb_missing"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $deb_missing
+fi
+if cargo deb --version >/dev/null 2>&1; then
+    say "cargo-deb is installed; nothing to do"
+else
+    say "missing: cargo-deb; cargo install cargo-deb --locked"
+    cargo install cargo-deb --locked
+fi
+
 # The system instance must not run: the tests use private instances only.
 if [ -f /etc/postfix/main.cf ] && /usr/sbin/postfix status >/dev/null 2>&1; then
     say "the system Postfix instance is running; stopping it"

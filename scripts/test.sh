@@ -8,4 +8,13 @@ cd "$(dirname "$0")/.."
 sh scripts/test-deps.sh
 sh scripts/test-deps-sendmail.sh
 cargo build --release --all-targets
+# tests/deb_package.rs installs these (cargo holds the build directory's
+# lock while tests run, so they cannot be built from inside a test).
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+# cargo-deb removes older builds from target/debian: the upgrade goes first,
+# into a directory of its own.
+upgrade=$(packaging/build-deb.sh --deb-version "$version+upgrade1" | tail -n 1)
+mkdir -p target/debian-upgrade
+mv "$upgrade" target/debian-upgrade/
+packaging/build-deb.sh
 cargo test --release "$@"

@@ -58,6 +58,58 @@ pub fn sendmail_config(path: &Path, write: Option<&Path>) -> Result<ExitCode, St
     print_or_write(write, || sm.render(), |dir| sm.write(dir), &sm.notes)
 }
 
+/// `postfix-config --apply` / `--revert` [`--dry-run`] on a Postfix
+/// configuration directory.
+pub fn postfix_apply(
+    path: &Path,
+    config_dir: &Path,
+    map_dir: &Path,
+    revert: bool,
+    dry_run: bool,
+) -> Result<ExitCode, String> {
+    use crate::postfix::apply;
+    let postfix = apply::Postfix {
+        config_dir: config_dir.to_owned(),
+    };
+    let before = postfix.record()?;
+    let (changes, record, notes) = if revert {
+        let Some(before) = before else {
+            println!(
+                "{}: nothing to revert (no {} there)",
+                config_dir.display(),
+                apply::RECORD
+            );
+            return Ok(ExitCode::SUCCESS);
+        };
+        let current = postfix.current(&before.tables)?;
+        let (changes, notes) = apply::plan_revert(&current, &before);
+        (changes, None, notes)
+    } else {
+        let policy = load(path)?;
+        let want = crate::postfix::generate(&policy, map_dir);
+        let before = before.unwrap_or_default();
+        let mut tables: Vec<_> = want.tables.iter().map(|t| map_dir.join(&t.file)).collect();
+        tables.extend(before.tables.iter().cloned());
+        let current = postfix.current(&tables)?;
+        let (changes, record) = apply::plan_apply(&want, map_dir, &current, &before);
+        (changes, Some(record), want.notes)
+    };
+    for n in &notes {
+        eprintln!("NOTE: {}", n.replace('\n', "\n  "));
+    }
+    if changes.is_empty() {
+        println!("{}: nothing to change", config_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if dry_run {
+        println!("would run (--dry-run, nothing changed):");
+        changes.iter().for_each(|c| println!("  {c}"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    postfix.commit(&changes, record.as_ref())?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let dns = match crate::dns::Dns::new(&policy.config.dns) {
@@ -253,6 +305,7 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
 pub fn check(path: &Path) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let c = &policy.config;
+    let socket_notes = crate::socket::check(&c.listen).map_err(|e| e.to_string())?;
     if let Some(b) = &c.breaker {
         // The breaker follows this file; unreadable, it would never trip.
         if let Err(e) = std::fs::File::open(&b.maillog) {
@@ -264,6 +317,7 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
         }
     }
     println!("{}: OK", path.display());
+    socket_notes.iter().for_each(|n| println!("NOTE: {n}"));
     println!(
         "listen {}, instance {}, relay suffix {}",
         c.listen, c.instance, c.relay_suffix

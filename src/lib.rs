@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod address;
 pub mod breaker;
+pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod decision;
@@ -22,6 +23,7 @@ pub mod postfix;
 pub mod probe;
 pub mod sendmail;
 pub mod session;
+pub mod socket;
 pub mod state;
 pub mod table;
 

@@ -1,84 +1,13 @@
 //! The `dualroute` command: parses options, loads the configuration, binds
 //! the socket, handles signals and hands over to the library.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use dualroute::cli::{Cli, Command};
 use dualroute::{commands, config, decision::Envelope};
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
-
-#[derive(Parser)]
-#[command(
-    name = "dualroute",
-    version,
-    about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail"
-)]
-struct Cli {
-    /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]
-    #[arg(long, short, global = true)]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve the milter (the default)
-    Run,
-    /// Load and validate the configuration and account sources, print a summary
-    Check,
-    /// Print the decision for each address and the rule that made it
-    Explain {
-        #[arg(required = true, value_name = "ADDR")]
-        addresses: Vec<String>,
-        /// Decide as if the mail came from this client address
-        #[arg(long, value_name = "IP")]
-        client: Option<IpAddr>,
-        /// Decide as if the client authenticated as this user
-        #[arg(long, value_name = "USER")]
-        auth: Option<String>,
-    },
-    /// Probe the destination of DOMAIN with its `verify` address (EHLO, MAIL FROM:<>, RCPT TO, QUIT)
-    Verify {
-        domain: String,
-        /// Also send a short test message to the verify address
-        #[arg(long)]
-        send: bool,
-    },
-    /// DNS checks per domain: MX, SPF covers this server and the destination, the destination resolves, the relay domain does not; exit 1 on any ✘
-    Doctor {
-        /// A public address of this server [default: the A/AAAA records of `instance`]; repeat for several
-        #[arg(long = "ip", value_name = "IP")]
-        ips: Vec<IpAddr>,
-    },
-    /// Show the routing state of every domain: active, waiting for verification, tripped, disabled
-    Status,
-    /// Switch routing for DOMAIN back on (clears an admin disable and a breaker trip)
-    Enable { domain: String },
-    /// Switch routing for DOMAIN off until `enable` (persists across restarts)
-    Disable {
-        domain: String,
-        /// Why, for `status` and the log
-        #[arg(long, default_value = "disabled with dualroute disable")]
-        reason: String,
-    },
-    /// Print the Postfix main.cf/master.cf/map lines this configuration needs
-    PostfixConfig {
-        /// Write main.cf.dualroute, master.cf.dualroute and the tables into DIR instead of printing
-        #[arg(long, value_name = "DIR")]
-        write: Option<PathBuf>,
-        /// Directory the tables will live in, as main.cf refers to them
-        #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]
-        map_dir: PathBuf,
-    },
-    /// Print the Sendmail sendmail.mc lines and mailertable entries this configuration needs
-    SendmailConfig {
-        /// Write sendmail.mc.dualroute and mailertable.dualroute into DIR instead of printing
-        #[arg(long, value_name = "DIR")]
-        write: Option<PathBuf>,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -91,8 +20,19 @@ fn main() -> ExitCode {
         Command::Status => commands::status(&path),
         Command::Enable { domain } => commands::switch(&path, &domain, None),
         Command::Disable { domain, reason } => commands::switch(&path, &domain, Some(&reason)),
-        Command::PostfixConfig { write, map_dir } => {
-            commands::postfix_config(&path, write.as_deref(), &map_dir)
+        Command::PostfixConfig {
+            write,
+            map_dir,
+            apply,
+            revert,
+            dry_run,
+            postfix_config_dir,
+        } => {
+            let map_dir = map_dir.unwrap_or_else(|| postfix_config_dir.clone());
+            match (apply, revert) {
+                (false, false) => commands::postfix_config(&path, write.as_deref(), &map_dir),
+                _ => commands::postfix_apply(&path, &postfix_config_dir, &map_dir, revert, dry_run),
+            }
         }
         Command::SendmailConfig { write } => commands::sendmail_config(&path, write.as_deref()),
         Command::Explain {
@@ -110,13 +50,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn run(path: PathBuf) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DUALROUTE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
@@ -124,12 +58,78 @@ fn run(path: PathBuf) -> ExitCode {
     runtime.block_on(serve(path))
 }
 
+/// Logs to stderr. Colour only on a terminal (files and the journal get
+/// plain text); no timestamp of our own when stderr is the journal, which
+/// stamps every line itself (systemd.exec(5): JOURNAL_STREAM holds the
+/// device and inode of the stream it connected to stderr).
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUALROUTE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    if stderr_is_journal() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// Tells systemd (Type=notify) where we are; a no-op without NOTIFY_SOCKET.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// A bound listening socket of either kind.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, dualroute::socket::SocketFile),
+}
+
+async fn listen(listen: &config::Socket) -> Result<Listener, String> {
+    match listen {
+        config::Socket::Inet { host, port } => TcpListener::bind((host.as_str(), *port))
+            .await
+            .map(Listener::Tcp)
+            .map_err(|e| format!("cannot listen on {listen}: {e}")),
+        config::Socket::Unix(p) => {
+            let bound = dualroute::socket::bind(p).map_err(|e| e.to_string())?;
+            bound
+                .listener
+                .set_nonblocking(true)
+                .and_then(|()| UnixListener::from_std(bound.listener))
+                .map(|l| Listener::Unix(l, bound.file))
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))
+        }
+    }
+}
+
 async fn serve(path: PathBuf) -> ExitCode {
     let policy = match dualroute::load_policy(&path) {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let listen = policy.config.listen.clone();
+    let listen_on = policy.config.listen.clone();
+    // Bind before anything runs: a second instance must stop here.
+    let listener = match listen(&listen_on).await {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
     let shared = dualroute::share(policy);
     tokio::spawn(dualroute::verify_loop(shared.clone()));
     tokio::spawn(dualroute::state_loop(
@@ -154,12 +154,18 @@ async fn serve(path: PathBuf) -> ExitCode {
     };
     let (reload_shared, reload_path) = (shared.clone(), path.clone());
     tokio::spawn(async move {
-        // SIGHUP: reload configuration and accounts atomically.
+        // SIGHUP: reload configuration and accounts atomically. systemd
+        // (ExecReload) waits for READY=1 after RELOADING=1, stamped with
+        // the monotonic clock (sd_notify(3)).
         while hup.recv().await.is_some() {
+            let mut reloading = vec![sd_notify::NotifyState::Reloading];
+            reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+            notify(&reloading);
             match dualroute::reload(&reload_shared, &reload_path).await {
                 Ok(()) => info!("SIGHUP: reloaded {}", reload_path.display()),
                 Err(e) => error!("SIGHUP: reload failed, keeping the running configuration: {e}"),
             }
+            notify(&[sd_notify::NotifyState::Ready]);
         }
     });
     let shutdown = async move {
@@ -167,48 +173,19 @@ async fn serve(path: PathBuf) -> ExitCode {
             _ = term.recv() => info!("SIGTERM: shutting down"),
             _ = int.recv() => info!("SIGINT: shutting down"),
         }
+        notify(&[sd_notify::NotifyState::Stopping]);
     };
-    let result = match &listen {
-        config::Socket::Inet { host, port } => {
-            match TcpListener::bind((host.as_str(), *port)).await {
-                Ok(l) => {
-                    info!(
-                        "dualroute {} listening on {listen}",
-                        env!("CARGO_PKG_VERSION")
-                    );
-                    dualroute::run(l, shared, shutdown).await
-                }
-                Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
-            }
-        }
-        config::Socket::Unix(p) => {
-            // A socket file left by a killed instance would make bind fail.
-            if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(p);
-            }
-            match UnixListener::bind(p) {
-                Ok(l) => {
-                    // The MTA runs as another user (postfix): let it connect;
-                    // access is controlled by the directory's permissions.
-                    use std::os::unix::fs::PermissionsExt;
-                    if let Err(e) =
-                        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666))
-                    {
-                        error!("cannot chmod {}: {e}", p.display());
-                    }
-                    info!(
-                        "dualroute {} listening on {listen}",
-                        env!("CARGO_PKG_VERSION")
-                    );
-                    let r = dualroute::run(l, shared, shutdown).await;
-                    let _ = std::fs::remove_file(p);
-                    r
-                }
-                Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
-            }
+    info!(
+        "dualroute {} listening on {listen_on}",
+        env!("CARGO_PKG_VERSION")
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+    let result = match listener {
+        Listener::Tcp(l) => dualroute::run(l, shared, shutdown).await,
+        Listener::Unix(l, file) => {
+            let r = dualroute::run(l, shared, shutdown).await;
+            file.remove_if_ours();
+            r
         }
     };
     match result {

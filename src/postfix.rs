@@ -5,6 +5,8 @@ use crate::config::{Destination, Mode, Socket};
 use crate::policy::Policy;
 use std::{fmt::Write as _, io, path::Path};
 
+pub mod apply;
+
 /// The name of the dedicated smtp transport in master.cf.
 pub const TRANSPORT: &str = "dualroute";
 const TRANSPORT_MAP: &str = "dualroute_transport";
@@ -21,11 +23,36 @@ pub struct Param {
 
 pub use crate::table::Table;
 
+/// The master.cf service of the dedicated smtp transport.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Service {
+    /// `dualroute unix - - n - - smtp`
+    pub entry: String,
+    /// `-o name=value` overrides.
+    pub params: Vec<(String, String)>,
+}
+
+impl Service {
+    /// `postconf -M`'s name for it.
+    pub fn name(&self) -> String {
+        format!("{TRANSPORT}/unix")
+    }
+
+    /// The entry as master.cf holds it, continuation lines indented.
+    pub fn render(&self) -> String {
+        let mut s = self.entry.clone();
+        for (k, v) in &self.params {
+            let _ = write!(s, "\n  -o {k}={v}");
+        }
+        s
+    }
+}
+
 /// Everything Postfix needs.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct PostfixConfig {
     pub main: Vec<Param>,
-    pub master: Vec<String>,
+    pub service: Option<Service>,
     pub tables: Vec<Table>,
     /// Things the administrator must do by hand, with the reason.
     pub notes: Vec<String>,
@@ -135,10 +162,15 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
             "transport_maps",
             map(TRANSPORT_MAP),
         ));
-        out.master.push(format!(
-            "# dualroute: smtp client for routed mail; restores the real domain with smtp_generic_maps\n{TRANSPORT} unix  -       -       n       -       -       smtp\n  -o smtp_generic_maps={}",
-            map(GENERIC_MAP)
-        ));
+        out.service = Some(Service {
+            entry: format!("{TRANSPORT} unix  -       -       n       -       -       smtp"),
+            params: vec![
+                ("smtp_generic_maps".into(), map(GENERIC_MAP)),
+                // Routed deliveries stand out in the mail log:
+                // postfix/dualroute[PID]: ... to=<...>, relay=...
+                ("syslog_name".into(), "postfix/dualroute".into()),
+            ],
+        });
         out.tables.push(transport);
         out.tables.push(generic);
     }
@@ -151,9 +183,9 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
         out.tables.push(catchall);
     }
     if let Socket::Unix(p) = &c.listen {
-        if !p.starts_with("/var/spool/postfix") {
+        if !p.starts_with(crate::socket::POSTFIX_CHROOT) {
             out.notes.push(format!(
-                "{} is outside /var/spool/postfix: Debian's smtpd runs chrooted there and cannot reach it; use a socket below /var/spool/postfix (e.g. unix:/var/spool/postfix/dualroute/dualroute.sock)",
+                "WARNING: {} is outside /var/spool/postfix: Debian's smtpd runs chrooted there and cannot reach it; use a socket below /var/spool/postfix (e.g. unix:/var/spool/postfix/dualroute/dualroute.sock)",
                 p.display()
             ));
         }
@@ -173,16 +205,22 @@ impl PostfixConfig {
     }
 
     pub fn master_cf(&self) -> String {
-        self.master.iter().map(|m| format!("{m}\n")).collect()
+        match &self.service {
+            Some(service) => format!(
+                "# dualroute: smtp client for routed mail; restores the real domain with smtp_generic_maps\n{}\n",
+                service.render()
+            ),
+            None => String::new(),
+        }
     }
 
     /// Everything, as printed by `dualroute postfix-config`.
     pub fn render(&self, map_dir: &Path) -> String {
         let mut s = String::from(
-            "# === main.cf ===\n# Apply with: grep -v '^#' THIS-SECTION | while read -r l; do postconf -e \"$l\"; done\n",
+            "# Apply all of this with: dualroute postfix-config --apply (docs/postfix.md)\n# === main.cf ===\n",
         );
         s.push_str(&self.main_cf());
-        if !self.master.is_empty() {
+        if self.service.is_some() {
             s.push_str("\n# === master.cf (append) ===\n");
             s.push_str(&self.master_cf());
         }

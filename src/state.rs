@@ -68,7 +68,7 @@ pub struct DomainState {
 
 /// Year, month, day, hour, minute, second (UTC) of a Unix time, by Howard
 /// Hinnant's civil-from-days algorithm.
-fn civil(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
+pub(crate) fn civil(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
     let rem = secs % 86400;
     let z = (secs / 86400) as i64 + 719_468;
     let era = z.div_euclid(146_097);

@@ -22,6 +22,11 @@ const START: Duration = Duration::from_secs(10);
 pub struct MilterProcess {
     child: Option<Child>,
     port: u16,
+    /// `listen: unix:PATH` instead of the port.
+    socket: Option<PathBuf>,
+    /// Extra environment (NOTIFY_SOCKET, JOURNAL_STREAM, a DUALROUTE_LOG of
+    /// the test's own).
+    env: Vec<(String, String)>,
     config: PathBuf,
     log: PathBuf,
 }
@@ -33,11 +38,57 @@ impl MilterProcess {
         let mut milter = MilterProcess {
             child: None,
             port,
+            socket: None,
+            env: Vec::new(),
             config: config.to_owned(),
             log: log.to_owned(),
         };
         milter.spawn();
         milter
+    }
+
+    /// Starts the milter on `config`, whose `listen:` is `unix:SOCKET`, with
+    /// extra environment variables, and waits until the socket accepts.
+    pub fn start_unix(
+        config: &Path,
+        socket: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> MilterProcess {
+        let mut milter = MilterProcess {
+            child: None,
+            port: 0,
+            socket: Some(socket.to_owned()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            config: config.to_owned(),
+            log: log.to_owned(),
+        };
+        milter.spawn();
+        milter
+    }
+
+    /// Whether the milter's socket accepts connections.
+    fn is_serving(&self) -> bool {
+        match &self.socket {
+            Some(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+            None => is_listening(self.port),
+        }
+    }
+
+    /// Where the milter listens, for messages.
+    fn endpoint(&self) -> String {
+        match &self.socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The process id of the running milter.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the milter is not running").id()
     }
 
     /// Starts the binary (again, after [`MilterProcess::kill`]) and waits
@@ -54,17 +105,18 @@ impl MilterProcess {
             .arg(&self.config)
             .env("DUALROUTE_LOG", "info,dualroute=debug")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("run dualroute");
         let deadline = Instant::now() + START;
-        while !is_listening(self.port) {
+        while !self.is_serving() {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
-                    "dualroute run exited ({status}) before listening on 127.0.0.1:{}:\n{}",
-                    self.port,
+                    "dualroute run exited ({status}) before listening on {}:\n{}",
+                    self.endpoint(),
                     self.log()
                 );
             }
@@ -72,8 +124,8 @@ impl MilterProcess {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "dualroute run does not listen on 127.0.0.1:{} after {START:?}:\n{}",
-                    self.port,
+                    "dualroute run does not listen on {} after {START:?}:\n{}",
+                    self.endpoint(),
                     self.log()
                 );
             }
@@ -89,13 +141,13 @@ impl MilterProcess {
             let _ = child.wait();
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while is_listening(self.port) && Instant::now() < deadline {
+        while self.is_serving() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(
-            !is_listening(self.port),
-            "milter port {} still open after kill",
-            self.port
+            !self.is_serving(),
+            "milter {} still open after kill",
+            self.endpoint()
         );
     }
 

@@ -170,7 +170,7 @@ pub(crate) fn tool(name: &str) -> PathBuf {
 }
 
 /// uid and gid of a user, via NSS.
-pub(crate) fn user_ids(user: &str) -> (u32, u32) {
+pub fn user_ids(user: &str) -> (u32, u32) {
     let output = Command::new("getent")
         .args(["passwd", user])
         .output()

@@ -73,6 +73,15 @@ pub struct PostfixOptions {
     /// rewritten to the config directory; `$config_directory/NAME` works as
     /// it is. Maps referenced as `hash:` or `btree:` are `postmap`ed.
     pub extra_maps: Vec<(String, String)>,
+    /// Run smtpd chrooted in the queue directory, as Debian ships it: a
+    /// unix milter socket is then named relative to the queue directory.
+    pub chroot_smtpd: bool,
+    /// Directories bind-mounted into the queue directory (source, path
+    /// relative to the queue directory), so that a chrooted smtpd reaches
+    /// a socket outside this instance's tree (the Debian package's
+    /// /var/spool/postfix/dualroute) under the name it has on a real
+    /// system. Unmounted when the instance stops.
+    pub bind_into_queue: Vec<(PathBuf, String)>,
 }
 
 impl Default for PostfixOptions {
@@ -86,6 +95,8 @@ impl Default for PostfixOptions {
             main_cf: Vec::new(),
             master_cf: Vec::new(),
             extra_maps: Vec::new(),
+            chroot_smtpd: false,
+            bind_into_queue: Vec::new(),
         }
     }
 }
@@ -149,6 +160,17 @@ impl PostfixOptions {
         self
     }
 
+    /// smtpd runs chrooted in the queue directory, with `source`
+    /// bind-mounted at QUEUE_DIRECTORY/`rel` (e.g. the Debian package's
+    /// socket directory at `dualroute`, which smtpd then reaches as
+    /// `unix:/dualroute/dualroute.sock`). Needs root (mount).
+    pub fn chroot_with(mut self, source: &Path, rel: &str) -> Self {
+        self.chroot_smtpd = true;
+        self.bind_into_queue
+            .push((source.to_owned(), rel.to_owned()));
+        self
+    }
+
     /// Sets `smtpd_milters`.
     pub fn milter(mut self, socket: &str) -> Self {
         self.milter = Some(socket.to_owned());
@@ -164,6 +186,8 @@ pub struct Postfix {
     port: u16,
     mailboxes: BTreeMap<String, String>,
     running: bool,
+    /// Bind mounts inside the queue directory, unmounted on stop.
+    mounts: Vec<PathBuf>,
 }
 
 impl Postfix {
@@ -199,8 +223,29 @@ impl Postfix {
             port: free_port(),
             mailboxes: opts.mailboxes.iter().cloned().collect(),
             running: false,
+            mounts: Vec::new(),
         };
         postfix.write_tree(opts);
+        // From here on, Drop unmounts what was mounted.
+        postfix.running = true;
+        for (source, rel) in &opts.bind_into_queue {
+            let target = postfix.queue_dir().join(rel);
+            fs::create_dir_all(&target)
+                .unwrap_or_else(|e| panic!("create {}: {e}", target.display()));
+            let status = Command::new("mount")
+                .arg("--bind")
+                .arg(source)
+                .arg(&target)
+                .status()
+                .expect("run mount");
+            assert!(
+                status.success(),
+                "mount --bind {} {} failed (needs root)",
+                source.display(),
+                target.display()
+            );
+            postfix.mounts.push(target);
+        }
         // From here on, Drop stops whatever was started.
         postfix.running = true;
         let command = format!(
@@ -350,7 +395,7 @@ delay_warning_time = 0
 
         let master_cf = format!(
             "# service type  private unpriv  chroot  wakeup  maxproc command + args
-127.0.0.1:{port} inet n - n - - smtpd
+127.0.0.1:{port} inet n - {chroot} - - smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -378,6 +423,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 {extra}
 ",
             port = self.port,
+            chroot = if opts.chroot_smtpd { "y" } else { "n" },
             extra = master_extra.join("\n"),
         );
         write_settled(&etc.join("master.cf"), &master_cf);
@@ -600,6 +646,33 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
+        }
+        self.unmount();
+    }
+
+    /// Unmounts the bind mounts. One that stays mounted (busy) is
+    /// detached lazily; if even that fails, the temporary tree is kept so
+    /// that removing it cannot delete the mounted directory's contents.
+    fn unmount(&mut self) {
+        for target in std::mem::take(&mut self.mounts) {
+            let ok = Command::new("umount")
+                .arg(&target)
+                .status()
+                .is_ok_and(|s| s.success())
+                || Command::new("umount")
+                    .arg("-l")
+                    .arg(&target)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if !ok {
+                if let Some(tmp) = self.tmp.take() {
+                    eprintln!(
+                        "cannot unmount {}: kept {} (remove it by hand after umount)",
+                        target.display(),
+                        tmp.keep().display()
+                    );
+                }
+            }
         }
     }
 }

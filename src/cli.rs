@@ -1,0 +1,97 @@
+//! The command line of `dualroute`, in the library so that the man page and
+//! the shell completions are generated from the same definition as `--help`
+//! (tests/man_pages.rs fails when the shipped pages drift from it).
+
+use clap::{Parser, Subcommand};
+use std::{net::IpAddr, path::PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "dualroute",
+    version,
+    about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail",
+    after_help = "Environment:
+  DUALROUTE_LOG  what `run` logs to stderr, as a tracing filter: error, warn, info (default),
+                 debug (each recipient's decision), or per module, e.g. info,dualroute=debug.
+                 Lines carry no colour unless stderr is a terminal (NO_COLOR turns it off there
+                 too) and no timestamp under systemd, whose journal stamps them itself.
+  NOTIFY_SOCKET  set by systemd (Type=notify): `run` reports READY after binding the socket
+                 and RELOADING/READY around a SIGHUP reload."
+)]
+pub struct Cli {
+    /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the milter (the default)
+    Run,
+    /// Load and validate the configuration and account sources, print a summary
+    Check,
+    /// Print the decision for each address and the rule that made it
+    Explain {
+        #[arg(required = true, value_name = "ADDR")]
+        addresses: Vec<String>,
+        /// Decide as if the mail came from this client address
+        #[arg(long, value_name = "IP")]
+        client: Option<IpAddr>,
+        /// Decide as if the client authenticated as this user
+        #[arg(long, value_name = "USER")]
+        auth: Option<String>,
+    },
+    /// Probe the destination of DOMAIN with its `verify` address (EHLO, MAIL FROM:<>, RCPT TO, QUIT)
+    Verify {
+        domain: String,
+        /// Also send a short test message to the verify address
+        #[arg(long)]
+        send: bool,
+    },
+    /// DNS checks per domain: MX, SPF covers this server and the destination, the destination resolves, the relay domain does not; exit 1 on any ✘
+    Doctor {
+        /// A public address of this server [default: the A/AAAA records of `instance`]; repeat for several
+        #[arg(long = "ip", value_name = "IP")]
+        ips: Vec<IpAddr>,
+    },
+    /// Show the routing state of every domain: active, waiting for verification, tripped, disabled
+    Status,
+    /// Switch routing for DOMAIN back on (clears an admin disable and a breaker trip)
+    Enable { domain: String },
+    /// Switch routing for DOMAIN off until `enable` (persists across restarts)
+    Disable {
+        domain: String,
+        /// Why, for `status` and the log
+        #[arg(long, default_value = "disabled with dualroute disable")]
+        reason: String,
+    },
+    /// Print the Postfix main.cf/master.cf/map lines this configuration needs, or apply them
+    PostfixConfig {
+        /// Write main.cf.dualroute, master.cf.dualroute and the tables into DIR instead of printing
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["apply", "revert"])]
+        write: Option<PathBuf>,
+        /// Directory the tables live in, as main.cf refers to them [default: the Postfix configuration directory]
+        #[arg(long, value_name = "DIR")]
+        map_dir: Option<PathBuf>,
+        /// Wire Postfix: postconf -e/-M/-P, postmap; merges with existing lists, idempotent, backs up main.cf and master.cf, runs postfix check and reloads a running Postfix
+        #[arg(long, conflicts_with = "revert")]
+        apply: bool,
+        /// Remove exactly what --apply added (recorded in dualroute.applied in the Postfix configuration directory)
+        #[arg(long)]
+        revert: bool,
+        /// With --apply or --revert: print the changes, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// The Postfix configuration directory to change, as `postconf -c`
+        #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]
+        postfix_config_dir: PathBuf,
+    },
+    /// Print the Sendmail sendmail.mc lines and mailertable entries this configuration needs
+    SendmailConfig {
+        /// Write sendmail.mc.dualroute and mailertable.dualroute into DIR instead of printing
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
+}
