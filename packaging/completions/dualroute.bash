@@ -40,6 +40,9 @@ _dualroute() {
             dualroute,run)
                 cmd="dualroute__subcmd__run"
                 ;;
+            dualroute,sendmail-config)
+                cmd="dualroute__subcmd__sendmail__subcmd__config"
+                ;;
             dualroute,status)
                 cmd="dualroute__subcmd__status"
                 ;;
@@ -70,6 +73,9 @@ _dualroute() {
             dualroute__subcmd__help,run)
                 cmd="dualroute__subcmd__help__subcmd__run"
                 ;;
+            dualroute__subcmd__help,sendmail-config)
+                cmd="dualroute__subcmd__help__subcmd__sendmail__subcmd__config"
+                ;;
             dualroute__subcmd__help,status)
                 cmd="dualroute__subcmd__help__subcmd__status"
                 ;;
@@ -83,7 +89,7 @@ _dualroute() {
 
     case "${cmd}" in
         dualroute)
-            opts="-c -h -V --config --help --version run check explain verify doctor status enable disable postfix-config help"
+            opts="-c -h -V --config --help --version run check explain verify doctor status enable disable postfix-config sendmail-config help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -231,7 +237,7 @@ _dualroute() {
             return 0
             ;;
         dualroute__subcmd__help)
-            opts="run check explain verify doctor status enable disable postfix-config help"
+            opts="run check explain verify doctor status enable disable postfix-config sendmail-config help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -356,6 +362,20 @@ _dualroute() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dualroute__subcmd__help__subcmd__sendmail__subcmd__config)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dualroute__subcmd__help__subcmd__status)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -425,6 +445,32 @@ _dualroute() {
                 return 0
             fi
             case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dualroute__subcmd__sendmail__subcmd__config)
+            opts="-c -h --write --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --write)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
