@@ -77,6 +77,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         domains: raw.domains,
         breaker: raw.breaker,
         dns: raw.dns,
+        connections: raw.connections,
     };
     validate(&config).map_err(|(path, message)| {
         let (line, column) = locate(text, &path).unzip();
