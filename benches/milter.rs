@@ -76,8 +76,10 @@ fn options() -> Options {
                     .collect()
             }
             "--bench" => {}
-            "serve-noop" => serve(&value(), false),
-            "serve-noop-all" => serve(&value(), true),
+            "serve-noop" => {
+                let mode = value();
+                serve(&value(), &mode)
+            }
             other => usage(other),
         }
     }
@@ -121,12 +123,23 @@ fn quietly(data: &Option<Noop>, stage: ProtoOpts) -> Status {
     }
 }
 
-/// `all`: every stage registered, nothing skipped, no actions (a naive
-/// milter). Otherwise dualroute's stages, negotiation and actions.
-fn serve(socket: &str, all: bool) -> ! {
+/// The no-op baselines, by `mode`:
+/// - `naive`: every stage registered, nothing skipped, no actions;
+/// - `skip`: dualroute's stages only (the MTA skips the others), no actions;
+/// - `quiet`: as `skip`, plus dualroute's no-reply options;
+/// - `alike`: as `quiet`, plus dualroute's end-of-message actions for one
+///   redirected recipient (the protocol arm's baseline).
+fn serve(socket: &str, mode: &str) -> ! {
+    let (skip, quiet, act) = match mode {
+        "naive" => (false, false, false),
+        "skip" => (true, false, false),
+        "quiet" => (true, true, false),
+        "alike" => (true, true, true),
+        other => usage(other),
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
-        let callbacks = if all {
+        let callbacks = if !skip {
             Callbacks::<Noop>::new()
                 .on_connect(|_, _, _| Box::pin(async { Status::Continue }))
                 .on_helo(|_, _| Box::pin(async { Status::Continue }))
@@ -140,16 +153,16 @@ fn serve(socket: &str, all: bool) -> ! {
                 .on_abort(|_| Box::pin(async { Status::Continue }))
         } else {
             Callbacks::<Noop>::new()
-                .on_negotiate(|cx, actions, opts| {
+                .on_negotiate(move |cx, actions, opts| {
                     Box::pin(async move {
                         let n = negotiation(actions, opts);
+                        let no_reply = ProtoOpts::NOREPLY_CONNECT
+                            | ProtoOpts::NOREPLY_MAIL
+                            | ProtoOpts::NOREPLY_HEADER;
                         cx.requested_actions = n.actions;
-                        cx.requested_opts = n.opts;
+                        cx.requested_opts = if quiet { n.opts } else { n.opts - no_reply };
                         cx.data = Some(Noop {
-                            no_reply: n.opts
-                                & (ProtoOpts::NOREPLY_CONNECT
-                                    | ProtoOpts::NOREPLY_MAIL
-                                    | ProtoOpts::NOREPLY_HEADER),
+                            no_reply: cx.requested_opts & no_reply,
                         });
                         Status::Continue
                     })
@@ -162,8 +175,11 @@ fn serve(socket: &str, all: bool) -> ! {
                 .on_header(|cx, _, _| {
                     Box::pin(async move { quietly(&cx.data, ProtoOpts::NOREPLY_HEADER) })
                 })
-                .on_eom(|cx| {
+                .on_eom(move |cx| {
                     Box::pin(async move {
+                        if !act {
+                            return Status::Continue;
+                        }
                         let a = &cx.actions;
                         let done = async {
                             a.delete_recipient("<zed@bench.test>").await?;
@@ -191,6 +207,9 @@ fn serve(socket: &str, all: bool) -> ! {
             Some(path) => {
                 let _ = std::fs::remove_file(path);
                 let l = tokio::net::UnixListener::bind(path)?;
+                // Postfix's smtpd runs as user postfix.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
                 indymilter::run(l, callbacks, config, shutdown).await
             }
             None => {
@@ -268,10 +287,9 @@ fn tcp_ready(port: u16) -> impl Fn() -> bool {
     move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
-fn noop(socket: &str, all: bool) -> Command {
+fn noop(socket: &str, mode: &str) -> Command {
     let mut c = Command::new(std::env::current_exe().expect("this benchmark's path"));
-    c.arg(if all { "serve-noop-all" } else { "serve-noop" })
-        .arg(socket);
+    c.args(["serve-noop", mode, socket]);
     c
 }
 
@@ -429,7 +447,7 @@ fn protocol_arm(o: &Options) {
         noop_sock.clone(),
         Server::start(
             "no-op indymilter",
-            noop(&format!("unix:{}", noop_sock.display()), false),
+            noop(&format!("unix:{}", noop_sock.display()), "alike"),
             unix_ready(&noop_sock),
         ),
     ));
@@ -494,6 +512,10 @@ fn postfix_arm(o: &Options) {
     use support::{free_port, Postfix, PostfixOptions};
     let tmp = tempfile::tempdir().expect("temporary directory");
     let dir = tmp.path();
+    // smtpd (user postfix) connects to the unix sockets in here.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the temporary directory");
     for tool in ["smtp-source", "postfix"] {
         assert!(
             Command::new("sh")
@@ -505,11 +527,11 @@ fn postfix_arm(o: &Options) {
         );
     }
 
-    // The milters: each over a unix socket and over TCP.
+    // The milters: dualroute and the no-op over a unix socket and over
+    // TCP; the no-op's protocol options one by one, over a unix socket.
     let dr_port = free_port();
     let noop_port = free_port();
     let dr_unix = dir.join("dualroute.sock");
-    let noop_unix = dir.join("noop.sock");
     let mut servers = Vec::new();
     let inet = write_config(dir, &format!("inet:127.0.0.1:{dr_port}"), 0, "inet.yaml");
     servers.push(Server::start("dualroute inet", dualroute(&inet), tcp_ready(dr_port)));
@@ -517,23 +539,31 @@ fn postfix_arm(o: &Options) {
     servers.push(Server::start("dualroute unix", dualroute(&unix), unix_ready(&dr_unix)));
     servers.push(Server::start(
         "no-op inet",
-        noop(&format!("inet:127.0.0.1:{noop_port}"), true),
+        noop(&format!("inet:127.0.0.1:{noop_port}"), "naive"),
         tcp_ready(noop_port),
     ));
-    servers.push(Server::start(
-        "no-op unix",
-        noop(&format!("unix:{}", noop_unix.display()), true),
-        unix_ready(&noop_unix),
-    ));
-
-    // One Postfix, one smtpd per arm, each with its own smtpd_milters.
-    let arms: Vec<(&str, String)> = vec![
-        ("no milter", String::new()),
-        ("no-op indymilter, all stages, unix", format!("unix:{}", noop_unix.display())),
-        ("no-op indymilter, all stages, inet", format!("inet:127.0.0.1:{noop_port}")),
-        ("dualroute unix", format!("unix:{}", dr_unix.display())),
-        ("dualroute inet", format!("inet:127.0.0.1:{dr_port}")),
+    let mut arms: Vec<(String, String)> = vec![
+        ("no milter".into(), String::new()),
+        (
+            "no-op indymilter naive, inet".into(),
+            format!("inet:127.0.0.1:{noop_port}"),
+        ),
     ];
+    for mode in ["naive", "skip", "quiet"] {
+        let path = dir.join(format!("noop-{mode}.sock"));
+        servers.push(Server::start(
+            &format!("no-op {mode}"),
+            noop(&format!("unix:{}", path.display()), mode),
+            unix_ready(&path),
+        ));
+        arms.push((
+            format!("no-op indymilter {mode}, unix"),
+            format!("unix:{}", path.display()),
+        ));
+    }
+    arms.push(("dualroute unix".into(), format!("unix:{}", dr_unix.display())));
+    arms.push(("dualroute inet".into(), format!("inet:127.0.0.1:{dr_port}")));
+
     let mut opts = PostfixOptions::default().domain("bench.test", &["alice@bench.test"]);
     let mut ports = Vec::new();
     for (_, milter) in &arms {
@@ -547,6 +577,9 @@ fn postfix_arm(o: &Options) {
         ports.push(port);
     }
     let pf = Postfix::start(opts);
+    println!(
+        "no-op modes: naive = every stage, nothing skipped; skip = dualroute's stages only; quiet = skip + no reply at connect, MAIL and header"
+    );
     println!(
         "Postfix arm: smtp-source -c -s 8 -m {} -l 2048, {} reps, interleaved; one recipient kept locally (Maildir)",
         o.messages, o.reps

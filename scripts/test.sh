@@ -7,3 +7,5 @@ cd "$(dirname "$0")/.."
 sh scripts/test-deps.sh
 cargo build --release --all-targets
 cargo test --release "$@"
+# The benchmarks must keep building and running: a smoke run, no timing.
+sh scripts/bench.sh --quick
