@@ -22,7 +22,7 @@
 //! cargo bench --bench milter -- [same options] [--libmilter PATH]
 //! ```
 
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -170,7 +170,9 @@ fn serve(socket: &str, mode: &str) -> ! {
                 .on_connect(|cx, _, _| {
                     Box::pin(async move { quietly(&cx.data, ProtoOpts::NOREPLY_CONNECT) })
                 })
-                .on_mail(|cx, _| Box::pin(async move { quietly(&cx.data, ProtoOpts::NOREPLY_MAIL) }))
+                .on_mail(|cx, _| {
+                    Box::pin(async move { quietly(&cx.data, ProtoOpts::NOREPLY_MAIL) })
+                })
                 .on_rcpt(|_, _| Box::pin(async { Status::Continue }))
                 .on_header(|cx, _, _| {
                     Box::pin(async move { quietly(&cx.data, ProtoOpts::NOREPLY_HEADER) })
@@ -257,8 +259,8 @@ impl Server {
 
     /// User + system CPU time of the process so far.
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the command name (which may hold spaces).
         let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
         let f: Vec<u64> = after
@@ -343,8 +345,8 @@ async fn conversation(path: &Path) -> Result<(), String> {
         "client.example.org",
         std::net::IpAddr::from([203, 0, 113, 9]),
     )
-        .await
-        .map_err(e("connect"))?;
+    .await
+    .map_err(e("connect"))?;
     if !skipped.contains(ProtoOpts::NO_HELO) {
         c.helo("client.example.org").await.map_err(e("helo"))?;
     }
@@ -376,7 +378,13 @@ struct Run {
 }
 
 /// `concurrency` clients in a closed loop for `secs`.
-fn load(runtime: &tokio::runtime::Runtime, server: &Server, path: &Path, concurrency: usize, secs: f64) -> Run {
+fn load(
+    runtime: &tokio::runtime::Runtime,
+    server: &Server,
+    path: &Path,
+    concurrency: usize,
+    secs: f64,
+) -> Run {
     let cpu_before = server.cpu();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(secs);
@@ -435,7 +443,11 @@ fn protocol_arm(o: &Options) {
     let started = Instant::now();
     let mut servers = vec![(
         sock("dualroute"),
-        Server::start("dualroute", dualroute(&config), unix_ready(&sock("dualroute"))),
+        Server::start(
+            "dualroute",
+            dualroute(&config),
+            unix_ready(&sock("dualroute")),
+        ),
     )];
     println!(
         "dualroute with {} accounts: socket ready after {:.2}s",
@@ -455,7 +467,10 @@ fn protocol_arm(o: &Options) {
         let s = sock("libmilter");
         let mut c = Command::new(lib);
         c.arg(format!("unix:{}", s.display()));
-        servers.push((s.clone(), Server::start("libmilter no-op", c, unix_ready(&s))));
+        servers.push((
+            s.clone(),
+            Server::start("libmilter no-op", c, unix_ready(&s)),
+        ));
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     println!(
@@ -519,7 +534,10 @@ fn postfix_arm(o: &Options) {
     for tool in ["smtp-source", "postfix"] {
         assert!(
             Command::new("sh")
-                .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+                .args([
+                    "-c",
+                    &format!("command -v {tool} || test -x /usr/sbin/{tool}")
+                ])
                 .stdout(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success()),
@@ -534,9 +552,17 @@ fn postfix_arm(o: &Options) {
     let dr_unix = dir.join("dualroute.sock");
     let mut servers = Vec::new();
     let inet = write_config(dir, &format!("inet:127.0.0.1:{dr_port}"), 0, "inet.yaml");
-    servers.push(Server::start("dualroute inet", dualroute(&inet), tcp_ready(dr_port)));
+    servers.push(Server::start(
+        "dualroute inet",
+        dualroute(&inet),
+        tcp_ready(dr_port),
+    ));
     let unix = write_config(dir, &format!("unix:{}", dr_unix.display()), 0, "unix.yaml");
-    servers.push(Server::start("dualroute unix", dualroute(&unix), unix_ready(&dr_unix)));
+    servers.push(Server::start(
+        "dualroute unix",
+        dualroute(&unix),
+        unix_ready(&dr_unix),
+    ));
     servers.push(Server::start(
         "no-op inet",
         noop(&format!("inet:127.0.0.1:{noop_port}"), "naive"),
@@ -561,7 +587,10 @@ fn postfix_arm(o: &Options) {
             format!("unix:{}", path.display()),
         ));
     }
-    arms.push(("dualroute unix".into(), format!("unix:{}", dr_unix.display())));
+    arms.push((
+        "dualroute unix".into(),
+        format!("unix:{}", dr_unix.display()),
+    ));
     arms.push(("dualroute inet".into(), format!("inet:127.0.0.1:{dr_port}")));
 
     let mut opts = PostfixOptions::default().domain("bench.test", &["alice@bench.test"]);

@@ -104,10 +104,7 @@ where
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let max = self.limits.max.get();
         if open >= max {
-            let mut last = self
-                .reported_full
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut last = self.reported_full.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 *last = Some(Instant::now());
                 warn!(
@@ -445,7 +442,10 @@ mod tests {
     #[test]
     fn garbage_is_named() {
         let mut f = Framing::default();
-        assert_eq!(f.feed(b"GET / HTTP/1.1\r\n"), Some(Problem::Oversized(0x47455420)));
+        assert_eq!(
+            f.feed(b"GET / HTTP/1.1\r\n"),
+            Some(Problem::Oversized(0x47455420))
+        );
         let mut f = Framing::default();
         assert_eq!(f.feed(&[0, 0, 0, 0, b'O']), Some(Problem::ZeroLength));
         let mut f = Framing::default();
@@ -453,9 +453,15 @@ mod tests {
         assert_eq!(f.feed(&packet(b'Z', b"")), Some(Problem::Unknown(b'Z')));
         let mut f = Framing::default();
         f.feed(&packet(b'O', &[0; 12]));
-        assert_eq!(f.feed(&packet(b'R', b"<c@d>\0")), Some(Problem::OutOfOrder(b'R')));
+        assert_eq!(
+            f.feed(&packet(b'R', b"<c@d>\0")),
+            Some(Problem::OutOfOrder(b'R'))
+        );
         let mut f = Framing::default();
-        assert_eq!(f.feed(&packet(b'M', b"<a@b>\0")), Some(Problem::OutOfOrder(b'M')));
+        assert_eq!(
+            f.feed(&packet(b'M', b"<a@b>\0")),
+            Some(Problem::OutOfOrder(b'M'))
+        );
     }
 
     #[test]

@@ -112,7 +112,8 @@ pub enum OfferProblem {
 
 /// The MTA setting that offers everything (Postfix `milter_protocol`
 /// defaults to 6 since 2.6; Sendmail offers it since 8.14).
-const FULL_PROTOCOL: &str = "set milter_protocol = 6 in Postfix's main.cf (Sendmail: use 8.14 or later)";
+const FULL_PROTOCOL: &str =
+    "set milter_protocol = 6 in Postfix's main.cf (Sendmail: use 8.14 or later)";
 
 /// Decides what to request from the actions and protocol options the MTA
 /// offers (milter protocol versions 2 to 6 offer different sets: Postfix at
@@ -127,7 +128,8 @@ pub fn negotiation(offered: Actions, offered_opts: ProtoOpts) -> Negotiation {
         degraded.push("no macro requests: {auth_authen} at MAIL and i at end of message come only if the MTA's default macro lists hold them (Postfix's do: milter_mail_macros, milter_end_of_data_macros)");
     }
     if !offered_opts.contains(QUIET_STAGES) {
-        degraded.push("no no-reply options: one more round trip per header line, MAIL and connection");
+        degraded
+            .push("no no-reply options: one more round trip per header line, MAIL and connection");
     }
     Negotiation {
         actions: (NEEDED_ACTIONS | Actions::ADD_RCPT_EXT | Actions::REQUEST_MACROS) & offered,

@@ -56,11 +56,7 @@ fn mta(version: u32, actions: Actions) -> indymilter_test::TestConnectionBuilder
 /// alice@split.test (kept).
 async fn routed_message(session: &mut Session) -> Delivery {
     session
-        .message(
-            None,
-            &[&["<zed@split.test>"], &["<alice@split.test>"]],
-            &[],
-        )
+        .message(None, &[&["<zed@split.test>"], &["<alice@split.test>"]], &[])
         .await
 }
 
@@ -115,7 +111,10 @@ async fn protocol_6_skips_unneeded_stages_and_replies() {
         ProtoOpts::NOREPLY_MAIL,
         ProtoOpts::NOREPLY_HEADER,
     ] {
-        assert!(opts.contains(skipped), "{skipped:?} not negotiated: {opts:?}");
+        assert!(
+            opts.contains(skipped),
+            "{skipped:?} not negotiated: {opts:?}"
+        );
     }
     assert!(
         !opts.contains(ProtoOpts::NOREPLY_RCPT),
@@ -158,9 +157,7 @@ async fn without_a_needed_action_routed_mail_is_tempfailed_and_other_mail_flows(
     let milter = Milter::start(CONFIG).await;
     let actions = postfix_actions() - Actions::DELETE_RCPT;
     let mut session = Session::open_as(mta(6, actions), milter.addr(), CLIENT).await;
-    let kept = session
-        .message(None, &[&["<alice@split.test>"]], &[])
-        .await;
+    let kept = session.message(None, &[&["<alice@split.test>"]], &[]).await;
     assert_eq!(kept.eom, Status::Continue);
     assert!(kept.actions.is_empty(), "{:?}", kept.actions);
     let routed = routed_message(&mut session).await;
@@ -282,12 +279,18 @@ fn stalled_silent_and_idle_connections_are_closed() {
     // Half a packet, then nothing: closed after command_timeout (1s).
     let half = &optneg()[..7];
     let (me, took) = send_until_closed(&milter, half, Duration::from_secs(20));
-    assert!(took < Duration::from_secs(10), "stalled packet held {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "stalled packet held {took:?}"
+    );
     wait_log(&milter, &["WARN", &me, "packet incomplete for 1s"]);
 
     // Connected, never negotiated: closed after command_timeout.
     let (me, took) = send_until_closed(&milter, b"", Duration::from_secs(20));
-    assert!(took < Duration::from_secs(10), "silent connection held {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "silent connection held {took:?}"
+    );
     wait_log(&milter, &["WARN", &me, "no option negotiation within 1s"]);
 
     // Negotiated, then idle: closed after idle_timeout (3s), not before
@@ -328,7 +331,11 @@ async fn an_old_protocol_is_reported_once() {
         conn.close().await.expect("close");
     }
     let line = wait_log(&milter, &["WARN", "older milter protocol"]);
-    for words in ["ORCPT and NOTIFY", "no no-reply options", "milter_protocol = 6"] {
+    for words in [
+        "ORCPT and NOTIFY",
+        "no no-reply options",
+        "milter_protocol = 6",
+    ] {
         assert!(line.contains(words), "{words:?} not in {line}");
     }
     let count = milter
@@ -359,7 +366,9 @@ fn through_postfix(version: u32) {
     std::fs::write(&config, yaml).expect("write milter.yaml");
     let generated = postfix_config(&config, &dir.join("postfix-config"));
     let opts = generated
-        .apply_to(PostfixOptions::default().domain_without_catchall("split.test", &["alice@split.test"]))
+        .apply_to(
+            PostfixOptions::default().domain_without_catchall("split.test", &["alice@split.test"]),
+        )
         .main_cf(&format!("milter_protocol = {version}"));
     let pf = Postfix::start(opts);
     assert_eq!(pf.postconf("milter_protocol"), version.to_string());
@@ -388,9 +397,19 @@ fn through_postfix(version: u32) {
         "ORCPT at protocol {version}"
     );
     pf.wait_deliveries(2);
-    assert_eq!(pf.maildir_messages("alice@split.test").len(), 1, "{}", diag());
+    assert_eq!(
+        pf.maildir_messages("alice@split.test").len(),
+        1,
+        "{}",
+        diag()
+    );
     let warned = milter.log().contains("older milter protocol");
-    assert_eq!(warned, version < 6, "WARN at protocol {version}:\n{}", milter.log());
+    assert_eq!(
+        warned,
+        version < 6,
+        "WARN at protocol {version}:\n{}",
+        milter.log()
+    );
 }
 
 #[test]

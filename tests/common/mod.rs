@@ -179,11 +179,7 @@ impl Session {
             .mail(["<sender@example.org>"])
             .await
             .expect("mail stage");
-        assert_eq!(
-            status,
-            self.continued(ProtoOpts::NOREPLY_MAIL),
-            "MAIL FROM"
-        );
+        assert_eq!(status, self.continued(ProtoOpts::NOREPLY_MAIL), "MAIL FROM");
     }
 
     /// RCPT TO with `args` (path first, then ESMTP parameters).
