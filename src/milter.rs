@@ -47,7 +47,9 @@ const SKIPPED_STAGES: ProtoOpts = ProtoOpts::NO_HELO
 
 /// Stages whose reply is always "continue", so the MTA need not wait for it
 /// (`SMFIP_NR_*`, protocol 6): one round trip less per header line, per
-/// MAIL and per connection. RCPT must be able to refuse, so it replies.
+/// MAIL and per connection. RCPT must be able to refuse, so it replies; a
+/// stage listed here can never refuse (its reply is not sent), so take it
+/// out before making its callback return anything but `Continue`.
 const QUIET_STAGES: ProtoOpts = ProtoOpts::NOREPLY_CONNECT
     .union(ProtoOpts::NOREPLY_MAIL)
     .union(ProtoOpts::NOREPLY_HEADER);

@@ -431,3 +431,32 @@ fn postfix_milter_protocol_4() {
 fn postfix_milter_protocol_6() {
     through_postfix(6);
 }
+
+// ---------------------------------------------------------------------
+// The `connections:` keys.
+// ---------------------------------------------------------------------
+
+#[test]
+fn connections_keys_have_postfix_like_defaults_and_are_checked() {
+    let parse = |head: &str| dualroute::config::parse(&format!("{head}{CONFIG}"), "milter.yaml");
+    let defaults = parse("").expect("the test configuration");
+    let c = &defaults.connections;
+    assert_eq!(c.max.get(), 1000);
+    assert_eq!(c.command_timeout.0, Duration::from_secs(30));
+    assert_eq!(c.idle_timeout.0, Duration::from_secs(3600));
+
+    let set = parse("connections: {max: 5, command_timeout: 10s, idle_timeout: 2m}\n")
+        .expect("connections set");
+    assert_eq!(set.connections.max.get(), 5);
+    assert_eq!(set.connections.command_timeout.0, Duration::from_secs(10));
+    assert_eq!(set.connections.idle_timeout.0, Duration::from_secs(120));
+
+    for bad in [
+        "connections: {max: 0}\n",
+        "connections: {idle_timeout: 0s}\n",
+        "connections: {idle: 1h}\n",
+    ] {
+        let e = parse(bad).expect_err(bad).to_string();
+        assert!(e.starts_with("milter.yaml:1:"), "{bad}: {e}");
+    }
+}
