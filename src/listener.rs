@@ -31,6 +31,9 @@ pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Who is on the other end, for the log.
     fn describe(&self) -> String;
 
+    /// Called once, when the connection is accepted.
+    fn on_accept(&self) {}
+
     /// Called after every read that returned data.
     fn after_read(&self) {}
 }
@@ -41,6 +44,17 @@ impl Peer for TcpStream {
             Ok(addr) => addr.to_string(),
             Err(_) => "an unknown TCP peer".into(),
         }
+    }
+
+    /// At end of message the milter writes its actions and its reply as
+    /// packets in a row, each flushed on its own; with Nagle's algorithm on
+    /// this side each waits for the MTA's delayed ACK of the one before
+    /// (measured, tests/tcp_stall.rs: 47 ms per routed message over TCP
+    /// against 0.27 ms over a unix socket). Nothing is gained by holding
+    /// them back: every packet is complete and the MTA is waiting for it.
+    fn on_accept(&self) {
+        // Failure only costs the stall; the connection still works.
+        let _ = self.set_nodelay(true);
     }
 
     /// Postfix 3.7's milter client writes the macro packet and the command
@@ -135,6 +149,7 @@ pub struct Guard<S> {
 
 impl<S: Peer> Guard<S> {
     fn new(stream: S, limits: &ConnectionsConfig, open: Arc<AtomicUsize>) -> Self {
+        stream.on_accept();
         let now = Instant::now();
         let command_timeout = limits.command_timeout.0;
         Guard {

@@ -48,6 +48,22 @@ async fn rcpt_round(conn: &mut TestConnection) -> Duration {
     started.elapsed()
 }
 
+/// A whole message to a routed recipient: end of message brings three
+/// actions and the final reply, four packets the milter writes in a row
+/// (on its side Nagle's algorithm would hold each behind the MTA's delayed
+/// ACK of the one before).
+async fn message_round(conn: &mut TestConnection) -> Duration {
+    let started = Instant::now();
+    let status = conn.mail(["<sender@example.org>"]).await.expect("MAIL");
+    assert!(matches!(status, Status::Continue | Status::Noreply));
+    let status = conn.rcpt(["<zed@split.test>"]).await.expect("RCPT");
+    assert_eq!(status, Status::Continue);
+    let (actions, status) = conn.eom().await.expect("end of message");
+    assert_eq!(status, Status::Continue);
+    assert_eq!(actions.actions.len(), 3, "{:?}", actions.actions);
+    started.elapsed()
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -55,6 +71,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_round_trips_cost_what_unix_ones_do() {
+    // RCPTs with their macro packets, then whole routed messages.
     let shared = dualroute::share(policy(include_str!("messages.yaml")));
 
     let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind TCP");
@@ -100,6 +117,26 @@ async fn tcp_round_trips_cost_what_unix_ones_do() {
     assert!(
         ratio < BOUND,
         "TCP round trips stall: median {t:?} over TCP against {u:?} over a unix socket ({ratio:.0}x)"
+    );
+
+    // The open transactions end; whole messages follow.
+    over_tcp.abort().await.expect("abort over TCP");
+    over_unix.abort().await.expect("abort over the unix socket");
+    let (mut tcp_rounds, mut unix_rounds) = (Vec::new(), Vec::new());
+    for i in 0..WARM_UP + ROUNDS {
+        let t = message_round(&mut over_tcp).await;
+        let u = message_round(&mut over_unix).await;
+        if i >= WARM_UP {
+            tcp_rounds.push(t);
+            unix_rounds.push(u);
+        }
+    }
+    let (t, u) = (median(tcp_rounds), median(unix_rounds));
+    let ratio = t.as_secs_f64() / u.as_secs_f64().max(1e-6);
+    eprintln!("median routed message: TCP {t:?}, unix {u:?}, ratio {ratio:.1}");
+    assert!(
+        ratio < BOUND,
+        "TCP end of message stalls: median {t:?} over TCP against {u:?} over a unix socket ({ratio:.0}x)"
     );
 
     over_tcp.close().await.expect("close TCP");
