@@ -306,7 +306,13 @@ fn dualroute(config: &Path) -> Command {
 
 /// milter.yaml for one split domain `bench.test` with `accounts` accounts
 /// (user0@ … and alice@, bob@), listening on `listen`.
-fn write_config(dir: &Path, listen: &str, accounts: usize, name: &str) -> PathBuf {
+fn write_config(
+    dir: &Path,
+    listen: &str,
+    accounts: usize,
+    name: &str,
+    destination: &str,
+) -> PathBuf {
     let file = dir.join("accounts");
     if !file.exists() {
         let mut text = String::with_capacity(accounts * 24);
@@ -318,7 +324,7 @@ fn write_config(dir: &Path, listen: &str, accounts: usize, name: &str) -> PathBu
     }
     let config = dir.join(name);
     let yaml = format!(
-        "listen: {listen}\ninstance: bench.test\nstate_dir: {}\ndomains:\n  bench.test:\n    mode: split\n    destination: {{ hosts: [\"[192.0.2.30]:2525\"] }}\n    accounts:\n      - file: {}\n",
+        "listen: {listen}\ninstance: bench.test\nstate_dir: {}\ndomains:\n  bench.test:\n    mode: split\n    destination: {{ hosts: [\"{destination}\"] }}\n    accounts:\n      - file: {}\n",
         dir.join("state").display(),
         file.display()
     );
@@ -439,6 +445,7 @@ fn protocol_arm(o: &Options) {
         &format!("unix:{}", sock("dualroute").display()),
         o.accounts,
         "milter.yaml",
+        "[192.0.2.30]:2525",
     );
     let started = Instant::now();
     let mut servers = vec![(
@@ -551,13 +558,28 @@ fn postfix_arm(o: &Options) {
     let noop_port = free_port();
     let dr_unix = dir.join("dualroute.sock");
     let mut servers = Vec::new();
-    let inet = write_config(dir, &format!("inet:127.0.0.1:{dr_port}"), 0, "inet.yaml");
+    // Routed mail goes to a sink standing in for the other server.
+    let sink = support::SmtpSink::start();
+    let to = sink.nexthop();
+    let inet = write_config(
+        dir,
+        &format!("inet:127.0.0.1:{dr_port}"),
+        0,
+        "inet.yaml",
+        &to,
+    );
     servers.push(Server::start(
         "dualroute inet",
         dualroute(&inet),
         tcp_ready(dr_port),
     ));
-    let unix = write_config(dir, &format!("unix:{}", dr_unix.display()), 0, "unix.yaml");
+    let unix = write_config(
+        dir,
+        &format!("unix:{}", dr_unix.display()),
+        0,
+        "unix.yaml",
+        &to,
+    );
     servers.push(Server::start(
         "dualroute unix",
         dualroute(&unix),
@@ -568,11 +590,14 @@ fn postfix_arm(o: &Options) {
         noop(&format!("inet:127.0.0.1:{noop_port}"), "naive"),
         tcp_ready(noop_port),
     ));
-    let mut arms: Vec<(String, String)> = vec![
-        ("no milter".into(), String::new()),
+    const KEPT: &str = "alice@bench.test";
+    const ROUTED: &str = "zed@bench.test";
+    let mut arms: Vec<(String, String, &str)> = vec![
+        ("no milter".into(), String::new(), KEPT),
         (
             "no-op indymilter naive, inet".into(),
             format!("inet:127.0.0.1:{noop_port}"),
+            KEPT,
         ),
     ];
     for mode in ["naive", "skip", "quiet"] {
@@ -585,23 +610,26 @@ fn postfix_arm(o: &Options) {
         arms.push((
             format!("no-op indymilter {mode}, unix"),
             format!("unix:{}", path.display()),
+            KEPT,
         ));
     }
-    arms.push((
-        "dualroute unix".into(),
-        format!("unix:{}", dr_unix.display()),
-    ));
-    arms.push(("dualroute inet".into(), format!("inet:127.0.0.1:{dr_port}")));
+    let dr_unix = format!("unix:{}", dr_unix.display());
+    let dr_inet = format!("inet:127.0.0.1:{dr_port}");
+    arms.push(("dualroute unix".into(), dr_unix.clone(), KEPT));
+    arms.push(("dualroute inet".into(), dr_inet.clone(), KEPT));
+    arms.push(("dualroute unix, routed".into(), dr_unix, ROUTED));
+    arms.push(("dualroute inet, routed".into(), dr_inet, ROUTED));
 
-    let mut opts = PostfixOptions::default().domain("bench.test", &["alice@bench.test"]);
+    // What `dualroute postfix-config` prints (transport to the sink,
+    // generic map, catch-all), as an admin applies it; each smtpd below
+    // sets its own smtpd_milters.
+    let generated = support::postfix_config(&unix, &dir.join("postfix-config"));
+    let mut opts = generated
+        .apply_to(PostfixOptions::default().domain_without_catchall("bench.test", &[KEPT]));
     let mut ports = Vec::new();
-    for (_, milter) in &arms {
+    for (_, milter, _) in &arms {
         let port = free_port();
-        let setting = if milter.is_empty() {
-            String::new()
-        } else {
-            format!(" -o smtpd_milters={milter} -o milter_default_action=tempfail")
-        };
+        let setting = format!(" -o smtpd_milters={milter} -o milter_default_action=tempfail");
         opts = opts.master_cf(&format!("127.0.0.1:{port} inet n - n - - smtpd{setting}"));
         ports.push(port);
     }
@@ -610,15 +638,15 @@ fn postfix_arm(o: &Options) {
         "no-op modes: naive = every stage, nothing skipped; skip = dualroute's stages only; quiet = skip + no reply at connect, MAIL and header"
     );
     println!(
-        "Postfix arm: smtp-source -c -s 8 -m {} -l 2048, {} reps, interleaved; one recipient kept locally (Maildir)",
+        "Postfix arm: smtp-source -c -s 8 -m {} -l 2048, {} reps, interleaved; one recipient: kept (Maildir) or routed (to an smtp-sink)",
         o.messages, o.reps
     );
-    let source = |port: u16, messages: usize| {
+    let source = |port: u16, rcpt: &str, messages: usize| {
         let started = Instant::now();
         let status = Command::new("smtp-source")
             .args(["-c", "-s", "8", "-l", "2048", "-m"])
             .arg(messages.to_string())
-            .args(["-f", "sender@outside.test", "-t", "alice@bench.test"])
+            .args(["-f", "sender@outside.test", "-t", rcpt])
             .arg(format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -631,24 +659,28 @@ fn postfix_arm(o: &Options) {
     };
     // Warm-up: every smtpd, milter and delivery agent started once.
     let warm_up = 20;
-    for port in &ports {
-        source(*port, warm_up);
+    for (port, (_, _, rcpt)) in ports.iter().zip(&arms) {
+        source(*port, rcpt, warm_up);
     }
     let mut rates: Vec<Vec<f64>> = arms.iter().map(|_| Vec::new()).collect();
     for _ in 0..o.reps {
-        for (i, port) in ports.iter().enumerate() {
-            rates[i].push(source(*port, o.messages));
+        for (i, (port, (_, _, rcpt))) in ports.iter().zip(&arms).enumerate() {
+            rates[i].push(source(*port, rcpt, o.messages));
         }
     }
-    let delivered = pf.maildir_messages("alice@bench.test").len();
-    let expected = (o.messages * o.reps + warm_up) * arms.len();
+    let per_arm = o.messages * o.reps + warm_up;
+    let routed_arms = arms.iter().filter(|a| a.2 == ROUTED).count();
+    let routed = sink.wait_messages(per_arm * routed_arms).len();
+    assert_eq!(routed, per_arm * routed_arms, "routed messages at the sink");
+    let delivered = pf.maildir_messages(KEPT).len();
+    let expected = per_arm * (arms.len() - routed_arms);
     assert_eq!(
         delivered, expected,
         "every message must arrive ({delivered} of {expected})"
     );
     let base = median_f(rates[0].clone());
     println!("{:<38} {:>10} {:>12}", "arm", "msg/s", "vs no milter");
-    for ((name, _), r) in arms.iter().zip(&rates) {
+    for ((name, _, _), r) in arms.iter().zip(&rates) {
         let m = median_f(r.clone());
         println!("{name:<38} {m:>10.0} {:>11.2}x", m / base);
     }
