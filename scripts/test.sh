@@ -18,3 +18,5 @@ mkdir -p target/debian-upgrade
 mv "$upgrade" target/debian-upgrade/
 packaging/build-deb.sh
 cargo test --release "$@"
+# The benchmarks must keep building and running: a smoke run, no timing.
+sh scripts/bench.sh --quick

@@ -17,6 +17,7 @@ pub mod dns;
 pub mod doctor;
 pub mod explain;
 pub mod holds;
+pub mod listener;
 pub mod milter;
 pub mod policy;
 pub mod postfix;
@@ -301,17 +302,21 @@ pub async fn verify_loop(shared: SharedPolicy) {
     }
 }
 
-/// Serves the milter on `listener` until `shutdown` completes.
-pub async fn run(
-    listener: impl indymilter::Listener,
-    policy: SharedPolicy,
-    shutdown: impl Future,
-) -> io::Result<()> {
-    // libmilter's idle timeout (7210 s) is kept: Postfix and Sendmail hold
-    // the milter connection for the whole SMTP session, idle or not.
+/// Serves the milter on `listener` until `shutdown` completes, with the
+/// connection limit and timeouts of the configuration's `connections:`.
+pub async fn run<L>(listener: L, policy: SharedPolicy, shutdown: impl Future) -> io::Result<()>
+where
+    L: indymilter::Listener,
+    L::Io: listener::Peer,
+{
+    let limits = current(&policy).config.connections.clone();
+    // indymilter's own timeout covers a whole read, idle time included, and
+    // writes: it only backs up the guard's finer ones (listener.rs).
     let config = indymilter::Config {
-        max_connections: 1000,
+        max_connections: limits.max.get(),
+        connection_timeout: limits.idle_timeout.0 + limits.command_timeout.0,
         ..Default::default()
     };
+    let listener = listener::Guarded::new(listener, limits);
     indymilter::run(listener, milter::callbacks(policy), config, shutdown).await
 }

@@ -7,34 +7,82 @@ use crate::policy::SharedPolicy;
 use crate::session::{Message, Session, LOOP_HEADER};
 use indymilter::{
     Actions, Callbacks, Context, ContextActions, EomContext, MacroStage, NegotiateContext,
-    SetErrorReply, SocketInfo, Status,
+    ProtoOpts, SetErrorReply, SocketInfo, Status,
 };
 use std::ffi::{CStr, CString};
 use tracing::{debug, error, info, warn};
 
 pub fn callbacks(policy: SharedPolicy) -> Callbacks<Session> {
     Callbacks::new()
-        .on_negotiate(|cx, offered, _| Box::pin(negotiate(cx, offered)))
+        .on_negotiate(|cx, offered, opts| Box::pin(negotiate(cx, offered, opts)))
         .on_connect(|cx, _, socket| Box::pin(connect(cx, socket)))
         .on_mail(move |cx, args| Box::pin(mail(policy.clone(), cx, args)))
         .on_rcpt(|cx, args| Box::pin(rcpt(cx, args)))
-        .on_header(|cx, name, value| Box::pin(header(cx, name, value)))
+        .on_header(|cx, name, value| {
+            Box::pin(async move {
+                let status = header(cx, name, value).await;
+                quiet(cx, ProtoOpts::NOREPLY_HEADER, status)
+            })
+        })
         .on_eom(|cx| Box::pin(eom(cx)))
         .on_abort(|cx| Box::pin(abort(cx)))
 }
 
-async fn negotiate(cx: &mut NegotiateContext<Session>, offered: Actions) -> Status {
-    let needed = Actions::ADD_RCPT | Actions::DELETE_RCPT | Actions::ADD_HEADER;
-    if !offered.contains(needed) {
-        // Requesting them anyway fails the negotiation, and the MTA applies
-        // its default action (tempfail): nothing is delivered unrouted.
-        error!("the MTA does not allow adding/deleting recipients and adding headers ({offered:?}); dualroute cannot work with it");
+/// Actions dualroute cannot route without: copies and redirects are added
+/// recipients, a redirect deletes the original, and routed mail carries the
+/// loop header.
+const NEEDED_ACTIONS: Actions = Actions::ADD_RCPT
+    .union(Actions::DELETE_RCPT)
+    .union(Actions::ADD_HEADER);
+
+/// Stages dualroute never looks at; the MTA need not send them
+/// (`SMFIP_NO*`). HELO, DATA, end of headers, the body and unknown SMTP
+/// commands play no part in the decision (DESIGN.md §2); connect (client
+/// address), MAIL, RCPT, the headers (loop header) and end of message do.
+const SKIPPED_STAGES: ProtoOpts = ProtoOpts::NO_HELO
+    .union(ProtoOpts::NO_DATA)
+    .union(ProtoOpts::NO_EOH)
+    .union(ProtoOpts::NO_BODY)
+    .union(ProtoOpts::NO_UNKNOWN);
+
+/// Stages whose reply is always "continue", so the MTA need not wait for it
+/// (`SMFIP_NR_*`, protocol 6): one round trip less per header line, per
+/// MAIL and per connection. RCPT must be able to refuse, so it replies; a
+/// stage listed here can never refuse (its reply is not sent), so take it
+/// out before making its callback return anything but `Continue`.
+const QUIET_STAGES: ProtoOpts = ProtoOpts::NOREPLY_CONNECT
+    .union(ProtoOpts::NOREPLY_MAIL)
+    .union(ProtoOpts::NOREPLY_HEADER);
+
+async fn negotiate(
+    cx: &mut NegotiateContext<Session>,
+    offered: Actions,
+    offered_opts: ProtoOpts,
+) -> Status {
+    let offer = negotiation(offered, offered_opts);
+    // Every connection of an MTA offers the same: say it once, not per
+    // SMTP session.
+    if let Some(problem) = offer.problem() {
+        static REPORTED: std::sync::Mutex<Vec<(Actions, ProtoOpts)>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut reported = REPORTED.lock().unwrap_or_else(|e| e.into_inner());
+        if !reported.contains(&(offered, offered_opts)) {
+            reported.push((offered, offered_opts));
+            match problem {
+                OfferProblem::Missing(text) => error!("{text}"),
+                OfferProblem::Degraded(text) => warn!("{text}"),
+            }
+        }
     }
-    // Recipients with ESMTP parameters (ORCPT, NOTIFY) when the MTA can;
-    // otherwise plain (see eom).
-    cx.requested_actions |= needed | (offered & Actions::ADD_RCPT_EXT);
+    // Only what the MTA offers: asking for more makes indymilter drop the
+    // connection, and the MTA then applies its default action to every
+    // message of the session (Postfix: 451 4.7.1 at CONNECT, HELO and MAIL).
+    cx.requested_actions = offer.actions;
+    cx.requested_opts = offer.opts;
     // `{auth_authen}` decides `require_gateway`; the queue id `i` is only
-    // known at end of message on Postfix (DESIGN.md §8).
+    // known at end of message on Postfix (DESIGN.md §8). An MTA that does
+    // not take macro requests sends its default lists, which on Postfix
+    // hold both.
     cx.requested_macros
         .insert(MacroStage::Mail, c"{auth_authen}".into());
     cx.requested_macros.insert(MacroStage::Eom, c"i".into());
@@ -42,8 +90,77 @@ async fn negotiate(cx: &mut NegotiateContext<Session>, offered: Actions) -> Stat
     // it will deliver to; the decision is checked against it (src/decision.rs).
     cx.requested_macros
         .insert(MacroStage::Rcpt, c"{rcpt_addr}".into());
-    cx.data = Some(Session::default());
+    cx.data = Some(Session {
+        no_reply: offer.opts & QUIET_STAGES,
+        ..Session::default()
+    });
     Status::Continue
+}
+
+/// What dualroute asks of an MTA's offer, and what the offer lacks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Negotiation {
+    pub actions: Actions,
+    pub opts: ProtoOpts,
+    /// Needed actions the MTA does not offer.
+    pub missing: Actions,
+    /// What works, but less well, with this offer.
+    pub degraded: Vec<&'static str>,
+}
+
+/// How the offer falls short, as the one log line an admin reads.
+pub enum OfferProblem {
+    /// Routed mail cannot be delivered: ERROR.
+    Missing(String),
+    /// Everything is routed, with a loss: WARN.
+    Degraded(String),
+}
+
+/// The MTA setting that offers everything (Postfix `milter_protocol`
+/// defaults to 6 since 2.6; Sendmail offers it since 8.14).
+const FULL_PROTOCOL: &str =
+    "set milter_protocol = 6 in Postfix's main.cf (Sendmail: use 8.14 or later)";
+
+/// Decides what to request from the actions and protocol options the MTA
+/// offers (milter protocol versions 2 to 6 offer different sets: Postfix at
+/// `milter_protocol = 2` offers no `NO_UNKNOWN`, `NO_DATA` or no-reply
+/// options; at 3 no `NO_DATA` or no-reply options; at 4 no no-reply options).
+pub fn negotiation(offered: Actions, offered_opts: ProtoOpts) -> Negotiation {
+    let mut degraded = Vec::new();
+    if !offered.contains(Actions::ADD_RCPT_EXT) {
+        degraded.push("no add-recipient with ESMTP parameters: copies and redirects lose ORCPT and NOTIFY (the destination sees the relay address, and NOTIFY=NEVER on copies is lost)");
+    }
+    if !offered.contains(Actions::REQUEST_MACROS) {
+        degraded.push("no macro requests: {auth_authen} at MAIL and i at end of message come only if the MTA's default macro lists hold them (Postfix's do: milter_mail_macros, milter_end_of_data_macros)");
+    }
+    if !offered_opts.contains(QUIET_STAGES) {
+        degraded
+            .push("no no-reply options: one more round trip per header line, MAIL and connection");
+    }
+    Negotiation {
+        actions: (NEEDED_ACTIONS | Actions::ADD_RCPT_EXT | Actions::REQUEST_MACROS) & offered,
+        opts: (SKIPPED_STAGES | QUIET_STAGES) & offered_opts,
+        missing: NEEDED_ACTIONS - offered,
+        degraded,
+    }
+}
+
+impl Negotiation {
+    pub fn problem(&self) -> Option<OfferProblem> {
+        if !self.missing.is_empty() {
+            return Some(OfferProblem::Missing(format!(
+                "the MTA does not allow {:?} (it offers {:?}): routed messages will be tempfailed at end of message, mail that needs no change is delivered; {FULL_PROTOCOL}",
+                self.missing, self.actions
+            )));
+        }
+        if self.degraded.is_empty() {
+            return None;
+        }
+        Some(OfferProblem::Degraded(format!(
+            "the MTA offers an older milter protocol; dualroute works with: {}; {FULL_PROTOCOL}",
+            self.degraded.join("; ")
+        )))
+    }
 }
 
 /// `{client_addr}` is not in Postfix's default macro lists; the connect
@@ -54,7 +171,18 @@ async fn connect(cx: &mut Context<Session>, socket: SocketInfo) -> Status {
         SocketInfo::Inet(addr) => Some(addr.ip()),
         _ => None,
     };
-    Status::Continue
+    quiet(cx, ProtoOpts::NOREPLY_CONNECT, Status::Continue)
+}
+
+/// `Continue` becomes no reply at all where the MTA agreed not to wait
+/// for one (a reply it does not expect would desynchronise the protocol).
+fn quiet(cx: &Context<Session>, stage: ProtoOpts, status: Status) -> Status {
+    let no_reply = cx.data.as_ref().is_some_and(|s| s.no_reply.contains(stage));
+    if no_reply && status == Status::Continue {
+        Status::Noreply
+    } else {
+        status
+    }
 }
 
 fn text(s: &CStr) -> String {
@@ -75,7 +203,7 @@ async fn mail(policy: SharedPolicy, cx: &mut Context<Session>, args: Vec<CString
     };
     let sender = args.first().map(|s| text(s)).unwrap_or_default();
     session.message = Some(Message::new(snapshot, envelope, sender));
-    Status::Continue
+    quiet(cx, ProtoOpts::NOREPLY_MAIL, Status::Continue)
 }
 
 async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>) -> Status {

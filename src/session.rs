@@ -17,6 +17,9 @@ pub const LOOP_HEADER: &str = "X-Dualroute";
 pub struct Session {
     pub client: Option<IpAddr>,
     pub message: Option<Message>,
+    /// The stages the MTA agreed not to wait for a reply to (negotiated in
+    /// `milter.rs`).
+    pub no_reply: indymilter::ProtoOpts,
 }
 
 /// One accepted recipient and what was decided for it.

@@ -31,7 +31,16 @@ async fn conversation(
     addr: std::net::SocketAddr,
     hold: Option<Arc<AtomicBool>>,
 ) -> Result<(Seen, Instant, Instant), String> {
-    let mut conn = TestConnection::open(addr)
+    // As an MTA that offers no no-reply options: then MAIL's reply marks
+    // the moment the milter took its policy snapshot (with NR_MAIL the MTA
+    // does not wait for MAIL to be processed).
+    let mut conn = TestConnection::configure()
+        .available_opts(
+            indymilter_test::ProtoOpts::all()
+                - indymilter_test::ProtoOpts::NOREPLY_CONNECT
+                - indymilter_test::ProtoOpts::NOREPLY_MAIL,
+        )
+        .open_tcp(addr)
         .await
         .map_err(|e| format!("open: {e}"))?;
     conn.connect("client.test", [203, 0, 113, 7])

@@ -217,6 +217,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         dns: raw.dns,
         accounts_shrink_limit: raw.accounts_shrink_limit,
         mta: raw.mta,
+        connections: raw.connections,
     };
     validate(&config).map_err(locate_err)?;
     Ok(config)

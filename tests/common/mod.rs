@@ -6,7 +6,9 @@
 #![allow(dead_code)]
 
 use dualroute::policy::Policy;
-use indymilter_test::{EomAction, MacroStage, ProtoOpts, Status, TestConnection};
+use indymilter_test::{
+    EomAction, MacroStage, ProtoOpts, Status, TestConnection, TestConnectionBuilder,
+};
 use std::{
     collections::BTreeSet,
     ffi::CString,
@@ -115,20 +117,28 @@ impl Delivery {
 
 /// One SMTP session as the MTA reports it to the milter.
 pub struct Session {
-    conn: TestConnection,
+    pub conn: TestConnection,
 }
 
 impl Session {
     pub async fn open(addr: SocketAddr, client: IpAddr) -> Session {
-        let mut conn = TestConnection::open(addr)
-            .await
-            .expect("milter negotiation");
+        Session::open_as(TestConnection::configure(), addr, client).await
+    }
+
+    /// Opens a session as an MTA that offers what `mta` is configured with
+    /// (protocol version, actions, options).
+    pub async fn open_as(mta: TestConnectionBuilder, addr: SocketAddr, client: IpAddr) -> Session {
+        let mut conn = mta.open_tcp(addr).await.expect("milter negotiation");
         let status = conn
             .connect("client.example.org", client)
             .await
             .expect("connect stage");
-        assert_eq!(status, Status::Continue, "connect from {client}");
         let mut session = Session { conn };
+        assert_eq!(
+            status,
+            session.continued(ProtoOpts::NOREPLY_CONNECT),
+            "connect from {client}"
+        );
         if !session.skipped(ProtoOpts::NO_HELO) {
             let status = session
                 .conn
@@ -145,6 +155,17 @@ impl Session {
         self.conn.negotiated_opts().contains(stage)
     }
 
+    /// The reply to a stage that always continues: none at all where the
+    /// milter negotiated not to reply to it (`no_reply`, e.g.
+    /// `ProtoOpts::NOREPLY_HEADER`).
+    pub fn continued(&self, no_reply: ProtoOpts) -> Status {
+        if self.conn.negotiated_opts().contains(no_reply) {
+            Status::Noreply
+        } else {
+            Status::Continue
+        }
+    }
+
     /// MAIL FROM, with `{auth_authen}` when the client authenticated.
     pub async fn mail(&mut self, auth: Option<&str>) {
         if let Some(user) = auth {
@@ -158,7 +179,7 @@ impl Session {
             .mail(["<sender@example.org>"])
             .await
             .expect("mail stage");
-        assert_eq!(status, Status::Continue, "MAIL FROM");
+        assert_eq!(status, self.continued(ProtoOpts::NOREPLY_MAIL), "MAIL FROM");
     }
 
     /// RCPT TO with `args` (path first, then ESMTP parameters).
@@ -200,7 +221,11 @@ impl Session {
         if !self.skipped(ProtoOpts::NO_HEADER) {
             for (name, value) in all {
                 let status = self.conn.header(name, value).await.expect("header stage");
-                assert_eq!(status, Status::Continue, "header {name}");
+                assert_eq!(
+                    status,
+                    self.continued(ProtoOpts::NOREPLY_HEADER),
+                    "header {name}"
+                );
             }
         }
         if !self.skipped(ProtoOpts::NO_EOH) {

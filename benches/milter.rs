@@ -1,0 +1,688 @@
+//! The milter's cost beside baselines, measured in one run, interleaved,
+//! medians of repetitions (BENCHMARKS.md has the figures).
+//!
+//! Protocol arm (default): a closed-loop client built on indymilter-test
+//! drives, over unix sockets, `dualroute run` (one split domain with
+//! `--accounts` accounts), an in-tree no-op indymilter that negotiates and
+//! replies exactly as dualroute does and sends the same end-of-message
+//! actions, and (with `--libmilter PATH`) the libmilter no-op of
+//! benches/noop-libmilter.c. One conversation: negotiate, connect, HELO,
+//! MAIL, three RCPT (two accounts, one unknown: redirected), DATA, one
+//! header, end of headers, end of message with delete + add with ESMTP
+//! parameters + add header. Prints conversations/s, p50/p99 latency, the
+//! milter process's CPU per conversation, and ratios to the no-op.
+//!
+//! Postfix arm (`--postfix`): `smtp-source` into a private Postfix
+//! (tests/support/) with no milter, a no-op indymilter registering every
+//! stage (a naive milter), and dualroute, each over a unix socket and over
+//! TCP; messages/s and ratios to no milter.
+//!
+//! ```text
+//! scripts/bench.sh [--quick] [--postfix] [--reps N] [--secs S] [--concurrency 1,8,64] [--accounts N]
+//! cargo bench --bench milter -- [same options] [--libmilter PATH]
+//! ```
+
+#[allow(unused_imports)]
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use dualroute::milter::negotiation;
+use indymilter::{Callbacks, ContextActions, ProtoOpts, Status};
+use indymilter_test::TestConnection;
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+struct Options {
+    quick: bool,
+    postfix: bool,
+    reps: usize,
+    secs: f64,
+    concurrency: Vec<usize>,
+    accounts: usize,
+    libmilter: Option<PathBuf>,
+    messages: usize,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        quick: false,
+        postfix: false,
+        reps: 5,
+        secs: 3.0,
+        concurrency: vec![1, 8, 64],
+        accounts: 1_000_000,
+        libmilter: None,
+        messages: 2000,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| usage(&a));
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--postfix" => o.postfix = true,
+            "--reps" => o.reps = value().parse().unwrap_or_else(|_| usage("--reps")),
+            "--secs" => o.secs = value().parse().unwrap_or_else(|_| usage("--secs")),
+            "--accounts" => o.accounts = value().parse().unwrap_or_else(|_| usage("--accounts")),
+            "--messages" => o.messages = value().parse().unwrap_or_else(|_| usage("--messages")),
+            "--libmilter" => o.libmilter = Some(value().into()),
+            "--concurrency" => {
+                o.concurrency = value()
+                    .split(',')
+                    .map(|c| c.parse().unwrap_or_else(|_| usage("--concurrency")))
+                    .collect()
+            }
+            "--bench" => {}
+            "serve-noop" => {
+                let mode = value();
+                serve(&value(), &mode)
+            }
+            other => usage(other),
+        }
+    }
+    if o.quick {
+        o.reps = 1;
+        o.secs = 0.5;
+        o.concurrency = vec![1, 4];
+        o.accounts = 1000;
+        o.messages = 50;
+    }
+    o
+}
+
+fn usage(bad: &str) -> ! {
+    eprintln!("bad argument {bad:?}; see the top of benches/milter.rs");
+    std::process::exit(2)
+}
+
+fn main() {
+    let o = options();
+    if o.postfix {
+        postfix_arm(&o);
+    } else {
+        protocol_arm(&o);
+    }
+}
+
+// ---------------------------------------------------------------------
+// The no-op indymilter baselines (this binary, re-executed).
+// ---------------------------------------------------------------------
+
+#[derive(Default)]
+struct Noop {
+    no_reply: ProtoOpts,
+}
+
+fn quietly(data: &Option<Noop>, stage: ProtoOpts) -> Status {
+    match data {
+        Some(n) if n.no_reply.contains(stage) => Status::Noreply,
+        _ => Status::Continue,
+    }
+}
+
+/// The no-op baselines, by `mode`:
+/// - `naive`: every stage registered, nothing skipped, no actions;
+/// - `skip`: dualroute's stages only (the MTA skips the others), no actions;
+/// - `quiet`: as `skip`, plus dualroute's no-reply options;
+/// - `alike`: as `quiet`, plus dualroute's end-of-message actions for one
+///   redirected recipient (the protocol arm's baseline).
+fn serve(socket: &str, mode: &str) -> ! {
+    let (skip, quiet, act) = match mode {
+        "naive" => (false, false, false),
+        "skip" => (true, false, false),
+        "quiet" => (true, true, false),
+        "alike" => (true, true, true),
+        other => usage(other),
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        let callbacks = if !skip {
+            Callbacks::<Noop>::new()
+                .on_connect(|_, _, _| Box::pin(async { Status::Continue }))
+                .on_helo(|_, _| Box::pin(async { Status::Continue }))
+                .on_mail(|_, _| Box::pin(async { Status::Continue }))
+                .on_rcpt(|_, _| Box::pin(async { Status::Continue }))
+                .on_data(|_| Box::pin(async { Status::Continue }))
+                .on_header(|_, _, _| Box::pin(async { Status::Continue }))
+                .on_eoh(|_| Box::pin(async { Status::Continue }))
+                .on_body(|_, _| Box::pin(async { Status::Continue }))
+                .on_eom(|_| Box::pin(async { Status::Continue }))
+                .on_abort(|_| Box::pin(async { Status::Continue }))
+        } else {
+            Callbacks::<Noop>::new()
+                .on_negotiate(move |cx, actions, opts| {
+                    Box::pin(async move {
+                        let n = negotiation(actions, opts);
+                        let no_reply = ProtoOpts::NOREPLY_CONNECT
+                            | ProtoOpts::NOREPLY_MAIL
+                            | ProtoOpts::NOREPLY_HEADER;
+                        cx.requested_actions = n.actions;
+                        cx.requested_opts = if quiet { n.opts } else { n.opts - no_reply };
+                        cx.data = Some(Noop {
+                            no_reply: cx.requested_opts & no_reply,
+                        });
+                        Status::Continue
+                    })
+                })
+                .on_connect(|cx, _, _| {
+                    Box::pin(async move { quietly(&cx.data, ProtoOpts::NOREPLY_CONNECT) })
+                })
+                .on_mail(|cx, _| {
+                    Box::pin(async move { quietly(&cx.data, ProtoOpts::NOREPLY_MAIL) })
+                })
+                .on_rcpt(|_, _| Box::pin(async { Status::Continue }))
+                .on_header(|cx, _, _| {
+                    Box::pin(async move { quietly(&cx.data, ProtoOpts::NOREPLY_HEADER) })
+                })
+                .on_eom(move |cx| {
+                    Box::pin(async move {
+                        if !act {
+                            return Status::Continue;
+                        }
+                        let a = &cx.actions;
+                        let done = async {
+                            a.delete_recipient("<zed@bench.test>").await?;
+                            a.add_recipient_ext(
+                                "<zed@bench.test.dualroute.invalid>",
+                                Some("ORCPT=rfc822;zed@bench.test"),
+                            )
+                            .await?;
+                            a.add_header("X-Dualroute", "bench.test").await
+                        };
+                        match done.await {
+                            Ok(()) => Status::Continue,
+                            Err(_) => Status::Tempfail,
+                        }
+                    })
+                })
+                .on_abort(|_| Box::pin(async { Status::Continue }))
+        };
+        let config = indymilter::Config {
+            max_connections: 1000,
+            ..Default::default()
+        };
+        let shutdown = std::future::pending::<()>();
+        match socket.strip_prefix("unix:") {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = tokio::net::UnixListener::bind(path)?;
+                // Postfix's smtpd runs as user postfix.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+                indymilter::run(l, callbacks, config, shutdown).await
+            }
+            None => {
+                let addr = socket.strip_prefix("inet:").unwrap_or(socket);
+                let l = tokio::net::TcpListener::bind(addr).await?;
+                indymilter::run(l, callbacks, config, shutdown).await
+            }
+        }
+    });
+    eprintln!("no-op milter on {socket}: {result:?}");
+    std::process::exit(1)
+}
+
+// ---------------------------------------------------------------------
+// Milter processes.
+// ---------------------------------------------------------------------
+
+/// A milter child process; killed on drop.
+struct Server {
+    name: String,
+    child: Child,
+}
+
+impl Server {
+    fn start(name: &str, mut command: Command, ready: impl Fn() -> bool) -> Server {
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let mut server = Server {
+            name: name.into(),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !ready() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("{name} exited ({status}) before it was ready");
+            }
+            assert!(Instant::now() < deadline, "{name} not ready after 120s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// User + system CPU time of the process so far.
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces).
+        let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // utime and stime are fields 14 and 15 of stat(5), in USER_HZ
+        // (100 per second on Linux).
+        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        Duration::from_millis(ticks * 10)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unix_ready(path: &Path) -> impl Fn() -> bool + '_ {
+    move || std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+fn tcp_ready(port: u16) -> impl Fn() -> bool {
+    move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+fn noop(socket: &str, mode: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("this benchmark's path"));
+    c.args(["serve-noop", mode, socket]);
+    c
+}
+
+fn dualroute(config: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dualroute"));
+    c.args(["run", "--config"])
+        .arg(config)
+        .env("DUALROUTE_LOG", "warn")
+        .stderr(Stdio::null());
+    c
+}
+
+/// milter.yaml for one split domain `bench.test` with `accounts` accounts
+/// (user0@ … and alice@, bob@), listening on `listen`.
+fn write_config(
+    dir: &Path,
+    listen: &str,
+    accounts: usize,
+    name: &str,
+    destination: &str,
+) -> PathBuf {
+    let file = dir.join("accounts");
+    if !file.exists() {
+        let mut text = String::with_capacity(accounts * 24);
+        text.push_str("alice@bench.test\nbob@bench.test\n");
+        for i in 0..accounts {
+            text.push_str(&format!("user{i}@bench.test\n"));
+        }
+        std::fs::write(&file, text).expect("write the accounts");
+    }
+    let config = dir.join(name);
+    let yaml = format!(
+        "listen: {listen}\ninstance: bench.test\nstate_dir: {}\ndomains:\n  bench.test:\n    mode: split\n    destination: {{ hosts: [\"{destination}\"] }}\n    accounts:\n      - file: {}\n",
+        dir.join("state").display(),
+        file.display()
+    );
+    std::fs::write(&config, yaml).expect("write milter.yaml");
+    config
+}
+
+// ---------------------------------------------------------------------
+// Protocol arm.
+// ---------------------------------------------------------------------
+
+/// One conversation as an MTA has it.
+async fn conversation(path: &Path) -> Result<(), String> {
+    let e = |what: &str| {
+        let what = what.to_owned();
+        move |err: indymilter_test::TestError| format!("{what}: {err}")
+    };
+    let mut c = TestConnection::configure()
+        .open_unix(path)
+        .await
+        .map_err(e("negotiate"))?;
+    let skipped = c.negotiated_opts();
+    c.connect(
+        "client.example.org",
+        std::net::IpAddr::from([203, 0, 113, 9]),
+    )
+    .await
+    .map_err(e("connect"))?;
+    if !skipped.contains(ProtoOpts::NO_HELO) {
+        c.helo("client.example.org").await.map_err(e("helo"))?;
+    }
+    c.mail(["<sender@example.org>"]).await.map_err(e("mail"))?;
+    for rcpt in ["<alice@bench.test>", "<bob@bench.test>", "<zed@bench.test>"] {
+        c.rcpt([rcpt]).await.map_err(e("rcpt"))?;
+    }
+    if !skipped.contains(ProtoOpts::NO_DATA) {
+        c.data().await.map_err(e("data"))?;
+    }
+    if !skipped.contains(ProtoOpts::NO_HEADER) {
+        c.header("Subject", "bench").await.map_err(e("header"))?;
+    }
+    if !skipped.contains(ProtoOpts::NO_EOH) {
+        c.eoh().await.map_err(e("eoh"))?;
+    }
+    let (actions, status) = c.eom().await.map_err(e("eom"))?;
+    if status != indymilter_test::Status::Continue || actions.actions.len() != 3 {
+        return Err(format!("end of message: {status:?} {:?}", actions.actions));
+    }
+    c.close().await.map_err(e("close"))
+}
+
+struct Run {
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_us: f64,
+}
+
+/// `concurrency` clients in a closed loop for `secs`.
+fn load(
+    runtime: &tokio::runtime::Runtime,
+    server: &Server,
+    path: &Path,
+    concurrency: usize,
+    secs: f64,
+) -> Run {
+    let cpu_before = server.cpu();
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(secs);
+    let path = Arc::new(path.to_owned());
+    let mut latencies: Vec<Duration> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let path = path.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while Instant::now() < until {
+                        let t = Instant::now();
+                        if let Err(e) = conversation(&path).await {
+                            panic!("conversation failed: {e}");
+                        }
+                        seen.push(t.elapsed());
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("client task"));
+        }
+        all
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = server.cpu().saturating_sub(cpu_before);
+    latencies.sort();
+    let n = latencies.len();
+    assert!(n > 0, "no conversation completed in {secs}s");
+    Run {
+        per_sec: n as f64 / elapsed,
+        p50: latencies[n / 2],
+        p99: latencies[(n * 99 / 100).min(n - 1)],
+        cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+    }
+}
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn protocol_arm(o: &Options) {
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let dir = tmp.path();
+    let sock = |name: &str| dir.join(format!("{name}.sock"));
+    let config = write_config(
+        dir,
+        &format!("unix:{}", sock("dualroute").display()),
+        o.accounts,
+        "milter.yaml",
+        "[192.0.2.30]:2525",
+    );
+    let started = Instant::now();
+    let mut servers = vec![(
+        sock("dualroute"),
+        Server::start(
+            "dualroute",
+            dualroute(&config),
+            unix_ready(&sock("dualroute")),
+        ),
+    )];
+    println!(
+        "dualroute with {} accounts: socket ready after {:.2}s",
+        o.accounts + 2,
+        started.elapsed().as_secs_f64()
+    );
+    let noop_sock = sock("noop");
+    servers.push((
+        noop_sock.clone(),
+        Server::start(
+            "no-op indymilter",
+            noop(&format!("unix:{}", noop_sock.display()), "alike"),
+            unix_ready(&noop_sock),
+        ),
+    ));
+    if let Some(lib) = &o.libmilter {
+        let s = sock("libmilter");
+        let mut c = Command::new(lib);
+        c.arg(format!("unix:{}", s.display()));
+        servers.push((
+            s.clone(),
+            Server::start("libmilter no-op", c, unix_ready(&s)),
+        ));
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    println!(
+        "protocol arm: {} reps x {}s, interleaved; conversation = connect, HELO, MAIL, 3 RCPT, DATA, header, EOH, EOM with 3 actions",
+        o.reps, o.secs
+    );
+    println!(
+        "{:<18} {:>4} {:>10} {:>9} {:>9} {:>8} {:>9}",
+        "milter", "C", "conv/s", "p50", "p99", "CPU µs", "vs no-op"
+    );
+    for &c in &o.concurrency {
+        let mut runs: Vec<Vec<Run>> = servers.iter().map(|_| Vec::new()).collect();
+        for _ in 0..o.reps {
+            for (i, (path, server)) in servers.iter().enumerate() {
+                runs[i].push(load(&runtime, server, path, c, o.secs));
+            }
+        }
+        let med: Vec<(f64, Duration, Duration, f64)> = runs
+            .iter()
+            .map(|r| {
+                let mut p50: Vec<_> = r.iter().map(|x| x.p50).collect();
+                let mut p99: Vec<_> = r.iter().map(|x| x.p99).collect();
+                p50.sort();
+                p99.sort();
+                (
+                    median_f(r.iter().map(|x| x.per_sec).collect()),
+                    p50[p50.len() / 2],
+                    p99[p99.len() / 2],
+                    median_f(r.iter().map(|x| x.cpu_us).collect()),
+                )
+            })
+            .collect();
+        let noop_rate = med[1].0;
+        for ((_, server), (rate, p50, p99, cpu)) in servers.iter().zip(&med) {
+            println!(
+                "{:<18} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>8.2}x",
+                server.name,
+                c,
+                rate,
+                p50,
+                p99,
+                cpu,
+                rate / noop_rate
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// Postfix arm.
+// ---------------------------------------------------------------------
+
+fn postfix_arm(o: &Options) {
+    use support::{free_port, Postfix, PostfixOptions};
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let dir = tmp.path();
+    // smtpd (user postfix) connects to the unix sockets in here.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the temporary directory");
+    for tool in ["smtp-source", "postfix"] {
+        assert!(
+            Command::new("sh")
+                .args([
+                    "-c",
+                    &format!("command -v {tool} || test -x /usr/sbin/{tool}")
+                ])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+            "{tool} is missing: run scripts/test-deps.sh (Debian package postfix)"
+        );
+    }
+
+    // The milters: dualroute and the no-op over a unix socket and over
+    // TCP; the no-op's protocol options one by one, over a unix socket.
+    let dr_port = free_port();
+    let noop_port = free_port();
+    let dr_unix = dir.join("dualroute.sock");
+    let mut servers = Vec::new();
+    // Routed mail goes to a sink standing in for the other server.
+    let sink = support::SmtpSink::start();
+    let to = sink.nexthop();
+    let inet = write_config(
+        dir,
+        &format!("inet:127.0.0.1:{dr_port}"),
+        0,
+        "inet.yaml",
+        &to,
+    );
+    servers.push(Server::start(
+        "dualroute inet",
+        dualroute(&inet),
+        tcp_ready(dr_port),
+    ));
+    let unix = write_config(
+        dir,
+        &format!("unix:{}", dr_unix.display()),
+        0,
+        "unix.yaml",
+        &to,
+    );
+    servers.push(Server::start(
+        "dualroute unix",
+        dualroute(&unix),
+        unix_ready(&dr_unix),
+    ));
+    servers.push(Server::start(
+        "no-op inet",
+        noop(&format!("inet:127.0.0.1:{noop_port}"), "naive"),
+        tcp_ready(noop_port),
+    ));
+    const KEPT: &str = "alice@bench.test";
+    const ROUTED: &str = "zed@bench.test";
+    let mut arms: Vec<(String, String, &str)> = vec![
+        ("no milter".into(), String::new(), KEPT),
+        (
+            "no-op indymilter naive, inet".into(),
+            format!("inet:127.0.0.1:{noop_port}"),
+            KEPT,
+        ),
+    ];
+    for mode in ["naive", "skip", "quiet"] {
+        let path = dir.join(format!("noop-{mode}.sock"));
+        servers.push(Server::start(
+            &format!("no-op {mode}"),
+            noop(&format!("unix:{}", path.display()), mode),
+            unix_ready(&path),
+        ));
+        arms.push((
+            format!("no-op indymilter {mode}, unix"),
+            format!("unix:{}", path.display()),
+            KEPT,
+        ));
+    }
+    let dr_unix = format!("unix:{}", dr_unix.display());
+    let dr_inet = format!("inet:127.0.0.1:{dr_port}");
+    arms.push(("dualroute unix".into(), dr_unix.clone(), KEPT));
+    arms.push(("dualroute inet".into(), dr_inet.clone(), KEPT));
+    arms.push(("dualroute unix, routed".into(), dr_unix, ROUTED));
+    arms.push(("dualroute inet, routed".into(), dr_inet, ROUTED));
+
+    // What `dualroute postfix-config` prints (transport to the sink,
+    // generic map, catch-all), as an admin applies it; each smtpd below
+    // sets its own smtpd_milters.
+    let generated = support::postfix_config(&unix, &dir.join("postfix-config"));
+    let mut opts = generated
+        .apply_to(PostfixOptions::default().domain_without_catchall("bench.test", &[KEPT]));
+    let mut ports = Vec::new();
+    for (_, milter, _) in &arms {
+        let port = free_port();
+        let setting = format!(" -o smtpd_milters={milter} -o milter_default_action=tempfail");
+        opts = opts.master_cf(&format!("127.0.0.1:{port} inet n - n - - smtpd{setting}"));
+        ports.push(port);
+    }
+    let pf = Postfix::start(opts);
+    println!(
+        "no-op modes: naive = every stage, nothing skipped; skip = dualroute's stages only; quiet = skip + no reply at connect, MAIL and header"
+    );
+    println!(
+        "Postfix arm: smtp-source -c -s 8 -m {} -l 2048, {} reps, interleaved; one recipient: kept (Maildir) or routed (to an smtp-sink)",
+        o.messages, o.reps
+    );
+    let source = |port: u16, rcpt: &str, messages: usize| {
+        let started = Instant::now();
+        let status = Command::new("smtp-source")
+            .args(["-c", "-s", "8", "-l", "2048", "-m"])
+            .arg(messages.to_string())
+            .args(["-f", "sender@outside.test", "-t", rcpt])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run smtp-source");
+        assert!(status.success(), "smtp-source to port {port} failed");
+        let secs = started.elapsed().as_secs_f64();
+        pf.wait_queue_empty();
+        messages as f64 / secs
+    };
+    // Warm-up: every smtpd, milter and delivery agent started once.
+    let warm_up = 20;
+    for (port, (_, _, rcpt)) in ports.iter().zip(&arms) {
+        source(*port, rcpt, warm_up);
+    }
+    let mut rates: Vec<Vec<f64>> = arms.iter().map(|_| Vec::new()).collect();
+    for _ in 0..o.reps {
+        for (i, (port, (_, _, rcpt))) in ports.iter().zip(&arms).enumerate() {
+            rates[i].push(source(*port, rcpt, o.messages));
+        }
+    }
+    let per_arm = o.messages * o.reps + warm_up;
+    let routed_arms = arms.iter().filter(|a| a.2 == ROUTED).count();
+    let routed = sink.wait_messages(per_arm * routed_arms).len();
+    assert_eq!(routed, per_arm * routed_arms, "routed messages at the sink");
+    let delivered = pf.maildir_messages(KEPT).len();
+    let expected = per_arm * (arms.len() - routed_arms);
+    assert_eq!(
+        delivered, expected,
+        "every message must arrive ({delivered} of {expected})"
+    );
+    let base = median_f(rates[0].clone());
+    println!("{:<38} {:>10} {:>12}", "arm", "msg/s", "vs no milter");
+    for ((name, _, _), r) in arms.iter().zip(&rates) {
+        let m = median_f(r.clone());
+        println!("{name:<38} {m:>10.0} {:>11.2}x", m / base);
+    }
+    drop(servers);
+}
