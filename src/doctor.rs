@@ -481,14 +481,13 @@ fn lookup_cost(name: &str, cost: &Cost) -> Check {
             format!("receivers stop at the error too ({e}): fix it, then run doctor again"),
         );
     }
-    let text = format!(
-        "SPF of {name} needs {total} of the {MAX_LOOKUPS} DNS lookups receivers allow (RFC 7208 §4.6.4){parts}"
-    );
     if total <= MAX_LOOKUPS {
-        Check::pass(text)
+        Check::pass(format!(
+            "SPF of {name} needs {total} of the {MAX_LOOKUPS} DNS lookups receivers allow (RFC 7208 §4.6.4){parts}"
+        ))
     } else {
         Check::fail(
-            text,
+            format!("SPF of {name} needs {total} DNS lookups, more than the {MAX_LOOKUPS} receivers allow (RFC 7208 §4.6.4){parts}"),
             format!("receivers give up after {MAX_LOOKUPS} (permerror) and may reject mail from {name} sent by addresses listed after that: drop includes no longer used, or replace one with the ip4:/ip6: ranges it lists"),
         )
     }
