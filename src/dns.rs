@@ -202,32 +202,22 @@ impl Lookup for Dns {
 #[async_trait::async_trait]
 impl viaspf::lookup::Lookup for Dns {
     async fn lookup_a<'lookup, 'a>(&'lookup self, name: &'a Name) -> LookupResult<Vec<Ipv4Addr>> {
-        let ips = Lookup::addrs(self, name.as_str(), Family::V4)
-            .await
-            .map_err(spf_error)?;
-        Ok(ips
-            .into_iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(a) => Some(a),
-                IpAddr::V6(_) => None,
-            })
-            .collect())
+        self.spf_addrs(name, Family::V4, |ip| match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
+        .await
     }
 
     async fn lookup_aaaa<'lookup, 'a>(
         &'lookup self,
         name: &'a Name,
     ) -> LookupResult<Vec<Ipv6Addr>> {
-        let ips = Lookup::addrs(self, name.as_str(), Family::V6)
-            .await
-            .map_err(spf_error)?;
-        Ok(ips
-            .into_iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V6(a) => Some(a),
-                IpAddr::V4(_) => None,
-            })
-            .collect())
+        self.spf_addrs(name, Family::V6, |ip| match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        })
+        .await
     }
 
     async fn lookup_mx<'lookup, 'a>(&'lookup self, name: &'a Name) -> LookupResult<Vec<Name>> {
@@ -254,6 +244,21 @@ impl viaspf::lookup::Lookup for Dns {
                 Err(e) => Err(spf_error(e)),
             },
         }
+    }
+}
+
+impl Dns {
+    /// The A or AAAA records of `name` as viaspf wants them.
+    async fn spf_addrs<T>(
+        &self,
+        name: &Name,
+        family: Family,
+        pick: fn(IpAddr) -> Option<T>,
+    ) -> LookupResult<Vec<T>> {
+        let ips = Lookup::addrs(self, name.as_str(), family)
+            .await
+            .map_err(spf_error)?;
+        Ok(ips.into_iter().filter_map(pick).collect())
     }
 }
 
