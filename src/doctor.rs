@@ -449,10 +449,13 @@ async fn spf(
         });
         checks.push(Check::fail(text, advice));
     }
-    checks.push(lookup_cost(
-        name,
-        &spf_trace::cost(dns, name, instance).await,
-    ));
+    let cost = spf_trace::cost(dns, name, instance).await;
+    // An error the address checks above already show is one ✘, not two;
+    // one they did not reach (a broken include after the terms that
+    // matched) is only seen here.
+    if cost.incomplete.is_none() || checks.iter().all(|c| c.ok) {
+        checks.push(lookup_cost(name, &cost));
+    }
     checks
 }
 
@@ -477,8 +480,8 @@ fn lookup_cost(name: &str, cost: &Cost) -> Check {
     };
     if let Some(e) = &cost.incomplete {
         return Check::fail(
-            format!("SPF of {name}: at least {total} DNS lookups before an error{parts}"),
-            format!("receivers stop at the error too ({e}): fix it, then run doctor again"),
+            format!("SPF of {name} ends in an error for addresses it does not list earlier ({e}), after {total} DNS lookups{parts}"),
+            "receivers then answer permerror or temperror for mail sent from addresses listed after that point, and for forged mail: fix the record, then run doctor again".into(),
         );
     }
     if total <= MAX_LOOKUPS {

@@ -803,3 +803,30 @@ fn spf_unterminated_macro_is_a_syntax_error() {
     );
     assert!(r.out.ends_with("1 problem found\n"), "{}", r.out);
 }
+
+#[test]
+fn spf_error_after_the_matching_terms_is_one_cross_on_the_count() {
+    // Both addresses match before the broken include, so only the full
+    // evaluation (what forged mail, or an address listed later, costs a
+    // receiver) meets it.
+    let r = run(
+        &[
+            "--mx-host=example.test,mx.example.test,10",
+            "--txt-record=example.test,v=spf1 ip4:127.0.0.10 include:_spf.legacy.test include:nospf.test -all",
+        ],
+        LEGACY,
+        "",
+        &[],
+    );
+    assert!(r.line("authorizes this server").0, "{}", r.out);
+    assert!(r.line("authorizes the destination").0, "{}", r.out);
+    r.assert_fails("ends in an error");
+    assert_eq!(
+        r.line("ends in an error"),
+        (
+            false,
+            "SPF of example.test ends in an error for addresses it does not list earlier (example.test: include:nospf.test: the included domain has no SPF record), after 3 DNS lookups: include:_spf.legacy.test 2, include:nospf.test 1"
+        )
+    );
+    assert!(r.out.ends_with("1 problem found\n"), "{}", r.out);
+}
