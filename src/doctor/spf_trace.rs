@@ -279,3 +279,40 @@ fn invalid(record: &str) -> String {
         None => format!("invalid SPF record \"{record}\""),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spf_record_is_the_txt_starting_with_exactly_v_spf1() {
+        let txt: Vec<String> = [
+            "google-site-verification=abc",
+            "v=spf10 +all",
+            "V=SPF1 ip4:192.0.2.1 -all",
+            "v=spf1",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(spf_records(&txt), ["V=SPF1 ip4:192.0.2.1 -all", "v=spf1"]);
+        assert!(spf_records(&["v=spf1x".to_owned()]).is_empty());
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_first_bad_term() {
+        assert_eq!(
+            syntax_error("v=spf1 ip4:192.0.2.1 include:%{d2}.example -all"),
+            None
+        );
+        assert_eq!(
+            syntax_error("v=spf1 ip4:192.0.2.1 exists:%{d -all").as_deref(),
+            Some("invalid SPF record: `exists:%{d` is not valid SPF syntax (RFC 7208 §12)")
+        );
+        assert_eq!(
+            syntax_error("v=spf1 ip4:2001:db8::1 foo:bar -all").as_deref(),
+            Some("invalid SPF record: `ip4:2001:db8::1` is not valid SPF syntax (RFC 7208 §12)")
+        );
+        // A term after `all` still counts (RFC 7208 §4.6).
+        assert!(syntax_error("v=spf1 +all ip4:999.0.0.1").is_some());
+    }
+}
