@@ -15,7 +15,8 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{ResolveError, TokioResolver};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use viaspf::lookup::{LookupError, LookupResult, Name};
 
 /// A lookup that failed. "No such name" and "no records of that type" are
 /// not errors: they come back as an empty answer.
@@ -191,4 +192,78 @@ impl Lookup for Dns {
             },
         }
     }
+}
+
+/// viaspf's view of the DNS, for `doctor`'s SPF checks: the same resolver,
+/// so `dns: nameservers` applies to SPF as to everything else. "No such
+/// name" and "no records" are empty answers (RFC 7208 §5: evaluation goes
+/// on as if zero records came back); a failed lookup keeps its text for
+/// the doctor's line.
+#[async_trait::async_trait]
+impl viaspf::lookup::Lookup for Dns {
+    async fn lookup_a<'lookup, 'a>(&'lookup self, name: &'a Name) -> LookupResult<Vec<Ipv4Addr>> {
+        self.spf_addrs(name, Family::V4, |ip| match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
+        .await
+    }
+
+    async fn lookup_aaaa<'lookup, 'a>(
+        &'lookup self,
+        name: &'a Name,
+    ) -> LookupResult<Vec<Ipv6Addr>> {
+        self.spf_addrs(name, Family::V6, |ip| match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        })
+        .await
+    }
+
+    async fn lookup_mx<'lookup, 'a>(&'lookup self, name: &'a Name) -> LookupResult<Vec<Name>> {
+        let mx = Lookup::mx(self, name.as_str()).await.map_err(spf_error)?;
+        // A null MX (RFC 7505, exchange ".") names no host to try.
+        mx.into_iter()
+            .filter(|(_, host)| !host.is_empty())
+            .map(|(_, host)| Name::new(&host).map_err(|e| LookupError::Dns(Some(Box::new(e)))))
+            .collect()
+    }
+
+    async fn lookup_txt<'lookup, 'a>(&'lookup self, name: &'a Name) -> LookupResult<Vec<String>> {
+        Lookup::txt(self, name.as_str()).await.map_err(spf_error)
+    }
+
+    async fn lookup_ptr<'lookup>(&'lookup self, ip: IpAddr) -> LookupResult<Vec<Name>> {
+        match self.0.reverse_lookup(ip).await {
+            Ok(names) => names
+                .iter()
+                .map(|n| Name::new(&n.to_ascii()).map_err(|e| LookupError::Dns(Some(Box::new(e)))))
+                .collect(),
+            Err(e) => match classify(&ip.to_string(), "PTR", e) {
+                Ok(()) => Ok(Vec::new()),
+                Err(e) => Err(spf_error(e)),
+            },
+        }
+    }
+}
+
+impl Dns {
+    /// The A or AAAA records of `name` as viaspf wants them.
+    async fn spf_addrs<T>(
+        &self,
+        name: &Name,
+        family: Family,
+        pick: fn(IpAddr) -> Option<T>,
+    ) -> LookupResult<Vec<T>> {
+        let ips = Lookup::addrs(self, name.as_str(), family)
+            .await
+            .map_err(spf_error)?;
+        Ok(ips.into_iter().filter_map(pick).collect())
+    }
+}
+
+/// Keeps our text ("TXT lookup of …: the name server answered SERVFAIL")
+/// as the error's source, where the doctor finds it again.
+fn spf_error(e: DnsError) -> LookupError {
+    LookupError::Dns(Some(Box::new(e)))
 }

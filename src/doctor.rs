@@ -19,14 +19,15 @@
 //! DNS failures are ✘ with the error text: doctor cannot vouch for what it
 //! could not look up.
 
-pub mod spf;
+pub mod spf_trace;
 
 use crate::config::Host;
 use crate::dns::{DnsError, Lookup};
 use crate::policy::{DomainPolicy, Policy};
 use crate::probe::host_targets;
-use spf::{check_host, SpfResult, Verdict};
+use spf_trace::{check_host, Cost, Verdict, MAX_LOOKUPS};
 use std::{fmt, net::IpAddr};
+use viaspf::{lookup::Lookup as SpfLookup, SpfResult};
 
 /// One line of the checklist.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -98,7 +99,11 @@ impl fmt::Display for Report {
 
 /// Checks every managed domain. `given` are this server's addresses from
 /// the command line; when empty, the addresses of the `instance` name.
-pub async fn diagnose(policy: &Policy, given: &[IpAddr], dns: &impl Lookup) -> Report {
+pub async fn diagnose(
+    policy: &Policy,
+    given: &[IpAddr],
+    dns: &(impl Lookup + SpfLookup),
+) -> Report {
     let config = &policy.config;
     let instance = config.instance.as_str();
     // Every check needs the DNS: when the name servers do not answer at
@@ -179,7 +184,12 @@ fn list(ips: &[IpAddr]) -> String {
         .join(", ")
 }
 
-async fn domain(policy: &Policy, d: &DomainPolicy, this: &[IpAddr], dns: &impl Lookup) -> Section {
+async fn domain(
+    policy: &Policy,
+    d: &DomainPolicy,
+    this: &[IpAddr],
+    dns: &(impl Lookup + SpfLookup),
+) -> Section {
     let name = d.name.as_str();
     let hosts = d.config.destination.hosts();
     let shown: Vec<String> = hosts.iter().map(ToString::to_string).collect();
@@ -329,7 +339,7 @@ async fn spf(
     instance: &str,
     this: &[IpAddr],
     dest: &[(IpAddr, String)],
-    dns: &impl Lookup,
+    dns: &(impl Lookup + SpfLookup),
 ) -> Vec<Check> {
     let all: Vec<IpAddr> = this
         .iter()
@@ -356,17 +366,29 @@ async fn spf(
             )]
         }
     };
-    let record = match spf::select(&txt) {
-        Ok(Some(r)) => r.to_owned(),
-        Ok(None) => {
+    let record = match spf_trace::spf_records(&txt).as_slice() {
+        [one] => one.to_string(),
+        [] => {
             return vec![Check::fail(
                 format!("{name} has no SPF record"),
                 format!("publish the TXT record {} at {name}: receivers then accept mail from {name} sent by this server and by the destination", suggestion()),
             )]
         }
-        Err(e) => return vec![Check::fail(format!("SPF record of {name}: {e}"), "merge them into one TXT record".into())],
+        more => {
+            return vec![Check::fail(
+                format!("SPF record of {name}: {} SPF records; there must be exactly one (RFC 7208 §4.5)", more.len()),
+                "merge them into one TXT record".into(),
+            )]
+        }
     };
-    let sender = format!("postmaster@{name}");
+    // A record receivers cannot parse is a permerror for every address
+    // (RFC 7208 §4.6): one ✘ naming the term, not one per address.
+    if let Some(e) = spf_trace::syntax_error(&record) {
+        return vec![Check::fail(
+            format!("SPF record of {name} is broken: {e}"),
+            format!("receivers treat every mail from {name} as a permerror until it is fixed (now \"{record}\")"),
+        )];
+    }
     let this_labelled: Vec<(IpAddr, String)> = this
         .iter()
         .map(|&ip| (ip, "this server".to_owned()))
@@ -391,7 +413,7 @@ async fn spf(
         let mut passed = Vec::new();
         let mut missing: Vec<(IpAddr, &str, Verdict)> = Vec::new();
         for (ip, label) in ips {
-            let v = check_host(dns, *ip, name, &sender, instance).await;
+            let v = check_host(dns, *ip, name, instance).await;
             if v.result == SpfResult::Pass {
                 passed.push(format!("{ip} ({})", v.term.unwrap_or_default()));
             } else {
@@ -408,14 +430,14 @@ async fn spf(
         let shown: Vec<String> = missing
             .iter()
             .map(|(ip, label, v)| match &v.term {
-                Some(t) => format!("{ip} ({label}: {} by {t})", v.result),
-                None => format!("{ip} ({label}: {})", v.result),
+                Some(t) => format!("{ip} ({label}: {} by {t})", shown(v)),
+                None => format!("{ip} ({label}: {})", shown(v)),
             })
             .collect();
         let text = format!("SPF of {name} does not authorize {}", shown.join(", "));
-        let error = missing.iter().find_map(|(_, _, v)| match &v.result {
-            SpfResult::PermError(e) => Some(format!("the SPF record of {name} is broken ({e}); receivers treat that as an error: fix it")),
-            SpfResult::TempError(e) => Some(format!("a DNS lookup failed ({e}): check the name servers and run doctor again")),
+        let error = missing.iter().find_map(|(_, _, v)| match (&v.result, &v.error) {
+            (SpfResult::Permerror, Some(e)) => Some(format!("the SPF record of {name} is broken ({e}); receivers treat that as an error: fix it")),
+            (SpfResult::Temperror, Some(e)) => Some(format!("a DNS lookup failed ({e}): check the name servers and run doctor again")),
             _ => None,
         });
         let advice = error.unwrap_or_else(|| {
@@ -427,7 +449,51 @@ async fn spf(
         });
         checks.push(Check::fail(text, advice));
     }
+    let cost = spf_trace::cost(dns, name, instance).await;
+    // An error the address checks above already show is one ✘, not two;
+    // one they did not reach (a broken include after the terms that
+    // matched) is only seen here.
+    if cost.incomplete.is_none() || checks.iter().all(|c| c.ok) {
+        checks.push(lookup_cost(name, &cost));
+    }
     checks
+}
+
+/// `fail by -all`, `permerror (…)`.
+fn shown(v: &Verdict) -> String {
+    match &v.error {
+        Some(e) => format!("{}: {e}", v.result),
+        None => v.result.to_string(),
+    }
+}
+
+/// The record's DNS-lookup count against the limit of RFC 7208 §4.6.4,
+/// per include: the limit is what a second provider's include usually
+/// breaks, and receivers then reject (permerror) mail they would accept.
+fn lookup_cost(name: &str, cost: &Cost) -> Check {
+    let total = cost.total();
+    let parts: Vec<String> = cost.terms.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    let parts = if parts.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", parts.join(", "))
+    };
+    if let Some(e) = &cost.incomplete {
+        return Check::fail(
+            format!("SPF of {name} ends in an error for addresses it does not list earlier ({e}), after {total} DNS lookups{parts}"),
+            "receivers then answer permerror or temperror for mail sent from addresses listed after that point, and for forged mail: fix the record, then run doctor again".into(),
+        );
+    }
+    if total <= MAX_LOOKUPS {
+        Check::pass(format!(
+            "SPF of {name} needs {total} of the {MAX_LOOKUPS} DNS lookups receivers allow (RFC 7208 §4.6.4){parts}"
+        ))
+    } else {
+        Check::fail(
+            format!("SPF of {name} needs {total} DNS lookups, more than the {MAX_LOOKUPS} receivers allow (RFC 7208 §4.6.4){parts}"),
+            format!("receivers give up after {MAX_LOOKUPS} (permerror) and may reject mail from {name} sent by addresses listed after that: drop includes no longer used, or replace one with the ip4:/ip6: ranges it lists"),
+        )
+    }
 }
 
 async fn relay_check(relay: &str, dns: &impl Lookup) -> Check {

@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -175,7 +175,7 @@ async fn converse(
         report.steps.push(Step { sent, code, reply });
         code
     };
-    if step(report, None, reply(&mut read, t).await?) != 220 {
+    if step(report, None, reply(&mut read, t, "greeting").await?) != 220 {
         return Err("no 220 greeting".into());
     }
     for (cmd, want) in [
@@ -187,7 +187,7 @@ async fn converse(
             .write_all(format!("{cmd}\r\n").as_bytes())
             .await
             .map_err(|e| format!("{cmd}: {e}"))?;
-        let code = step(report, Some(cmd.clone()), reply(&mut read, t).await?);
+        let code = step(report, Some(cmd.clone()), reply(&mut read, t, &cmd).await?);
         if code / 100 != want / 100 {
             let _ = write.write_all(b"QUIT\r\n").await;
             return Err(format!("{cmd} refused"));
@@ -198,7 +198,12 @@ async fn converse(
             .write_all(b"DATA\r\n")
             .await
             .map_err(|e| format!("DATA: {e}"))?;
-        if step(report, Some("DATA".into()), reply(&mut read, t).await?) != 354 {
+        if step(
+            report,
+            Some("DATA".into()),
+            reply(&mut read, t, "DATA").await?,
+        ) != 354
+        {
             return Err("DATA refused".into());
         }
         let date = crate::state::rfc5322_date(crate::state::now());
@@ -213,7 +218,7 @@ async fn converse(
         let code = step(
             report,
             Some("(message) .".into()),
-            reply(&mut read, t).await?,
+            reply(&mut read, t, "(message) .").await?,
         );
         if code != 250 {
             return Err("the test message was refused".into());
@@ -221,28 +226,67 @@ async fn converse(
     }
     report.accepted = true;
     let _ = write.write_all(b"QUIT\r\n").await;
-    if let Ok(r) = reply(&mut read, t).await {
+    if let Ok(r) = reply(&mut read, t, "QUIT").await {
         step(report, Some("QUIT".into()), r);
     }
     Ok(())
 }
 
-/// Reads one (possibly multi-line) SMTP reply.
+/// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets, CRLF included.
+pub const MAX_REPLY_LINE: usize = 512;
+
+/// Continuation lines a reply may have. RFC 5321 sets no number; an EHLO
+/// reply lists one extension a line, a few dozen at most. Past this the
+/// server is not going to end its reply.
+pub const MAX_REPLY_LINES: usize = 100;
+
+/// Reads one (possibly multi-line) SMTP reply within `t` for the whole
+/// reply, each line at most [`MAX_REPLY_LINE`] octets, at most
+/// [`MAX_REPLY_LINES`] lines: a broken or hostile server ends the probe
+/// with an error instead of holding it or filling memory.
+/// Errors name the reply: `EHLO mx.example.com: …`.
 async fn reply<R: tokio::io::AsyncBufRead + Unpin>(
     read: &mut R,
     t: Duration,
+    to: &str,
+) -> Result<(u16, String), String> {
+    timeout(t, reply_lines(read))
+        .await
+        .unwrap_or_else(|_| Err("timed out waiting for a reply".to_owned()))
+        .map_err(|e| format!("{to}: {e}"))
+}
+
+async fn reply_lines<R: tokio::io::AsyncBufRead + Unpin>(
+    read: &mut R,
 ) -> Result<(u16, String), String> {
     let mut text = Vec::new();
+    let mut raw = Vec::with_capacity(MAX_REPLY_LINE);
     loop {
-        let mut line = String::new();
-        let n = timeout(t, read.read_line(&mut line))
+        if text.len() == MAX_REPLY_LINES {
+            return Err(format!(
+                "the reply goes on past {MAX_REPLY_LINES} lines (last: {:?}): the server does not end it",
+                text.last().map(String::as_str).unwrap_or_default()
+            ));
+        }
+        raw.clear();
+        let n = (&mut *read)
+            .take(MAX_REPLY_LINE as u64)
+            .read_until(b'\n', &mut raw)
             .await
-            .map_err(|_| "timed out waiting for a reply".to_owned())?
             .map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("connection closed".into());
         }
-        let line = line.trim_end().to_owned();
+        if raw.last() != Some(&b'\n') {
+            if n < MAX_REPLY_LINE {
+                return Err("connection closed in the middle of a reply line".into());
+            }
+            let start = String::from_utf8_lossy(&raw[..40]);
+            return Err(format!(
+                "a reply line longer than {MAX_REPLY_LINE} octets (starting {start:?}), more than RFC 5321 §4.5.3.1.5 allows"
+            ));
+        }
+        let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
         let code = line
             .get(..3)
             .and_then(|c| c.parse::<u16>().ok())

@@ -663,3 +663,170 @@ fn verify_finds_the_destination_through_the_configured_name_servers() {
     );
     assert!(stdout.contains("example.test: verified"), "{stdout}");
 }
+
+#[test]
+fn spf_lookup_count_is_shown_per_include() {
+    let r = run(GOOD, LEGACY, "", &[]);
+    // include:_spf.legacy.test costs itself and its mx:legacy.test.
+    assert_eq!(
+        r.line("DNS lookups"),
+        (
+            true,
+            "SPF of example.test needs 2 of the 10 DNS lookups receivers allow (RFC 7208 §4.6.4): include:_spf.legacy.test 2"
+        )
+    );
+}
+
+#[test]
+fn spf_over_ten_lookups_is_a_cross_naming_the_costly_include() {
+    // A second provider's include pushes the record past the limit of
+    // RFC 7208 §4.6.4: 2 + 9 lookups.
+    let r = run(
+        &[
+            "--mx-host=example.test,mx.example.test,10",
+            "--txt-record=example.test,v=spf1 ip4:127.0.0.10 include:_spf.legacy.test include:_spf.big.test -all",
+            "--txt-record=_spf.big.test,v=spf1 a:mx.example.test a:mx.legacy.test mx:legacy.test mx:example.test a:mx.example.test a:mx.legacy.test a:mx.example.test a:mx.legacy.test ~all",
+        ],
+        LEGACY,
+        "",
+        &[],
+    );
+    r.assert_fails("DNS lookups");
+    assert_eq!(
+        r.line("DNS lookups"),
+        (
+            false,
+            "SPF of example.test needs 11 DNS lookups, more than the 10 receivers allow (RFC 7208 §4.6.4): include:_spf.legacy.test 2, include:_spf.big.test 9"
+        )
+    );
+    assert!(
+        r.advice("DNS lookups")
+            .contains("replace one with the ip4:/ip6: ranges"),
+        "{}",
+        r.out
+    );
+    // Both addresses are matched before the limit: only the count is ✘.
+    assert!(r.line("authorizes this server").0, "{}", r.out);
+    assert!(r.line("authorizes the destination").0, "{}", r.out);
+    assert!(r.out.ends_with("1 problem found\n"), "{}", r.out);
+}
+
+#[test]
+fn spf_ptr_matches_through_the_reverse_lookup() {
+    // A host-record gives 192.0.2.10 its PTR record (an address only as
+    // data: hickory answers PTR queries for 127.0.0.0/8 itself, with
+    // "localhost", RFC 6761 §6.3). The evaluator written before viaspf
+    // never matched ptr and reported ✘.
+    let r = run(
+        &[
+            "--mx-host=example.test,mx.example.test,10",
+            "--host-record=out.example.test,192.0.2.10",
+            "--txt-record=example.test,v=spf1 ptr:example.test include:_spf.legacy.test -all",
+        ],
+        LEGACY,
+        "",
+        &["--ip", "192.0.2.10"],
+    );
+    assert_eq!(
+        r.line("authorizes this server"),
+        (
+            true,
+            "SPF of example.test authorizes this server: 192.0.2.10 (ptr:example.test)"
+        )
+    );
+    assert_eq!(r.code, 0, "{}", r.out);
+}
+
+#[test]
+fn spf_mx_with_more_than_ten_names_is_evaluated_as_the_rfc_says() {
+    // RFC 7208 §4.6.4 limits the address lookups of one mx term to 10:
+    // this server, the first MX, matches; the destination would need the
+    // 11th and is a permerror. (The evaluator before viaspf failed both
+    // before any lookup.)
+    let mut records = vec![
+        "--mx-host=example.test,mx.example.test,5".to_owned(),
+        "--txt-record=example.test,v=spf1 mx include:_spf.legacy.test -all".to_owned(),
+    ];
+    for i in 1..=10 {
+        records.push(format!("--mx-host=example.test,mx{i}.example.test,10"));
+        records.push(format!("--host-record=mx{i}.example.test,127.0.1.{i}"));
+    }
+    let records: Vec<&str> = records.iter().map(String::as_str).collect();
+    let r = run(&records, LEGACY, "", &[]);
+    assert_eq!(
+        r.line("authorizes this server"),
+        (
+            true,
+            "SPF of example.test authorizes this server: 127.0.0.10 (mx)"
+        )
+    );
+    let (ok, text) = r.line("does not authorize 127.0.0.20");
+    assert!(!ok, "{}", r.out);
+    assert!(
+        text.contains("permerror") && text.contains("more than 10 address lookups for one mx"),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.advice("does not authorize 127.0.0.20")
+            .contains("the SPF record of example.test is broken"),
+        "{}",
+        r.out
+    );
+}
+
+#[test]
+fn spf_unterminated_macro_is_a_syntax_error() {
+    // `%{d` without its brace: receivers answer permerror (RFC 7208 §7.1);
+    // the evaluator before viaspf read it as `%{d}` and gave ✔.
+    let r = run(
+        &[
+            "--mx-host=example.test,mx.example.test,10",
+            "--txt-record=example.test,v=spf1 ip4:127.0.0.10 exists:%{d include:_spf.legacy.test -all",
+        ],
+        LEGACY,
+        "",
+        &[],
+    );
+    r.assert_fails("SPF record of example.test is broken");
+    assert_eq!(
+        r.line("SPF record of example.test"),
+        (
+            false,
+            "SPF record of example.test is broken: invalid SPF record: `exists:%{d` is not valid SPF syntax (RFC 7208 §12)"
+        )
+    );
+    assert!(
+        r.advice("SPF record of example.test").contains("permerror"),
+        "{}",
+        r.out
+    );
+    assert!(r.out.ends_with("1 problem found\n"), "{}", r.out);
+}
+
+#[test]
+fn spf_error_after_the_matching_terms_is_one_cross_on_the_count() {
+    // Both addresses match before the broken include, so only the full
+    // evaluation (what forged mail, or an address listed later, costs a
+    // receiver) meets it.
+    let r = run(
+        &[
+            "--mx-host=example.test,mx.example.test,10",
+            "--txt-record=example.test,v=spf1 ip4:127.0.0.10 include:_spf.legacy.test include:nospf.test -all",
+        ],
+        LEGACY,
+        "",
+        &[],
+    );
+    assert!(r.line("authorizes this server").0, "{}", r.out);
+    assert!(r.line("authorizes the destination").0, "{}", r.out);
+    r.assert_fails("ends in an error");
+    assert_eq!(
+        r.line("ends in an error"),
+        (
+            false,
+            "SPF of example.test ends in an error for addresses it does not list earlier (example.test: include:nospf.test: the included domain has no SPF record), after 3 DNS lookups: include:_spf.legacy.test 2, include:nospf.test 1"
+        )
+    );
+    assert!(r.out.ends_with("1 problem found\n"), "{}", r.out);
+}
