@@ -1,4 +1,4 @@
-//! Envelope addresses as the MTA hands them to a milter (DESIGN.md §3).
+//! Envelope addresses as the MTA hands them to a milter (docs/design.md §3).
 //!
 //! A RCPT argument arrives exactly as the client wrote it after `RCPT TO:`:
 //! `<local@domain>`, perhaps with a source route (`<@a,@b:local@domain>`,

@@ -1,4 +1,4 @@
-//! The bounce breaker (DESIGN.md §7).
+//! The bounce breaker (docs/design.md §7).
 //!
 //! A milter never learns what happened to the mail it routed: the MTA
 //! delivers it later, from its queue, and only writes the result to its
@@ -163,7 +163,7 @@ fn is_permanent_dsn(dsn: &str) -> bool {
 // ---------------------------------------------------------------------
 
 /// Maps routing addresses back to the managed domain that produced them
-/// (DESIGN.md §4):
+/// (docs/design.md §4):
 /// - `local@<domain>.<relay_suffix>` → domain;
 /// - `local@D` where D is the `change_envelope` destination of one or more
 ///   domains → those domains (several domains may share a destination, and

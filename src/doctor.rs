@@ -1,4 +1,4 @@
-//! `dualroute doctor` (DESIGN.md §6): the DNS facts a migration depends
+//! `dualroute doctor` (docs/design.md §6): the DNS facts a migration depends
 //! on, checked per domain and printed as a ✔/✘ checklist with one line of
 //! advice per ✘.
 //!

@@ -1,6 +1,6 @@
 //! dualroute: a milter that gives a self-hosted mail server split delivery,
 //! dual delivery, routing and per-user copy/redirect rules during a mail
-//! migration. See DESIGN.md for the contract and README.md for use.
+//! migration. See docs/design.md for the contract and README.md for use.
 //!
 //! The decision for a recipient is the pure function [`decision::decide`];
 //! everything else is a shell around it: [`milter`] for the protocol,
@@ -81,7 +81,7 @@ pub fn share(policy: Policy) -> SharedPolicy {
 }
 
 /// Re-reads the configuration; on error the running policy stays in force
-/// (DESIGN.md §5: a reload with an invalid file keeps the running policy),
+/// (docs/design.md §5: a reload with an invalid file keeps the running policy),
 /// and so it does when the new accounts shrank past the guard. A refusal
 /// is recorded under `state_dir` for `dualroute status`; a good reload
 /// clears it. The caller logs the error.

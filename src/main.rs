@@ -141,7 +141,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         path.clone(),
         std::time::Duration::from_secs(2),
     ));
-    // The bounce breaker (DESIGN.md §7) idles while there is no `breaker:`,
+    // The bounce breaker (docs/design.md §7) idles while there is no `breaker:`,
     // and follows reloads that add, change or remove it.
     tokio::spawn(dualroute::breaker::run(shared.clone()));
     let (mut hup, mut term, mut int) = match (

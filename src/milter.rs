@@ -37,7 +37,7 @@ const NEEDED_ACTIONS: Actions = Actions::ADD_RCPT
 
 /// Stages dualroute never looks at; the MTA need not send them
 /// (`SMFIP_NO*`). HELO, DATA, end of headers, the body and unknown SMTP
-/// commands play no part in the decision (DESIGN.md §2); connect (client
+/// commands play no part in the decision (docs/design.md §2); connect (client
 /// address), MAIL, RCPT, the headers (loop header) and end of message do.
 const SKIPPED_STAGES: ProtoOpts = ProtoOpts::NO_HELO
     .union(ProtoOpts::NO_DATA)
@@ -80,7 +80,7 @@ async fn negotiate(
     cx.requested_actions = offer.actions;
     cx.requested_opts = offer.opts;
     // `{auth_authen}` decides `require_gateway`; the queue id `i` is only
-    // known at end of message on Postfix (DESIGN.md §8). An MTA that does
+    // known at end of message on Postfix (docs/design.md §8). An MTA that does
     // not take macro requests sends its default lists, which on Postfix
     // hold both.
     cx.requested_macros

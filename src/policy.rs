@@ -2,7 +2,7 @@
 //!
 //! A `Policy` is immutable. The milter holds the current one behind an
 //! `Arc`, and each message keeps the `Arc` it started with, so a reload
-//! never changes the rules under a message in flight (DESIGN.md §7).
+//! never changes the rules under a message in flight (docs/design.md §7).
 
 use crate::accounts::{self, Accounts, LoadError, LoadReport, MatchRules};
 use crate::address::Address;
@@ -26,7 +26,7 @@ pub struct DomainPolicy {
 }
 
 impl DomainPolicy {
-    /// The address mail for `local` is routed to (DESIGN.md §4).
+    /// The address mail for `local` is routed to (docs/design.md §4).
     pub fn routing_address(&self, local: &str, relay_suffix: &str) -> String {
         match &self.config.destination {
             Destination::Domain {
@@ -75,7 +75,7 @@ pub struct Policy {
     /// Runtime holds; [`Policy::refresh_state`] re-reads them.
     pub holds: Arc<HoldsHandle>,
     /// Account files and their modification times when they were read, to
-    /// reload when one changes (DESIGN.md §7).
+    /// reload when one changes (docs/design.md §7).
     pub account_files: Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>,
 }
 
@@ -151,7 +151,7 @@ impl Policy {
         })
     }
 
-    /// Why this policy must not replace `running` (DESIGN.md §5): a domain
+    /// Why this policy must not replace `running` (docs/design.md §5): a domain
     /// would lose `accounts_shrink_limit` of its accounts or more, which
     /// is what a truncated or half-generated account file looks like. Its
     /// mail would be routed away (split) or refused (dual), so the running

@@ -1,5 +1,5 @@
 //! `dualroute postfix-config`: the Postfix settings a `milter.yaml` needs
-//! (DESIGN.md §4, §8), each with the reason for it.
+//! (docs/design.md §4, §8), each with the reason for it.
 
 use crate::config::{Destination, Mode, Socket};
 use crate::policy::Policy;

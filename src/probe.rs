@@ -1,4 +1,4 @@
-//! The verification probe (DESIGN.md §7): before routing starts, ask the
+//! The verification probe (docs/design.md §7): before routing starts, ask the
 //! destination whether it accepts the `verify` address — EHLO, MAIL
 //! FROM:<>, RCPT TO:<verify>, QUIT — and report every step. It never sends
 //! a message: routing itself stays with the MTA.

@@ -117,7 +117,7 @@ impl Message {
         // Every recipient the message will have, as paths: the ones it keeps
         // and the ones added so far. Adding one of them again would deliver
         // it twice on Postfix (it only merges recipients whose address,
-        // ORCPT and NOTIFY all match, DESIGN.md §8), so each is added once.
+        // ORCPT and NOTIFY all match, docs/design.md §8), so each is added once.
         let fold = self.policy.config.local_part_case == LocalPartCase::Insensitive;
         let mut present: Vec<String> = self
             .recipients

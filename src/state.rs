@@ -1,4 +1,4 @@
-//! Routing state that must survive restarts (DESIGN.md §7), kept under
+//! Routing state that must survive restarts (docs/design.md §7), kept under
 //! `state_dir` as one small file per domain and concern, so that the
 //! running milter and the `enable`/`disable` commands never write the same
 //! file:

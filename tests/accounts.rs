@@ -1,4 +1,4 @@
-//! Account sources (DESIGN.md §5 `accounts:`, README "Account sources"):
+//! Account sources (docs/design.md §5 `accounts:`, README "Account sources"):
 //! every line is an address, a comment or blank, or the load fails with
 //! `FILE:LINE`; a domain whose sources give none of its accounts is an
 //! error; Postfix `type:name` tables are read with Postfix's own reader

@@ -153,7 +153,7 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
     drop(tmp);
 }
 
-/// DESIGN.md §5: no domains is valid; `check` says the milter changes
+/// docs/design.md §5: no domains is valid; `check` says the milter changes
 /// nothing, and `run` starts (transparent) with a WARN saying so.
 #[test]
 fn no_domains_starts_transparent_with_a_warning() {

@@ -1,4 +1,4 @@
-//! A reload must not take a domain's mailboxes away by accident (DESIGN.md
+//! A reload must not take a domain's mailboxes away by accident (docs/design.md
 //! §5): an account file emptied or cut short is refused, the running
 //! accounts stay, the refusal is logged by the caller and shown by
 //! `dualroute status` until a good load clears it.

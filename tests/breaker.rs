@@ -1,4 +1,4 @@
-//! The bounce breaker (DESIGN.md §7, src/breaker.rs):
+//! The bounce breaker (docs/design.md §7, src/breaker.rs):
 //! - the parser on real Postfix and Sendmail delivery lines;
 //! - attribution of routing addresses to their domain;
 //! - the sliding window;

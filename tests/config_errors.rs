@@ -1,4 +1,4 @@
-//! Every class of configuration error (DESIGN.md §5) is reported as
+//! Every class of configuration error (docs/design.md §5) is reported as
 //! `FILE:LINE:COL: what is wrong`.
 
 use dualroute::config::parse;
@@ -176,7 +176,7 @@ fn yaml_syntax_error() {
 
 #[test]
 fn no_domains_is_valid() {
-    // DESIGN.md §5: what the Debian package installs; the milter is
+    // docs/design.md §5: what the Debian package installs; the milter is
     // transparent and says so.
     for text in [
         "listen: inet:127.0.0.1:1\ndomains: {}\n",

@@ -1,4 +1,4 @@
-//! Every row of the decision table (DESIGN.md §2), the rule order, and the
+//! Every row of the decision table (docs/design.md §2), the rule order, and the
 //! routing addresses of §4, observed through the milter protocol: what the
 //! milter answers at RCPT and which actions it sends at end of message.
 

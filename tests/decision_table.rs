@@ -1,4 +1,4 @@
-//! DESIGN.md §2, cell by cell and rule by rule, against the pure
+//! docs/design.md §2, cell by cell and rule by rule, against the pure
 //! [`decide`] function (no milter, no I/O).
 
 use dualroute::address::RcptArg;

@@ -1,6 +1,6 @@
 //! `dualroute explain` says what the milter does (STYLE.md: both call the
 //! same decision function). For every address of a list that covers every
-//! rule of DESIGN.md §2, under several clients, this compares the library's
+//! rule of docs/design.md §2, under several clients, this compares the library's
 //! `explain`, the `dualroute explain` command and what the milter actually
 //! does over the protocol:
 //!
@@ -299,7 +299,7 @@ fn addresses_cover_every_rule() {
 }
 
 /// Odd RCPT forms with `{rcpt_addr}` as real Postfix 3.7 sends it
-/// (checked through tests/postfix_e2e.rs; DESIGN facts): explain (which has
+/// (checked through tests/postfix_e2e.rs; docs/design.md §8): explain (which has
 /// no MTA) and the milter (which checks its parse against the MTA's) agree
 /// on every one, from an ordinary client and under `require_gateway`.
 #[tokio::test]

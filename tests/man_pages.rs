@@ -204,7 +204,7 @@ fn completions_match_the_command_line() {
 #[test]
 fn milter_yaml_5_documents_every_key() {
     let page = fs::read_to_string(packaging("man/milter.yaml.5")).expect("milter.yaml.5");
-    // The keys of DESIGN.md §5 / the repository's milter.yaml.
+    // The keys of docs/design.md §5 / the repository's milter.yaml.
     let example = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("milter.yaml"))
         .expect("milter.yaml");
     for k in [

@@ -1,7 +1,7 @@
 //! Whole messages through the milter protocol: several recipients with
 //! different fates, several messages per connection, aborted messages,
 //! duplicate recipients, the loop header, and RCPT arguments that are not
-//! addresses (DESIGN.md §2, §3).
+//! addresses (docs/design.md §2, §3).
 
 mod common;
 
@@ -11,7 +11,7 @@ use indymilter_test::{EomAction, Status};
 const CONFIG: &str = include_str!("messages.yaml");
 const INSTANCE: &str = "mx1.dualroute.test";
 
-/// DESIGN.md §2: a recipient never disappears without a replacement. Every
+/// docs/design.md §2: a recipient never disappears without a replacement. Every
 /// deleted recipient was one of the message's own, and has exactly one
 /// added replacement whose ORCPT names it (the test addresses need no
 /// xtext encoding).
@@ -40,7 +40,7 @@ fn assert_nothing_lost(originals: &[&str], actions: &[EomAction]) {
 
 /// The actions for a message whose one recipient, `<local@domain>`, is
 /// routed: it is deleted and replaced by its relay address
-/// `<local@domain.dualroute.invalid>`, with an ORCPT naming it (DESIGN.md
+/// `<local@domain.dualroute.invalid>`, with an ORCPT naming it (docs/design.md
 /// §2), and the message gets our loop header.
 fn redirected(rcpt: &str) -> [EomAction; 3] {
     let address = rcpt.trim_start_matches('<').trim_end_matches('>');
@@ -115,7 +115,7 @@ async fn all_recipients_redirected_none_lost() {
         d.rcpt
     );
     // Deleting every recipient without adding would make Postfix drop the
-    // message silently (DESIGN.md §8): each one must have its replacement.
+    // message silently (docs/design.md §8): each one must have its replacement.
     assert_actions(
         &d.actions,
         &[

@@ -1384,7 +1384,7 @@ enum Fate {
     Sink(&'static str),
 }
 
-/// Odd RCPT forms (DESIGN.md §3, docs/design.md "Addresses") from an
+/// Odd RCPT forms (docs/design.md §3, docs/design.md "Addresses") from an
 /// outside client that is neither a gateway nor authenticated, through the
 /// real Postfix: to a `split` domain and to a `require_gateway` domain.
 /// Postfix parses each form into a mailbox (`{rcpt_addr}`); the milter

@@ -112,7 +112,7 @@ fn relay_domain_reaches_the_sink_with_notify_and_orcpt() {
     pf.assert_no_deferred_or_held();
 }
 
-/// The mechanism `dualroute postfix-config` relies on (DESIGN.md §4): a
+/// The mechanism `dualroute postfix-config` relies on (docs/design.md §4): a
 /// dedicated smtp transport whose smtp_generic_maps turns the relay domain
 /// back into the real one, on RCPT TO only (§8: not ORCPT).
 #[test]
@@ -152,7 +152,7 @@ fn dedicated_transport_restores_the_domain_with_generic_maps() {
     assert_eq!(bob.orcpt().as_deref(), Some("rfc822;bob@example.com"));
     // Without an ORCPT from the client, Postfix sends the address it
     // received, before the generic rewrite: the relay address leaks in
-    // ORCPT. That is why the milter adds ORCPT itself (DESIGN.md §4).
+    // ORCPT. That is why the milter adds ORCPT itself (docs/design.md §4).
     let carol = m.rcpt("carol@example.com").unwrap();
     assert_eq!(
         carol.orcpt().as_deref(),
@@ -248,7 +248,7 @@ fn sink_rejection_is_a_logged_bounce() {
     assert!(sink.messages().is_empty());
 }
 
-/// DESIGN.md §8: with the milter down and milter_default_action = tempfail,
+/// docs/design.md §8: with the milter down and milter_default_action = tempfail,
 /// Postfix answers 451 4.7.1 at MAIL.
 #[test]
 fn unreachable_milter_tempfails_at_mail() {

@@ -1,4 +1,4 @@
-//! Live reload (DESIGN.md §7) under load: many conversations run while the
+//! Live reload (docs/design.md §7) under load: many conversations run while the
 //! policy is reloaded. None fails; a message keeps the policy it started
 //! with (at MAIL); messages begun after the reload get the new one. And the
 //! real binary reloads by itself when an account file changes.

@@ -399,7 +399,7 @@ fn dual_copies_present_and_refuses_unknown() {
     assert_eq!(store, strs(&["alice@example.com"]), "{}", e.diagnostics());
     assert_eq!(other, strs(&["alice@example.com.dualroute.invalid"]));
     let copy = e.other_rcpt("alice@example.com.dualroute.invalid");
-    // Sendmail sends NOTIFY before ORCPT (DESIGN facts): compare as a set.
+    // Sendmail sends NOTIFY before ORCPT (docs/sendmail.md): compare as a set.
     assert_eq!(copy.notify(), Some("NEVER"), "{copy:?}");
     assert_eq!(copy.orcpt().as_deref(), Some("rfc822;alice@example.com"));
 }
@@ -528,7 +528,7 @@ fn mixed_message_reaches_each_recipient_exactly_once() {
     // copy; zed@unmanaged.test: not ours, kept. Also the same recipient
     // twice, and carol's copy target as an original recipient: Sendmail
     // de-duplicates an added recipient equal to an existing one, so it
-    // arrives once (Postfix would deliver it twice, DESIGN.md §8).
+    // arrives once (Postfix would deliver it twice, docs/design.md §8).
     let t = e.send(
         &[
             "alice@example.com",
@@ -603,7 +603,7 @@ fn milter_down_tempfails_and_the_retry_is_delivered_once() {
     assert_eq!(other, strs(&["bob@example.com.dualroute.invalid"]));
 }
 
-/// DESIGN.md §2 rule 1: routing off (here: `dualroute disable`) keeps who
+/// docs/design.md §2 rule 1: routing off (here: `dualroute disable`) keeps who
 /// has a mailbox, without copies, and refuses with 451 4.4.4 at RCPT who
 /// would be routed away and has none. Needs the lead's contract change.
 #[test]
@@ -631,7 +631,7 @@ fn disabled_domain_keeps_present_and_tempfails_who_would_be_routed() {
     assert!(other.is_empty(), "{other:?}");
 }
 
-/// DESIGN.md §2: a message that already carries our X-Dualroute header and
+/// docs/design.md §2: a message that already carries our X-Dualroute header and
 /// has a recipient to redirect is refused 554 5.4.6 at end of message (no
 /// copies, never the catch-all). Needs the lead's contract change.
 #[test]
@@ -649,7 +649,7 @@ fn looping_message_is_refused_at_end_of_message() {
     assert!(store.is_empty() && other.is_empty(), "{store:?} {other:?}");
 }
 
-/// Sendmail's own log lines trip the breaker (DESIGN.md §7): the other
+/// Sendmail's own log lines trip the breaker (docs/design.md §7): the other
 /// server refuses routed mail, Sendmail bounces it with `dsn=5.1.1,
 /// stat=User unknown`, and after `threshold` such lines the domain is
 /// tripped: `status` says so, and the milter's log names the line.

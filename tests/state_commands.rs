@@ -1,4 +1,4 @@
-//! `dualroute status`, `disable`, `enable` (DESIGN.md §6–7): the state
+//! `dualroute status`, `disable`, `enable` (docs/design.md §6–7): the state
 //! survives in `state_dir`, `status` reports it, and the running milter
 //! follows within seconds without a restart.
 

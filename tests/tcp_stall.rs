@@ -1,7 +1,7 @@
 //! Over TCP, Postfix's milter client writes the macro packet and the command
 //! after it as two small writes; Nagle's algorithm holds the second until
 //! the first is acknowledged, and a milter whose kernel delays that ACK
-//! stalls every such pair by up to 40 ms (DESIGN.md §8; 165 messages/s
+//! stalls every such pair by up to 40 ms (docs/design.md §8; 165 messages/s
 //! through Postfix instead of 430). This test makes the same writes, over
 //! TCP and over a unix socket side by side in one run, and compares the
 //! round trips: a ratio, not a timed assertion.

@@ -1,4 +1,4 @@
-//! The verification probe (DESIGN.md §7) against real SMTP servers on
+//! The verification probe (docs/design.md §7) against real SMTP servers on
 //! loopback: `smtp-sink` accepting, `smtp-sink` refusing recipients, and a
 //! closed port; and the running milter holding a domain's routing until
 //! the probe passes.

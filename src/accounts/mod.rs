@@ -1,4 +1,4 @@
-//! Which addresses have a mailbox here (DESIGN.md §5 `accounts:`).
+//! Which addresses have a mailbox here (docs/design.md §5 `accounts:`).
 //!
 //! A domain may list a million mailboxes, so the set is compact: all local
 //! parts of a domain live in one string arena, indexed by a sorted vector of

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 pub const SYSTEM_CONFIG: &str = "/etc/dualroute/milter.yaml";
 
 /// `--config` if given; else `./milter.yaml` if it exists; else
-/// [`SYSTEM_CONFIG`] (DESIGN.md §6).
+/// [`SYSTEM_CONFIG`] (docs/design.md §6).
 pub fn config_path(given: Option<&Path>) -> PathBuf {
     match given {
         Some(p) => p.to_owned(),

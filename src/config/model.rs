@@ -1,4 +1,4 @@
-//! Typed configuration values (DESIGN.md §5). Every value that can be wrong
+//! Typed configuration values (docs/design.md §5). Every value that can be wrong
 //! is parsed through `FromStr` with an error an administrator can act on;
 //! the YAML reader attaches file, line and column.
 
@@ -307,7 +307,7 @@ impl FromStr for Host {
 }
 deserialize_from_str!(Host, "host");
 
-/// The other server (DESIGN.md §4).
+/// The other server (docs/design.md §4).
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub enum Destination {
     /// Explicit hosts: routing addresses use the relay domain.
@@ -359,7 +359,7 @@ impl<'de> Deserialize<'de> for Destination {
     }
 }
 
-/// One source of account names (DESIGN.md §5 `accounts:`).
+/// One source of account names (docs/design.md §5 `accounts:`).
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub enum AccountSource {
     List(Vec<ConfigAddress>),
@@ -718,7 +718,7 @@ impl FromStr for Window {
 }
 deserialize_from_str!(Window, "duration");
 
-/// The bounce breaker (DESIGN.md §7).
+/// The bounce breaker (docs/design.md §7).
 #[derive(Clone, Debug, Eq, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerConfig {

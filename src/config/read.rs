@@ -184,7 +184,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             ),
         ))
     };
-    // Duplicate keys: serde would keep the last silently (DESIGN.md §5).
+    // Duplicate keys: serde would keep the last silently (docs/design.md §5).
     if let Some(name) = first_repeat(raw.domains.0.iter().map(|(n, _)| n.0.clone())) {
         return Err(twice(vec![key("domains"), key(&name)], name));
     }

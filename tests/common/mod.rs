@@ -22,7 +22,7 @@ pub const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
 /// The gateway listed in the tests' configurations (`gateways: [192.0.2.25, ...]`).
 pub const GATEWAY: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 25));
 
-/// The header that marks routed mail (DESIGN.md §2, end of message).
+/// The header that marks routed mail (docs/design.md §2, end of message).
 pub const LOOP_HEADER: &str = "X-Dualroute";
 
 /// Parses and loads a test configuration, failing the test with the

@@ -59,7 +59,7 @@ pub struct PostfixOptions {
     /// `smtpd_milters`, e.g. `inet:127.0.0.1:8899`. None: no milter.
     pub milter: Option<String>,
     /// `milter_default_action` when a milter is set. Default `tempfail`
-    /// (DESIGN.md §8).
+    /// (docs/design.md §8).
     pub milter_default_action: String,
     /// Lines appended to main.cf after the harness's own (a later line
     /// overrides an earlier one for the same parameter).
@@ -105,7 +105,7 @@ impl PostfixOptions {
     /// A virtual mailbox domain with a Maildir for each account and a
     /// catch-all `@domain` Maildir. The catch-all makes Postfix accept
     /// every address of the domain, as a `split` or `route` domain needs
-    /// (DESIGN.md §8); read it with `maildir_messages("@domain")`.
+    /// (docs/design.md §8); read it with `maildir_messages("@domain")`.
     pub fn domain(self, domain: &str, accounts: &[&str]) -> Self {
         let catchall = (format!("@{domain}"), format!("catchall/{domain}/"));
         self.add_domain(domain, accounts, Some(catchall))
