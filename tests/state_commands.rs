@@ -145,7 +145,8 @@ fn explain_and_the_running_milter_agree_in_every_hold_state() {
     let tripped = "since: 1795000000\nbounces: 3\nwindow_secs: 3600\nlast: x\n";
     let disabled = "since: 1795000000\nreason: test\n";
     // (files to write, whether zed@ is routed, words explain must print)
-    let cases: Vec<(Vec<(&str, String)>, bool, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, String)>, bool, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![], false, "waiting for verification"),
         (
             vec![("verify", verify(false, &target))],
