@@ -9,7 +9,8 @@
 //! benches/noop-libmilter.c. One conversation: negotiate, connect, HELO,
 //! MAIL, three RCPT (two accounts, one unknown: redirected), DATA, one
 //! header, end of headers, end of message with delete + add with ESMTP
-//! parameters + add header. Prints conversations/s, p50/p99 latency, the
+//! parameters + add header. With `--tcp`, each milter over TCP as well
+//! (libmilter does nothing about the delayed-ACK stall). Prints conversations/s, p50/p99 latency, the
 //! milter process's CPU per conversation, and ratios to the no-op.
 //!
 //! Postfix arm (`--postfix`): `smtp-source` into a private Postfix
@@ -18,7 +19,7 @@
 //! TCP; messages/s and ratios to no milter.
 //!
 //! ```text
-//! scripts/bench.sh [--quick] [--postfix] [--reps N] [--secs S] [--concurrency 1,8,64] [--accounts N]
+//! scripts/bench.sh [--quick] [--tcp] [--postfix] [--reps N] [--secs S] [--concurrency 1,8,64] [--accounts N]
 //! cargo bench --bench milter -- [same options] [--libmilter PATH]
 //! ```
 
@@ -45,6 +46,7 @@ struct Options {
     accounts: usize,
     libmilter: Option<PathBuf>,
     messages: usize,
+    tcp: bool,
 }
 
 fn options() -> Options {
@@ -57,6 +59,7 @@ fn options() -> Options {
         accounts: 1_000_000,
         libmilter: None,
         messages: 2000,
+        tcp: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -64,6 +67,7 @@ fn options() -> Options {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--postfix" => o.postfix = true,
+            "--tcp" => o.tcp = true,
             "--reps" => o.reps = value().parse().unwrap_or_else(|_| usage("--reps")),
             "--secs" => o.secs = value().parse().unwrap_or_else(|_| usage("--secs")),
             "--accounts" => o.accounts = value().parse().unwrap_or_else(|_| usage("--accounts")),
@@ -336,16 +340,49 @@ fn write_config(
 // Protocol arm.
 // ---------------------------------------------------------------------
 
+/// Where a milter of the protocol arm listens.
+#[derive(Clone, Debug)]
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp(u16),
+}
+
+impl Endpoint {
+    fn socket(&self) -> String {
+        match self {
+            Endpoint::Unix(path) => format!("unix:{}", path.display()),
+            Endpoint::Tcp(port) => format!("inet:127.0.0.1:{port}"),
+        }
+    }
+
+    /// The same in libmilter's syntax.
+    fn libmilter_socket(&self) -> String {
+        match self {
+            Endpoint::Unix(path) => format!("unix:{}", path.display()),
+            Endpoint::Tcp(port) => format!("inet:{port}@127.0.0.1"),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        match self {
+            Endpoint::Unix(path) => unix_ready(path)(),
+            Endpoint::Tcp(port) => tcp_ready(*port)(),
+        }
+    }
+}
+
 /// One conversation as an MTA has it.
-async fn conversation(path: &Path) -> Result<(), String> {
+async fn conversation(at: &Endpoint) -> Result<(), String> {
     let e = |what: &str| {
         let what = what.to_owned();
         move |err: indymilter_test::TestError| format!("{what}: {err}")
     };
-    let mut c = TestConnection::configure()
-        .open_unix(path)
-        .await
-        .map_err(e("negotiate"))?;
+    let mta = TestConnection::configure();
+    let mut c = match at {
+        Endpoint::Unix(path) => mta.open_unix(path).await,
+        Endpoint::Tcp(port) => mta.open_tcp(("127.0.0.1", *port)).await,
+    }
+    .map_err(e("negotiate"))?;
     let skipped = c.negotiated_opts();
     c.connect(
         "client.example.org",
@@ -387,23 +424,23 @@ struct Run {
 fn load(
     runtime: &tokio::runtime::Runtime,
     server: &Server,
-    path: &Path,
+    at: &Endpoint,
     concurrency: usize,
     secs: f64,
 ) -> Run {
     let cpu_before = server.cpu();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(secs);
-    let path = Arc::new(path.to_owned());
+    let at = Arc::new(at.clone());
     let mut latencies: Vec<Duration> = runtime.block_on(async {
         let tasks: Vec<_> = (0..concurrency)
             .map(|_| {
-                let path = path.clone();
+                let at = at.clone();
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     while Instant::now() < until {
                         let t = Instant::now();
-                        if let Err(e) = conversation(&path).await {
+                        if let Err(e) = conversation(&at).await {
                             panic!("conversation failed: {e}");
                         }
                         seen.push(t.elapsed());
@@ -439,45 +476,49 @@ fn median_f(mut v: Vec<f64>) -> f64 {
 fn protocol_arm(o: &Options) {
     let tmp = tempfile::tempdir().expect("temporary directory");
     let dir = tmp.path();
-    let sock = |name: &str| dir.join(format!("{name}.sock"));
-    let config = write_config(
-        dir,
-        &format!("unix:{}", sock("dualroute").display()),
-        o.accounts,
-        "milter.yaml",
-        "[192.0.2.30]:2525",
-    );
-    let started = Instant::now();
-    let mut servers = vec![(
-        sock("dualroute"),
-        Server::start(
-            "dualroute",
-            dualroute(&config),
-            unix_ready(&sock("dualroute")),
-        ),
-    )];
-    println!(
-        "dualroute with {} accounts: socket ready after {:.2}s",
-        o.accounts + 2,
-        started.elapsed().as_secs_f64()
-    );
-    let noop_sock = sock("noop");
-    servers.push((
-        noop_sock.clone(),
-        Server::start(
-            "no-op indymilter",
-            noop(&format!("unix:{}", noop_sock.display()), "alike"),
-            unix_ready(&noop_sock),
-        ),
-    ));
-    if let Some(lib) = &o.libmilter {
-        let s = sock("libmilter");
-        let mut c = Command::new(lib);
-        c.arg(format!("unix:{}", s.display()));
-        servers.push((
-            s.clone(),
-            Server::start("libmilter no-op", c, unix_ready(&s)),
-        ));
+    let mut servers: Vec<(Endpoint, Server)> = Vec::new();
+    // Each milter over a unix socket, and with --tcp over TCP too.
+    let mut endpoints = vec![("", Endpoint::Unix(PathBuf::new()))];
+    if o.tcp {
+        endpoints.push((" inet", Endpoint::Tcp(0)));
+    }
+    for (suffix, kind) in endpoints {
+        let at = |name: &str| match kind {
+            Endpoint::Unix(_) => Endpoint::Unix(dir.join(format!("{name}.sock"))),
+            Endpoint::Tcp(_) => Endpoint::Tcp(support::free_port()),
+        };
+        let dr = at("dualroute");
+        let config = write_config(
+            dir,
+            &dr.socket(),
+            o.accounts,
+            &format!("milter{}.yaml", suffix.trim()),
+            "[192.0.2.30]:2525",
+        );
+        let started = Instant::now();
+        let server = Server::start(&format!("dualroute{suffix}"), dualroute(&config), || {
+            dr.ready()
+        });
+        println!(
+            "dualroute{suffix} with {} accounts: socket ready after {:.2}s",
+            o.accounts + 2,
+            started.elapsed().as_secs_f64()
+        );
+        servers.push((dr, server));
+        let nop = at("noop");
+        let server = Server::start(
+            &format!("no-op indymilter{suffix}"),
+            noop(&nop.socket(), "alike"),
+            || nop.ready(),
+        );
+        servers.push((nop, server));
+        if let Some(lib) = &o.libmilter {
+            let lm = at("libmilter");
+            let mut c = Command::new(lib);
+            c.arg(lm.libmilter_socket());
+            let server = Server::start(&format!("libmilter no-op{suffix}"), c, || lm.ready());
+            servers.push((lm, server));
+        }
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     println!(
@@ -485,14 +526,14 @@ fn protocol_arm(o: &Options) {
         o.reps, o.secs
     );
     println!(
-        "{:<18} {:>4} {:>10} {:>9} {:>9} {:>8} {:>9}",
+        "{:<22} {:>4} {:>10} {:>9} {:>9} {:>8} {:>9}",
         "milter", "C", "conv/s", "p50", "p99", "CPU µs", "vs no-op"
     );
     for &c in &o.concurrency {
         let mut runs: Vec<Vec<Run>> = servers.iter().map(|_| Vec::new()).collect();
         for _ in 0..o.reps {
-            for (i, (path, server)) in servers.iter().enumerate() {
-                runs[i].push(load(&runtime, server, path, c, o.secs));
+            for (i, (at, server)) in servers.iter().enumerate() {
+                runs[i].push(load(&runtime, server, at, c, o.secs));
             }
         }
         let med: Vec<(f64, Duration, Duration, f64)> = runs
@@ -513,7 +554,7 @@ fn protocol_arm(o: &Options) {
         let noop_rate = med[1].0;
         for ((_, server), (rate, p50, p99, cpu)) in servers.iter().zip(&med) {
             println!(
-                "{:<18} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>8.2}x",
+                "{:<22} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>8.2}x",
                 server.name,
                 c,
                 rate,

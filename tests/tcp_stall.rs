@@ -64,6 +64,43 @@ async fn message_round(conn: &mut TestConnection) -> Duration {
     started.elapsed()
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Round {
+    /// [`rcpt_round`]
+    Rcpt,
+    /// [`message_round`]
+    Message,
+}
+
+async fn round(kind: Round, conn: &mut TestConnection) -> Duration {
+    match kind {
+        Round::Rcpt => rcpt_round(conn).await,
+        Round::Message => message_round(conn).await,
+    }
+}
+
+/// Runs `kind` rounds on both connections, interleaved so that both see
+/// the same machine load, and fails when the TCP median is more than
+/// [`BOUND`] times the unix one.
+async fn compare(kind: Round, tcp: &mut TestConnection, unix: &mut TestConnection) {
+    let (mut tcp_rounds, mut unix_rounds) = (Vec::new(), Vec::new());
+    for i in 0..WARM_UP + ROUNDS {
+        let t = round(kind, tcp).await;
+        let u = round(kind, unix).await;
+        if i >= WARM_UP {
+            tcp_rounds.push(t);
+            unix_rounds.push(u);
+        }
+    }
+    let (t, u) = (median(tcp_rounds), median(unix_rounds));
+    let ratio = t.as_secs_f64() / u.as_secs_f64().max(1e-6);
+    eprintln!("{kind:?}, median: TCP {t:?}, unix {u:?}, ratio {ratio:.1}");
+    assert!(
+        ratio < BOUND,
+        "{kind:?} over TCP stalls: median {t:?} against {u:?} over a unix socket ({ratio:.0}x)"
+    );
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -101,43 +138,11 @@ async fn tcp_round_trips_cost_what_unix_ones_do() {
     )
     .await;
 
-    // Interleaved, so that both see the same machine load.
-    let (mut tcp_rounds, mut unix_rounds) = (Vec::new(), Vec::new());
-    for i in 0..WARM_UP + ROUNDS {
-        let t = rcpt_round(&mut over_tcp).await;
-        let u = rcpt_round(&mut over_unix).await;
-        if i >= WARM_UP {
-            tcp_rounds.push(t);
-            unix_rounds.push(u);
-        }
-    }
-    let (t, u) = (median(tcp_rounds), median(unix_rounds));
-    let ratio = t.as_secs_f64() / u.as_secs_f64().max(1e-6);
-    eprintln!("median RCPT round trip: TCP {t:?}, unix {u:?}, ratio {ratio:.1}");
-    assert!(
-        ratio < BOUND,
-        "TCP round trips stall: median {t:?} over TCP against {u:?} over a unix socket ({ratio:.0}x)"
-    );
-
+    compare(Round::Rcpt, &mut over_tcp, &mut over_unix).await;
     // The open transactions end; whole messages follow.
     over_tcp.abort().await.expect("abort over TCP");
     over_unix.abort().await.expect("abort over the unix socket");
-    let (mut tcp_rounds, mut unix_rounds) = (Vec::new(), Vec::new());
-    for i in 0..WARM_UP + ROUNDS {
-        let t = message_round(&mut over_tcp).await;
-        let u = message_round(&mut over_unix).await;
-        if i >= WARM_UP {
-            tcp_rounds.push(t);
-            unix_rounds.push(u);
-        }
-    }
-    let (t, u) = (median(tcp_rounds), median(unix_rounds));
-    let ratio = t.as_secs_f64() / u.as_secs_f64().max(1e-6);
-    eprintln!("median routed message: TCP {t:?}, unix {u:?}, ratio {ratio:.1}");
-    assert!(
-        ratio < BOUND,
-        "TCP end of message stalls: median {t:?} over TCP against {u:?} over a unix socket ({ratio:.0}x)"
-    );
+    compare(Round::Message, &mut over_tcp, &mut over_unix).await;
 
     over_tcp.close().await.expect("close TCP");
     over_unix.close().await.expect("close unix");
