@@ -62,6 +62,15 @@ pub fn mailer_name(port: Option<u16>) -> String {
     }
 }
 
+/// The sendmail.cf definition of mailer `name`: Sendmail's `esmtp` mailer
+/// as Debian's cf/mailer/smtp.m4 defines it (flags, rulesets, line
+/// limit), connecting to `port`.
+pub fn mailer_definition(name: &str, port: u16) -> String {
+    format!(
+        "M{name}, P=[IPC], F=mDFMuXa, S=EnvFromSMTP/HdrFromSMTP, R=EnvToSMTP, E=\\r\\n, L=990,\n\tT=DNS/RFC822/SMTP,\n\tA=TCP $h {port}"
+    )
+}
+
 /// A mailertable host: `[literal]` or a name (Sendmail looks up its MX
 /// unless it is bracketed, as Postfix does); IPv6 literals take Sendmail's
 /// `IPv6:` tag.
@@ -174,10 +183,7 @@ pub fn generate(policy: &Policy) -> SendmailConfig {
     for p in ports {
         out.mailers.push(mc(
             &format!("a mailer for destinations on port {p}: Sendmail's esmtp mailer with A=TCP $h {p} (a mailertable entry names a host, not a port)"),
-            format!(
-                "M{}, P=[IPC], F=mDFMuXa, S=EnvFromSMTP/HdrFromSMTP, R=EnvToSMTP, E=\\r\\n, L=990,\n\tT=DNS/RFC822/SMTP,\n\tA=TCP $h {p}",
-                mailer_name(Some(p))
-            ),
+            mailer_definition(&mailer_name(Some(p)), p),
         ));
     }
     if !table.entries.is_empty() {

@@ -82,10 +82,6 @@ pub struct SendmailOptions {
     mailers: Vec<String>,
     /// access entries (`To:example.com RELAY`).
     pub access: Vec<String>,
-    /// Domains in class w (local-host-names): delivered by the local
-    /// mailer. Only for `sendmail -bt` address tests: nothing delivers
-    /// locally here.
-    pub local_domains: Vec<String>,
     /// Other maps: (file name, source).
     pub maps: Vec<(String, String)>,
     /// Whether the local mailer writes to files (see
@@ -118,10 +114,7 @@ impl SendmailOptions {
     /// domain that has no DNS here.
     pub fn relay_to(mut self, domain: &str, sink: &SmtpSink) -> Self {
         let mailer = format!("sink{}", sink.port());
-        let definition = format!(
-            "M{mailer}, P=[IPC], F=mDFMuXa, S=EnvFromSMTP/HdrFromSMTP, R=EnvToSMTP, E=\\r\\n, L=990,\n\tT=DNS/RFC822/SMTP,\n\tA=TCP $h {}",
-            sink.port()
-        );
+        let definition = dualroute::sendmail::mailer_definition(&mailer, sink.port());
         if !self.mailers.contains(&definition) {
             self.mailers.push(definition);
         }
@@ -157,9 +150,9 @@ impl SendmailOptions {
             .mc("MODIFY_MAILER_FLAGS(`LOCAL', `-wA')dnl")
     }
 
-    /// A domain in class w (see [`SendmailOptions::local_domains`]).
-    pub fn local_domain(mut self, domain: &str) -> Self {
-        self.local_domains.push(domain.to_owned());
+    /// A domain in class w (`LOCAL_DOMAIN`): Sendmail's local mailer
+    /// delivers it (see [`SendmailOptions::local_delivery`]).
+    pub fn local_domain(self, domain: &str) -> Self {
         self.mc(&format!("LOCAL_DOMAIN(`{domain}')dnl"))
     }
 }
