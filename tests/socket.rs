@@ -2,8 +2,8 @@
 //! (a second instance is refused and the first keeps serving), a stale
 //! socket is replaced, the socket is 0660 with its directory's group and is
 //! removed on exit only while it is still ours; systemd notification
-//! (READY, RELOADING/READY around SIGHUP); logs without colour or a
-//! duplicate timestamp; `check` on the socket directory.
+//! (READY, RELOADING/READY around SIGHUP); `check` on the socket
+//! directory. (Logs: tests/logging.rs.)
 
 mod support;
 
@@ -234,45 +234,6 @@ fn systemd_notify_ready_and_reloading() {
     milter.signal("TERM");
     assert_eq!(recv().trim(), "STOPPING=1");
     assert!(milter.wait_exit().success());
-}
-
-#[test]
-fn logs_have_no_colour_in_a_file_and_no_timestamp_under_journald() {
-    let s = setup();
-    // Colour: the harness sets NO_COLOR; this one must be plain without it.
-    let log = s.dir.join("plain.log");
-    let mut milter = MilterProcess::start_unix(&s.config, &s.socket, &log, &[("NO_COLOR", "")]);
-    milter.signal("TERM");
-    milter.wait_exit();
-    let raw = fs::read_to_string(&log).expect("log");
-    assert!(!raw.contains('\u{1b}'), "ANSI codes in a log file:\n{raw}");
-    let listening = raw
-        .lines()
-        .find(|l| l.contains("listening on"))
-        .expect("a start line");
-    assert!(
-        listening.starts_with("20"),
-        "outside journald a line starts with its timestamp: {listening}"
-    );
-
-    // journald: JOURNAL_STREAM names the device and inode of stderr.
-    let log = s.dir.join("journal.log");
-    fs::write(&log, "").expect("create");
-    let meta = fs::metadata(&log).expect("stat");
-    let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let mut milter =
-        MilterProcess::start_unix(&s.config, &s.socket, &log, &[("JOURNAL_STREAM", &stream)]);
-    milter.signal("TERM");
-    milter.wait_exit();
-    let raw = fs::read_to_string(&log).expect("log");
-    let listening = raw
-        .lines()
-        .find(|l| l.contains("listening on"))
-        .expect("a start line");
-    assert!(
-        listening.trim_start().starts_with("INFO"),
-        "under journald no timestamp of our own: {listening}"
-    );
 }
 
 #[test]
