@@ -7,39 +7,11 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use support::{dualroute, MilterProcess};
+use std::path::Path;
+use support::{dualroute, MilterProcess, UnixTree};
 
-struct Setup {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    socket: PathBuf,
-    config: PathBuf,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::Builder::new()
-        .prefix("dualroute-logging-")
-        .tempdir()
-        .expect("temporary directory");
-    let dir = tmp.path().to_path_buf();
-    let socket = dir.join("dualroute.sock");
-    let config = dir.join("milter.yaml");
-    fs::write(
-        &config,
-        format!(
-            "listen: unix:{}\ninstance: logging.test\nstate_dir: {}\ndomains:\n  example.com:\n    mode: dual\n    destination: {{ hosts: [\"[127.0.0.1]:9\"] }}\n",
-            socket.display(),
-            dir.join("state").display()
-        ),
-    )
-    .expect("write milter.yaml");
-    Setup {
-        _tmp: tmp,
-        dir,
-        socket,
-        config,
-    }
+fn setup() -> UnixTree {
+    UnixTree::new("dualroute-logging-")
 }
 
 fn first_line_with(log: &Path, what: &str) -> String {
