@@ -68,6 +68,7 @@ pub enum Command {
         reason: String,
     },
     /// Print the Postfix main.cf/master.cf/map lines this configuration needs, or apply them
+    #[command(group(clap::ArgGroup::new("change").args(["apply", "revert"])))]
     PostfixConfig {
         /// Write main.cf.dualroute, master.cf.dualroute and the tables into DIR instead of printing
         #[arg(long, value_name = "DIR", conflicts_with_all = ["apply", "revert"])]
@@ -82,7 +83,7 @@ pub enum Command {
         #[arg(long)]
         revert: bool,
         /// With --apply or --revert: print the changes, change nothing
-        #[arg(long)]
+        #[arg(long, requires = "change")]
         dry_run: bool,
         /// The Postfix configuration directory to change, as `postconf -c`
         #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]

@@ -92,7 +92,22 @@ pub fn postfix_apply(
         tables.extend(before.tables.iter().cloned());
         let current = postfix.current(&tables)?;
         let (changes, record) = apply::plan_apply(&want, map_dir, &current, &before);
-        (changes, Some(record), want.notes)
+        // --apply puts the catch-all into virtual_mailbox_maps itself: the
+        // hand-made step of the printed form does not apply.
+        let mut notes: Vec<String> = want
+            .notes
+            .iter()
+            .filter(|n| !n.starts_with(crate::postfix::CATCHALL_NOTE))
+            .cloned()
+            .collect();
+        if want
+            .notes
+            .iter()
+            .any(|n| n.starts_with(crate::postfix::CATCHALL_NOTE))
+        {
+            notes.push("the dualroute_catchall table goes into virtual_mailbox_maps, for virtual mailbox domains; a split or route domain in relay_domains (relay_recipient_maps) or mydestination (local_recipient_maps) needs its @domain key in that table instead".into());
+        }
+        (changes, Some(record), notes)
     };
     for n in &notes {
         eprintln!("NOTE: {}", n.replace('\n', "\n  "));

@@ -63,9 +63,31 @@ pub async fn state_loop(shared: SharedPolicy, every: std::time::Duration) {
     loop {
         tokio::time::sleep(every).await;
         let policy = current(&shared);
-        let errors = tokio::task::spawn_blocking(move || policy.refresh_state())
-            .await
-            .unwrap_or_default();
+        let holds = |p: &Policy| -> Vec<(String, Option<String>)> {
+            let mut names: Vec<&String> = p.domains.keys().collect();
+            names.sort();
+            names
+                .into_iter()
+                .map(|n| (n.clone(), p.holds.reason(n)))
+                .collect()
+        };
+        let before = holds(&policy);
+        let (errors, after) = tokio::task::spawn_blocking(move || {
+            let errors = policy.refresh_state();
+            (errors, holds(&policy))
+        })
+        .await
+        .unwrap_or_default();
+        // One line when the running milter picks up `enable`/`disable` or
+        // a breaker trip written by another process.
+        for ((name, was), (_, now)) in before.iter().zip(&after) {
+            match (was, now) {
+                (None, Some(why)) => tracing::warn!("{name}: routing is off: {why}"),
+                (Some(_), None) => tracing::info!("{name}: routing is on again"),
+                (Some(a), Some(b)) if a != b => tracing::warn!("{name}: routing is off: {b}"),
+                _ => {}
+            }
+        }
         if errors != last_errors {
             for e in &errors {
                 tracing::error!("{e}; routing for that domain stays off");

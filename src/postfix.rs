@@ -12,6 +12,8 @@ pub const TRANSPORT: &str = "dualroute";
 const TRANSPORT_MAP: &str = "dualroute_transport";
 const GENERIC_MAP: &str = "dualroute_generic";
 const CATCHALL_MAP: &str = "dualroute_catchall";
+/// How the note about the catch-all begins (`--apply` does that step).
+pub const CATCHALL_NOTE: &str = "Postfix checks recipients";
 
 /// A `main.cf` parameter with the reason it is needed.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -176,7 +178,7 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
     }
     if !catchall.entries.is_empty() {
         out.notes.push(format!(
-            "Postfix checks recipients (smtpd_reject_unlisted_recipient) before the milter sees them, so for split and route domains it must accept addresses it has no mailbox for. For virtual mailbox domains add {} to virtual_mailbox_maps after your own table, e.g.\n  postconf -e \"virtual_mailbox_maps = $(postconf -h virtual_mailbox_maps), {}\"\nFor other setups (relay_domains with relay_recipient_maps, mydestination with local_recipient_maps) add the same @domain catch-all key to that table.",
+            "{CATCHALL_NOTE} (smtpd_reject_unlisted_recipient) before the milter sees them, so for split and route domains it must accept addresses it has no mailbox for. For virtual mailbox domains add {} to virtual_mailbox_maps after your own table, e.g.\n  postconf -e \"virtual_mailbox_maps = $(postconf -h virtual_mailbox_maps), {}\"\nFor other setups (relay_domains with relay_recipient_maps, mydestination with local_recipient_maps) add the same @domain catch-all key to that table.",
             map(CATCHALL_MAP),
             map(CATCHALL_MAP)
         ));

@@ -2,8 +2,8 @@
 //! (a second instance is refused and the first keeps serving), a stale
 //! socket is replaced, the socket is 0660 with its directory's group and is
 //! removed on exit only while it is still ours; systemd notification
-//! (READY, RELOADING/READY around SIGHUP); logs without colour or a
-//! duplicate timestamp; `check` on the socket directory.
+//! (READY, RELOADING/READY around SIGHUP); `check` on the socket
+//! directory. (Logs: tests/logging.rs.)
 
 mod support;
 
@@ -11,50 +11,13 @@ use indymilter_test::{Status, TestConnection};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixDatagram, UnixListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{dualroute, MilterProcess};
+use support::{dualroute, unix_config, MilterProcess, UnixTree};
 
-/// A dual domain with one account: an unknown recipient is refused at RCPT
-/// (550 5.1.1), which only a milter applying this policy does.
-fn config(dir: &Path, socket: &Path) -> PathBuf {
-    let path = dir.join("milter.yaml");
-    fs::write(
-        &path,
-        format!(
-            "listen: unix:{}\ninstance: socket.test\nstate_dir: {}\ndomains:\n  example.com:\n    mode: dual\n    destination: {{ hosts: [\"[127.0.0.1]:9\"] }}\n    accounts:\n      - list: [alice@example.com]\n",
-            socket.display(),
-            dir.join("state").display()
-        ),
-    )
-    .expect("write milter.yaml");
-    path
-}
-
-struct Setup {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    socket: PathBuf,
-    config: PathBuf,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::Builder::new()
-        .prefix("dualroute-socket-")
-        .tempdir()
-        .expect("temporary directory");
-    let dir = tmp.path().to_path_buf();
-    let sockdir = dir.join("spool");
-    fs::create_dir(&sockdir).expect("create the socket directory");
-    let socket = sockdir.join("dualroute.sock");
-    let config = config(&dir, &socket);
-    Setup {
-        _tmp: tmp,
-        dir,
-        socket,
-        config,
-    }
+fn setup() -> UnixTree {
+    UnixTree::new("dualroute-socket-")
 }
 
 /// A milter conversation as Postfix has it: the unknown recipient of the
@@ -237,49 +200,10 @@ fn systemd_notify_ready_and_reloading() {
 }
 
 #[test]
-fn logs_have_no_colour_in_a_file_and_no_timestamp_under_journald() {
-    let s = setup();
-    // Colour: the harness sets NO_COLOR; this one must be plain without it.
-    let log = s.dir.join("plain.log");
-    let mut milter = MilterProcess::start_unix(&s.config, &s.socket, &log, &[("NO_COLOR", "")]);
-    milter.signal("TERM");
-    milter.wait_exit();
-    let raw = fs::read_to_string(&log).expect("log");
-    assert!(!raw.contains('\u{1b}'), "ANSI codes in a log file:\n{raw}");
-    let listening = raw
-        .lines()
-        .find(|l| l.contains("listening on"))
-        .expect("a start line");
-    assert!(
-        listening.starts_with("20"),
-        "outside journald a line starts with its timestamp: {listening}"
-    );
-
-    // journald: JOURNAL_STREAM names the device and inode of stderr.
-    let log = s.dir.join("journal.log");
-    fs::write(&log, "").expect("create");
-    let meta = fs::metadata(&log).expect("stat");
-    let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let mut milter =
-        MilterProcess::start_unix(&s.config, &s.socket, &log, &[("JOURNAL_STREAM", &stream)]);
-    milter.signal("TERM");
-    milter.wait_exit();
-    let raw = fs::read_to_string(&log).expect("log");
-    let listening = raw
-        .lines()
-        .find(|l| l.contains("listening on"))
-        .expect("a start line");
-    assert!(
-        listening.trim_start().starts_with("INFO"),
-        "under journald no timestamp of our own: {listening}"
-    );
-}
-
-#[test]
 fn check_names_a_missing_socket_directory_and_the_fix() {
     let tmp = tempfile::tempdir().expect("tmp");
     let missing = tmp.path().join("nowhere").join("dualroute.sock");
-    let config = config(tmp.path(), &missing);
+    let config = unix_config(tmp.path(), &missing);
     let (status, out) = dualroute(&config, &["check"]);
     assert!(!status.success(), "{out}");
     let want = format!(
@@ -289,7 +213,7 @@ fn check_names_a_missing_socket_directory_and_the_fix() {
     assert!(out.contains(&want), "{out}");
 
     // The chroot-relative form Postfix's smtpd_milters uses.
-    let config = self::config(tmp.path(), Path::new("/dualroute/dualroute.sock"));
+    let config = unix_config(tmp.path(), Path::new("/dualroute/dualroute.sock"));
     let (status, out) = dualroute(&config, &["check"]);
     assert!(!status.success(), "{out}");
     assert!(
@@ -301,7 +225,7 @@ fn check_names_a_missing_socket_directory_and_the_fix() {
     let ok = tmp.path().join("ok");
     fs::create_dir(&ok).expect("mkdir");
     fs::set_permissions(&ok, fs::Permissions::from_mode(0o750)).expect("chmod");
-    let config = self::config(tmp.path(), &ok.join("d.sock"));
+    let config = unix_config(tmp.path(), &ok.join("d.sock"));
     let (status, out) = dualroute(&config, &["check"]);
     assert!(status.success(), "{out}");
 }

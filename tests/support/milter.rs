@@ -357,3 +357,50 @@ impl PostfixConfig {
         opts
     }
 }
+
+/// A temporary tree for `dualroute run` on a unix socket: `milter.yaml`
+/// listening on `spool/dualroute.sock` below it, state in `state/`, and a
+/// dual domain `example.com` whose only account is alice@ (so an unknown
+/// recipient is refused at RCPT: only a milter applying this policy does
+/// that).
+pub struct UnixTree {
+    _tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+}
+
+impl UnixTree {
+    pub fn new(prefix: &str) -> UnixTree {
+        let tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("temporary directory");
+        let dir = tmp.path().to_path_buf();
+        let sockdir = dir.join("spool");
+        fs::create_dir(&sockdir).expect("create the socket directory");
+        let socket = sockdir.join("dualroute.sock");
+        let config = unix_config(&dir, &socket);
+        UnixTree {
+            _tmp: tmp,
+            dir,
+            socket,
+            config,
+        }
+    }
+}
+
+/// Writes DIR/milter.yaml listening on `unix:SOCKET` (see [`UnixTree`]).
+pub fn unix_config(dir: &Path, socket: &Path) -> PathBuf {
+    let path = dir.join("milter.yaml");
+    fs::write(
+        &path,
+        format!(
+            "listen: unix:{}\ninstance: unix.test\nstate_dir: {}\ndomains:\n  example.com:\n    mode: dual\n    destination: {{ hosts: [\"[127.0.0.1]:9\"] }}\n    accounts:\n      - list: [alice@example.com]\n",
+            socket.display(),
+            dir.join("state").display()
+        ),
+    )
+    .expect("write milter.yaml");
+    path
+}

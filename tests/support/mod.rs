@@ -41,7 +41,10 @@ pub mod smtp;
 
 // Each test binary uses a different part of the harness.
 #[allow(unused_imports)]
-pub use milter::{dualroute, dualroute_output, postfix_config, MilterProcess, PostfixConfig};
+pub use milter::{
+    dualroute, dualroute_output, postfix_config, unix_config, MilterProcess, PostfixConfig,
+    UnixTree,
+};
 #[allow(unused_imports)]
 pub use postfix::{processes_in, read_maildir, Delivery, MaildirMessage, Postfix, PostfixOptions};
 #[allow(unused_imports)]
