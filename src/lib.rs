@@ -63,12 +63,13 @@ pub async fn state_loop(shared: SharedPolicy, every: std::time::Duration) {
     loop {
         tokio::time::sleep(every).await;
         let policy = current(&shared);
-        let holds = |p: &Policy| -> Vec<(String, Option<String>)> {
+        let holds = |p: &Policy| -> Vec<(String, Option<holds::Hold>)> {
+            let now = p.holds.current();
             let mut names: Vec<&String> = p.domains.keys().collect();
             names.sort();
             names
                 .into_iter()
-                .map(|n| (n.clone(), p.holds.reason(n)))
+                .map(|n| (n.clone(), now.get(n).cloned()))
                 .collect()
         };
         let before = holds(&policy);
@@ -84,7 +85,10 @@ pub async fn state_loop(shared: SharedPolicy, every: std::time::Duration) {
             match (was, now) {
                 (None, Some(why)) => tracing::warn!("{name}: routing is off: {why}"),
                 (Some(_), None) => tracing::info!("{name}: routing is on again"),
-                (Some(a), Some(b)) if a != b => tracing::warn!("{name}: routing is off: {b}"),
+                // A new cause; a new probe result is logged by the probe.
+                (Some(a), Some(b)) if a.cause() != b.cause() => {
+                    tracing::warn!("{name}: routing is off: {b}")
+                }
                 _ => {}
             }
         }
