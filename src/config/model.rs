@@ -552,6 +552,20 @@ pub struct DomainConfig {
     pub users: Vec<(Address, UserRule)>,
 }
 
+impl DomainConfig {
+    /// The relay domain of managed domain `name`, for destinations that
+    /// need one (docs/design.md §4).
+    pub fn relay_domain(&self, name: &str, relay_suffix: &str) -> Option<String> {
+        match &self.destination {
+            Destination::Domain {
+                change_envelope: true,
+                ..
+            } => None,
+            _ => Some(format!("{name}.{relay_suffix}")),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDomainConfig {
