@@ -6,8 +6,33 @@
 use crate::{decision::Envelope, holds::Hold, policy::Policy};
 use std::{net::IpAddr, path::Path, process::ExitCode};
 
+/// The configuration and every account source: for the commands that show
+/// or generate what the accounts decide.
 fn load(path: &Path) -> Result<Policy, String> {
     crate::load_policy(path).map_err(|e| e.to_string())
+}
+
+/// The configuration alone: the commands an administrator runs during an
+/// incident (`enable`, `disable`, `verify`, `doctor`, `status`) must not
+/// wait on, or fail on, a million-line or half-written account file.
+fn read_config(path: &Path) -> Result<crate::config::Config, String> {
+    crate::config::read_file(path).map_err(|e| e.to_string())
+}
+
+/// The managed domain `domain` names, normalized as in milter.yaml.
+fn managed<'a>(
+    config: &'a crate::config::Config,
+    path: &Path,
+    domain: &str,
+) -> Result<(String, &'a crate::config::DomainConfig), String> {
+    let name = crate::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
+    match config.domains.get(&crate::config::DomainName(name.clone())) {
+        Some(d) => Ok((name, d)),
+        None => Err(format!(
+            "{domain} is not a managed domain in {}",
+            path.display()
+        )),
+    }
 }
 
 pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result<ExitCode, String> {
@@ -126,8 +151,8 @@ pub fn postfix_apply(
 }
 
 pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
-    let policy = load(path)?;
-    let dns = match crate::dns::Dns::new(&policy.config.dns) {
+    let config = read_config(path)?;
+    let dns = match crate::dns::Dns::new(&config.dns) {
         Ok(d) => d,
         Err(e) => return Err(e.to_string()),
     };
@@ -135,7 +160,7 @@ pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
         Ok(r) => r,
         Err(e) => return Err(format!("cannot start the runtime: {e}")),
     };
-    let report = runtime.block_on(crate::doctor::diagnose(&policy, ips, &dns));
+    let report = runtime.block_on(crate::doctor::diagnose(&config, ips, &dns));
     println!("{report}");
     Ok(if report.problems() == 0 {
         ExitCode::SUCCESS
@@ -147,7 +172,7 @@ pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
 pub fn status(path: &Path) -> Result<ExitCode, String> {
     // The configuration only: the account files may be exactly what the
     // running milter refused, and that refusal is what to show.
-    let config = crate::config::read_file(path).map_err(|e| e.to_string())?;
+    let config = read_config(path)?;
     let dir = crate::state::StateDir::new(&config.state_dir);
     let mut ok = true;
     match dir.reload_refused() {
@@ -221,15 +246,9 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
 }
 
 pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCode, String> {
-    let policy = load(path)?;
-    let name = crate::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
-    if !policy.domains.contains_key(&name) {
-        return Err(format!(
-            "{domain} is not a managed domain in {}",
-            path.display()
-        ));
-    }
-    let dir = crate::state::StateDir::new(&policy.config.state_dir);
+    let config = read_config(path)?;
+    let (name, _) = managed(&config, path, domain)?;
+    let dir = crate::state::StateDir::new(&config.state_dir);
     match disable {
         Some(reason) => match dir.disable(&name, reason) {
             Ok(()) => {
@@ -256,15 +275,9 @@ pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCo
 }
 
 pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String> {
-    let policy = load(path)?;
-    let name = crate::address::normalize_domain(domain).unwrap_or_else(|_| domain.to_owned());
-    let Some(d) = policy.domains.get(&name) else {
-        return Err(format!(
-            "{domain} is not a managed domain in {}",
-            path.display()
-        ));
-    };
-    let Some(rcpt) = &d.config.verify else {
+    let config = read_config(path)?;
+    let (name, d) = managed(&config, path, domain)?;
+    let Some(rcpt) = &d.verify else {
         return Err(format!("{name} has no `verify:` address to probe"));
     };
     let runtime = match tokio::runtime::Runtime::new() {
@@ -273,9 +286,9 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
     };
     let rcpt = rcpt.to_string();
     let result = runtime.block_on(crate::probe::verify(
-        &d.config.destination,
-        &policy.config.dns,
-        &policy.config.instance,
+        &d.destination,
+        &config.dns,
+        &config.instance,
         &rcpt,
         crate::probe::STEP_TIMEOUT,
         send,
@@ -297,9 +310,9 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
                     Some(r) => format!("{} accepts {rcpt} (dualroute verify)", r.target.addr),
                     None => format!("no host accepted {rcpt} (dualroute verify)"),
                 },
-                target: crate::holds::probe_target(&d.config),
+                target: crate::holds::probe_target(d),
             };
-            let dir = crate::state::StateDir::new(&policy.config.state_dir);
+            let dir = crate::state::StateDir::new(&config.state_dir);
             if let Err(e) = dir.record_verification(&name, &v) {
                 eprintln!(
                     "{name}: cannot record the result in {}: {e}",

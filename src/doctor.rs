@@ -21,9 +21,8 @@
 
 pub mod spf_trace;
 
-use crate::config::Host;
+use crate::config::{Config, DomainConfig, Host};
 use crate::dns::{DnsError, Lookup};
-use crate::policy::{DomainPolicy, Policy};
 use crate::probe::host_targets;
 use spf_trace::{check_host, Cost, Verdict, MAX_LOOKUPS};
 use std::{fmt, net::IpAddr};
@@ -99,12 +98,12 @@ impl fmt::Display for Report {
 
 /// Checks every managed domain. `given` are this server's addresses from
 /// the command line; when empty, the addresses of the `instance` name.
+/// It needs the configuration only, not the accounts.
 pub async fn diagnose(
-    policy: &Policy,
+    config: &Config,
     given: &[IpAddr],
     dns: &(impl Lookup + SpfLookup),
 ) -> Report {
-    let config = &policy.config;
     let instance = config.instance.as_str();
     // Every check needs the DNS: when the name servers do not answer at
     // all, say so once instead of timing out on every lookup.
@@ -168,11 +167,8 @@ pub async fn diagnose(
         }
     };
     let mut sections = vec![head];
-    for name in config.domains.keys() {
-        let Some(d) = policy.domains.get(&name.0) else {
-            continue;
-        };
-        sections.push(domain(policy, d, &this, dns).await);
+    for (name, d) in &config.domains {
+        sections.push(domain(config, &name.0, d, &this, dns).await);
     }
     Report { sections }
 }
@@ -185,23 +181,19 @@ fn list(ips: &[IpAddr]) -> String {
 }
 
 async fn domain(
-    policy: &Policy,
-    d: &DomainPolicy,
+    config: &Config,
+    name: &str,
+    d: &DomainConfig,
     this: &[IpAddr],
     dns: &(impl Lookup + SpfLookup),
 ) -> Section {
-    let name = d.name.as_str();
-    let hosts = d.config.destination.hosts();
+    let hosts = d.destination.hosts();
     let shown: Vec<String> = hosts.iter().map(ToString::to_string).collect();
     let title = format!(
         "{name} (mode {}, destination {}{})",
-        d.config.mode,
+        d.mode,
         shown.join(", "),
-        if d.config.enabled {
-            ""
-        } else {
-            "; enabled: false"
-        }
+        if d.enabled { "" } else { "; enabled: false" }
     );
     let mut checks = Vec::new();
 
@@ -246,10 +238,10 @@ async fn domain(
         }
     }
 
-    checks.push(mx(name, &policy.config.instance, this, &hosts, &dest, dns).await);
+    checks.push(mx(name, &config.instance, this, &hosts, &dest, dns).await);
     checks.extend(dest_checks);
-    checks.extend(spf(name, &policy.config.instance, this, &dest, dns).await);
-    if let Some(relay) = d.relay_domain(&policy.config.relay_suffix.0) {
+    checks.extend(spf(name, &config.instance, this, &dest, dns).await);
+    if let Some(relay) = d.relay_domain(name, &config.relay_suffix.0) {
         checks.push(relay_check(&relay, dns).await);
     }
     Section { title, checks }

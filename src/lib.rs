@@ -139,6 +139,24 @@ pub async fn reload(shared: &SharedPolicy, path: &Path) -> Result<(), LoadError>
         }
     };
     let mut loaded = loaded;
+    // The socket is bound and the connection limits are set once, at start
+    // (src/main.rs): say so rather than ignore the change. The running
+    // values stay in the policy in force, so every reload repeats the
+    // warning until a restart.
+    let (was, now) = (&running.config, &mut loaded.config);
+    if was.listen != now.listen {
+        tracing::warn!(
+            "listen changed from {} to {}: a reload does not move the socket; restart dualroute to listen on {} (still listening on {})",
+            was.listen, now.listen, now.listen, was.listen
+        );
+        now.listen = was.listen.clone();
+    }
+    if was.connections != now.connections {
+        tracing::warn!(
+            "connections changed: a reload does not change them; restart dualroute to apply them"
+        );
+        now.connections = was.connections.clone();
+    }
     for e in loaded.take_over_holds(&running) {
         tracing::error!("{e}; routing for that domain stays off");
     }

@@ -39,13 +39,7 @@ impl DomainPolicy {
 
     /// The relay domain for destinations that need one.
     pub fn relay_domain(&self, relay_suffix: &str) -> Option<String> {
-        match &self.config.destination {
-            Destination::Domain {
-                change_envelope: true,
-                ..
-            } => None,
-            _ => Some(format!("{}.{relay_suffix}", self.name)),
-        }
+        self.config.relay_domain(&self.name, relay_suffix)
     }
 }
 

@@ -79,3 +79,35 @@ fn refuses_to_start_on_bad_config() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("milter.yaml:3:5: domains.example.com: mode `split` needs `accounts`"));
 }
+
+#[test]
+fn reload_that_changes_listen_warns_that_it_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, other) = (free_port(), free_port());
+    let path = dir.path().join("milter.yaml");
+    let config = |port: u16| {
+        format!("listen: inet:127.0.0.1:{port}\ninstance: cli.test\ndomains:\n  example.com:\n    mode: route\n    destination: {{ hosts: [\"[192.0.2.1]\"] }}\n")
+    };
+    std::fs::write(&path, config(port)).unwrap();
+    let milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
+
+    std::fs::write(&path, config(other)).unwrap();
+    milter.signal("HUP");
+    wait_for(|| milter.log().contains("SIGHUP: reloaded"), "the reload");
+    let warning = format!("listen changed from inet:127.0.0.1:{port} to inet:127.0.0.1:{other}: a reload does not move the socket; restart dualroute");
+    let log = milter.log();
+    let line = log.lines().find(|l| l.contains(&warning));
+    assert!(
+        line.is_some_and(|l| l.contains("WARN")),
+        "a WARN {warning:?} expected:\n{log}"
+    );
+    // Still served where it was.
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "{log}");
+
+    // Every further reload repeats it until a restart.
+    milter.signal("HUP");
+    wait_for(
+        || milter.log().matches(&warning).count() == 2,
+        "the warning on the second reload",
+    );
+}

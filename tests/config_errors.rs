@@ -157,6 +157,23 @@ fn bad_values() {
 }
 
 #[test]
+fn duration_too_large_is_located_not_wrapped() {
+    // 300000000000000d is more seconds than a u64 holds: unchecked, a
+    // release build wrapped it into some other window without a word.
+    assert_error(
+        &format!("{BASE}breaker:\n  maillog: /var/log/mail.log\n  window: 300000000000000d\n"),
+        "10:11",
+        "is too large",
+    );
+    // Fits in a u64, but no clock can add it (Instant + Duration panics).
+    assert_error(
+        &format!("{BASE}connections:\n  idle_timeout: 18446744073709551615s\n"),
+        "9:17",
+        "is too large",
+    );
+}
+
+#[test]
 fn require_gateway_without_gateways() {
     let text = BASE.replace(
         "    mode: split\n",

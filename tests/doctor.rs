@@ -3,6 +3,9 @@
 //! example.test. The binary is run as an administrator would, and its
 //! checklist and exit code are checked line by line.
 
+mod support;
+use support::free_port;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -33,8 +36,9 @@ impl Dnsmasq {
         let binary = dnsmasq_binary();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("dnsmasq.log");
-        // A port free for both UDP and TCP; another process may take it
-        // before dnsmasq binds, so a failed start is retried.
+        // dnsmasq needs the port for both UDP and TCP; free_port checks
+        // TCP only, and another process may take it before dnsmasq binds,
+        // so a failed start is retried.
         for _ in 0..5 {
             let port = free_port();
             let mut child = Command::new(&binary)
@@ -95,16 +99,6 @@ impl Drop for Dnsmasq {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
     }
 }
 
@@ -520,8 +514,15 @@ fn relay_suffix_that_does_not_resolve_and_change_envelope_has_none() {
 
 /// A name server that answers every query with SERVFAIL.
 fn servfail_server() -> u16 {
-    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let port = socket.local_addr().unwrap().port();
+    // Not bind(0): tests/support/mod.rs, free_port.
+    let (socket, port) = (0..20)
+        .find_map(|_| {
+            let port = free_port();
+            UdpSocket::bind((Ipv4Addr::LOCALHOST, port))
+                .ok()
+                .map(|s| (s, port))
+        })
+        .expect("no free UDP port on 127.0.0.1");
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
@@ -604,8 +605,8 @@ fn silent_name_server_is_one_cross() {
 
 /// An SMTP server that accepts everything, for `dualroute verify`.
 fn smtp_server() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let port = free_port();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };

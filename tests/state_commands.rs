@@ -225,3 +225,59 @@ fn explain_and_the_running_milter_agree_in_every_hold_state() {
         milter.log()
     );
 }
+
+#[test]
+fn disable_and_enable_do_not_read_the_account_sources() {
+    // During an incident the account file may be huge, half written or
+    // unreadable: `disable`, `enable`, `status`, `verify` and `doctor`
+    // need only milter.yaml and state_dir.
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = dir.path().join("accounts");
+    let path = dir.path().join("milter.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "instance: state.test\nstate_dir: {}\ndns:\n  nameservers: [\"127.0.0.1:{}\"]\ndomains:\n  example.com:\n    mode: split\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"[127.0.0.1]:1\"] }}\n    accounts: [{{ file: {} }}]\n",
+            dir.path().join("state").display(),
+            free_port(),
+            accounts.display()
+        ),
+    )
+    .unwrap();
+    // A path that exists but cannot be read as a file (unreadable even to
+    // root, who runs these tests): `check` (which loads the accounts)
+    // fails ...
+    std::fs::create_dir(&accounts).unwrap();
+    let (code, out) = dualroute(&path, &["check"]);
+    assert!(
+        !code.success(),
+        "check with an unreadable account file: {out}"
+    );
+    // ... and the state commands still work.
+    let (code, out) = dualroute(&path, &["disable", "example.com", "--reason", "incident"]);
+    assert!(code.success(), "disable: {out}");
+    assert!(out.contains("example.com: routing disabled"), "{out}");
+    let (code, out) = dualroute(&path, &["status"]);
+    assert!(
+        out.contains("DISABLED by an administrator"),
+        "{code:?}: {out}"
+    );
+    let (code, out) = dualroute(&path, &["enable", "example.com"]);
+    assert!(code.success(), "enable: {out}");
+    assert!(out.contains("admin disable cleared"), "{out}");
+    let (code, out) = dualroute(&path, &["disable", "example.org", "--reason", "x"]);
+    assert!(!code.success(), "an unmanaged domain: {out}");
+    assert!(out.contains("example.org is not a managed domain"), "{out}");
+    // `verify` and `doctor` get as far as the network: nothing accepts on
+    // port 1, no name server answers.
+    let (code, out) = dualroute(&path, &["verify", "example.com"]);
+    assert!(
+        out.contains("example.com: NOT verified"),
+        "verify: {code:?}: {out}"
+    );
+    let (code, out) = dualroute(&path, &["doctor", "--ip", "127.0.0.1"]);
+    assert!(
+        out.contains("the name servers do not answer"),
+        "doctor: {code:?}: {out}"
+    );
+}

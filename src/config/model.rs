@@ -552,6 +552,20 @@ pub struct DomainConfig {
     pub users: Vec<(Address, UserRule)>,
 }
 
+impl DomainConfig {
+    /// The relay domain of managed domain `name`, for destinations that
+    /// need one (docs/design.md §4).
+    pub fn relay_domain(&self, name: &str, relay_suffix: &str) -> Option<String> {
+        match &self.destination {
+            Destination::Domain {
+                change_envelope: true,
+                ..
+            } => None,
+            _ => Some(format!("{name}.{relay_suffix}")),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDomainConfig {
@@ -694,6 +708,11 @@ impl<'de> Deserialize<'de> for DomainConfig {
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Window(pub Duration);
 
+impl Window {
+    /// Ten years: longer than any timeout or breaker window means.
+    pub const LONGEST_SECS: u64 = 3650 * 86400;
+}
+
 impl FromStr for Window {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -703,13 +722,26 @@ impl FromStr for Window {
         let n: u64 = num
             .parse()
             .map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 1h"))?;
-        let secs = match unit.trim() {
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86400,
+        let unit_secs = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
             _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
         };
+        // Checked: release builds wrap on overflow, which would turn a typo
+        // into some other window without a word. The bound also keeps the
+        // clock arithmetic done with it (`Instant + Duration`, which panics
+        // on overflow) safe.
+        let secs = n
+            .checked_mul(unit_secs)
+            .filter(|&secs| secs <= Window::LONGEST_SECS)
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} is too large: at most {}d",
+                    Window::LONGEST_SECS / 86400
+                )
+            })?;
         if secs == 0 {
             return Err(format!("{s:?}: must be longer than zero"));
         }
@@ -1023,6 +1055,12 @@ mod tests {
         assert_eq!("90s".parse(), Ok(Window(Duration::from_secs(90))));
         assert!("1w".parse::<Window>().is_err());
         assert!("0m".parse::<Window>().is_err());
+        assert_eq!(
+            "3650d".parse(),
+            Ok(Window(Duration::from_secs(3650 * 86400)))
+        );
+        assert!("3651d".parse::<Window>().is_err());
+        assert!("213503982334602d".parse::<Window>().is_err());
         assert!("h".parse::<Window>().is_err());
     }
 }
