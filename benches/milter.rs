@@ -579,6 +579,11 @@ fn postfix_arm(o: &Options) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
         .expect("chmod the temporary directory");
+    // dualroute makes its socket 0660 with the directory's group: that
+    // group must be postfix's for smtpd to connect.
+    let (_, postfix_gid) = support::user_ids("postfix");
+    std::os::unix::fs::chown(dir, None, Some(postfix_gid))
+        .expect("chgrp the temporary directory to postfix");
     for tool in ["smtp-source", "postfix"] {
         assert!(
             Command::new("sh")
