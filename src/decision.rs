@@ -330,7 +330,9 @@ pub fn decide_rcpt(
 /// without quoting, compared without case (Postfix's table lookups fold
 /// case; a difference in case alone is no reason to refuse mail).
 fn same_mailbox(a: &Address, b: &Address) -> bool {
-    a.domain == b.domain && a.unquoted_local().to_lowercase() == b.unquoted_local().to_lowercase()
+    let fold = |s: &str| s.chars().flat_map(char::to_lowercase).collect::<Vec<_>>();
+    let (x, y) = (a.unquoted_local(), b.unquoted_local());
+    a.domain == b.domain && (x.eq_ignore_ascii_case(&y) || fold(&x) == fold(&y))
 }
 
 /// Decides what happens to one recipient, given the mailbox.

@@ -218,17 +218,18 @@ async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
             params: Vec::new(),
         },
     };
-    let mta = cx.macros.get(c"{rcpt_addr}").map(text);
+    // Borrowed, not copied, in the usual case (valid UTF-8): this runs for
+    // every RCPT.
+    let mta = cx.macros.get(c"{rcpt_addr}").map(|m| m.to_string_lossy());
     let Some(message) = cx.data.as_mut().and_then(|s| s.message.as_mut()) else {
         return Status::Continue;
     };
     let verdict = message.rcpt(arg, mta.as_deref()).clone();
-    let shown = args.first().map(|a| text(a)).unwrap_or_default();
-    let from = cx
-        .data
-        .as_ref()
-        .and_then(|s| s.message.as_ref())
-        .map(|m| m.sender.as_str());
+    let shown = || {
+        args.first()
+            .map(|a| a.to_string_lossy())
+            .unwrap_or_default()
+    };
     // A refused recipient never reaches end of message, where the message's
     // line is logged: say it now, as Postfix logs its own "NOQUEUE: reject".
     if matches!(
@@ -236,15 +237,17 @@ async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
         Decision::Reject(_) | Decision::Tempfail(_)
     ) {
         info!(
-            "NOQUEUE: RCPT {shown}: {} ({}); from={}, MTA address {}",
+            "NOQUEUE: RCPT {}: {} ({}); from={}, MTA address {}",
+            shown(),
             verdict.decision,
             verdict.rule,
-            from.unwrap_or(""),
+            message.sender,
             mta.as_deref().unwrap_or("-")
         );
     } else {
         debug!(
-            "RCPT {shown}: {} ({}); MTA address {}",
+            "RCPT {}: {} ({}); MTA address {}",
+            shown(),
             verdict.decision,
             verdict.rule,
             mta.as_deref().unwrap_or("-")

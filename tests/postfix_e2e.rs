@@ -33,18 +33,7 @@ use support::{
     PostfixOptions, SinkMessage, SinkRcpt, SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP,
 };
 
-const SENDER: &str = "sender@outside.test";
-const INSTANCE: &str = "e2e.test";
-/// The gateway of the scenarios that have one.
-const GATEWAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-/// An outside client that is not a gateway (and not in `mynetworks`).
-const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
-
-fn message(subject: &str) -> String {
-    format!(
-        "From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n"
-    )
-}
+use support::{message, GATEWAY_IP, INSTANCE, OTHER_IP, SENDER};
 
 // ---------------------------------------------------------------------
 // One scenario: sink + milter.yaml + postfix-config + Postfix + milter.
@@ -1456,7 +1445,6 @@ fn odd_recipient_forms_are_decided_on_the_mta_address_or_refused() {
     for (i, (form, want)) in forms.iter().enumerate() {
         let subject = format!("odd form {i}");
         let sink_before = e.sink_deliveries().len();
-        let maildir_before = e.maildir_files().len();
         let t = e
             .client_from(OTHER_IP)
             .send(SENDER, &[form], &message(&subject));
@@ -1480,7 +1468,6 @@ fn odd_recipient_forms_are_decided_on_the_mta_address_or_refused() {
                 .filter(|(_, m)| m.header("Subject") == [subject.as_str()])
                 .map(|(dir, _)| format!("maildir {dir}"))
                 .collect();
-            assert!(files.len() >= maildir_before);
             [sink, mailboxes].concat().join(", ")
         };
         let expected = match want {

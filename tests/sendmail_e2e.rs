@@ -25,7 +25,7 @@
 mod support;
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,18 +34,7 @@ use support::{
     SmtpClient, SmtpSink, SmtpTranscript,
 };
 
-const SENDER: &str = "sender@outside.test";
-const INSTANCE: &str = "e2e.test";
-/// The gateway of the scenarios that have one.
-const GATEWAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-/// An outside client that is not a gateway.
-const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
-
-fn message(subject: &str) -> String {
-    format!(
-        "From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n"
-    )
-}
+use support::{message, GATEWAY_IP, INSTANCE, OTHER_IP, SENDER};
 
 struct Setup {
     /// The `domains:` section; `{OTHER}` becomes the other sink's

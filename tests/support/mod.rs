@@ -61,6 +61,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The envelope sender of the end-to-end scenarios (Postfix and Sendmail).
+pub const SENDER: &str = "sender@outside.test";
+/// The `instance:` of the end-to-end scenarios' milter.yaml.
+pub const INSTANCE: &str = "e2e.test";
+/// The gateway of the end-to-end scenarios that have one (= [`OUTSIDE_IP`]).
+pub const GATEWAY_IP: IpAddr = OUTSIDE_IP;
+/// An outside client that is not a gateway (and not in `mynetworks`).
+pub const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+/// A minimal message from [`SENDER`] with this subject.
+pub fn message(subject: &str) -> String {
+    format!(
+        "From: {SENDER}\nTo: undisclosed-recipients:;\nSubject: {subject}\n\nbody of {subject}\n"
+    )
+}
+
 /// How long the `wait_*` helpers poll before they panic.
 pub const WAIT: Duration = Duration::from_secs(20);
 
