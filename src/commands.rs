@@ -37,7 +37,12 @@ fn managed<'a>(
 
 pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result<ExitCode, String> {
     let policy = load(path)?;
-    let holds = policy.holds.current();
+    // Read from state_dir exactly as the running service reads them
+    // (src/holds/): explain prints what the milter does.
+    let (holds, errors) = crate::holds::Holds::read(&policy.config);
+    for e in errors {
+        eprintln!("dualroute: {e}; routing for that domain stays off");
+    }
     for a in addresses {
         println!("{}", crate::explain::explain(&policy, &holds, envelope, a));
     }
@@ -193,7 +198,7 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
     if config.domains.is_empty() {
         println!("no domains configured: dualroute changes nothing");
     }
-    // The same holds the running milter reads (src/holds.rs).
+    // The same holds the running milter reads (src/holds/).
     let (holds, _) = crate::holds::Holds::read(&config);
     for (name, d) in &config.domains {
         let name = &name.0;
@@ -302,7 +307,7 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
             let accepted = reports.iter().find(|r| r.accepted);
             // Recorded as the running milter records its own probes: a pass
             // releases a domain held for verification within seconds,
-            // without waiting for the milter's next retry (src/holds.rs).
+            // without waiting for the milter's next retry (src/holds/).
             let v = crate::state::Verification {
                 at: crate::state::now(),
                 passed: accepted.is_some(),

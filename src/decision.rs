@@ -64,7 +64,7 @@ impl fmt::Display for Decision {
 pub enum Off {
     /// `enabled: false` in the configuration.
     Config,
-    /// A runtime hold (src/holds.rs).
+    /// A runtime hold (src/holds/).
     Hold(Hold),
 }
 

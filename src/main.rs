@@ -1,13 +1,16 @@
 //! The `dualroute` command: parses options, loads the configuration, binds
-//! the socket, handles signals and hands over to the library.
+//! the socket, turns signals into channels and hands over to the service
+//! (src/service/), which owns every task of the running milter.
 
 use clap::Parser;
 use dualroute::cli::{Cli, Command};
+use dualroute::service::{notify, Intervals, Service};
 use dualroute::{commands, config, decision::Envelope};
 use std::{path::PathBuf, process::ExitCode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tokio::sync::mpsc;
+use tracing::info;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -88,13 +91,6 @@ fn stderr_is_journal() -> bool {
     stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
 }
 
-/// Tells systemd (Type=notify) where we are; a no-op without NOTIFY_SOCKET.
-fn notify(state: &[sd_notify::NotifyState]) {
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!("cannot notify systemd: {e}");
-    }
-}
-
 /// A bound listening socket of either kind.
 enum Listener {
     Tcp(TcpListener),
@@ -124,26 +120,12 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let listen_on = policy.config.listen.clone();
     // Bind before anything runs: a second instance must stop here.
-    let listener = match listen(&listen_on).await {
+    let listener = match listen(&policy.config.listen).await {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
-    let shared = dualroute::share(policy);
-    tokio::spawn(dualroute::verify_loop(shared.clone()));
-    tokio::spawn(dualroute::state_loop(
-        shared.clone(),
-        std::time::Duration::from_secs(2),
-    ));
-    tokio::spawn(dualroute::watch_accounts(
-        shared.clone(),
-        path.clone(),
-        std::time::Duration::from_secs(2),
-    ));
-    // The bounce breaker (docs/design.md §7) idles while there is no `breaker:`,
-    // and follows reloads that add, change or remove it.
-    tokio::spawn(dualroute::breaker::run(shared.clone()));
+    let service = Service::new(&path, policy, Intervals::default());
     let (mut hup, mut term, mut int) = match (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
@@ -152,20 +134,12 @@ async fn serve(path: PathBuf) -> ExitCode {
         (Ok(h), Ok(t), Ok(i)) => (h, t, i),
         _ => return fail("cannot install signal handlers"),
     };
-    let (reload_shared, reload_path) = (shared.clone(), path.clone());
+    // SIGHUP: reload configuration and accounts (src/service/reload.rs).
+    // A reload asked for while one runs is done once after it.
+    let (reload, reloads) = mpsc::channel(1);
     tokio::spawn(async move {
-        // SIGHUP: reload configuration and accounts atomically. systemd
-        // (ExecReload) waits for READY=1 after RELOADING=1, stamped with
-        // the monotonic clock (sd_notify(3)).
         while hup.recv().await.is_some() {
-            let mut reloading = vec![sd_notify::NotifyState::Reloading];
-            reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
-            notify(&reloading);
-            match dualroute::reload(&reload_shared, &reload_path).await {
-                Ok(()) => info!("SIGHUP: reloaded {}", reload_path.display()),
-                Err(e) => error!("SIGHUP: reload failed, keeping the running configuration: {e}"),
-            }
-            notify(&[sd_notify::NotifyState::Ready]);
+            let _ = reload.try_send(());
         }
     });
     let shutdown = async move {
@@ -175,15 +149,10 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
         notify(&[sd_notify::NotifyState::Stopping]);
     };
-    info!(
-        "dualroute {} listening on {listen_on}",
-        env!("CARGO_PKG_VERSION")
-    );
-    notify(&[sd_notify::NotifyState::Ready]);
     let result = match listener {
-        Listener::Tcp(l) => dualroute::run(l, shared, shutdown).await,
+        Listener::Tcp(l) => dualroute::run(l, service, reloads, shutdown).await,
         Listener::Unix(l, file) => {
-            let r = dualroute::run(l, shared, shutdown).await;
+            let r = dualroute::run(l, service, reloads, shutdown).await;
             file.remove_if_ours();
             r
         }

@@ -3,20 +3,21 @@
 
 use crate::address::RcptArg;
 use crate::decision::{Decision, Envelope, Rejection};
-use crate::policy::SharedPolicy;
+use crate::service::Service;
 use crate::session::{Message, Session, LOOP_HEADER};
 use indymilter::{
     Actions, Callbacks, Context, ContextActions, EomContext, MacroStage, NegotiateContext,
     ProtoOpts, SetErrorReply, SocketInfo, Status,
 };
 use std::ffi::{CStr, CString};
+use std::sync::Arc;
 use tracing::{debug, error, info, warn};
 
-pub fn callbacks(policy: SharedPolicy) -> Callbacks<Session> {
+pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
     Callbacks::new()
         .on_negotiate(|cx, offered, opts| Box::pin(negotiate(cx, offered, opts)))
         .on_connect(|cx, _, socket| Box::pin(connect(cx, socket)))
-        .on_mail(move |cx, args| Box::pin(mail(policy.clone(), cx, args)))
+        .on_mail(move |cx, args| Box::pin(mail(service.clone(), cx, args)))
         .on_rcpt(|cx, args| Box::pin(rcpt(cx, args)))
         .on_header(|cx, name, value| {
             Box::pin(async move {
@@ -189,20 +190,24 @@ fn text(s: &CStr) -> String {
     s.to_string_lossy().into_owned()
 }
 
-async fn mail(policy: SharedPolicy, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let auth = cx
         .macros
         .get(c"{auth_authen}")
         .map(text)
         .filter(|s| !s.is_empty());
-    let snapshot = crate::policy::current(&policy);
     let session = cx.data.get_or_insert_with(Session::default);
     let envelope = Envelope {
         client: session.client,
         auth,
     };
     let sender = args.first().map(|s| text(s)).unwrap_or_default();
-    session.message = Some(Message::new(snapshot, envelope, sender));
+    session.message = Some(Message::new(
+        service.policy(),
+        service.live_holds(),
+        envelope,
+        sender,
+    ));
     quiet(cx, ProtoOpts::NOREPLY_MAIL, Status::Continue)
 }
 

@@ -1,18 +1,15 @@
 //! The loaded policy: the configuration plus the account sets it names.
 //!
-//! A `Policy` is immutable. The milter holds the current one behind an
-//! `Arc`, and each message keeps the `Arc` it started with, so a reload
-//! never changes the rules under a message in flight (docs/design.md §7).
+//! A `Policy` is immutable. The service (src/service/) holds the current
+//! one behind an `Arc`, and each message keeps the `Arc` it started with,
+//! so a reload never changes the rules under a message in flight
+//! (docs/design.md §7). What can change at any moment, the runtime holds,
+//! is not part of it (src/holds/).
 
 use crate::accounts::{self, Accounts, LoadError, LoadReport, MatchRules};
 use crate::address::Address;
 use crate::config::{Config, Destination, DomainConfig, UserRule};
-use crate::holds::Holds;
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, RwLock},
-};
+use std::{collections::HashMap, net::IpAddr};
 
 #[derive(Debug)]
 pub struct DomainPolicy {
@@ -43,45 +40,14 @@ impl DomainPolicy {
     }
 }
 
-/// The holds in force (src/holds.rs), shared by every policy a reload
-/// produces: unlike the rest of the policy, a hold must take effect at
-/// once, also for messages that started before it.
-#[derive(Debug, Default)]
-pub struct HoldsHandle(RwLock<Arc<Holds>>);
-
-impl HoldsHandle {
-    /// The holds now. A poisoned lock still holds a complete value (it is
-    /// only ever replaced whole).
-    pub fn current(&self) -> Arc<Holds> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn replace(&self, holds: Holds) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(holds);
-    }
-}
-
 #[derive(Debug)]
 pub struct Policy {
     pub config: Config,
     pub rules: MatchRules,
     pub domains: HashMap<String, DomainPolicy>,
-    /// Runtime holds; [`Policy::refresh_state`] re-reads them.
-    pub holds: Arc<HoldsHandle>,
     /// Account files and their modification times when they were read, to
     /// reload when one changes (docs/design.md §7).
     pub account_files: Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>,
-}
-
-pub type SharedPolicy = Arc<std::sync::RwLock<Arc<Policy>>>;
-
-/// The policy in force now. A poisoned lock still holds a complete policy
-/// (it is only ever replaced whole), so it is used rather than failing.
-pub fn current(shared: &SharedPolicy) -> Arc<Policy> {
-    match shared.read() {
-        Ok(p) => p.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    }
 }
 
 impl Policy {
@@ -133,14 +99,10 @@ impl Policy {
                 },
             );
         }
-        // The holds are read with the policy, so that no instant exists in
-        // which a disabled or unverified domain routes.
-        let (holds, _) = Holds::read(&config);
         Ok(Policy {
             config,
             rules,
             domains,
-            holds: Arc::new(HoldsHandle(RwLock::new(Arc::new(holds)))),
             account_files,
         })
     }
@@ -172,24 +134,6 @@ impl Policy {
                 limit
             )
         })
-    }
-
-    /// After a reload: the new policy takes over the running holds
-    /// handle (so messages that started under the old policy follow holds
-    /// too) and fills it from `state_dir` for its own domains.
-    pub fn take_over_holds(&mut self, old: &Policy) -> Vec<String> {
-        self.holds = old.holds.clone();
-        self.refresh_state()
-    }
-
-    /// Re-reads the admin, breaker and verification state of every domain
-    /// from `state_dir` (src/holds.rs). A state file that cannot be read
-    /// holds its domain: when in doubt, do not route (errors are returned
-    /// for the log).
-    pub fn refresh_state(&self) -> Vec<String> {
-        let (holds, errors) = Holds::read(&self.config);
-        self.holds.replace(holds);
-        errors
     }
 
     pub fn is_gateway(&self, ip: IpAddr) -> bool {

@@ -310,8 +310,21 @@ pub async fn verify(
     send: bool,
 ) -> Result<Vec<HostReport>, String> {
     let dns = Dns::new(dns).map_err(|e| e.to_string())?;
+    verify_with(destination, &dns, helo, rcpt, step_timeout, send).await
+}
+
+/// [`verify`] with a resolver the caller keeps (the running service builds
+/// one for all its probes instead of reading resolv.conf for each).
+pub async fn verify_with(
+    destination: &Destination,
+    dns: &Dns,
+    helo: &str,
+    rcpt: &str,
+    step_timeout: Duration,
+    send: bool,
+) -> Result<Vec<HostReport>, String> {
     let mut reports = Vec::new();
-    for target in targets(destination, &dns).await? {
+    for target in targets(destination, dns).await? {
         let r = probe_host(target, helo, rcpt, step_timeout, send).await;
         let done = r.accepted;
         reports.push(r);

@@ -6,6 +6,7 @@
 use crate::address::{xtext, RcptArg};
 use crate::config::LocalPartCase;
 use crate::decision::{decide_rcpt, Decision, Envelope, Verdict};
+use crate::holds::LiveHolds;
 use crate::policy::Policy;
 use std::{fmt::Write as _, net::IpAddr, sync::Arc};
 
@@ -34,6 +35,8 @@ pub struct Recipient {
 pub struct Message {
     /// The policy this message started with; a reload does not change it.
     pub policy: Arc<Policy>,
+    /// The holds in force, read per RCPT (src/holds/).
+    pub holds: Arc<LiveHolds>,
     pub envelope: Envelope,
     pub sender: String,
     pub recipients: Vec<Recipient>,
@@ -44,9 +47,15 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn new(policy: Arc<Policy>, envelope: Envelope, sender: String) -> Message {
+    pub fn new(
+        policy: Arc<Policy>,
+        holds: Arc<LiveHolds>,
+        envelope: Envelope,
+        sender: String,
+    ) -> Message {
         Message {
             policy,
+            holds,
             envelope,
             sender,
             recipients: Vec::new(),
@@ -64,7 +73,7 @@ impl Message {
         }
         // Holds are read per RCPT, not per message: a `disable` or a
         // breaker trip takes effect at once.
-        let holds = self.policy.holds.current();
+        let holds = self.holds.current();
         let verdict = decide_rcpt(&self.policy, &holds, &self.envelope, &arg, mta);
         let list = if matches!(
             verdict.decision,

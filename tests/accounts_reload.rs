@@ -3,8 +3,12 @@
 //! accounts stay, the refusal is logged by the caller and shown by
 //! `dualroute status` until a good load clears it.
 
+mod support;
+use dualroute::service::{reload::reload, Intervals, Service};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use support::{protocol, wait_until};
 
 fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("milter.yaml");
@@ -40,8 +44,8 @@ fn status(path: &Path) -> (bool, String) {
     )
 }
 
-fn count(shared: &dualroute::policy::SharedPolicy) -> usize {
-    let p = dualroute::policy::current(shared);
+fn count(service: &Service) -> usize {
+    let p = service.policy();
     p.domains["example.com"].accounts.as_ref().unwrap().len()
 }
 
@@ -50,19 +54,16 @@ async fn emptied_account_file_is_refused_and_shown() {
     let dir = tempfile::tempdir().unwrap();
     accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
     let path = write_config(dir.path(), "");
-    let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
+    let service = protocol::service_at(&path, Intervals::default());
     assert_eq!(
         status(&path),
         (true, "example.com: mode split: active\n".into())
     );
 
     std::fs::write(dir.path().join("accounts"), "").unwrap();
-    let e = dualroute::reload(&shared, &path)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = reload(&service).await.unwrap_err().to_string();
     assert!(e.contains("no account of example.com"), "{e}");
-    assert_eq!(count(&shared), 4, "the running accounts stay");
+    assert_eq!(count(&service), 4, "the running accounts stay");
     let (ok, out) = status(&path);
     assert!(!ok, "status exits 1 while a reload is refused: {out}");
     assert!(
@@ -72,8 +73,8 @@ async fn emptied_account_file_is_refused_and_shown() {
 
     // Fixed: the next reload loads and clears the refusal.
     accounts(dir.path(), &["alice", "bob", "carol", "dave", "erin"]);
-    dualroute::reload(&shared, &path).await.unwrap();
-    assert_eq!(count(&shared), 5);
+    reload(&service).await.unwrap();
+    assert_eq!(count(&service), 5);
     assert_eq!(
         status(&path),
         (true, "example.com: mode split: active\n".into())
@@ -85,34 +86,31 @@ async fn shrinking_by_half_is_refused_unless_the_limit_allows_it() {
     let dir = tempfile::tempdir().unwrap();
     accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
     let path = write_config(dir.path(), "");
-    let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
+    let service = protocol::service_at(&path, Intervals::default());
 
     // One of four gone: a normal change.
     accounts(dir.path(), &["alice", "bob", "carol"]);
-    dualroute::reload(&shared, &path).await.unwrap();
-    assert_eq!(count(&shared), 3);
+    reload(&service).await.unwrap();
+    assert_eq!(count(&service), 3);
     accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
-    dualroute::reload(&shared, &path).await.unwrap();
+    reload(&service).await.unwrap();
 
     // Half gone: refused (default limit 0.5).
     accounts(dir.path(), &["alice", "bob"]);
-    let e = dualroute::reload(&shared, &path)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = reload(&service).await.unwrap_err().to_string();
     assert!(
         e.contains("example.com would go from 4 to 2 accounts")
             && e.contains("accounts_shrink_limit"),
         "{e}"
     );
-    assert_eq!(count(&shared), 4);
+    assert_eq!(count(&service), 4);
     let (ok, out) = status(&path);
     assert!(!ok && out.contains("from 4 to 2 accounts"), "{out}");
 
     // The administrator means it: the new limit applies to this reload.
     write_config(dir.path(), "accounts_shrink_limit: 0.8\n");
-    dualroute::reload(&shared, &path).await.unwrap();
-    assert_eq!(count(&shared), 2);
+    reload(&service).await.unwrap();
+    assert_eq!(count(&service), 2);
     let (ok, out) = status(&path);
     assert!(ok && !out.contains("REFUSED"), "{out}");
 }
@@ -151,16 +149,18 @@ async fn hash_table_reloads_after_postmap_not_after_an_edit() {
         ),
     )
     .unwrap();
-    let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
-    assert_eq!(count(&shared), 2);
+    let every = std::time::Duration::from_millis(100);
+    let intervals = Intervals {
+        accounts: every,
+        ..Intervals::default()
+    };
     let state = dualroute::state::StateDir::new(&dir.path().join("state"));
     state.refuse_reload("left by an earlier run").unwrap();
-    let every = std::time::Duration::from_millis(100);
-    let watch = tokio::spawn(dualroute::watch_accounts(
-        shared.clone(),
-        path.clone(),
-        every,
-    ));
+    // The whole service, as `dualroute run` starts it: its account watch
+    // clears a refusal left by an earlier run.
+    let milter = protocol::Milter::serve(protocol::service_at(&path, intervals)).await;
+    let service: Arc<Service> = milter.service.clone();
+    assert_eq!(count(&service), 2);
     tokio::time::sleep(every * 5).await;
     assert_eq!(state.reload_refused().unwrap(), None);
 
@@ -170,15 +170,16 @@ async fn hash_table_reloads_after_postmap_not_after_an_edit() {
     )
     .unwrap();
     tokio::time::sleep(every * 10).await;
-    assert_eq!(count(&shared), 2, "the text changed, Postfix's .db did not");
+    assert_eq!(
+        count(&service),
+        2,
+        "the text changed, Postfix's .db did not"
+    );
     postmap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while count(&shared) != 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "postmap'ed table not reloaded"
-        );
-        tokio::time::sleep(every).await;
-    }
-    watch.abort();
+    wait_until("the postmap'ed table to be reloaded", || {
+        let n = count(&service);
+        async move { (n == 3).then_some(()) }
+    })
+    .await;
+    milter.shutdown().await;
 }

@@ -1,4 +1,4 @@
-//! The bounce breaker (docs/design.md §7, src/breaker.rs):
+//! The bounce breaker (docs/design.md §7, src/breaker/):
 //! - the parser on real Postfix and Sendmail delivery lines;
 //! - attribution of routing addresses to their domain;
 //! - the sliding window;
@@ -13,7 +13,7 @@
 mod support;
 
 use dualroute::breaker::{parse_line, Attribution, Follower, Window};
-use dualroute::policy::{Policy, SharedPolicy};
+use dualroute::policy::Policy;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -310,22 +310,18 @@ fn follower_waits_for_a_missing_file() {
 // ---------------------------------------------------------------------
 
 struct Task {
-    shared: SharedPolicy,
+    /// The whole service (`dualroute::run`), breaker included; it stops
+    /// with the test's runtime.
+    milter: support::protocol::Milter,
     log: PathBuf,
     state: PathBuf,
-    handle: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.handle.abort();
-    }
-}
-
-/// Starts `breaker::run` with threshold 3 within 1 h on `mail.log` in a
-/// temporary directory; `before` is written to the log first.
-fn start_task(before: &str, create_log: bool) -> Task {
+/// Starts the service with a breaker of threshold 3 within 1 h on
+/// `mail.log` in a temporary directory; `before` is written to the log
+/// first.
+async fn start_task(before: &str, create_log: bool) -> Task {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("mail.log");
     let state = dir.path().join("state");
@@ -348,13 +344,11 @@ breaker: {{ maillog: {log}, threshold: 3, window: 1h }}
         state = state.display(),
         log = log.display()
     );
-    let shared = dualroute::share(policy(&yaml));
-    let handle = tokio::spawn(dualroute::breaker::run(shared.clone()));
+    let milter = support::protocol::Milter::start(&yaml).await;
     Task {
-        shared,
+        milter,
         log,
         state,
-        handle,
         _dir: dir,
     }
 }
@@ -369,20 +363,21 @@ impl Task {
     }
 
     fn held(&self, domain: &str) -> Option<String> {
-        let policy = self.shared.read().unwrap().clone();
-        policy.holds.current().get(domain).map(ToString::to_string)
+        self.milter
+            .service
+            .holds()
+            .get(domain)
+            .map(ToString::to_string)
     }
 
-    /// Waits until `domain` is tripped (up to 5 s).
+    /// Waits until `domain` is tripped.
     async fn wait_tripped(&self, domain: &str) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.tripped(domain) {
-            assert!(
-                Instant::now() < deadline,
-                "{domain} was not tripped within 5 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let tripped = || self.tripped(domain);
+        support::wait_until(&format!("{domain} to be tripped"), || {
+            let t = tripped();
+            async move { t.then_some(()) }
+        })
+        .await;
     }
 
     /// Gives the task time for a few polls.
@@ -395,7 +390,7 @@ impl Task {
 async fn task_counts_new_failures_and_trips_at_the_threshold() {
     // Three failures before the start are history.
     let before = bounce("a@example.com.dualroute.invalid").repeat(3);
-    let task = start_task(&before, true);
+    let task = start_task(&before, true).await;
     task.settle().await;
     assert!(!task.tripped("example.com"));
 
@@ -438,7 +433,7 @@ async fn task_counts_new_failures_and_trips_at_the_threshold() {
 
 #[tokio::test]
 async fn task_does_not_count_while_tripped_and_counts_anew_after_enable() {
-    let task = start_task("", true);
+    let task = start_task("", true).await;
     task.settle().await;
     append(
         &task.log,
@@ -480,7 +475,7 @@ async fn task_does_not_count_while_tripped_and_counts_anew_after_enable() {
 
 #[tokio::test]
 async fn task_follows_rotation_and_a_log_that_appears_later() {
-    let task = start_task("", false);
+    let task = start_task("", false).await;
     task.settle().await;
     // The log appears after the start: all of it counts.
     append(&task.log, &bounce("a@example.com.dualroute.invalid"));

@@ -2,10 +2,11 @@
 //! routing addresses of §4, observed through the milter protocol: what the
 //! milter answers at RCPT and which actions it sends at end of message.
 
-mod common;
+mod support;
+use support::protocol;
 
-use common::*;
 use indymilter_test::Status;
+use protocol::*;
 use std::net::IpAddr;
 
 const CONFIG: &str = include_str!("decision_rows.yaml");

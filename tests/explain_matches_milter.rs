@@ -11,14 +11,16 @@
 //! | redirect to X    | deletes the RCPT argument, adds `<X>`          |
 //! | reject C X text  | refuses the RCPT with `C X text`               |
 
-mod common;
+mod support;
+use support::protocol;
 
-use common::*;
 use dualroute::address::RcptArg;
 use dualroute::config::Mode;
 use dualroute::decision::{decide_rcpt, Envelope, Off, OffEffect, Rule};
 use dualroute::explain::explain;
+use dualroute::holds::Holds;
 use indymilter_test::{EomAction, Status};
+use protocol::*;
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, process::Command};
 
 const CONFIG: &str = include_str!("explain_matches_milter.yaml");
@@ -193,7 +195,7 @@ async fn compare(explain_client: Option<IpAddr>, milter_client: IpAddr, auth: Op
 
     let milter = Milter::start(CONFIG).await;
     for (input, command_line) in ADDRESSES.iter().zip(&lines) {
-        let library_line = explain(&policy, &policy.holds.current(), &envelope, input);
+        let library_line = explain(&policy, &Holds::read(&policy.config).0, &envelope, input);
         assert_eq!(
             command_line, &library_line,
             "`dualroute explain` and explain() differ for {input}"
@@ -257,7 +259,14 @@ fn addresses_cover_every_rule() {
     for envelope in &envelopes {
         for input in ADDRESSES {
             let arg = RcptArg::parse(&[rcpt_arg(input)]);
-            let rule = decide_rcpt(&policy, &policy.holds.current(), envelope, &arg, None).rule;
+            let rule = decide_rcpt(
+                &policy,
+                &Holds::read(&policy.config).0,
+                envelope,
+                &arg,
+                None,
+            )
+            .rule;
             if !seen.contains(&rule) {
                 seen.push(rule);
             }
@@ -341,7 +350,7 @@ async fn odd_forms_agree_with_the_mtas_parse() {
         .copied()
         .chain([(long.as_str(), long_parsed.as_str())])
     {
-        let line = explain(&policy, &policy.holds.current(), &envelope, raw);
+        let line = explain(&policy, &Holds::read(&policy.config).0, &envelope, raw);
         let mut session = milter.session(CLIENT).await;
         session.mail(None).await;
         let status = session.rcpt_as_parsed(&[raw], parsed).await;

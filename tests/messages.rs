@@ -3,10 +3,11 @@
 //! duplicate recipients, the loop header, and RCPT arguments that are not
 //! addresses (docs/design.md §2, §3).
 
-mod common;
+mod support;
+use support::protocol;
 
-use common::*;
 use indymilter_test::{EomAction, Status};
+use protocol::*;
 
 const CONFIG: &str = include_str!("messages.yaml");
 const INSTANCE: &str = "mx1.dualroute.test";

@@ -102,7 +102,7 @@ proptest! {
         }
         // The milter's plan: a redirect deletes the argument as received
         // and adds exactly one address; nothing else is deleted.
-        let mut m = Message::new(policy.clone(), envelope.clone(), "<s@x>".into());
+        let mut m = Message::new(policy.clone(), Default::default(), envelope.clone(), "<s@x>".into());
         if holds.get("example.com").is_none() {
             m.rcpt(arg.clone(), mta.as_deref());
             let plan = m.plan();
@@ -136,7 +136,7 @@ proptest! {
             prop_assert_eq!(again.as_ref(), Some(a));
         }
         let _ = arg.original_mailbox();
-        let mut m = Message::new(policy(), Envelope::default(), "<s@x>".into());
+        let mut m = Message::new(policy(), Default::default(), Envelope::default(), "<s@x>".into());
         m.rcpt(arg.clone(), None);
         m.header("X-Dualroute", &hdr);
         let plan = m.plan();

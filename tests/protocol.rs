@@ -7,11 +7,11 @@
 //! a socket of the real `dualroute run` (whose log is checked), and a real
 //! private Postfix at `milter_protocol = 2, 3, 4, 6` (tests/support/).
 
-mod common;
 mod support;
+use support::protocol;
 
-use common::*;
 use indymilter_test::{Actions, EomAction, ProtoOpts, Status, TestConnection};
+use protocol::*;
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::Path;

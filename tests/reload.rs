@@ -3,8 +3,8 @@
 //! with (at MAIL); messages begun after the reload get the new one. And the
 //! real binary reloads by itself when an account file changes.
 
-mod common;
 mod support;
+use support::protocol;
 use support::{free_port, MilterProcess};
 
 use indymilter_test::{EomAction, Status, TestConnection};
@@ -88,8 +88,8 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("milter.yaml");
     std::fs::write(&path, config(dir.path(), "route")).unwrap();
-    let shared = dualroute::share(dualroute::load_policy(&path).unwrap());
-    let milter = common::Milter::serve(shared.clone()).await;
+    let service = protocol::service_at(&path, Default::default());
+    let milter = protocol::Milter::serve(service.clone()).await;
     let addr = milter.addr();
 
     let reloaded = Arc::new(AtomicBool::new(false));
@@ -114,7 +114,9 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(&path, config(dir.path(), "split")).unwrap();
     let reload_start = Instant::now();
-    dualroute::reload(&shared, &path).await.expect("reload");
+    dualroute::service::reload::reload(&service)
+        .await
+        .expect("reload");
     let reload_done = Instant::now();
     reloaded.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -175,16 +177,17 @@ fn binary_reloads_when_an_account_file_changes() {
         }
         std::fs::write(&accounts, "alice@example.com\nzed@example.com\n")
             .map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if conversation(addr, None).await?.0 == Seen::Kept {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err("the milter did not pick up the changed account file".into());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        support::wait_until(
+            "the milter to pick up the changed account file",
+            || async move {
+                match conversation(addr, None).await {
+                    Ok((Seen::Kept, _, _)) => Some(Ok(())),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            },
+        )
+        .await
     });
     milter.kill();
     let stderr = milter.log();

@@ -6,10 +6,11 @@
 //! TCP and over a unix socket side by side in one run, and compares the
 //! round trips: a ratio, not a timed assertion.
 
-mod common;
+mod support;
+use support::protocol;
 
-use common::*;
 use indymilter_test::{MacroStage, Status, TestConnection};
+use protocol::*;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -109,7 +110,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_round_trips_cost_what_unix_ones_do() {
     // RCPTs with their macro packets, then whole routed messages.
-    let shared = dualroute::share(policy(include_str!("messages.yaml")));
+    let service = protocol::service(include_str!("messages.yaml"));
 
     let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind TCP");
     let tcp_addr = tcp.local_addr().expect("TCP address");
@@ -120,8 +121,14 @@ async fn tcp_round_trips_cost_what_unix_ones_do() {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.changed().await;
     };
-    let tcp_milter = tokio::spawn(dualroute::run(tcp, shared.clone(), stopped(stop.clone())));
-    let unix_milter = tokio::spawn(dualroute::run(unix, shared, stopped(stop)));
+    let no_reloads = || tokio::sync::mpsc::channel(1).1;
+    let tcp_milter = tokio::spawn(dualroute::run(
+        tcp,
+        service.clone(),
+        no_reloads(),
+        stopped(stop.clone()),
+    ));
+    let unix_milter = tokio::spawn(dualroute::run(unix, service, no_reloads(), stopped(stop)));
 
     let mut over_tcp = open_transaction(
         TestConnection::configure()

@@ -3,13 +3,13 @@
 //! closed port; and the running milter holding a domain's routing until
 //! the probe passes.
 
-mod common;
 mod support;
+use support::protocol;
 
 use dualroute::decision::Decision;
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::time::Duration;
-use support::{dualroute, dualroute_output, free_port, SmtpSink};
+use support::{dualroute, dualroute_output, free_port, wait_until, SmtpSink};
 
 /// A route domain whose destination is `nexthop`, probed with postmaster@.
 fn yaml(nexthop: &str) -> String {
@@ -156,85 +156,70 @@ async fn route_once(addr: std::net::SocketAddr) -> Option<Vec<EomAction>> {
     Some(actions.actions)
 }
 
-async fn milter_with_verify(nexthop: &str) -> (common::Milter, dualroute::policy::SharedPolicy) {
-    let policy = dualroute::policy::Policy::load(
-        dualroute::config::parse(&yaml(nexthop), "t.yaml").unwrap(),
-    )
-    .unwrap();
-    let shared = dualroute::share(policy);
-    let milter = common::Milter::serve(shared.clone()).await;
-    tokio::spawn(dualroute::verify_loop(shared.clone()));
-    (milter, shared)
+async fn milter_with_verify(nexthop: &str) -> protocol::Milter {
+    // The whole service, verification probe included, as `dualroute run`
+    // starts it.
+    protocol::Milter::start(&yaml(nexthop)).await
 }
 
 #[tokio::test]
 async fn milter_holds_routing_until_verified() {
     let sink = SmtpSink::start();
-    let (milter, shared) = milter_with_verify(&sink.nexthop()).await;
-    // Poll: the probe runs at once; until it passes the domain is held.
-    let mut routed = false;
-    for _ in 0..100 {
+    let milter = milter_with_verify(&sink.nexthop()).await;
+    let service = milter.service.clone();
+    let addr = milter.addr();
+    // The probe runs at once; until it passes the domain is held.
+    wait_until("routing to start once the sink accepts the probe", || {
         // Read before the message: the probe may release the domain while
         // the message is under way, but a message that starts after the
         // release must be routed.
-        let held_before = shared
-            .read()
-            .unwrap()
-            .holds
-            .current()
-            .get("example.com")
-            .is_some();
-        let actions = route_once(milter.addr()).await;
-        if let Some(actions) = actions {
-            assert!(
-                actions.contains(&EomAction::DeleteRecipient {
-                    rcpt: c"<zed@example.com>".into()
-                }),
-                "{actions:?}"
-            );
-            routed = true;
-            break;
-        } else {
-            assert!(held_before, "refused although the domain was not held");
+        let held_before = service.holds().get("example.com").is_some();
+        async move {
+            let actions = route_once(addr).await;
+            match actions {
+                Some(actions) => {
+                    assert!(
+                        actions.contains(&EomAction::DeleteRecipient {
+                            rcpt: c"<zed@example.com>".into()
+                        }),
+                        "{actions:?}"
+                    );
+                    Some(())
+                }
+                None => {
+                    assert!(held_before, "refused although the domain was not held");
+                    None
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        routed,
-        "routing never started although the sink accepts the probe"
-    );
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn milter_keeps_routing_off_when_probe_refused() {
     let sink = SmtpSink::start_rejecting();
-    let (milter, shared) = milter_with_verify(&sink.nexthop()).await;
+    let milter = milter_with_verify(&sink.nexthop()).await;
+    let service = milter.service.clone();
     // Wait for the first probe to have run and failed.
-    let mut reason = String::new();
-    for _ in 0..100 {
-        reason = shared
-            .read()
-            .unwrap()
-            .holds
-            .current()
+    let reason = wait_until("the first probe to fail", || {
+        let reason = service
+            .holds()
             .get("example.com")
             .map(ToString::to_string)
             .unwrap_or_default();
-        if reason.contains("last probe failed") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        async move { reason.contains("last probe failed").then_some(reason) }
+    })
+    .await;
     assert!(reason.contains("last probe failed"), "{reason}");
     assert_eq!(
         route_once(milter.addr()).await,
         None,
         "a held domain must not be routed"
     );
-    let policy = shared.read().unwrap().clone();
     let v = dualroute::decision::decide(
-        &policy,
-        &policy.holds.current(),
+        &service.policy(),
+        &service.holds(),
         &Default::default(),
         dualroute::address::RcptArg::parse(&["<zed@example.com>"])
             .address

@@ -3,7 +3,7 @@
 //! or `enable` ([`dualroute`]), and `dualroute postfix-config` fed into a
 //! private Postfix instance ([`postfix_config`], [`PostfixConfig::apply_to`]).
 //!
-//! (`tests/common/` has the other milter: `dualroute::run` in-process,
+//! (`protocol.rs` has the other milter: `dualroute::run` in-process,
 //! driven by indymilter-test.)
 
 use super::{is_listening, PostfixOptions};

@@ -12,8 +12,8 @@
 //! use support::{Postfix, PostfixOptions, SmtpClient, SmtpSink, OUTSIDE_IP};
 //! ```
 //!
-//! (`tests/common/` is something else: the in-process milter driven by
-//! indymilter-test.)
+//! [`protocol`] is the other milter: the whole service in-process,
+//! driven by indymilter-test as an MTA would.
 //!
 //! Requirements of [`postfix`]: Linux, root (Postfix's `postfix start` and the `virtual`
 //! delivery agent need it), and the Debian `postfix` package
@@ -35,6 +35,7 @@
 
 pub mod milter;
 pub mod postfix;
+pub mod protocol;
 pub mod sendmail;
 pub mod sink;
 pub mod smtp;
@@ -134,6 +135,28 @@ pub fn is_listening(port: u16) -> bool {
         // fields[1] is local_address, fields[3] is st; 0A is LISTEN.
         fields.len() > 3 && wanted.iter().any(|w| w == fields[1]) && fields[3] == "0A"
     })
+}
+
+/// Waits, without blocking the runtime, until `probe` yields a value:
+/// polls every 50 ms for up to [`WAIT`], then fails the test saying what
+/// did not happen. The one wait loop of the async tests ([`poll`] is the
+/// one of the blocking ones).
+pub async fn wait_until<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {}s waiting for {what}",
+            WAIT.as_secs()
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Polls `probe` every 50 ms for up to [`WAIT`].

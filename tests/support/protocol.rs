@@ -1,11 +1,10 @@
-//! Shared setup for the protocol-level tests: the milter runs in-process on
-//! `127.0.0.1:0`, exactly as `main.rs` runs it (`dualroute::run`), and each
-//! test drives it with indymilter-test as an MTA would.
-//!
-//! Not every test file uses every helper.
-#![allow(dead_code)]
+//! The in-process milter for protocol-level tests: the whole service runs
+//! on a loopback listener the test keeps bound (`127.0.0.1:0`, never
+//! closed before use), exactly as `main.rs` runs it (`dualroute::run`),
+//! and each test drives it with indymilter-test as an MTA would.
 
 use dualroute::policy::Policy;
+use dualroute::service::{Intervals, Service};
 use indymilter_test::{
     EomAction, MacroStage, ProtoOpts, Status, TestConnection, TestConnectionBuilder,
 };
@@ -15,7 +14,12 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use std::{path::Path, sync::Arc};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 
 /// An ordinary client on the Internet: not a gateway.
 pub const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
@@ -33,21 +37,36 @@ pub fn policy(yaml: &str) -> Policy {
     Policy::load(config).unwrap_or_else(|e| panic!("test accounts: {e}"))
 }
 
+/// A service for a test configuration (reloads read `test.yaml`, which
+/// does not exist: use [`service_at`] to reload).
+pub fn service(yaml: &str) -> Arc<Service> {
+    Service::new(Path::new("test.yaml"), policy(yaml), Intervals::default())
+}
+
+/// A service for the configuration file at `path`, as `dualroute run`
+/// starts it.
+pub fn service_at(path: &Path, intervals: Intervals) -> Arc<Service> {
+    let policy = dualroute::load_policy(path).unwrap_or_else(|e| panic!("test config: {e}"));
+    Service::new(path, policy, intervals)
+}
+
 /// The milter, serving on a loopback port until [`Milter::shutdown`].
 pub struct Milter {
     addr: SocketAddr,
     shutdown: oneshot::Sender<()>,
     handle: JoinHandle<io::Result<()>>,
+    reload: mpsc::Sender<()>,
+    pub service: Arc<Service>,
 }
 
 impl Milter {
     pub async fn start(yaml: &str) -> Milter {
-        Milter::serve(dualroute::share(policy(yaml))).await
+        Milter::serve(service(yaml)).await
     }
 
-    /// Serves a policy the test keeps a handle on (to reload it, or to run
-    /// the verification loop beside the milter).
-    pub async fn serve(shared: dualroute::policy::SharedPolicy) -> Milter {
+    /// Runs the whole service (`dualroute::run`: the milter and its tasks)
+    /// for a service the test keeps a handle on.
+    pub async fn serve(service: Arc<Service>) -> Milter {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -55,14 +74,28 @@ impl Milter {
             .local_addr()
             .expect("local address of the listener");
         let (shutdown, stop) = oneshot::channel::<()>();
-        let handle = tokio::spawn(dualroute::run(listener, shared, async move {
-            let _ = stop.await;
-        }));
+        let (reload, reloads) = mpsc::channel(1);
+        let handle = tokio::spawn(dualroute::run(
+            listener,
+            service.clone(),
+            reloads,
+            async move {
+                let _ = stop.await;
+            },
+        ));
         Milter {
             addr,
             shutdown,
             handle,
+            reload,
+            service,
         }
+    }
+
+    /// Asks for a reload as SIGHUP does (`dualroute run` turns SIGHUP into
+    /// this message).
+    pub async fn sighup(&self) {
+        self.reload.send(()).await.expect("the service stopped");
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -9,10 +9,22 @@
 //! and address it probed: a pass counts only while both are unchanged, so
 //! a restart keeps a verified domain routing and a changed destination is
 //! probed again.
+//!
+//! The running service keeps the holds in force in one [`LiveHolds`],
+//! apart from the (immutable) policy: a hold takes effect at once, also
+//! for messages that started before it. [`follow`] re-reads them when
+//! another process (`dualroute disable`, a second instance's breaker)
+//! changes a state file.
 
 use crate::config::{Config, Destination, DomainConfig};
 use crate::state::{self, Disabled, StateDir, Tripped, Verification};
-use std::{collections::HashMap, fmt};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, RwLock},
+};
+
+pub mod follow;
 
 /// One reason routing for a domain is off.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -156,6 +168,11 @@ impl Holds {
         self.by_domain.get(domain)
     }
 
+    /// Every held domain and why.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Hold)> {
+        self.by_domain.iter().map(|(n, h)| (n.as_str(), h))
+    }
+
     /// Whether `domain` waits for a successful verification probe.
     pub fn awaiting_verification(&self, domain: &str) -> bool {
         matches!(self.get(domain), Some(Hold::Verification { .. }))
@@ -165,5 +182,36 @@ impl Holds {
     /// better than the state files).
     pub fn insert(&mut self, domain: &str, hold: Hold) {
         self.by_domain.insert(domain.to_owned(), hold);
+    }
+}
+
+/// The holds in force in the running service, replaced whole whenever they
+/// are read again (src/service/mod.rs owns the one instance).
+#[derive(Debug, Default)]
+pub struct LiveHolds(RwLock<Arc<Holds>>);
+
+impl LiveHolds {
+    pub fn new(holds: Holds) -> LiveHolds {
+        LiveHolds(RwLock::new(Arc::new(holds)))
+    }
+
+    /// The holds now. A poisoned lock still holds a complete value (it is
+    /// only ever replaced whole).
+    pub fn current(&self) -> Arc<Holds> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, holds: Holds) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(holds);
+    }
+
+    /// Re-reads the holds of `config`'s domains from `state_dir`, as
+    /// [`Holds::read`] does for the one-shot commands. A state file that
+    /// cannot be read holds its domain; the errors are returned for the
+    /// log.
+    pub fn refresh(&self, config: &Config) -> Vec<String> {
+        let (holds, errors) = Holds::read(config);
+        self.replace(holds);
+        errors
     }
 }

@@ -1,0 +1,307 @@
+//! The bounce breaker (docs/design.md §7).
+//!
+//! A milter never learns what happened to the mail it routed: the MTA
+//! delivers it later, from its queue, and only writes the result to its
+//! log. So the breaker follows that log (`breaker.maillog`), picks out the
+//! permanent failures ([`parse_line`]), attributes routing addresses to the
+//! managed domain that produced them ([`Attribution`]), and counts them per
+//! domain over a sliding window ([`Window`]). At `threshold` failures within
+//! `window` the domain is tripped: the trip is written under `state_dir`
+//! (so a restart keeps it), the running milter's holds are refreshed at
+//! once (the domain now behaves as `enabled: false`), and an error says why
+//! and how to switch routing back on (`dualroute enable DOMAIN`).
+//!
+//! Why it exists: a destination that starts refusing routed mail (the
+//! mailboxes were never created there, the account expired, a typo in
+//! `destination`) turns every routed message into a bounce to an outside
+//! sender. Zoho's "bounce notification" has the same purpose; here routing
+//! stops instead of merely telling someone.
+//!
+//! What the follower does with the log file ([`Follower`]):
+//! - it starts at the end: what was logged before the milter started is
+//!   history, and counting it again after every restart would trip on old
+//!   news;
+//! - rotation by rename (logrotate's default, newsyslog): the path names a
+//!   new file (a different inode). The old file is read to its end, then
+//!   the new one from its start; the old one is still read for a few
+//!   seconds, since the MTA or syslog daemon writes to it until it reopens
+//!   its log;
+//! - rotation by `copytruncate`: the file shrinks below our offset; it is
+//!   read again from its start. (Lines written between the copy and the
+//!   truncation are lost to every follower, `tail -F` included.)
+//! - a missing file (not yet created, or rotated away and not yet
+//!   replaced) is waited for and logged once; when it appears it is read
+//!   from its start.
+//!
+//! Failures are counted when they are read, not by the time stamp in the
+//! line: syslog time stamp formats differ (RFC 3164 without a year, RFC
+//! 5424, journald exports) and the follower reads within a second anyway.
+//! Failures of a domain that is already tripped or disabled are not counted:
+//! they are late bounces of mail routed before, and must not trip the domain
+//! again as soon as an administrator enables it.
+//!
+//! The parts: [`maillog`] reads lines and attributes addresses, [`follow`]
+//! follows the file, this module counts and trips.
+
+mod follow;
+mod maillog;
+
+pub use follow::Follower;
+pub use maillog::{parse_line, Attribution, Failure};
+
+use crate::config::BreakerConfig;
+use crate::policy::Policy;
+use crate::service::Service;
+use crate::state::{self, StateDir, Tripped};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the log is looked at.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// The failures of one domain within the sliding window.
+#[derive(Clone, Debug)]
+pub struct Window {
+    threshold: u32,
+    span: Duration,
+    hits: VecDeque<Instant>,
+}
+
+impl Window {
+    pub fn new(threshold: u32, span: Duration) -> Window {
+        Window {
+            threshold: threshold.max(1),
+            span,
+            hits: VecDeque::new(),
+        }
+    }
+
+    /// New limits after a reload; the failures counted so far stay.
+    pub fn set_limits(&mut self, threshold: u32, span: Duration) {
+        self.threshold = threshold.max(1);
+        self.span = span;
+    }
+
+    /// Counts a failure at `at`. Returns the number of failures within the
+    /// window when it reaches the threshold; the count is kept until
+    /// [`Window::reset`] (after the trip has been recorded), so that a trip
+    /// that could not be recorded is tried again at the next failure.
+    pub fn record(&mut self, at: Instant) -> Option<u32> {
+        self.hits.push_back(at);
+        let count = self.count(at);
+        (count >= self.threshold).then_some(count)
+    }
+
+    /// The failures within the window ending at `at`; older ones are
+    /// forgotten.
+    pub fn count(&mut self, at: Instant) -> u32 {
+        while let Some(&first) = self.hits.front() {
+            if at.saturating_duration_since(first) >= self.span {
+                self.hits.pop_front();
+            } else {
+                break;
+            }
+        }
+        u32::try_from(self.hits.len()).unwrap_or(u32::MAX)
+    }
+
+    pub fn reset(&mut self) {
+        self.hits.clear();
+    }
+}
+
+/// `1h`, `30m`, `90s`: a window as the configuration writes it.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => "0s".into(),
+        _ if s % 86400 == 0 => format!("{}d", s / 86400),
+        _ if s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
+/// The breaker's state between polls.
+struct Breaker {
+    config: BreakerConfig,
+    follower: Follower,
+    /// The attribution and the policy it was built from.
+    attribution: Option<(Arc<Policy>, Attribution)>,
+    windows: HashMap<String, Window>,
+}
+
+impl Breaker {
+    fn new(config: BreakerConfig) -> Breaker {
+        tracing::info!(
+            "bounce breaker: following {} (trips at {} permanent failures of routed mail within {})",
+            config.maillog.display(),
+            config.threshold,
+            human(config.window.0)
+        );
+        let follower = Follower::at_end(&config.maillog);
+        Breaker {
+            config,
+            follower,
+            attribution: None,
+            windows: HashMap::new(),
+        }
+    }
+
+    /// Takes the configuration of a reload: a new `maillog` is followed
+    /// from its end; new limits apply to the counts so far.
+    fn reconfigure(&mut self, config: &BreakerConfig) {
+        if config.maillog != self.config.maillog {
+            *self = Breaker::new(config.clone());
+            return;
+        }
+        if *config != self.config {
+            for w in self.windows.values_mut() {
+                w.set_limits(config.threshold, config.window.0);
+            }
+            self.config = config.clone();
+        }
+    }
+
+    fn attribution(&mut self, policy: &Arc<Policy>) -> &Attribution {
+        if !matches!(&self.attribution, Some((p, _)) if Arc::ptr_eq(p, policy)) {
+            self.attribution = None;
+        }
+        &self
+            .attribution
+            .get_or_insert_with(|| (policy.clone(), Attribution::new(policy)))
+            .1
+    }
+
+    fn tick(&mut self, policy: &Arc<Policy>, service: &Service) {
+        let lines = self.follower.poll();
+        let failures: Vec<Failure> = lines.iter().filter_map(|l| parse_line(l)).collect();
+        if failures.is_empty() {
+            return;
+        }
+        let dir = StateDir::new(&policy.config.state_dir);
+        let now = Instant::now();
+        for f in &failures {
+            let mut owners: Vec<String> = Vec::new();
+            for rcpt in &f.recipients {
+                owners.extend(self.attribution(policy).domains(rcpt).iter().cloned());
+            }
+            for domain in owners {
+                self.count(service, &dir, &domain, f, now);
+            }
+        }
+    }
+
+    fn count(
+        &mut self,
+        service: &Service,
+        dir: &StateDir,
+        domain: &str,
+        f: &Failure,
+        now: Instant,
+    ) {
+        // Routing is already off (or the state is unreadable, which holds
+        // the domain too): a late bounce of mail routed before.
+        match dir.load(domain) {
+            Ok(st) if st.tripped.is_none() && st.disabled.is_none() => {}
+            _ => {
+                self.windows.remove(domain);
+                return;
+            }
+        }
+        let (threshold, span) = (self.config.threshold, self.config.window.0);
+        let window = self
+            .windows
+            .entry(domain.to_owned())
+            .or_insert_with(|| Window::new(threshold, span));
+        let Some(count) = window.record(now) else {
+            tracing::warn!(
+                "{domain}: routed mail failed permanently ({} of {threshold} within {} before routing is switched off): {}",
+                window.count(now),
+                human(span),
+                f.line
+            );
+            return;
+        };
+        let trip = Tripped {
+            since: state::now(),
+            bounces: count,
+            window_secs: span.as_secs(),
+            last: f.line.clone(),
+        };
+        if let Err(e) = dir.trip(domain, &trip) {
+            tracing::error!(
+                "{domain}: {count} permanent failures of routed mail within {}, but the bounce breaker cannot record the trip in {}: {e}; routing stays ON until it can",
+                human(span),
+                dir.dir.display()
+            );
+            return;
+        }
+        window.reset();
+        // Take effect now, not at the state follower's next look: holds
+        // are read per RCPT, also by messages in flight.
+        for e in service.refresh_holds() {
+            tracing::error!("{e}; routing for that domain stays off");
+        }
+        tracing::error!(
+            "{domain}: bounce breaker tripped: {count} permanent failures of routed mail within {} (threshold {threshold}); routing for {domain} is switched off (mailboxes here still get their mail; addresses that would be routed are refused with 451 4.4.4 until routing is back on) and stays off across restarts ({}); last failure: {}; check the destination, then run `dualroute enable {domain}` to switch routing back on",
+            human(span),
+            dir.dir.join(format!("{domain}.tripped")).display(),
+            f.line
+        );
+    }
+}
+
+/// Runs the breaker for the life of the milter: polls `breaker.maillog`
+/// every [`POLL`] and trips domains as described in the module
+/// documentation. Follows reloads: a `breaker:` section added, changed or
+/// removed by SIGHUP takes effect at the next poll. Does nothing while the
+/// configuration has no `breaker:`.
+pub async fn run(service: Arc<Service>) {
+    let mut breaker: Option<Breaker> = None;
+    loop {
+        let policy = service.policy();
+        let service = service.clone();
+        // File reads, state files and the error log are blocking I/O; each
+        // poll is short, so shutdown never waits for it.
+        let task = tokio::task::spawn_blocking(move || {
+            match (&policy.config.breaker, &mut breaker) {
+                (None, b) => {
+                    if b.take().is_some() {
+                        tracing::info!(
+                            "bounce breaker: no `breaker:` in the configuration any more; stopped"
+                        );
+                    }
+                }
+                (Some(c), Some(b)) => b.reconfigure(c),
+                (Some(c), b @ None) => *b = Some(Breaker::new(c.clone())),
+            }
+            if let Some(b) = &mut breaker {
+                b.tick(&policy, &service);
+            }
+            breaker
+        });
+        breaker = match task.await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("bounce breaker failed: {e}; routed bounces are no longer counted until dualroute restarts");
+                return;
+            }
+        };
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_as_written_in_the_configuration() {
+        assert_eq!(human(Duration::from_secs(3600)), "1h");
+        assert_eq!(human(Duration::from_secs(90)), "90s");
+        assert_eq!(human(Duration::from_secs(1800)), "30m");
+        assert_eq!(human(Duration::from_secs(2 * 86400)), "2d");
+    }
+}

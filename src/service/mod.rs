@@ -1,0 +1,178 @@
+//! The running milter service: the policy in force, the holds in force,
+//! and every task that keeps them current, started and stopped together
+//! by [`run`].
+//!
+//! The policy (configuration plus accounts) is immutable and replaced
+//! whole by a reload ([`reload`]); each message keeps the policy it
+//! started with. The holds (src/holds/) are kept apart from it and read
+//! per RCPT, so a `disable` or a breaker trip takes effect at once. The
+//! milter (src/milter.rs), the reload, the verification probe
+//! ([`verify`]), the state follower (src/holds/follow.rs) and the bounce
+//! breaker (src/breaker/) all share one [`Service`].
+
+pub mod reload;
+pub mod verify;
+
+use crate::holds::{Holds, LiveHolds};
+use crate::policy::Policy;
+use crate::{breaker, holds, listener, milter};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub use reload::{load_policy, LoadError};
+
+/// How often the service's tasks look at the files they follow.
+#[derive(Clone, Debug)]
+pub struct Intervals {
+    /// `state_dir` (admin enable/disable, trips by another process).
+    pub state: Duration,
+    /// Account files (a change triggers a reload once the file is still).
+    pub accounts: Duration,
+    /// The verification scheduler's tick (the probes' own backoff is 30 s
+    /// doubling to 10 min).
+    pub verify: Duration,
+}
+
+impl Default for Intervals {
+    fn default() -> Intervals {
+        Intervals {
+            state: Duration::from_secs(2),
+            accounts: Duration::from_secs(2),
+            verify: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What the milter and the service's tasks share.
+#[derive(Debug)]
+pub struct Service {
+    config_path: PathBuf,
+    policy: RwLock<Arc<Policy>>,
+    holds: Arc<LiveHolds>,
+    pub intervals: Intervals,
+}
+
+impl Service {
+    /// A service for `policy`, loaded from `config_path` (which reloads
+    /// read again). The holds are read now, so that no instant exists in
+    /// which a disabled or unverified domain routes.
+    pub fn new(config_path: &Path, policy: Policy, intervals: Intervals) -> Arc<Service> {
+        let (holds, errors) = Holds::read(&policy.config);
+        for e in errors {
+            tracing::error!("{e}; routing for that domain stays off");
+        }
+        Arc::new(Service {
+            config_path: config_path.to_owned(),
+            policy: RwLock::new(Arc::new(policy)),
+            holds: Arc::new(LiveHolds::new(holds)),
+            intervals,
+        })
+    }
+
+    /// The policy in force now. A poisoned lock still holds a complete
+    /// policy (it is only ever replaced whole), so it is used rather than
+    /// failing.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The holds in force now.
+    pub fn holds(&self) -> Arc<Holds> {
+        self.holds.current()
+    }
+
+    /// The holds, for a message to read per RCPT.
+    pub fn live_holds(&self) -> Arc<LiveHolds> {
+        self.holds.clone()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Re-reads the holds of the policy in force from `state_dir`; returns
+    /// the errors for the log (each holds its domain).
+    pub fn refresh_holds(&self) -> Vec<String> {
+        self.holds.refresh(&self.policy().config)
+    }
+
+    /// Puts `new` in force. The holds of its domains are read first and
+    /// installed together with those of the running policy's domains, so
+    /// that neither a domain the reload adds (with a `.disabled` file, say)
+    /// nor one it removes routes for an instant without its hold; then the
+    /// policy is swapped and the holds are read for it alone.
+    fn install(&self, new: Policy) -> Vec<String> {
+        let (mut both, _) = Holds::read(&new.config);
+        for (name, hold) in self.holds().iter() {
+            if !new.domains.contains_key(name) {
+                both.insert(name, hold.clone());
+            }
+        }
+        self.holds.replace(both);
+        let new = Arc::new(new);
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = new;
+        self.refresh_holds()
+    }
+}
+
+/// Runs the whole service until `shutdown` completes: the milter on
+/// `listener`, with the connection limit and timeouts of `connections:`,
+/// and beside it the reload on every message of `reloads` (SIGHUP in
+/// `main.rs`), the account-file watch, the verification probe, the state
+/// follower and the bounce breaker. The tasks stop with the milter.
+pub async fn run<L>(
+    listener: L,
+    service: Arc<Service>,
+    mut reloads: mpsc::Receiver<()>,
+    shutdown: impl Future,
+) -> std::io::Result<()>
+where
+    L: indymilter::Listener,
+    L::Io: listener::Peer,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(verify::run(service.clone()));
+    tasks.spawn(holds::follow::run(service.clone()));
+    tasks.spawn(reload::watch_accounts(service.clone()));
+    // The bounce breaker (docs/design.md §7) idles while there is no
+    // `breaker:`, and follows reloads that add, change or remove it.
+    tasks.spawn(breaker::run(service.clone()));
+    let reloader = service.clone();
+    tasks.spawn(async move {
+        while reloads.recv().await.is_some() {
+            reload::on_request(&reloader).await;
+        }
+    });
+    let limits = service.policy().config.connections.clone();
+    // indymilter's own timeout covers a whole read, idle time included, and
+    // writes: it only backs up the guard's finer ones (listener.rs).
+    let config = indymilter::Config {
+        max_connections: limits.max.get(),
+        connection_timeout: limits.idle_timeout.0 + limits.command_timeout.0,
+        ..Default::default()
+    };
+    let listener = listener::Guarded::new(listener, limits);
+    tracing::info!(
+        "dualroute {} listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        service.policy().config.listen
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+    let result = indymilter::run(listener, milter::callbacks(service), config, shutdown).await;
+    tasks.abort_all();
+    result
+}
+
+/// Tells systemd (Type=notify) where we are; a no-op without
+/// NOTIFY_SOCKET.
+pub fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}

@@ -1,0 +1,166 @@
+//! Loading the configuration and replacing it while the milter runs: on
+//! SIGHUP and when an account file changes (docs/design.md §5, §7). A
+//! reload that fails, or that would shrink a domain's accounts past
+//! `accounts_shrink_limit`, keeps the running policy; the refusal is
+//! recorded under `state_dir` for `dualroute status`.
+
+use super::{notify, Service};
+use crate::policy::Policy;
+use crate::{accounts, config, state};
+use std::path::Path;
+
+/// Anything that stops a configuration from loading.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Accounts(#[from] accounts::LoadError),
+    /// A reload that loaded fine but would shrink a domain's accounts past
+    /// `accounts_shrink_limit`.
+    #[error("{0}")]
+    Shrink(String),
+}
+
+/// Reads `milter.yaml` and every account source it names.
+pub fn load_policy(path: &Path) -> Result<Policy, LoadError> {
+    let config = config::read_file(path)?;
+    Ok(Policy::load(config)?)
+}
+
+/// A reload asked for by SIGHUP. systemd (ExecReload) waits for READY=1
+/// after RELOADING=1, stamped with the monotonic clock (sd_notify(3)).
+pub async fn on_request(service: &Service) {
+    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+    reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+    notify(&reloading);
+    let path = service.config_path().display();
+    match reload(service).await {
+        Ok(()) => tracing::info!("SIGHUP: reloaded {path}"),
+        Err(e) => {
+            tracing::error!("SIGHUP: reload failed, keeping the running configuration: {e}")
+        }
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Re-reads the configuration; on error the running policy stays in force
+/// (docs/design.md §5: a reload with an invalid file keeps the running
+/// policy), and so it does when the new accounts shrank past the guard. A
+/// refusal is recorded under `state_dir` for `dualroute status`; a good
+/// reload clears it. The caller logs the error.
+pub async fn reload(service: &Service) -> Result<(), LoadError> {
+    let path = service.config_path().to_owned();
+    let running = service.policy();
+    let loaded = tokio::task::spawn_blocking(move || load_policy(&path))
+        .await
+        .unwrap_or_else(|e| {
+            Err(LoadError::Config(config::ConfigError {
+                file: String::new(),
+                line: None,
+                column: None,
+                message: format!("reload task failed: {e}"),
+            }))
+        })
+        .and_then(|p| match p.shrink_refusal(&running) {
+            Some(why) => Err(LoadError::Shrink(why)),
+            None => Ok(p),
+        });
+    let state = state::StateDir::new(&running.config.state_dir);
+    let mut loaded = match loaded {
+        Ok(p) => p,
+        Err(e) => {
+            if let Err(w) = state.refuse_reload(&e.to_string()) {
+                tracing::error!("cannot record the refused reload for `dualroute status`: {w}");
+            }
+            return Err(e);
+        }
+    };
+    // The socket is bound and the connection limits are set once, at start
+    // (src/main.rs, src/service/mod.rs): say so rather than ignore the change. The running
+    // values stay in the policy in force, so every reload repeats the
+    // warning until a restart.
+    let (was, now) = (&running.config, &mut loaded.config);
+    if was.listen != now.listen {
+        tracing::warn!(
+            "listen changed from {} to {}: a reload does not move the socket; restart dualroute to listen on {} (still listening on {})",
+            was.listen, now.listen, now.listen, was.listen
+        );
+        now.listen = was.listen.clone();
+    }
+    if was.connections != now.connections {
+        tracing::warn!(
+            "connections changed: a reload does not change them; restart dualroute to apply them"
+        );
+        now.connections = was.connections.clone();
+    }
+    for e in service.install(loaded) {
+        tracing::error!("{e}; routing for that domain stays off");
+    }
+    if let Err(e) = state.clear_reload_refused() {
+        tracing::warn!("cannot clear the record of a refused reload: {e}");
+    }
+    Ok(())
+}
+
+/// Reloads configuration and accounts when an account file changes
+/// (checked every `service.intervals.accounts`). A change is acted on once
+/// the file has been still for one interval, so that a file being
+/// rewritten is not read half written. A failed reload keeps the running
+/// policy and is retried only after a file changes again.
+pub async fn watch_accounts(service: std::sync::Arc<Service>) {
+    // The milter has just started with everything loaded: a refusal
+    // recorded by an earlier run no longer describes it.
+    let dir = state::StateDir::new(&service.policy().config.state_dir);
+    if let Err(e) = dir.clear_reload_refused() {
+        tracing::warn!("cannot clear the record of a refused reload: {e}");
+    }
+    // What the files looked like at the last look, and what a reload
+    // failed on (not retried until a file changes again).
+    let mut last_seen = None;
+    let mut failed_for = None;
+    loop {
+        tokio::time::sleep(service.intervals.accounts).await;
+        let policy = service.policy();
+        let now: Vec<_> = policy
+            .account_files
+            .iter()
+            .map(|(p, _)| file_stamp(p))
+            .collect();
+        let changed: Vec<String> = policy
+            .account_files
+            .iter()
+            .zip(&now)
+            .filter(|((_, then), now)| *then != now.1)
+            .map(|((p, _), _)| p.display().to_string())
+            .collect();
+        let settled = last_seen.as_ref() == Some(&now);
+        last_seen = Some(now.clone());
+        if changed.is_empty() || !settled || failed_for.as_ref() == Some(&now) {
+            continue;
+        }
+        let changed = changed.join(", ");
+        let path = service.config_path().display();
+        match reload(&service).await {
+            Ok(()) => {
+                tracing::info!("account file changed ({changed}): reloaded {path}");
+                failed_for = None;
+            }
+            Err(e) => {
+                tracing::error!(
+                    "account file changed ({changed}) but the reload was refused, keeping the running configuration: {e}"
+                );
+                failed_for = Some(now);
+            }
+        }
+    }
+}
+
+/// A file's size and modification time, `None` when it cannot be read.
+fn file_stamp(p: &Path) -> (Option<u64>, Option<std::time::SystemTime>) {
+    let m = std::fs::metadata(p).ok();
+    (
+        m.as_ref().map(|m| m.len()),
+        m.and_then(|m| m.modified().ok()),
+    )
+}

@@ -1,0 +1,196 @@
+//! The verification probe of the running service (docs/design.md,
+//! "Routing off"): a domain with `verify:` routes only once its
+//! destination has accepted the probe address. Held domains are probed
+//! concurrently (a dead destination does not delay the others), with one
+//! resolver for all probes, and retried with backoff (30 s doubling to
+//! 10 min). The result is written to `state_dir` and the holds are read
+//! back from there, so the milter, `status` and `explain` agree
+//! (src/holds/).
+
+use super::Service;
+use crate::config::{DnsConfig, DomainConfig};
+use crate::dns::Dns;
+use crate::{holds, probe, state};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+const FIRST_RETRY: Duration = Duration::from_secs(30);
+const LAST_RETRY: Duration = Duration::from_secs(600);
+
+/// One finished probe.
+struct Outcome {
+    domain: String,
+    /// What was probed (`holds::probe_target`), taken when the probe
+    /// started: a pass of a destination a reload has since changed does
+    /// not count for the new one.
+    target: String,
+    address: String,
+    result: Result<String, String>,
+}
+
+/// Probes held domains for the life of the service, following reloads.
+pub async fn run(service: Arc<Service>) {
+    let mut next: HashMap<String, (Instant, Duration)> = HashMap::new();
+    let mut in_flight: HashSet<String> = HashSet::new();
+    let mut probes: JoinSet<Outcome> = JoinSet::new();
+    let mut resolver: Option<(DnsConfig, Arc<Dns>)> = None;
+    loop {
+        let policy = service.policy();
+        let holds = service.holds();
+        let now = Instant::now();
+        let mut names: Vec<&String> = policy.domains.keys().collect();
+        names.sort();
+        for name in names {
+            let d = &policy.domains[name];
+            if d.config.verify.is_none()
+                || !holds.awaiting_verification(name)
+                || in_flight.contains(name)
+                || next.get(name).is_some_and(|(due, _)| *due > now)
+            {
+                continue;
+            }
+            let dns = match &resolver {
+                Some((config, dns)) if *config == policy.config.dns => dns.clone(),
+                _ => match Dns::new(&policy.config.dns) {
+                    Ok(dns) => {
+                        let dns = Arc::new(dns);
+                        resolver = Some((policy.config.dns.clone(), dns.clone()));
+                        dns
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot set up DNS for the verification probe: {e}; routing stays off, retry in {}s", FIRST_RETRY.as_secs());
+                        next.insert(name.clone(), (now + FIRST_RETRY, FIRST_RETRY));
+                        continue;
+                    }
+                },
+            };
+            in_flight.insert(name.clone());
+            probes.spawn(probe_one(
+                name.clone(),
+                d.config.clone(),
+                dns,
+                policy.config.instance.clone(),
+            ));
+        }
+        let done = tokio::select! {
+            Some(done) = probes.join_next(), if !probes.is_empty() => done,
+            _ = tokio::time::sleep(service.intervals.verify) => continue,
+        };
+        let Ok(outcome) = done else {
+            // A probe task that panicked or was cancelled: its domain is
+            // no longer known here; clear everything in flight that has no
+            // task left so it is probed again.
+            if probes.is_empty() {
+                in_flight.clear();
+            }
+            continue;
+        };
+        in_flight.remove(&outcome.domain);
+        let backoff = next.get(&outcome.domain).map_or(FIRST_RETRY, |(_, b)| *b);
+        if settle(&service, &outcome, backoff).await {
+            next.remove(&outcome.domain);
+        } else {
+            next.insert(
+                outcome.domain.clone(),
+                (Instant::now() + backoff, (backoff * 2).min(LAST_RETRY)),
+            );
+        }
+    }
+}
+
+async fn probe_one(domain: String, d: DomainConfig, dns: Arc<Dns>, helo: String) -> Outcome {
+    let address = d
+        .verify
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let target = holds::probe_target(&d);
+    let result = match probe::verify_with(
+        &d.destination,
+        &dns,
+        &helo,
+        &address,
+        probe::STEP_TIMEOUT,
+        false,
+    )
+    .await
+    {
+        Ok(reports) => match reports.iter().find(|r| r.accepted) {
+            Some(r) => Ok(format!("{} accepts {address}", r.target.addr)),
+            None => Err(reports
+                .iter()
+                .map(|r| {
+                    let e = r.error.as_deref().unwrap_or("not accepted");
+                    format!("{}: {e}", r.target.addr)
+                })
+                .collect::<Vec<_>>()
+                .join("; ")),
+        },
+        Err(e) => Err(e),
+    };
+    Outcome {
+        domain,
+        target,
+        address,
+        result,
+    }
+}
+
+/// Logs and records a probe result; true when the domain is verified and
+/// the pass is recorded (a pass that cannot be recorded keeps routing
+/// off: when in doubt, do not route).
+async fn settle(service: &Arc<Service>, o: &Outcome, backoff: Duration) -> bool {
+    let name = &o.domain;
+    let (passed, detail) = match &o.result {
+        Ok(detail) => {
+            tracing::info!("{name}: verification passed ({detail}); routing starts");
+            (true, detail.clone())
+        }
+        Err(why) => {
+            tracing::warn!(
+                "{name}: verification of {} failed ({why}); routing stays off, retry in {}s",
+                o.address,
+                backoff.as_secs()
+            );
+            (false, why.clone())
+        }
+    };
+    let v = state::Verification {
+        at: state::now(),
+        passed,
+        detail,
+        target: o.target.clone(),
+    };
+    let (writer, name2) = (service.clone(), name.clone());
+    // State writes fsync: blocking I/O, off the runtime's workers.
+    let written = tokio::task::spawn_blocking(move || {
+        let dir = state::StateDir::new(&writer.policy().config.state_dir);
+        let r = dir.record_verification(&name2, &v);
+        if r.is_ok() {
+            for e in writer.refresh_holds() {
+                tracing::error!("{e}; routing for that domain stays off");
+            }
+        }
+        r.map_err(|e| (e.to_string(), dir.dir.display().to_string()))
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => passed,
+        Ok(Err((e, dir))) => {
+            if passed {
+                tracing::error!(
+                    "{name}: the destination passed verification, but the result cannot be recorded in {dir}: {e}; routing stays off until it can"
+                );
+            } else {
+                tracing::warn!("{name}: cannot record the probe result: {e}");
+            }
+            false
+        }
+        Err(e) => {
+            tracing::error!("{name}: recording the probe result failed: {e}");
+            false
+        }
+    }
+}
