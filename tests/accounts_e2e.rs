@@ -11,9 +11,8 @@ mod support;
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
 use support::{
-    dualroute, free_port, postfix_config, MilterProcess, Postfix, PostfixOptions, SmtpClient,
+    dualroute, free_port, poll, postfix_config, MilterProcess, Postfix, PostfixOptions, SmtpClient,
     SmtpSink, OUTSIDE_IP,
 };
 
@@ -21,22 +20,6 @@ const SENDER: &str = "sender@outside.test";
 
 fn message(subject: &str) -> String {
     format!("From: {SENDER}\nTo: alice@example.com\nSubject: {subject}\n\nbody of {subject}\n")
-}
-
-/// Waits until the milter log has `n` lines containing `what`.
-fn wait_log(milter: &MilterProcess, what: &str, n: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = milter.log();
-        if log.lines().filter(|l| l.contains(what)).count() >= n {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {n}th log line with {what:?} after 30 s:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Rewrites the file in place, as an editor or `>` in a script does.
@@ -104,7 +87,8 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
     for (what, names) in [("halved", &["bob", "carol"][..]), ("emptied", &[][..])] {
         rewrite(&accounts, names);
         // The milter saw the change (and reloaded or refused) ...
-        let log = wait_log(&milter, "account file changed", expected);
+        milter.wait_log(&["account file changed"], expected);
+        let log = milter.log();
         // ... and alice's next message still lands here, not at the sink.
         send(what);
         expected += 1;
@@ -138,16 +122,12 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
 
     // Put back (and one more): reloaded, the refusal is gone.
     rewrite(&accounts, &["alice", "bob", "carol", "dave", "erin"]);
-    wait_log(&milter, "account file changed", expected);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    milter.wait_log(&["account file changed"], expected);
+    let restored = poll(|| {
         let (ok, status) = dualroute(&config, &["status"]);
-        if ok.success() && !status.contains("REFUSED") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{status}\n{}", diag("restore"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (ok.success() && !status.contains("REFUSED")).then_some(())
+    });
+    assert!(restored.is_some(), "{}", diag("restore"));
     assert!(pf.maillog().lines().all(|l| !l.contains("status=bounced")));
     drop(milter);
     drop(tmp);
@@ -175,7 +155,8 @@ fn no_domains_starts_transparent_with_a_warning() {
         "{out}"
     );
     let milter = MilterProcess::start(&config, port, &tmp.path().join("milter.log"));
-    let log = wait_log(&milter, "no domains configured", 1);
+    milter.wait_log(&["no domains configured"], 1);
+    let log = milter.log();
     assert!(
         log.lines()
             .any(|l| l.contains("WARN") && l.contains("dualroute changes nothing")),

@@ -222,23 +222,6 @@ fn send_until_closed(milter: &MilterProcess, bytes: &[u8], within: Duration) -> 
     (me, started.elapsed())
 }
 
-/// Waits until the milter's log has a line with all of `words`.
-#[track_caller]
-fn wait_log(milter: &MilterProcess, words: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = milter.log();
-        if let Some(line) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {words:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn garbage_is_logged_with_the_peer_and_the_connection_closed() {
     let tmp = tempfile::tempdir().expect("temporary directory");
@@ -247,14 +230,14 @@ fn garbage_is_logged_with_the_peer_and_the_connection_closed() {
     // An HTTP request on the milter port: its first four bytes read as a
     // length of 1.2 GB.
     let (me, _) = send_until_closed(&milter, b"GET / HTTP/1.0\r\n\r\n", Duration::from_secs(5));
-    let line = wait_log(&milter, &["WARN", &me, "longer than"]);
+    let line = milter.wait_log(&["WARN", &me, "longer than"], 1);
     assert!(line.contains("malformed milter input"), "{line}");
 
     // An unknown command after a good negotiation.
     let mut bytes = optneg();
     bytes.extend(packet(b'Z', b"x"));
     let (me, _) = send_until_closed(&milter, &bytes, Duration::from_secs(5));
-    wait_log(&milter, &["WARN", &me, "unknown command byte 0x5a"]);
+    milter.wait_log(&["WARN", &me, "unknown command byte 0x5a"], 1);
 
     // RCPT before MAIL, then more of the same: one warning per connection.
     let mut bytes = optneg();
@@ -262,7 +245,7 @@ fn garbage_is_logged_with_the_peer_and_the_connection_closed() {
         bytes.extend(packet(b'R', b"<zed@split.test>\0"));
     }
     let (me, _) = send_until_closed(&milter, &bytes, Duration::from_secs(6));
-    wait_log(&milter, &["WARN", &me, "'R' out of order"]);
+    milter.wait_log(&["WARN", &me, "'R' out of order"], 1);
     let count = milter
         .log()
         .lines()
@@ -283,7 +266,7 @@ fn stalled_silent_and_idle_connections_are_closed() {
         took < Duration::from_secs(10),
         "stalled packet held {took:?}"
     );
-    wait_log(&milter, &["WARN", &me, "packet incomplete for 1s"]);
+    milter.wait_log(&["WARN", &me, "packet incomplete for 1s"], 1);
 
     // Connected, never negotiated: closed after command_timeout.
     let (me, took) = send_until_closed(&milter, b"", Duration::from_secs(20));
@@ -291,7 +274,7 @@ fn stalled_silent_and_idle_connections_are_closed() {
         took < Duration::from_secs(10),
         "silent connection held {took:?}"
     );
-    wait_log(&milter, &["WARN", &me, "no option negotiation within 1s"]);
+    milter.wait_log(&["WARN", &me, "no option negotiation within 1s"], 1);
 
     // Negotiated, then idle: closed after idle_timeout (3s), not before
     // command_timeout would have.
@@ -300,7 +283,7 @@ fn stalled_silent_and_idle_connections_are_closed() {
         took >= Duration::from_secs(2) && took < Duration::from_secs(10),
         "idle connection closed after {took:?}"
     );
-    wait_log(&milter, &["INFO", &me, "idle for 3s"]);
+    milter.wait_log(&["INFO", &me, "idle for 3s"], 1);
 }
 
 #[test]
@@ -313,7 +296,7 @@ fn reaching_the_connection_limit_is_logged() {
         s.write_all(&optneg()).expect("negotiate");
         open.push(s);
     }
-    let line = wait_log(&milter, &["WARN", "connection limit reached"]);
+    let line = milter.wait_log(&["WARN", "connection limit reached"], 1);
     assert!(line.contains("connections.max = 2"), "{line}");
     drop(open);
 }
@@ -330,7 +313,7 @@ async fn an_old_protocol_is_reported_once() {
             .expect("negotiation at protocol 2");
         conn.close().await.expect("close");
     }
-    let line = wait_log(&milter, &["WARN", "older milter protocol"]);
+    let line = milter.wait_log(&["WARN", "older milter protocol"], 1);
     for words in [
         "ORCPT and NOTIFY",
         "no no-reply options",

@@ -43,17 +43,16 @@ async fn routed(addr: std::net::SocketAddr) -> bool {
     })
 }
 
+/// Whether mail to zed gets routed reaches `want` within the wait.
 async fn wait_until(addr: std::net::SocketAddr, want: bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if routed(addr).await == want {
-            return true;
-        }
+    let deadline = Instant::now() + support::WAIT;
+    while routed(addr).await != want {
         if Instant::now() > deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    true
 }
 
 #[test]

@@ -200,6 +200,26 @@ impl MilterProcess {
         strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
     }
 
+    /// Waits until the log has `n` lines that contain every one of
+    /// `words`, and returns the `n`th (fails the test, with the log, when
+    /// that does not happen within [`super::WAIT`]).
+    #[track_caller]
+    pub fn wait_log(&self, words: &[&str], n: usize) -> String {
+        let found = super::poll(|| {
+            self.log()
+                .lines()
+                .filter(|l| words.iter().all(|w| l.contains(w)))
+                .nth(n.saturating_sub(1))
+                .map(str::to_owned)
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "no {n}th log line with {words:?} in the milter's log:\n{}",
+                self.log()
+            )
+        })
+    }
+
     /// The milter.yaml it runs with.
     pub fn config(&self) -> &Path {
         &self.config
