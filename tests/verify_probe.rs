@@ -227,3 +227,63 @@ async fn milter_keeps_routing_off_when_probe_refused() {
     );
     assert!(matches!(v.decision, Decision::Tempfail(_)), "{v:?}");
 }
+
+/// One destination that accepts the connection and never says a word (the
+/// probe waits 30 s for its greeting) must not delay the verification of
+/// the others: probes run concurrently (src/service/verify.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_destination_does_not_delay_the_others() {
+    let sink = SmtpSink::start();
+    // Kept bound and never answered for the whole test.
+    let silent_port = free_port();
+    let silent = std::net::TcpListener::bind(("127.0.0.1", silent_port)).expect("bind");
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept() {
+            conns.push(c);
+        }
+    });
+    let state = tempfile::tempdir().unwrap();
+    // Several silent domains: the old, sequential probe visited the domains
+    // in hash order and got to example.com after them in most runs.
+    let mut yaml = format!(
+        "instance: probe.test\nstate_dir: {}\ndomains:\n",
+        state.path().display()
+    );
+    for d in [
+        "silent1.test",
+        "silent2.test",
+        "silent3.test",
+        "example.com",
+    ] {
+        let hop = if d == "example.com" {
+            sink.nexthop()
+        } else {
+            format!("[127.0.0.1]:{silent_port}")
+        };
+        yaml.push_str(&format!(
+            "  {d}:\n    mode: route\n    verify: postmaster@{d}\n    destination: {{ hosts: [\"{hop}\"] }}\n"
+        ));
+    }
+    let milter = protocol::Milter::start(&yaml).await;
+    let service = milter.service.clone();
+    let started = std::time::Instant::now();
+    wait_until(
+        "example.com to be verified while the silent destinations hang",
+        || {
+            let held = service.holds().get("example.com").is_some();
+            async move { (!held).then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "example.com was verified only after {:?}",
+        started.elapsed()
+    );
+    for d in ["silent1.test", "silent2.test", "silent3.test"] {
+        assert!(service.holds().get(d).is_some(), "{d} must stay held");
+    }
+    milter.shutdown().await;
+    drop(held);
+}
