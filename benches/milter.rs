@@ -61,6 +61,9 @@ struct Options {
     threads: Vec<String>,
     /// Reload arm: SIGHUP every second under load.
     reload: bool,
+    /// Run each milter under callgrind and count the instructions it
+    /// executes per conversation (repeatable on a busy machine).
+    callgrind: bool,
     /// Another dualroute binary (an earlier build) as an arm of its own:
     /// before/after in one run.
     before: Option<PathBuf>,
@@ -80,6 +83,7 @@ fn options() -> Options {
         threads: Vec::new(),
         before: None,
         reload: false,
+        callgrind: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -89,6 +93,7 @@ fn options() -> Options {
             "--postfix" => o.postfix = true,
             "--tcp" => o.tcp = true,
             "--reload" => o.reload = true,
+            "--callgrind" => o.callgrind = true,
             "--reps" => o.reps = value().parse().unwrap_or_else(|_| usage("--reps")),
             "--secs" => o.secs = value().parse().unwrap_or_else(|_| usage("--secs")),
             "--accounts" => o.accounts = value().parse().unwrap_or_else(|_| usage("--accounts")),
@@ -453,6 +458,8 @@ struct Run {
     cpu_us: f64,
     /// Conversations that failed (the first error is printed).
     failed: usize,
+    /// Conversations that succeeded.
+    done: usize,
 }
 
 /// `concurrency` clients in a closed loop for `secs`.
@@ -506,6 +513,7 @@ fn load(
         p99: latencies[(n * 99 / 100).min(n - 1)],
         cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
         failed: failed.load(std::sync::atomic::Ordering::Relaxed),
+        done: n,
     }
 }
 
@@ -553,7 +561,7 @@ fn protocol_arm(o: &Options) {
                     command.env(THREADS_VAR, t);
                 }
                 let started = Instant::now();
-                let server = Server::start(&tag, command, || dr.ready());
+                let server = Server::start(&tag, under(o, dir, command), || dr.ready());
                 println!(
                     "{tag} with {} accounts: socket ready after {:.2}s",
                     o.accounts + 2,
@@ -569,14 +577,18 @@ fn protocol_arm(o: &Options) {
             if let Some(t) = t {
                 command.env(THREADS_VAR, t);
             }
-            let server = Server::start(&tag, command, || nop.ready());
+            let server = Server::start(&tag, under(o, dir, command), || nop.ready());
             servers.push((nop, server));
         }
         if let Some(lib) = &o.libmilter {
             let lm = at("libmilter");
             let mut c = Command::new(lib);
             c.arg(lm.libmilter_socket());
-            let server = Server::start(&format!("libmilter no-op{suffix}"), c, || lm.ready());
+            let server = Server::start(
+                &format!("libmilter no-op{suffix}"),
+                under(o, dir, c),
+                || lm.ready(),
+            );
             servers.push((lm, server));
         }
     }
@@ -587,13 +599,25 @@ fn protocol_arm(o: &Options) {
     );
     println!(
         "{:<28} {:>4} {:>10} {:>9} {:>9} {:>8} {:>13}",
-        "milter", "C", "conv/s", "p50", "p99", "CPU µs", "vs best no-op"
+        "milter",
+        "C",
+        "conv/s",
+        "p50",
+        "p99",
+        if o.callgrind { "instr." } else { "CPU µs" },
+        "vs best no-op"
     );
     for &c in &o.concurrency {
         let mut runs: Vec<Vec<Run>> = servers.iter().map(|_| Vec::new()).collect();
         for _ in 0..o.reps {
             for (i, (at, server)) in servers.iter().enumerate() {
-                let run = load(&runtime, server, at, c, o.secs);
+                if o.callgrind {
+                    callgrind_control(server, "-z");
+                }
+                let mut run = load(&runtime, server, at, c, o.secs);
+                if o.callgrind {
+                    run.cpu_us = instructions(server, dir) / run.done as f64;
+                }
                 assert_eq!(run.failed, 0, "{}: failed conversations", server.name);
                 runs[i].push(run);
             }
@@ -633,6 +657,74 @@ fn protocol_arm(o: &Options) {
             );
         }
     }
+}
+
+/// `command` as it is, or under callgrind (`--callgrind`), collecting
+/// nothing until [`callgrind_control`] zeroes the counters.
+fn under(o: &Options, dir: &Path, command: Command) -> Command {
+    if !o.callgrind {
+        return command;
+    }
+    let mut c = Command::new("valgrind");
+    c.args(["--tool=callgrind", "--quiet"])
+        .arg(format!(
+            "--callgrind-out-file={}/callgrind.%p",
+            dir.display()
+        ))
+        .arg(command.get_program())
+        .args(command.get_args())
+        .stderr(Stdio::null());
+    for (k, v) in command.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+fn callgrind_control(server: &Server, what: &str) {
+    let ok = Command::new("callgrind_control")
+        .arg(what)
+        .arg(server.child.id().to_string())
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "callgrind_control {what} {} failed (package valgrind)",
+        server.name
+    );
+}
+
+/// Instructions the milter executed since the counters were last zeroed
+/// (a dump, then its `summary:` line).
+fn instructions(server: &Server, dir: &Path) -> f64 {
+    callgrind_control(server, "-d");
+    let prefix = format!("callgrind.{}.", server.child.id());
+    let newest = std::fs::read_dir(dir)
+        .expect("read the callgrind directory")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .max()
+        .map(|(_, p)| p)
+        .expect("a callgrind dump");
+    let text = std::fs::read_to_string(&newest).expect("read the callgrind dump");
+    // Kept for callgrind_annotate: target/callgrind/NAME.out.
+    let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/callgrind");
+    let _ = std::fs::create_dir_all(&keep);
+    let _ = std::fs::copy(
+        &newest,
+        keep.join(format!("{}.out", server.name.replace(' ', "-"))),
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a summary line in the callgrind dump")
 }
 
 // ---------------------------------------------------------------------
