@@ -51,7 +51,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 
 fn run(path: PathBuf) -> ExitCode {
     init_logging();
-    // One thread by default, DUALROUTE_THREADS=N for a pool (src/runtime.rs).
+    // One worker per CPU unless DUALROUTE_THREADS says otherwise (src/runtime.rs).
     let runtime = match dualroute::runtime::from_env() {
         Ok(r) => r,
         Err(e) => return fail(e),

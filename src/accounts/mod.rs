@@ -4,8 +4,9 @@
 //! domain looks one up, so the set is compact and a lookup touches little
 //! memory: all local parts of a domain live in one byte arena, each behind
 //! its length, and an open-addressing hash table of arena offsets, each
-//! with 32 bits of its key's hash, finds them: about 12 bytes of overhead
-//! per address, and two cache misses per lookup (the slot, then the key)
+//! with 32 bits of its key's hash, finds them: 11 to 22 bytes of overhead
+//! per address (8-byte slots, 3/8 to 3/4 full, and a length byte), and two
+//! cache misses per lookup (the slot, then the key)
 //! where a binary search over a million entries took about twenty
 //! (BENCHMARKS.md, "Accounts").
 
@@ -212,8 +213,9 @@ impl Accounts {
         let (mut start, mut end) = (0, 0);
         // A few entries ahead, their slots are read early: the table is
         // larger than the CPU's caches, and a read that misses while the
-        // current entry is inserted is one the loop need not wait for
-        // (measured: a third off a million-account load, BENCHMARKS.md).
+        // current entry is inserted is one the loop need not wait for (a
+        // profile of a 1M load showed it waiting on the slot reads; what
+        // the read-ahead saves alone was not measured on this busy machine).
         let mut ahead = 0;
         for _ in 0..16 {
             ahead = self.touch_slot(ahead, mask);
