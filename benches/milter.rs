@@ -18,9 +18,17 @@
 //! stage (a naive milter), and dualroute, each over a unix socket and over
 //! TCP; messages/s and ratios to no milter.
 //!
+//! Reload arm (`--reload`): dualroute at the highest concurrency while it
+//! gets a SIGHUP every second, beside the same load without; every
+//! conversation must succeed.
+//!
+//! `--threads 1,2` runs dualroute and the no-op once per
+//! `DUALROUTE_THREADS` value; `--before PATH` adds an earlier dualroute
+//! build as an arm of its own (before/after in one run).
+//!
 //! ```text
 //! scripts/bench.sh [--quick] [--tcp] [--postfix] [--reps N] [--secs S] [--concurrency 1,8,64] [--accounts N]
-//! cargo bench --bench milter -- [same options] [--libmilter PATH]
+//! cargo bench --bench milter -- [same options] [--libmilter PATH] [--threads 1,2] [--before PATH] [--reload]
 //! ```
 
 #[allow(unused_imports)]
@@ -28,6 +36,7 @@
 mod support;
 
 use dualroute::milter::negotiation;
+use dualroute::runtime::THREADS_VAR;
 use indymilter::{Callbacks, ContextActions, ProtoOpts, Status};
 use indymilter_test::TestConnection;
 use std::{
@@ -47,6 +56,17 @@ struct Options {
     libmilter: Option<PathBuf>,
     messages: usize,
     tcp: bool,
+    /// `DUALROUTE_THREADS` values to run dualroute and the no-op with,
+    /// each an arm of its own (empty: the default only).
+    threads: Vec<String>,
+    /// Reload arm: SIGHUP every second under load.
+    reload: bool,
+    /// Run each milter under callgrind and count the instructions it
+    /// executes per conversation (repeatable on a busy machine).
+    callgrind: bool,
+    /// Another dualroute binary (an earlier build) as an arm of its own:
+    /// before/after in one run.
+    before: Option<PathBuf>,
 }
 
 fn options() -> Options {
@@ -60,6 +80,10 @@ fn options() -> Options {
         libmilter: None,
         messages: 2000,
         tcp: false,
+        threads: Vec::new(),
+        before: None,
+        reload: false,
+        callgrind: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -68,11 +92,15 @@ fn options() -> Options {
             "--quick" => o.quick = true,
             "--postfix" => o.postfix = true,
             "--tcp" => o.tcp = true,
+            "--reload" => o.reload = true,
+            "--callgrind" => o.callgrind = true,
             "--reps" => o.reps = value().parse().unwrap_or_else(|_| usage("--reps")),
             "--secs" => o.secs = value().parse().unwrap_or_else(|_| usage("--secs")),
             "--accounts" => o.accounts = value().parse().unwrap_or_else(|_| usage("--accounts")),
             "--messages" => o.messages = value().parse().unwrap_or_else(|_| usage("--messages")),
             "--libmilter" => o.libmilter = Some(value().into()),
+            "--before" => o.before = Some(value().into()),
+            "--threads" => o.threads = value().split(',').map(str::to_owned).collect(),
             "--concurrency" => {
                 o.concurrency = value()
                     .split(',')
@@ -106,6 +134,8 @@ fn main() {
     let o = options();
     if o.postfix {
         postfix_arm(&o);
+    } else if o.reload {
+        reload_arm(&o);
     } else {
         protocol_arm(&o);
     }
@@ -141,7 +171,8 @@ fn serve(socket: &str, mode: &str) -> ! {
         "alike" => (true, true, true),
         other => usage(other),
     };
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // The same runtime as dualroute's, as DUALROUTE_THREADS asks.
+    let runtime = dualroute::runtime::from_env().expect("tokio runtime");
     let result = runtime.block_on(async {
         let callbacks = if !skip {
             Callbacks::<Noop>::new()
@@ -295,15 +326,22 @@ fn tcp_ready(port: u16) -> impl Fn() -> bool {
 
 fn noop(socket: &str, mode: &str) -> Command {
     let mut c = Command::new(std::env::current_exe().expect("this benchmark's path"));
-    c.args(["serve-noop", mode, socket]);
+    c.args(["serve-noop", mode, socket]).env_remove(THREADS_VAR);
     c
 }
 
 fn dualroute(config: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dualroute"));
+    dualroute_at(Path::new(env!("CARGO_BIN_EXE_dualroute")), config)
+}
+
+/// `binary run`: logging at the packaged level (one line per message, as
+/// in production), to /dev/null.
+fn dualroute_at(binary: &Path, config: &Path) -> Command {
+    let mut c = Command::new(binary);
     c.args(["run", "--config"])
         .arg(config)
-        .env("DUALROUTE_LOG", "warn")
+        .env("DUALROUTE_LOG", "info")
+        .env_remove(THREADS_VAR)
         .stderr(Stdio::null());
     c
 }
@@ -418,6 +456,10 @@ struct Run {
     p50: Duration,
     p99: Duration,
     cpu_us: f64,
+    /// Conversations that failed (the first error is printed).
+    failed: usize,
+    /// Conversations that succeeded.
+    done: usize,
 }
 
 /// `concurrency` clients in a closed loop for `secs`.
@@ -432,18 +474,23 @@ fn load(
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(secs);
     let at = Arc::new(at.clone());
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut latencies: Vec<Duration> = runtime.block_on(async {
         let tasks: Vec<_> = (0..concurrency)
             .map(|_| {
-                let at = at.clone();
+                let (at, failed) = (at.clone(), failed.clone());
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     while Instant::now() < until {
                         let t = Instant::now();
-                        if let Err(e) = conversation(&at).await {
-                            panic!("conversation failed: {e}");
+                        match conversation(&at).await {
+                            Ok(()) => seen.push(t.elapsed()),
+                            Err(e) => {
+                                if failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                                    eprintln!("conversation failed: {e}");
+                                }
+                            }
                         }
-                        seen.push(t.elapsed());
                     }
                     seen
                 })
@@ -465,6 +512,8 @@ fn load(
         p50: latencies[n / 2],
         p99: latencies[(n * 99 / 100).min(n - 1)],
         cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+        failed: failed.load(std::sync::atomic::Ordering::Relaxed),
+        done: n,
     }
 }
 
@@ -477,6 +526,13 @@ fn protocol_arm(o: &Options) {
     let tmp = tempfile::tempdir().expect("temporary directory");
     let dir = tmp.path();
     let mut servers: Vec<(Endpoint, Server)> = Vec::new();
+    // Every DUALROUTE_THREADS setting asked for, or the default alone.
+    let threads: Vec<Option<&str>> = if o.threads.is_empty() {
+        vec![None]
+    } else {
+        o.threads.iter().map(|t| Some(t.as_str())).collect()
+    };
+    let label = |t: Option<&str>| t.map(|t| format!(" t={t}")).unwrap_or_default();
     // Each milter over a unix socket, and with --tcp over TCP too.
     let mut endpoints = vec![("", Endpoint::Unix(PathBuf::new()))];
     if o.tcp {
@@ -487,36 +543,52 @@ fn protocol_arm(o: &Options) {
             Endpoint::Unix(_) => Endpoint::Unix(dir.join(format!("{name}.sock"))),
             Endpoint::Tcp(_) => Endpoint::Tcp(support::free_port()),
         };
-        let dr = at("dualroute");
-        let config = write_config(
-            dir,
-            &dr.socket(),
-            o.accounts,
-            &format!("milter{}.yaml", suffix.trim()),
-            "[192.0.2.30]:2525",
-        );
-        let started = Instant::now();
-        let server = Server::start(&format!("dualroute{suffix}"), dualroute(&config), || {
-            dr.ready()
-        });
-        println!(
-            "dualroute{suffix} with {} accounts: socket ready after {:.2}s",
-            o.accounts + 2,
-            started.elapsed().as_secs_f64()
-        );
-        servers.push((dr, server));
-        let nop = at("noop");
-        let server = Server::start(
-            &format!("no-op indymilter{suffix}"),
-            noop(&nop.socket(), "alike"),
-            || nop.ready(),
-        );
-        servers.push((nop, server));
+        let mut binaries = vec![("dualroute", PathBuf::from(env!("CARGO_BIN_EXE_dualroute")))];
+        binaries.extend(o.before.clone().map(|b| ("dualroute before", b)));
+        for (name, binary) in binaries {
+            for &t in &threads {
+                let tag = format!("{name}{}{suffix}", label(t));
+                let dr = at(&tag.replace(' ', "-"));
+                let config = write_config(
+                    dir,
+                    &dr.socket(),
+                    o.accounts,
+                    &format!("{}.yaml", tag.replace(' ', "-")),
+                    "[192.0.2.30]:2525",
+                );
+                let mut command = dualroute_at(&binary, &config);
+                if let Some(t) = t {
+                    command.env(THREADS_VAR, t);
+                }
+                let started = Instant::now();
+                let server = Server::start(&tag, under(o, dir, command), || dr.ready());
+                println!(
+                    "{tag} with {} accounts: socket ready after {:.2}s",
+                    o.accounts + 2,
+                    started.elapsed().as_secs_f64()
+                );
+                servers.push((dr, server));
+            }
+        }
+        for &t in &threads {
+            let tag = format!("no-op indymilter{}{suffix}", label(t));
+            let nop = at(&tag.replace(' ', "-"));
+            let mut command = noop(&nop.socket(), "alike");
+            if let Some(t) = t {
+                command.env(THREADS_VAR, t);
+            }
+            let server = Server::start(&tag, under(o, dir, command), || nop.ready());
+            servers.push((nop, server));
+        }
         if let Some(lib) = &o.libmilter {
             let lm = at("libmilter");
             let mut c = Command::new(lib);
             c.arg(lm.libmilter_socket());
-            let server = Server::start(&format!("libmilter no-op{suffix}"), c, || lm.ready());
+            let server = Server::start(
+                &format!("libmilter no-op{suffix}"),
+                under(o, dir, c),
+                || lm.ready(),
+            );
             servers.push((lm, server));
         }
     }
@@ -526,14 +598,28 @@ fn protocol_arm(o: &Options) {
         o.reps, o.secs
     );
     println!(
-        "{:<22} {:>4} {:>10} {:>9} {:>9} {:>8} {:>9}",
-        "milter", "C", "conv/s", "p50", "p99", "CPU µs", "vs no-op"
+        "{:<28} {:>4} {:>10} {:>9} {:>9} {:>8} {:>13}",
+        "milter",
+        "C",
+        "conv/s",
+        "p50",
+        "p99",
+        if o.callgrind { "instr." } else { "CPU µs" },
+        "vs best no-op"
     );
     for &c in &o.concurrency {
         let mut runs: Vec<Vec<Run>> = servers.iter().map(|_| Vec::new()).collect();
         for _ in 0..o.reps {
             for (i, (at, server)) in servers.iter().enumerate() {
-                runs[i].push(load(&runtime, server, at, c, o.secs));
+                if o.callgrind {
+                    callgrind_control(server, "-z");
+                }
+                let mut run = load(&runtime, server, at, c, o.secs);
+                if o.callgrind {
+                    run.cpu_us = instructions(server, dir) / run.done as f64;
+                }
+                assert_eq!(run.failed, 0, "{}: failed conversations", server.name);
+                runs[i].push(run);
             }
         }
         let med: Vec<(f64, Duration, Duration, f64)> = runs
@@ -551,10 +637,16 @@ fn protocol_arm(o: &Options) {
                 )
             })
             .collect();
-        let noop_rate = med[1].0;
+        // The best no-op of this concurrency (issue 10's yardstick).
+        let noop_rate = servers
+            .iter()
+            .zip(&med)
+            .filter(|((_, s), _)| s.name.starts_with("no-op"))
+            .map(|(_, m)| m.0)
+            .fold(0.0, f64::max);
         for ((_, server), (rate, p50, p99, cpu)) in servers.iter().zip(&med) {
             println!(
-                "{:<22} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>8.2}x",
+                "{:<28} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>12.2}x",
                 server.name,
                 c,
                 rate,
@@ -565,6 +657,150 @@ fn protocol_arm(o: &Options) {
             );
         }
     }
+}
+
+/// `command` as it is, or under callgrind (`--callgrind`), collecting
+/// nothing until [`callgrind_control`] zeroes the counters.
+fn under(o: &Options, dir: &Path, command: Command) -> Command {
+    if !o.callgrind {
+        return command;
+    }
+    let mut c = Command::new("valgrind");
+    c.args(["--tool=callgrind", "--quiet"])
+        .arg(format!(
+            "--callgrind-out-file={}/callgrind.%p",
+            dir.display()
+        ))
+        .arg(command.get_program())
+        .args(command.get_args())
+        .stderr(Stdio::null());
+    for (k, v) in command.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+fn callgrind_control(server: &Server, what: &str) {
+    let ok = Command::new("callgrind_control")
+        .arg(what)
+        .arg(server.child.id().to_string())
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "callgrind_control {what} {} failed (package valgrind)",
+        server.name
+    );
+}
+
+/// Instructions the milter executed since the counters were last zeroed
+/// (a dump, then its `summary:` line).
+fn instructions(server: &Server, dir: &Path) -> f64 {
+    callgrind_control(server, "-d");
+    let prefix = format!("callgrind.{}.", server.child.id());
+    let newest = std::fs::read_dir(dir)
+        .expect("read the callgrind directory")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .max()
+        .map(|(_, p)| p)
+        .expect("a callgrind dump");
+    let text = std::fs::read_to_string(&newest).expect("read the callgrind dump");
+    // Kept for callgrind_annotate: target/callgrind/NAME.out.
+    let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/callgrind");
+    let _ = std::fs::create_dir_all(&keep);
+    let _ = std::fs::copy(
+        &newest,
+        keep.join(format!("{}.out", server.name.replace(' ', "-"))),
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a summary line in the callgrind dump")
+}
+
+// ---------------------------------------------------------------------
+// Reload arm.
+// ---------------------------------------------------------------------
+
+/// dualroute under load at the highest `--concurrency` while it gets a
+/// SIGHUP every second (each reload reads milter.yaml and every account
+/// again, docs/design.md §7): no conversation may fail, and the rate is
+/// set beside a run without reloads.
+fn reload_arm(o: &Options) {
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let dir = tmp.path();
+    let at = Endpoint::Unix(dir.join("dualroute.sock"));
+    let config = write_config(
+        dir,
+        &at.socket(),
+        o.accounts,
+        "milter.yaml",
+        "[192.0.2.30]:2525",
+    );
+    let server = Server::start("dualroute", dualroute(&config), || at.ready());
+    let c = o.concurrency.iter().copied().max().unwrap_or(64);
+    let secs = if o.quick { 2.0 } else { o.secs.max(10.0) };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    println!(
+        "reload arm: C={c}, {secs}s per run, {} accounts, SIGHUP every second; {} reps, interleaved",
+        o.accounts + 2,
+        o.reps
+    );
+    let pid = server.child.id().to_string();
+    let mut quiet = Vec::new();
+    let mut reloading = Vec::new();
+    let mut signals = 0;
+    let mut failed = 0;
+    for _ in 0..o.reps {
+        quiet.push(load(&runtime, &server, &at, c, secs));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hup = {
+            let (stop, pid) = (stop.clone(), pid.clone());
+            std::thread::spawn(move || {
+                let mut sent = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let ok = Command::new("kill")
+                        .args(["-HUP", &pid])
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    assert!(ok, "kill -HUP {pid} failed");
+                    sent += 1;
+                }
+                sent
+            })
+        };
+        let run = load(&runtime, &server, &at, c, secs);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        signals += hup.join().expect("SIGHUP thread");
+        failed += run.failed + quiet.last().map_or(0, |r| r.failed);
+        reloading.push(run);
+    }
+    assert!(at.ready(), "dualroute stopped serving during the reloads");
+    let med = |runs: &[Run]| median_f(runs.iter().map(|r| r.per_sec).collect());
+    let (q, r) = (med(&quiet), med(&reloading));
+    println!("{:<28} {:>10} {:>9}", "run", "conv/s", "failed");
+    println!(
+        "{:<28} {q:>10.0} {:>9}",
+        "no reload",
+        quiet.iter().map(|r| r.failed).sum::<usize>()
+    );
+    println!(
+        "{:<28} {r:>10.0} {:>9}   ({signals} SIGHUPs, {:.2}x)",
+        "SIGHUP every second",
+        reloading.iter().map(|r| r.failed).sum::<usize>(),
+        r / q
+    );
+    assert_eq!(failed, 0, "failed conversations during reloads");
 }
 
 // ---------------------------------------------------------------------

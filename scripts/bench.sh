@@ -9,7 +9,9 @@
 #   1. the protocol arm: dualroute vs the no-op indymilter vs libmilter;
 #   2. the Postfix arm: smtp-source through a private Postfix (needs root
 #      and the postfix package: scripts/test-deps.sh);
-#   3. account loading (benches/accounts.rs): 1M, and 10M in a full run.
+#   3. the reload arm: SIGHUP every second under load, no failures;
+#   4. account loading (benches/accounts.rs): 1M, and 10M in a full run,
+#      in-process and as the whole `dualroute run` (ready time, peak RSS).
 # Extra arguments go to the protocol arm (e.g. --concurrency 1,8 --secs 5).
 set -eu
 cd "$(dirname "$0")/.."
@@ -36,6 +38,9 @@ cargo build --release --bench milter --bench accounts
 
 say "protocol arm"
 cargo bench --bench milter -- $quick --libmilter "$libmilter" "$@"
+
+say "reload arm"
+cargo bench --bench milter -- $quick --reload
 
 say "Postfix arm"
 cargo bench --bench milter -- $quick --postfix

@@ -136,7 +136,20 @@ pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
             Err(bad("malformed address literal"))
         };
     }
-    let ascii = idna::domain_to_ascii(d).map_err(|_| bad("not a valid domain name"))?;
+    // Plain ASCII names, the usual case, skip IDNA (it would only fold
+    // their case): letters, digits, '-', '_' and dots, no A-label
+    // (`xn--`, whose Punycode IDNA must check). Anything else, IDNA.
+    let plain = d
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !d
+            .split('.')
+            .any(|l| l.len() >= 4 && l[..4].eq_ignore_ascii_case("xn--"));
+    let ascii = if plain {
+        d.to_ascii_lowercase()
+    } else {
+        idna::domain_to_ascii(d).map_err(|_| bad("not a valid domain name"))?
+    };
     let valid = !ascii.is_empty()
         && ascii.split('.').all(|label| {
             !label.is_empty()

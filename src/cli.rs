@@ -16,7 +16,10 @@ use std::{net::IpAddr, path::PathBuf};
                  Lines carry no colour unless stderr is a terminal (NO_COLOR turns it off there
                  too) and no timestamp under systemd, whose journal stamps them itself.
   NOTIFY_SOCKET  set by systemd (Type=notify): `run` reports READY after binding the socket
-                 and RELOADING/READY around a SIGHUP reload."
+                 and RELOADING/READY around a SIGHUP reload.
+  DUALROUTE_THREADS  how many threads `run` serves the MTA with: 1 for a single thread,
+                 N for a pool of N; unset: one per CPU (the measured best on a busy
+                 2-CPU MX; BENCHMARKS.md)."
 )]
 pub struct Cli {
     /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]

@@ -24,6 +24,7 @@ pub mod milter;
 pub mod policy;
 pub mod postfix;
 pub mod probe;
+pub mod runtime;
 pub mod sendmail;
 pub mod service;
 pub mod session;

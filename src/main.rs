@@ -54,9 +54,10 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 
 fn run(path: PathBuf) -> ExitCode {
     init_logging();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One worker per CPU unless DUALROUTE_THREADS says otherwise (src/runtime.rs).
+    let runtime = match dualroute::runtime::from_env() {
         Ok(r) => r,
-        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+        Err(e) => return fail(e),
     };
     runtime.block_on(serve(path))
 }

@@ -275,8 +275,10 @@ fn refuse(reply: &mut impl SetErrorReply, r: &Rejection, status: Status) -> Stat
 }
 
 async fn header(cx: &mut Context<Session>, name: CString, value: CString) -> Status {
+    // Borrowed, not copied, in the usual case (valid UTF-8): this runs
+    // for every header line of every message.
     if let Some(m) = cx.data.as_mut().and_then(|s| s.message.as_mut()) {
-        m.header(&text(&name), &text(&value));
+        m.header(&name.to_string_lossy(), &value.to_string_lossy());
     }
     Status::Continue
 }

@@ -197,20 +197,31 @@ impl Message {
         plan
     }
 
-    /// One line for the log: each recipient and its decision.
-    pub fn summary(&self) -> String {
-        let mut line = String::new();
-        for r in self.recipients.iter().chain(&self.rejected) {
-            if !line.is_empty() {
-                line.push_str("; ");
+    /// One line for the log: each recipient and its decision. Written
+    /// straight into the log line (no string of its own): it is formatted
+    /// for every message.
+    pub fn summary(&self) -> Summary<'_> {
+        Summary(self)
+    }
+}
+
+/// [`Message::summary`].
+pub struct Summary<'a>(&'a Message);
+
+impl std::fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        for (i, r) in m.recipients.iter().chain(&m.rejected).enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
             }
-            let _ = write!(
-                line,
+            write!(
+                f,
                 "{} {} ({})",
                 r.arg.raw, r.verdict.decision, r.verdict.rule
-            );
+            )?;
         }
-        line
+        Ok(())
     }
 }
 
