@@ -5,6 +5,7 @@
 //! (offset, length) pairs; a lookup is a binary search. No per-entry heap
 //! allocation, about 8 bytes of overhead per address.
 
+mod command;
 mod read;
 
 use crate::address::{normalize_domain, Address};
@@ -236,6 +237,13 @@ pub fn load(
                         None => read_lines(&table.path, &mut each),
                         Some(_) => postmap_keys(table, &mut each),
                     }
+                })?;
+            }
+            AccountSource::Command(cmd) => {
+                // Only the program: its arguments may hold a password.
+                r.source = format!("command {}", cmd.program());
+                command::read(cmd, &mut |n, entry| {
+                    add_entry(&mut acc, &mut r, domain, rules, entry).map_err(|m| (Some(n), m))
                 })?;
             }
         }
