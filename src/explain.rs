@@ -34,5 +34,28 @@ pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str)
             }
         }
     }
+    if let (Some(d), Decision::Copy(_) | Decision::Redirect(_)) = (
+        arg.address.as_ref().and_then(|a| policy.domain(a)),
+        &verdict.decision,
+    ) {
+        if let Some(limit) = &d.config.max_size {
+            line.push_str(&size_rule(&verdict.decision, limit));
+        }
+    }
     line
+}
+
+/// What `destination.max_size` does to a copy or a redirect (README "Size
+/// limit for copies"), as the milter applies it at end of message.
+fn size_rule(decision: &Decision, limit: &crate::config::MessageSize) -> String {
+    match decision {
+        Decision::Redirect(_) => format!(
+            "; destination.max_size {limit} ({} bytes) is not applied to a redirect (a larger message is redirected all the same, with a warning in the log)",
+            limit.bytes
+        ),
+        _ => format!(
+            "; only for messages up to destination.max_size {limit} ({} bytes): a larger one is delivered here without the copy",
+            limit.bytes
+        ),
+    }
 }

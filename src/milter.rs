@@ -14,8 +14,18 @@ use std::sync::Arc;
 use tracing::{debug, error, info, warn};
 
 pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
+    let sizes = service.clone();
     Callbacks::new()
-        .on_negotiate(|cx, offered, opts| Box::pin(negotiate(cx, offered, opts)))
+        .on_negotiate(move |cx, offered, opts| {
+            // The body only when some domain has a size limit: counting it
+            // is all it is needed for, and it is the bulk of the traffic.
+            let want_body = sizes
+                .policy()
+                .domains
+                .values()
+                .any(|d| d.config.max_size.is_some());
+            Box::pin(negotiate(cx, offered, opts, want_body))
+        })
         .on_connect(|cx, _, socket| Box::pin(connect(cx, socket)))
         .on_mail(move |cx, args| Box::pin(mail(service.clone(), cx, args)))
         .on_rcpt(|cx, args| Box::pin(rcpt(cx, args)))
@@ -23,6 +33,14 @@ pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
             Box::pin(async move {
                 let status = header(cx, name, value).await;
                 quiet(cx, ProtoOpts::NOREPLY_HEADER, status)
+            })
+        })
+        .on_body(|cx, chunk| {
+            Box::pin(async move {
+                if let Some(m) = cx.data.as_mut().and_then(|s| s.message.as_mut()) {
+                    m.size.body(chunk.len());
+                }
+                quiet(cx, ProtoOpts::NOREPLY_BODY, Status::Continue)
             })
         })
         .on_eom(|cx| Box::pin(eom(cx)))
@@ -40,6 +58,8 @@ const NEEDED_ACTIONS: Actions = Actions::ADD_RCPT
 /// (`SMFIP_NO*`). HELO, DATA, end of headers, the body and unknown SMTP
 /// commands play no part in the decision (docs/design.md §2); connect (client
 /// address), MAIL, RCPT, the headers (loop header) and end of message do.
+/// The body is asked for after all when a domain has `max_size`
+/// ([`Negotiation::with_body`]).
 const SKIPPED_STAGES: ProtoOpts = ProtoOpts::NO_HELO
     .union(ProtoOpts::NO_DATA)
     .union(ProtoOpts::NO_EOH)
@@ -59,8 +79,12 @@ async fn negotiate(
     cx: &mut NegotiateContext<Session>,
     offered: Actions,
     offered_opts: ProtoOpts,
+    want_body: bool,
 ) -> Status {
-    let offer = negotiation(offered, offered_opts);
+    let mut offer = negotiation(offered, offered_opts);
+    if want_body {
+        offer = offer.with_body(offered_opts);
+    }
     // Every connection of an MTA offers the same: say it once, not per
     // SMTP session.
     if let Some(problem) = offer.problem() {
@@ -92,7 +116,7 @@ async fn negotiate(
     cx.requested_macros
         .insert(MacroStage::Rcpt, c"{rcpt_addr}".into());
     cx.data = Some(Session {
-        no_reply: offer.opts & QUIET_STAGES,
+        no_reply: offer.opts & (QUIET_STAGES | ProtoOpts::NOREPLY_BODY),
         ..Session::default()
     });
     Status::Continue
@@ -147,6 +171,16 @@ pub fn negotiation(offered: Actions, offered_opts: ProtoOpts) -> Negotiation {
 }
 
 impl Negotiation {
+    /// Asks for the body after all (`destination.max_size` counts it),
+    /// without waiting for a reply to each chunk where the MTA allows.
+    /// A milter that skips the body stage does so by asking; an MTA that
+    /// cannot skip it sends it anyway.
+    pub fn with_body(mut self, offered_opts: ProtoOpts) -> Negotiation {
+        self.opts.remove(ProtoOpts::NO_BODY);
+        self.opts |= ProtoOpts::NOREPLY_BODY & offered_opts;
+        self
+    }
+
     pub fn problem(&self) -> Option<OfferProblem> {
         if !self.missing.is_empty() {
             return Some(OfferProblem::Missing(format!(
@@ -202,12 +236,14 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
         auth,
     };
     let sender = args.first().map(|s| text(s)).unwrap_or_default();
-    session.message = Some(Message::new(
-        service.policy(),
-        service.live_holds(),
-        envelope,
-        sender,
-    ));
+    let mut message = Message::new(service.policy(), service.live_holds(), envelope, sender);
+    let params: Vec<&str> = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str().ok())
+        .collect();
+    message.size.declare(&params);
+    session.message = Some(message);
     quiet(cx, ProtoOpts::NOREPLY_MAIL, Status::Continue)
 }
 
@@ -320,6 +356,14 @@ async fn eom(cx: &mut EomContext<Session>) -> Status {
             message.summary()
         );
         return Status::Continue;
+    }
+    for t in &plan.too_big {
+        // Hook for the metrics: count copies skipped and oversized
+        // redirects per domain here.
+        match t.decision {
+            Decision::Redirect(_) => warn!(queue_id = %queue_id, from = %message.sender, "{t}"),
+            _ => info!(queue_id = %queue_id, from = %message.sender, "{t}"),
+        }
     }
     let result: Result<(), indymilter::ActionError> = async {
         for (rcpt, args) in &plan.add {

@@ -44,6 +44,49 @@ pub struct Message {
     pub rejected: Vec<Recipient>,
     /// The message carries `X-Dualroute: <our instance>`.
     pub loop_header: bool,
+    /// How big the message is, for `destination.max_size`.
+    pub size: MessageSize,
+}
+
+/// What the milter knows of a message's size: the client's `SIZE=` at
+/// MAIL (RFC 1870 §6: its estimate, which may be absent or low) and the
+/// header and body bytes the MTA passed on. The body is only passed on
+/// when a domain has `max_size` (src/milter.rs `negotiate`).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct MessageSize {
+    pub declared: Option<u64>,
+    pub seen: u64,
+}
+
+impl MessageSize {
+    /// The larger of the two: a client that declares less than it sends
+    /// does not get a copy past the limit, nor one that sends less.
+    pub fn bytes(&self) -> u64 {
+        self.declared.unwrap_or(0).max(self.seen)
+    }
+
+    /// `SIZE=n` among the MAIL parameters (case-insensitive, RFC 5321
+    /// §2.4); anything unreadable counts as not declared.
+    pub fn declare(&mut self, params: &[&str]) {
+        self.declared = params.iter().find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.eq_ignore_ascii_case("SIZE").then(|| v.parse().ok())?
+        });
+    }
+
+    /// A header line as it travels: `Name: value` and CRLF.
+    pub fn header(&mut self, name: &str, value: &str) {
+        self.add(name.len() as u64 + value.len() as u64 + 4);
+    }
+
+    /// A body chunk as the MTA passes it on.
+    pub fn body(&mut self, chunk: usize) {
+        self.add(chunk as u64);
+    }
+
+    fn add(&mut self, n: u64) {
+        self.seen = self.seen.saturating_add(n);
+    }
 }
 
 impl Message {
@@ -61,6 +104,7 @@ impl Message {
             recipients: Vec::new(),
             rejected: Vec::new(),
             loop_header: false,
+            size: MessageSize::default(),
         }
     }
 
@@ -88,6 +132,7 @@ impl Message {
     }
 
     pub fn header(&mut self, name: &str, value: &str) {
+        self.size.header(name, value);
         if name.eq_ignore_ascii_case(LOOP_HEADER)
             && value
                 .split([',', ' ', '\t'])
@@ -148,14 +193,31 @@ impl Message {
                 plan.add.push((path, args));
             }
         };
+        let size = self.size.bytes();
         for r in &self.recipients {
-            let bounce = r
-                .arg
-                .address
-                .as_ref()
-                .and_then(|a| self.policy.domain(a))
-                .is_some_and(|d| d.config.bounce);
+            let domain = r.arg.address.as_ref().and_then(|a| self.policy.domain(a));
+            let bounce = domain.is_some_and(|d| d.config.bounce);
+            // The destination's size limit (README "Size limit for
+            // copies"): a copy it would refuse is not made, since its
+            // bounce is worse than no copy; a redirect is made all the
+            // same (the mail has nowhere else to go), with a warning.
+            let routed = matches!(
+                r.verdict.decision,
+                Decision::Copy(_) | Decision::Redirect(_)
+            );
+            let too_big = domain
+                .and_then(|d| d.config.max_size.as_ref())
+                .filter(|limit| routed && size > limit.bytes);
+            if let Some(limit) = too_big {
+                plan.too_big.push(TooBig {
+                    rcpt: r.arg.raw.clone(),
+                    decision: r.verdict.decision.clone(),
+                    size,
+                    limit: limit.clone(),
+                });
+            }
             match &r.verdict.decision {
+                Decision::Copy(_) if too_big.is_some() => {}
                 Decision::Copy(targets) => {
                     let args = format!(
                         "{} NOTIFY={}",
@@ -252,4 +314,36 @@ pub struct Plan {
     pub loop_detected: bool,
     /// ... and a recipient would be redirected: refuse it (554 5.4.6).
     pub refuse_loop: bool,
+    /// Copies not made and redirects made although the message is larger
+    /// than the destination's `max_size`, for the log.
+    pub too_big: Vec<TooBig>,
+}
+
+/// A recipient whose routing met the destination's `max_size`.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct TooBig {
+    /// The RCPT argument as received.
+    pub rcpt: String,
+    /// A copy (not made) or a redirect (made).
+    pub decision: Decision,
+    pub size: u64,
+    pub limit: crate::config::MessageSize,
+}
+
+impl std::fmt::Display for TooBig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (size, limit) = (self.size, &self.limit);
+        match &self.decision {
+            Decision::Redirect(to) => write!(
+                f,
+                "{}: redirected to {to} although the message ({size} bytes) exceeds destination.max_size {limit} ({} bytes): the destination may refuse it",
+                self.rcpt, limit.bytes
+            ),
+            other => write!(
+                f,
+                "{}: {other} not made: the message ({size} bytes) exceeds destination.max_size {limit} ({} bytes); delivered here only",
+                self.rcpt, limit.bytes
+            ),
+        }
+    }
 }

@@ -2,8 +2,11 @@
 //! every line is an address, a comment or blank, or the load fails with
 //! `FILE:LINE`; a domain whose sources give none of its accounts is an
 //! error; Postfix `type:name` tables are read with Postfix's own reader
-//! (`postmap -s`); `check` says what each source gave.
+//! (`postmap -s`); `check` says what each source gave. A `command:`
+//! source (README "Accounts from a directory") runs a program without a
+//! shell, with a timeout, and is refreshed through the same guarded reload.
 
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -266,4 +269,247 @@ fn check_names_an_unreadable_maillog() {
     std::fs::write(dir.path().join("no-such.log"), "").unwrap();
     let (ok, out) = check(&path, None);
     assert!(ok, "{out}");
+}
+
+/// An executable shell script at `dir/name`, standing in for ldapsearch
+/// or mysql; returns its path.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    // Written to a temporary name and renamed: a script rewritten in place
+    // while a refresh runs it would be read half written ("text file busy").
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+fn accounts_of(policy: &dualroute::policy::Policy) -> usize {
+    policy.domains["example.com"]
+        .accounts
+        .as_ref()
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn command_prints_one_address_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // As `mysql -N -B -e "SELECT username FROM mailbox WHERE active=1"`
+    // prints it; arguments reach the program as given, never through a
+    // shell: `$HOME` and `;` stay literal.
+    let sql = script(
+        dir.path(),
+        "mysql",
+        "printf 'alice@example.com\\nBob@Example.com\\nzed@other.example\\n'; printf '%s\\n' \"$@\"",
+    );
+    let path = config(
+        dir.path(),
+        &[&format!(
+            "command: [\"{}\", \"$HOME@example.com\", \"x@example.com; rm -rf /\"]",
+            sql.display()
+        )],
+    );
+    let e = load_error(&path);
+    assert!(
+        e.contains("output of ") && e.contains(":5: ") && e.contains("rm -rf"),
+        "the argument arrived literally and is refused as a line: {e}"
+    );
+    let path = config(
+        dir.path(),
+        &[&format!(
+            "command: [\"{}\", \"$HOME@example.com\"]",
+            sql.display()
+        )],
+    );
+    let policy = dualroute::load_policy(&path).unwrap();
+    let acc = policy.domains["example.com"].accounts.as_ref().unwrap();
+    for present in ["alice", "bob", "$home"] {
+        assert!(acc.contains(present), "{present}");
+    }
+    assert_eq!(acc.len(), 3);
+    let (ok, out) = check(&path, None);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("command {}", sql.display())),
+        "check names the source: {out}"
+    );
+}
+
+#[test]
+fn command_ldif_as_ldapsearch_prints_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ldif = "dn: uid=alice,ou=people,dc=example,dc=com\nmail: alice@example.com\n\ndn: uid=bob,ou=peop\n le,dc=example,dc=com\nmail: bob@example.com\nmail: robert@exam\n ple.com\n";
+    std::fs::write(dir.path().join("out.ldif"), ldif).unwrap();
+    let ldapsearch = script(
+        dir.path(),
+        "ldapsearch",
+        &format!("cat {}", dir.path().join("out.ldif").display()),
+    );
+    let path = config(
+        dir.path(),
+        &[&format!(
+            "{{ command: [\"{}\", \"-LLL\", \"mail\"], format: ldif }}",
+            ldapsearch.display()
+        )],
+    );
+    let policy = dualroute::load_policy(&path).unwrap();
+    let acc = policy.domains["example.com"].accounts.as_ref().unwrap();
+    for present in ["alice", "bob", "robert"] {
+        assert!(acc.contains(present), "{present}");
+    }
+    assert_eq!(acc.len(), 3);
+    // The same output read as lines is refused, not half understood.
+    let path = config(
+        dir.path(),
+        &[&format!("command: [\"{}\"]", ldapsearch.display())],
+    );
+    let e = load_error(&path);
+    assert!(e.contains("is not an address"), "{e}");
+}
+
+#[test]
+fn command_failures_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let fails = script(
+        dir.path(),
+        "fails",
+        "echo alice@example.com; echo 'ldap_bind: Invalid credentials (49)' >&2; exit 49",
+    );
+    let e = load_error(&config(
+        dir.path(),
+        &[&format!("command: [\"{}\"]", fails.display())],
+    ));
+    assert!(
+        e.contains("failed (exit status: 49)") && e.contains("Invalid credentials"),
+        "{e}"
+    );
+
+    // Past its timeout the program is killed, with what it started.
+    let pid_file = dir.path().join("sleeper.pid");
+    let slow = script(
+        dir.path(),
+        "slow",
+        &format!(
+            "echo alice@example.com; sleep 30 & echo $! > {}; wait",
+            pid_file.display()
+        ),
+    );
+    let started = std::time::Instant::now();
+    let e = load_error(&config(
+        dir.path(),
+        &[&format!(
+            "{{ command: [\"{}\"], timeout: 1s }}",
+            slow.display()
+        )],
+    ));
+    assert!(e.contains("did not finish within its timeout (1s)"), "{e}");
+    assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+    let sleeper = std::fs::read_to_string(&pid_file).unwrap();
+    let alive =
+        support::poll(|| (!Path::new(&format!("/proc/{}", sleeper.trim())).exists()).then_some(()));
+    assert!(
+        alive.is_some(),
+        "the command's child {sleeper} was not killed"
+    );
+
+    // Nothing printed: no account, as for an empty file.
+    let empty = script(dir.path(), "empty", "exit 0");
+    let e = load_error(&config(
+        dir.path(),
+        &[&format!("command: [\"{}\"]", empty.display())],
+    ));
+    assert!(e.contains("no account of example.com"), "{e}");
+
+    // Mistakes in milter.yaml are located there.
+    for (source, wanted) in [
+        ("command: [mysql]", "must be an absolute path"),
+        ("command: [\"/usr/bin/mysql -N\"]", "no shell splits it"),
+        ("command: []", "`command` is empty"),
+        ("command: [\"/nonexistent/ldapsearch\"]", "cannot read"),
+        (
+            "{ file: accounts, refresh: 5m }",
+            "belong to a `command` source",
+        ),
+        (
+            "{ command: [\"/bin/true\"], format: csv }",
+            "unknown variant",
+        ),
+    ] {
+        let e = load_error(&config(dir.path(), &[source]));
+        assert!(
+            e.starts_with(&format!("{}:7:", dir.path().join("milter.yaml").display()))
+                && e.contains(wanted),
+            "{source}: {e}"
+        );
+    }
+}
+
+/// The periodic refresh goes through the guarded reload: a new account
+/// arrives, and a failing run, an empty one and one that lost most
+/// accounts all keep the last good set.
+#[tokio::test]
+async fn command_refresh_keeps_the_last_good_set() {
+    use dualroute::service::Intervals;
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("directory.txt");
+    let write_list = |names: &[&str]| {
+        let text: String = names.iter().map(|n| format!("{n}@example.com\n")).collect();
+        std::fs::write(&list, text).unwrap();
+    };
+    write_list(&["alice", "bob", "carol", "dave"]);
+    let lookup = script(dir.path(), "lookup", &format!("cat {}", list.display()));
+    let path = config(
+        dir.path(),
+        &[&format!(
+            "{{ command: [\"{}\"], refresh: 1s, timeout: 5s }}",
+            lookup.display()
+        )],
+    );
+    let intervals = Intervals {
+        accounts: std::time::Duration::from_millis(100),
+        ..Intervals::default()
+    };
+    let service = support::protocol::service_at(&path, intervals);
+    let milter = support::protocol::Milter::serve(service.clone()).await;
+    assert_eq!(accounts_of(&service.policy()), 4);
+
+    write_list(&["alice", "bob", "carol", "dave", "erin"]);
+    support::wait_until("the refresh to add erin", || {
+        let n = accounts_of(&service.policy());
+        async move { (n == 5).then_some(()) }
+    })
+    .await;
+
+    // Broken directory, empty answer, most accounts gone: each is refused
+    // and erin stays present. Each waits for the refusal to be recorded
+    // for `dualroute status`, then for one more refresh period.
+    let refused = dir.path().join("state").join("reload-refused");
+    let cases: [(&str, &dyn Fn()); 3] = [
+        ("failed (exit status: 1)", &|| {
+            script(dir.path(), "lookup", "exit 1");
+        }),
+        ("no account of example.com", &|| {
+            script(dir.path(), "lookup", "exit 0");
+        }),
+        ("would go from 5 to 1 accounts", &|| {
+            script(dir.path(), "lookup", &format!("cat {}", list.display()));
+            write_list(&["alice"]);
+        }),
+    ];
+    for (why, break_it) in cases {
+        let _ = std::fs::remove_file(&refused);
+        break_it();
+        let text = support::wait_until(why, || {
+            let text = std::fs::read_to_string(&refused).ok();
+            async move { text.filter(|t| t.contains(why)) }
+        })
+        .await;
+        assert!(text.contains(why), "{text}");
+        let policy = service.policy();
+        let acc = policy.domains["example.com"].accounts.as_ref().unwrap();
+        assert!(acc.contains("erin") && acc.len() == 5, "{why}: {acc:?}");
+    }
+    milter.shutdown().await;
 }

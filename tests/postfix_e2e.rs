@@ -1698,3 +1698,56 @@ fn real_loop_through_a_second_hop_is_refused() {
     assert_eq!(back.len(), 1, "{}", hop.diagnostics());
     assert_ne!(back[0].status, "sent", "{}", hop.diagnostics());
 }
+
+/// `destination.max_size` (README "Size limit for copies"): a message
+/// larger than the limit is delivered to the dual mailbox here and no copy
+/// reaches the sink; a small one is copied as usual. It works only because
+/// the milter asked Postfix for the body, which it does when a limit is set.
+#[test]
+fn copies_past_max_size_are_not_made() {
+    let e = setup(
+        r#"  example.com:
+    mode: dual
+    destination: { hosts: ["{SINK}"], max_size: 20K }
+    accounts: [{ list: [alice@example.com] }]
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com"])
+    .without_dualroute_catchall()
+    .start();
+    // 40 000 bytes of body, twice the limit; no SIZE= from this client.
+    let line = "0123456789".repeat(7) + "\n";
+    let big = message("big") + &line.repeat(40_000 / line.len());
+    let t = e.client().send(SENDER, &["alice@example.com"], &big);
+    assert!(t.accepted(), "{t}\n{}", e.diag());
+    e.milter_logged(&t, &["copy to", "not made", "max_size 20K"]);
+    e.send_ok(&e.client(), &["alice@example.com"], "small");
+    e.wait_sink_rcpts(1);
+    e.finish();
+
+    let sink = e.sink_deliveries();
+    assert_eq!(
+        sink.len(),
+        1,
+        "only the small message is copied\n{}",
+        e.diag()
+    );
+    assert_eq!(sink[0].rcpt.address, "alice@example.com");
+    assert_eq!(sink[0].message.header("Subject"), ["small"], "{}", e.diag());
+    // Both are delivered here; only the copied one is marked.
+    let mut here: Vec<(String, Vec<String>)> = e
+        .mailbox("alice@example.com")
+        .iter()
+        .map(|m| (m.header("Subject").concat(), m.header("X-Dualroute")))
+        .collect();
+    here.sort();
+    assert_eq!(
+        here,
+        [
+            ("big".to_owned(), vec![]),
+            ("small".to_owned(), vec![INSTANCE.to_owned()])
+        ],
+        "{}",
+        e.diag()
+    );
+}

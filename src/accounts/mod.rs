@@ -10,6 +10,7 @@
 //! where a binary search over a million entries took about twenty
 //! (BENCHMARKS.md, "Accounts").
 
+mod command;
 mod read;
 
 use crate::address::{normalize_domain, Address};
@@ -359,6 +360,13 @@ pub fn load(
                         None => read_lines(&table.path, &mut each),
                         Some(_) => postmap_keys(table, &mut each),
                     }
+                })?;
+            }
+            AccountSource::Command(cmd) => {
+                // Only the program: its arguments may hold a password.
+                r.source = format!("command {}", cmd.program());
+                command::read(cmd, &mut |n, entry| {
+                    add_entry(&mut acc, &mut r, domain, rules, entry).map_err(|m| (Some(n), m))
                 })?;
             }
         }

@@ -79,7 +79,7 @@ pub(super) fn read_lines(
     for_each_line(&path.display().to_string(), file, each)
 }
 
-fn for_each_line(
+pub(super) fn for_each_line(
     source: &str,
     input: impl std::io::Read,
     mut each: impl FnMut(usize, &str) -> LineResult,

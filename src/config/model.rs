@@ -340,12 +340,23 @@ struct RawDestination {
     hosts: Option<Vec<Host>>,
     domain: Option<DomainName>,
     change_envelope: Option<bool>,
+    // The largest message the destination accepts (README "Size limit
+    // for copies").
+    max_size: Option<MessageSize>,
 }
 
-impl<'de> Deserialize<'de> for Destination {
+/// `destination:` as written: where routed mail goes, and the largest
+/// message the other side takes.
+struct DestinationEntry {
+    destination: Destination,
+    max_size: Option<MessageSize>,
+}
+
+impl<'de> Deserialize<'de> for DestinationEntry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, |raw: RawDestination| {
-            match (raw.hosts, raw.domain, raw.change_envelope) {
+            let max_size = raw.max_size;
+            let destination: Result<Destination, String> = match (raw.hosts, raw.domain, raw.change_envelope) {
             (Some(_), Some(_), _) => Err("`hosts` and `domain` are mutually exclusive".into()),
             (Some(_), None, Some(true)) => {
                 Err("`change_envelope` needs `domain`: with `hosts`, routed mail uses the relay domain".into())
@@ -354,7 +365,11 @@ impl<'de> Deserialize<'de> for Destination {
             (Some(hosts), None, _) => Ok(Destination::Hosts(hosts)),
             (None, Some(domain), ce) => Ok(Destination::Domain { domain, change_envelope: ce.unwrap_or(false) }),
             (None, None, _) => Err("needs `hosts` or `domain`".into()),
-        }
+        };
+            Ok(DestinationEntry {
+                destination: destination?,
+                max_size,
+            })
         })
     }
 }
@@ -365,6 +380,7 @@ pub enum AccountSource {
     List(Vec<ConfigAddress>),
     File(PathBuf),
     PostfixMap(PostfixTable),
+    Command(AccountCommand),
 }
 
 impl AccountSource {
@@ -376,6 +392,7 @@ impl AccountSource {
             AccountSource::List(_) => None,
             AccountSource::File(p) => Some(p.clone()),
             AccountSource::PostfixMap(t) => Some(t.compiled_file()),
+            AccountSource::Command(_) => None,
         }
     }
 
@@ -385,6 +402,7 @@ impl AccountSource {
             AccountSource::List(_) => "list",
             AccountSource::File(_) => "file",
             AccountSource::PostfixMap(_) => "postfix_map",
+            AccountSource::Command(_) => "command",
         }
     }
 }
@@ -471,18 +489,108 @@ struct RawAccountSource {
     list: Option<Vec<ConfigAddress>>,
     file: Option<PathBuf>,
     postfix_map: Option<PostfixTable>,
+    command: Option<Vec<String>>,
+    refresh: Option<Window>,
+    timeout: Option<Window>,
+    format: Option<CommandFormat>,
 }
 
 impl<'de> Deserialize<'de> for AccountSource {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, |raw: RawAccountSource| {
+            let command_keys =
+                raw.refresh.is_some() || raw.timeout.is_some() || raw.format.is_some();
+            if let Some(argv) = raw.command {
+                if raw.list.is_some() || raw.file.is_some() || raw.postfix_map.is_some() {
+                    return Err(
+                        "each source is exactly one of `list`, `file`, `postfix_map`, `command`"
+                            .into(),
+                    );
+                }
+                return AccountCommand::new(argv, raw.refresh, raw.timeout, raw.format)
+                    .map(AccountSource::Command);
+            }
+            if command_keys {
+                return Err(
+                    "`refresh`, `timeout` and `format` belong to a `command` source".into(),
+                );
+            }
             match (raw.list, raw.file, raw.postfix_map) {
                 (Some(l), None, None) => Ok(AccountSource::List(l)),
                 (None, Some(f), None) => Ok(AccountSource::File(f)),
                 (None, None, Some(m)) => Ok(AccountSource::PostfixMap(m)),
-                _ => Err("each source is exactly one of `list`, `file`, `postfix_map`".into()),
+                _ => Err(
+                    "each source is exactly one of `list`, `file`, `postfix_map`, `command`".into(),
+                ),
             }
         })
+    }
+}
+
+/// `command:` — a program that prints the accounts, such as `ldapsearch`
+/// or `mysql` (README "Accounts from a directory"). It runs without a
+/// shell, so nothing in an argument is ever interpreted.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct AccountCommand {
+    /// The program (an absolute path) and its arguments.
+    pub argv: Vec<String>,
+    /// How often it runs again while the milter runs.
+    pub refresh: Window,
+    /// How long one run may take before it is killed and counts as failed.
+    pub timeout: Window,
+    pub format: CommandFormat,
+}
+
+/// What the command prints.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandFormat {
+    /// One address per line (`mysql -N -B`, `psql -At`).
+    #[default]
+    Lines,
+    /// LDIF as `ldapsearch -LLL` prints it: the value of every attribute
+    /// but `dn` is an address.
+    Ldif,
+}
+
+impl AccountCommand {
+    /// Default `refresh`: often enough that a new mailbox gets its mail
+    /// within minutes, rarely enough not to load the directory.
+    pub const DEFAULT_REFRESH_SECS: u64 = 300;
+    /// Default `timeout`.
+    pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+
+    fn new(
+        argv: Vec<String>,
+        refresh: Option<Window>,
+        timeout: Option<Window>,
+        format: Option<CommandFormat>,
+    ) -> Result<AccountCommand, String> {
+        let Some(program) = argv.first() else {
+            return Err("`command` is empty; give the program and its arguments as a list".into());
+        };
+        if !program.starts_with('/') {
+            return Err(format!(
+                "`command`: {program:?} must be an absolute path (the milter's PATH is not the shell's), e.g. /usr/bin/{program}"
+            ));
+        }
+        if argv.len() == 1 && program.contains(' ') {
+            return Err(format!(
+                "`command`: {program:?} is one word with spaces; no shell splits it: give each argument as its own list item"
+            ));
+        }
+        Ok(AccountCommand {
+            argv,
+            refresh: refresh.unwrap_or(Window(Duration::from_secs(Self::DEFAULT_REFRESH_SECS))),
+            timeout: timeout.unwrap_or(Window(Duration::from_secs(Self::DEFAULT_TIMEOUT_SECS))),
+            format: format.unwrap_or_default(),
+        })
+    }
+
+    /// The program only: its arguments may hold a bind password, which
+    /// must not end up in the log.
+    pub fn program(&self) -> &str {
+        self.argv.first().map_or("", String::as_str)
     }
 }
 
@@ -550,6 +658,8 @@ pub struct DomainConfig {
     pub accounts: Option<Vec<AccountSource>>,
     /// Keys as written (normalized by the policy with the case rules).
     pub users: Vec<(Address, UserRule)>,
+    /// `destination.max_size`: copies of larger messages are not made.
+    pub max_size: Option<MessageSize>,
 }
 
 impl DomainConfig {
@@ -572,7 +682,7 @@ struct RawDomainConfig {
     mode: Mode,
     #[serde(default = "yes")]
     enabled: bool,
-    destination: Destination,
+    destination: DestinationEntry,
     #[serde(default)]
     bounce: bool,
     verify: Option<ConfigAddress>,
@@ -693,12 +803,13 @@ impl<'de> Deserialize<'de> for DomainConfig {
             Ok(DomainConfig {
                 mode: raw.mode,
                 enabled: raw.enabled,
-                destination: raw.destination,
+                destination: raw.destination.destination,
                 bounce: raw.bounce,
                 verify: raw.verify.map(|a| a.0),
                 require_gateway: raw.require_gateway,
                 accounts: raw.accounts,
                 users: raw.users.0.into_iter().map(|(k, r)| (k.0, r)).collect(),
+                max_size: raw.destination.max_size,
             })
         })
     }
@@ -749,6 +860,54 @@ impl FromStr for Window {
     }
 }
 deserialize_from_str!(Window, "duration");
+
+/// A message size: bytes, or a number with `K`, `M` or `G` (binary
+/// multiples, as Exchange Online counts its 35 MB limit: 35840 KB).
+/// Shown as written, so log lines match milter.yaml.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct MessageSize {
+    pub bytes: u64,
+    pub written: String,
+}
+
+impl FromStr for MessageSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{t:?}: expected bytes, or a number with K, M or G (35M)"))?;
+        let unit_bytes: u64 = match unit.trim() {
+            "" => 1,
+            "K" | "k" => 1 << 10,
+            "M" | "m" => 1 << 20,
+            "G" | "g" => 1 << 30,
+            _ => return Err(format!("{t:?}: unit must be K, M or G (35M)")),
+        };
+        // Checked: a wrapped product would silently become another limit.
+        let bytes = n
+            .checked_mul(unit_bytes)
+            .ok_or_else(|| format!("{t:?} is too large"))?;
+        if bytes == 0 {
+            return Err(format!(
+                "{t:?}: must be larger than zero (remove the key for no limit)"
+            ));
+        }
+        Ok(MessageSize {
+            bytes,
+            written: t.to_owned(),
+        })
+    }
+}
+deserialize_from_str!(MessageSize, "message size");
+
+impl fmt::Display for MessageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.written)
+    }
+}
 
 /// The bounce breaker (docs/design.md §7).
 #[derive(Clone, Debug, Eq, PartialEq, Deserialize)]
@@ -1047,6 +1206,21 @@ mod tests {
             .contains("cannot be listed"));
         assert!(t("pcre:/x").is_err());
         assert!(t("hash:").is_err());
+    }
+
+    #[test]
+    fn message_sizes() {
+        let b = |s: &str| s.parse::<MessageSize>().map(|m| m.bytes);
+        assert_eq!(b("35M"), Ok(35 << 20));
+        assert_eq!(b("35840K"), Ok(35 << 20));
+        assert_eq!(b("1G"), Ok(1 << 30));
+        assert_eq!(b("10485760"), Ok(10_485_760));
+        assert_eq!("35M".parse::<MessageSize>().unwrap().to_string(), "35M");
+        assert!(b("0").is_err());
+        assert!(b("35MB").is_err());
+        assert!(b("M").is_err());
+        assert!(b("-1M").is_err());
+        assert!(b("99999999999999G").is_err());
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
                 match source {
                     AccountSource::File(p) => fix(p),
                     AccountSource::PostfixMap(t) => fix(&mut t.path),
-                    AccountSource::List(_) => {}
+                    AccountSource::List(_) | AccountSource::Command(_) => {}
                 }
             }
         }
@@ -80,8 +80,14 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
     // not yet `postmap`ed): say which line names it.
     for (name, d) in &config.domains {
         for (i, source) in d.accounts.iter().flatten().enumerate() {
-            let Some(file) = source.watched_file() else {
-                continue;
+            // A command's program is checked as a file is: a typo in its
+            // path is this file's mistake.
+            let file = match source {
+                AccountSource::Command(c) => std::path::PathBuf::from(c.program()),
+                _ => match source.watched_file() {
+                    Some(file) => file,
+                    None => continue,
+                },
             };
             if let Err(e) = std::fs::metadata(&file) {
                 let at = [

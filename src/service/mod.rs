@@ -140,6 +140,7 @@ where
     tasks.spawn(verify::run(service.clone()));
     tasks.spawn(holds::follow::run(service.clone()));
     tasks.spawn(reload::watch_accounts(service.clone()));
+    tasks.spawn(reload::refresh_commands(service.clone()));
     // The bounce breaker (docs/design.md §7) idles while there is no
     // `breaker:`, and follows reloads that add, change or remove it.
     tasks.spawn(breaker::run(service.clone()));

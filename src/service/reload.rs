@@ -164,3 +164,53 @@ fn file_stamp(p: &Path) -> (Option<u64>, Option<std::time::SystemTime>) {
         m.and_then(|m| m.modified().ok()),
     )
 }
+
+/// Runs the account commands again (`command:` sources, README "Accounts
+/// from a directory") every `refresh`, through the same [`reload`] as an
+/// account file change: the same empty and shrink guards apply, and a
+/// failed run keeps the accounts in force. The shortest `refresh` of the
+/// policy in force counts; any reload (SIGHUP, a file change) starts the
+/// wait again, since it ran the commands too.
+pub async fn refresh_commands(service: std::sync::Arc<Service>) {
+    let mut seen = service.policy();
+    let mut since = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(service.intervals.accounts).await;
+        let policy = service.policy();
+        if !std::sync::Arc::ptr_eq(&policy, &seen) {
+            seen = policy;
+            since = std::time::Instant::now();
+            continue;
+        }
+        let Some(every) = command_refresh(&policy) else {
+            continue;
+        };
+        if since.elapsed() < every {
+            continue;
+        }
+        let path = service.config_path().display();
+        match reload(&service).await {
+            Ok(()) => tracing::info!("account commands refreshed: reloaded {path}"),
+            // Hook for the metrics: count failed account refreshes here.
+            Err(e) => tracing::error!(
+                "account command refresh failed, keeping the last good accounts: {e}"
+            ),
+        }
+        seen = service.policy();
+        since = std::time::Instant::now();
+    }
+}
+
+/// The shortest `refresh` of the policy's `command:` sources.
+fn command_refresh(policy: &Policy) -> Option<std::time::Duration> {
+    policy
+        .config
+        .domains
+        .values()
+        .flat_map(|d| d.accounts.iter().flatten())
+        .filter_map(|s| match s {
+            crate::config::AccountSource::Command(c) => Some(c.refresh.0),
+            _ => None,
+        })
+        .min()
+}
