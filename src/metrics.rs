@@ -1,5 +1,5 @@
-//! The Prometheus/OpenMetrics endpoint (`metrics: { listen: … }`, README
-//! "Metrics", docs/rollout.md for what to watch and the alert rules).
+//! The Prometheus/OpenMetrics endpoint (`metrics: { listen: … }`;
+//! docs/rollout.md lists the metrics, what to watch and the alert rules).
 //!
 //! Two kinds of numbers:
 //! - **counters**, incremented by small hooks in the shells: every

@@ -840,7 +840,7 @@ impl FromStr for MetricsListen {
 }
 deserialize_from_str!(MetricsListen, "metrics address");
 
-/// The Prometheus/OpenMetrics endpoint (`metrics:`, README "Metrics").
+/// The Prometheus/OpenMetrics endpoint (`metrics:`, docs/rollout.md "Metrics").
 /// Read at start; a change needs a restart.
 #[derive(Clone, Debug, Eq, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
