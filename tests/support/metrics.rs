@@ -82,8 +82,7 @@ impl Scrape {
         self.value(name, labels).unwrap_or(0.0)
     }
 
-    /// Every sample of `name` whose labels include `labels`: (label text,
-    /// value), sorted.
+    /// Every sample of `name`: (its labels as written, value), sorted.
     pub fn samples(&self, name: &str) -> Vec<(String, f64)> {
         let mut found: Vec<(String, f64)> = self
             .text
