@@ -241,7 +241,14 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                 },
             }
         };
-        println!("{name}: mode {mode}: {line}");
+        // Shadow mode is shown first: whatever the routing state says, the
+        // milter changes nothing for this domain.
+        let shadow = if config.shadow(d) {
+            " SHADOW (decisions are logged and counted, nothing is changed)"
+        } else {
+            ""
+        };
+        println!("{name}: mode {mode}:{shadow} {line}");
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -401,10 +408,11 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
         println!(
             "{name}: mode {}{}, destination {dest}{via}; {accounts}; {} per-user rules{}",
             d.config.mode,
-            if d.config.enabled {
-                ""
-            } else {
-                " (enabled: false)"
+            match (d.config.enabled, c.shadow(&d.config)) {
+                (true, false) => "",
+                (true, true) => " (shadow)",
+                (false, false) => " (enabled: false)",
+                (false, true) => " (enabled: false, shadow)",
             },
             d.users.len(),
             if d.config.require_gateway {

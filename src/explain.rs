@@ -20,7 +20,17 @@ pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str)
     };
     let arg = RcptArg::parse(&[path]);
     let verdict = decide_rcpt(policy, holds, envelope, &arg, None);
-    let mut line = format!("{input}: {} — {}", verdict.decision, verdict.rule);
+    let shadow = crate::session::managed_domain(policy, &arg)
+        .is_some_and(|d| policy.config.shadow(&d.config));
+    let mut line = if shadow {
+        // As the milter logs it (src/milter.rs): decided, not carried out.
+        format!(
+            "{input}: shadow mode: would {} — {}; nothing is changed",
+            verdict.decision, verdict.rule
+        )
+    } else {
+        format!("{input}: {} — {}", verdict.decision, verdict.rule)
+    };
     if let (Some(a), Decision::Copy(_) | Decision::Redirect(_)) = (&arg.address, &verdict.decision)
     {
         if let Some(d) = policy.domain(a) {

@@ -3,32 +3,34 @@
 
 use crate::address::RcptArg;
 use crate::decision::{Decision, Envelope, Rejection};
+use crate::metrics::Kind;
 use crate::service::Service;
-use crate::session::{Message, Session, LOOP_HEADER};
+use crate::session::{managed_domain, Message, Plan, Session, LOOP_HEADER};
 use indymilter::{
     Actions, Callbacks, Context, ContextActions, EomContext, MacroStage, NegotiateContext,
     ProtoOpts, SetErrorReply, SocketInfo, Status,
 };
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
+use std::time::Instant;
 use tracing::{debug, error, info, warn};
 
 pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
-    let sizes = service.clone();
+    let (at_negotiate, at_rcpt, at_eom) = (service.clone(), service.clone(), service.clone());
     Callbacks::new()
         .on_negotiate(move |cx, offered, opts| {
             // The body only when some domain has a size limit: counting it
             // is all it is needed for, and it is the bulk of the traffic.
-            let want_body = sizes
+            let want_body = at_negotiate
                 .policy()
                 .domains
                 .values()
                 .any(|d| d.config.max_size.is_some());
-            Box::pin(negotiate(cx, offered, opts, want_body))
+            Box::pin(negotiate(at_negotiate.clone(), cx, offered, opts, want_body))
         })
         .on_connect(|cx, _, socket| Box::pin(connect(cx, socket)))
         .on_mail(move |cx, args| Box::pin(mail(service.clone(), cx, args)))
-        .on_rcpt(|cx, args| Box::pin(rcpt(cx, args)))
+        .on_rcpt(move |cx, args| Box::pin(rcpt(at_rcpt.clone(), cx, args)))
         .on_header(|cx, name, value| {
             Box::pin(async move {
                 let status = header(cx, name, value).await;
@@ -43,7 +45,7 @@ pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
                 quiet(cx, ProtoOpts::NOREPLY_BODY, Status::Continue)
             })
         })
-        .on_eom(|cx| Box::pin(eom(cx)))
+        .on_eom(move |cx| Box::pin(eom(at_eom.clone(), cx)))
         .on_abort(|cx| Box::pin(abort(cx)))
 }
 
@@ -76,14 +78,19 @@ const QUIET_STAGES: ProtoOpts = ProtoOpts::NOREPLY_CONNECT
     .union(ProtoOpts::NOREPLY_HEADER);
 
 async fn negotiate(
+    service: Arc<Service>,
     cx: &mut NegotiateContext<Session>,
     offered: Actions,
     offered_opts: ProtoOpts,
     want_body: bool,
 ) -> Status {
+    service.metrics.conversation();
     let mut offer = negotiation(offered, offered_opts);
     if want_body {
         offer = offer.with_body(offered_opts);
+    }
+    if !offer.missing.is_empty() {
+        service.metrics.error("mta_offer");
     }
     // Every connection of an MTA offers the same: say it once, not per
     // SMTP session.
@@ -225,6 +232,7 @@ fn text(s: &CStr) -> String {
 }
 
 async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+    let started = Instant::now();
     let auth = cx
         .macros
         .get(c"{auth_authen}")
@@ -243,11 +251,13 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
         .filter_map(|a| a.to_str().ok())
         .collect();
     message.size.declare(&params);
+    message.busy = started.elapsed();
     session.message = Some(message);
     quiet(cx, ProtoOpts::NOREPLY_MAIL, Status::Continue)
 }
 
-async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+    let started = Instant::now();
     // Only valid UTF-8 is parsed: a delete must repeat the argument byte for
     // byte, which a lossy conversion could not.
     let strings: Option<Vec<&str>> = args.iter().map(|a| a.to_str().ok()).collect();
@@ -265,18 +275,43 @@ async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let Some(message) = cx.data.as_mut().and_then(|s| s.message.as_mut()) else {
         return Status::Continue;
     };
+    let policy = message.policy.clone();
+    let domain = managed_domain(&policy, &arg);
+    let shadow = domain.is_some_and(|d| policy.config.shadow(&d.config));
     let verdict = message.rcpt(arg, mta.as_deref()).clone();
     let shown = || {
         args.first()
             .map(|a| a.to_string_lossy())
             .unwrap_or_default()
     };
-    // A refused recipient never reaches end of message, where the message's
-    // line is logged: say it now, as Postfix logs its own "NOQUEUE: reject".
-    if matches!(
+    let refused = matches!(
         verdict.decision,
         Decision::Reject(_) | Decision::Tempfail(_)
-    ) {
+    );
+    // Refusals are counted now: the recipient never reaches end of
+    // message, where the others are.
+    if let (true, Some(domain)) = (refused, domain) {
+        service
+            .metrics
+            .decision(&domain.name, Kind::of(&verdict.decision), shadow);
+    }
+    message.busy += started.elapsed();
+    if refused && shadow {
+        // Shadow mode (docs/rollout.md): the decision is logged and
+        // counted, and the recipient is accepted as without the milter.
+        info!(
+            "shadow mode: RCPT {}: would {} ({}); accepted; from={}, MTA address {}",
+            shown(),
+            verdict.decision,
+            verdict.rule,
+            message.sender,
+            mta.as_deref().unwrap_or("-")
+        );
+        return Status::Continue;
+    }
+    // A refused recipient never reaches end of message, where the message's
+    // line is logged: say it now, as Postfix logs its own "NOQUEUE: reject".
+    if refused {
         info!(
             "NOQUEUE: RCPT {}: {} ({}); from={}, MTA address {}",
             shown(),
@@ -311,25 +346,100 @@ fn refuse(reply: &mut impl SetErrorReply, r: &Rejection, status: Status) -> Stat
 }
 
 async fn header(cx: &mut Context<Session>, name: CString, value: CString) -> Status {
+    let started = Instant::now();
     // Borrowed, not copied, in the usual case (valid UTF-8): this runs
     // for every header line of every message.
     if let Some(m) = cx.data.as_mut().and_then(|s| s.message.as_mut()) {
         m.header(&name.to_string_lossy(), &value.to_string_lossy());
+        m.busy += started.elapsed();
     }
     Status::Continue
 }
 
-async fn eom(cx: &mut EomContext<Session>) -> Status {
+async fn eom(service: Arc<Service>, cx: &mut EomContext<Session>) -> Status {
+    let started = Instant::now();
     let Some(message) = cx.data.as_mut().and_then(|s| s.message.take()) else {
         return Status::Continue;
     };
+    let status = end_of_message(&service, cx, &message).await;
+    service
+        .metrics
+        .message_time(message.busy + started.elapsed());
+    status
+}
+
+/// Counts the decisions for the recipients that reached end of message
+/// (refusals were counted at RCPT). A copy or redirect not made because
+/// the message carries our own loop header counts as `loop`, in shadow
+/// mode too: that is what live mode would have done.
+fn count_decisions(service: &Service, message: &Message) {
+    for r in &message.recipients {
+        let Some(domain) = managed_domain(&message.policy, &r.arg) else {
+            continue;
+        };
+        let routes = matches!(
+            r.verdict.decision,
+            Decision::Copy(_) | Decision::Redirect(_)
+        );
+        let kind = if routes && message.loop_header {
+            Kind::Loop
+        } else {
+            Kind::of(&r.verdict.decision)
+        };
+        let shadow = message.policy.config.shadow(&domain.config);
+        service.metrics.decision(&domain.name, kind, shadow);
+    }
+}
+
+/// What live mode would do beyond `plan` (the shadowed domains' part), in
+/// words for the log; empty when nothing.
+fn shadowed_actions(plan: &Plan, would: &Plan) -> Vec<String> {
+    let mut words: Vec<String> = Vec::new();
+    if would.refuse_loop && !plan.refuse_loop {
+        words.push(format!(
+            "refuse the message with 554 5.4.6 (routing loop: it already carries {LOOP_HEADER})"
+        ));
+    } else if would.loop_detected && !plan.loop_detected {
+        words.push(format!(
+            "make no copies (routing loop: it already carries {LOOP_HEADER})"
+        ));
+    }
+    for (rcpt, args) in would.add.iter().filter(|a| !plan.add.contains(a)) {
+        words.push(format!("add {rcpt} {args}"));
+    }
+    for rcpt in would.delete.iter().filter(|d| !plan.delete.contains(d)) {
+        words.push(format!("delete {rcpt}"));
+    }
+    if let (Some(value), None) = (&would.header, &plan.header) {
+        words.push(format!("add {LOOP_HEADER}: {value}"));
+    }
+    words
+}
+
+async fn end_of_message(
+    service: &Service,
+    cx: &mut EomContext<Session>,
+    message: &Message,
+) -> Status {
     let queue_id = cx
         .macros
         .get(c"i")
         .map(text)
         .unwrap_or_else(|| "NOQUEUE".into());
     let plan = message.plan();
+    // Shadow mode (docs/rollout.md): what live mode would have done with
+    // the shadowed domains' recipients is logged, not done.
+    let would = shadowed_actions(&plan, &message.plan_if_live());
+    if !would.is_empty() {
+        info!(
+            queue_id = %queue_id,
+            from = %message.sender,
+            "shadow mode: changed nothing; live mode would: {}",
+            would.join("; ")
+        );
+    }
     if plan.refuse_loop {
+        count_decisions(service, message);
         let r = Rejection {
             code: "554",
             xcode: "5.4.6",
@@ -348,6 +458,7 @@ async fn eom(cx: &mut EomContext<Session>) -> Status {
         return refuse(&mut cx.reply, &r, Status::Reject);
     }
     if plan.loop_detected {
+        count_decisions(service, message);
         warn!(
             queue_id = %queue_id,
             from = %message.sender,
@@ -390,12 +501,15 @@ async fn eom(cx: &mut EomContext<Session>) -> Status {
     .await;
     match result {
         Ok(()) => {
+            count_decisions(service, message);
             info!(queue_id = %queue_id, from = %message.sender, "{}", message.summary());
             Status::Continue
         }
         Err(e) => {
             // The MTA applies none of a failed message's changes; a
-            // temporary failure makes the client retry (nothing lost).
+            // temporary failure makes the client retry (nothing lost, and
+            // its decisions are counted when it comes back).
+            service.metrics.error("eom_actions");
             error!(queue_id = %queue_id, "could not send end-of-message actions: {e}; tempfail");
             Status::Tempfail
         }

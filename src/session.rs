@@ -3,12 +3,12 @@
 //! speaks the milter protocol: `milter.rs` feeds events in and carries the
 //! [`Plan`] out, so the plan is testable on its own.
 
-use crate::address::{xtext, RcptArg};
+use crate::address::{loose_domain, xtext, RcptArg};
 use crate::config::LocalPartCase;
 use crate::decision::{decide_rcpt, Decision, Envelope, Verdict};
 use crate::holds::LiveHolds;
-use crate::policy::Policy;
-use std::{fmt::Write as _, net::IpAddr, sync::Arc};
+use crate::policy::{DomainPolicy, Policy};
+use std::{fmt::Write as _, net::IpAddr, sync::Arc, time::Duration};
 
 /// The header that marks a message this instance has routed.
 pub const LOOP_HEADER: &str = "X-Dualroute";
@@ -46,6 +46,9 @@ pub struct Message {
     pub loop_header: bool,
     /// How big the message is, for `destination.max_size`.
     pub size: MessageSize,
+    /// Time spent in the milter's callbacks for this message so far (the
+    /// metrics' histogram of milter time per message).
+    pub busy: Duration,
 }
 
 /// What the milter knows of a message's size: the client's `SIZE=` at
@@ -105,6 +108,7 @@ impl Message {
             rejected: Vec::new(),
             loop_header: false,
             size: MessageSize::default(),
+            busy: Duration::ZERO,
         }
     }
 
@@ -142,15 +146,37 @@ impl Message {
         }
     }
 
-    /// The end-of-message actions.
+    /// Whether the recipient's domain runs in shadow mode (docs/rollout.md):
+    /// its decision is made, logged and counted, and nothing of it is
+    /// carried out.
+    pub fn is_shadowed(&self, arg: &RcptArg) -> bool {
+        managed_domain(&self.policy, arg).is_some_and(|d| self.policy.config.shadow(&d.config))
+    }
+
+    /// The end-of-message actions: those of the recipients of domains in
+    /// live mode. A shadowed recipient stays as the MTA has it.
     pub fn plan(&self) -> Plan {
+        self.plan_for(|r| !self.is_shadowed(&r.arg))
+    }
+
+    /// The end-of-message actions live mode would take for the whole
+    /// message, shadowed domains included: what shadow mode logs instead.
+    pub fn plan_if_live(&self) -> Plan {
+        self.plan_for(|_| true)
+    }
+
+    /// The actions for the recipients `acts` selects; the others are kept
+    /// as they are.
+    fn plan_for(&self, acts: impl Fn(&Recipient) -> bool) -> Plan {
         let mut plan = Plan::default();
-        let routes = self.recipients.iter().any(|r| {
-            matches!(
-                r.verdict.decision,
-                Decision::Copy(_) | Decision::Redirect(_)
-            )
-        });
+        let routed = |r: &Recipient| {
+            acts(r)
+                && matches!(
+                    r.verdict.decision,
+                    Decision::Copy(_) | Decision::Redirect(_)
+                )
+        };
+        let routes = self.recipients.iter().any(routed);
         if !routes {
             return plan;
         }
@@ -165,7 +191,7 @@ impl Message {
             plan.refuse_loop = self
                 .recipients
                 .iter()
-                .any(|r| matches!(r.verdict.decision, Decision::Redirect(_)));
+                .any(|r| acts(r) && matches!(r.verdict.decision, Decision::Redirect(_)));
             return plan;
         }
         // Every recipient the message will have, as paths: the ones it keeps
@@ -176,7 +202,7 @@ impl Message {
         let mut present: Vec<String> = self
             .recipients
             .iter()
-            .filter(|r| !matches!(r.verdict.decision, Decision::Redirect(_)))
+            .filter(|r| !(acts(r) && matches!(r.verdict.decision, Decision::Redirect(_))))
             .filter_map(|r| r.arg.address.as_ref().map(|a| format!("<{a}>")))
             .collect();
         let mut add = |plan: &mut Plan, address: &str, args: String| {
@@ -194,7 +220,7 @@ impl Message {
             }
         };
         let size = self.size.bytes();
-        for r in &self.recipients {
+        for r in self.recipients.iter().filter(|r| acts(r)) {
             let domain = r.arg.address.as_ref().and_then(|a| self.policy.domain(a));
             let bounce = domain.is_some_and(|d| d.config.bounce);
             // The destination's size limit (README "Size limit for
@@ -277,13 +303,30 @@ impl std::fmt::Display for Summary<'_> {
             if i > 0 {
                 f.write_str("; ")?;
             }
+            // Shadow mode says what live mode would have done, in the
+            // same words (docs/rollout.md compares the two).
+            let shadow = !matches!(r.verdict.decision, Decision::Keep) && m.is_shadowed(&r.arg);
             write!(
                 f,
-                "{} {} ({})",
-                r.arg.raw, r.verdict.decision, r.verdict.rule
+                "{} {}{} ({}{})",
+                r.arg.raw,
+                if shadow { "would " } else { "" },
+                r.verdict.decision,
+                r.verdict.rule,
+                if shadow { "; shadow mode" } else { "" }
             )?;
         }
         Ok(())
+    }
+}
+
+/// The managed domain a recipient belongs to: that of the milter's parse,
+/// else the one the argument names (an unparsable argument of a managed
+/// domain is refused, and that refusal belongs to the domain).
+pub fn managed_domain<'p>(policy: &'p Policy, arg: &RcptArg) -> Option<&'p DomainPolicy> {
+    match &arg.address {
+        Some(a) => policy.domain(a),
+        None => loose_domain(&arg.raw).and_then(|d| policy.domains.get(&d)),
     }
 }
 

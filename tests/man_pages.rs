@@ -239,6 +239,8 @@ fn milter_yaml_5_documents_every_key() {
         "window",
         "dns",
         "nameservers",
+        "shadow",
+        "metrics",
     ] {
         assert!(
             example.contains(&format!("{k}:")),

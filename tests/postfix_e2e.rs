@@ -52,6 +52,8 @@ struct Setup {
     catchall: bool,
     /// The other server refuses every RCPT at first.
     rejecting_sink: bool,
+    /// Top-level keys of milter.yaml besides the ones every scenario has.
+    top_level: String,
 }
 
 fn setup(domains_yaml: &str) -> Setup {
@@ -62,6 +64,7 @@ fn setup(domains_yaml: &str) -> Setup {
         to_sink: Vec::new(),
         catchall: true,
         rejecting_sink: false,
+        top_level: String::new(),
     }
 }
 
@@ -98,6 +101,12 @@ impl Setup {
         self
     }
 
+    /// Adds top-level keys (`shadow: true`, `metrics: …`) to milter.yaml.
+    fn top_level(mut self, yaml: &str) -> Self {
+        self.top_level.push_str(yaml);
+        self
+    }
+
     fn route_to_sink(mut self, domain: &str) -> Self {
         self.to_sink.push(domain.to_owned());
         self
@@ -129,8 +138,9 @@ impl Setup {
             .collect::<Vec<_>>()
             .join(", ");
         let yaml = format!(
-            "listen: inet:127.0.0.1:{milter_port}\ninstance: {INSTANCE}\nstate_dir: {state}\n{gw}domains:\n{domains}",
+            "listen: inet:127.0.0.1:{milter_port}\ninstance: {INSTANCE}\nstate_dir: {state}\n{gw}{top}domains:\n{domains}",
             state = dir.join("state").display(),
+            top = self.top_level,
             gw = if gateways.is_empty() { String::new() } else { format!("gateways: [{gateways}]\n") },
             domains = self.domains_yaml.replace("{SINK}", &sink.nexthop()),
         );
@@ -1750,4 +1760,210 @@ fn copies_past_max_size_are_not_made() {
         "{}",
         e.diag()
     );
+}
+
+// ---------------------------------------------------------------------
+// Shadow mode and the metrics endpoint (docs/rollout.md).
+// ---------------------------------------------------------------------
+
+const SHADOW_DOMAINS: &str = r#"  example.com:
+    mode: split
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com, bob@example.com] }]
+  example.org:
+    mode: dual
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [frank@example.org] }]
+"#;
+
+/// The same messages for the live and the shadow run: one recipient of
+/// each kind (keep alice, redirect zed, copy frank, reject ghost), one
+/// that is kept, one whose only recipient is refused in live mode.
+const SHADOW_MESSAGES: [(&[&str], &str); 3] = [
+    (
+        &[
+            "alice@example.com",
+            "zed@example.com",
+            "frank@example.org",
+            "ghost@example.org",
+        ],
+        "mixed",
+    ),
+    (&["bob@example.com"], "bob"),
+    (&["ghost@example.org"], "ghost"),
+];
+
+/// The decisions both runs must log, as live mode writes them (shadow
+/// mode writes `would ` before the decision and `; shadow mode` after the
+/// rule).
+const SHADOW_DECISIONS: [(&str, &str, &str); 4] = [
+    ("<alice@example.com>", "keep", "mode split, account present here"),
+    (
+        "<zed@example.com>",
+        "redirect to zed@example.com.dualroute.invalid",
+        "mode split, no account here",
+    ),
+    (
+        "<frank@example.org>",
+        "copy to frank@example.org.dualroute.invalid",
+        "mode dual, account present here",
+    ),
+    (
+        "<ghost@example.org>",
+        "reject 550 5.1.1 <ghost@example.org>: Recipient address rejected: no mailbox here by that name",
+        "mode dual, no account here",
+    ),
+];
+
+/// Sends [`SHADOW_MESSAGES`] through a scenario with `top_level` keys and
+/// the metrics endpoint on; returns it once everything is delivered,
+/// with the SMTP transcripts and a scrape.
+fn shadow_scenario(top_level: &str) -> (E2e, Vec<SmtpTranscript>, support::metrics::Scrape) {
+    let port = free_port();
+    let e = setup(SHADOW_DOMAINS)
+        .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+        .mailboxes_accept_all("example.org", &["frank@example.org"])
+        .top_level(&format!(
+            "{top_level}metrics: {{ listen: 127.0.0.1:{port} }}\n"
+        ))
+        .start();
+    let client = e.client();
+    let transcripts: Vec<SmtpTranscript> = SHADOW_MESSAGES
+        .iter()
+        .map(|(rcpts, subject)| client.send(SENDER, rcpts, &message(subject)))
+        .collect();
+    e.finish();
+    let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // The milter counts a message before it answers end of message, and
+    // Postfix answers the client only after that: the numbers are there.
+    let scrape = support::metrics::scrape(addr);
+    (e, transcripts, scrape)
+}
+
+/// Shadow mode in real Postfix: every message is delivered exactly as
+/// Postfix alone delivers it (each address to its mailbox or the
+/// catch-all, nothing to the other server, no X-Dualroute header), while
+/// the milter's log and metrics record the same decisions a live-mode run
+/// of the same messages makes.
+#[test]
+fn shadow_mode_delivers_as_without_the_milter_and_records_the_live_decisions() {
+    let (live, live_t, live_m) = shadow_scenario("");
+    let (shadow, shadow_t, shadow_m) = shadow_scenario("shadow: true\n");
+
+    // Live mode: ghost refused at RCPT, zed redirected and frank copied to
+    // the other server.
+    assert_eq!(
+        live_t[0].rcpt("ghost@example.org").code,
+        550,
+        "{}",
+        live_t[0]
+    );
+    assert!(!live_t[2].accepted(), "{}", live_t[2]);
+    live.wait_sink_rcpts(2);
+    let mut routed: Vec<String> = live
+        .sink_deliveries()
+        .into_iter()
+        .map(|d| d.rcpt.address)
+        .collect();
+    routed.sort();
+    assert_eq!(
+        routed,
+        ["frank@example.org", "zed@example.com"],
+        "{}",
+        live.diag()
+    );
+
+    // Shadow mode: what Postfix does without a milter. Every RCPT is
+    // taken, every address lands in its own mailbox or the domain's
+    // catch-all, nothing reaches the other server, nothing is marked.
+    for t in &shadow_t {
+        assert!(t.accepted(), "{t}\n{}", shadow.diag());
+        for (address, reply) in t.rcpts() {
+            assert_eq!(reply.code, 250, "{address}: {t}");
+        }
+    }
+    assert_eq!(
+        shadow.maildir_counts(),
+        counts(&[
+            ("catchall/example.org", 2),
+            ("example.com/alice", 1),
+            ("example.com/bob", 1),
+            ("example.com/dualroute-catchall", 1),
+            ("example.org/frank", 1),
+        ]),
+        "{}",
+        shadow.diag()
+    );
+    for (dir, m) in shadow.maildir_files() {
+        assert!(
+            m.header("X-Dualroute").is_empty(),
+            "{dir}: shadow mode marked a message\n{}",
+            shadow.diag()
+        );
+    }
+    // Give a wrongly routed copy time to arrive before saying none did.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(shadow.sink.messages().is_empty(), "{}", shadow.diag());
+
+    // The log: the same decision for each recipient, in live mode's words.
+    let (live_log, shadow_log) = (live.milter.log(), shadow.milter.log());
+    for (rcpt, decision, rule) in SHADOW_DECISIONS {
+        let said = format!("{rcpt} {decision} ({rule})");
+        assert!(
+            live_log.contains(&said),
+            "live mode did not log {said:?}\n{live_log}"
+        );
+        let would = format!("{rcpt} would {decision} ({rule}; shadow mode)");
+        let shadow_said = if decision == "keep" { said } else { would };
+        assert!(
+            shadow_log.contains(&shadow_said),
+            "shadow mode did not log {shadow_said:?}\n{shadow_log}"
+        );
+    }
+    // ... and the actions live mode took, as what it would have done.
+    assert!(
+        shadow_log.contains("shadow mode: changed nothing; live mode would: add <zed@example.com.dualroute.invalid> ORCPT=rfc822;zed@example.com"),
+        "{shadow_log}"
+    );
+    assert!(
+        shadow_log.contains("shadow mode: RCPT <ghost@example.org>: would reject 550 5.1.1"),
+        "{shadow_log}"
+    );
+
+    // The metrics: the numbers of the messages sent, the same in both
+    // runs, under shadow="false" and shadow="true".
+    let expected = [
+        ("example.com", "keep", 2.0),
+        ("example.com", "redirect", 1.0),
+        ("example.org", "copy", 1.0),
+        ("example.org", "reject", 2.0),
+    ];
+    for (m, shadow_label) in [(&live_m, "false"), (&shadow_m, "true")] {
+        let mut got = m.samples("dualroute_decisions_total");
+        got.retain(|(_, n)| *n > 0.0);
+        let mut want: Vec<(String, f64)> = expected
+            .iter()
+            .map(|(domain, kind, n)| {
+                (
+                    format!("domain=\"{domain}\",kind=\"{kind}\",shadow=\"{shadow_label}\""),
+                    *n,
+                )
+            })
+            .collect();
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, want, "{}", m.text);
+        assert_eq!(
+            m.count("dualroute_conversations_total", &[]),
+            3.0,
+            "{}",
+            m.text
+        );
+        assert_eq!(
+            m.value("dualroute_accounts", &[("domain", "example.com")]),
+            Some(2.0)
+        );
+    }
+    // Messages timed: live mode's third never reached end of message.
+    assert_eq!(live_m.count("dualroute_milter_seconds_count", &[]), 2.0);
+    assert_eq!(shadow_m.count("dualroute_milter_seconds_count", &[]), 3.0);
 }

@@ -210,6 +210,7 @@ impl Breaker {
                 return;
             }
         }
+        service.metrics.breaker_failure(domain, "bounce");
         let (threshold, span) = (self.config.threshold, self.config.window.0);
         let window = self
             .windows

@@ -660,6 +660,9 @@ pub struct DomainConfig {
     pub users: Vec<(Address, UserRule)>,
     /// `destination.max_size`: copies of larger messages are not made.
     pub max_size: Option<MessageSize>,
+    /// `shadow:` of the domain; `None`: the global `shadow:` applies
+    /// ([`Config::shadow`]).
+    pub shadow: Option<bool>,
 }
 
 impl DomainConfig {
@@ -691,6 +694,7 @@ struct RawDomainConfig {
     accounts: Option<Vec<AccountSource>>,
     #[serde(default)]
     users: UserEntries,
+    shadow: Option<bool>,
 }
 
 /// `users:` is a mapping in YAML; read it as a sequence of entries so that
@@ -810,6 +814,7 @@ impl<'de> Deserialize<'de> for DomainConfig {
                 accounts: raw.accounts,
                 users: raw.users.0.into_iter().map(|(k, r)| (k.0, r)).collect(),
                 max_size: raw.destination.max_size,
+                shadow: raw.shadow,
             })
         })
     }
@@ -970,6 +975,43 @@ fn default_idle_timeout() -> Window {
     Window(Duration::from_secs(3600))
 }
 
+/// Where the metrics endpoint listens: `IP:PORT` (`[IPv6]:PORT`), or a
+/// port alone for 127.0.0.1. Loopback unless written otherwise: the
+/// counters name the managed domains and the traffic they get.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct MetricsListen(pub SocketAddr);
+
+impl FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let addr = match s.parse::<u16>() {
+            Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+            Err(_) => s.parse::<SocketAddr>().map_err(|_| {
+                format!("{s:?}: expected IP:PORT, [IPv6]:PORT or a port (127.0.0.1 then)")
+            })?,
+        };
+        if addr.port() == 0 {
+            return Err(format!("{s:?}: port 0"));
+        }
+        Ok(MetricsListen(addr))
+    }
+}
+deserialize_from_str!(MetricsListen, "metrics address");
+
+/// The Prometheus/OpenMetrics endpoint (`metrics:`, docs/rollout.md "Metrics").
+/// Read at start; a change needs a restart.
+#[derive(Clone, Debug, Eq, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_metrics_listen")]
+    pub listen: MetricsListen,
+}
+
+fn default_metrics_listen() -> MetricsListen {
+    MetricsListen(SocketAddr::from(([127, 0, 0, 1], 9899)))
+}
+
 /// A DNS server: `IP`, `IP:PORT` or `[IPv6]:PORT`; port 53 when none is given.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Nameserver(pub SocketAddr);
@@ -1039,6 +1081,18 @@ pub struct Config {
     pub accounts_shrink_limit: ShrinkLimit,
     pub mta: Mta,
     pub connections: ConnectionsConfig,
+    /// `shadow:` for every domain that does not set its own.
+    pub shadow: bool,
+    /// `metrics:`; `None`: no metrics endpoint.
+    pub metrics: Option<MetricsConfig>,
+}
+
+impl Config {
+    /// Whether the domain runs in shadow mode (docs/rollout.md): its own
+    /// `shadow:` if it has one, else the global one.
+    pub fn shadow(&self, domain: &DomainConfig) -> bool {
+        domain.shadow.unwrap_or(self.shadow)
+    }
 }
 
 /// The MTA dualroute runs in (`mta:`, default `postfix`). Only `check`
@@ -1080,6 +1134,9 @@ pub(crate) struct RawConfig {
     pub accounts_shrink_limit: ShrinkLimit,
     #[serde(default)]
     pub connections: ConnectionsConfig,
+    #[serde(default)]
+    pub shadow: bool,
+    pub metrics: Option<MetricsConfig>,
 }
 
 fn default_listen() -> Socket {

@@ -224,6 +224,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         accounts_shrink_limit: raw.accounts_shrink_limit,
         mta: raw.mta,
         connections: raw.connections,
+        shadow: raw.shadow,
+        metrics: raw.metrics,
     };
     validate(&config).map_err(locate_err)?;
     Ok(config)

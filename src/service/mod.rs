@@ -53,6 +53,8 @@ pub struct Service {
     policy: RwLock<Arc<Policy>>,
     holds: Arc<LiveHolds>,
     pub intervals: Intervals,
+    /// Counters the milter and the tasks increment (src/metrics.rs).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Service {
@@ -69,6 +71,7 @@ impl Service {
             policy: RwLock::new(Arc::new(policy)),
             holds: Arc::new(LiveHolds::new(holds)),
             intervals,
+            metrics: crate::metrics::Metrics::new(),
         })
     }
 
@@ -144,6 +147,7 @@ where
     // The bounce breaker (docs/design.md §7) idles while there is no
     // `breaker:`, and follows reloads that add, change or remove it.
     tasks.spawn(breaker::run(service.clone()));
+    tasks.spawn(crate::metrics::serve(service.clone()));
     let reloader = service.clone();
     tasks.spawn(async move {
         while reloads.recv().await.is_some() {

@@ -70,6 +70,11 @@ pub async fn reload(service: &Service) -> Result<(), LoadError> {
     let mut loaded = match loaded {
         Ok(p) => p,
         Err(e) => {
+            let result = match e {
+                LoadError::Shrink(_) => "refused",
+                _ => "invalid",
+            };
+            service.metrics.reload(result);
             if let Err(w) = state.refuse_reload(&e.to_string()) {
                 tracing::error!("cannot record the refused reload for `dualroute status`: {w}");
             }
@@ -94,12 +99,19 @@ pub async fn reload(service: &Service) -> Result<(), LoadError> {
         );
         now.connections = was.connections.clone();
     }
+    if was.metrics != now.metrics {
+        tracing::warn!(
+            "metrics changed: the endpoint is set up at start; restart dualroute to apply it"
+        );
+        now.metrics = was.metrics.clone();
+    }
     for e in service.install(loaded) {
         tracing::error!("{e}; routing for that domain stays off");
     }
     if let Err(e) = state.clear_reload_refused() {
         tracing::warn!("cannot clear the record of a refused reload: {e}");
     }
+    service.metrics.reload("ok");
     Ok(())
 }
 

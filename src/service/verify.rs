@@ -143,6 +143,7 @@ async fn probe_one(domain: String, d: DomainConfig, dns: Arc<Dns>, helo: String)
 /// off: when in doubt, do not route).
 async fn settle(service: &Arc<Service>, o: &Outcome, backoff: Duration) -> bool {
     let name = &o.domain;
+    service.metrics.probe(name, o.result.is_ok());
     let (passed, detail) = match &o.result {
         Ok(detail) => {
             tracing::info!("{name}: verification passed ({detail}); routing starts");

@@ -33,6 +33,7 @@
 //! queue, Maildirs, `maillog`, sink dumps); their paths are printed.
 #![allow(dead_code)]
 
+pub mod metrics;
 pub mod milter;
 pub mod postfix;
 pub mod protocol;

@@ -1,0 +1,446 @@
+//! The Prometheus/OpenMetrics endpoint (`metrics: { listen: … }`;
+//! docs/rollout.md lists the metrics, what to watch and the alert rules).
+//!
+//! Two kinds of numbers:
+//! - **counters**, incremented by small hooks in the shells: every
+//!   decision of the milter (src/milter.rs), conversations and errors,
+//!   reload results (src/service/reload.rs), verification probes
+//!   (src/service/verify.rs), failures the bounce breaker counted
+//!   (src/breaker/), and the histogram of milter time per message;
+//! - **state**, read from the service at each scrape rather than kept in
+//!   step by hooks: account-set sizes from the policy in force, and trip,
+//!   verification, routing and shadow state per domain from the holds in
+//!   force. A scrape therefore shows exactly what the milter decides
+//!   with, and a domain that a reload removed disappears from it.
+//!
+//! The endpoint is off unless configured, and never affects mail: a port
+//! that cannot be bound is an ERROR in the log and the milter runs on
+//! without metrics (Prometheus then shows the target down).
+
+use crate::decision::Decision;
+use crate::holds::Hold;
+use crate::service::Service;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, Method, Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::{
+    counter::Counter,
+    family::Family,
+    gauge::Gauge,
+    histogram::{exponential_buckets, Histogram},
+};
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use std::{convert::Infallible, fmt};
+
+/// The OpenMetrics text format (prometheus-client writes it; Prometheus
+/// asks for it first).
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Scrapes served at once; more wait in the listen queue. A scraper needs
+/// one.
+const MAX_CONNECTIONS: usize = 8;
+
+/// How long a scraper may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the milter did with a recipient, as the `kind` label says it.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Kind {
+    Keep,
+    Copy,
+    Redirect,
+    Reject,
+    Tempfail,
+    /// A copy or redirect not made because the message had already passed
+    /// through this instance (docs/design.md, end of message).
+    Loop,
+}
+
+impl Kind {
+    pub fn of(decision: &Decision) -> Kind {
+        match decision {
+            Decision::Keep => Kind::Keep,
+            Decision::Copy(_) => Kind::Copy,
+            Decision::Redirect(_) => Kind::Redirect,
+            Decision::Reject(_) => Kind::Reject,
+            Decision::Tempfail(_) => Kind::Tempfail,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Keep => "keep",
+            Kind::Copy => "copy",
+            Kind::Redirect => "redirect",
+            Kind::Reject => "reject",
+            Kind::Tempfail => "tempfail",
+            Kind::Loop => "loop",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    domain: String,
+    kind: &'static str,
+    /// "true": decided in shadow mode, logged and counted, not carried out.
+    shadow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainLabels {
+    domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainKindLabels {
+    domain: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainResultLabels {
+    domain: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+}
+
+/// The service's metrics: one per [`Service`], so that two services in
+/// one process (the tests) count apart.
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    conversations: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    probes: Family<DomainResultLabels, Counter>,
+    breaker_failures: Family<DomainKindLabels, Counter>,
+    milter_seconds: Histogram,
+    accounts: Family<DomainLabels, Gauge>,
+    routing: Family<DomainLabels, Gauge>,
+    shadow: Family<DomainLabels, Gauge>,
+    tripped: Family<DomainLabels, Gauge>,
+    verifying: Family<DomainLabels, Gauge>,
+    /// A scrape sets the state gauges and encodes them in one go.
+    scrape: Mutex<()>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("dualroute");
+        let decisions = Family::default();
+        registry.register(
+            "decisions",
+            "Recipients of managed domains by what was decided (keep, copy, redirect, reject, tempfail, loop); shadow=\"true\": decided in shadow mode and not carried out",
+            decisions.clone(),
+        );
+        let conversations = Counter::default();
+        registry.register(
+            "conversations",
+            "Milter conversations (the MTA opens one per SMTP session)",
+            conversations.clone(),
+        );
+        let errors = Family::default();
+        registry.register(
+            "errors",
+            "Errors by kind: eom_actions (the MTA did not take the end-of-message changes: message tempfailed), mta_offer (the MTA does not offer what routing needs)",
+            errors.clone(),
+        );
+        let reloads = Family::default();
+        registry.register(
+            "reloads",
+            "Reloads by result: ok, invalid (the configuration or an account source did not load), refused (accounts_shrink_limit)",
+            reloads.clone(),
+        );
+        let probes = Family::default();
+        registry.register(
+            "verification_probes",
+            "Verification probes of the destination by domain and result (pass, fail)",
+            probes.clone(),
+        );
+        let breaker_failures = Family::default();
+        registry.register(
+            "breaker_failures",
+            "Delivery failures of routed mail the breaker counted, by domain and kind (bounce: permanent)",
+            breaker_failures.clone(),
+        );
+        let milter_seconds = Histogram::new(exponential_buckets(0.000_05, 4.0, 10));
+        registry.register(
+            "milter_seconds",
+            "Time spent in the milter per message (its callbacks from MAIL to end of message, without the time the MTA and the client take)",
+            milter_seconds.clone(),
+        );
+        let accounts = Family::default();
+        registry.register(
+            "accounts",
+            "Accounts of each managed domain in the policy in force (domains without accounts: none)",
+            accounts.clone(),
+        );
+        let routing = Family::default();
+        registry.register(
+            "routing_on",
+            "1 while routing for the domain is on; 0 while it is off (enabled: false, disabled, breaker trip, waiting for verification, unreadable state)",
+            routing.clone(),
+        );
+        let shadow = Family::default();
+        registry.register(
+            "shadow",
+            "1 while the domain runs in shadow mode (decisions logged and counted, nothing changed)",
+            shadow.clone(),
+        );
+        let tripped = Family::default();
+        registry.register(
+            "breaker_tripped",
+            "1 while the bounce breaker holds routing for the domain off",
+            tripped.clone(),
+        );
+        let verifying = Family::default();
+        registry.register(
+            "verification_waiting",
+            "1 while routing for the domain waits for its destination to pass verification",
+            verifying.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            conversations,
+            errors,
+            reloads,
+            probes,
+            breaker_failures,
+            milter_seconds,
+            accounts,
+            routing,
+            shadow,
+            tripped,
+            verifying,
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// One recipient of managed domain `domain` was decided `kind`.
+    pub fn decision(&self, domain: &str, kind: Kind, shadow: bool) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                domain: domain.to_owned(),
+                kind: kind.label(),
+                shadow: if shadow { "true" } else { "false" },
+            })
+            .inc();
+    }
+
+    /// The MTA opened a milter conversation.
+    pub fn conversation(&self) {
+        self.conversations.inc();
+    }
+
+    /// An error of `kind` (see the metric's help).
+    pub fn error(&self, kind: &'static str) {
+        self.errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+
+    /// A reload ended with `result`: `ok`, `invalid` or `refused`.
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// A verification probe of `domain`'s destination passed or failed.
+    pub fn probe(&self, domain: &str, passed: bool) {
+        self.probes
+            .get_or_create(&DomainResultLabels {
+                domain: domain.to_owned(),
+                result: if passed { "pass" } else { "fail" },
+            })
+            .inc();
+    }
+
+    /// The breaker counted a delivery failure of mail routed for `domain`;
+    /// `kind` says which (`bounce`: a permanent failure).
+    pub fn breaker_failure(&self, domain: &str, kind: &str) {
+        self.breaker_failures
+            .get_or_create(&DomainKindLabels {
+                domain: domain.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The milter spent `busy` on one message.
+    pub fn message_time(&self, busy: Duration) {
+        self.milter_seconds.observe(busy.as_secs_f64());
+    }
+
+    /// The metrics in the OpenMetrics text format, with the state of the
+    /// service as it is now.
+    pub fn render(&self, service: &Service) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let (policy, holds) = (service.policy(), service.holds());
+        // Cleared first: a domain a reload removed is no longer shown.
+        for family in [
+            &self.accounts,
+            &self.routing,
+            &self.shadow,
+            &self.tripped,
+            &self.verifying,
+        ] {
+            family.clear();
+        }
+        for (name, d) in &policy.domains {
+            let labels = DomainLabels {
+                domain: name.clone(),
+            };
+            let set = |family: &Family<DomainLabels, Gauge>, on: bool| {
+                family.get_or_create(&labels).set(i64::from(on));
+            };
+            if let Some(a) = &d.accounts {
+                self.accounts
+                    .get_or_create(&labels)
+                    .set(i64::try_from(a.len()).unwrap_or(i64::MAX));
+            }
+            let hold = holds.get(name);
+            set(&self.routing, d.config.enabled && hold.is_none());
+            set(&self.shadow, policy.config.shadow(&d.config));
+            set(&self.tripped, matches!(hold, Some(Hold::Tripped(_))));
+            set(
+                &self.verifying,
+                matches!(hold, Some(Hold::Verification { .. })),
+            );
+        }
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!("metrics: cannot encode: {e}");
+        }
+        text
+    }
+}
+
+/// Serves `GET /metrics` on `metrics.listen` for the life of the service;
+/// returns at once when there is no `metrics:`. Read at start: a reload
+/// that changes `metrics:` needs a restart (src/service/reload.rs says
+/// so).
+pub async fn serve(service: Arc<Service>) {
+    let Some(config) = service.policy().config.metrics.clone() else {
+        return;
+    };
+    let addr = config.listen.0;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(
+                "metrics: cannot listen on {addr}: {e}; the milter runs on without metrics (change metrics.listen and restart)"
+            );
+            return;
+        }
+    };
+    tracing::info!("metrics: serving http://{addr}/metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Connections live in this set, so they end with this task.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and the like: wait rather than spin.
+                tracing::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = service.clone();
+        connections.spawn(async move {
+            let handler = hyper::service::service_fn(move |request| {
+                let response = respond(&service, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("metrics: connection ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+fn respond(service: &Service, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => reply(
+            StatusCode::OK,
+            CONTENT_TYPE,
+            service.metrics.render(service),
+        ),
+        (_, "/metrics") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "dualroute serves /metrics only\n".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_name_the_decisions() {
+        let r = crate::decision::Rejection {
+            code: "550",
+            xcode: "5.1.1",
+            text: String::new(),
+        };
+        assert_eq!(Kind::of(&Decision::Keep).label(), "keep");
+        assert_eq!(Kind::of(&Decision::Copy(vec![])).label(), "copy");
+        assert_eq!(
+            Kind::of(&Decision::Redirect(String::new())).label(),
+            "redirect"
+        );
+        assert_eq!(Kind::of(&Decision::Reject(r.clone())).label(), "reject");
+        assert_eq!(Kind::of(&Decision::Tempfail(r)).label(), "tempfail");
+        assert_eq!(Kind::Loop.label(), "loop");
+    }
+}
