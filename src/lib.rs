@@ -21,6 +21,7 @@ pub mod explain;
 pub mod holds;
 pub mod listener;
 pub mod milter;
+pub mod notify;
 pub mod policy;
 pub mod postfix;
 pub mod probe;

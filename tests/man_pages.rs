@@ -237,6 +237,10 @@ fn milter_yaml_5_documents_every_key() {
         "maillog",
         "threshold",
         "window",
+        "deferrals",
+        "notify",
+        "via",
+        "interval",
         "dns",
         "nameservers",
     ] {

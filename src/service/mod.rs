@@ -53,6 +53,8 @@ pub struct Service {
     policy: RwLock<Arc<Policy>>,
     holds: Arc<LiveHolds>,
     pub intervals: Intervals,
+    /// Admin notifications waiting to be sent (src/notify.rs).
+    pub(crate) outbox: crate::notify::Outbox,
 }
 
 impl Service {
@@ -69,6 +71,7 @@ impl Service {
             policy: RwLock::new(Arc::new(policy)),
             holds: Arc::new(LiveHolds::new(holds)),
             intervals,
+            outbox: Default::default(),
         })
     }
 
@@ -143,6 +146,7 @@ where
     // The bounce breaker (docs/design.md §7) idles while there is no
     // `breaker:`, and follows reloads that add, change or remove it.
     tasks.spawn(breaker::run(service.clone()));
+    tasks.spawn(crate::notify::run(service.clone()));
     let reloader = service.clone();
     tasks.spawn(async move {
         while reloads.recv().await.is_some() {
