@@ -386,16 +386,17 @@ pub fn render(
     static SERIAL: AtomicU64 = AtomicU64::new(0);
     let subject = match events {
         [(_, e)] if dropped == 0 => e.subject(),
-        [(_, e), ..] => format!(
-            "{} events: {}, ...",
-            events.len() + dropped,
-            e.subject()
-        ),
+        [(_, e), ..] => format!("{} events: {}, ...", events.len() + dropped, e.subject()),
         [] => format!("{dropped} events"),
     };
     let mut body = String::new();
     for (at, e) in events {
-        body.push_str(&format!("== {}: {}\n\n{}\n", state::when(*at), e.subject(), e.body()));
+        body.push_str(&format!(
+            "== {}: {}\n\n{}\n",
+            state::when(*at),
+            e.subject(),
+            e.body()
+        ));
     }
     if dropped > 0 {
         body.push_str(&format!(
@@ -408,7 +409,13 @@ pub fn render(
     let mut out = String::new();
     for (name, value) in [
         ("From", format!("dualroute on {instance} <{from}>")),
-        ("To", to.iter().map(|t| format!("<{t}>")).collect::<Vec<_>>().join(", ")),
+        (
+            "To",
+            to.iter()
+                .map(|t| format!("<{t}>"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("Subject", format!("[dualroute {instance}] {subject}")),
         ("Date", state::rfc5322_date(now)),
         (
@@ -634,10 +641,19 @@ mod tests {
         let e = |prev: Option<&state::Verification>, now| {
             Event::verification("example.com", prev, now, "p@x.test")
         };
-        assert!(matches!(e(None, &bad), Some(Event::VerificationFailed { .. })));
-        assert!(matches!(e(Some(&ok), &bad), Some(Event::VerificationFailed { .. })));
+        assert!(matches!(
+            e(None, &bad),
+            Some(Event::VerificationFailed { .. })
+        ));
+        assert!(matches!(
+            e(Some(&ok), &bad),
+            Some(Event::VerificationFailed { .. })
+        ));
         assert_eq!(e(Some(&bad), &bad), None, "a retry that fails again");
-        assert!(matches!(e(Some(&bad), &ok), Some(Event::VerificationPassed { .. })));
+        assert!(matches!(
+            e(Some(&bad), &ok),
+            Some(Event::VerificationPassed { .. })
+        ));
         assert_eq!(e(Some(&ok), &ok), None);
         assert_eq!(e(None, &ok), None, "a first pass is no news");
     }
@@ -689,7 +705,12 @@ mod tests {
     #[test]
     fn several_events_and_dropped_ones_in_one_message() {
         let events = vec![
-            (1, Event::ReloadRefused { reason: "accounts emptied".into() }),
+            (
+                1,
+                Event::ReloadRefused {
+                    reason: "accounts emptied".into(),
+                },
+            ),
             (
                 2,
                 Event::VerificationPassed {
@@ -700,8 +721,14 @@ mod tests {
             ),
         ];
         let m = render("i", "f@i.test", &["a@b.test".into()], &events, 3, 5);
-        assert!(m.contains("Subject: [dualroute i] 5 events: reload refused"), "{m}");
-        assert!(m.contains("accounts emptied") && m.contains("routing for example.com is on"), "{m}");
+        assert!(
+            m.contains("Subject: [dualroute i] 5 events: reload refused"),
+            "{m}"
+        );
+        assert!(
+            m.contains("accounts emptied") && m.contains("routing for example.com is on"),
+            "{m}"
+        );
         assert!(m.contains("3 more event(s) were not queued"), "{m}");
     }
 

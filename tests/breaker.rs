@@ -539,7 +539,10 @@ async fn task_trips_on_deferrals_counting_each_message_once() {
         &task.log,
         &deferred("AAAA1", "a@example.com.dualroute.invalid").repeat(5),
     );
-    append(&task.log, &deferred("AAAA2", "a@example.com.dualroute.invalid"));
+    append(
+        &task.log,
+        &deferred("AAAA2", "a@example.com.dualroute.invalid"),
+    );
     append(&task.log, &bounce("b@example.com.dualroute.invalid"));
     let counts = || {
         dualroute::state::StateDir::new(&task.state)
@@ -558,7 +561,10 @@ async fn task_trips_on_deferrals_counting_each_message_once() {
     .await;
     assert!(!task.tripped("example.com"));
 
-    append(&task.log, &deferred("AAAA3", "c@example.com.dualroute.invalid"));
+    append(
+        &task.log,
+        &deferred("AAAA3", "c@example.com.dualroute.invalid"),
+    );
     task.wait_tripped("example.com").await;
     let why = task.held("example.com").expect("held after the trip");
     assert!(why.contains("breaker tripped on deferrals"), "{why}");
@@ -583,7 +589,8 @@ async fn task_trips_on_deferrals_counting_each_message_once() {
         indymilter_test::Status::Tempfail { message: Some(m) } => {
             let m = m.to_string_lossy();
             assert!(
-                m.starts_with("451 4.4.4") && m.contains("switched off by the breaker: too many deferrals"),
+                m.starts_with("451 4.4.4")
+                    && m.contains("switched off by the breaker: too many deferrals"),
                 "{m}"
             );
         }
@@ -959,13 +966,7 @@ domains:
     .unwrap();
     let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
-    let diag = || {
-        format!(
-            "{}\n--- milter log ---\n{}",
-            pf.diagnostics(),
-            milter.log()
-        )
-    };
+    let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
     let admin = || pf.maildir_messages("postmaster@example.net");
 
     // Control: mail to the administrator from outside is copied to the
@@ -988,7 +989,14 @@ domains:
         &message("refused there"),
     );
     assert!(t.accepted(), "{t}\n{}", diag());
-    if support::poll(|| milter.log().contains("bounce breaker tripped").then_some(())).is_none() {
+    if support::poll(|| {
+        milter
+            .log()
+            .contains("bounce breaker tripped")
+            .then_some(())
+    })
+    .is_none()
+    {
         panic!("timed out waiting for the trip\n{}", diag());
     }
 
@@ -1018,16 +1026,27 @@ domains:
         "status=bounced",
         "  dualroute enable example.com",
     ] {
-        assert!(note.text.contains(words), "{words:?} missing:\n{}", note.text);
+        assert!(
+            note.text.contains(words),
+            "{words:?} missing:\n{}",
+            note.text
+        );
     }
     // Not routed: no loop header, no copy to the other server (the
     // control message's copy is still the only one), and the milter says
     // why.
     assert!(note.header("X-Dualroute").is_empty(), "{}", note.text);
     pf.wait_queue_empty();
-    assert_eq!(other.messages().len(), 1, "the notification was copied\n{}", diag());
+    assert_eq!(
+        other.messages().len(),
+        1,
+        "the notification was copied\n{}",
+        diag()
+    );
     assert!(
-        milter.log().contains("dualroute's own notifier: not routed"),
+        milter
+            .log()
+            .contains("dualroute's own notifier: not routed"),
         "{}",
         diag()
     );

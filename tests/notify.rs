@@ -80,7 +80,11 @@ async fn refused_reloads_are_notified_at_most_once_per_interval() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     refused_reload(&milter, dir.path(), 3).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(sink.messages().len(), 1, "a second message within the interval");
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "a second message within the interval"
+    );
     support::wait_until("the second notification", || arrived(2)).await;
     let messages = sink.messages();
     assert!(
@@ -93,7 +97,11 @@ async fn refused_reloads_are_notified_at_most_once_per_interval() {
         m.header("Subject"),
         ["[dualroute notify.test] 2 events: reload refused, the running configuration stays, ..."]
     );
-    assert!(m.text.contains("broken_2") && m.text.contains("broken_3"), "{}", m.text);
+    assert!(
+        m.text.contains("broken_2") && m.text.contains("broken_3"),
+        "{}",
+        m.text
+    );
     milter.shutdown().await;
 }
 
@@ -120,7 +128,11 @@ async fn an_mta_that_cannot_be_reached_does_not_touch_mail() {
             ["<zed@example.com.dualroute.invalid>".to_owned()].into(),
             "{d:?}"
         );
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     milter.shutdown().await;

@@ -818,7 +818,9 @@ impl FromStr for NotifyVia {
             return if path.starts_with('/') {
                 Ok(NotifyVia::Sendmail(PathBuf::from(path)))
             } else {
-                Err(format!("{s:?}: the sendmail command must be an absolute path"))
+                Err(format!(
+                    "{s:?}: the sendmail command must be an absolute path"
+                ))
             };
         }
         let rest = s.strip_prefix("smtp:").unwrap_or(s);
