@@ -298,9 +298,11 @@ pub async fn run(service: Arc<Service>) {
         }
         let instance = service.policy().config.instance.clone();
         let result = send(&service, &config, &instance, &batch, dropped).await;
-        last_sent = Some(Instant::now());
         match result {
             Ok(()) => {
+                // Only a message that went out counts for the rate limit:
+                // a failed one is retried after RETRY, not after interval.
+                last_sent = Some(Instant::now());
                 tracing::info!(
                     "notified {} of {} event(s) via {}",
                     recipients(&config).join(", "),
