@@ -200,6 +200,7 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
     }
     // The same holds the running milter reads (src/holds/).
     let (holds, _) = crate::holds::Holds::read(&config);
+    let counts = dir.breaker_counts().ok().flatten().unwrap_or_default();
     for (name, d) in &config.domains {
         let name = &name.0;
         let mode = d.mode;
@@ -211,6 +212,14 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                     "DISABLED by an administrator since {}: {}",
                     crate::state::when(x.since),
                     x.reason
+                ),
+                Some(Hold::Tripped(t)) if t.cause == crate::state::TripCause::Deferrals => format!(
+                    "TRIPPED by the breaker on deferrals since {}: {} temporary failures within {}s ({} permanent); last: {}",
+                    crate::state::when(t.since),
+                    t.deferrals,
+                    t.window_secs,
+                    t.bounces,
+                    t.last
                 ),
                 Some(Hold::Tripped(t)) => format!(
                     "TRIPPED by the bounce breaker since {}: {} permanent failures within {}s; last: {}",
@@ -249,12 +258,42 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
             ""
         };
         println!("{name}: mode {mode}:{shadow} {line}");
+        if let Some(b) = &config.breaker {
+            println!("  {}", breaker_counts(b, &counts, name));
+        }
     }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `breaker: 2 permanent failures (trips at 20), 5 deferrals (trips at
+/// 11) within 1h, as of …`: what the running milter's breaker counted
+/// (src/breaker/ writes `breaker-counts` when a count changes).
+fn breaker_counts(
+    b: &crate::config::BreakerConfig,
+    counts: &crate::state::BreakerCounts,
+    domain: &str,
+) -> String {
+    let c = counts.domains.get(domain).copied().unwrap_or_default();
+    let deferral_limit = match b.deferrals {
+        Some(n) => format!("trips at {n}"),
+        None => "counted only".to_owned(),
+    };
+    let as_of = if counts.at == 0 {
+        "no count recorded by a running milter yet".to_owned()
+    } else {
+        format!("as of {}", crate::state::when(counts.at))
+    };
+    format!(
+        "breaker: {} permanent failures (trips at {}), {} deferrals ({deferral_limit}) of routed mail within {}; {as_of}",
+        c.bounces,
+        b.threshold,
+        c.deferrals,
+        crate::breaker::human(b.window.0)
+    )
 }
 
 pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCode, String> {

@@ -22,6 +22,7 @@ pub mod holds;
 pub mod listener;
 pub mod metrics;
 pub mod milter;
+pub mod notify;
 pub mod policy;
 pub mod postfix;
 pub mod probe;

@@ -209,10 +209,11 @@ impl Negotiation {
 /// stage's socket address is always there.
 async fn connect(cx: &mut Context<Session>, socket: SocketInfo) -> Status {
     let session = cx.data.get_or_insert_with(Session::default);
-    session.client = match socket {
-        SocketInfo::Inet(addr) => Some(addr.ip()),
+    session.peer = match socket {
+        SocketInfo::Inet(addr) => Some(addr),
         _ => None,
     };
+    session.client = session.peer.map(|a| a.ip());
     quiet(cx, ProtoOpts::NOREPLY_CONNECT, Status::Continue)
 }
 
@@ -239,6 +240,14 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
         .map(text)
         .filter(|s| !s.is_empty());
     let session = cx.data.get_or_insert_with(Session::default);
+    // dualroute's own notification to the administrator: never routed
+    // (src/notify.rs). Without a message, RCPT and end of message change
+    // nothing.
+    if session.peer.is_some_and(|p| service.is_own_notification(p)) {
+        info!("MAIL from dualroute's own notifier: not routed, no changes");
+        session.message = None;
+        return quiet(cx, ProtoOpts::NOREPLY_MAIL, Status::Continue);
+    }
     let envelope = Envelope {
         client: session.client,
         auth,

@@ -245,7 +245,7 @@ pub const MAX_REPLY_LINES: usize = 100;
 /// [`MAX_REPLY_LINES`] lines: a broken or hostile server ends the probe
 /// with an error instead of holding it or filling memory.
 /// Errors name the reply: `EHLO mx.example.com: …`.
-async fn reply<R: tokio::io::AsyncBufRead + Unpin>(
+pub(crate) async fn reply<R: tokio::io::AsyncBufRead + Unpin>(
     read: &mut R,
     t: Duration,
     to: &str,

@@ -17,6 +17,9 @@ pub const LOOP_HEADER: &str = "X-Dualroute";
 #[derive(Debug, Default)]
 pub struct Session {
     pub client: Option<IpAddr>,
+    /// The client's address and port, to recognise dualroute's own
+    /// notifications (src/notify.rs).
+    pub peer: Option<std::net::SocketAddr>,
     pub message: Option<Message>,
     /// The stages the MTA agreed not to wait for a reply to (negotiated in
     /// `milter.rs`).

@@ -40,9 +40,49 @@ pub struct Tripped {
     pub since: u64,
     /// Permanent failures of routed mail counted within the window.
     pub bounces: u32,
+    /// Temporary failures (deferrals) counted within the window. Records
+    /// written before deferrals were counted read as 0.
+    #[serde(default)]
+    pub deferrals: u32,
+    /// Which count reached its limit; older records were all bounces.
+    #[serde(default)]
+    pub cause: TripCause,
     pub window_secs: u64,
     /// The last failure's log line, for the administrator.
     pub last: String,
+    /// The last failures counted (oldest first, at most a few), for the
+    /// notification and `status`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent: Vec<String>,
+}
+
+/// Which of the breaker's counts tripped it (docs/design.md, "Deferrals").
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TripCause {
+    /// `threshold` permanent failures.
+    #[default]
+    Bounces,
+    /// `deferrals` temporary failures.
+    Deferrals,
+}
+
+/// The breaker's counts of the running milter, for `dualroute status`:
+/// rewritten by the breaker whenever a count changes (also when failures
+/// leave the window), so they are as of `at`.
+#[derive(Clone, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
+pub struct BreakerCounts {
+    pub at: u64,
+    pub window_secs: u64,
+    /// Domains with a count above zero.
+    pub domains: std::collections::BTreeMap<String, FailureCounts>,
+}
+
+/// Failures of one domain's routed mail within the window.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
+pub struct FailureCounts {
+    pub bounces: u32,
+    pub deferrals: u32,
 }
 
 /// The last verification probe.
@@ -109,6 +149,8 @@ pub struct ReloadRefused {
 
 /// No domain file has this name: those are always `DOMAIN.KIND`.
 const RELOAD_REFUSED: &str = "reload-refused";
+/// Not a domain file either.
+const BREAKER_COUNTS: &str = "breaker-counts";
 
 /// The state directory.
 #[derive(Clone, Debug)]
@@ -232,6 +274,16 @@ impl StateDir {
     pub fn clear_reload_refused(&self) -> io::Result<bool> {
         self.remove_path(&self.dir.join(RELOAD_REFUSED))
     }
+
+    /// Records the breaker's current counts (the running milter).
+    pub fn write_breaker_counts(&self, counts: &BreakerCounts) -> io::Result<()> {
+        self.write_path(&self.dir.join(BREAKER_COUNTS), counts)
+    }
+
+    /// The breaker's counts as last recorded, if a breaker ever ran here.
+    pub fn breaker_counts(&self) -> io::Result<Option<BreakerCounts>> {
+        self.read_path(&self.dir.join(BREAKER_COUNTS))
+    }
 }
 
 #[cfg(test)]
@@ -247,8 +299,11 @@ mod tests {
         let t = Tripped {
             since: 1,
             bounces: 20,
+            deferrals: 0,
+            cause: TripCause::Bounces,
             window_secs: 3600,
             last: "x".into(),
+            recent: vec!["x".into()],
         };
         s.trip("example.com", &t).unwrap();
         let st = s.load("example.com").unwrap();

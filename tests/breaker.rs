@@ -12,7 +12,7 @@
 
 mod support;
 
-use dualroute::breaker::{parse_line, Attribution, Follower, Window};
+use dualroute::breaker::{parse_line, Attribution, FailureKind, Follower, Window};
 use dualroute::policy::Policy;
 use std::fs;
 use std::io::Write as _;
@@ -34,6 +34,10 @@ const SENDMAIL_BOUNCED: &str = "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242:
 const SENDMAIL_TWO: &str = "Jan 12 10:00:05 mx sendmail[4242]: 40CA05ab004243: to=zed@example.com.dualroute.invalid,<yan@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=150456, relay=mx.legacy.example.net. [192.0.2.30], dsn=5.0.0, stat=Service unavailable";
 const SENDMAIL_DEFERRED: &str = "Jan 12 10:00:06 mx sm-mta[4242]: 40CA05ab004242: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net., dsn=4.0.0, stat=Deferred: Connection refused by mx.legacy.example.net.";
 const SENDMAIL_SENT: &str = "Jan 12 10:00:07 mx sm-mta[4242]: 40CA05ab004242: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net. [192.0.2.30], dsn=2.0.0, stat=Sent (OK id=1abc)";
+/// Throttling of a new sender, as Google and Microsoft answer it (the
+/// reply texts are theirs; the line is Postfix's).
+const POSTFIX_GOOGLE_421: &str = "Jan 12 10:00:08 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9v: to=<zed@example.com.dualroute.invalid>, relay=aspmx.l.google.com[192.0.2.40]:25, delay=1.2, delays=0.01/0/0.6/0.6, dsn=4.7.28, status=deferred (host aspmx.l.google.com[192.0.2.40] said: 421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP address. (in reply to end of DATA command))";
+const POSTFIX_MICROSOFT_451: &str = "Jan 12 10:00:09 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9w: to=<zed@example.com.dualroute.invalid>, relay=example-com.mail.protection.outlook.com[192.0.2.41]:25, delay=0.9, delays=0.01/0/0.4/0.5, dsn=4.7.500, status=deferred (host example-com.mail.protection.outlook.com[192.0.2.41] said: 451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719) (in reply to RCPT TO command))";
 const SENDMAIL_DSN_LINE: &str =
     "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242: 40CA05ab004244: DSN: User unknown";
 
@@ -56,20 +60,60 @@ fn postfix_bounced_is_a_failure_with_its_recipient_and_dsn() {
 }
 
 #[test]
-fn postfix_deferred_sent_and_refused_are_not_failures() {
-    for line in [
-        POSTFIX_DEFERRED,
-        POSTFIX_SOFT_BOUNCE,
-        POSTFIX_SENT,
-        POSTFIX_NOQUEUE,
-    ] {
+fn postfix_sent_and_refused_are_not_failures() {
+    for line in [POSTFIX_SENT, POSTFIX_NOQUEUE] {
         assert_eq!(parse_line(line), None, "{line}");
     }
+    assert_eq!(
+        parse_line(POSTFIX_BOUNCED).map(|f| f.kind),
+        Some(FailureKind::Bounce)
+    );
     // status=bounced with a dsn that is not 5.x.x is not trusted either.
     let odd = POSTFIX_BOUNCED.replace("dsn=5.1.1", "dsn=4.1.1");
     assert_eq!(parse_line(&odd), None);
     let odd = POSTFIX_BOUNCED.replace("dsn=5.1.1", "dsn=5.x.1");
     assert_eq!(parse_line(&odd), None);
+}
+
+#[test]
+fn deferrals_are_temporary_failures_with_their_queue_id() {
+    for (line, dsn, qid) in [
+        (POSTFIX_DEFERRED, "4.4.1", "4Bc1xY2z3Kz9t"),
+        (POSTFIX_GOOGLE_421, "4.7.28", "4Bc1xY2z3Kz9v"),
+        (POSTFIX_MICROSOFT_451, "4.7.500", "4Bc1xY2z3Kz9w"),
+        (SENDMAIL_DEFERRED, "4.0.0", "40CA05ab004242"),
+    ] {
+        let f = parse_line(line).unwrap_or_else(|| panic!("a deferral: {line}"));
+        assert_eq!(f.kind, FailureKind::Deferral, "{line}");
+        assert_eq!((f.dsn.as_str(), f.queue_id.as_str()), (dsn, qid));
+        assert_eq!(f.recipients, ["zed@example.com.dualroute.invalid"]);
+    }
+    // `status=deferred` with a 5.x.x dsn, or `deferred` with a 2.x.x one,
+    // is not trusted.
+    for odd in [
+        POSTFIX_DEFERRED.replace("dsn=4.4.1", "dsn=5.4.1"),
+        POSTFIX_DEFERRED.replace("dsn=4.4.1", "dsn=2.0.0"),
+    ] {
+        assert_eq!(parse_line(&odd), None, "{odd}");
+    }
+}
+
+/// `soft_bounce = yes` (a common safety net during a migration): Postfix
+/// logs the destination's 550 as deferred with a 4.x.x dsn and keeps the
+/// mail. The destination refused it for good: a bounce for the breaker,
+/// not a deferral.
+#[test]
+fn soft_bounced_refusals_are_bounces() {
+    let f = parse_line(POSTFIX_SOFT_BOUNCE).expect("a soft-bounced refusal");
+    assert_eq!((f.kind, f.dsn.as_str()), (FailureKind::Bounce, "4.1.1"));
+    let sendmail = SENDMAIL_DEFERRED.replace(
+        "stat=Deferred: Connection refused by mx.legacy.example.net.",
+        "stat=Deferred: 550 5.1.1 <zed@example.com.dualroute.invalid>... User unknown",
+    );
+    assert_eq!(
+        parse_line(&sendmail).map(|f| f.kind),
+        Some(FailureKind::Bounce)
+    );
 }
 
 #[test]
@@ -87,9 +131,13 @@ fn sendmail_permanent_failures_only() {
         ]
     );
     assert_eq!(f.dsn, "5.0.0");
-    for line in [SENDMAIL_DEFERRED, SENDMAIL_SENT, SENDMAIL_DSN_LINE] {
+    for line in [SENDMAIL_SENT, SENDMAIL_DSN_LINE] {
         assert_eq!(parse_line(line), None, "{line}");
     }
+    assert_eq!(
+        parse_line(SENDMAIL_DEFERRED).map(|f| f.kind),
+        Some(FailureKind::Deferral)
+    );
 }
 
 #[test]
@@ -339,7 +387,7 @@ domains:
   example.org:
     mode: route
     destination: {{ hosts: ["[192.0.2.30]:2525"] }}
-breaker: {{ maillog: {log}, threshold: 3, window: 1h }}
+breaker: {{ maillog: {log}, threshold: 3, deferrals: 3, window: 1h }}
 "#,
         state = state.display(),
         log = log.display()
@@ -471,6 +519,89 @@ async fn task_does_not_count_while_tripped_and_counts_anew_after_enable() {
     );
     append(&task.log, &bounce("d@example.com.dualroute.invalid"));
     task.wait_tripped("example.com").await;
+}
+
+/// Deferrals count apart from bounces, each (queue id, recipient) once
+/// however often the MTA retries it, and trip at `deferrals` with their
+/// own cause in the hold, the 451 reply and the persisted trip.
+#[tokio::test]
+async fn task_trips_on_deferrals_counting_each_message_once() {
+    let task = start_task("", true).await;
+    task.settle().await;
+    let deferred = |qid: &str, to: &str| {
+        POSTFIX_GOOGLE_421
+            .replace("4Bc1xY2z3Kz9v", qid)
+            .replace("zed@example.com.dualroute.invalid", to)
+            + "\n"
+    };
+    // One message retried five times, and a second one: two deferrals.
+    append(
+        &task.log,
+        &deferred("AAAA1", "a@example.com.dualroute.invalid").repeat(5),
+    );
+    append(
+        &task.log,
+        &deferred("AAAA2", "a@example.com.dualroute.invalid"),
+    );
+    append(&task.log, &bounce("b@example.com.dualroute.invalid"));
+    let counts = || {
+        dualroute::state::StateDir::new(&task.state)
+            .breaker_counts()
+            .unwrap()
+            .and_then(|c| c.domains.get("example.com").copied())
+    };
+    let want = dualroute::state::FailureCounts {
+        bounces: 1,
+        deferrals: 2,
+    };
+    support::wait_until("the counts for status", || {
+        let c = counts();
+        async move { (c == Some(want)).then_some(()) }
+    })
+    .await;
+    assert!(!task.tripped("example.com"));
+
+    append(
+        &task.log,
+        &deferred("AAAA3", "c@example.com.dualroute.invalid"),
+    );
+    task.wait_tripped("example.com").await;
+    let why = task.held("example.com").expect("held after the trip");
+    assert!(why.contains("breaker tripped on deferrals"), "{why}");
+    let t = dualroute::state::StateDir::new(&task.state)
+        .load("example.com")
+        .unwrap()
+        .tripped
+        .expect("the trip is persisted");
+    assert_eq!(
+        (t.cause, t.deferrals, t.bounces),
+        (dualroute::state::TripCause::Deferrals, 3, 1)
+    );
+    // The failures counted, in order, the retries of AAAA1 once.
+    assert_eq!(t.recent.len(), 4, "{:#?}", t.recent);
+    assert!(t.recent[3].contains("AAAA3"), "{:#?}", t.recent);
+    // Its own words in the reply an unrouted address gets.
+    let d = task
+        .milter
+        .deliver(support::protocol::CLIENT, None, &[&["<zed@example.com>"]])
+        .await;
+    match &d.rcpt[0] {
+        indymilter_test::Status::Tempfail { message: Some(m) } => {
+            let m = m.to_string_lossy();
+            assert!(
+                m.starts_with("451 4.4.4")
+                    && m.contains("switched off by the breaker: too many deferrals"),
+                "{m}"
+            );
+        }
+        other => panic!("expected 451 4.4.4, got {other:?}"),
+    }
+    // After a trip the domain's counts start again from zero.
+    support::wait_until("the counts to be cleared", || {
+        let c = counts();
+        async move { c.is_none().then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -774,6 +905,154 @@ domains:
         "{}",
         diag(&milter)
     );
+    drop(milter);
+    drop(pf);
+    if support::keep_tmp() {
+        eprintln!("DUALROUTE_KEEP_TMP: kept {}", tmp.keep().display());
+    }
+}
+
+/// Notification by mail (README "Notification by mail"), for real: the
+/// breaker trips in a private Postfix and the administrator's message
+/// lands in their Maildir, through the same Postfix and so through this
+/// milter, which leaves it alone although the administrator's domain is
+/// `dual` (every message to it is copied to the other server: the control
+/// message shows that).
+#[test]
+fn postfix_trip_notifies_the_admin_end_to_end() {
+    let tmp = tempfile::Builder::new()
+        .prefix("dualroute-notify-")
+        .tempdir()
+        .expect("a temporary directory");
+    let dir = tmp.path();
+    let refusing = support::SmtpSink::start_rejecting();
+    let other = support::SmtpSink::start();
+    let milter_port = support::free_port();
+    let config = dir.join("milter.yaml");
+    let state = dir.join("state");
+    let domains = format!(
+        r#"listen: inet:127.0.0.1:{milter_port}
+instance: notify.test
+state_dir: {state}
+domains:
+  example.com:
+    mode: split
+    destination: {{ hosts: ["{refusing}"] }}
+    accounts: [{{ list: [alice@example.com] }}]
+  example.net:
+    mode: dual
+    destination: {{ hosts: ["{other}"] }}
+    accounts: [{{ list: [postmaster@example.net] }}]
+"#,
+        state = state.display(),
+        refusing = refusing.nexthop(),
+        other = other.nexthop()
+    );
+    fs::write(&config, &domains).unwrap();
+    let opts = support::PostfixOptions::default()
+        .domain_without_catchall("example.com", &["alice@example.com"])
+        .domain_without_catchall("example.net", &["postmaster@example.net"]);
+    let opts = postfix_config(&config, &dir.join("postfix-config")).apply_to(opts);
+    let pf = support::Postfix::start(opts);
+    // Only now are the maillog and the SMTP port known.
+    fs::write(
+        &config,
+        format!(
+            "{domains}breaker: {{ maillog: {}, threshold: 2, window: 1h }}\nnotify: {{ to: [postmaster@example.net], from: dualroute@notify.test, via: \"smtp:{}\" }}\n",
+            pf.maillog_path().display(),
+            pf.smtp_addr()
+        ),
+    )
+    .unwrap();
+    let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+    let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
+    let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
+    let admin = || pf.maildir_messages("postmaster@example.net");
+
+    // Control: mail to the administrator from outside is copied to the
+    // other server (example.net is dual, routing is on).
+    let t = client.send(SENDER, &["postmaster@example.net"], &message("control"));
+    assert!(t.accepted(), "{t}\n{}", diag());
+    pf.wait_queue_empty();
+    assert_eq!(other.wait_messages(1).len(), 1, "{}", diag());
+    assert_eq!(admin().len(), 1, "{}", diag());
+    let status = dualroute(&config, &["status"]).1;
+    assert!(
+        status.contains("breaker: 0 permanent failures (trips at 2), 0 deferrals (counted only)"),
+        "{status}"
+    );
+
+    // Two bounces of routed mail trip example.com.
+    let t = client.send(
+        SENDER,
+        &["zed1@example.com", "zed2@example.com"],
+        &message("refused there"),
+    );
+    assert!(t.accepted(), "{t}\n{}", diag());
+    if support::poll(|| {
+        milter
+            .log()
+            .contains("bounce breaker tripped")
+            .then_some(())
+    })
+    .is_none()
+    {
+        panic!("timed out waiting for the trip\n{}", diag());
+    }
+
+    // The notification lands in the administrator's Maildir.
+    let Some(note) = support::poll(|| {
+        admin()
+            .into_iter()
+            .find(|m| m.text.contains("X-Dualroute-Notify"))
+    }) else {
+        panic!("no notification in the Maildir\n{}", diag());
+    };
+    assert_eq!(
+        note.header("Subject"),
+        ["[dualroute notify.test] example.com: routing switched off by the bounce breaker"],
+        "{}",
+        note.text
+    );
+    assert_eq!(note.header("Auto-Submitted"), ["auto-generated"]);
+    assert_eq!(
+        note.header("From"),
+        ["dualroute on notify.test <dualroute@notify.test>"]
+    );
+    for words in [
+        "2 permanent failures of routed mail within 1h",
+        "to=<zed1@example.com.dualroute.invalid>",
+        "to=<zed2@example.com.dualroute.invalid>",
+        "status=bounced",
+        "  dualroute enable example.com",
+    ] {
+        assert!(
+            note.text.contains(words),
+            "{words:?} missing:\n{}",
+            note.text
+        );
+    }
+    // Not routed: no loop header, no copy to the other server (the
+    // control message's copy is still the only one), and the milter says
+    // why.
+    assert!(note.header("X-Dualroute").is_empty(), "{}", note.text);
+    pf.wait_queue_empty();
+    assert_eq!(
+        other.messages().len(),
+        1,
+        "the notification was copied\n{}",
+        diag()
+    );
+    assert!(
+        milter
+            .log()
+            .contains("dualroute's own notifier: not routed"),
+        "{}",
+        diag()
+    );
+    // One event, one message.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(admin().len(), 2, "{}", diag());
     drop(milter);
     drop(pf);
     if support::keep_tmp() {

@@ -282,3 +282,45 @@ fn two_hundred_thousand_users_load() {
     eprintln!("200000 users parsed in {:?}", start.elapsed());
     assert_eq!(c.domains.values().next().unwrap().users.len(), 200_000);
 }
+
+/// `notify:` and `breaker.deferrals` (README "Deferrals and notification
+/// by mail").
+#[test]
+fn notify_and_deferrals_errors_are_located() {
+    assert_error(
+        &format!("{BASE}notify:\n  to: []\n"),
+        "9:7",
+        "notify.to: is empty",
+    );
+    assert_error(
+        &format!("{BASE}notify:\n  to: [admin@example.org]\n  via: smtp:127.0.0.1\n"),
+        "10:8",
+        "expected smtp:HOST:PORT",
+    );
+    assert_error(
+        &format!("{BASE}notify:\n  to: [admin@example.org]\n  via: sendmail:bin/sendmail\n"),
+        "10:8",
+        "must be an absolute path",
+    );
+    // Sendmail's sendmail command submits over SMTP: the milter could not
+    // tell the notification from other local mail.
+    assert_error(
+        &format!("mta: sendmail\n{BASE}notify:\n  to: [admin@example.org]\n  via: sendmail\n"),
+        "11:8",
+        "with mta: sendmail",
+    );
+    assert_error(
+        &format!("{BASE}breaker:\n  maillog: /var/log/mail.log\n  deferrals: 0\n"),
+        "10:14",
+        "breaker.deferrals: must be at least 1",
+    );
+    let ok = parse(
+        &format!("{BASE}breaker:\n  maillog: /var/log/mail.log\n  deferrals: 11\nnotify:\n  to: [admin@example.org]\n"),
+        "milter.yaml",
+    )
+    .expect("valid");
+    assert_eq!(ok.breaker.and_then(|b| b.deferrals), Some(11));
+    let n = ok.notify.expect("notify");
+    assert_eq!(n.via.to_string(), "smtp:127.0.0.1:25");
+    assert_eq!(n.interval.0.as_secs(), 600);
+}

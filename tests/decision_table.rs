@@ -5,7 +5,7 @@ use dualroute::address::RcptArg;
 use dualroute::decision::{decide_rcpt, Decision, Envelope, Off, OffEffect, Rule};
 use dualroute::holds::{Hold, Holds};
 use dualroute::policy::Policy;
-use dualroute::state::{Disabled, Tripped, Verification};
+use dualroute::state::{Disabled, TripCause, Tripped, Verification};
 
 const CONFIG: &str = r#"
 instance: mx1.test
@@ -202,8 +202,21 @@ fn routing_off_same_for_every_cause() {
         Hold::Tripped(Tripped {
             since: 1,
             bounces: 20,
+            deferrals: 0,
+            cause: TripCause::Bounces,
             window_secs: 3600,
             last: "status=bounced".into(),
+            recent: Vec::new(),
+        }),
+        // A trip on deferrals holds the same way (its own cause text).
+        Hold::Tripped(Tripped {
+            since: 1,
+            bounces: 0,
+            deferrals: 11,
+            cause: TripCause::Deferrals,
+            window_secs: 3600,
+            last: "status=deferred".into(),
+            recent: Vec::new(),
         }),
         Hold::Verification {
             address: "postmaster@new.example".into(),

@@ -41,8 +41,11 @@ fn hold_state() -> impl Strategy<Value = Option<Hold>> {
         Just(Some(Hold::Tripped(Tripped {
             since: 1,
             bounces: 3,
+            deferrals: 0,
+            cause: dualroute::state::TripCause::Bounces,
             window_secs: 60,
-            last: "x".into()
+            last: "x".into(),
+            recent: Vec::new(),
         }))),
         Just(Some(Hold::Verification {
             address: "p@y.example".into(),

@@ -1,14 +1,31 @@
-//! Reading the mail log: which lines report a permanent delivery failure
-//! ([`parse_line`]), and which managed domain a failed routing address
-//! belongs to ([`Attribution`]). Pure functions of text and policy; the
-//! breaker (`mod.rs`) does the counting.
+//! Reading the mail log: which lines report a failed delivery, permanent
+//! or temporary ([`parse_line`]), and which managed domain a failed
+//! routing address belongs to ([`Attribution`]). Pure functions of text
+//! and policy; the breaker (`mod.rs`) does the counting.
 
 use crate::policy::Policy;
 use std::collections::HashMap;
 
-/// A permanent delivery failure as the MTA logged it.
+/// Whether a delivery failed for good or will be retried.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
+pub enum FailureKind {
+    /// A permanent failure (`threshold`): the mail bounced, or the
+    /// destination refused it with a 5xx reply that `soft_bounce = yes`
+    /// turned into a deferral.
+    Bounce,
+    /// A temporary failure (`deferrals`): the MTA will try again.
+    /// Throttling of new senders looks like this (Google `421 4.7.28`,
+    /// Microsoft `451 4.7.500`), and so does a destination that is down.
+    Deferral,
+}
+
+/// A failed delivery as the MTA logged it.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct Failure {
+    pub kind: FailureKind,
+    /// The queue id the line is about (the field before `to=`), so that
+    /// the retries of one deferred message count once.
+    pub queue_id: String,
     /// The envelope recipients the line reports on, as logged, without
     /// angle brackets. Postfix logs one per line; Sendmail may log several
     /// (`to=<a@x>,<b@x>`) when it delivered them in one transaction.
@@ -20,16 +37,21 @@ pub struct Failure {
 }
 
 /// Parses one delivery line of Postfix or Sendmail and returns it when it
-/// reports a permanent failure:
+/// reports a failure:
 ///
 /// - Postfix: `postfix/smtp[123]: QID: to=<a@b>, orig_to=<…>, relay=…,
-///   delay=…, delays=…, dsn=5.1.1, status=bounced (…)`. Only
-///   `status=bounced` with a `5.x.x` dsn: `deferred` is a temporary
-///   failure, and with `soft_bounce = yes` Postfix logs 5xx replies as
-///   deferred with a 4.x.x dsn (they are retried, nothing bounces).
+///   delay=…, delays=…, dsn=5.1.1, status=bounced (…)`. `status=bounced`
+///   with a `5.x.x` dsn is a bounce; `status=deferred` with a `4.x.x` dsn
+///   a deferral — unless the text quotes a 5xx reply of the other server
+///   (`host … said: 550 5.1.1 …`): with `soft_bounce = yes` Postfix logs a
+///   permanent refusal as deferred with a 4.x.x dsn and keeps the mail
+///   queued, but the destination has refused it for good, so it is a
+///   bounce for the breaker.
 /// - Sendmail: `sendmail[123]: QID: to=<a@b>, delay=…, xdelay=…,
 ///   mailer=esmtp, pri=…, relay=…, dsn=5.1.1, stat=User unknown`. A `5.x.x`
-///   dsn with a `stat=` other than `Sent` or `Deferred`.
+///   dsn with a `stat=` other than `Sent` or `Deferred` is a bounce;
+///   `stat=Deferred…` with a `4.x.x` dsn a deferral (the same rule for a
+///   quoted 5xx reply).
 ///
 /// Both put the queue id and `: to=` first, which also keeps out the
 /// `NOQUEUE: reject: … from=<…> to=<…>` lines of refused RCPTs (a refusal
@@ -37,29 +59,45 @@ pub struct Failure {
 pub fn parse_line(line: &str) -> Option<Failure> {
     let line = line.trim_end_matches(['\r', '\n']);
     let at = line.find(": to=")?;
+    let queue_id = line[..at].rsplit(' ').next().unwrap_or_default();
     let rest = &line[at + ": to=".len()..];
     // Fields are separated by ", "; within `to=` Sendmail separates
     // recipients by "," alone.
     let mut fields = rest.split(", ");
     let to = fields.next()?;
     let mut dsn = None;
-    let mut permanent = None;
+    let mut outcome = None;
     for field in fields {
         if let Some(v) = field.strip_prefix("dsn=") {
             dsn.get_or_insert(v);
         } else if let Some(v) = field.strip_prefix("status=") {
             // Postfix: the last field; its text may contain anything.
-            permanent = Some(v.split(' ').next() == Some("bounced"));
+            outcome = Some(match v.split(' ').next() {
+                Some("bounced") => Outcome::Failed,
+                Some("deferred") => {
+                    Outcome::Deferred(v.split_once(" said: ").and_then(|(_, r)| reply_code(r)))
+                }
+                _ => Outcome::Other,
+            });
             break;
         } else if let Some(v) = field.strip_prefix("stat=") {
-            permanent = Some(!(v.starts_with("Sent") || v.starts_with("Deferred")));
+            outcome = Some(if v.starts_with("Sent") {
+                Outcome::Other
+            } else if let Some(text) = v.strip_prefix("Deferred") {
+                Outcome::Deferred(reply_code(text.trim_start_matches([':', ' '])))
+            } else {
+                Outcome::Failed
+            });
             break;
         }
     }
     let dsn = dsn?;
-    if permanent != Some(true) || !is_permanent_dsn(dsn) {
-        return None;
-    }
+    let kind = match (outcome?, dsn_class(dsn)?) {
+        (Outcome::Failed, '5') => FailureKind::Bounce,
+        (Outcome::Deferred(Some('5')), '4') => FailureKind::Bounce,
+        (Outcome::Deferred(_), '4') => FailureKind::Deferral,
+        _ => return None,
+    };
     let recipients: Vec<String> = to
         .split(',')
         .map(|r| {
@@ -70,27 +108,54 @@ pub fn parse_line(line: &str) -> Option<Failure> {
         })
         .filter(|r| !r.is_empty())
         .collect();
-    if recipients.is_empty() {
+    if recipients.is_empty() || queue_id.is_empty() {
         return None;
     }
     Some(Failure {
+        kind,
+        queue_id: queue_id.to_owned(),
         recipients,
         dsn: dsn.to_owned(),
         line: line.to_owned(),
     })
 }
 
-/// `5.X.Y` (RFC 3463 §2: class 5 is a permanent failure).
-fn is_permanent_dsn(dsn: &str) -> bool {
+/// What a delivery line says happened.
+enum Outcome {
+    Failed,
+    /// Deferred, with the class of the other server's reply when the line
+    /// quotes one.
+    Deferred(Option<char>),
+    Other,
+}
+
+/// The class digit of an SMTP reply at the start of `text` (`550 5.1.1
+/// …` → `5`), if it starts with one.
+fn reply_code(text: &str) -> Option<char> {
+    let code = text.get(..4)?;
+    let mut c = code.chars();
+    let class = c.next().filter(|d| matches!(d, '2'..='5'))?;
+    (c.next()?.is_ascii_digit() && c.next()?.is_ascii_digit() && matches!(c.next()?, ' ' | '-'))
+        .then_some(class)
+}
+
+/// The class of an enhanced status code `C.X.Y` (RFC 3463 §2: 4 is a
+/// temporary failure, 5 a permanent one), if it is well formed.
+fn dsn_class(dsn: &str) -> Option<char> {
     let mut parts = dsn.split('.');
-    parts.next() == Some("5")
-        && parts
-            .next()
-            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-        && parts
-            .next()
-            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-        && parts.next().is_none()
+    let class = parts.next()?;
+    let num = |p: Option<&str>| {
+        p.is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if !(num(parts.next()) && num(parts.next()) && parts.next().is_none()) {
+        return None;
+    }
+    match class {
+        "2" => Some('2'),
+        "4" => Some('4'),
+        "5" => Some('5'),
+        _ => None,
+    }
 }
 
 /// Maps routing addresses back to the managed domain that produced them
@@ -184,14 +249,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn permanent_dsn_codes() {
-        for ok in ["5.1.1", "5.0.0", "5.7.26", "5.100.999"] {
-            assert!(is_permanent_dsn(ok), "{ok}");
+    fn dsn_classes() {
+        for (dsn, class) in [
+            ("5.1.1", '5'),
+            ("5.0.0", '5'),
+            ("4.7.28", '4'),
+            ("5.100.999", '5'),
+            ("2.0.0", '2'),
+        ] {
+            assert_eq!(dsn_class(dsn), Some(class), "{dsn}");
         }
         for not in [
-            "4.1.1", "2.0.0", "5.1", "5.1.1.1", "5..1", "5.1.x", "5.1000.1", "55.1.1", "",
+            "3.1.1", "5.1", "5.1.1.1", "5..1", "5.1.x", "5.1000.1", "55.1.1", "",
         ] {
-            assert!(!is_permanent_dsn(not), "{not}");
+            assert_eq!(dsn_class(not), None, "{not}");
         }
+    }
+
+    #[test]
+    fn reply_codes() {
+        assert_eq!(reply_code("550 5.1.1 unknown"), Some('5'));
+        assert_eq!(reply_code("421-4.7.28 slow down"), Some('4'));
+        assert_eq!(reply_code("Connection refused"), None);
+        assert_eq!(reply_code("55"), None);
+        assert_eq!(reply_code("650 x"), None);
     }
 }

@@ -40,6 +40,15 @@
 //! they are late bounces of mail routed before, and must not trip the domain
 //! again as soon as an administrator enables it.
 //!
+//! Deferrals (temporary failures) are counted beside the bounces, each
+//! (queue id, recipient) once per window however often the MTA retries
+//! it: a destination that throttles new senders (Google `421 4.7.28`,
+//! Microsoft `451 4.7.500`) or is down shows here long before the queue
+//! fills. With `deferrals: N` a domain trips at N of them, as Zoho stops
+//! forwarding after more than 10 temporary failures; without it they are
+//! only counted, logged and shown by `dualroute status`. The counts are
+//! written to `state_dir` (`breaker-counts`) for `status`.
+//!
 //! The parts: [`maillog`] reads lines and attributes addresses, [`follow`]
 //! follows the file, this module counts and trips.
 
@@ -47,12 +56,13 @@ mod follow;
 mod maillog;
 
 pub use follow::Follower;
-pub use maillog::{parse_line, Attribution, Failure};
+pub use maillog::{parse_line, Attribution, Failure, FailureKind};
 
 use crate::config::BreakerConfig;
+use crate::notify::Event;
 use crate::policy::Policy;
 use crate::service::Service;
-use crate::state::{self, StateDir, Tripped};
+use crate::state::{self, BreakerCounts, FailureCounts, StateDir, TripCause, Tripped};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,19 +133,64 @@ pub fn human(d: Duration) -> String {
     }
 }
 
+/// The failures a trip notification and `status` show.
+const RECENT: usize = 10;
+
+/// One domain's counts.
+#[derive(Clone, Debug)]
+struct Counts {
+    bounces: Window,
+    deferrals: Window,
+    /// The last [`RECENT`] failures counted, oldest first.
+    recent: VecDeque<String>,
+}
+
+impl Counts {
+    fn new(config: &BreakerConfig) -> Counts {
+        let (bounces, deferrals) = limits(config);
+        Counts {
+            bounces: Window::new(bounces, config.window.0),
+            deferrals: Window::new(deferrals, config.window.0),
+            recent: VecDeque::new(),
+        }
+    }
+
+    fn at(&mut self, now: Instant) -> FailureCounts {
+        FailureCounts {
+            bounces: self.bounces.count(now),
+            deferrals: self.deferrals.count(now),
+        }
+    }
+}
+
+/// The trip points of the two counts; without `deferrals` that count
+/// never trips.
+fn limits(config: &BreakerConfig) -> (u32, u32) {
+    (config.threshold, config.deferrals.unwrap_or(u32::MAX))
+}
+
 /// The breaker's state between polls.
 struct Breaker {
     config: BreakerConfig,
     follower: Follower,
     /// The attribution and the policy it was built from.
     attribution: Option<(Arc<Policy>, Attribution)>,
-    windows: HashMap<String, Window>,
+    windows: HashMap<String, Counts>,
+    /// (kind, queue id, recipient) of deferred deliveries counted within
+    /// the window: the MTA logs them again at every retry.
+    seen: HashMap<(FailureKind, String, String), Instant>,
+    /// What was last written to `breaker-counts`.
+    written: Option<(u64, std::collections::BTreeMap<String, FailureCounts>)>,
 }
 
 impl Breaker {
     fn new(config: BreakerConfig) -> Breaker {
+        let deferrals = match config.deferrals {
+            Some(n) => format!("at {n} deferrals"),
+            None => "deferrals counted, not a trip (no `deferrals:`)".into(),
+        };
         tracing::info!(
-            "bounce breaker: following {} (trips at {} permanent failures of routed mail within {})",
+            "bounce breaker: following {} (trips at {} permanent failures of routed mail within {}; {deferrals})",
             config.maillog.display(),
             config.threshold,
             human(config.window.0)
@@ -146,6 +201,8 @@ impl Breaker {
             follower,
             attribution: None,
             windows: HashMap::new(),
+            seen: HashMap::new(),
+            written: None,
         }
     }
 
@@ -157,8 +214,10 @@ impl Breaker {
             return;
         }
         if *config != self.config {
-            for w in self.windows.values_mut() {
-                w.set_limits(config.threshold, config.window.0);
+            let (bounces, deferrals) = limits(config);
+            for c in self.windows.values_mut() {
+                c.bounces.set_limits(bounces, config.window.0);
+                c.deferrals.set_limits(deferrals, config.window.0);
             }
             self.config = config.clone();
         }
@@ -177,19 +236,61 @@ impl Breaker {
     fn tick(&mut self, policy: &Arc<Policy>, service: &Service) {
         let lines = self.follower.poll();
         let failures: Vec<Failure> = lines.iter().filter_map(|l| parse_line(l)).collect();
-        if failures.is_empty() {
-            return;
-        }
         let dir = StateDir::new(&policy.config.state_dir);
         let now = Instant::now();
+        let span = self.config.window.0;
+        self.seen
+            .retain(|_, at| now.saturating_duration_since(*at) < span);
         for f in &failures {
             let mut owners: Vec<String> = Vec::new();
+            // A 4.x.x dsn: the MTA keeps the message and logs it again at
+            // every retry (a bounce is logged once).
+            let retried = f.dsn.starts_with('4');
             for rcpt in &f.recipients {
-                owners.extend(self.attribution(policy).domains(rcpt).iter().cloned());
+                let key = (f.kind, f.queue_id.clone(), rcpt.to_ascii_lowercase());
+                if retried && self.seen.contains_key(&key) {
+                    continue;
+                }
+                let mine = self.attribution(policy).domains(rcpt).to_vec();
+                if retried && !mine.is_empty() {
+                    self.seen.insert(key, now);
+                }
+                owners.extend(mine);
             }
             for domain in owners {
                 self.count(service, &dir, &domain, f, now);
             }
+        }
+        self.record_counts(&dir, now);
+    }
+
+    /// Writes the counts for `dualroute status` when they changed (also
+    /// when failures left the window).
+    fn record_counts(&mut self, dir: &StateDir, now: Instant) {
+        let mut domains = std::collections::BTreeMap::new();
+        for (name, c) in &mut self.windows {
+            let counts = c.at(now);
+            if counts != FailureCounts::default() {
+                domains.insert(name.clone(), counts);
+            }
+        }
+        let window_secs = self.config.window.0.as_secs();
+        if self.written.as_ref() == Some(&(window_secs, domains.clone())) {
+            return;
+        }
+        // The metrics count each failure as it is read (`count`); the
+        // windowed counts go to `state_dir` for `dualroute status`.
+        let counts = BreakerCounts {
+            at: state::now(),
+            window_secs,
+            domains: domains.clone(),
+        };
+        match dir.write_breaker_counts(&counts) {
+            Ok(()) => self.written = Some((window_secs, domains)),
+            Err(e) => tracing::warn!(
+                "bounce breaker: cannot record its counts for `dualroute status` in {}: {e}",
+                dir.dir.display()
+            ),
         }
     }
 
@@ -210,47 +311,99 @@ impl Breaker {
                 return;
             }
         }
-        service.metrics.breaker_failure(domain, "bounce");
+        service.metrics.breaker_failure(
+            domain,
+            match f.kind {
+                FailureKind::Bounce => "bounce",
+                FailureKind::Deferral => "deferral",
+            },
+        );
         let (threshold, span) = (self.config.threshold, self.config.window.0);
-        let window = self
+        let config = &self.config;
+        let counts = self
             .windows
             .entry(domain.to_owned())
-            .or_insert_with(|| Window::new(threshold, span));
-        let Some(count) = window.record(now) else {
-            tracing::warn!(
-                "{domain}: routed mail failed permanently ({} of {threshold} within {} before routing is switched off): {}",
-                window.count(now),
-                human(span),
-                f.line
-            );
-            return;
+            .or_insert_with(|| Counts::new(config));
+        if counts.recent.len() == RECENT {
+            counts.recent.pop_front();
+        }
+        counts.recent.push_back(f.line.clone());
+        let (tripped, cause) = match f.kind {
+            FailureKind::Bounce => (counts.bounces.record(now), TripCause::Bounces),
+            FailureKind::Deferral => (counts.deferrals.record(now), TripCause::Deferrals),
         };
+        let now_counts = counts.at(now);
+        if tripped.is_none() {
+            let limit = match config.deferrals {
+                Some(n) => format!("{n} before routing is switched off"),
+                None => "not a trip condition".into(),
+            };
+            match f.kind {
+                FailureKind::Bounce => tracing::warn!(
+                    "{domain}: routed mail failed permanently ({} of {threshold} within {} before routing is switched off; {} deferrals): {}",
+                    now_counts.bounces,
+                    human(span),
+                    now_counts.deferrals,
+                    f.line
+                ),
+                FailureKind::Deferral => tracing::warn!(
+                    "{domain}: routed mail deferred ({} deferrals within {}, {limit}; {} permanent failures): {}",
+                    now_counts.deferrals,
+                    human(span),
+                    now_counts.bounces,
+                    f.line
+                ),
+            }
+            return;
+        }
         let trip = Tripped {
             since: state::now(),
-            bounces: count,
+            bounces: now_counts.bounces,
+            deferrals: now_counts.deferrals,
+            cause,
             window_secs: span.as_secs(),
             last: f.line.clone(),
+            recent: counts.recent.iter().cloned().collect(),
+        };
+        let what = match cause {
+            TripCause::Bounces => format!("{} permanent failures", trip.bounces),
+            TripCause::Deferrals => format!(
+                "{} temporary failures (deferrals: the destination throttles or cannot be reached)",
+                trip.deferrals
+            ),
         };
         if let Err(e) = dir.trip(domain, &trip) {
             tracing::error!(
-                "{domain}: {count} permanent failures of routed mail within {}, but the bounce breaker cannot record the trip in {}: {e}; routing stays ON until it can",
+                "{domain}: {what} of routed mail within {}, but the bounce breaker cannot record the trip in {}: {e}; routing stays ON until it can",
                 human(span),
                 dir.dir.display()
             );
             return;
         }
-        window.reset();
+        self.windows.remove(domain);
         // Take effect now, not at the state follower's next look: holds
         // are read per RCPT, also by messages in flight.
         for e in service.refresh_holds() {
             tracing::error!("{e}; routing for that domain stays off");
         }
+        let limit = match cause {
+            TripCause::Bounces => format!("threshold {threshold}"),
+            TripCause::Deferrals => format!("deferrals {}", config.deferrals.unwrap_or_default()),
+        };
+        let name = match cause {
+            TripCause::Bounces => "bounce breaker tripped",
+            TripCause::Deferrals => "breaker tripped on deferrals",
+        };
         tracing::error!(
-            "{domain}: bounce breaker tripped: {count} permanent failures of routed mail within {} (threshold {threshold}); routing for {domain} is switched off (mailboxes here still get their mail; addresses that would be routed are refused with 451 4.4.4 until routing is back on) and stays off across restarts ({}); last failure: {}; check the destination, then run `dualroute enable {domain}` to switch routing back on",
+            "{domain}: {name}: {what} of routed mail within {} ({limit}); routing for {domain} is switched off (mailboxes here still get their mail; addresses that would be routed are refused with 451 4.4.4 until routing is back on) and stays off across restarts ({}); last failure: {}; check the destination, then run `dualroute enable {domain}` to switch routing back on",
             human(span),
             dir.dir.join(format!("{domain}.tripped")).display(),
             f.line
         );
+        service.notify(Event::Tripped {
+            domain: domain.to_owned(),
+            trip,
+        });
     }
 }
 

@@ -220,6 +220,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         state_dir: raw.state_dir,
         domains: raw.domains.0.into_iter().collect(),
         breaker: raw.breaker,
+        notify: raw.notify,
         dns: raw.dns,
         accounts_shrink_limit: raw.accounts_shrink_limit,
         mta: raw.mta,
@@ -389,6 +390,36 @@ fn validate(c: &Config) -> Result<(), Invalid> {
                 "must be at least 1".into(),
             ));
         }
+        if b.deferrals == Some(0) {
+            return Err((
+                vec![key("breaker"), key("deferrals")],
+                "must be at least 1; leave it out to count deferrals without tripping".into(),
+            ));
+        }
+    }
+    if let Some(n) = &c.notify {
+        validate_notify(c, n)?;
+    }
+    Ok(())
+}
+
+/// `notify:`: someone to tell, and a way to reach them that the milter can
+/// recognise as its own (README "Notification by mail").
+fn validate_notify(c: &Config, n: &NotifyConfig) -> Result<(), Invalid> {
+    if n.to.is_empty() {
+        return Err((
+            vec![key("notify"), key("to")],
+            "is empty; give the administrator's address".into(),
+        ));
+    }
+    // Sendmail's `sendmail` command hands the message to the MTA over SMTP
+    // (the MSP, submit.cf), so the milter sees it as one more local client
+    // it cannot tell apart from others, and would route it.
+    if let (Mta::Sendmail, NotifyVia::Sendmail(_)) = (c.mta, &n.via) {
+        return Err((
+            vec![key("notify"), key("via")],
+            "with mta: sendmail, the sendmail command submits through the MTA's SMTP port and the milter cannot recognise the notification as its own; use smtp:127.0.0.1:25".into(),
+        ));
     }
     Ok(())
 }

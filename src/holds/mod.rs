@@ -17,7 +17,7 @@
 //! changes a state file.
 
 use crate::config::{Config, Destination, DomainConfig};
-use crate::state::{self, Disabled, StateDir, Tripped, Verification};
+use crate::state::{self, Disabled, StateDir, TripCause, Tripped, Verification};
 use std::{
     collections::HashMap,
     fmt,
@@ -50,6 +50,9 @@ impl Hold {
     pub fn cause(&self) -> &'static str {
         match self {
             Hold::Disabled(_) => "disabled by the administrator",
+            Hold::Tripped(t) if t.cause == TripCause::Deferrals => {
+                "switched off by the breaker: too many deferrals"
+            }
             Hold::Tripped(_) => "switched off by the bounce breaker",
             Hold::Verification { .. } => "waiting for verification of the destination",
             Hold::Unreadable(_) => "routing state unreadable",
@@ -65,6 +68,13 @@ impl fmt::Display for Hold {
                 "disabled by an administrator since {} ({}); `dualroute enable` switches it back on",
                 state::when(d.since),
                 d.reason
+            ),
+            Hold::Tripped(t) if t.cause == TripCause::Deferrals => write!(
+                f,
+                "breaker tripped on deferrals since {}: {} temporary failures of routed mail within {}s (the destination throttles or cannot be reached); `dualroute enable` switches it back on",
+                state::when(t.since),
+                t.deferrals,
+                t.window_secs
             ),
             Hold::Tripped(t) => write!(
                 f,

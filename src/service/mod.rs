@@ -55,6 +55,8 @@ pub struct Service {
     pub intervals: Intervals,
     /// Counters the milter and the tasks increment (src/metrics.rs).
     pub metrics: crate::metrics::Metrics,
+    /// Admin notifications waiting to be sent (src/notify.rs).
+    pub(crate) outbox: crate::notify::Outbox,
 }
 
 impl Service {
@@ -72,6 +74,7 @@ impl Service {
             holds: Arc::new(LiveHolds::new(holds)),
             intervals,
             metrics: crate::metrics::Metrics::new(),
+            outbox: Default::default(),
         })
     }
 
@@ -148,6 +151,7 @@ where
     // `breaker:`, and follows reloads that add, change or remove it.
     tasks.spawn(breaker::run(service.clone()));
     tasks.spawn(crate::metrics::serve(service.clone()));
+    tasks.spawn(crate::notify::run(service.clone()));
     let reloader = service.clone();
     tasks.spawn(async move {
         while reloads.recv().await.is_some() {

@@ -10,6 +10,7 @@
 use super::Service;
 use crate::config::{DnsConfig, DomainConfig};
 use crate::dns::Dns;
+use crate::notify::Event;
 use crate::{holds, probe, state};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -158,6 +159,7 @@ async fn settle(service: &Arc<Service>, o: &Outcome, backoff: Duration) -> bool 
             (false, why.clone())
         }
     };
+    let address = o.address.clone();
     let v = state::Verification {
         at: state::now(),
         passed,
@@ -168,7 +170,14 @@ async fn settle(service: &Arc<Service>, o: &Outcome, backoff: Duration) -> bool 
     // State writes fsync: blocking I/O, off the runtime's workers.
     let written = tokio::task::spawn_blocking(move || {
         let dir = state::StateDir::new(&writer.policy().config.state_dir);
+        // The administrator hears of a change only (src/notify.rs).
+        let previous = dir.load(&name2).ok().and_then(|s| s.verification);
+        let previous = previous.filter(|p| p.target == v.target);
+        let news = Event::verification(&name2, previous.as_ref(), &v, &address);
         let r = dir.record_verification(&name2, &v);
+        if let (Ok(()), Some(news)) = (&r, news) {
+            writer.notify(news);
+        }
         if r.is_ok() {
             for e in writer.refresh_holds() {
                 tracing::error!("{e}; routing for that domain stays off");
