@@ -5,7 +5,7 @@
 
 use crate::address::{xtext, RcptArg};
 use crate::config::LocalPartCase;
-use crate::decision::{decide_rcpt, Decision, Envelope, Verdict};
+use crate::decision::{decide_rcpt, Decision, Envelope, Rejection, Rule, Verdict};
 use crate::policy::Policy;
 use std::{fmt::Write as _, net::IpAddr, sync::Arc};
 
@@ -41,6 +41,9 @@ pub struct Message {
     pub rejected: Vec<Recipient>,
     /// The message carries `X-Dualroute: <our instance>`.
     pub loop_header: bool,
+    /// RCPTs refused because the message already had `max_recipients`, and
+    /// the verdict they got (made once).
+    pub overflow: Option<(usize, Verdict)>,
 }
 
 impl Message {
@@ -52,6 +55,7 @@ impl Message {
             recipients: Vec::new(),
             rejected: Vec::new(),
             loop_header: false,
+            overflow: None,
         }
     }
 
@@ -61,6 +65,20 @@ impl Message {
     pub fn rcpt(&mut self, arg: RcptArg, mta: Option<&str>) -> &Verdict {
         if let Some(i) = self.recipients.iter().position(|r| r.arg.raw == arg.raw) {
             return &self.recipients[i].verdict;
+        }
+        // Every recipient is remembered until end of message: past the
+        // limit, refuse rather than grow without bound. 452 is the reply
+        // RFC 5321 §4.5.3.1.10 gives for too many recipients (the client
+        // sends the rest in another transaction); 4.5.3 is RFC 3463's
+        // "too many recipients". Postfix says the same past
+        // `smtpd_recipient_limit`.
+        let limit = self.policy.config.max_recipients.get();
+        if self.recipients.len() + self.rejected.len() >= limit {
+            let (count, verdict) = self
+                .overflow
+                .get_or_insert_with(|| (0, too_many_recipients(limit)));
+            *count += 1;
+            return verdict;
         }
         // Holds are read per RCPT, not per message: a `disable` or a
         // breaker trip takes effect at once.
@@ -201,7 +219,28 @@ impl Message {
                 r.arg.raw, r.verdict.decision, r.verdict.rule
             );
         }
+        if let Some((count, verdict)) = &self.overflow {
+            let _ = write!(
+                line,
+                "; {count} more: {} ({})",
+                verdict.decision, verdict.rule
+            );
+        }
         line
+    }
+}
+
+/// The verdict for a RCPT past `max_recipients`.
+fn too_many_recipients(limit: usize) -> Verdict {
+    Verdict {
+        decision: Decision::Tempfail(Rejection {
+            code: "452",
+            xcode: "4.5.3",
+            text: format!(
+                "Too many recipients for one message (more than {limit}); send the rest in another message"
+            ),
+        }),
+        rule: Rule::TooManyRecipients(limit),
     }
 }
 

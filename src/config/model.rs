@@ -811,6 +811,14 @@ fn default_idle_timeout() -> Window {
     Window(Duration::from_secs(3600))
 }
 
+/// `max_recipients:` default: Postfix's own `smtpd_recipient_limit`
+/// (1000), so that with Postfix in front the milter's limit is never the
+/// one a sender meets first. Every recipient a message has costs the
+/// milter memory until end of message; the limit bounds it.
+fn default_max_recipients() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(1000).unwrap_or(std::num::NonZeroUsize::MIN)
+}
+
 /// A DNS server: `IP`, `IP:PORT` or `[IPv6]:PORT`; port 53 when none is given.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Nameserver(pub SocketAddr);
@@ -880,6 +888,8 @@ pub struct Config {
     pub accounts_shrink_limit: ShrinkLimit,
     pub mta: Mta,
     pub connections: ConnectionsConfig,
+    /// Recipients one message may have in the milter (`max_recipients:`).
+    pub max_recipients: std::num::NonZeroUsize,
 }
 
 /// The MTA dualroute runs in (`mta:`, default `postfix`). Only `check`
@@ -921,6 +931,8 @@ pub(crate) struct RawConfig {
     pub accounts_shrink_limit: ShrinkLimit,
     #[serde(default)]
     pub connections: ConnectionsConfig,
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: std::num::NonZeroUsize,
 }
 
 fn default_listen() -> Socket {

@@ -218,6 +218,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         accounts_shrink_limit: raw.accounts_shrink_limit,
         mta: raw.mta,
         connections: raw.connections,
+        max_recipients: raw.max_recipients,
     };
     validate(&config).map_err(locate_err)?;
     Ok(config)
