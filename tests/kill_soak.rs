@@ -171,7 +171,10 @@ impl Soak {
                     if !t.accepted() {
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    results.lock().unwrap_or_else(|e| e.into_inner()).insert(i, t);
+                    results
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(i, t);
                 })
             })
             .collect();
@@ -190,7 +193,12 @@ impl Soak {
     /// Every message that arrived anywhere, as (place, subject) → count.
     fn arrived(&self) -> BTreeMap<(String, String), usize> {
         let mut found = BTreeMap::new();
-        for rcpt in ["alice@split.test", "bob@split.test", "d1@dual.test", "d2@dual.test"] {
+        for rcpt in [
+            "alice@split.test",
+            "bob@split.test",
+            "d1@dual.test",
+            "d2@dual.test",
+        ] {
             for m in self.pf.maildir_messages(rcpt) {
                 for s in m.header("Subject") {
                     *found.entry((format!("maildir:{rcpt}"), s)).or_insert(0) += 1;
@@ -211,7 +219,9 @@ impl Soak {
         for m in self.sink.messages() {
             let subject = m.header("Subject").into_iter().next().unwrap_or_default();
             for r in m.rcpt_addresses() {
-                *found.entry((format!("sink:{r}"), subject.clone())).or_insert(0) += 1;
+                *found
+                    .entry((format!("sink:{r}"), subject.clone()))
+                    .or_insert(0) += 1;
             }
         }
         found
@@ -276,9 +286,16 @@ impl Soak {
             diff.len(),
             expected.len().max(arrived.len()),
             diff.join("\n"),
-            self.milter.as_ref().map(MilterProcess::log).unwrap_or_default()
+            self.milter
+                .as_ref()
+                .map(MilterProcess::log)
+                .unwrap_or_default()
         );
-        assert!(self.pf.bounced().is_empty(), "bounced: {:?}", self.pf.bounced());
+        assert!(
+            self.pf.bounced().is_empty(),
+            "bounced: {:?}",
+            self.pf.bounced()
+        );
         assert!(self.pf.queue().is_empty(), "{}", self.pf.diagnostics());
         (transcripts.len() - refused, refused)
     }
@@ -323,7 +340,10 @@ fn kill_soak_every_accepted_message_arrives_exactly_once() {
         started.elapsed()
     );
     assert!(kills >= 2, "only {kills} kills: the load ended too soon");
-    assert!(refused > 0, "no message met a dead milter: the kills did nothing");
+    assert!(
+        refused > 0,
+        "no message met a dead milter: the kills did nothing"
+    );
     assert!(accepted > n / 2, "{accepted} of {n} accepted");
 }
 

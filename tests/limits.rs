@@ -96,7 +96,9 @@ fn postfix_default(parameter: &str) -> String {
     let postconf = ["/usr/sbin/postconf", "/sbin/postconf"]
         .into_iter()
         .find(|p| std::path::Path::new(p).is_file())
-        .expect("postconf not found: run scripts/test-deps.sh (as root) or `apt-get install postfix`");
+        .expect(
+            "postconf not found: run scripts/test-deps.sh (as root) or `apt-get install postfix`",
+        );
     let out = std::process::Command::new(postconf)
         .args(["-d", "-h", parameter])
         .output()
@@ -107,7 +109,11 @@ fn postfix_default(parameter: &str) -> String {
 
 /// Postfix durations: a number with an optional unit (default seconds).
 fn seconds(value: &str) -> u64 {
-    let (n, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+    let (n, unit) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(value.len()),
+    );
     let n: u64 = n.parse().unwrap_or_else(|_| panic!("duration {value:?}"));
     n * match unit {
         "" | "s" => 1,
@@ -202,7 +208,8 @@ fn raise_nofile(want: u64) {
 
 /// `VmRSS` and `VmHWM` of a process, in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
     let field = |name: &str| {
         status
             .lines()

@@ -143,7 +143,8 @@ impl Spec {
                 }
             };
             if let Some(accounts) = &d.accounts {
-                let list: Vec<String> = accounts.iter().map(|l| format!("{l}@{}", d.name)).collect();
+                let list: Vec<String> =
+                    accounts.iter().map(|l| format!("{l}@{}", d.name)).collect();
                 y += &format!("    accounts: [{{ list: [{}] }}]\n", list.join(", "));
             }
             if !d.users.is_empty() {
@@ -212,7 +213,11 @@ fn recipient() -> impl Strategy<Value = Vec<String>> {
         any::<bool>(),
     )
         .prop_map(|(l, d, tail, route, upper)| {
-            let d = if upper { d.to_uppercase() } else { d.to_owned() };
+            let d = if upper {
+                d.to_uppercase()
+            } else {
+                d.to_owned()
+            };
             format!("<{route}{l}@{d}{tail}>")
         });
     let params = proptest::collection::vec(

@@ -24,7 +24,9 @@ fn plainly_an_account(line: &str) -> Option<&str> {
     let local = line.strip_suffix("@example.com")?;
     (!local.is_empty()
         && !local.starts_with('.')
-        && local.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_'))
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_'))
     .then_some(local)
 }
 

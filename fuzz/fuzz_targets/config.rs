@@ -23,15 +23,24 @@ fuzz_target!(|data: &[u8]| {
         Ok(c) => c,
     };
     // Loading is deterministic.
-    assert_eq!(dualroute::config::parse(text, "fuzz.yaml").ok().as_ref(), Some(&config));
+    assert_eq!(
+        dualroute::config::parse(text, "fuzz.yaml").ok().as_ref(),
+        Some(&config)
+    );
     // Domains are in the form used for matching.
     for d in config.domains.keys() {
-        assert_eq!(dualroute::address::normalize_domain(&d.0).as_deref(), Ok(d.0.as_str()));
+        assert_eq!(
+            dualroute::address::normalize_domain(&d.0).as_deref(),
+            Ok(d.0.as_str())
+        );
     }
     // Account files and Postfix tables would be read from the fuzzer's
     // paths (/dev/zero never ends): the policy is built only from lists.
     let only_lists = config.domains.values().all(|d| {
-        d.accounts.iter().flatten().all(|s| matches!(s, dualroute::config::AccountSource::List(_)))
+        d.accounts
+            .iter()
+            .flatten()
+            .all(|s| matches!(s, dualroute::config::AccountSource::List(_)))
     });
     if !only_lists {
         return;

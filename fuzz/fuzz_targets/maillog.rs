@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(!f.recipients.is_empty());
     for r in &f.recipients {
         // A recipient is text of the line, never invented.
-        assert!(!r.is_empty() && line.contains(r.as_str()), "{r:?} not in {line:?}");
+        assert!(
+            !r.is_empty() && line.contains(r.as_str()),
+            "{r:?} not in {line:?}"
+        );
     }
     // Parsing what was kept gives the same failure.
     assert_eq!(parse_line(&f.line).as_ref(), Some(&f));

@@ -39,7 +39,11 @@ fn server() -> &'static Server {
             .block_on(async { tokio::net::UnixListener::bind(&socket) })
             .expect("bind the milter socket");
         let shared = dualroute::share(load_policy());
-        rt.spawn(dualroute::run(listener, shared, std::future::pending::<()>()));
+        rt.spawn(dualroute::run(
+            listener,
+            shared,
+            std::future::pending::<()>(),
+        ));
         Server {
             rt,
             socket,
@@ -70,10 +74,17 @@ impl<'a> Input<'a> {
     /// A RCPT path: often built from parts the policy knows, so the
     /// decisions are reached; sometimes raw.
     fn path(&mut self) -> String {
-        const LOCALS: [&str; 8] = ["alice", "carol", "dave", "erin", "zed", "a", "\"j d\"", "b+x"];
+        const LOCALS: [&str; 8] = [
+            "alice", "carol", "dave", "erin", "zed", "a", "\"j d\"", "b+x",
+        ];
         const DOMAINS: [&str; 7] = [
-            "split.test", "dual.test", "route.test", "bücher.test", "xn--bcher-kva.test",
-            "elsewhere.example", "SPLIT.TEST.",
+            "split.test",
+            "dual.test",
+            "route.test",
+            "bücher.test",
+            "xn--bcher-kva.test",
+            "elsewhere.example",
+            "SPLIT.TEST.",
         ];
         let pick = self.byte().unwrap_or(0);
         match pick % 4 {
@@ -82,7 +93,11 @@ impl<'a> Input<'a> {
             _ => {
                 let local = LOCALS[usize::from(pick / 4) % LOCALS.len()];
                 let domain = DOMAINS[usize::from(self.byte().unwrap_or(0)) % DOMAINS.len()];
-                let route = if pick & 0x80 != 0 { "@relay.example:" } else { "" };
+                let route = if pick & 0x80 != 0 {
+                    "@relay.example:"
+                } else {
+                    ""
+                };
                 format!("<{route}{local}{}@{domain}>", self.string())
             }
         }
@@ -103,8 +118,14 @@ fuzz_target!(|data: &[u8]| {
         } else {
             [192, 0, 2, 25]
         };
-        let status = conn.connect("client.example", client).await.expect("connect");
-        assert!(matches!(status, Status::Continue | Status::Noreply), "{status:?}");
+        let status = conn
+            .connect("client.example", client)
+            .await
+            .expect("connect");
+        assert!(
+            matches!(status, Status::Continue | Status::Noreply),
+            "{status:?}"
+        );
         // Messages until the input runs out.
         while !input.0.is_empty() {
             let flags = input.byte().unwrap_or(0);
@@ -115,7 +136,10 @@ fuzz_target!(|data: &[u8]| {
             }
             let sender = input.string();
             let status = conn.mail([sender.as_str()]).await.expect("mail");
-            assert!(matches!(status, Status::Continue | Status::Noreply), "{status:?}");
+            assert!(
+                matches!(status, Status::Continue | Status::Noreply),
+                "{status:?}"
+            );
             let mut sent = Vec::new();
             for _ in 0..(flags >> 1) % 8 {
                 let mut args = vec![input.path()];
@@ -129,7 +153,10 @@ fuzz_target!(|data: &[u8]| {
                         .await
                         .expect("macros");
                 }
-                let status = conn.rcpt(args.iter().map(String::as_str)).await.expect("rcpt");
+                let status = conn
+                    .rcpt(args.iter().map(String::as_str))
+                    .await
+                    .expect("rcpt");
                 match &status {
                     Status::Continue => sent.push(args[0].clone()),
                     Status::Reject { message: Some(m) } => {
@@ -142,9 +169,19 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             if flags & 0x10 != 0 {
-                let value = if flags & 0x20 != 0 { "fuzz.test".to_owned() } else { input.string() };
-                let status = conn.header("X-Dualroute", value.as_str()).await.expect("header");
-                assert!(matches!(status, Status::Continue | Status::Noreply), "{status:?}");
+                let value = if flags & 0x20 != 0 {
+                    "fuzz.test".to_owned()
+                } else {
+                    input.string()
+                };
+                let status = conn
+                    .header("X-Dualroute", value.as_str())
+                    .await
+                    .expect("header");
+                assert!(
+                    matches!(status, Status::Continue | Status::Noreply),
+                    "{status:?}"
+                );
             }
             // An MTA goes on to DATA only with a recipient it accepted
             // (indymilter, like libmilter, ignores an end of message
@@ -169,7 +206,8 @@ fuzz_target!(|data: &[u8]| {
                         deleted += 1;
                         let rcpt = rcpt.to_string_lossy();
                         assert!(
-                            sent.iter().any(|s| *s == rcpt || s.ends_with(&*rcpt.trim_start_matches('<'))),
+                            sent.iter()
+                                .any(|s| *s == rcpt || s.ends_with(&*rcpt.trim_start_matches('<'))),
                             "deleted {rcpt} of {sent:?}"
                         );
                     }

@@ -19,20 +19,31 @@ fuzz_target!(|data: &[u8]| {
     let args: Vec<&str> = text.split('\0').collect();
     let arg = RcptArg::parse(&args);
     // The path kept for delete requests is the argument as received.
-    assert!(args[0].starts_with(&arg.raw), "{:?} vs {:?}", arg.raw, args[0]);
+    assert!(
+        args[0].starts_with(&arg.raw),
+        "{:?} vs {:?}",
+        arg.raw,
+        args[0]
+    );
     if let Some(a) = &arg.address {
         // A parsed address re-serialises to a path that parses to itself
         // (what the milter adds is read back the same by the MTA).
         assert!(!a.local.is_empty());
         let again = RcptArg::parse(&[format!("<{a}>")]);
         assert_eq!(again.address.as_ref(), Some(a), "{a}");
-        assert_eq!(normalize_domain(&a.domain).as_deref(), Ok(a.domain.as_str()));
+        assert_eq!(
+            normalize_domain(&a.domain).as_deref(),
+            Ok(a.domain.as_str())
+        );
     }
     if let Some(m) = arg.original_mailbox() {
         // ORCPT's value is xtext (RFC 3461 §4): printable ASCII, no '+'
         // or '=' but as +XX, never a space that would split the parameter.
         let x = xtext(m);
-        assert!(x.bytes().all(|b| (b'!'..=b'~').contains(&b) && b != b'='), "{x}");
+        assert!(
+            x.bytes().all(|b| (b'!'..=b'~').contains(&b) && b != b'='),
+            "{x}"
+        );
     }
     let policy = policy();
     let holds = Holds::default();
@@ -46,8 +57,12 @@ fuzz_target!(|data: &[u8]| {
             for mta in &mta_forms {
                 let v = decide_rcpt(&policy, &holds, &envelope, &arg, mta.as_deref());
                 match &v.decision {
-                    Decision::Reject(r) => assert!(r.code.starts_with('5') && r.xcode.starts_with('5')),
-                    Decision::Tempfail(r) => assert!(r.code.starts_with('4') && r.xcode.starts_with('4')),
+                    Decision::Reject(r) => {
+                        assert!(r.code.starts_with('5') && r.xcode.starts_with('5'))
+                    }
+                    Decision::Tempfail(r) => {
+                        assert!(r.code.starts_with('4') && r.xcode.starts_with('4'))
+                    }
                     Decision::Copy(to) => {
                         assert!(!to.is_empty());
                         for t in to {
@@ -69,7 +84,11 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let bare = arg.original_mailbox().map(|m| format!("<{m}>"));
                 for d in &plan.delete {
-                    assert!(*d == arg.raw || Some(d) == bare.as_ref(), "{d} vs {}", arg.raw);
+                    assert!(
+                        *d == arg.raw || Some(d) == bare.as_ref(),
+                        "{d} vs {}",
+                        arg.raw
+                    );
                 }
                 if !plan.delete.is_empty() {
                     assert_eq!(plan.add.len(), 1, "a redirect has one replacement");

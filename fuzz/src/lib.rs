@@ -40,8 +40,8 @@ domains:
 
 /// Loads the policy of [`CONFIG`].
 pub fn load_policy() -> Policy {
-    let config =
-        dualroute::config::parse(CONFIG, "fuzz.yaml").unwrap_or_else(|e| panic!("fuzz config: {e}"));
+    let config = dualroute::config::parse(CONFIG, "fuzz.yaml")
+        .unwrap_or_else(|e| panic!("fuzz config: {e}"));
     Policy::load(config).unwrap_or_else(|e| panic!("fuzz accounts: {e}"))
 }
 
