@@ -251,7 +251,7 @@ fn a_thousand_connections_in_mid_message() {
             .expect("read timeout");
         s.write_all(&packet(b'O', &optneg)).expect("negotiate");
         assert_eq!(reply(&mut s), b'O', "connection {i}: negotiation");
-        let mut connect = b"client.example.org\04".to_vec();
+        let mut connect = b"client.example.org\x004".to_vec();
         connect.extend(25u16.to_be_bytes());
         connect.extend(b"203.0.113.9\0");
         s.write_all(&packet(b'C', &connect)).expect("connect");
