@@ -239,6 +239,7 @@ fn milter_yaml_5_documents_every_key() {
         "window",
         "dns",
         "nameservers",
+        "max_recipients",
     ] {
         assert!(
             example.contains(&format!("{k}:")),
