@@ -3,7 +3,7 @@
 //! speaks the milter protocol: `milter.rs` feeds events in and carries the
 //! [`Plan`] out, so the plan is testable on its own.
 
-use crate::address::{xtext, RcptArg};
+use crate::address::{xtext, EsmtpParam, RcptArg};
 use crate::config::LocalPartCase;
 use crate::decision::{decide_rcpt, Decision, Envelope, Rejection, Rule, Verdict};
 use crate::policy::Policy;
@@ -191,7 +191,7 @@ impl Message {
                     // Carry NOTIFY and ORCPT over, so the sender's DSN
                     // request and the original recipient survive.
                     let mut args = orcpt(&r.arg);
-                    if let Some(notify) = r.arg.param("NOTIFY") {
+                    if let Some(notify) = r.arg.param("NOTIFY").filter(|p| has_value(p)) {
                         let _ = write!(args, " {notify}");
                     }
                     add(&mut plan, target, args);
@@ -248,13 +248,21 @@ fn too_many_recipients(limit: usize) -> Verdict {
 /// 3461 §4.2: it already names the original recipient), else the address
 /// as received, so the relay address never leaks into DSNs.
 fn orcpt(arg: &RcptArg) -> String {
-    match arg.param("ORCPT") {
+    match arg.param("ORCPT").filter(|p| has_value(p)) {
         Some(p) => p.to_string(),
         None => format!(
             "ORCPT=rfc822;{}",
             xtext(arg.original_mailbox().unwrap_or_default())
         ),
     }
+}
+
+/// Only a parameter with a value is carried over to an added recipient:
+/// a bare `NOTIFY` or `ORCPT` (RFC 3461 §4.1, §4.2 require one) would be
+/// passed on as an invalid parameter (found by
+/// fuzz/fuzz_targets/rcpt_arg.rs).
+fn has_value(p: &EsmtpParam) -> bool {
+    p.value.as_deref().is_some_and(|v| !v.is_empty())
 }
 
 /// What to do at end of message.
@@ -271,4 +279,31 @@ pub struct Plan {
     pub loop_detected: bool,
     /// ... and a recipient would be redirected: refuse it (554 5.4.6).
     pub refuse_loop: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A redirect carries NOTIFY and ORCPT over only when they have a
+    /// value; without one it gets its own ORCPT and no NOTIFY.
+    #[test]
+    fn parameters_without_a_value_are_not_carried_over() {
+        let yaml = "domains:\n  split.test:\n    mode: split\n    destination: { hosts: [\"[192.0.2.1]\"] }\n    accounts: [{ list: [alice@split.test] }]\n";
+        let config = crate::config::parse(yaml, "t.yaml").expect("config");
+        let policy = Arc::new(Policy::load(config).expect("accounts"));
+        let mut m = Message::new(policy, Envelope::default(), "<s@x.example>".into());
+        m.rcpt(
+            RcptArg::parse(&["<zed@split.test>", "NOTIFY", "ORCPT="]),
+            None,
+        );
+        let plan = m.plan();
+        assert_eq!(
+            plan.add,
+            [(
+                "<zed@split.test.dualroute.invalid>".to_owned(),
+                "ORCPT=rfc822;zed@split.test".to_owned()
+            )]
+        );
+    }
 }
