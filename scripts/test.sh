@@ -18,5 +18,8 @@ mkdir -p target/debian-upgrade
 mv "$upgrade" target/debian-upgrade/
 packaging/build-deb.sh
 cargo test --release "$@"
+# Each fuzz target of fuzz/ for a few seconds from its checked-in corpus
+# (installs the nightly toolchain and cargo-fuzz first; FUZZ.md).
+sh scripts/fuzz.sh 10
 # The benchmarks must keep building and running: a smoke run, no timing.
 sh scripts/bench.sh --quick

@@ -206,10 +206,17 @@ impl RcptArg {
             Some(end) if first.starts_with('<') => (&first[..=end], first[end + 1..].trim()),
             _ => (first, ""),
         };
+        // Every argument is split on whitespace too: an MTA sends one
+        // parameter per argument, but a parameter holding a space would be
+        // carried into an added recipient's ESMTP arguments as two (found
+        // by fuzz/fuzz_targets/rcpt_arg.rs).
         let params = trailing
             .split_ascii_whitespace()
-            .chain(args.iter().skip(1).map(|s| s.as_ref()))
-            .filter(|p| !p.is_empty())
+            .chain(
+                args.iter()
+                    .skip(1)
+                    .flat_map(|s| s.as_ref().split_ascii_whitespace()),
+            )
             .map(parse_param)
             .collect();
         // Text glued to the closing bracket (`<a@b.example>>`) is not an
@@ -336,6 +343,13 @@ mod tests {
             local: local.into(),
             domain: domain.into(),
         })
+    }
+
+    #[test]
+    fn a_parameter_with_a_space_is_two_parameters() {
+        let r = RcptArg::parse(&["<a@b.example>", "NOTIFY=NEVER ORCPT=rfc822;x@y", ""]);
+        let shown: Vec<String> = r.params.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["NOTIFY=NEVER", "ORCPT=rfc822;x@y"]);
     }
 
     #[test]

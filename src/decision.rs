@@ -126,6 +126,8 @@ pub enum Rule {
         present: bool,
         has_accounts: bool,
     },
+    /// The message already has `max_recipients` recipients (src/session.rs).
+    TooManyRecipients(usize),
 }
 
 impl fmt::Display for Rule {
@@ -159,6 +161,9 @@ impl fmt::Display for Rule {
                 f.write_str("require_gateway: client is neither a gateway nor authenticated")
             }
             Rule::User(kind) => write!(f, "per-user rule {kind}"),
+            Rule::TooManyRecipients(limit) => {
+                write!(f, "max_recipients: the message already has {limit}")
+            }
             Rule::Mode {
                 mode,
                 present: _,

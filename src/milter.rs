@@ -26,7 +26,13 @@ pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
                 .domains
                 .values()
                 .any(|d| d.config.max_size.is_some());
-            Box::pin(negotiate(at_negotiate.clone(), cx, offered, opts, want_body))
+            Box::pin(negotiate(
+                at_negotiate.clone(),
+                cx,
+                offered,
+                opts,
+                want_body,
+            ))
         })
         .on_connect(|cx, _, socket| Box::pin(connect(cx, socket)))
         .on_mail(move |cx, args| Box::pin(mail(service.clone(), cx, args)))

@@ -3,9 +3,9 @@
 //! speaks the milter protocol: `milter.rs` feeds events in and carries the
 //! [`Plan`] out, so the plan is testable on its own.
 
-use crate::address::{loose_domain, xtext, RcptArg};
+use crate::address::{loose_domain, xtext, EsmtpParam, RcptArg};
 use crate::config::LocalPartCase;
-use crate::decision::{decide_rcpt, Decision, Envelope, Verdict};
+use crate::decision::{decide_rcpt, Decision, Envelope, Rejection, Rule, Verdict};
 use crate::holds::LiveHolds;
 use crate::policy::{DomainPolicy, Policy};
 use std::{fmt::Write as _, net::IpAddr, sync::Arc, time::Duration};
@@ -52,6 +52,9 @@ pub struct Message {
     /// Time spent in the milter's callbacks for this message so far (the
     /// metrics' histogram of milter time per message).
     pub busy: Duration,
+    /// RCPTs refused because the message already had `max_recipients`, and
+    /// the verdict they got (made once).
+    pub overflow: Option<(usize, Verdict)>,
 }
 
 /// What the milter knows of a message's size: the client's `SIZE=` at
@@ -112,6 +115,7 @@ impl Message {
             loop_header: false,
             size: MessageSize::default(),
             busy: Duration::ZERO,
+            overflow: None,
         }
     }
 
@@ -121,6 +125,20 @@ impl Message {
     pub fn rcpt(&mut self, arg: RcptArg, mta: Option<&str>) -> &Verdict {
         if let Some(i) = self.recipients.iter().position(|r| r.arg.raw == arg.raw) {
             return &self.recipients[i].verdict;
+        }
+        // Every recipient is remembered until end of message: past the
+        // limit, refuse rather than grow without bound. 452 is the reply
+        // RFC 5321 §4.5.3.1.10 gives for too many recipients (the client
+        // sends the rest in another transaction); 4.5.3 is RFC 3463's
+        // "too many recipients". Postfix says the same past
+        // `smtpd_recipient_limit`.
+        let limit = self.policy.config.max_recipients.get();
+        if self.recipients.len() + self.rejected.len() >= limit {
+            let (count, verdict) = self
+                .overflow
+                .get_or_insert_with(|| (0, too_many_recipients(limit)));
+            *count += 1;
+            return verdict;
         }
         // Holds are read per RCPT, not per message: a `disable` or a
         // breaker trip takes effect at once.
@@ -273,7 +291,7 @@ impl Message {
                     // Carry NOTIFY and ORCPT over, so the sender's DSN
                     // request and the original recipient survive.
                     let mut args = orcpt(&r.arg);
-                    if let Some(notify) = r.arg.param("NOTIFY") {
+                    if let Some(notify) = r.arg.param("NOTIFY").filter(|p| has_value(p)) {
                         let _ = write!(args, " {notify}");
                     }
                     add(&mut plan, target, args);
@@ -319,6 +337,9 @@ impl std::fmt::Display for Summary<'_> {
                 if shadow { "; shadow mode" } else { "" }
             )?;
         }
+        if let Some((count, verdict)) = &m.overflow {
+            write!(f, "; {count} more: {} ({})", verdict.decision, verdict.rule)?;
+        }
         Ok(())
     }
 }
@@ -333,17 +354,39 @@ pub fn managed_domain<'p>(policy: &'p Policy, arg: &RcptArg) -> Option<&'p Domai
     }
 }
 
+/// The verdict for a RCPT past `max_recipients`.
+fn too_many_recipients(limit: usize) -> Verdict {
+    Verdict {
+        decision: Decision::Tempfail(Rejection {
+            code: "452",
+            xcode: "4.5.3",
+            text: format!(
+                "Too many recipients for one message (more than {limit}); send the rest in another message"
+            ),
+        }),
+        rule: Rule::TooManyRecipients(limit),
+    }
+}
+
 /// `ORCPT=rfc822;<original>`: the client's own ORCPT if it sent one (RFC
 /// 3461 §4.2: it already names the original recipient), else the address
 /// as received, so the relay address never leaks into DSNs.
 fn orcpt(arg: &RcptArg) -> String {
-    match arg.param("ORCPT") {
+    match arg.param("ORCPT").filter(|p| has_value(p)) {
         Some(p) => p.to_string(),
         None => format!(
             "ORCPT=rfc822;{}",
             xtext(arg.original_mailbox().unwrap_or_default())
         ),
     }
+}
+
+/// Only a parameter with a value is carried over to an added recipient:
+/// a bare `NOTIFY` or `ORCPT` (RFC 3461 §4.1, §4.2 require one) would be
+/// passed on as an invalid parameter (found by
+/// fuzz/fuzz_targets/rcpt_arg.rs).
+fn has_value(p: &EsmtpParam) -> bool {
+    p.value.as_deref().is_some_and(|v| !v.is_empty())
 }
 
 /// What to do at end of message.
@@ -391,5 +434,37 @@ impl std::fmt::Display for TooBig {
                 self.rcpt, limit.bytes
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A redirect carries NOTIFY and ORCPT over only when they have a
+    /// value; without one it gets its own ORCPT and no NOTIFY.
+    #[test]
+    fn parameters_without_a_value_are_not_carried_over() {
+        let yaml = "domains:\n  split.test:\n    mode: split\n    destination: { hosts: [\"[192.0.2.1]\"] }\n    accounts: [{ list: [alice@split.test] }]\n";
+        let config = crate::config::parse(yaml, "t.yaml").expect("config");
+        let policy = Arc::new(Policy::load(config).expect("accounts"));
+        let mut m = Message::new(
+            policy,
+            Default::default(),
+            Envelope::default(),
+            "<s@x.example>".into(),
+        );
+        m.rcpt(
+            RcptArg::parse(&["<zed@split.test>", "NOTIFY", "ORCPT="]),
+            None,
+        );
+        let plan = m.plan();
+        assert_eq!(
+            plan.add,
+            [(
+                "<zed@split.test.dualroute.invalid>".to_owned(),
+                "ORCPT=rfc822;zed@split.test".to_owned()
+            )]
+        );
     }
 }

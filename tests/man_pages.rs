@@ -245,6 +245,7 @@ fn milter_yaml_5_documents_every_key() {
         "nameservers",
         "shadow",
         "metrics",
+        "max_recipients",
     ] {
         assert!(
             example.contains(&format!("{k}:")),

@@ -1112,6 +1112,14 @@ fn default_metrics_listen() -> MetricsListen {
     MetricsListen(SocketAddr::from(([127, 0, 0, 1], 9899)))
 }
 
+/// `max_recipients:` default: Postfix's own `smtpd_recipient_limit`
+/// (1000), so that with Postfix in front the milter's limit is never the
+/// one a sender meets first. Every recipient a message has costs the
+/// milter memory until end of message; the limit bounds it.
+fn default_max_recipients() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(1000).unwrap_or(std::num::NonZeroUsize::MIN)
+}
+
 /// A DNS server: `IP`, `IP:PORT` or `[IPv6]:PORT`; port 53 when none is given.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Nameserver(pub SocketAddr);
@@ -1186,6 +1194,8 @@ pub struct Config {
     pub shadow: bool,
     /// `metrics:`; `None`: no metrics endpoint.
     pub metrics: Option<MetricsConfig>,
+    /// Recipients one message may have in the milter (`max_recipients:`).
+    pub max_recipients: std::num::NonZeroUsize,
 }
 
 impl Config {
@@ -1239,6 +1249,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub shadow: bool,
     pub metrics: Option<MetricsConfig>,
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: std::num::NonZeroUsize,
 }
 
 fn default_listen() -> Socket {

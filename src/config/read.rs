@@ -227,6 +227,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         connections: raw.connections,
         shadow: raw.shadow,
         metrics: raw.metrics,
+        max_recipients: raw.max_recipients,
     };
     validate(&config).map_err(locate_err)?;
     Ok(config)
