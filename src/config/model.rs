@@ -340,12 +340,24 @@ struct RawDestination {
     hosts: Option<Vec<Host>>,
     domain: Option<DomainName>,
     change_envelope: Option<bool>,
+    // What the other side demands of the connection (docs/design.md
+    // "The destination's rules").
+    tls: Option<TlsLevel>,
+    tls_match: Option<Vec<TlsMatch>>,
+    concurrency: Option<u32>,
+    rate_delay: Option<Window>,
 }
 
-impl<'de> Deserialize<'de> for Destination {
+/// `destination:` as written: where routed mail goes, and how the MTA
+/// must talk to it.
+struct DestinationEntry(Destination, Transport);
+
+impl<'de> Deserialize<'de> for DestinationEntry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, |raw: RawDestination| {
-            match (raw.hosts, raw.domain, raw.change_envelope) {
+            let transport =
+                Transport::from_raw(raw.tls, raw.tls_match, raw.concurrency, raw.rate_delay)?;
+            let destination: Result<Destination, String> = match (raw.hosts, raw.domain, raw.change_envelope) {
             (Some(_), Some(_), _) => Err("`hosts` and `domain` are mutually exclusive".into()),
             (Some(_), None, Some(true)) => {
                 Err("`change_envelope` needs `domain`: with `hosts`, routed mail uses the relay domain".into())
@@ -354,7 +366,149 @@ impl<'de> Deserialize<'de> for Destination {
             (Some(hosts), None, _) => Ok(Destination::Hosts(hosts)),
             (None, Some(domain), ce) => Ok(Destination::Domain { domain, change_envelope: ce.unwrap_or(false) }),
             (None, None, _) => Err("needs `hosts` or `domain`".into()),
+        };
+            Ok(DestinationEntry(destination?, transport))
+        })
+    }
+}
+
+/// Postfix's TLS security levels for the smtp client, under their Postfix
+/// names (postconf(5) `smtp_tls_security_level`, TLS_README "Client-side
+/// TLS security levels").
+#[derive(Clone, Copy, Debug, Eq, PartialEq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsLevel {
+    /// No TLS, even when offered.
+    None,
+    /// STARTTLS when offered, else plain text; no certificate check.
+    May,
+    /// TLS required; any certificate.
+    Encrypt,
+    /// TLS required; a trusted certificate naming the MX host.
+    Verify,
+    /// TLS required; a trusted certificate naming one of `tls_match`.
+    Secure,
+}
+
+impl TlsLevel {
+    /// Whether Postfix refuses to deliver without TLS at this level.
+    pub fn requires_tls(self) -> bool {
+        self >= TlsLevel::Encrypt
+    }
+
+    /// Whether Postfix checks the certificate's trust and names.
+    pub fn verifies(self) -> bool {
+        self >= TlsLevel::Verify
+    }
+}
+
+impl fmt::Display for TlsLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+            TlsLevel::Secure => "secure",
+        })
+    }
+}
+
+/// One `tls_match` entry, as `smtp_tls_policy_maps` takes it (TLS_README
+/// "Mandatory server certificate verification"): a host name, `.domain`
+/// for any name below it, or Postfix's `hostname`, `nexthop`,
+/// `dot-nexthop`.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct TlsMatch(pub String);
+
+impl TlsMatch {
+    pub const KEYWORDS: [&'static str; 3] = ["hostname", "nexthop", "dot-nexthop"];
+}
+
+impl FromStr for TlsMatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if TlsMatch::KEYWORDS.contains(&s) {
+            return Ok(TlsMatch(s.to_owned()));
         }
+        let (dot, name) = match s.strip_prefix('.') {
+            Some(rest) => (".", rest),
+            None => ("", s),
+        };
+        if name.contains([':', '[', ']']) || name.is_empty() {
+            return Err(format!(
+                "{s:?}: expected a host name, .domain, hostname, nexthop or dot-nexthop"
+            ));
+        }
+        normalize_domain(name)
+            .map(|n| TlsMatch(format!("{dot}{n}")))
+            .map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+deserialize_from_str!(TlsMatch, "tls_match entry");
+
+impl fmt::Display for TlsMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the destination demands of the connection: TLS, and how fast the
+/// MTA may deliver to it. Every field unset: the MTA's own settings.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Transport {
+    pub tls: Option<TlsLevel>,
+    /// Only with `verify` or `secure`; empty: Postfix's default for the
+    /// level (`hostname` for verify, `nexthop:dot-nexthop` for secure).
+    pub tls_match: Vec<TlsMatch>,
+    /// Parallel deliveries per destination host.
+    pub concurrency: Option<u32>,
+    /// Pause between deliveries to a destination host.
+    pub rate_delay: Option<Window>,
+}
+
+impl Transport {
+    /// A bound against typos: Postfix's own default is 20 parallel
+    /// deliveries per destination (`default_destination_concurrency_limit`).
+    pub const MAX_CONCURRENCY: u32 = 1000;
+
+    fn from_raw(
+        tls: Option<TlsLevel>,
+        tls_match: Option<Vec<TlsMatch>>,
+        concurrency: Option<u32>,
+        rate_delay: Option<Window>,
+    ) -> Result<Transport, String> {
+        if tls_match.is_some() && !tls.is_some_and(TlsLevel::verifies) {
+            return Err("`tls_match` needs `tls: verify` or `tls: secure`: at lower levels Postfix does not look at the certificate's names".into());
+        }
+        if matches!(&tls_match, Some(m) if m.is_empty()) {
+            return Err(
+                "`tls_match` is empty; name the certificate's names or remove the key".into(),
+            );
+        }
+        match concurrency {
+            Some(0) => return Err("`concurrency` must be at least 1".into()),
+            Some(n) if n > Transport::MAX_CONCURRENCY => {
+                return Err(format!(
+                    "`concurrency` {n}: at most {}",
+                    Transport::MAX_CONCURRENCY
+                ))
+            }
+            Some(n) if n > 1 && rate_delay.is_some() => {
+                // Wietse Venema on postfix-users: with a rate delay there is
+                // no concurrency; delivery 2 starts after delivery 1 ended
+                // and the delay passed (postconf(5)
+                // transport_destination_rate_delay).
+                return Err("`rate_delay` makes Postfix deliver one message at a time to a destination, so `concurrency` above 1 would be ignored: give one of them".into());
+            }
+            _ => {}
+        }
+        Ok(Transport {
+            tls,
+            tls_match: tls_match.unwrap_or_default(),
+            concurrency,
+            rate_delay,
         })
     }
 }
@@ -543,6 +697,8 @@ pub struct DomainConfig {
     pub mode: Mode,
     pub enabled: bool,
     pub destination: Destination,
+    /// The destination's TLS and throttling keys (`destination.tls`, …).
+    pub transport: Transport,
     pub bounce: bool,
     pub verify: Option<Address>,
     pub require_gateway: bool,
@@ -572,7 +728,7 @@ struct RawDomainConfig {
     mode: Mode,
     #[serde(default = "yes")]
     enabled: bool,
-    destination: Destination,
+    destination: DestinationEntry,
     #[serde(default)]
     bounce: bool,
     verify: Option<ConfigAddress>,
@@ -693,7 +849,8 @@ impl<'de> Deserialize<'de> for DomainConfig {
             Ok(DomainConfig {
                 mode: raw.mode,
                 enabled: raw.enabled,
-                destination: raw.destination,
+                destination: raw.destination.0,
+                transport: raw.destination.1,
                 bounce: raw.bounce,
                 verify: raw.verify.map(|a| a.0),
                 require_gateway: raw.require_gateway,
