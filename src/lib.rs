@@ -22,6 +22,7 @@ pub mod milter;
 pub mod policy;
 pub mod postfix;
 pub mod probe;
+pub mod provider;
 pub mod sendmail;
 pub mod session;
 pub mod socket;
