@@ -286,7 +286,7 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
     };
     let rcpt = rcpt.to_string();
     let result = runtime.block_on(crate::probe::verify(
-        &d.destination,
+        d,
         &config.dns,
         &config.instance,
         &rcpt,

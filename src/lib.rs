@@ -296,8 +296,10 @@ pub async fn verify_loop(shared: SharedPolicy) {
                 continue;
             }
             let rcpt = addr.to_string();
+            // issue 13 (wt-dest): the probe takes the domain's settings,
+            // for STARTTLS at the destination's `tls` level.
             let outcome = match probe::verify(
-                &d.config.destination,
+                &d.config,
                 &policy.config.dns,
                 &policy.config.instance,
                 &rcpt,
