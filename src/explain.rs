@@ -34,23 +34,13 @@ pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str)
             }
             // Only mail to the destination goes through the dualroute
             // transport and its TLS policy; per-user targets do not.
-            if let (Some(level), crate::decision::Rule::Mode { .. }) =
-                (d.config.transport.tls, &verdict.rule)
-            {
-                let names: Vec<String> = d
-                    .config
-                    .transport
-                    .tls_match
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
-                let matching = if names.is_empty() {
-                    String::new()
-                } else {
-                    format!(" match={}", names.join(":"))
-                };
+            if let (Some(level), Some(policy), crate::decision::Rule::Mode { .. }) = (
+                d.config.transport.tls,
+                d.config.transport.tls_policy(),
+                &verdict.rule,
+            ) {
                 line.push_str(&format!(
-                    " [tls {level}{matching}: Postfix delivers it to the destination only {}]",
+                    " [tls {policy}: Postfix delivers it to the destination only {}]",
                     match level {
                         crate::config::TlsLevel::None | crate::config::TlsLevel::May =>
                             "as the level allows, in clear text if need be",

@@ -243,19 +243,8 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
 /// next hop, keyed as the transport names it (TLS_README "TLS policy
 /// table": the next-hop destination, `[host]:port` included).
 fn tls_entries(table: &mut Table, notes: &mut Vec<String>, name: &str, d: &DomainConfig) {
-    let Some(level) = d.transport.tls else {
+    let (Some(level), Some(value)) = (d.transport.tls, d.transport.tls_policy()) else {
         return;
-    };
-    let value = if d.transport.tls_match.is_empty() {
-        level.to_string()
-    } else {
-        let names: Vec<String> = d
-            .transport
-            .tls_match
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        format!("{level} match={}", names.join(":"))
     };
     for hop in d.destination.hosts() {
         let key = hop.to_string();

@@ -473,6 +473,17 @@ impl Transport {
     /// deliveries per destination (`default_destination_concurrency_limit`).
     pub const MAX_CONCURRENCY: u32 = 1000;
 
+    /// The `smtp_tls_policy_maps` value: `secure match=a:b`, or the level
+    /// alone without `tls_match`. `None` without `tls`.
+    pub fn tls_policy(&self) -> Option<String> {
+        let level = self.tls?;
+        if self.tls_match.is_empty() {
+            return Some(level.to_string());
+        }
+        let names: Vec<&str> = self.tls_match.iter().map(|m| m.0.as_str()).collect();
+        Some(format!("{level} match={}", names.join(":")))
+    }
+
     fn from_raw(
         tls: Option<TlsLevel>,
         tls_match: Option<Vec<TlsMatch>>,
