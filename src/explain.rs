@@ -42,8 +42,8 @@ pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str)
                 line.push_str(&format!(
                     " [tls {policy}: Postfix delivers it to the destination only {}]",
                     match level {
-                        crate::config::TlsLevel::None | crate::config::TlsLevel::May =>
-                            "as the level allows, in clear text if need be",
+                        crate::config::TlsLevel::None => "in clear text",
+                        crate::config::TlsLevel::May => "over TLS when offered, else in clear text",
                         crate::config::TlsLevel::Encrypt => "over TLS",
                         _ => "over TLS with a trusted certificate that matches",
                     }

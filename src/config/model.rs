@@ -1218,6 +1218,54 @@ mod tests {
     }
 
     #[test]
+    fn destination_rules() {
+        let parse = |dest: &str| {
+            let yaml =
+                format!("domains:\n  example.com:\n    mode: route\n    destination: {dest}\n");
+            crate::config::parse(&yaml, "m.yaml")
+                .map(|c| c.domains.into_values().next().unwrap().transport)
+        };
+        let t = parse("{ hosts: [mx.legacy.test], tls: secure, tls_match: [MX.Legacy.test, .legacy.test, nexthop] }").unwrap();
+        assert_eq!(t.tls, Some(TlsLevel::Secure));
+        assert_eq!(
+            t.tls_policy().unwrap(),
+            "secure match=mx.legacy.test:.legacy.test:nexthop"
+        );
+        assert_eq!(
+            parse("{ domain: x.test, tls: may }")
+                .unwrap()
+                .tls_policy()
+                .unwrap(),
+            "may"
+        );
+        let err = |dest: &str| parse(dest).unwrap_err().to_string();
+        let e = err("{ hosts: [mx.legacy.test], tls: encrypt, tls_match: [mx.legacy.test] }");
+        assert!(
+            e.starts_with(
+                "m.yaml:4:18: domains.example.com.destination: `tls_match` needs `tls: verify`"
+            ),
+            "{e}"
+        );
+        assert!(
+            err("{ hosts: [mx.legacy.test], tls: strict }").contains("unknown variant `strict`")
+        );
+        assert!(
+            err("{ hosts: [mx.legacy.test], tls: verify, tls_match: [\"[192.0.2.1]\"] }")
+                .contains("tls_match entry")
+        );
+        assert!(err("{ hosts: [mx.legacy.test], concurrency: 0 }").contains("at least 1"));
+        assert!(
+            err("{ hosts: [mx.legacy.test], concurrency: 4, rate_delay: 1s }")
+                .contains("one message at a time")
+        );
+        let t = parse("{ hosts: [mx.legacy.test], concurrency: 1, rate_delay: 2s }").unwrap();
+        assert_eq!(
+            (t.concurrency, t.rate_delay.map(|w| w.0.as_secs())),
+            (Some(1), Some(2))
+        );
+    }
+
+    #[test]
     fn windows() {
         assert_eq!("1h".parse(), Ok(Window(Duration::from_secs(3600))));
         assert_eq!("90s".parse(), Ok(Window(Duration::from_secs(90))));
