@@ -337,7 +337,7 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
     };
     let rcpt = rcpt.to_string();
     let result = runtime.block_on(crate::probe::verify(
-        &d.destination,
+        d,
         &config.dns,
         &config.instance,
         &rcpt,
@@ -431,10 +431,20 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
                 )
             }
         };
-        let via = d
+        let mut via = d
             .relay_domain(&c.relay_suffix.0)
             .map(|r| format!(" via {r}"))
             .unwrap_or_default();
+        // The destination's rules (issue 13): what postfix-config wires.
+        if let Some(level) = d.config.transport.tls {
+            via.push_str(&format!(", tls {level}"));
+        }
+        if let Some((n, why)) = crate::provider::concurrency(&d.config) {
+            via.push_str(&format!(", concurrency {n} ({why})"));
+        }
+        if let Some(w) = d.config.transport.rate_delay {
+            via.push_str(&format!(", rate_delay {}s", w.0.as_secs()));
+        }
         let accounts = match &d.accounts {
             Some(a) => format!(
                 "{} accounts ({} entries of other domains ignored, {} map keys not accounts)",

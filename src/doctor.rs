@@ -20,6 +20,7 @@
 //! could not look up.
 
 pub mod spf_trace;
+pub mod trust;
 
 use crate::config::{Config, DomainConfig, Host};
 use crate::dns::{DnsError, Lookup};
@@ -58,6 +59,9 @@ impl Check {
 pub struct Section {
     pub title: String,
     pub checks: Vec<Check>,
+    /// Settings to make elsewhere that the DNS cannot show (the
+    /// provider's side, src/doctor/trust.rs); printed as `•` lines.
+    pub todo: Vec<String>,
 }
 
 /// The whole checklist.
@@ -86,6 +90,9 @@ impl fmt::Display for Report {
                 if let Some(a) = &c.advice {
                     writeln!(f, "      → {a}")?;
                 }
+            }
+            for t in &s.todo {
+                writeln!(f, "  • {t}")?;
             }
         }
         match self.problems() {
@@ -128,6 +135,7 @@ pub async fn diagnose(
                 sections: vec![Section {
                     title: "DNS".into(),
                     checks: vec![check],
+                    todo: Vec::new(),
                 }],
             };
         }
@@ -135,6 +143,7 @@ pub async fn diagnose(
     let mut head = Section {
         title: format!("this server ({instance})"),
         checks: Vec::new(),
+        todo: Vec::new(),
     };
     let this: Vec<IpAddr> = if !given.is_empty() {
         head.checks.push(Check::pass(format!(
@@ -199,6 +208,7 @@ async fn domain(
 
     // The destination first: the MX and SPF checks need its addresses.
     let mut dest: Vec<(IpAddr, String)> = Vec::new();
+    let mut dest_hosts: Vec<String> = Vec::new();
     let mut dest_checks = Vec::new();
     for h in &hosts {
         match host_targets(h, dns).await {
@@ -226,6 +236,9 @@ async fn domain(
                     ));
                 }
                 for t in targets {
+                    if !dest_hosts.contains(&t.host) {
+                        dest_hosts.push(t.host.clone());
+                    }
                     if !dest.iter().any(|(ip, _)| *ip == t.addr.ip()) {
                         dest.push((t.addr.ip(), format!("destination {h}")));
                     }
@@ -244,7 +257,16 @@ async fn domain(
     if let Some(relay) = d.relay_domain(name, &config.relay_suffix.0) {
         checks.push(relay_check(&relay, dns).await);
     }
-    Section { title, checks }
+    let mut todo = Vec::new();
+    if let Some(t) = trust::trust(name, d, this, &dest_hosts, dns).await {
+        checks.push(t.check);
+        todo = t.todo;
+    }
+    Section {
+        title,
+        checks,
+        todo,
+    }
 }
 
 async fn mx(

@@ -42,6 +42,23 @@ pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str)
                     ));
                 }
             }
+            // Only mail to the destination goes through the dualroute
+            // transport and its TLS policy; per-user targets do not.
+            if let (Some(level), Some(policy), crate::decision::Rule::Mode { .. }) = (
+                d.config.transport.tls,
+                d.config.transport.tls_policy(),
+                &verdict.rule,
+            ) {
+                line.push_str(&format!(
+                    " [tls {policy}: Postfix delivers it to the destination only {}]",
+                    match level {
+                        crate::config::TlsLevel::None => "in clear text",
+                        crate::config::TlsLevel::May => "over TLS when offered, else in clear text",
+                        crate::config::TlsLevel::Encrypt => "over TLS",
+                        _ => "over TLS with a trusted certificate that matches",
+                    }
+                ));
+            }
         }
     }
     if let (Some(d), Decision::Copy(_) | Decision::Redirect(_)) = (
@@ -67,5 +84,29 @@ fn size_rule(decision: &Decision, limit: &crate::config::MessageSize) -> String 
             "; only for messages up to destination.max_size {limit} ({} bytes): a larger one is delivered here without the copy",
             limit.bytes
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_level_where_mail_goes_to_the_destination() {
+        let yaml = "state_dir: /nonexistent\ndomains:\n  example.com:\n    mode: split\n    destination: { hosts: [mx.legacy.test], tls: secure, tls_match: [.legacy.test] }\n    accounts:\n      - list: [alice@example.com]\n    users:\n      carol@example.com: { redirect_to: carol@elsewhere.test }\n";
+        let policy = Policy::load(crate::config::parse(yaml, "t.yaml").unwrap()).unwrap();
+        let envelope = Envelope {
+            client: None,
+            auth: None,
+        };
+        let say = |a: &str| explain(&policy, &Holds::default(), &envelope, a);
+        let routed = say("zed@example.com");
+        assert!(
+            routed.contains("[tls secure match=.legacy.test: Postfix delivers it to the destination only over TLS with a trusted certificate that matches]"),
+            "{routed}"
+        );
+        // Kept here, or sent to a per-user target: no TLS rule applies.
+        assert!(!say("alice@example.com").contains("tls"));
+        assert!(!say("carol@example.com").contains("tls "));
     }
 }

@@ -26,6 +26,7 @@ pub mod notify;
 pub mod policy;
 pub mod postfix;
 pub mod probe;
+pub mod provider;
 pub mod runtime;
 pub mod sendmail;
 pub mod service;

@@ -1,7 +1,7 @@
 //! `dualroute postfix-config`: the Postfix settings a `milter.yaml` needs
 //! (docs/design.md §4, §8), each with the reason for it.
 
-use crate::config::{Destination, Mode, Socket};
+use crate::config::{Destination, DomainConfig, Mode, Socket};
 use crate::policy::Policy;
 use std::{fmt::Write as _, io, path::Path};
 
@@ -12,6 +12,7 @@ pub const TRANSPORT: &str = "dualroute";
 const TRANSPORT_MAP: &str = "dualroute_transport";
 const GENERIC_MAP: &str = "dualroute_generic";
 const CATCHALL_MAP: &str = "dualroute_catchall";
+const TLS_POLICY_MAP: &str = "dualroute_tls_policy";
 /// How the note about the catch-all begins (`--apply` does that step).
 pub const CATCHALL_NOTE: &str = "Postfix checks recipients";
 
@@ -123,10 +124,38 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
             .into(),
         entries: Vec::new(),
     };
+    let mut tls_policy = Table {
+        file: TLS_POLICY_MAP.into(),
+        why: "the TLS the destinations demand, for routed mail only (smtp_tls_policy_maps of the dualroute transport)".into(),
+        entries: Vec::new(),
+    };
+    let mut throttle = Throttle::default();
     let mut names: Vec<&String> = policy.domains.keys().collect();
     names.sort();
     for name in names {
         let d = &policy.domains[name];
+        tls_entries(&mut tls_policy, &mut out.notes, name, &d.config);
+        throttle.add(name, &d.config);
+        if let Destination::Domain {
+            domain,
+            change_envelope: true,
+        } = &d.config.destination
+        {
+            // Routed mail is addressed to the destination domain itself and
+            // would leave through the default smtp transport, which knows
+            // nothing of the destination's TLS or pace: send that domain
+            // through ours (same next hop, its MX).
+            if d.config.transport.tls.is_some()
+                || crate::provider::concurrency(&d.config).is_some()
+                || d.config.transport.rate_delay.is_some()
+            {
+                transport.entries.push((
+                    format!("{name}: routed mail is addressed to {domain}; its TLS and pace are in the dualroute transport"),
+                    domain.0.clone(),
+                    format!("{TRANSPORT}:{domain}"),
+                ));
+            }
+        }
         if let Some(relay) = d.relay_domain(&c.relay_suffix.0) {
             let nexthop = match &d.config.destination {
                 Destination::Hosts(hosts) => hosts
@@ -164,17 +193,32 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
             "transport_maps",
             map(TRANSPORT_MAP),
         ));
+        let mut params = vec![
+            ("smtp_generic_maps".into(), map(GENERIC_MAP)),
+            // Routed deliveries stand out in the mail log:
+            // postfix/dualroute[PID]: ... to=<...>, relay=...
+            ("syslog_name".into(), "postfix/dualroute".into()),
+        ];
+        if !tls_policy.entries.is_empty() {
+            // On this transport only: the admin's own smtp_tls_policy_maps
+            // (if any) keeps governing all other mail.
+            params.push(("smtp_tls_policy_maps".into(), map(TLS_POLICY_MAP)));
+        }
         out.service = Some(Service {
             entry: format!("{TRANSPORT} unix  -       -       n       -       -       smtp"),
-            params: vec![
-                ("smtp_generic_maps".into(), map(GENERIC_MAP)),
-                // Routed deliveries stand out in the mail log:
-                // postfix/dualroute[PID]: ... to=<...>, relay=...
-                ("syslog_name".into(), "postfix/dualroute".into()),
-            ],
+            params,
         });
         out.tables.push(transport);
         out.tables.push(generic);
+        if !tls_policy.entries.is_empty() {
+            out.tables.push(tls_policy);
+        }
+        // The queue manager reads these from main.cf, per transport
+        // (postconf(5) transport_destination_concurrency_limit,
+        // transport_destination_rate_delay): a `-o` in master.cf would not
+        // reach it.
+        out.main.extend(throttle.params());
+        out.notes.extend(throttle.notes);
     }
     if !catchall.entries.is_empty() {
         out.notes.push(format!(
@@ -193,6 +237,84 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
         }
     }
     out
+}
+
+/// The `smtp_tls_policy_maps` entries of one domain's destination: one per
+/// next hop, keyed as the transport names it (TLS_README "TLS policy
+/// table": the next-hop destination, `[host]:port` included).
+fn tls_entries(table: &mut Table, notes: &mut Vec<String>, name: &str, d: &DomainConfig) {
+    let (Some(level), Some(value)) = (d.transport.tls, d.transport.tls_policy()) else {
+        return;
+    };
+    for hop in d.destination.hosts() {
+        let key = hop.to_string();
+        match table.entries.iter().find(|(_, k, _)| *k == key) {
+            Some((_, _, v)) if *v != value => notes.push(format!(
+                "WARNING: {key} is the destination of several domains with different TLS settings ({v} and {value}, from {name}); the table keeps the first: give them the same `tls`"
+            )),
+            Some(_) => {}
+            None => table.entries.push((format!("{name}: tls {level}"), key, value.clone())),
+        }
+    }
+    if level.verifies() {
+        notes.push(format!(
+            "{name}: tls {level} checks the destination's certificate against the CAs Postfix trusts: smtp_tls_CApath or smtp_tls_CAfile must be set (Debian's main.cf sets smtp_tls_CApath=/etc/ssl/certs, from the ca-certificates package); without them routed mail stays deferred (\"certificate verification failed\"). `dualroute verify {name}` shows what the destination presents."
+        ));
+    }
+}
+
+/// The pace of the one dualroute transport: the strictest any domain asks
+/// for, since all routed mail shares it.
+#[derive(Default)]
+struct Throttle {
+    concurrency: Option<(u32, String)>,
+    rate_delay: Option<(u64, String)>,
+    notes: Vec<String>,
+}
+
+impl Throttle {
+    fn add(&mut self, name: &str, d: &DomainConfig) {
+        if let Some((n, why)) = crate::provider::concurrency(d) {
+            match &self.concurrency {
+                Some((m, _)) if *m == n => {}
+                Some((m, other)) => {
+                    self.notes.push(format!("the dualroute transport is shared: {name} asks for concurrency {n}, {other} for {m}; all get {}", n.min(*m)));
+                    if n < *m {
+                        self.concurrency = Some((n, format!("{name} ({why})")));
+                    }
+                }
+                None => self.concurrency = Some((n, format!("{name} ({why})"))),
+            }
+        }
+        if let Some(w) = d.transport.rate_delay {
+            let secs = w.0.as_secs();
+            match &self.rate_delay {
+                Some((m, _)) if *m >= secs => {}
+                _ => self.rate_delay = Some((secs, name.to_owned())),
+            }
+        }
+    }
+
+    fn params(&self) -> Vec<Param> {
+        let mut out = Vec::new();
+        if let Some((n, who)) = &self.concurrency {
+            out.push(Param {
+                why: format!(
+                    "at most {n} deliveries at once to each destination host of routed mail: {who}"
+                ),
+                name: format!("{TRANSPORT}_destination_concurrency_limit"),
+                value: n.to_string(),
+            });
+        }
+        if let Some((secs, who)) = &self.rate_delay {
+            out.push(Param {
+                why: format!("pause between deliveries to each destination host of routed mail, one at a time: {who}"),
+                name: format!("{TRANSPORT}_destination_rate_delay"),
+                value: format!("{secs}s"),
+            });
+        }
+        out
+    }
 }
 
 impl PostfixConfig {
@@ -254,6 +376,137 @@ impl PostfixConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn generated(domains: &str) -> PostfixConfig {
+        let yaml = format!("state_dir: /nonexistent\ndomains:\n{domains}");
+        let config = crate::config::parse(&yaml, "t.yaml").unwrap();
+        let policy = Policy::load(config).unwrap();
+        generate(&policy, Path::new("/m"))
+    }
+
+    fn main_value<'a>(pf: &'a PostfixConfig, name: &str) -> Option<&'a str> {
+        pf.main
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.value.as_str())
+    }
+
+    #[test]
+    fn tls_policy_on_the_transport_only() {
+        let pf = generated(
+            "  example.com:\n    mode: route\n    destination: { hosts: [\"[192.0.2.30]:2525\", mx.legacy.test], tls: secure, tls_match: [mx.legacy.test, .legacy.test] }\n  example.org:\n    mode: route\n    destination: { domain: other.test, tls: encrypt }\n",
+        );
+        let table = pf
+            .tables
+            .iter()
+            .find(|t| t.file == TLS_POLICY_MAP)
+            .expect("a TLS policy table");
+        let rows: Vec<(&str, &str)> = table
+            .entries
+            .iter()
+            .map(|(_, k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "[192.0.2.30]:2525",
+                    "secure match=mx.legacy.test:.legacy.test"
+                ),
+                ("mx.legacy.test", "secure match=mx.legacy.test:.legacy.test"),
+                ("other.test", "encrypt"),
+            ]
+        );
+        let service = pf.service.as_ref().expect("service");
+        assert!(service.params.contains(&(
+            "smtp_tls_policy_maps".into(),
+            "hash:/m/dualroute_tls_policy".into()
+        )));
+        // Never in main.cf: that would change the TLS of all other mail.
+        assert_eq!(main_value(&pf, "smtp_tls_policy_maps"), None);
+        assert!(pf.notes.iter().any(|n| n.contains("smtp_tls_CApath")));
+    }
+
+    #[test]
+    fn no_tls_keys_no_table() {
+        let pf = generated(
+            "  example.com:\n    mode: route\n    destination: { hosts: [mx.legacy.test] }\n",
+        );
+        assert!(pf.tables.iter().all(|t| t.file != TLS_POLICY_MAP));
+        let service = pf.service.as_ref().expect("service");
+        assert!(service
+            .params
+            .iter()
+            .all(|(k, _)| k != "smtp_tls_policy_maps"));
+        assert_eq!(
+            main_value(&pf, "dualroute_destination_concurrency_limit"),
+            None
+        );
+        assert_eq!(main_value(&pf, "dualroute_destination_rate_delay"), None);
+    }
+
+    #[test]
+    fn throttling_in_main_cf_strictest_wins() {
+        let pf = generated(
+            "  example.com:\n    mode: route\n    destination: { hosts: [mx.legacy.test], concurrency: 8 }\n  example.net:\n    mode: route\n    destination: { hosts: [mx.other.test], concurrency: 3 }\n  example.org:\n    mode: route\n    destination: { hosts: [mx.third.test], rate_delay: 2s }\n",
+        );
+        assert_eq!(
+            main_value(&pf, "dualroute_destination_concurrency_limit"),
+            Some("3")
+        );
+        assert_eq!(
+            main_value(&pf, "dualroute_destination_rate_delay"),
+            Some("2s")
+        );
+        assert!(
+            pf.notes.iter().any(|n| n.contains("shared")),
+            "{:?}",
+            pf.notes
+        );
+    }
+
+    #[test]
+    fn provider_defaults_and_change_envelope_through_the_transport() {
+        let pf = generated(
+            "  example.com:\n    mode: route\n    destination: { domain: example.com.test-google-a.com, change_envelope: true }\n",
+        );
+        assert_eq!(
+            main_value(&pf, "dualroute_destination_concurrency_limit"),
+            Some(crate::provider::DEFAULT_CONCURRENCY.to_string().as_str())
+        );
+        let transport = pf
+            .tables
+            .iter()
+            .find(|t| t.file == TRANSPORT_MAP)
+            .expect("transport table");
+        assert_eq!(
+            (
+                transport.entries[0].1.as_str(),
+                transport.entries[0].2.as_str()
+            ),
+            (
+                "example.com.test-google-a.com",
+                "dualroute:example.com.test-google-a.com"
+            )
+        );
+        // An explicit rate_delay replaces the default concurrency.
+        let pf = generated(
+            "  example.com:\n    mode: route\n    destination: { hosts: [aspmx.l.google.com], rate_delay: 1s }\n",
+        );
+        assert_eq!(
+            main_value(&pf, "dualroute_destination_concurrency_limit"),
+            None
+        );
+        assert_eq!(
+            main_value(&pf, "dualroute_destination_rate_delay"),
+            Some("1s")
+        );
+        // change_envelope to a domain that is no provider, without keys: no transport.
+        let pf = generated(
+            "  example.com:\n    mode: route\n    destination: { domain: legacy.test, change_envelope: true }\n",
+        );
+        assert!(pf.service.is_none());
+    }
 
     #[test]
     fn sockets() {

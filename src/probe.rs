@@ -2,15 +2,22 @@
 //! destination whether it accepts the `verify` address — EHLO, MAIL
 //! FROM:<>, RCPT TO:<verify>, QUIT — and report every step. It never sends
 //! a message: routing itself stays with the MTA.
+//!
+//! When the destination's `tls` level makes Postfix insist on TLS
+//! (`encrypt`, `verify`, `secure`), the probe says STARTTLS after EHLO and
+//! reports the certificate (src/probe/tls.rs); a host Postfix would not
+//! deliver to is not accepted.
 
-use crate::config::{Destination, DnsConfig, Host};
+pub mod tls;
+
+use crate::config::{Destination, DnsConfig, DomainConfig, Host};
 use crate::dns::{Dns, Lookup};
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -20,6 +27,11 @@ pub struct Target {
     pub addr: SocketAddr,
     /// e.g. `MX 10 mx1.example.net` or `[192.0.2.30]:2525`.
     pub via: String,
+    /// The host's name (the MX host, or the next hop itself), as Postfix's
+    /// `hostname` certificate match uses it.
+    pub host: String,
+    /// The next hop it was found from, as Postfix's `nexthop` match uses it.
+    pub nexthop: String,
 }
 
 /// One SMTP exchange step.
@@ -36,6 +48,8 @@ pub struct HostReport {
     pub steps: Vec<Step>,
     pub accepted: bool,
     pub error: Option<String>,
+    /// The STARTTLS session, when the probe asked for one.
+    pub tls: Option<tls::TlsReport>,
 }
 
 impl fmt::Display for HostReport {
@@ -46,6 +60,9 @@ impl fmt::Display for HostReport {
                 Some(c) => writeln!(f, "  > {c}\n  < {}", s.reply)?,
                 None => writeln!(f, "  < {}", s.reply)?,
             }
+        }
+        if let Some(t) = &self.tls {
+            writeln!(f, "{t}")?;
         }
         if let Some(e) = &self.error {
             writeln!(f, "  ✘ {e}")?;
@@ -100,6 +117,8 @@ pub async fn host_targets(h: &Host, dns: &impl Lookup) -> Result<Vec<Target>, St
         return Ok(vec![Target {
             addr: SocketAddr::new(ip, port),
             via: h.to_string(),
+            host: h.name.clone(),
+            nexthop: h.name.clone(),
         }]);
     }
     let names: Vec<(String, String)> = if h.bracketed {
@@ -125,6 +144,8 @@ pub async fn host_targets(h: &Host, dns: &impl Lookup) -> Result<Vec<Target>, St
             Ok(ips) => out.extend(ips.into_iter().map(|ip| Target {
                 addr: SocketAddr::new(ip, port),
                 via: via.clone(),
+                host: name.clone(),
+                nexthop: h.name.clone(),
             })),
             Err(e) => errors.push(e.to_string()),
         }
@@ -136,100 +157,181 @@ pub async fn host_targets(h: &Host, dns: &impl Lookup) -> Result<Vec<Target>, St
     }
 }
 
-/// Probes one host: EHLO, MAIL FROM:<>, RCPT TO:<rcpt>, QUIT.
-/// With `send`, a short test message follows the accepted RCPT (DATA).
+/// Probes one host: EHLO, [STARTTLS, EHLO,] MAIL FROM:<>, RCPT TO:<rcpt>,
+/// QUIT. With `send`, a short test message follows the accepted RCPT
+/// (DATA).
 pub async fn probe_host(
     target: Target,
     helo: &str,
     rcpt: &str,
     step_timeout: Duration,
     send: bool,
+    tls: &tls::TlsCheck,
 ) -> HostReport {
     let mut report = HostReport {
         target,
         steps: Vec::new(),
         accepted: false,
         error: None,
+        tls: None,
     };
-    if let Err(e) = converse(&mut report, helo, rcpt, step_timeout, send).await {
+    let probe = Probe {
+        helo,
+        rcpt,
+        t: step_timeout,
+        send,
+    };
+    if let Err(e) = probe.converse(&mut report, tls).await {
         report.error = Some(e);
     }
     report
 }
 
-async fn converse(
-    report: &mut HostReport,
-    helo: &str,
-    rcpt: &str,
+/// One probe's fixed parts.
+struct Probe<'a> {
+    helo: &'a str,
+    rcpt: &'a str,
     t: Duration,
     send: bool,
-) -> Result<(), String> {
-    let addr = report.target.addr;
-    let stream = timeout(t, TcpStream::connect(addr))
-        .await
-        .map_err(|_| format!("connect to {addr}: timed out"))?
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let step = |report: &mut HostReport, sent: Option<String>, (code, reply): (u16, String)| {
-        report.steps.push(Step { sent, code, reply });
-        code
-    };
-    if step(report, None, reply(&mut read, t, "greeting").await?) != 220 {
-        return Err("no 220 greeting".into());
+}
+
+fn step(report: &mut HostReport, sent: Option<String>, (code, reply): (u16, String)) -> u16 {
+    report.steps.push(Step { sent, code, reply });
+    code
+}
+
+/// Whether an EHLO reply (lines joined by " / ") lists an extension.
+fn offers(ehlo_reply: &str, extension: &str) -> bool {
+    ehlo_reply.split(" / ").any(|line| {
+        line.get(4..)
+            .is_some_and(|k| k.split_whitespace().next() == Some(extension))
+    })
+}
+
+impl Probe<'_> {
+    async fn converse(&self, report: &mut HostReport, tls: &tls::TlsCheck) -> Result<(), String> {
+        let t = self.t;
+        let addr = report.target.addr;
+        let stream = timeout(t, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connect to {addr}: timed out"))?
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let mut conn = BufReader::new(stream);
+        if step(report, None, reply(&mut conn, t, "greeting").await?) != 220 {
+            return Err("no 220 greeting".into());
+        }
+        self.command(report, &mut conn, format!("EHLO {}", self.helo), 250)
+            .await?;
+        if !tls.wanted() {
+            return self.transaction(report, &mut conn).await;
+        }
+        let level = tls.level.unwrap_or(crate::config::TlsLevel::Encrypt);
+        let ehlo = report
+            .steps
+            .last()
+            .map(|s| s.reply.clone())
+            .unwrap_or_default();
+        if !offers(&ehlo, "STARTTLS") {
+            let _ = conn.write_all(b"QUIT\r\n").await;
+            return Err(format!("the server does not offer STARTTLS, which tls {level} requires: Postfix would not deliver routed mail to it"));
+        }
+        self.command(report, &mut conn, "STARTTLS".into(), 220)
+            .await?;
+        // RFC 3207 §4.2: the client discards what it knew from before TLS
+        // and the handshake starts right after the 220; nothing may be
+        // buffered in between.
+        if !conn.buffer().is_empty() {
+            return Err(
+                "the server sent data after its STARTTLS reply (RFC 3207 §4.2 forbids that)".into(),
+            );
+        }
+        let config = tls::client_config()?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let name = tls::server_name(&report.target.host)?;
+        let stream = timeout(t, connector.connect(name, conn.into_inner()))
+            .await
+            .map_err(|_| "TLS handshake: timed out".to_owned())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let verdict = tls::judge(
+            tls,
+            stream.get_ref().1,
+            &report.target.host,
+            &report.target.nexthop,
+        );
+        let problem = verdict.problem();
+        report.tls = Some(verdict);
+        let mut conn = BufReader::new(stream);
+        if let Some(problem) = problem {
+            let _ = conn.write_all(b"QUIT\r\n").await;
+            return Err(problem);
+        }
+        self.command(report, &mut conn, format!("EHLO {}", self.helo), 250)
+            .await?;
+        self.transaction(report, &mut conn).await
     }
-    for (cmd, want) in [
-        (format!("EHLO {helo}"), 250),
-        ("MAIL FROM:<>".to_owned(), 250),
-        (format!("RCPT TO:<{rcpt}>"), 250),
-    ] {
-        write
-            .write_all(format!("{cmd}\r\n").as_bytes())
+
+    /// Sends one command and reads its reply; an error unless the reply is
+    /// of the class of `want`.
+    async fn command<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        report: &mut HostReport,
+        conn: &mut BufReader<S>,
+        cmd: String,
+        want: u16,
+    ) -> Result<(), String> {
+        conn.write_all(format!("{cmd}\r\n").as_bytes())
             .await
             .map_err(|e| format!("{cmd}: {e}"))?;
-        let code = step(report, Some(cmd.clone()), reply(&mut read, t, &cmd).await?);
+        let code = step(report, Some(cmd.clone()), reply(conn, self.t, &cmd).await?);
         if code / 100 != want / 100 {
-            let _ = write.write_all(b"QUIT\r\n").await;
+            let _ = conn.write_all(b"QUIT\r\n").await;
             return Err(format!("{cmd} refused"));
         }
+        Ok(())
     }
-    if send {
-        write
-            .write_all(b"DATA\r\n")
-            .await
-            .map_err(|e| format!("DATA: {e}"))?;
-        if step(
-            report,
-            Some("DATA".into()),
-            reply(&mut read, t, "DATA").await?,
-        ) != 354
-        {
-            return Err("DATA refused".into());
+
+    /// MAIL FROM:<>, RCPT TO, [DATA,] QUIT.
+    async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        report: &mut HostReport,
+        conn: &mut BufReader<S>,
+    ) -> Result<(), String> {
+        let (helo, rcpt, t) = (self.helo, self.rcpt, self.t);
+        self.command(report, conn, "MAIL FROM:<>".into(), 250)
+            .await?;
+        self.command(report, conn, format!("RCPT TO:<{rcpt}>"), 250)
+            .await?;
+        if self.send {
+            conn.write_all(b"DATA\r\n")
+                .await
+                .map_err(|e| format!("DATA: {e}"))?;
+            if step(report, Some("DATA".into()), reply(conn, t, "DATA").await?) != 354 {
+                return Err("DATA refused".into());
+            }
+            let date = crate::state::rfc5322_date(crate::state::now());
+            let message = format!(
+                "From: <MAILER-DAEMON@{helo}>\r\nTo: <{rcpt}>\r\nSubject: dualroute verification test\r\nDate: {date}\r\nMessage-ID: <dualroute-verify-{}@{helo}>\r\n\r\nA test message from dualroute on {helo}: the destination accepts mail\r\nfor {rcpt}. Mail routed by dualroute will arrive like this one.\r\n.\r\n",
+                crate::state::now()
+            );
+            conn.write_all(message.as_bytes())
+                .await
+                .map_err(|e| format!("message: {e}"))?;
+            let code = step(
+                report,
+                Some("(message) .".into()),
+                reply(conn, t, "(message) .").await?,
+            );
+            if code != 250 {
+                return Err("the test message was refused".into());
+            }
         }
-        let date = crate::state::rfc5322_date(crate::state::now());
-        let message = format!(
-            "From: <MAILER-DAEMON@{helo}>\r\nTo: <{rcpt}>\r\nSubject: dualroute verification test\r\nDate: {date}\r\nMessage-ID: <dualroute-verify-{}@{helo}>\r\n\r\nA test message from dualroute on {helo}: the destination accepts mail\r\nfor {rcpt}. Mail routed by dualroute will arrive like this one.\r\n.\r\n",
-            crate::state::now()
-        );
-        write
-            .write_all(message.as_bytes())
-            .await
-            .map_err(|e| format!("message: {e}"))?;
-        let code = step(
-            report,
-            Some("(message) .".into()),
-            reply(&mut read, t, "(message) .").await?,
-        );
-        if code != 250 {
-            return Err("the test message was refused".into());
+        report.accepted = true;
+        let _ = conn.write_all(b"QUIT\r\n").await;
+        if let Ok(r) = reply(conn, t, "QUIT").await {
+            step(report, Some("QUIT".into()), r);
         }
+        Ok(())
     }
-    report.accepted = true;
-    let _ = write.write_all(b"QUIT\r\n").await;
-    if let Ok(r) = reply(&mut read, t, "QUIT").await {
-        step(report, Some("QUIT".into()), r);
-    }
-    Ok(())
 }
 
 /// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets, CRLF included.
@@ -300,9 +402,10 @@ async fn reply_lines<R: tokio::io::AsyncBufRead + Unpin>(
 }
 
 /// Probes the destination's hosts in order until one accepts; names are
-/// looked up with the name servers of `dns:`.
+/// looked up with the name servers of `dns:`. STARTTLS when the
+/// destination's `tls` level requires TLS.
 pub async fn verify(
-    destination: &Destination,
+    d: &DomainConfig,
     dns: &DnsConfig,
     helo: &str,
     rcpt: &str,
@@ -310,22 +413,26 @@ pub async fn verify(
     send: bool,
 ) -> Result<Vec<HostReport>, String> {
     let dns = Dns::new(dns).map_err(|e| e.to_string())?;
-    verify_with(destination, &dns, helo, rcpt, step_timeout, send).await
+    verify_with(d, &dns, helo, rcpt, step_timeout, send).await
 }
 
 /// [`verify`] with a resolver the caller keeps (the running service builds
 /// one for all its probes instead of reading resolv.conf for each).
 pub async fn verify_with(
-    destination: &Destination,
+    d: &DomainConfig,
     dns: &Dns,
     helo: &str,
     rcpt: &str,
     step_timeout: Duration,
     send: bool,
 ) -> Result<Vec<HostReport>, String> {
+    let check = tls::TlsCheck {
+        level: d.transport.tls,
+        matches: d.transport.tls_match.clone(),
+    };
     let mut reports = Vec::new();
-    for target in targets(destination, dns).await? {
-        let r = probe_host(target, helo, rcpt, step_timeout, send).await;
+    for target in targets(&d.destination, dns).await? {
+        let r = probe_host(target, helo, rcpt, step_timeout, send, &check).await;
         let done = r.accepted;
         reports.push(r);
         if done {

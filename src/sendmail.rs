@@ -144,6 +144,7 @@ pub fn generate(policy: &Policy) -> SendmailConfig {
     names.sort();
     for name in names {
         let d = &policy.domains[name];
+        out.notes.extend(destination_rules(name, &d.config));
         let Some(relay) = d.relay_domain(&c.relay_suffix.0) else {
             continue;
         };
@@ -228,6 +229,51 @@ pub fn generate(policy: &Policy) -> SendmailConfig {
     out
 }
 
+/// What Sendmail can do of the destination's `tls`, `concurrency` and
+/// `rate_delay` (issue 13): its TLS policy lives in the access map, keyed
+/// by the server's host name (`TLS_Srv:`, cf/README "STARTTLS"), which
+/// dualroute does not write; it has no per-destination concurrency or
+/// rate limit at all.
+fn destination_rules(name: &str, d: &crate::config::DomainConfig) -> Vec<String> {
+    use crate::config::TlsLevel;
+    let mut notes = Vec::new();
+    if let Some(level) = d.transport.tls {
+        let hosts: Vec<String> = d
+            .destination
+            .hosts()
+            .iter()
+            .map(|h| h.name.clone())
+            .collect();
+        let rhs = match level {
+            TlsLevel::None => Some("Try_TLS:{host} NO"),
+            TlsLevel::May => None,
+            TlsLevel::Encrypt => Some("TLS_Srv:{host} ENCR:128"),
+            TlsLevel::Verify | TlsLevel::Secure => Some("TLS_Srv:{host} VERIFY"),
+        };
+        if let Some(rhs) = rhs {
+            let lines: Vec<String> = hosts
+                .iter()
+                .map(|h| format!("  {}", rhs.replace("{host}", h)))
+                .collect();
+            let names = if level.verifies() {
+                " VERIFY requires a certificate that verifies against confCACERT/confCACERT_PATH; it does not match the certificate's names against `tls_match` as Postfix does (for a name requirement on ${cn_subject}, see \"STARTTLS\" in the cf/README of your Sendmail)."
+            } else {
+                ""
+            };
+            notes.push(format!(
+                "{name}: tls {level}: Sendmail takes its TLS policy from the access map (FEATURE(`access_db'), then makemap): add, for each host Sendmail connects to (an MX of a domain destination: its MX host names):\n{}\n{names}",
+                lines.join("\n")
+            ));
+        }
+    }
+    if crate::provider::concurrency(d).is_some() || d.transport.rate_delay.is_some() {
+        notes.push(format!(
+            "{name}: Sendmail has no per-destination concurrency or rate limit (only limits for the whole queue, such as confMAX_QUEUE_CHILDREN): `concurrency` and `rate_delay` apply to Postfix only"
+        ));
+    }
+    notes
+}
+
 impl SendmailConfig {
     /// The `sendmail.mc` fragment: the lines, each with its reason as a
     /// `dnl` comment, and the mailer definitions, which go into the mailer
@@ -277,6 +323,22 @@ impl SendmailConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destination_rules_are_notes_for_the_access_map() {
+        let yaml = "state_dir: /nonexistent\nmta: sendmail\ndomains:\n  example.com:\n    mode: route\n    destination: { hosts: [mx.legacy.test], tls: secure, tls_match: [mx.legacy.test], concurrency: 2 }\n";
+        let policy = Policy::load(crate::config::parse(yaml, "t.yaml").unwrap()).unwrap();
+        let notes = generate(&policy).notes.join("\n");
+        assert!(notes.contains("  TLS_Srv:mx.legacy.test VERIFY"), "{notes}");
+        assert!(
+            notes.contains("does not match the certificate's names"),
+            "{notes}"
+        );
+        assert!(
+            notes.contains("`concurrency` and `rate_delay` apply to Postfix only"),
+            "{notes}"
+        );
+    }
 
     #[test]
     fn sockets() {

@@ -831,3 +831,103 @@ fn spf_error_after_the_matching_terms_is_one_cross_on_the_count() {
     );
     assert!(r.out.ends_with("1 problem found\n"), "{}", r.out);
 }
+
+/// The `•` lines: what to set on the provider's side.
+fn todo(r: &Run) -> Vec<&str> {
+    r.out
+        .lines()
+        .filter_map(|l| l.strip_prefix("  • "))
+        .collect()
+}
+
+#[test]
+fn google_recognised_by_mx_and_told_about_the_gateway() {
+    // The destination names no provider; its MX is Google's. The domain's
+    // MX points here, so "reject mail not from gateway IPs" is safe.
+    let r = run(
+        &[
+            "--mx-host=example.test,mx.example.test,10",
+            "--txt-record=example.test,v=spf1 ip4:127.0.0.10 ip4:127.0.0.40 -all",
+            "--mx-host=gdest.test,aspmx.l.google.com,10",
+            "--host-record=aspmx.l.google.com,127.0.0.40",
+        ],
+        "{ hosts: [gdest.test] }",
+        "",
+        &[],
+    );
+    assert_eq!(
+        r.line("Google"),
+        (
+            true,
+            "the destination is Google Workspace (recognised by its MX host aspmx.l.google.com)"
+        )
+    );
+    let todo = todo(&r);
+    assert!(
+        todo.iter()
+            .any(|t| t.contains("Inbound gateway: add 127.0.0.10 as gateway IPs")),
+        "{}",
+        r.out
+    );
+    assert!(
+        todo.iter().any(|t| t.contains("points here")
+            && t.contains("you can tick \"Reject all mail not from gateway IPs\"")),
+        "{}",
+        r.out
+    );
+    assert!(
+        todo.iter()
+            .any(|t| t.contains("never use example.test.test-google-a.com as an envelope sender")),
+        "{}",
+        r.out
+    );
+    assert_eq!(r.code, 0, "{}", r.out);
+}
+
+#[test]
+fn microsoft_recognised_by_name_with_the_mx_elsewhere() {
+    let r = run(
+        &[
+            "--mx-host=example.test,example-test.mail.protection.outlook.com,0",
+            "--mx-host=example.mail.onmicrosoft.com,example-test.mail.protection.outlook.com,0",
+            "--host-record=example-test.mail.protection.outlook.com,127.0.0.50",
+            "--txt-record=example.test,v=spf1 ip4:127.0.0.10 ip4:127.0.0.50 -all",
+        ],
+        "{ domain: example.mail.onmicrosoft.com, change_envelope: true }",
+        "",
+        &["--ip", "127.0.0.10"],
+    );
+    assert!(
+        r.line("Microsoft 365")
+            .1
+            .contains("by the destination's name"),
+        "{}",
+        r.out
+    );
+    let todo = todo(&r);
+    assert!(
+        todo.iter().any(|t| t.contains("Connectors")
+            && t.contains("identifies this server by its IP addresses (127.0.0.10)")),
+        "{}",
+        r.out
+    );
+    assert!(
+        todo.iter()
+            .any(|t| t.contains("does not point here") && t.contains("Enhanced Filtering")),
+        "{}",
+        r.out
+    );
+    assert!(
+        todo.iter()
+            .any(|t| t.contains("never use example.mail.onmicrosoft.com as an envelope sender")),
+        "{}",
+        r.out
+    );
+}
+
+#[test]
+fn other_destinations_get_no_provider_advice() {
+    let r = run(GOOD, LEGACY, "", &[]);
+    assert!(todo(&r).is_empty(), "{}", r.out);
+    assert!(!r.out.contains("recognised"), "{}", r.out);
+}

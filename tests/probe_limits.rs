@@ -39,6 +39,8 @@ fn probe(addr: SocketAddr) -> HostReport {
     let target = Target {
         addr,
         via: format!("[{}]:{}", addr.ip(), addr.port()),
+        host: addr.ip().to_string(),
+        nexthop: addr.ip().to_string(),
     };
     let report = runtime
         .block_on(async {
@@ -50,6 +52,7 @@ fn probe(addr: SocketAddr) -> HostReport {
                     "postmaster@example.test",
                     STEP_TIMEOUT,
                     false,
+                    &Default::default(),
                 ),
             )
             .await

@@ -343,12 +343,19 @@ struct RawDestination {
     // The largest message the destination accepts (README "Size limit
     // for copies").
     max_size: Option<MessageSize>,
+    // What the other side demands of the connection (docs/design.md
+    // "The destination's rules").
+    tls: Option<TlsLevel>,
+    tls_match: Option<Vec<TlsMatch>>,
+    concurrency: Option<u32>,
+    rate_delay: Option<Window>,
 }
 
-/// `destination:` as written: where routed mail goes, and the largest
-/// message the other side takes.
+/// `destination:` as written: where routed mail goes, how the MTA must
+/// talk to it, and the largest message the other side takes.
 struct DestinationEntry {
     destination: Destination,
+    transport: Transport,
     max_size: Option<MessageSize>,
 }
 
@@ -356,6 +363,8 @@ impl<'de> Deserialize<'de> for DestinationEntry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, |raw: RawDestination| {
             let max_size = raw.max_size;
+            let transport =
+                Transport::from_raw(raw.tls, raw.tls_match, raw.concurrency, raw.rate_delay)?;
             let destination: Result<Destination, String> = match (raw.hosts, raw.domain, raw.change_envelope) {
             (Some(_), Some(_), _) => Err("`hosts` and `domain` are mutually exclusive".into()),
             (Some(_), None, Some(true)) => {
@@ -368,8 +377,161 @@ impl<'de> Deserialize<'de> for DestinationEntry {
         };
             Ok(DestinationEntry {
                 destination: destination?,
+                transport,
                 max_size,
             })
+        })
+    }
+}
+
+/// Postfix's TLS security levels for the smtp client, under their Postfix
+/// names (postconf(5) `smtp_tls_security_level`, TLS_README "Client-side
+/// TLS security levels").
+#[derive(Clone, Copy, Debug, Eq, PartialEq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsLevel {
+    /// No TLS, even when offered.
+    None,
+    /// STARTTLS when offered, else plain text; no certificate check.
+    May,
+    /// TLS required; any certificate.
+    Encrypt,
+    /// TLS required; a trusted certificate naming the MX host.
+    Verify,
+    /// TLS required; a trusted certificate naming one of `tls_match`.
+    Secure,
+}
+
+impl TlsLevel {
+    /// Whether Postfix refuses to deliver without TLS at this level.
+    pub fn requires_tls(self) -> bool {
+        self >= TlsLevel::Encrypt
+    }
+
+    /// Whether Postfix checks the certificate's trust and names.
+    pub fn verifies(self) -> bool {
+        self >= TlsLevel::Verify
+    }
+}
+
+impl fmt::Display for TlsLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+            TlsLevel::Secure => "secure",
+        })
+    }
+}
+
+/// One `tls_match` entry, as `smtp_tls_policy_maps` takes it (TLS_README
+/// "Mandatory server certificate verification"): a host name, `.domain`
+/// for any name below it, or Postfix's `hostname`, `nexthop`,
+/// `dot-nexthop`.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct TlsMatch(pub String);
+
+impl TlsMatch {
+    pub const KEYWORDS: [&'static str; 3] = ["hostname", "nexthop", "dot-nexthop"];
+}
+
+impl FromStr for TlsMatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if TlsMatch::KEYWORDS.contains(&s) {
+            return Ok(TlsMatch(s.to_owned()));
+        }
+        let (dot, name) = match s.strip_prefix('.') {
+            Some(rest) => (".", rest),
+            None => ("", s),
+        };
+        if name.contains([':', '[', ']']) || name.is_empty() {
+            return Err(format!(
+                "{s:?}: expected a host name, .domain, hostname, nexthop or dot-nexthop"
+            ));
+        }
+        normalize_domain(name)
+            .map(|n| TlsMatch(format!("{dot}{n}")))
+            .map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+deserialize_from_str!(TlsMatch, "tls_match entry");
+
+impl fmt::Display for TlsMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the destination demands of the connection: TLS, and how fast the
+/// MTA may deliver to it. Every field unset: the MTA's own settings.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Transport {
+    pub tls: Option<TlsLevel>,
+    /// Only with `verify` or `secure`; empty: Postfix's default for the
+    /// level (`hostname` for verify, `nexthop:dot-nexthop` for secure).
+    pub tls_match: Vec<TlsMatch>,
+    /// Parallel deliveries per destination host.
+    pub concurrency: Option<u32>,
+    /// Pause between deliveries to a destination host.
+    pub rate_delay: Option<Window>,
+}
+
+impl Transport {
+    /// A bound against typos: Postfix's own default is 20 parallel
+    /// deliveries per destination (`default_destination_concurrency_limit`).
+    pub const MAX_CONCURRENCY: u32 = 1000;
+
+    /// The `smtp_tls_policy_maps` value: `secure match=a:b`, or the level
+    /// alone without `tls_match`. `None` without `tls`.
+    pub fn tls_policy(&self) -> Option<String> {
+        let level = self.tls?;
+        if self.tls_match.is_empty() {
+            return Some(level.to_string());
+        }
+        let names: Vec<&str> = self.tls_match.iter().map(|m| m.0.as_str()).collect();
+        Some(format!("{level} match={}", names.join(":")))
+    }
+
+    fn from_raw(
+        tls: Option<TlsLevel>,
+        tls_match: Option<Vec<TlsMatch>>,
+        concurrency: Option<u32>,
+        rate_delay: Option<Window>,
+    ) -> Result<Transport, String> {
+        if tls_match.is_some() && !tls.is_some_and(TlsLevel::verifies) {
+            return Err("`tls_match` needs `tls: verify` or `tls: secure`: at lower levels Postfix does not look at the certificate's names".into());
+        }
+        if matches!(&tls_match, Some(m) if m.is_empty()) {
+            return Err(
+                "`tls_match` is empty; name the certificate's names or remove the key".into(),
+            );
+        }
+        match concurrency {
+            Some(0) => return Err("`concurrency` must be at least 1".into()),
+            Some(n) if n > Transport::MAX_CONCURRENCY => {
+                return Err(format!(
+                    "`concurrency` {n}: at most {}",
+                    Transport::MAX_CONCURRENCY
+                ))
+            }
+            Some(n) if n > 1 && rate_delay.is_some() => {
+                // Wietse Venema on postfix-users: with a rate delay there is
+                // no concurrency; delivery 2 starts after delivery 1 ended
+                // and the delay passed (postconf(5)
+                // transport_destination_rate_delay).
+                return Err("`rate_delay` makes Postfix deliver one message at a time to a destination, so `concurrency` above 1 would be ignored: give one of them".into());
+            }
+            _ => {}
+        }
+        Ok(Transport {
+            tls,
+            tls_match: tls_match.unwrap_or_default(),
+            concurrency,
+            rate_delay,
         })
     }
 }
@@ -651,6 +813,8 @@ pub struct DomainConfig {
     pub mode: Mode,
     pub enabled: bool,
     pub destination: Destination,
+    /// The destination's TLS and throttling keys (`destination.tls`, …).
+    pub transport: Transport,
     pub bounce: bool,
     pub verify: Option<Address>,
     pub require_gateway: bool,
@@ -808,6 +972,7 @@ impl<'de> Deserialize<'de> for DomainConfig {
                 mode: raw.mode,
                 enabled: raw.enabled,
                 destination: raw.destination.destination,
+                transport: raw.destination.transport,
                 bounce: raw.bounce,
                 verify: raw.verify.map(|a| a.0),
                 require_gateway: raw.require_gateway,
@@ -1392,6 +1557,54 @@ mod tests {
         assert!(b("M").is_err());
         assert!(b("-1M").is_err());
         assert!(b("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn destination_rules() {
+        let parse = |dest: &str| {
+            let yaml =
+                format!("domains:\n  example.com:\n    mode: route\n    destination: {dest}\n");
+            crate::config::parse(&yaml, "m.yaml")
+                .map(|c| c.domains.into_values().next().unwrap().transport)
+        };
+        let t = parse("{ hosts: [mx.legacy.test], tls: secure, tls_match: [MX.Legacy.test, .legacy.test, nexthop] }").unwrap();
+        assert_eq!(t.tls, Some(TlsLevel::Secure));
+        assert_eq!(
+            t.tls_policy().unwrap(),
+            "secure match=mx.legacy.test:.legacy.test:nexthop"
+        );
+        assert_eq!(
+            parse("{ domain: x.test, tls: may }")
+                .unwrap()
+                .tls_policy()
+                .unwrap(),
+            "may"
+        );
+        let err = |dest: &str| parse(dest).unwrap_err().to_string();
+        let e = err("{ hosts: [mx.legacy.test], tls: encrypt, tls_match: [mx.legacy.test] }");
+        assert!(
+            e.starts_with(
+                "m.yaml:4:18: domains.example.com.destination: `tls_match` needs `tls: verify`"
+            ),
+            "{e}"
+        );
+        assert!(
+            err("{ hosts: [mx.legacy.test], tls: strict }").contains("unknown variant `strict`")
+        );
+        assert!(
+            err("{ hosts: [mx.legacy.test], tls: verify, tls_match: [\"[192.0.2.1]\"] }")
+                .contains("tls_match entry")
+        );
+        assert!(err("{ hosts: [mx.legacy.test], concurrency: 0 }").contains("at least 1"));
+        assert!(
+            err("{ hosts: [mx.legacy.test], concurrency: 4, rate_delay: 1s }")
+                .contains("one message at a time")
+        );
+        let t = parse("{ hosts: [mx.legacy.test], concurrency: 1, rate_delay: 2s }").unwrap();
+        assert_eq!(
+            (t.concurrency, t.rate_delay.map(|w| w.0.as_secs())),
+            (Some(1), Some(2))
+        );
     }
 
     #[test]

@@ -174,6 +174,26 @@ pub fn plan_apply(
             record.set.insert(p.name.clone(), p.value.clone());
         }
     }
+    // Single-valued parameters an earlier --apply set that this
+    // configuration no longer needs (a `concurrency` removed from
+    // milter.yaml): back to what they were, unless the admin changed them.
+    for (name, value) in &before.set {
+        if want.main.iter().any(|p| &p.name == name) {
+            continue;
+        }
+        if current.main.get(name) == Some(value) {
+            changes.push(match record.original.get(name) {
+                Some(Some(orig)) => Change::Set {
+                    name: name.clone(),
+                    value: orig.clone(),
+                    why: "no longer needed".into(),
+                },
+                _ => Change::Unset { name: name.clone() },
+            });
+        }
+        record.set.remove(name);
+        record.original.remove(name);
+    }
     if let Some(catchall) = want.tables.iter().find(|t| t.file == super::CATCHALL_MAP) {
         wanted.entry("virtual_mailbox_maps").or_default().push((
             format!("hash:{}", table_path(map_dir, catchall).display()),
@@ -606,6 +626,49 @@ mod tests {
         assert!(notes.is_empty());
         run(&mut cur, &undo);
         assert_eq!(cur, before);
+    }
+
+    #[test]
+    fn a_parameter_no_longer_needed_is_restored() {
+        let mut cur = Current::default();
+        cur.main
+            .insert("dualroute_destination_rate_delay".into(), "9s".into());
+        let mut with = want("unix:/dualroute/d.sock", true);
+        for (name, value) in [
+            ("dualroute_destination_concurrency_limit", "5"),
+            ("dualroute_destination_rate_delay", "1s"),
+        ] {
+            with.main.push(Param {
+                why: "w".into(),
+                name: name.into(),
+                value: value.into(),
+            });
+        }
+        let (changes, record) = plan_apply(&with, Path::new("/m"), &cur, &Applied::default());
+        run(&mut cur, &changes);
+        assert_eq!(cur.main["dualroute_destination_concurrency_limit"], "5");
+        let (less, record) = plan_apply(
+            &want("unix:/dualroute/d.sock", true),
+            Path::new("/m"),
+            &cur,
+            &record,
+        );
+        run(&mut cur, &less);
+        assert_eq!(
+            cur.main.get("dualroute_destination_concurrency_limit"),
+            None
+        );
+        assert_eq!(cur.main["dualroute_destination_rate_delay"], "9s");
+        assert!(
+            record.set.is_empty() || !record.set.contains_key("dualroute_destination_rate_delay")
+        );
+        let (again, _) = plan_apply(
+            &want("unix:/dualroute/d.sock", true),
+            Path::new("/m"),
+            &cur,
+            &record,
+        );
+        assert_eq!(again, vec![]);
     }
 
     #[test]

@@ -108,29 +108,24 @@ async fn probe_one(domain: String, d: DomainConfig, dns: Arc<Dns>, helo: String)
         .map(ToString::to_string)
         .unwrap_or_default();
     let target = holds::probe_target(&d);
-    let result = match probe::verify_with(
-        &d.destination,
-        &dns,
-        &helo,
-        &address,
-        probe::STEP_TIMEOUT,
-        false,
-    )
-    .await
-    {
-        Ok(reports) => match reports.iter().find(|r| r.accepted) {
-            Some(r) => Ok(format!("{} accepts {address}", r.target.addr)),
-            None => Err(reports
-                .iter()
-                .map(|r| {
-                    let e = r.error.as_deref().unwrap_or("not accepted");
-                    format!("{}: {e}", r.target.addr)
-                })
-                .collect::<Vec<_>>()
-                .join("; ")),
-        },
-        Err(e) => Err(e),
-    };
+    // The domain's whole configuration: the probe does STARTTLS where
+    // `destination.tls` requires it (docs/design.md "The destination's
+    // rules").
+    let result =
+        match probe::verify_with(&d, &dns, &helo, &address, probe::STEP_TIMEOUT, false).await {
+            Ok(reports) => match reports.iter().find(|r| r.accepted) {
+                Some(r) => Ok(format!("{} accepts {address}", r.target.addr)),
+                None => Err(reports
+                    .iter()
+                    .map(|r| {
+                        let e = r.error.as_deref().unwrap_or("not accepted");
+                        format!("{}: {e}", r.target.addr)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")),
+            },
+            Err(e) => Err(e),
+        };
     Outcome {
         domain,
         target,
