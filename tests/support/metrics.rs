@@ -14,10 +14,24 @@ pub struct Scrape {
 }
 
 /// `GET path` from the endpoint at `addr`. Blocking: call it from
-/// `spawn_blocking` in an async test.
+/// `spawn_blocking` in an async test. The endpoint starts with the
+/// service's tasks, a moment after the milter's socket is bound: a refused
+/// connection is tried again for up to [`super::WAIT`].
 pub fn get(addr: SocketAddr, path: &str) -> Scrape {
-    let mut stream = TcpStream::connect(addr)
-        .unwrap_or_else(|e| panic!("connect to the metrics endpoint {addr}: {e}"));
+    let mut last = None;
+    let stream = super::poll(|| match TcpStream::connect(addr) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            last = Some(e);
+            None
+        }
+    });
+    let mut stream = stream.unwrap_or_else(|| {
+        panic!(
+            "connect to the metrics endpoint {addr}: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )
+    });
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("read timeout");
