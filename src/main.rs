@@ -53,43 +53,13 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn run(path: PathBuf) -> ExitCode {
-    init_logging();
+    dualroute::logging::init();
     // One worker per CPU unless DUALROUTE_THREADS says otherwise (src/runtime.rs).
     let runtime = match dualroute::runtime::from_env() {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
     runtime.block_on(serve(path))
-}
-
-/// Logs to stderr. Colour only on a terminal (files and the journal get
-/// plain text); no timestamp of our own when stderr is the journal, which
-/// stamps every line itself (systemd.exec(5): JOURNAL_STREAM holds the
-/// device and inode of the stream it connected to stderr).
-fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DUALROUTE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
-    if stderr_is_journal() {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
-}
-
-fn stderr_is_journal() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
-        return false;
-    };
-    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
 }
 
 /// A bound listening socket of either kind.

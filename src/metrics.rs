@@ -31,7 +31,8 @@ use prometheus_client::metrics::{
     histogram::{exponential_buckets, Histogram},
 };
 use prometheus_client::registry::Registry;
-use std::sync::{Arc, Mutex};
+use rustc_hash::FxHashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use std::{convert::Infallible, fmt};
 
@@ -82,6 +83,13 @@ impl Kind {
     }
 }
 
+/// One domain's decision counters: per [`Kind`], live and shadow.
+type DecisionCounters = [OnceLock<Counter>; KINDS * 2];
+
+/// How many [`Kind`]s there are.
+const KINDS: usize = 6;
+const _: () = assert!(Kind::Loop as usize + 1 == KINDS);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     domain: String,
@@ -122,6 +130,11 @@ struct ErrorLabels {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    /// The decision counters by domain, shared with `decisions` (a
+    /// `Counter` is a handle): one FxHash lookup per recipient instead of
+    /// the family's label hashing and a `String` per lookup. A counter is
+    /// made on first use, as the family makes them.
+    decision_counters: std::sync::RwLock<FxHashMap<String, DecisionCounters>>,
     conversations: Counter,
     errors: Family<ErrorLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
@@ -227,6 +240,7 @@ impl Metrics {
         Metrics {
             registry,
             decisions,
+            decision_counters: Default::default(),
             conversations,
             errors,
             reloads,
@@ -244,13 +258,32 @@ impl Metrics {
 
     /// One recipient of managed domain `domain` was decided `kind`.
     pub fn decision(&self, domain: &str, kind: Kind, shadow: bool) {
-        self.decisions
-            .get_or_create(&DecisionLabels {
-                domain: domain.to_owned(),
-                kind: kind.label(),
-                shadow: if shadow { "true" } else { "false" },
-            })
-            .inc();
+        let inc = |counters: &DecisionCounters| {
+            counters[kind as usize * 2 + usize::from(shadow)]
+                .get_or_init(|| {
+                    self.decisions
+                        .get_or_create(&DecisionLabels {
+                            domain: domain.to_owned(),
+                            kind: kind.label(),
+                            shadow: if shadow { "true" } else { "false" },
+                        })
+                        .clone()
+                })
+                .inc();
+        };
+        let known = self
+            .decision_counters
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(counters) = known.get(domain) {
+            return inc(counters);
+        }
+        drop(known);
+        let mut known = self
+            .decision_counters
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        inc(known.entry(domain.to_owned()).or_default());
     }
 
     /// The MTA opened a milter conversation.

@@ -443,8 +443,16 @@ async fn end_of_message(
         .unwrap_or_else(|| "NOQUEUE".into());
     let plan = message.plan();
     // Shadow mode (docs/rollout.md): what live mode would have done with
-    // the shadowed domains' recipients is logged, not done.
-    let would = shadowed_actions(&plan, &message.plan_if_live());
+    // the shadowed domains' recipients is logged, not done. (Without a
+    // shadowed recipient the two plans are the same: not planned twice.)
+    let shadowed = message
+        .recipients
+        .iter()
+        .any(|r| message.is_shadowed(&r.arg));
+    let would = match shadowed {
+        true => shadowed_actions(&plan, &message.plan_if_live()),
+        false => Vec::new(),
+    };
     if !would.is_empty() {
         info!(
             queue_id = %queue_id,

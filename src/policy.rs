@@ -9,7 +9,8 @@
 use crate::accounts::{self, Accounts, LoadError, LoadReport, MatchRules};
 use crate::address::Address;
 use crate::config::{Config, Destination, DomainConfig, UserRule};
-use std::{collections::HashMap, net::IpAddr};
+use rustc_hash::FxHashMap;
+use std::net::IpAddr;
 
 #[derive(Debug)]
 pub struct DomainPolicy {
@@ -19,7 +20,8 @@ pub struct DomainPolicy {
     pub accounts: Option<Accounts>,
     pub report: LoadReport,
     /// Per-user rules by comparison key of the local part.
-    pub users: HashMap<String, UserRule>,
+    /// (FxHash: looked up per RCPT; the keys are the administrator's.)
+    pub users: FxHashMap<String, UserRule>,
 }
 
 impl DomainPolicy {
@@ -44,7 +46,9 @@ impl DomainPolicy {
 pub struct Policy {
     pub config: Config,
     pub rules: MatchRules,
-    pub domains: HashMap<String, DomainPolicy>,
+    /// Looked up several times per RCPT: FxHash, not SipHash. The keys
+    /// are the administrator's, so there is nothing for a client to flood.
+    pub domains: FxHashMap<String, DomainPolicy>,
     /// Account files and their modification times when they were read, to
     /// reload when one changes (docs/design.md §7).
     pub account_files: Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>,
@@ -57,7 +61,7 @@ impl Policy {
             case: config.local_part_case,
             delimiters: config.recipient_delimiter.clone(),
         };
-        let mut domains = HashMap::new();
+        let mut domains = FxHashMap::default();
         // Taken before reading: a change during the read triggers a reload.
         let account_files = config
             .domains

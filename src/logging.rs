@@ -1,0 +1,274 @@
+//! The running milter's log: one line per event on stderr, in
+//! tracing-subscriber's own layout (`TIME LEVEL target: message
+//! field=value …`), written by a formatter of our own.
+//!
+//! Why our own: the milter logs one line per message, and the stock
+//! formatter writes every field through a character-at-a-time escaping
+//! writer: a fifth of the milter's own instructions per message
+//! (BENCHMARKS.md, "Third round"). [`LineFormat`] formats the line in one
+//! go and then makes it safe in one pass: every control character
+//! (C0, DEL, C1) is written as an escape, so a line from the network can
+//! neither colour a terminal nor split itself into two log lines.
+//!
+//! On a terminal (colour) the stock formatter is kept: nobody runs a
+//! production MX with stderr on a terminal.
+
+use std::cell::RefCell;
+use std::fmt::{self, Write as _};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Logs to stderr at `DUALROUTE_LOG` (default `info`). Colour only on a
+/// terminal (files and the journal get plain text); no timestamp of our
+/// own when stderr is the journal, which stamps every line itself
+/// (systemd.exec(5): JOURNAL_STREAM holds the device and inode of the
+/// stream it connected to stderr).
+pub fn init() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUALROUTE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let time = !stderr_is_journal();
+    if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+        let builder = builder.with_ansi(true);
+        if time {
+            builder.init();
+        } else {
+            builder.without_time().init();
+        }
+    } else {
+        builder
+            .with_ansi(false)
+            .event_format(LineFormat { time })
+            .init();
+    }
+}
+
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// One event as one line: `2026-11-29T17:21:35.155000Z  INFO
+/// dualroute::milter: message queue_id=… from=…` (the timestamp only with
+/// `time`), control characters escaped.
+#[derive(Clone, Copy, Debug)]
+pub struct LineFormat {
+    pub time: bool,
+}
+
+thread_local! {
+    /// The line being formatted, reused from event to event.
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+impl<S, N> FormatEvent<S, N> for LineFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _cx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                self.format(&mut line, event)?;
+                write_escaped(&mut writer, &line)
+            }
+            // An event logged while formatting one (a Display impl that
+            // logs): a line of its own.
+            Err(_) => {
+                let mut line = String::new();
+                self.format(&mut line, event)?;
+                write_escaped(&mut writer, &line)
+            }
+        })
+    }
+}
+
+impl LineFormat {
+    /// The line, unescaped, with its newline.
+    pub fn format(&self, line: &mut String, event: &Event<'_>) -> fmt::Result {
+        if self.time {
+            SystemTime.format_time(&mut Writer::new(line))?;
+            line.push(' ');
+        }
+        let meta = event.metadata();
+        line.push_str(level(meta.level()));
+        line.push(' ');
+        line.push_str(meta.target());
+        line.push_str(": ");
+        let mut fields = Fields { line, first: true };
+        event.record(&mut fields);
+        line.push('\n');
+        Ok(())
+    }
+}
+
+/// Padded to five, as tracing-subscriber writes it.
+fn level(level: &Level) -> &'static str {
+    match *level {
+        Level::TRACE => "TRACE",
+        Level::DEBUG => "DEBUG",
+        Level::INFO => " INFO",
+        Level::WARN => " WARN",
+        Level::ERROR => "ERROR",
+    }
+}
+
+/// The event's fields: the message as it is, the others as
+/// `name=value` (a string field quoted), separated by spaces.
+struct Fields<'a> {
+    line: &'a mut String,
+    first: bool,
+}
+
+impl Fields<'_> {
+    /// The separator and the name; `false` for a field not shown.
+    fn start(&mut self, field: &Field) -> bool {
+        let name = field.name();
+        if name.starts_with("log.") {
+            return false;
+        }
+        if !std::mem::take(&mut self.first) {
+            self.line.push(' ');
+        }
+        if name != "message" {
+            self.line.push_str(name.strip_prefix("r#").unwrap_or(name));
+            self.line.push('=');
+        }
+        true
+    }
+}
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if !self.start(field) {
+            return;
+        }
+        if field.name() == "message" {
+            self.line.push_str(value);
+        } else {
+            let _ = write!(self.line, "{value:?}");
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.start(field) {
+            let _ = write!(self.line, "{value:?}");
+        }
+    }
+}
+
+/// Writes `line`, every control character but its final newline as an
+/// escape (`\x1b`, `\x0a`, `\u{9b}`). The usual line has none and is
+/// written in one piece.
+fn write_escaped(out: &mut impl fmt::Write, line: &str) -> fmt::Result {
+    let body = line.strip_suffix('\n').unwrap_or(line);
+    // C1 controls are U+0080..U+009F: 0xc2 and a second byte in UTF-8.
+    let plain = body.bytes().all(|b| b >= 0x20 && b != 0x7f && b != 0xc2);
+    if plain {
+        return out.write_str(line);
+    }
+    for c in body.chars() {
+        match c as u32 {
+            n @ (0..=0x1f | 0x7f) => write!(out, "\\x{n:02x}")?,
+            n @ 0x80..=0x9f => write!(out, "\\u{{{n:x}}}")?,
+            _ => out.write_char(c)?,
+        }
+    }
+    out.write_char('\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn escaped(s: &str) -> String {
+        let mut out = String::new();
+        write_escaped(&mut out, s).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_clean_line_is_written_as_it_is() {
+        let line = "2026-11-29T17:21:35.155000Z  INFO dualroute: bücher <a@b.example> ✓\n";
+        assert_eq!(escaped(line), line);
+    }
+
+    #[test]
+    fn control_characters_become_escapes_and_the_line_stays_one_line() {
+        assert_eq!(
+            escaped("RCPT <a\x1b[31m@b>\nforged line\t\u{9b}x\x7f\n"),
+            "RCPT <a\\x1b[31m@b>\\x0aforged line\\x09\\u{9b}x\\x7f\n"
+        );
+    }
+
+    #[test]
+    fn the_stock_layout_is_kept() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::fmt::MakeWriter;
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl<'a> MakeWriter<'a> for Sink {
+            type Writer = Sink;
+            fn make_writer(&'a self) -> Sink {
+                self.clone()
+            }
+        }
+        let log = |ours: bool| {
+            let sink = Sink::default();
+            let builder = tracing_subscriber::fmt()
+                .with_writer(sink.clone())
+                .with_ansi(false)
+                .without_time();
+            let emit = || {
+                let (queue_id, from, name) = ("4ABC", "<s@x.example>", "quoted");
+                tracing::info!(queue_id = %queue_id, from = %from, "<a@b> keep ({})", "account");
+                tracing::warn!(r#type = name, count = 3, flag = true, "plain");
+                tracing::error!("no fields");
+            };
+            if ours {
+                tracing::subscriber::with_default(
+                    builder.event_format(LineFormat { time: false }).finish(),
+                    emit,
+                );
+            } else {
+                tracing::subscriber::with_default(builder.finish(), emit);
+            }
+            let bytes = sink.0.lock().unwrap().clone();
+            String::from_utf8(bytes).unwrap()
+        };
+        let stock = log(false);
+        assert!(
+            stock.contains("queue_id=4ABC from=<s@x.example>"),
+            "{stock}"
+        );
+        assert_eq!(log(true), stock);
+    }
+}
