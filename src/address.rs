@@ -58,9 +58,24 @@ impl Address {
         // RFC 5321 §4.1.2 Dot-string: atext and dots; UTF-8 allowed
         // (RFC 6531). Specials only inside a quoted local part.
         if !local.starts_with('"')
-            && local
-                .bytes()
-                .any(|b| b <= b' ' || b == 0x7f || b"()<>[]:;@\\,\"".contains(&b))
+            && local.bytes().any(|b| {
+                b <= b' '
+                    || matches!(
+                        b,
+                        0x7f | b'('
+                            | b')'
+                            | b'<'
+                            | b'>'
+                            | b'['
+                            | b']'
+                            | b':'
+                            | b';'
+                            | b'@'
+                            | b'\\'
+                            | b','
+                            | b'"'
+                    )
+            })
         {
             return Err(AddressError::BadChar);
         }
@@ -324,14 +339,22 @@ fn parse_path(path: &str) -> Option<Address> {
 /// (`bob+news`) contains exactly the character that needs it.
 pub fn xtext(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
+    push_xtext(&mut out, s);
+    out
+}
+
+/// [`xtext`], appended to `out`.
+pub fn push_xtext(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
             out.push(b as char);
         } else {
-            out.push_str(&format!("+{b:02X}"));
+            out.push('+');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
         }
     }
-    out
 }
 
 #[cfg(test)]

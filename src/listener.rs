@@ -214,11 +214,22 @@ impl<S: Peer> AsyncRead for Guard<S> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
+                // The timer is moved only when it would fire too late
+                // (the patience shrank mid-packet) or when it fired
+                // before the deadline (input came since): moving it on
+                // every read takes the runtime's timer lock once per
+                // command, and at 64 connections that lock is contended.
                 let deadline = this.last_input + this.patience();
-                if this.timer.deadline() != deadline {
+                if this.timer.deadline() > deadline {
                     this.timer.as_mut().reset(deadline);
                 }
-                ready!(this.timer.as_mut().poll(cx));
+                loop {
+                    ready!(this.timer.as_mut().poll(cx));
+                    if this.timer.deadline() >= deadline {
+                        break;
+                    }
+                    this.timer.as_mut().reset(deadline);
+                }
                 let waited = this.patience().as_secs();
                 if this.framing.mid_packet() {
                     this.report(Problem::Stalled(waited));

@@ -18,7 +18,6 @@ use std::fmt::{self, Write as _};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -72,6 +71,31 @@ pub struct LineFormat {
 thread_local! {
     /// The line being formatted, reused from event to event.
     static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+    /// The timestamp up to its second (`2026-11-29T17:21:35.`) and the
+    /// second it is for: formatted once a second, not once a line.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// `now` as tracing-subscriber writes it: RFC 3339, UTC, microseconds.
+fn push_timestamp(line: &mut String, now: std::time::SystemTime) {
+    let Ok(since) = now.duration_since(std::time::UNIX_EPOCH) else {
+        let _ = write!(line, "{}", humantime::format_rfc3339_micros(now));
+        return;
+    };
+    SECOND.with(|second| {
+        let mut second = second.borrow_mut();
+        if second.0 != since.as_secs() {
+            let full = humantime::format_rfc3339_micros(now).to_string();
+            second.1.clear();
+            second
+                .1
+                .push_str(full.get(..full.len() - 7).unwrap_or(&full));
+            second.0 = since.as_secs();
+        }
+        line.push_str(&second.1);
+    });
+    let micros = since.subsec_micros();
+    let _ = write!(line, "{micros:06}Z");
 }
 
 impl<S, N> FormatEvent<S, N> for LineFormat
@@ -106,7 +130,7 @@ impl LineFormat {
     /// The line, unescaped, with its newline.
     pub fn format(&self, line: &mut String, event: &Event<'_>) -> fmt::Result {
         if self.time {
-            SystemTime.format_time(&mut Writer::new(line))?;
+            push_timestamp(line, std::time::SystemTime::now());
             line.push(' ');
         }
         let meta = event.metadata();
@@ -204,6 +228,23 @@ mod tests {
         let mut out = String::new();
         write_escaped(&mut out, s).unwrap();
         out
+    }
+
+    #[test]
+    fn timestamps_are_rfc_3339_with_microseconds_within_and_across_seconds() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let at = |s: u64, us: u64| {
+            let mut line = String::new();
+            push_timestamp(
+                &mut line,
+                UNIX_EPOCH + Duration::from_micros(s * 1_000_000 + us),
+            );
+            line
+        };
+        assert_eq!(at(1_796_232_095, 155_000), "2026-12-02T17:21:35.155000Z");
+        assert_eq!(at(1_796_232_095, 7), "2026-12-02T17:21:35.000007Z");
+        assert_eq!(at(1_796_232_096, 999_999), "2026-12-02T17:21:36.999999Z");
+        assert_eq!(at(0, 1), "1970-01-01T00:00:00.000001Z");
     }
 
     #[test]

@@ -31,8 +31,8 @@ impl DomainPolicy {
             Destination::Domain {
                 domain,
                 change_envelope: true,
-            } => format!("{local}@{domain}"),
-            _ => format!("{local}@{}.{relay_suffix}", self.name),
+            } => [local, "@", &domain.0].concat(),
+            _ => [local, "@", &self.name, ".", relay_suffix].concat(),
         }
     }
 
