@@ -115,7 +115,10 @@ fn split_at_domain(s: &str) -> Result<usize, AddressError> {
             _ => Err(AddressError::NoAt),
         };
     }
-    s.rfind('@').ok_or(AddressError::NoAt)
+    bytes
+        .iter()
+        .rposition(|&b| b == b'@')
+        .ok_or(AddressError::NoAt)
 }
 
 fn unquote(local: &str) -> Cow<'_, str> {
@@ -151,6 +154,9 @@ pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
             Err(bad("malformed address literal"))
         };
     }
+    if let Some(ascii) = plain_valid_domain(d) {
+        return Ok(ascii);
+    }
     // Plain ASCII names, the usual case, skip IDNA (it would only fold
     // their case): letters, digits, '-', '_' and dots, no A-label
     // (`xn--`, whose Punycode IDNA must check). Anything else, IDNA.
@@ -180,6 +186,40 @@ pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
     } else {
         Err(bad("not a valid domain name"))
     }
+}
+
+/// The usual domain in one pass (this runs for every RCPT): plain ASCII
+/// letters, digits, '-' and '_' in dot-separated labels of 1 to 63, none
+/// starting or ending with '-' and none an A-label (`xn--`), at most 253 in
+/// all; lower-cased. `None` for anything else, which the full path of
+/// [`normalize_domain`] then accepts or refuses, with its reasons.
+fn plain_valid_domain(d: &str) -> Option<String> {
+    let bytes = d.as_bytes();
+    if bytes.is_empty() || bytes.len() > 253 {
+        return None;
+    }
+    let label_ok = |label: &[u8]| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label[0] != b'-'
+            && label[label.len() - 1] != b'-'
+            && !(label.len() >= 4 && label[..4].eq_ignore_ascii_case(b"xn--"))
+    };
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'.' => {
+                if !label_ok(&bytes[start..i]) {
+                    return None;
+                }
+                start = i + 1;
+            }
+            b'-' | b'_' => {}
+            _ if b.is_ascii_alphanumeric() => {}
+            _ => return None,
+        }
+    }
+    label_ok(&bytes[start..]).then(|| d.to_ascii_lowercase())
 }
 
 /// One ESMTP parameter of a RCPT command, e.g. `NOTIFY=NEVER`.

@@ -136,7 +136,6 @@ where
 /// logs malformed input once.
 pub struct Guard<S> {
     stream: S,
-    peer: String,
     framing: Framing,
     command_timeout: Duration,
     idle_timeout: Duration,
@@ -153,7 +152,6 @@ impl<S: Peer> Guard<S> {
         let now = Instant::now();
         let command_timeout = limits.command_timeout.0;
         Guard {
-            peer: stream.describe(),
             stream,
             framing: Framing::default(),
             command_timeout,
@@ -178,7 +176,11 @@ impl<S: Peer> Guard<S> {
     fn report(&mut self, problem: Problem) {
         if !self.framing.reported {
             self.framing.reported = true;
-            warn!("malformed milter input from {}: {problem}", self.peer);
+            // Described only now: a string per connection otherwise.
+            warn!(
+                "malformed milter input from {}: {problem}",
+                self.stream.describe()
+            );
         }
     }
 }
@@ -238,7 +240,7 @@ impl<S: Peer> AsyncRead for Guard<S> {
                 } else {
                     info!(
                         "closing the milter connection from {}: idle for {waited}s (connections.idle_timeout)",
-                        this.peer
+                        this.stream.describe()
                     );
                 }
                 Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
