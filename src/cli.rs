@@ -18,8 +18,9 @@ use std::{net::IpAddr, path::PathBuf};
   NOTIFY_SOCKET  set by systemd (Type=notify): `run` reports READY after binding the socket
                  and RELOADING/READY around a SIGHUP reload.
   DUALROUTE_THREADS  how many threads `run` serves the MTA with: 1 for a single thread,
-                 N for a pool of N; unset: one per CPU (the measured best on a busy
-                 2-CPU MX; BENCHMARKS.md)."
+                 N for a pool of N; unset: one thread (the least CPU per message and
+                 the shortest replies in BENCHMARKS.md; a pool only pays off past
+                 thousands of messages a second on CPUs busy with other work)."
 )]
 pub struct Cli {
     /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]

@@ -54,7 +54,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 
 fn run(path: PathBuf) -> ExitCode {
     dualroute::logging::init();
-    // One worker per CPU unless DUALROUTE_THREADS says otherwise (src/runtime.rs).
+    // One thread unless DUALROUTE_THREADS says otherwise (src/runtime.rs).
     let runtime = match dualroute::runtime::from_env() {
         Ok(r) => r,
         Err(e) => return fail(e),

@@ -4,7 +4,8 @@
 //! A milter conversation is a chain of small request/reply steps: one
 //! thread saves the cross-thread wake-ups of a pool, a pool gets more of
 //! the CPUs when the MTA and others compete for them (BENCHMARKS.md,
-//! "Runtime", has both measured). Account loading runs on tokio's separate
+//! "Runtime" and "Third round", has both measured). Account loading,
+//! state-file writes and the maillog follower run on tokio's separate
 //! blocking pool in either flavour, so one thread does not make a reload
 //! stall the mail path.
 
@@ -20,12 +21,10 @@ pub enum Threads {
     One,
     /// A pool of this many worker threads (tokio's multi-thread runtime).
     Pool(usize),
-    /// A pool of one worker thread per CPU (tokio's default).
-    PerCpu,
 }
 
 /// What `DUALROUTE_THREADS` asks for: unset or empty → the default (one
-/// per CPU), `N` → N threads (1: a single thread).
+/// thread), `N` → N threads (1: a single thread).
 pub fn threads_from(value: Option<&str>) -> Result<Threads, String> {
     let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
         return Ok(DEFAULT);
@@ -34,16 +33,19 @@ pub fn threads_from(value: Option<&str>) -> Result<Threads, String> {
         Ok(1) => Ok(Threads::One),
         Ok(n) if (2..=1024).contains(&n) => Ok(Threads::Pool(n)),
         _ => Err(format!(
-            "{THREADS_VAR}={v:?} is not a thread count: set it to a number from 1 to 1024, or unset it for the default (one per CPU)"
+            "{THREADS_VAR}={v:?} is not a thread count: set it to a number from 1 to 1024, or unset it for the default (one thread)"
         )),
     }
 }
 
-/// The default, from BENCHMARKS.md ("Runtime"): on a 2-CPU machine busy
-/// with other work, as an MX is with its MTA, a pool of one thread per CPU
-/// served 1.5-1.6× the conversations of a single thread at 8 and 64 MTA
-/// connections (a single thread gets one CPU's share at most).
-pub const DEFAULT: Threads = Threads::PerCpu;
+/// The default, from BENCHMARKS.md ("Third round", "Runtime"): on an idle
+/// 2-CPU machine one thread served 1.2-1.35× the conversations of a pool
+/// of two at one MTA connection, as many at 8 and 64, and took 10-45%
+/// less CPU per conversation at every concurrency. A pool only served
+/// more (1.5×) when other work kept both CPUs busy *and* the milter had to
+/// serve far more than any MTA sends (thousands of conversations a
+/// second): there, `DUALROUTE_THREADS=2` or more.
+pub const DEFAULT: Threads = Threads::One;
 
 /// Builds the runtime `DUALROUTE_THREADS` asks for.
 pub fn build(threads: Threads) -> io::Result<tokio::runtime::Runtime> {
@@ -54,7 +56,6 @@ pub fn build(threads: Threads) -> io::Result<tokio::runtime::Runtime> {
             b.worker_threads(n);
             b
         }
-        Threads::PerCpu => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all().build()
 }
