@@ -278,45 +278,49 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
 
 async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let started = Instant::now();
-    // Only valid UTF-8 is parsed: a delete must repeat the argument byte for
-    // byte, which a lossy conversion could not.
-    let strings: Option<Vec<&str>> = args.iter().map(|a| a.to_str().ok()).collect();
-    let arg = match strings {
-        Some(s) => RcptArg::parse(&s),
-        None => RcptArg {
-            raw: args.first().map(|a| text(a)).unwrap_or_default(),
-            address: None,
-            params: Vec::new(),
-        },
-    };
+    let arg = rcpt_arg(&args);
     // Borrowed, not copied, in the usual case (valid UTF-8): this runs for
     // every RCPT.
     let mta = cx.macros.get(c"{rcpt_addr}").map(|m| m.to_string_lossy());
     let Some(message) = cx.data.as_mut().and_then(|s| s.message.as_mut()) else {
         return Status::Continue;
     };
-    let policy = message.policy.clone();
-    let domain = managed_domain(&policy, &arg);
-    let shadow = domain.is_some_and(|d| policy.config.shadow(&d.config));
-    let verdict = message.rcpt(arg, mta.as_deref()).clone();
     let shown = || {
         args.first()
             .map(|a| a.to_string_lossy())
             .unwrap_or_default()
     };
-    let refused = matches!(
+    // The recipient's domain, for the counters of a refusal (one FxHash
+    // lookup): a refusal past max_recipients is not remembered, so it is
+    // taken from the argument now.
+    let policy = message.policy.clone();
+    let domain = managed_domain(&policy, &arg);
+    let verdict = message.rcpt(arg, mta.as_deref());
+    if !matches!(
         verdict.decision,
         Decision::Reject(_) | Decision::Tempfail(_)
-    );
-    // Refusals are counted now: the recipient never reaches end of
-    // message, where the others are.
-    if let (true, Some(domain)) = (refused, domain) {
+    ) {
+        debug!(
+            "RCPT {}: {} ({}); MTA address {}",
+            shown(),
+            verdict.decision,
+            verdict.rule,
+            mta.as_deref().unwrap_or("-")
+        );
+        message.busy += started.elapsed();
+        return Status::Continue;
+    }
+    // Refused (the rare case from here on). Refusals are counted now: the
+    // recipient never reaches end of message, where the others are.
+    let verdict = verdict.clone();
+    let shadow = domain.is_some_and(|d| policy.config.shadow(&d.config));
+    if let Some(domain) = domain {
         service
             .metrics
             .decision(&domain.name, Kind::of(&verdict.decision), shadow);
     }
     message.busy += started.elapsed();
-    if refused && shadow {
+    if shadow {
         // Shadow mode (docs/rollout.md): the decision is logged and
         // counted, and the recipient is accepted as without the milter.
         info!(
@@ -331,28 +335,43 @@ async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
     }
     // A refused recipient never reaches end of message, where the message's
     // line is logged: say it now, as Postfix logs its own "NOQUEUE: reject".
-    if refused {
-        info!(
-            "NOQUEUE: RCPT {}: {} ({}); from={}, MTA address {}",
-            shown(),
-            verdict.decision,
-            verdict.rule,
-            message.sender,
-            mta.as_deref().unwrap_or("-")
-        );
-    } else {
-        debug!(
-            "RCPT {}: {} ({}); MTA address {}",
-            shown(),
-            verdict.decision,
-            verdict.rule,
-            mta.as_deref().unwrap_or("-")
-        );
-    }
+    info!(
+        "NOQUEUE: RCPT {}: {} ({}); from={}, MTA address {}",
+        shown(),
+        verdict.decision,
+        verdict.rule,
+        message.sender,
+        mta.as_deref().unwrap_or("-")
+    );
     match &verdict.decision {
         Decision::Reject(r) => refuse(&mut cx.reply, r, Status::Reject),
         Decision::Tempfail(r) => refuse(&mut cx.reply, r, Status::Tempfail),
         _ => Status::Continue,
+    }
+}
+
+/// The RCPT arguments, parsed. Only valid UTF-8 is parsed: a delete must
+/// repeat the argument byte for byte, which a lossy conversion could not.
+/// (Postfix sends one argument per parameter: the usual RCPT has one or
+/// two, read without a vector of their own.)
+fn rcpt_arg(args: &[CString]) -> RcptArg {
+    let mut few = [""; 4];
+    if args.len() <= few.len()
+        && args
+            .iter()
+            .zip(few.iter_mut())
+            .all(|(a, slot)| a.to_str().map(|s| *slot = s).is_ok())
+    {
+        return RcptArg::parse(&few[..args.len()]);
+    }
+    let strings: Option<Vec<&str>> = args.iter().map(|a| a.to_str().ok()).collect();
+    match strings {
+        Some(s) => RcptArg::parse(&s),
+        None => RcptArg {
+            raw: args.first().map(|a| text(a)).unwrap_or_default(),
+            address: None,
+            params: Vec::new(),
+        },
     }
 }
 
