@@ -12,6 +12,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::info;
 
+/// mimalloc, not glibc's malloc: a milter conversation makes some 90
+/// small allocations, and with many connections open glibc's bins cost
+/// 1.7x its tcache (BENCHMARKS.md, "Third round").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = config::config_path(cli.config.as_deref());
