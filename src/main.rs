@@ -12,11 +12,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::info;
 
-/// mimalloc, not glibc's malloc: a milter conversation makes some 90
-/// small allocations, and with many connections open glibc's bins cost
-/// 1.7x its tcache (BENCHMARKS.md, "Third round").
+mod allocator;
+
+/// mimalloc for small blocks, glibc for large ones (src/allocator.rs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

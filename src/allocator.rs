@@ -1,0 +1,118 @@
+//! The global allocator of `dualroute run`: mimalloc for small blocks,
+//! the system's (glibc's) for large ones.
+//!
+//! Why two (BENCHMARKS.md, "Third round"): a milter conversation makes
+//! some 90 small allocations, and with 64 connections open glibc's bins
+//! cost 1.7× what the no-op milter's allocations cost; mimalloc took 14k
+//! to 19k instructions off every conversation. But the account set of a
+//! domain grows as a few large vectors, which glibc grows in place
+//! (`mremap`) and mimalloc by copying, and mimalloc keeps freed pages a
+//! while: with mimalloc alone, 1M accounts peaked at 59.9 MiB instead of
+//! 42.1 MiB (issue 10 allows 48 MB). Blocks of [`LARGE`] and more stay
+//! with glibc: 45.2 MiB at 4 KiB (47.1 at 64 KiB, 53.0 at 1 MiB), and the
+//! conversation's allocations, all smaller, keep mimalloc's gain.
+//!
+//! Sound because Rust hands `dealloc` and `realloc` the layout a block was
+//! allocated with (`GlobalAlloc`'s contract): its size says which
+//! allocator owns it.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+
+/// From this size on, a block is the system allocator's.
+pub const LARGE: usize = 4096;
+
+/// See the module documentation.
+pub struct Allocator;
+
+fn large(size: usize) -> bool {
+    size >= LARGE
+}
+
+// SAFETY: every call is passed to the allocator that owns the block, chosen
+// by the size of its layout, which is the same at allocation and release.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if large(layout.size()) {
+            System.alloc(layout)
+        } else {
+            mimalloc::MiMalloc.alloc(layout)
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if large(layout.size()) {
+            System.alloc_zeroed(layout)
+        } else {
+            mimalloc::MiMalloc.alloc_zeroed(layout)
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if large(layout.size()) {
+            System.dealloc(ptr, layout)
+        } else {
+            mimalloc::MiMalloc.dealloc(ptr, layout)
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        match (large(layout.size()), large(new_size)) {
+            (true, true) => System.realloc(ptr, layout, new_size),
+            (false, false) => mimalloc::MiMalloc.realloc(ptr, layout, new_size),
+            // Across the line: a new block from the other allocator.
+            _ => {
+                // SAFETY: the caller guarantees `new_size`, rounded up to
+                // the alignment, does not overflow (`realloc`'s contract).
+                let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+                let new = self.alloc(new_layout);
+                if !new.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                }
+                new
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Grows a block from small to large and back, through both
+    /// allocators and across the line, and checks it keeps its bytes.
+    #[test]
+    fn blocks_keep_their_bytes_across_the_line() {
+        let a = Allocator;
+        unsafe {
+            let layout = Layout::from_size_align(1000, 8).unwrap();
+            let mut p = a.alloc(layout);
+            assert!(!p.is_null());
+            for i in 0..1000 {
+                *p.add(i) = (i % 251) as u8;
+            }
+            let mut size = 1000;
+            for new_size in [LARGE - 1, LARGE, 3 * LARGE, LARGE + 1, 500] {
+                p = a.realloc(p, Layout::from_size_align(size, 8).unwrap(), new_size);
+                assert!(!p.is_null());
+                assert_eq!(p as usize % 8, 0);
+                for i in 0..size.min(new_size).min(1000) {
+                    assert_eq!(
+                        *p.add(i),
+                        (i % 251) as u8,
+                        "byte {i} after {size} -> {new_size}"
+                    );
+                }
+                size = new_size;
+            }
+            a.dealloc(p, Layout::from_size_align(size, 8).unwrap());
+            for size in [16, LARGE] {
+                let layout = Layout::from_size_align(size, 64).unwrap();
+                let z = a.alloc_zeroed(layout);
+                assert!(!z.is_null() && z as usize % 64 == 0);
+                assert!((0..size).all(|i| *z.add(i) == 0));
+                a.dealloc(z, layout);
+            }
+        }
+    }
+}
