@@ -39,8 +39,8 @@ pub fn threads_from(value: Option<&str>) -> Result<Threads, String> {
 }
 
 /// The default, from BENCHMARKS.md ("Third round", "Runtime"): on an idle
-/// 2-CPU machine one thread served 1.2-1.35× the conversations of a pool
-/// of two at one MTA connection, as many at 8 and 64, and took 10-45%
+/// 2-CPU machine one thread served 1.35-1.38× the conversations of a pool
+/// of two at one MTA connection, 0.89-1.09× at 8 and 64, and took 3-45%
 /// less CPU per conversation at every concurrency. A pool only served
 /// more (1.5×) when other work kept both CPUs busy *and* the milter had to
 /// serve far more than any MTA sends (thousands of conversations a
