@@ -55,28 +55,7 @@ impl Address {
         if local.is_empty() {
             return Err(AddressError::EmptyLocal);
         }
-        // RFC 5321 §4.1.2 Dot-string: atext and dots; UTF-8 allowed
-        // (RFC 6531). Specials only inside a quoted local part.
-        if !local.starts_with('"')
-            && local.bytes().any(|b| {
-                b <= b' '
-                    || matches!(
-                        b,
-                        0x7f | b'('
-                            | b')'
-                            | b'<'
-                            | b'>'
-                            | b'['
-                            | b']'
-                            | b':'
-                            | b';'
-                            | b'@'
-                            | b'\\'
-                            | b','
-                            | b'"'
-                    )
-            })
-        {
+        if !local.starts_with('"') && local.bytes().any(forbidden_in_local_part) {
             return Err(AddressError::BadChar);
         }
         Ok(Address {
@@ -154,72 +133,56 @@ pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
             Err(bad("malformed address literal"))
         };
     }
-    if let Some(ascii) = plain_valid_domain(d) {
-        return Ok(ascii);
-    }
     // Plain ASCII names, the usual case, skip IDNA (it would only fold
-    // their case): letters, digits, '-', '_' and dots, no A-label
-    // (`xn--`, whose Punycode IDNA must check). Anything else, IDNA.
-    let plain = d
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !d
-            .split('.')
-            .any(|l| l.len() >= 4 && l[..4].eq_ignore_ascii_case("xn--"));
-    let ascii = if plain {
-        d.to_ascii_lowercase()
-    } else {
-        idna::domain_to_ascii(d).map_err(|_| bad("not a valid domain name"))?
-    };
-    let valid = !ascii.is_empty()
-        && ascii.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if valid && ascii.len() <= 253 {
+    // their case): valid labels, none an A-label (`xn--`, whose Punycode
+    // IDNA must check). This runs for every RCPT. Anything else, IDNA,
+    // and the same label rules after it.
+    let mut labels = d.as_bytes().split(|&b| b == b'.');
+    if d.len() <= 253 && labels.all(|l| valid_label(l) && !is_a_label(l)) {
+        return Ok(d.to_ascii_lowercase());
+    }
+    let ascii = idna::domain_to_ascii(d).map_err(|_| bad("not a valid domain name"))?;
+    if ascii.len() <= 253 && ascii.as_bytes().split(|&b| b == b'.').all(valid_label) {
         Ok(ascii)
     } else {
         Err(bad("not a valid domain name"))
     }
 }
 
-/// The usual domain in one pass (this runs for every RCPT): plain ASCII
-/// letters, digits, '-' and '_' in dot-separated labels of 1 to 63, none
-/// starting or ending with '-' and none an A-label (`xn--`), at most 253 in
-/// all; lower-cased. `None` for anything else, which the full path of
-/// [`normalize_domain`] then accepts or refuses, with its reasons.
-fn plain_valid_domain(d: &str) -> Option<String> {
-    let bytes = d.as_bytes();
-    if bytes.is_empty() || bytes.len() > 253 {
-        return None;
-    }
-    let label_ok = |label: &[u8]| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label[0] != b'-'
-            && label[label.len() - 1] != b'-'
-            && !(label.len() >= 4 && label[..4].eq_ignore_ascii_case(b"xn--"))
-    };
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b'.' => {
-                if !label_ok(&bytes[start..i]) {
-                    return None;
-                }
-                start = i + 1;
-            }
-            b'-' | b'_' => {}
-            _ if b.is_ascii_alphanumeric() => {}
-            _ => return None,
-        }
-    }
-    label_ok(&bytes[start..]).then(|| d.to_ascii_lowercase())
+/// A DNS label as a mail domain may have it: 1 to 63 letters, digits,
+/// '-' and '_', not starting or ending with '-'.
+fn valid_label(label: &[u8]) -> bool {
+    matches!((label.first(), label.last()), (Some(&f), Some(&l)) if f != b'-' && l != b'-')
+        && label.len() <= 63
+        && label
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn is_a_label(label: &[u8]) -> bool {
+    label.len() >= 4 && label[..4].eq_ignore_ascii_case(b"xn--")
+}
+
+/// A byte a Dot-string local part may not hold (RFC 5321 §4.1.2: atext
+/// and dots, UTF-8 allowed by RFC 6531): spaces, controls and specials,
+/// which only a quoted local part may contain.
+pub fn forbidden_in_local_part(b: u8) -> bool {
+    b <= b' '
+        || matches!(
+            b,
+            0x7f | b'('
+                | b')'
+                | b'<'
+                | b'>'
+                | b'['
+                | b']'
+                | b':'
+                | b';'
+                | b'@'
+                | b'\\'
+                | b','
+                | b'"'
+        )
 }
 
 /// One ESMTP parameter of a RCPT command, e.g. `NOTIFY=NEVER`.

@@ -109,19 +109,15 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        LINE.with(|line| match line.try_borrow_mut() {
-            Ok(mut line) => {
-                line.clear();
-                self.format(&mut line, event)?;
-                write_escaped(&mut writer, &line)
-            }
-            // An event logged while formatting one (a Display impl that
-            // logs): a line of its own.
-            Err(_) => {
-                let mut line = String::new();
-                self.format(&mut line, event)?;
-                write_escaped(&mut writer, &line)
-            }
+        LINE.with(|line| {
+            // An event logged while one is formatted (a Display impl that
+            // logs) gets a line of its own.
+            let mut own = String::new();
+            let mut shared = line.try_borrow_mut().ok();
+            let line = shared.as_deref_mut().unwrap_or(&mut own);
+            line.clear();
+            self.format(line, event)?;
+            write_escaped(&mut writer, line)
         })
     }
 }

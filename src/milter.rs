@@ -425,8 +425,7 @@ fn count_decisions(service: &Service, message: &Message) {
         } else {
             Kind::of(&r.verdict.decision)
         };
-        let shadow = message.policy.config.shadow(&domain.config);
-        service.metrics.decision(&domain.name, kind, shadow);
+        service.metrics.decision(&domain.name, kind, r.shadow);
     }
 }
 
@@ -469,10 +468,7 @@ async fn end_of_message(
     // Shadow mode (docs/rollout.md): what live mode would have done with
     // the shadowed domains' recipients is logged, not done. (Without a
     // shadowed recipient the two plans are the same: not planned twice.)
-    let shadowed = message
-        .recipients
-        .iter()
-        .any(|r| message.is_shadowed(&r.arg));
+    let shadowed = message.recipients.iter().any(|r| r.shadow);
     let would = match shadowed {
         true => shadowed_actions(&plan, &message.plan_if_live()),
         false => Vec::new(),

@@ -31,6 +31,9 @@ pub struct Session {
 pub struct Recipient {
     pub arg: RcptArg,
     pub verdict: Verdict,
+    /// Its domain runs in shadow mode ([`Message::is_shadowed`]), taken
+    /// once at RCPT: the plan, the log line and the counters ask again.
+    pub shadow: bool,
 }
 
 /// One message, from MAIL to end of message or abort.
@@ -144,6 +147,7 @@ impl Message {
         // breaker trip takes effect at once.
         let holds = self.holds.current();
         let verdict = decide_rcpt(&self.policy, &holds, &self.envelope, &arg, mta);
+        let shadow = self.is_shadowed(&arg);
         let list = if matches!(
             verdict.decision,
             Decision::Reject(_) | Decision::Tempfail(_)
@@ -152,7 +156,11 @@ impl Message {
         } else {
             &mut self.recipients
         };
-        list.push(Recipient { arg, verdict });
+        list.push(Recipient {
+            arg,
+            verdict,
+            shadow,
+        });
         &list[list.len() - 1].verdict
     }
 
@@ -177,7 +185,7 @@ impl Message {
     /// The end-of-message actions: those of the recipients of domains in
     /// live mode. A shadowed recipient stays as the MTA has it.
     pub fn plan(&self) -> Plan {
-        self.plan_for(|r| !self.is_shadowed(&r.arg))
+        self.plan_for(|r| !r.shadow)
     }
 
     /// The end-of-message actions live mode would take for the whole
@@ -288,13 +296,12 @@ impl Message {
                     // queues the recipient, so a delete of the argument as
                     // received would match nothing: delete the bare path too.
                     // A delete that matches nothing does no harm.
+                    // (The raw argument is `<m>` itself unless it had a source
+                    // route: no string made then.)
                     if let Some(m) = r.arg.original_mailbox() {
-                        // The raw argument is `<m>` itself unless it had a
-                        // source route or spaces: no string made then.
-                        let bare = || ["<", m, ">"].concat();
                         if r.arg.raw.len() != m.len() + 2 {
-                            let bare = bare();
-                            if bare != r.arg.raw && !plan.delete.contains(&bare) {
+                            let bare = ["<", m, ">"].concat();
+                            if !plan.delete.contains(&bare) {
                                 plan.delete.push(bare);
                             }
                         }
@@ -303,8 +310,7 @@ impl Message {
                     // request and the original recipient survive.
                     let mut args = orcpt(&r.arg);
                     if let Some(notify) = r.arg.param("NOTIFY").filter(|p| has_value(p)) {
-                        args.push(' ');
-                        let _ = write!(args, "{notify}");
+                        let _ = write!(args, " {notify}");
                     }
                     add(&mut plan, target, args);
                 }
@@ -340,7 +346,7 @@ impl std::fmt::Display for Summary<'_> {
             // same words (docs/rollout.md compares the two).
             // (Piece by piece: `write!` with five arguments costs more
             // than the rest of the line.)
-            let shadow = !matches!(r.verdict.decision, Decision::Keep) && m.is_shadowed(&r.arg);
+            let shadow = !matches!(r.verdict.decision, Decision::Keep) && r.shadow;
             f.write_str(&r.arg.raw)?;
             f.write_str(if shadow { " would " } else { " " })?;
             std::fmt::Display::fmt(&r.verdict.decision, f)?;

@@ -13,7 +13,7 @@
 mod command;
 mod read;
 
-use crate::address::{normalize_domain, Address};
+use crate::address::{forbidden_in_local_part, normalize_domain, Address};
 use crate::config::{AccountSource, LocalPartCase};
 use read::{postmap_keys, read_lines, read_stable, stale_db};
 use std::{borrow::Cow, fmt};
@@ -414,29 +414,14 @@ fn add_entry(
         return Err(bad("missing '@'"));
     };
     let (local, d) = (&entry[..at], &entry[at + 1..]);
-    // RFC 5321 §4.1.2 Dot-string: atext and dots, UTF-8 allowed (RFC
-    // 6531); no spaces, controls or specials outside quotes.
     if local.is_empty() {
         return Err(bad("empty local part"));
     }
-    if let Some(&b) = local.as_bytes().iter().find(|&&b| {
-        b <= b' '
-            || matches!(
-                b,
-                0x7f | b'('
-                    | b')'
-                    | b'<'
-                    | b'>'
-                    | b'['
-                    | b']'
-                    | b':'
-                    | b';'
-                    | b'@'
-                    | b'\\'
-                    | b','
-                    | b'"'
-            )
-    }) {
+    if let Some(&b) = local
+        .as_bytes()
+        .iter()
+        .find(|&&b| forbidden_in_local_part(b))
+    {
         return Err(bad(&format!("{:?} in the local part", b as char)));
     }
     // Fast path for the common case, an entry of this very domain (already
