@@ -9,7 +9,9 @@
 //! benches/noop-libmilter.c. One conversation: negotiate, connect, HELO,
 //! MAIL, three RCPT (two accounts, one unknown: redirected), DATA, one
 //! header, end of headers, end of message with delete + add with ESMTP
-//! parameters + add header. With `--tcp`, each milter over TCP as well
+//! parameters + add header; with the macros Postfix sends a milter that
+//! asks for dualroute's lists (its defaults at connect, `{rcpt_addr}` at
+//! each RCPT, the queue id at end of message), the same to every milter. With `--tcp`, each milter over TCP as well
 //! (libmilter does nothing about the delayed-ACK stall). Prints conversations/s, p50/p99 latency, the
 //! milter process's CPU per conversation, and ratios to the no-op.
 //!
@@ -38,7 +40,7 @@ mod support;
 use dualroute::milter::negotiation;
 use dualroute::runtime::THREADS_VAR;
 use indymilter::{Callbacks, ContextActions, ProtoOpts, Status};
-use indymilter_test::TestConnection;
+use indymilter_test::{MacroStage, TestConnection};
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -292,8 +294,8 @@ impl Server {
         server
     }
 
-    /// User + system CPU time of the process so far.
-    fn cpu(&self) -> Duration {
+    /// User and system CPU time of the process so far.
+    fn cpu_split(&self) -> (Duration, Duration) {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the command name (which may hold spaces).
@@ -304,8 +306,8 @@ impl Server {
             .collect();
         // utime and stime are fields 14 and 15 of stat(5), in USER_HZ
         // (100 per second on Linux).
-        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-        Duration::from_millis(ticks * 10)
+        let ticks = |i: usize| Duration::from_millis(f.get(i).copied().unwrap_or(0) * 10);
+        (ticks(11), ticks(12))
     }
 }
 
@@ -422,6 +424,22 @@ async fn conversation(at: &Endpoint) -> Result<(), String> {
     }
     .map_err(e("negotiate"))?;
     let skipped = c.negotiated_opts();
+    // The macros Postfix sends a milter that asks for dualroute's lists
+    // (src/milter.rs): its defaults at connect, `{rcpt_addr}` (its own
+    // parse of the argument) at RCPT and the queue id at end of message.
+    // Every arm gets the same bytes.
+    c.macros(
+        MacroStage::Connect,
+        [
+            ("j", "mx.bench.test"),
+            ("{daemon_name}", "mx.bench.test"),
+            ("{daemon_addr}", "127.0.0.1"),
+            ("v", "Postfix 3.7.11"),
+            ("_", "client.example.org [203.0.113.9]"),
+        ],
+    )
+    .await
+    .map_err(e("connect macros"))?;
     c.connect(
         "client.example.org",
         std::net::IpAddr::from([203, 0, 113, 9]),
@@ -433,6 +451,10 @@ async fn conversation(at: &Endpoint) -> Result<(), String> {
     }
     c.mail(["<sender@example.org>"]).await.map_err(e("mail"))?;
     for rcpt in ["<alice@bench.test>", "<bob@bench.test>", "<zed@bench.test>"] {
+        let parsed = &rcpt[1..rcpt.len() - 1];
+        c.macros(MacroStage::Rcpt, [("{rcpt_addr}", parsed)])
+            .await
+            .map_err(e("rcpt macros"))?;
         c.rcpt([rcpt]).await.map_err(e("rcpt"))?;
     }
     if !skipped.contains(ProtoOpts::NO_DATA) {
@@ -444,6 +466,9 @@ async fn conversation(at: &Endpoint) -> Result<(), String> {
     if !skipped.contains(ProtoOpts::NO_EOH) {
         c.eoh().await.map_err(e("eoh"))?;
     }
+    c.macros(MacroStage::Eom, [("i", "4XyZ1k2LmNzq")])
+        .await
+        .map_err(e("eom macros"))?;
     let (actions, status) = c.eom().await.map_err(e("eom"))?;
     if status != indymilter_test::Status::Continue || actions.actions.len() != 3 {
         return Err(format!("end of message: {status:?} {:?}", actions.actions));
@@ -456,6 +481,8 @@ struct Run {
     p50: Duration,
     p99: Duration,
     cpu_us: f64,
+    /// The user-space part of `cpu_us` (the rest is the kernel's).
+    user_us: f64,
     /// Conversations that failed (the first error is printed).
     failed: usize,
     /// Conversations that succeeded.
@@ -470,7 +497,7 @@ fn load(
     concurrency: usize,
     secs: f64,
 ) -> Run {
-    let cpu_before = server.cpu();
+    let (user_before, system_before) = server.cpu_split();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(secs);
     let at = Arc::new(at.clone());
@@ -503,7 +530,9 @@ fn load(
         all
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = server.cpu().saturating_sub(cpu_before);
+    let (user, system) = server.cpu_split();
+    let user = user.saturating_sub(user_before);
+    let cpu = user + system.saturating_sub(system_before);
     latencies.sort();
     let n = latencies.len();
     assert!(n > 0, "no conversation completed in {secs}s");
@@ -512,6 +541,7 @@ fn load(
         p50: latencies[n / 2],
         p99: latencies[(n * 99 / 100).min(n - 1)],
         cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+        user_us: user.as_secs_f64() * 1e6 / n as f64,
         failed: failed.load(std::sync::atomic::Ordering::Relaxed),
         done: n,
     }
@@ -598,13 +628,14 @@ fn protocol_arm(o: &Options) {
         o.reps, o.secs
     );
     println!(
-        "{:<28} {:>4} {:>10} {:>9} {:>9} {:>8} {:>13}",
+        "{:<28} {:>4} {:>10} {:>9} {:>9} {:>8} {:>8} {:>13}",
         "milter",
         "C",
         "conv/s",
         "p50",
         "p99",
         if o.callgrind { "instr." } else { "CPU µs" },
+        if o.callgrind { "" } else { "user µs" },
         "vs best no-op"
     );
     for &c in &o.concurrency {
@@ -622,7 +653,7 @@ fn protocol_arm(o: &Options) {
                 runs[i].push(run);
             }
         }
-        let med: Vec<(f64, Duration, Duration, f64)> = runs
+        let med: Vec<(f64, Duration, Duration, f64, f64)> = runs
             .iter()
             .map(|r| {
                 let mut p50: Vec<_> = r.iter().map(|x| x.p50).collect();
@@ -634,6 +665,7 @@ fn protocol_arm(o: &Options) {
                     p50[p50.len() / 2],
                     p99[p99.len() / 2],
                     median_f(r.iter().map(|x| x.cpu_us).collect()),
+                    median_f(r.iter().map(|x| x.user_us).collect()),
                 )
             })
             .collect();
@@ -644,15 +676,21 @@ fn protocol_arm(o: &Options) {
             .filter(|((_, s), _)| s.name.starts_with("no-op"))
             .map(|(_, m)| m.0)
             .fold(0.0, f64::max);
-        for ((_, server), (rate, p50, p99, cpu)) in servers.iter().zip(&med) {
+        for ((_, server), (rate, p50, p99, cpu, user)) in servers.iter().zip(&med) {
+            let user = if o.callgrind {
+                String::new()
+            } else {
+                format!("{user:.0}")
+            };
             println!(
-                "{:<28} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>12.2}x",
+                "{:<28} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>8} {:>12.2}x",
                 server.name,
                 c,
                 rate,
                 p50,
                 p99,
                 cpu,
+                user,
                 rate / noop_rate
             );
         }

@@ -291,10 +291,16 @@ pub fn decide_rcpt(
 ) -> Verdict {
     // An `{rcpt_addr}` without '@' is not a mailbox: Sendmail gives the
     // local user name for its local mailer. Then only our own parse counts.
-    let theirs = mta
-        .map(str::trim)
-        .filter(|m| m.contains('@'))
-        .map(Address::parse);
+    let mta = mta.map(str::trim).filter(|m| m.contains('@'));
+    // The usual case: the MTA's text is the argument's mailbox as it
+    // stands (`<bob@example.com>` and `bob@example.com`), which parses as
+    // ours did. Not parsed twice: this runs for every RCPT.
+    if let (Some(ours), Some(m)) = (&arg.address, mta) {
+        if arg.original_mailbox() == Some(m) {
+            return decide(policy, holds, envelope, Some(ours));
+        }
+    }
+    let theirs = mta.map(Address::parse);
     let managed = |a: &Address| policy.domain(a).is_some();
     match (&arg.address, theirs) {
         (Some(ours), Some(Ok(theirs))) if !same_mailbox(ours, &theirs) => {

@@ -139,8 +139,11 @@ pub struct Guard<S> {
     framing: Framing,
     command_timeout: Duration,
     idle_timeout: Duration,
-    /// When the MTA last sent something (or connected).
+    /// When the MTA last sent something (or connected): taken when the
+    /// connection next waits, not at every read (see `poll_read`).
     last_input: Instant,
+    /// Input came since `last_input` was taken.
+    fresh_input: bool,
     /// Woken at the deadline; moved lazily (not on every read).
     timer: Pin<Box<Sleep>>,
     open: Arc<AtomicUsize>,
@@ -157,6 +160,7 @@ impl<S: Peer> Guard<S> {
             command_timeout,
             idle_timeout: limits.idle_timeout.0,
             last_input: now,
+            fresh_input: false,
             timer: Box::pin(tokio::time::sleep_until(now + command_timeout)),
             open,
         }
@@ -208,7 +212,7 @@ impl<S: Peer> AsyncRead for Guard<S> {
                     }
                 } else {
                     this.stream.after_read();
-                    this.last_input = Instant::now();
+                    this.fresh_input = true;
                     if let Some(problem) = this.framing.feed(input) {
                         this.report(problem);
                     }
@@ -216,6 +220,13 @@ impl<S: Peer> AsyncRead for Guard<S> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
+                // The clock is read when the connection starts to wait, not
+                // at every read: the reads before a wait follow each other
+                // within microseconds, and a clock read costs as much as
+                // the rest of this function.
+                if std::mem::take(&mut this.fresh_input) {
+                    this.last_input = Instant::now();
+                }
                 // The timer is moved only when it would fire too late
                 // (the patience shrank mid-packet) or when it fired
                 // before the deadline (input came since): moving it on
@@ -365,15 +376,26 @@ impl Framing {
                 input = &input[n..];
                 continue;
             }
-            let n = (self.header.len() - self.header_len).min(input.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&input[..n]);
-            self.header_len += n;
-            input = &input[n..];
-            if self.header_len < self.header.len() {
-                break;
-            }
-            self.header_len = 0;
-            let [a, b, c, d, command] = self.header;
+            // A whole header in the input, the usual case, is read where it
+            // is; a split one is gathered in `self.header`.
+            let header = match input.split_first_chunk::<5>() {
+                Some((header, rest)) if self.header_len == 0 => {
+                    input = rest;
+                    *header
+                }
+                _ => {
+                    let n = (self.header.len() - self.header_len).min(input.len());
+                    self.header[self.header_len..self.header_len + n].copy_from_slice(&input[..n]);
+                    self.header_len += n;
+                    input = &input[n..];
+                    if self.header_len < self.header.len() {
+                        break;
+                    }
+                    self.header_len = 0;
+                    self.header
+                }
+            };
+            let [a, b, c, d, command] = header;
             let len = u32::from_be_bytes([a, b, c, d]);
             let problem = self.packet(len, command);
             first = first.or(problem);
@@ -465,6 +487,26 @@ mod tests {
         assert!(!framing.mid_packet());
         let mut whole = Framing::default();
         assert_eq!(whole.feed(&input), None);
+        // Cut anywhere: a header read where it is or gathered over two
+        // reads comes to the same.
+        for cut in 0..input.len() {
+            let mut f = Framing::default();
+            assert_eq!(f.feed(&input[..cut]), None, "cut at {cut}");
+            assert_eq!(f.feed(&input[cut..]), None, "cut at {cut}");
+            assert!(!f.mid_packet(), "cut at {cut}");
+        }
+        let mut garbage = packet(b'O', &[0; 12]);
+        garbage.extend(packet(b'Z', b"x"));
+        for cut in 0..garbage.len() {
+            let mut f = Framing::default();
+            let first = f.feed(&garbage[..cut]);
+            let second = f.feed(&garbage[cut..]);
+            assert_eq!(
+                first.or(second),
+                Some(Problem::Unknown(b'Z')),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

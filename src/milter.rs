@@ -5,11 +5,12 @@ use crate::address::RcptArg;
 use crate::decision::{Decision, Envelope, Rejection};
 use crate::metrics::Kind;
 use crate::service::Service;
-use crate::session::{managed_domain, Message, Plan, Session, LOOP_HEADER};
+use crate::session::{managed_domain, Message, Plan, Rcpt, Session, LOOP_HEADER};
 use indymilter::{
     Actions, Callbacks, Context, ContextActions, EomContext, MacroStage, NegotiateContext,
     ProtoOpts, SetErrorReply, SocketInfo, Status,
 };
+use std::borrow::Cow;
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
 use std::time::Instant;
@@ -281,7 +282,10 @@ async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
     let arg = rcpt_arg(&args);
     // Borrowed, not copied, in the usual case (valid UTF-8): this runs for
     // every RCPT.
-    let mta = cx.macros.get(c"{rcpt_addr}").map(|m| m.to_string_lossy());
+    let mta = cx.macros.get(c"{rcpt_addr}").map(|m| match m.to_str() {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => m.to_string_lossy(),
+    });
     let Some(message) = cx.data.as_mut().and_then(|s| s.message.as_mut()) else {
         return Status::Continue;
     };
@@ -290,12 +294,11 @@ async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
             .map(|a| a.to_string_lossy())
             .unwrap_or_default()
     };
-    // The recipient's domain, for the counters of a refusal (one FxHash
-    // lookup): a refusal past max_recipients is not remembered, so it is
-    // taken from the argument now.
-    let policy = message.policy.clone();
-    let domain = managed_domain(&policy, &arg);
-    let verdict = message.rcpt(arg, mta.as_deref());
+    let Rcpt {
+        verdict,
+        domain,
+        shadow,
+    } = message.rcpt(arg, mta.as_deref());
     if !matches!(
         verdict.decision,
         Decision::Reject(_) | Decision::Tempfail(_)
@@ -312,13 +315,12 @@ async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
     }
     // Refused (the rare case from here on). Refusals are counted now: the
     // recipient never reaches end of message, where the others are.
-    let verdict = verdict.clone();
-    let shadow = domain.is_some_and(|d| policy.config.shadow(&d.config));
     if let Some(domain) = domain {
         service
             .metrics
             .decision(&domain.name, Kind::of(&verdict.decision), shadow);
     }
+    let verdict = verdict.clone();
     message.busy += started.elapsed();
     if shadow {
         // Shadow mode (docs/rollout.md): the decision is logged and

@@ -31,8 +31,18 @@ pub struct Session {
 pub struct Recipient {
     pub arg: RcptArg,
     pub verdict: Verdict,
-    /// Its domain runs in shadow mode ([`Message::is_shadowed`]), taken
+    /// Its domain runs in shadow mode (docs/rollout.md: its decision is
+    /// made, logged and counted, and nothing of it is carried out), taken
     /// once at RCPT: the plan, the log line and the counters ask again.
+    pub shadow: bool,
+}
+
+/// What [`Message::rcpt`] decided for one RCPT.
+pub struct Rcpt<'m> {
+    pub verdict: &'m Verdict,
+    /// The managed domain the recipient belongs to ([`managed_domain`]).
+    pub domain: Option<&'m DomainPolicy>,
+    /// That domain runs in shadow mode.
     pub shadow: bool,
 }
 
@@ -125,9 +135,18 @@ impl Message {
     /// Decides a RCPT and remembers it; `mta` is the MTA's own parse of
     /// the address (`{rcpt_addr}`), when it sent one. A recipient given
     /// twice with the same argument is decided once.
-    pub fn rcpt(&mut self, arg: RcptArg, mta: Option<&str>) -> &Verdict {
+    pub fn rcpt(&mut self, arg: RcptArg, mta: Option<&str>) -> Rcpt<'_> {
+        // Looked up once here, for the shadow flag and the caller's
+        // counters: this runs for every RCPT.
+        let domain = managed_domain(&self.policy, &arg);
+        let shadow = domain.is_some_and(|d| self.policy.config.shadow(&d.config));
+        let answer = |verdict| Rcpt {
+            verdict,
+            domain,
+            shadow,
+        };
         if let Some(i) = self.recipients.iter().position(|r| r.arg.raw == arg.raw) {
-            return &self.recipients[i].verdict;
+            return answer(&self.recipients[i].verdict);
         }
         // Every recipient is remembered until end of message: past the
         // limit, refuse rather than grow without bound. 452 is the reply
@@ -141,13 +160,12 @@ impl Message {
                 .overflow
                 .get_or_insert_with(|| (0, too_many_recipients(limit)));
             *count += 1;
-            return verdict;
+            return answer(verdict);
         }
         // Holds are read per RCPT, not per message: a `disable` or a
         // breaker trip takes effect at once.
         let holds = self.holds.current();
         let verdict = decide_rcpt(&self.policy, &holds, &self.envelope, &arg, mta);
-        let shadow = self.is_shadowed(&arg);
         let list = if matches!(
             verdict.decision,
             Decision::Reject(_) | Decision::Tempfail(_)
@@ -161,7 +179,7 @@ impl Message {
             verdict,
             shadow,
         });
-        &list[list.len() - 1].verdict
+        answer(&list[list.len() - 1].verdict)
     }
 
     pub fn header(&mut self, name: &str, value: &str) {
@@ -173,13 +191,6 @@ impl Message {
         {
             self.loop_header = true;
         }
-    }
-
-    /// Whether the recipient's domain runs in shadow mode (docs/rollout.md):
-    /// its decision is made, logged and counted, and nothing of it is
-    /// carried out.
-    pub fn is_shadowed(&self, arg: &RcptArg) -> bool {
-        managed_domain(&self.policy, arg).is_some_and(|d| self.policy.config.shadow(&d.config))
     }
 
     /// The end-of-message actions: those of the recipients of domains in

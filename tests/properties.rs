@@ -68,6 +68,32 @@ fn mta_form(arg: &RcptArg, pick: u8, other: &str) -> Option<String> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
+    /// An `{rcpt_addr}` that is the argument's own mailbox text is decided
+    /// without a second parse (src/decision.rs): the same verdict as the
+    /// full comparison gives for another spelling of the same mailbox.
+    #[test]
+    fn the_mtas_own_text_decides_as_the_full_comparison(
+        raw in rcpt_like(),
+        gateway in any::<bool>(),
+    ) {
+        let arg = RcptArg::parse(&[raw.as_str()]);
+        let Some(text) = arg.original_mailbox().filter(|_| arg.address.is_some()) else {
+            return Ok(());
+        };
+        // The same mailbox spelt otherwise: the domain in capitals.
+        let Some(at) = text.rfind('@') else { return Ok(()) };
+        let other = format!("{}{}", &text[..=at], text[at + 1..].to_ascii_uppercase());
+        prop_assume!(other != text);
+        let envelope = Envelope {
+            client: Some(if gateway { [192, 0, 2, 25] } else { [203, 0, 113, 9] }.into()),
+            auth: None,
+        };
+        let (policy, holds) = (policy(), Holds::default());
+        let shortcut = decide_rcpt(&policy, &holds, &envelope, &arg, Some(text));
+        let full = decide_rcpt(&policy, &holds, &envelope, &arg, Some(&other));
+        prop_assert_eq!(shortcut, full);
+    }
+
     /// docs/design.md: every recipient ends kept (perhaps with copies),
     /// replaced by exactly one routing address, refused, or tempfailed —
     /// whatever the address and the routing state — and `explain` prints
