@@ -24,13 +24,17 @@
 //! gets a SIGHUP every second, beside the same load without; every
 //! conversation must succeed.
 //!
+//! `--pin` puts the load client on the first CPU and every milter on the
+//! second (taskset), so that no run shares a CPU between the two where
+//! another does not: the figures then vary less from run to run.
+//!
 //! `--threads 1,2` runs dualroute and the no-op once per
 //! `DUALROUTE_THREADS` value; `--before PATH` adds an earlier dualroute
 //! build as an arm of its own (before/after in one run).
 //!
 //! ```text
 //! scripts/bench.sh [--quick] [--tcp] [--postfix] [--reps N] [--secs S] [--concurrency 1,8,64] [--accounts N]
-//! cargo bench --bench milter -- [same options] [--libmilter PATH] [--threads 1,2] [--before PATH] [--reload]
+//! cargo bench --bench milter -- [same options] [--libmilter PATH] [--threads 1,2] [--before PATH] [--reload] [--pin] [--callgrind]
 //! ```
 
 #[allow(unused_imports)]
@@ -66,6 +70,8 @@ struct Options {
     /// Run each milter under callgrind and count the instructions it
     /// executes per conversation (repeatable on a busy machine).
     callgrind: bool,
+    /// Client on the first CPU, milters on the second.
+    pin: bool,
     /// Another dualroute binary (an earlier build) as an arm of its own:
     /// before/after in one run.
     before: Option<PathBuf>,
@@ -86,6 +92,7 @@ fn options() -> Options {
         before: None,
         reload: false,
         callgrind: false,
+        pin: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -96,6 +103,7 @@ fn options() -> Options {
             "--tcp" => o.tcp = true,
             "--reload" => o.reload = true,
             "--callgrind" => o.callgrind = true,
+            "--pin" => o.pin = true,
             "--reps" => o.reps = value().parse().unwrap_or_else(|_| usage("--reps")),
             "--secs" => o.secs = value().parse().unwrap_or_else(|_| usage("--secs")),
             "--accounts" => o.accounts = value().parse().unwrap_or_else(|_| usage("--accounts")),
@@ -134,6 +142,9 @@ fn usage(bad: &str) -> ! {
 
 fn main() {
     let o = options();
+    if o.pin {
+        pin_client();
+    }
     if o.postfix {
         postfix_arm(&o);
     } else if o.reload {
@@ -697,18 +708,35 @@ fn protocol_arm(o: &Options) {
     }
 }
 
-/// `command` as it is, or under callgrind (`--callgrind`), collecting
-/// nothing until [`callgrind_control`] zeroes the counters.
+/// `command` as it is, under callgrind (`--callgrind`), collecting
+/// nothing until [`callgrind_control`] zeroes the counters, and with
+/// `--pin` on the second CPU.
 fn under(o: &Options, dir: &Path, command: Command) -> Command {
-    if !o.callgrind {
-        return command;
+    let command = if o.callgrind {
+        wrapped(
+            "valgrind",
+            &[
+                "--tool=callgrind".into(),
+                "--quiet".into(),
+                format!("--callgrind-out-file={}/callgrind.%p", dir.display()),
+            ],
+            command,
+        )
+    } else {
+        command
+    };
+    if o.pin {
+        wrapped("taskset", &["--cpu-list".into(), "1".into()], command)
+    } else {
+        command
     }
-    let mut c = Command::new("valgrind");
-    c.args(["--tool=callgrind", "--quiet"])
-        .arg(format!(
-            "--callgrind-out-file={}/callgrind.%p",
-            dir.display()
-        ))
+}
+
+/// `command` run by `program` with `args` before it, in the same
+/// environment; its standard error discarded.
+fn wrapped(program: &str, args: &[String], command: Command) -> Command {
+    let mut c = Command::new(program);
+    c.args(args)
         .arg(command.get_program())
         .args(command.get_args())
         .stderr(Stdio::null());
@@ -719,6 +747,24 @@ fn under(o: &Options, dir: &Path, command: Command) -> Command {
         };
     }
     c
+}
+
+/// `--pin`: this process (the load client, and every thread it starts
+/// from now on) on the first CPU; the milters go on the second
+/// ([`under`]). Whether client and milter share a CPU changes a
+/// conversation's cost by more than the difference measured, from run to
+/// run as the scheduler places them; pinned, every arm runs alike.
+fn pin_client() {
+    let ok = Command::new("taskset")
+        .args(["--cpu-list", "--pid", "0"])
+        .arg(std::process::id().to_string())
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "taskset failed (package util-linux; --pin needs two CPUs)"
+    );
 }
 
 fn callgrind_control(server: &Server, what: &str) {
