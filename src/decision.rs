@@ -51,8 +51,20 @@ impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Decision::Keep => f.write_str("keep"),
-            Decision::Copy(to) => write!(f, "copy to {}", to.join(", ")),
-            Decision::Redirect(to) => write!(f, "redirect to {to}"),
+            // Piece by piece, not `write!`: every message's log line
+            // holds its recipients' decisions and rules.
+            Decision::Copy(to) => {
+                f.write_str("copy to ")?;
+                for (i, t) in to.iter().enumerate() {
+                    f.write_str(if i == 0 { "" } else { ", " })?;
+                    f.write_str(t)?;
+                }
+                Ok(())
+            }
+            Decision::Redirect(to) => {
+                f.write_str("redirect to ")?;
+                f.write_str(to)
+            }
             Decision::Reject(r) => write!(f, "reject {}", r),
             Decision::Tempfail(r) => write!(f, "tempfail {}", r),
         }
@@ -179,16 +191,15 @@ impl fmt::Display for Rule {
                 present: _,
                 has_accounts: false,
             } => write!(f, "mode {mode}"),
-            Rule::Mode {
-                mode,
-                present: true,
-                ..
-            } => write!(f, "mode {mode}, account present here"),
-            Rule::Mode {
-                mode,
-                present: false,
-                ..
-            } => write!(f, "mode {mode}, no account here"),
+            Rule::Mode { mode, present, .. } => {
+                f.write_str("mode ")?;
+                fmt::Display::fmt(mode, f)?;
+                f.write_str(if *present {
+                    ", account present here"
+                } else {
+                    ", no account here"
+                })
+            }
         }
     }
 }

@@ -239,6 +239,15 @@ fn text(s: &CStr) -> String {
     s.to_string_lossy().into_owned()
 }
 
+/// `s` as text, borrowed when it is valid UTF-8 (the usual case; checked
+/// faster than by `to_string_lossy`).
+fn borrowed(s: &CStr) -> Cow<'_, str> {
+    match s.to_str() {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => s.to_string_lossy(),
+    }
+}
+
 async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let started = Instant::now();
     let policy = service.policy();
@@ -282,10 +291,7 @@ async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
     let arg = rcpt_arg(&args);
     // Borrowed, not copied, in the usual case (valid UTF-8): this runs for
     // every RCPT.
-    let mta = cx.macros.get(c"{rcpt_addr}").map(|m| match m.to_str() {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => m.to_string_lossy(),
-    });
+    let mta = cx.macros.get(c"{rcpt_addr}").map(borrowed);
     let Some(message) = cx.data.as_mut().and_then(|s| s.message.as_mut()) else {
         return Status::Continue;
     };
@@ -414,9 +420,15 @@ async fn eom(service: Arc<Service>, cx: &mut EomContext<Session>) -> Status {
 /// the message carries our own loop header counts as `loop`, in shadow
 /// mode too: that is what live mode would have done.
 fn count_decisions(service: &Service, message: &Message) {
-    for r in &message.recipients {
-        let Some(domain) = managed_domain(&message.policy, &r.arg) else {
-            continue;
+    for r in message.recipients.iter().filter(|r| r.managed) {
+        // Its domain as the policy names it: the parsed one, which found
+        // the domain at RCPT (not looked up again per recipient).
+        let domain = match &r.arg.address {
+            Some(a) => a.domain.as_str(),
+            None => match managed_domain(&message.policy, &r.arg) {
+                Some(d) => d.name.as_str(),
+                None => continue,
+            },
         };
         let routes = matches!(
             r.verdict.decision,
@@ -427,7 +439,7 @@ fn count_decisions(service: &Service, message: &Message) {
         } else {
             Kind::of(&r.verdict.decision)
         };
-        service.metrics.decision(&domain.name, kind, r.shadow);
+        service.metrics.decision(domain, kind, r.shadow);
     }
 }
 
@@ -464,8 +476,7 @@ async fn end_of_message(
     let queue_id = cx
         .macros
         .get(c"i")
-        .map(text)
-        .unwrap_or_else(|| "NOQUEUE".into());
+        .map_or(Cow::Borrowed("NOQUEUE"), borrowed);
     let plan = message.plan();
     // Shadow mode (docs/rollout.md): what live mode would have done with
     // the shadowed domains' recipients is logged, not done. (Without a

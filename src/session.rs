@@ -35,6 +35,8 @@ pub struct Recipient {
     /// made, logged and counted, and nothing of it is carried out), taken
     /// once at RCPT: the plan, the log line and the counters ask again.
     pub shadow: bool,
+    /// It belongs to a managed domain ([`managed_domain`]), also taken once.
+    pub managed: bool,
 }
 
 /// What [`Message::rcpt`] decided for one RCPT.
@@ -178,6 +180,7 @@ impl Message {
             arg,
             verdict,
             shadow,
+            managed: domain.is_some(),
         });
         answer(&list[list.len() - 1].verdict)
     }

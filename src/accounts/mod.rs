@@ -44,10 +44,13 @@ impl MatchRules {
     /// `bob+news` → `bob`: the part before the first delimiter, as Postfix
     /// does with `recipient_delimiter`. `None` when there is no extension.
     pub fn base<'a>(&self, key: &'a str) -> Option<&'a str> {
-        if self.delimiters.is_empty() {
-            return None;
-        }
-        let i = key.find(|c| self.delimiters.contains(c))?;
+        let i = match self.delimiters.as_bytes() {
+            [] => return None,
+            // One ASCII delimiter, the usual `+`: a byte search (this runs
+            // for every RCPT that is not an account as it stands).
+            &[d] => key.bytes().position(|b| b == d)?,
+            _ => key.find(|c| self.delimiters.contains(c))?,
+        };
         (i > 0).then(|| &key[..i])
     }
 }
