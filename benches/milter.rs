@@ -24,6 +24,11 @@
 //! gets a SIGHUP every second, beside the same load without; every
 //! conversation must succeed.
 //!
+//! `--noop-preload LIB` adds the no-op once more with `LD_PRELOAD=LIB`
+//! (scripts/bench.sh: Debian's mimalloc, the allocator dualroute links
+//! for small blocks), so that the best no-op is not held back by glibc's
+//! malloc.
+//!
 //! `--pin` puts the load client on the first CPU and every milter on the
 //! second (taskset), so that no run shares a CPU between the two where
 //! another does not: the figures then vary less from run to run.
@@ -34,7 +39,7 @@
 //!
 //! ```text
 //! scripts/bench.sh [--quick] [--tcp] [--postfix] [--reps N] [--secs S] [--concurrency 1,8,64] [--accounts N]
-//! cargo bench --bench milter -- [same options] [--libmilter PATH] [--threads 1,2] [--before PATH] [--reload] [--pin] [--callgrind]
+//! cargo bench --bench milter -- [same options] [--libmilter PATH] [--threads 1,2] [--before PATH] [--reload] [--pin] [--callgrind] [--noop-preload LIB]
 //! ```
 
 #[allow(unused_imports)]
@@ -72,6 +77,9 @@ struct Options {
     callgrind: bool,
     /// Client on the first CPU, milters on the second.
     pin: bool,
+    /// A malloc to preload into a second no-op arm (`LD_PRELOAD`): the
+    /// no-op with the allocator dualroute brings (src/allocator.rs).
+    noop_preload: Option<PathBuf>,
     /// Another dualroute binary (an earlier build) as an arm of its own:
     /// before/after in one run.
     before: Option<PathBuf>,
@@ -93,6 +101,7 @@ fn options() -> Options {
         reload: false,
         callgrind: false,
         pin: false,
+        noop_preload: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -110,6 +119,7 @@ fn options() -> Options {
             "--messages" => o.messages = value().parse().unwrap_or_else(|_| usage("--messages")),
             "--libmilter" => o.libmilter = Some(value().into()),
             "--before" => o.before = Some(value().into()),
+            "--noop-preload" => o.noop_preload = Some(value().into()),
             "--threads" => o.threads = value().split(',').map(str::to_owned).collect(),
             "--concurrency" => {
                 o.concurrency = value()
@@ -611,15 +621,32 @@ fn protocol_arm(o: &Options) {
                 servers.push((dr, server));
             }
         }
-        for &t in &threads {
-            let tag = format!("no-op indymilter{}{suffix}", label(t));
-            let nop = at(&tag.replace(' ', "-"));
-            let mut command = noop(&nop.socket(), "alike");
-            if let Some(t) = t {
-                command.env(THREADS_VAR, t);
+        // The no-op as it is, and with --noop-preload also with that
+        // malloc (e.g. mimalloc, which dualroute links for small blocks).
+        let mallocs = std::iter::once(None).chain(o.noop_preload.iter().map(Some));
+        for preload in mallocs {
+            for &t in &threads {
+                // `libmimalloc.so.2` → ` mimalloc`.
+                let with = preload
+                    .and_then(|p| p.file_name())
+                    .map(|f| {
+                        let f = f.to_string_lossy();
+                        let f = f.strip_prefix("lib").unwrap_or(&f);
+                        format!(" {}", f.split('.').next().unwrap_or(f))
+                    })
+                    .unwrap_or_default();
+                let tag = format!("no-op indymilter{with}{}{suffix}", label(t));
+                let nop = at(&tag.replace(' ', "-"));
+                let mut command = noop(&nop.socket(), "alike");
+                if let Some(t) = t {
+                    command.env(THREADS_VAR, t);
+                }
+                if let Some(p) = preload {
+                    command.env("LD_PRELOAD", p);
+                }
+                let server = Server::start(&tag, under(o, dir, command), || nop.ready());
+                servers.push((nop, server));
             }
-            let server = Server::start(&tag, under(o, dir, command), || nop.ready());
-            servers.push((nop, server));
         }
         if let Some(lib) = &o.libmilter {
             let lm = at("libmilter");
@@ -639,7 +666,7 @@ fn protocol_arm(o: &Options) {
         o.reps, o.secs
     );
     println!(
-        "{:<28} {:>4} {:>10} {:>9} {:>9} {:>8} {:>8} {:>13}",
+        "{:<34} {:>4} {:>10} {:>9} {:>9} {:>8} {:>8} {:>13}",
         "milter",
         "C",
         "conv/s",
@@ -694,7 +721,7 @@ fn protocol_arm(o: &Options) {
                 format!("{user:.0}")
             };
             println!(
-                "{:<28} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>8} {:>12.2}x",
+                "{:<34} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>8} {:>12.2}x",
                 server.name,
                 c,
                 rate,

@@ -5,8 +5,10 @@
 #   scripts/bench.sh --quick    smoke run (seconds): every arm once, tiny
 #
 # Builds the libmilter no-op from benches/noop-libmilter.c (installs
-# Debian's libmilter-dev first, as root, when it is missing), then runs
-#   1. the protocol arm: dualroute vs the no-op indymilter vs libmilter;
+# Debian's libmilter-dev first, as root, when it is missing; and
+# libmimalloc2.0, preloaded into a second no-op), then runs
+#   1. the protocol arm: dualroute vs the no-op indymilter (glibc malloc
+#      and mimalloc) vs libmilter;
 #   2. the Postfix arm: smtp-source through a private Postfix (needs root
 #      and the postfix package: scripts/test-deps.sh);
 #   3. the reload arm: SIGHUP every second under load, no failures;
@@ -30,6 +32,20 @@ if [ ! -e /usr/include/libmilter/mfapi.h ]; then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libmilter-dev
 fi
+# The no-op once more with mimalloc preloaded: dualroute links mimalloc
+# for small blocks (src/allocator.rs), and the best no-op should not be
+# held back by glibc's malloc.
+mimalloc=$(ldconfig -p | sed -n 's/.*libmimalloc\.so\.2 .*=> //p' | head -n 1)
+if [ -z "$mimalloc" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        say "libmimalloc2.0 is missing: run as root, or apt-get install libmimalloc2.0"
+        exit 1
+    fi
+    say "installing libmimalloc2.0 (the no-op's second allocator)"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libmimalloc2.0
+    mimalloc=$(ldconfig -p | sed -n 's/.*libmimalloc\.so\.2 .*=> //p' | head -n 1)
+fi
 libmilter=target/release/noop-libmilter
 mkdir -p target/release
 cc -O2 -Wall -o "$libmilter" benches/noop-libmilter.c -lmilter -lpthread
@@ -37,7 +53,7 @@ cc -O2 -Wall -o "$libmilter" benches/noop-libmilter.c -lmilter -lpthread
 cargo build --release --bench milter --bench accounts
 
 say "protocol arm"
-cargo bench --bench milter -- $quick --libmilter "$libmilter" "$@"
+cargo bench --bench milter -- $quick --libmilter "$libmilter" --noop-preload "$mimalloc" "$@"
 
 say "reload arm"
 cargo bench --bench milter -- $quick --reload
