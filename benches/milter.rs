@@ -30,8 +30,9 @@
 //! malloc.
 //!
 //! `--pin` puts the load client on the first CPU and every milter on the
-//! second (taskset), so that no run shares a CPU between the two where
-//! another does not: the figures then vary less from run to run.
+//! second (taskset), so that the client never takes the milter's CPU
+//! (BENCHMARKS.md, "Fourth round": at one connection the client's
+//! preemptions otherwise cost the milter more than its own work).
 //!
 //! `--threads 1,2` runs dualroute and the no-op once per
 //! `DUALROUTE_THREADS` value; `--before PATH` adds an earlier dualroute
@@ -778,9 +779,7 @@ fn wrapped(program: &str, args: &[String], command: Command) -> Command {
 
 /// `--pin`: this process (the load client, and every thread it starts
 /// from now on) on the first CPU; the milters go on the second
-/// ([`under`]). Whether client and milter share a CPU changes a
-/// conversation's cost by more than the difference measured, from run to
-/// run as the scheduler places them; pinned, every arm runs alike.
+/// ([`under`]), where the client cannot preempt them.
 fn pin_client() {
     let ok = Command::new("taskset")
         .args(["--cpu-list", "--pid", "0"])
