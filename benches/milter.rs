@@ -11,7 +11,8 @@
 //! header, end of headers, end of message with delete + add with ESMTP
 //! parameters + add header; with the macros Postfix sends a milter that
 //! asks for dualroute's lists (its defaults at connect, `{rcpt_addr}` at
-//! each RCPT, the queue id at end of message), the same to every milter. With `--tcp`, each milter over TCP as well
+//! each RCPT, the queue id at end of message), the same to every milter.
+//! With `--tcp`, each milter over TCP as well
 //! (libmilter does nothing about the delayed-ACK stall). Prints conversations/s, p50/p99 latency, the
 //! milter process's CPU per conversation, and ratios to the no-op.
 //!

@@ -35,7 +35,8 @@ fi
 # The no-op once more with mimalloc preloaded: dualroute links mimalloc
 # for small blocks (src/allocator.rs), and the best no-op should not be
 # held back by glibc's malloc.
-mimalloc=$(ldconfig -p | sed -n 's/.*libmimalloc\.so\.2 .*=> //p' | head -n 1)
+find_mimalloc() { ldconfig -p | sed -n 's/.*libmimalloc\.so\.2 .*=> //p' | head -n 1; }
+mimalloc=$(find_mimalloc)
 if [ -z "$mimalloc" ]; then
     if [ "$(id -u)" != 0 ]; then
         say "libmimalloc2.0 is missing: run as root, or apt-get install libmimalloc2.0"
@@ -44,7 +45,7 @@ if [ -z "$mimalloc" ]; then
     say "installing libmimalloc2.0 (the no-op's second allocator)"
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libmimalloc2.0
-    mimalloc=$(ldconfig -p | sed -n 's/.*libmimalloc\.so\.2 .*=> //p' | head -n 1)
+    mimalloc=$(find_mimalloc)
 fi
 libmilter=target/release/noop-libmilter
 mkdir -p target/release

@@ -16,17 +16,17 @@
 //! allocated with (`GlobalAlloc`'s contract): its size says which
 //! allocator owns it.
 //!
-//! The mimalloc crate asks for every block through `mi_malloc_aligned`,
-//! whose checks, and its slow path when the alignment exceeds the size
-//! (a 4-byte block aligned to 8), cost a conversation some 2k
-//! instructions (BENCHMARKS.md, "Fourth round"). Every mimalloc block is
-//! aligned to at least a machine word, so a layout that asks for no more
-//! ([`WORD`]) goes to plain `mi_malloc`, as std's system allocator sends
-//! such layouts to plain `malloc`.
+//! mimalloc is called through its own functions (libmimalloc-sys), not
+//! the mimalloc crate's allocator: that one asks for every block through
+//! `mi_malloc_aligned`, whose checks, and its slow path when the alignment
+//! exceeds the size (a 4-byte block aligned to 8), cost a conversation
+//! some 2k instructions (BENCHMARKS.md, "Fourth round"). Every mimalloc
+//! block is aligned to at least a machine word, so a layout that asks for
+//! no more ([`WORD`]) goes to plain `mi_malloc`, as std's system allocator
+//! sends such layouts to plain `malloc`.
 
 use libmimalloc_sys as mi;
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::ffi::c_void;
 
 /// The alignment of every block mimalloc hands out: a machine word.
 const WORD: usize = std::mem::size_of::<usize>();
@@ -52,7 +52,7 @@ unsafe impl GlobalAlloc for Allocator {
         } else if layout.align() <= WORD {
             mi::mi_malloc(layout.size()).cast()
         } else {
-            mimalloc::MiMalloc.alloc(layout)
+            mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
         }
     }
 
@@ -62,7 +62,7 @@ unsafe impl GlobalAlloc for Allocator {
         } else if layout.align() <= WORD {
             mi::mi_zalloc(layout.size()).cast()
         } else {
-            mimalloc::MiMalloc.alloc_zeroed(layout)
+            mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
         }
     }
 
@@ -70,17 +70,15 @@ unsafe impl GlobalAlloc for Allocator {
         if large(layout.size()) {
             System.dealloc(ptr, layout)
         } else {
-            mimalloc::MiMalloc.dealloc(ptr, layout)
+            mi::mi_free(ptr.cast())
         }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         match (large(layout.size()), large(new_size)) {
             (true, true) => System.realloc(ptr, layout, new_size),
-            (false, false) if layout.align() <= WORD => {
-                mi::mi_realloc(ptr.cast::<c_void>(), new_size).cast()
-            }
-            (false, false) => mimalloc::MiMalloc.realloc(ptr, layout, new_size),
+            (false, false) if layout.align() <= WORD => mi::mi_realloc(ptr.cast(), new_size).cast(),
+            (false, false) => mi::mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast(),
             // Across the line: a new block from the other allocator.
             _ => {
                 // SAFETY: the caller guarantees `new_size`, rounded up to
