@@ -93,6 +93,18 @@ async fn listen(listen: &config::Socket) -> Result<Listener, String> {
 }
 
 async fn serve(path: PathBuf) -> ExitCode {
+    // Handlers first: whoever sees the socket accept (systemd, logrotate,
+    // an admin) may signal us at once, even while the accounts load. A
+    // SIGTERM or SIGHUP that comes early is kept and acted on when the
+    // milter serves, instead of killing it (docs/design.md, "Signals").
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => return fail("cannot install signal handlers"),
+    };
     let policy = match dualroute::load_policy(&path) {
         Ok(p) => p,
         Err(e) => return fail(e),
@@ -103,14 +115,6 @@ async fn serve(path: PathBuf) -> ExitCode {
         Err(e) => return fail(e),
     };
     let service = Service::new(&path, policy, Intervals::default());
-    let (mut hup, mut term, mut int) = match (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
-        _ => return fail("cannot install signal handlers"),
-    };
     // SIGHUP: reload configuration and accounts (src/service/reload.rs).
     // A reload asked for while one runs is done once after it.
     let (reload, reloads) = mpsc::channel(1);

@@ -1,7 +1,9 @@
 //! The real `dualroute run` on a unix socket: one milter per socket
 //! (a second instance is refused and the first keeps serving), a stale
 //! socket is replaced, the socket is 0660 with its directory's group and is
-//! removed on exit only while it is still ours; systemd notification
+//! removed on exit only while it is still ours; a SIGTERM or SIGHUP sent
+//! as soon as the socket accepts, while the milter is still starting, is
+//! handled (not the default action); systemd notification
 //! (READY, RELOADING/READY around SIGHUP); `check` on the socket
 //! directory. (Logs: tests/logging.rs.)
 
@@ -141,6 +143,85 @@ fn a_socket_that_is_no_longer_ours_is_left_in_place() {
         "dualroute removed a socket that was not its own"
     );
     drop(other);
+}
+
+/// A milter that accepts connections but is still starting: its state
+/// file is a FIFO, so reading the holds waits until the test writes to it.
+/// Anything that sees the socket accept may signal the milter (systemd,
+/// logrotate, an admin): the signal must be handled, not kill it.
+fn stalled_after_bind(s: &UnixTree) -> (MilterProcess, std::path::PathBuf) {
+    let state = s.dir.join("state");
+    fs::create_dir_all(&state).expect("create the state directory");
+    let fifo = state.join("example.com.disabled");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo (coreutils)");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let milter = MilterProcess::start_unix(&s.config, &s.socket, &s.dir.join("m.log"), &[]);
+    (milter, fifo)
+}
+
+/// Lets the stalled milter go on: the FIFO is moved aside (later reads
+/// find no state file) and opened for writing, which ends the milter's
+/// read with nothing read. Gives up if the milter is gone.
+fn release(milter: &mut MilterProcess, fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let parked = fifo.with_extension("released");
+    fs::rename(fifo, &parked).expect("move the FIFO aside");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while milter.is_running() && Instant::now() < deadline {
+        // Non-blocking: ENXIO while the milter has not opened it yet.
+        match fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&parked)
+        {
+            Ok(_) => return,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("open {}: {e}", parked.display()),
+        }
+    }
+}
+
+#[test]
+fn a_signal_while_starting_is_handled_once_the_socket_accepts() {
+    // SIGTERM: a clean exit, and our socket file removed.
+    let s = setup();
+    let (mut milter, fifo) = stalled_after_bind(&s);
+    milter.signal("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    release(&mut milter, &fifo);
+    let status = milter.wait_exit();
+    assert!(
+        status.success(),
+        "SIGTERM while starting: {status}, not a clean exit:\n{}",
+        milter.log()
+    );
+    assert!(
+        !s.socket.exists(),
+        "a clean exit removes our own socket file"
+    );
+
+    // SIGHUP: the milter reloads and keeps serving.
+    let s = setup();
+    let (mut milter, fifo) = stalled_after_bind(&s);
+    milter.signal("HUP");
+    std::thread::sleep(Duration::from_millis(200));
+    release(&mut milter, &fifo);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !milter.log().contains("SIGHUP: reloaded") && Instant::now() < deadline {
+        assert!(
+            milter.is_running(),
+            "SIGHUP while starting killed the milter:\n{}",
+            milter.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(milter.is_running(), "{}", milter.log());
+    converse(&s.socket);
 }
 
 #[test]
