@@ -5,8 +5,11 @@
 //!
 //!     DUALROUTE_BLESS=1 cargo test --release --test man_pages
 //!
-//! milter.yaml(5) is written by hand: the test checks that it names every
-//! key of the documented milter.yaml.
+//! milter.yaml(5) and the two milter.yaml files (the repository's, and
+//! the one the package installs in /etc/dualroute/) are written by hand:
+//! the binary is asked for every key it accepts and all three must show
+//! each one; the package's file, with its commented-out blocks switched
+//! on, must pass `dualroute check`.
 
 use clap::CommandFactory;
 use std::fs;
@@ -201,59 +204,194 @@ fn completions_match_the_command_line() {
     );
 }
 
-#[test]
-fn milter_yaml_5_documents_every_key() {
-    let page = fs::read_to_string(packaging("man/milter.yaml.5")).expect("milter.yaml.5");
-    // The keys of docs/design.md §5 / the repository's milter.yaml.
-    let example = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("milter.yaml"))
-        .expect("milter.yaml");
-    for k in [
-        "listen",
-        "instance",
-        "relay_suffix",
-        "recipient_delimiter",
-        "local_part_case",
-        "gateways",
-        "state_dir",
-        "domains",
-        "mode",
-        "enabled",
+/// Where an unknown key is put to make `dualroute check` name the keys of
+/// each mapping of milter.yaml: the binary's own list, so a key added to
+/// the configuration and not documented fails here.
+const MAPPINGS: [(&str, &str); 10] = [
+    ("top level", "ZZ: 1\n"),
+    ("a domain", "domains:\n  example.com:\n    ZZ: 1\n"),
+    (
         "destination",
-        "hosts",
-        "domain",
-        "change_envelope",
-        "bounce",
-        "verify",
-        "require_gateway",
-        "accounts",
-        "list",
-        "file",
-        "postfix_map",
-        "users",
-        "copy_to",
-        "redirect_to",
-        "keep",
-        "breaker",
-        "maillog",
-        "threshold",
-        "window",
-        "deferrals",
-        "notify",
-        "via",
-        "interval",
-        "dns",
-        "nameservers",
-        "shadow",
-        "metrics",
-        "max_recipients",
+        "domains:\n  example.com:\n    mode: route\n    destination: {hosts: [a.example], ZZ: 1}\n",
+    ),
+    (
+        "an account source",
+        "domains:\n  example.com:\n    mode: route\n    destination: {hosts: [a.example]}\n    accounts:\n      - ZZ: 1\n",
+    ),
+    (
+        "a user rule",
+        "domains:\n  example.com:\n    mode: route\n    destination: {hosts: [a.example]}\n    users:\n      a@example.com: {ZZ: 1}\n",
+    ),
+    ("breaker", "breaker: {maillog: /x, ZZ: 1}\n"),
+    ("notify", "notify: {to: [a@example.com], ZZ: 1}\n"),
+    ("connections", "connections: {ZZ: 1}\n"),
+    ("metrics", "metrics: {ZZ: 1}\n"),
+    ("dns", "dns: {ZZ: 1}\n"),
+];
+
+/// The keys `dualroute check` expects where `yaml` has the unknown key
+/// `ZZ`, from its error: "unknown field `ZZ`, expected one of `a`, `b`"
+/// (or "expected `a`" for a mapping of one key).
+fn keys_expected(what: &str, yaml: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("milter.yaml");
+    fs::write(&path, yaml).expect("write milter.yaml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run dualroute check");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let list = err
+        .split_once("unknown field `ZZ`, expected ")
+        .map(|(_, rest)| rest.lines().next().unwrap_or(""))
+        .unwrap_or_else(|| panic!("{what}: no list of keys in the error:\n{err}"));
+    let keys: Vec<String> = list
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    assert!(!keys.is_empty(), "{what}: no keys in {list:?}");
+    keys
+}
+
+/// Whether a YAML file shows `key:`, set or commented out: at the start of
+/// a line after indentation, `#` and `- `, or inline after `{` or `,`.
+fn yaml_shows(text: &str, key: &str) -> bool {
+    let wanted = format!("{key}:");
+    text.match_indices(&wanted).any(|(at, _)| {
+        let before = text[..at].chars().next_back().unwrap_or('\n');
+        let after = text[at + wanted.len()..].chars().next().unwrap_or('\n');
+        matches!(before, '\n' | ' ' | '#' | '{' | ',' | '-') && matches!(after, ' ' | '\n')
+    })
+}
+
+#[test]
+fn every_configuration_key_is_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let page = fs::read_to_string(packaging("man/milter.yaml.5")).expect("milter.yaml.5");
+    let files = [
+        ("milter.yaml (the repository's)", root.join("milter.yaml")),
+        (
+            "packaging/milter.yaml (/etc/dualroute/)",
+            packaging("milter.yaml"),
+        ),
+    ];
+    let files: Vec<(&str, String)> = files
+        .iter()
+        .map(|(name, path)| (*name, fs::read_to_string(path).expect("milter.yaml")))
+        .collect();
+    let mut missing = Vec::new();
+    let mut count = 0;
+    for (what, yaml) in MAPPINGS {
+        for key in keys_expected(what, yaml) {
+            count += 1;
+            for (name, text) in &files {
+                if !yaml_shows(text, &key) {
+                    missing.push(format!("{name} does not show `{key}:` ({what})"));
+                }
+            }
+            if !(page.contains(&format!("\n.B {key}\n"))
+                || page.contains(&format!("\\fB{key}\\fR")))
+            {
+                missing.push(format!("milter.yaml(5) does not document `{key}` ({what})"));
+            }
+        }
+    }
+    // Every mapping of the configuration was asked: 17 top-level keys and
+    // 9 + 8 + 7 + 3 + 4 + 4 + 3 + 1 + 1 below them today.
+    assert!(count >= 57, "only {count} keys found");
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}
+
+/// The package's /etc/dualroute/milter.yaml with each commented-out block
+/// switched on as its header says ("the first `#` of each line removed"):
+/// a block starts at `# key:` for a top-level key and goes on over the lines that start with
+/// `#` and more indentation. Comments inside a block stay comments (they
+/// hold alternatives, e.g. `domain:` beside `hosts:`). `domains: {}` gives
+/// way to the example domain.
+fn switched_on(text: &str, keys: &[String], maillog: &Path) -> String {
+    let mut out = String::new();
+    let mut in_block = false;
+    for line in text.lines() {
+        let rest = line.strip_prefix("# ");
+        let starts_block = rest.is_some_and(|r| {
+            keys.iter().any(|k| {
+                r.strip_prefix(k.as_str())
+                    .is_some_and(|a| a == ":" || a.starts_with(": "))
+            })
+        });
+        if starts_block {
+            in_block = true;
+            out.push_str(rest.unwrap_or_default());
+        } else if in_block && (line == "#" || line.starts_with("#  ")) {
+            out.push_str(line.get(2..).unwrap_or_default());
+        } else {
+            in_block = false;
+            if line != "domains: {}" {
+                out.push_str(line);
+            }
+        }
+        out.push('\n');
+    }
+    // The breaker's log must be readable for `check`.
+    out.replace("/var/log/mail.log", &maillog.display().to_string())
+}
+
+#[test]
+fn the_packages_commented_keys_check_when_switched_on() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = fs::read_to_string(root.join("packaging/milter.yaml")).expect("read");
+    let dir = tempfile::tempdir().unwrap();
+    let maillog = dir.path().join("mail.log");
+    fs::write(&maillog, "").unwrap();
+    let keys = keys_expected("top level", "ZZ: 1\n");
+    let text = switched_on(&shipped, &keys, &maillog);
+    for key in [
+        "domains:",
+        "breaker:",
+        "notify:",
+        "connections:",
+        "metrics:",
+        "dns:",
+        "shadow:",
     ] {
         assert!(
-            example.contains(&format!("{k}:")),
-            "{k} is no longer in milter.yaml; update this list"
-        );
-        assert!(
-            page.contains(&format!(".B {k}")) || page.contains(&format!("\\fB{k}\\fR")),
-            "milter.yaml(5) does not document `{k}`"
+            text.lines().any(|l| l.starts_with(key)),
+            "{key} not switched on:\n{text}"
         );
     }
+    // The socket and state_dir are the test's own (check looks at the
+    // socket's directory).
+    let path = dir.path().join("milter.yaml");
+    let listen = "listen: unix:/var/spool/postfix/dualroute/dualroute.sock";
+    assert!(
+        text.contains(listen),
+        "{listen} expected in the package's file"
+    );
+    let text = text
+        .replace(
+            listen,
+            &format!(
+                "listen: unix:{}",
+                dir.path().join("dualroute.sock").display()
+            ),
+        )
+        .replace(
+            "state_dir: /var/lib/dualroute",
+            &format!("state_dir: {}", dir.path().display()),
+        );
+    fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run dualroute check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("example.com: mode "),
+        "packaging/milter.yaml with its blocks switched on:\n{text}\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
