@@ -127,11 +127,7 @@ pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
         return Err(bad("empty"));
     }
     if d.starts_with('[') {
-        return if d.ends_with(']') && d.is_ascii() && !d.contains(char::is_whitespace) {
-            Ok(d.to_ascii_lowercase())
-        } else {
-            Err(bad("malformed address literal"))
-        };
+        return address_literal(d).ok_or_else(|| bad("malformed address literal"));
     }
     // Plain ASCII names, the usual case, skip IDNA (it would only fold
     // their case). This runs for every RCPT. Anything else, IDNA, and the
@@ -145,6 +141,31 @@ pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
     } else {
         Err(bad("not a valid domain name"))
     }
+}
+
+/// `d` in lower case if it is an address literal of RFC 5321 §4.1.3: an
+/// IPv4 address, `IPv6:` and an IPv6 address, or `tag:content` (the tag
+/// letters, digits and inner hyphens; the content printable ASCII but `[`,
+/// `]`, `\\`, and `<`, `>`, which would end the path around it).
+fn address_literal(d: &str) -> Option<String> {
+    let inner = d.strip_prefix('[')?.strip_suffix(']')?;
+    if inner.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Some(d.to_owned());
+    }
+    let (tag, content) = inner.split_once(':')?;
+    let ok = if tag.eq_ignore_ascii_case("IPv6") {
+        content.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        let t = tag.as_bytes();
+        t.first().is_some_and(u8::is_ascii_alphanumeric)
+            && t.last().is_some_and(u8::is_ascii_alphanumeric)
+            && t.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+            && !content.is_empty()
+            && content.bytes().all(|b| {
+                matches!(b, b'!'..=b'~') && !matches!(b, b'[' | b']' | b'\\' | b'<' | b'>')
+            })
+    };
+    ok.then(|| d.to_ascii_lowercase())
 }
 
 /// `d` in lower case if it is a plain ASCII name: at most 253 bytes of
@@ -403,6 +424,45 @@ pub fn push_xtext(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Address literals as RFC 5321 §4.1.3 has them: IPv4, `IPv6:` and a
+    /// general literal `tag:content`. Whatever is accepted must come back
+    /// the same from `<local@literal>`: the fuzzer found
+    /// `jjfave@[a.<[a.0.>l]jjjj<\x10plls0.l]` accepted bare and refused in
+    /// angle brackets (fuzz/corpus/rcpt_arg/literal-brackets).
+    #[test]
+    fn address_literals_follow_rfc_5321() {
+        for ok in [
+            "[192.0.2.1]",
+            "[IPv6:2001:db8::1]",
+            "[ipv6:::ffff:192.0.2.1]",
+            "[x-tag:some.content]",
+        ] {
+            let n = normalize_domain(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(n, ok.to_ascii_lowercase());
+            let a = Address::parse(&format!("a@{ok}")).expect(ok);
+            let again = RcptArg::parse(&[format!("<{a}>")]);
+            assert_eq!(again.address.as_ref(), Some(&a), "{ok}");
+        }
+        for bad in [
+            "[a.<[a.0.>l]jjjj<\x10plls0.l]",
+            "[]",
+            "[192.0.2]",
+            "[192.0.2.256]",
+            "[IPv6:2001:db8::g]",
+            "[IPv6:192.0.2.1]",
+            "[tag:]",
+            "[-tag:x]",
+            "[tag:a>b]",
+            "[tag:a]b]",
+            "[tag:a\\b]",
+            "[tag:a\x7fb]",
+            "[192.0.2.1",
+            "[[192.0.2.1]]",
+        ] {
+            assert!(normalize_domain(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     /// The one-pass check takes exactly the names the label rules take:
     /// every string of up to five bytes from an alphabet of the edge cases,
