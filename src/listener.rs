@@ -4,9 +4,12 @@
 //! it (indymilter drops such connections and logs at trace level only).
 //!
 //! [`Guarded`] wraps the listener handed to [`crate::run`]; each accepted
-//! connection is a [`Guard`] around the socket.
+//! connection is a [`Guard`] around the socket. Both count what they log
+//! as a WARN in the metrics (`dualroute_errors_total`, kinds
+//! `connection_limit` and `malformed_input`).
 
 use crate::config::ConnectionsConfig;
+use crate::service::Service;
 use indymilter::Listener;
 use std::{
     future::Future,
@@ -93,15 +96,18 @@ pub struct Guarded<L> {
     open: Arc<AtomicUsize>,
     /// When the limit was last reported reached (at most once a minute).
     reported_full: Arc<Mutex<Option<Instant>>>,
+    /// For the metrics.
+    service: Arc<Service>,
 }
 
 impl<L> Guarded<L> {
-    pub fn new(inner: L, limits: ConnectionsConfig) -> Self {
+    pub fn new(inner: L, limits: ConnectionsConfig, service: Arc<Service>) -> Self {
         Guarded {
             inner,
             limits,
             open: Arc::new(AtomicUsize::new(0)),
             reported_full: Arc::new(Mutex::new(None)),
+            service,
         }
     }
 }
@@ -118,6 +124,9 @@ where
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let max = self.limits.max.get();
         if open >= max {
+            // Every connection taken at the limit counts; the log says it
+            // once a minute.
+            self.service.metrics.error("connection_limit");
             let mut last = self.reported_full.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 *last = Some(Instant::now());
@@ -128,7 +137,12 @@ where
                 );
             }
         }
-        Poll::Ready(Ok(Guard::new(stream, &self.limits, self.open.clone())))
+        Poll::Ready(Ok(Guard::new(
+            stream,
+            &self.limits,
+            self.open.clone(),
+            self.service.clone(),
+        )))
     }
 }
 
@@ -147,10 +161,16 @@ pub struct Guard<S> {
     /// Woken at the deadline; moved lazily (not on every read).
     timer: Pin<Box<Sleep>>,
     open: Arc<AtomicUsize>,
+    service: Arc<Service>,
 }
 
 impl<S: Peer> Guard<S> {
-    fn new(stream: S, limits: &ConnectionsConfig, open: Arc<AtomicUsize>) -> Self {
+    fn new(
+        stream: S,
+        limits: &ConnectionsConfig,
+        open: Arc<AtomicUsize>,
+        service: Arc<Service>,
+    ) -> Self {
         stream.on_accept();
         let now = Instant::now();
         let command_timeout = limits.command_timeout.0;
@@ -163,6 +183,7 @@ impl<S: Peer> Guard<S> {
             fresh_input: false,
             timer: Box::pin(tokio::time::sleep_until(now + command_timeout)),
             open,
+            service,
         }
     }
 
@@ -180,6 +201,7 @@ impl<S: Peer> Guard<S> {
     fn report(&mut self, problem: Problem) {
         if !self.framing.reported {
             self.framing.reported = true;
+            self.service.metrics.error("malformed_input");
             // Described only now: a string per connection otherwise.
             warn!(
                 "malformed milter input from {}: {problem}",

@@ -180,7 +180,7 @@ impl Metrics {
         let errors = Family::default();
         registry.register(
             "errors",
-            "Errors by kind: eom_actions (the MTA did not take the end-of-message changes: message tempfailed), mta_offer (the MTA does not offer what routing needs)",
+            "Errors by kind: eom_actions (the MTA did not take the end-of-message changes: message tempfailed), mta_offer (the MTA does not offer what routing needs), malformed_input (a connection sent what is not the milter protocol, or stalled in a packet or before negotiating: closed), connection_limit (a connection was accepted with connections.max open: further ones wait)",
             errors.clone(),
         );
         let reloads = Family::default();

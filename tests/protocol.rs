@@ -175,17 +175,25 @@ async fn without_a_needed_action_routed_mail_is_tempfailed_and_other_mail_flows(
 // Raw bytes against `dualroute run`.
 // ---------------------------------------------------------------------
 
-/// `dualroute run` with short timeouts and a limit of two connections.
-fn start_milter(dir: &Path) -> MilterProcess {
+/// `dualroute run` with short timeouts and a limit of two connections,
+/// and where its metrics endpoint listens.
+fn start_milter(dir: &Path) -> (MilterProcess, std::net::SocketAddr) {
     let port = free_port();
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = dir.join("milter.yaml");
     let yaml = format!(
-        "listen: inet:127.0.0.1:{port}\nstate_dir: {}\nconnections:\n  max: 2\n  command_timeout: 1s\n  idle_timeout: 3s\n{}",
+        "listen: inet:127.0.0.1:{port}\nstate_dir: {}\nconnections:\n  max: 2\n  command_timeout: 1s\n  idle_timeout: 3s\nmetrics:\n  listen: {metrics}\n{}",
         dir.join("state").display(),
         CONFIG
     );
     std::fs::write(&config, yaml).expect("write milter.yaml");
-    MilterProcess::start(&config, port, &dir.join("milter.log"))
+    let milter = MilterProcess::start(&config, port, &dir.join("milter.log"));
+    (milter, metrics)
+}
+
+/// `dualroute_errors_total{kind}` now.
+fn errors(metrics: std::net::SocketAddr, kind: &str) -> f64 {
+    support::metrics::scrape(metrics).count("dualroute_errors_total", &[("kind", kind)])
 }
 
 fn packet(command: u8, payload: &[u8]) -> Vec<u8> {
@@ -225,7 +233,8 @@ fn send_until_closed(milter: &MilterProcess, bytes: &[u8], within: Duration) -> 
 #[test]
 fn garbage_is_logged_with_the_peer_and_the_connection_closed() {
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let milter = start_milter(tmp.path());
+    let (milter, metrics) = start_milter(tmp.path());
+    assert_eq!(errors(metrics, "malformed_input"), 0.0);
 
     // An HTTP request on the milter port: its first four bytes read as a
     // length of 1.2 GB.
@@ -252,12 +261,14 @@ fn garbage_is_logged_with_the_peer_and_the_connection_closed() {
         .filter(|l| l.contains("WARN") && l.contains(&me))
         .count();
     assert_eq!(count, 1, "one warning per connection:\n{}", milter.log());
+    // Counted as logged: once for each of the three connections.
+    assert_eq!(errors(metrics, "malformed_input"), 3.0);
 }
 
 #[test]
 fn stalled_silent_and_idle_connections_are_closed() {
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let milter = start_milter(tmp.path());
+    let (milter, _) = start_milter(tmp.path());
 
     // Half a packet, then nothing: closed after command_timeout (1s).
     let half = &optneg()[..7];
@@ -287,9 +298,10 @@ fn stalled_silent_and_idle_connections_are_closed() {
 }
 
 #[test]
-fn reaching_the_connection_limit_is_logged() {
+fn reaching_the_connection_limit_is_logged_and_counted() {
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let milter = start_milter(tmp.path());
+    let (milter, metrics) = start_milter(tmp.path());
+    assert_eq!(errors(metrics, "connection_limit"), 0.0);
     let mut open = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(milter.addr()).expect("connect");
@@ -298,6 +310,8 @@ fn reaching_the_connection_limit_is_logged() {
     }
     let line = milter.wait_log(&["WARN", "connection limit reached"], 1);
     assert!(line.contains("connections.max = 2"), "{line}");
+    // The second connection reached the limit of two.
+    assert_eq!(errors(metrics, "connection_limit"), 1.0);
     drop(open);
 }
 
@@ -305,7 +319,7 @@ fn reaching_the_connection_limit_is_logged() {
 #[tokio::test]
 async fn an_old_protocol_is_reported_once() {
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let milter = start_milter(tmp.path());
+    let (milter, _) = start_milter(tmp.path());
     for _ in 0..3 {
         let conn = mta(2, postfix_actions() - Actions::ADD_RCPT_EXT)
             .open_tcp(milter.addr())

@@ -166,7 +166,7 @@ where
         connection_timeout: limits.idle_timeout.0 + limits.command_timeout.0,
         ..Default::default()
     };
-    let listener = listener::Guarded::new(listener, limits);
+    let listener = listener::Guarded::new(listener, limits, service.clone());
     tracing::info!(
         "dualroute {} listening on {}",
         env!("CARGO_PKG_VERSION"),
