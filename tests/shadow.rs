@@ -2,8 +2,9 @@
 //! messages through a live and a shadow service (the whole service,
 //! driven by indymilter-test as Postfix drives it). Shadow mode must send
 //! no action and refuse nothing, and its metrics must count the same
-//! decisions live mode makes. The end-to-end run in real Postfix is in
-//! tests/postfix_e2e.rs.
+//! decisions live mode makes; docs/rollout.md's table and alert rules
+//! name what the endpoint serves. The end-to-end run in real Postfix is
+//! in tests/postfix_e2e.rs.
 
 mod support;
 use support::metrics::{get, scrape, Scrape};
@@ -327,4 +328,99 @@ fn status_and_explain_show_shadow_mode() {
         "{out}"
     );
     assert!(out.contains("ghost@example.org: reject 550 5.1.1"), "{out}");
+}
+
+/// docs/rollout.md's table of metrics is what the endpoint serves (each
+/// family, with its type), and every `dualroute_…` name in its alert
+/// rules is a series the endpoint serves: an administrator copies those
+/// rules as they are. A family with labels shows only once it has a
+/// sample, so every hook counts once first.
+#[test]
+fn rollout_md_names_the_metrics_the_endpoint_serves() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let service = service(&config(&dir.path().join("state"), 9, false, None));
+    let m = &service.metrics;
+    m.decision("example.com", dualroute::metrics::Kind::Keep, false);
+    m.conversation();
+    m.error("eom_actions");
+    m.reload("ok");
+    m.probe("example.com", true);
+    m.breaker_failure("example.com", "bounce");
+    m.message_time(std::time::Duration::from_millis(1));
+    let s = m.render(&service);
+
+    // Served: family → type, and the series names each family gives.
+    let mut served = std::collections::BTreeMap::new();
+    for line in s.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
+            served.insert(name.to_owned(), kind.to_owned());
+        }
+    }
+    let series = |family: &str, kind: &str| -> Vec<String> {
+        match kind {
+            "counter" => vec![format!("{family}_total"), format!("{family}_created")],
+            "histogram" => ["_bucket", "_sum", "_count", "_created"]
+                .iter()
+                .map(|s| format!("{family}{s}"))
+                .collect(),
+            _ => vec![family.to_owned()],
+        }
+    };
+
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/rollout.md"))
+        .expect("docs/rollout.md");
+    // The table: | `name` | type | labels | what |
+    let mut documented = std::collections::BTreeMap::new();
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if let [_, name, kind, ..] = cells[..] {
+            if let Some(name) = name
+                .strip_prefix("`dualroute_")
+                .and_then(|n| n.strip_suffix('`'))
+            {
+                let family = format!("dualroute_{name}");
+                let family = match kind {
+                    "counter" => family
+                        .strip_suffix("_total")
+                        .unwrap_or_else(|| panic!("{family}: a counter is written with _total"))
+                        .to_owned(),
+                    _ => family,
+                };
+                documented.insert(family, kind.to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        documented, served,
+        "docs/rollout.md's table (left) against the endpoint (right)"
+    );
+
+    // The alert rules: the YAML block after "## Alert rules".
+    let rules = doc
+        .split_once("## Alert rules")
+        .and_then(|(_, rest)| rest.split_once("```yaml\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("an alert rules block in docs/rollout.md");
+    let rules: serde_yaml::Value = serde_yaml::from_str(rules).expect("the alert rules are YAML");
+    let all: Vec<String> = served.iter().flat_map(|(f, k)| series(f, k)).collect();
+    let mut exprs = 0;
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let expr = rule["expr"].as_str().expect("expr");
+            exprs += 1;
+            let names = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("dualroute_"));
+            for name in names {
+                assert!(
+                    all.iter().any(|s| s == name),
+                    "alert {:?}: {name} is not served (served: {all:?})",
+                    rule["alert"]
+                );
+            }
+        }
+    }
+    assert!(exprs >= 7, "only {exprs} alert rules found");
 }
