@@ -145,8 +145,8 @@ pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
 
 /// `d` in lower case if it is an address literal of RFC 5321 §4.1.3: an
 /// IPv4 address, `IPv6:` and an IPv6 address, or `tag:content` (the tag
-/// letters, digits and inner hyphens; the content printable ASCII but `[`,
-/// `]`, `\\`, and `<`, `>`, which would end the path around it).
+/// a label, as [`valid_label`] has it; the content printable ASCII but
+/// `[`, `]`, `\`, and `<`, `>`, which would end the path around it).
 fn address_literal(d: &str) -> Option<String> {
     let inner = d.strip_prefix('[')?.strip_suffix(']')?;
     if inner.parse::<std::net::Ipv4Addr>().is_ok() {
@@ -156,10 +156,7 @@ fn address_literal(d: &str) -> Option<String> {
     let ok = if tag.eq_ignore_ascii_case("IPv6") {
         content.parse::<std::net::Ipv6Addr>().is_ok()
     } else {
-        let t = tag.as_bytes();
-        t.first().is_some_and(u8::is_ascii_alphanumeric)
-            && t.last().is_some_and(u8::is_ascii_alphanumeric)
-            && t.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+        valid_label(tag.as_bytes())
             && !content.is_empty()
             && content.bytes().all(|b| {
                 matches!(b, b'!'..=b'~') && !matches!(b, b'[' | b']' | b'\\' | b'<' | b'>')

@@ -4,9 +4,10 @@
 //! it (indymilter drops such connections and logs at trace level only).
 //!
 //! [`Guarded`] wraps the listener handed to [`crate::run`]; each accepted
-//! connection is a [`Guard`] around the socket. Both count what they log
-//! as a WARN in the metrics (`dualroute_errors_total`, kinds
-//! `connection_limit` and `malformed_input`).
+//! connection is a [`Guard`] around the socket. Both count the problems
+//! they warn about in the metrics (`dualroute_errors_total`, kinds
+//! `connection_limit`, each connection taken at the limit, and
+//! `malformed_input`, one per connection).
 
 use crate::config::ConnectionsConfig;
 use crate::service::Service;

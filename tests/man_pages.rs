@@ -229,6 +229,15 @@ const MAPPINGS: [(&str, &str); 10] = [
     ("dns", "dns: {ZZ: 1}\n"),
 ];
 
+/// `dualroute check --config PATH`.
+fn check(path: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .expect("run dualroute check")
+}
+
 /// The keys `dualroute check` expects where `yaml` has the unknown key
 /// `ZZ`, from its error: "unknown field `ZZ`, expected one of `a`, `b`"
 /// (or "expected `a`" for a mapping of one key).
@@ -236,11 +245,7 @@ fn keys_expected(what: &str, yaml: &str) -> Vec<String> {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("milter.yaml");
     fs::write(&path, yaml).expect("write milter.yaml");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run dualroute check");
+    let out = check(&path);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let list = err
         .split_once("unknown field `ZZ`, expected ")
@@ -383,11 +388,7 @@ fn the_packages_commented_keys_check_when_switched_on() {
             &format!("state_dir: {}", dir.path().display()),
         );
     fs::write(&path, &text).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run dualroute check");
+    let out = check(&path);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("example.com: mode "),
