@@ -2099,6 +2099,21 @@ fn local_submission_is_decided_on_the_delivered_address() {
         e.diag()
     );
 
+    // Over SMTP: an unqualified recipient is decided on {rcpt_addr}
+    // (myorigin appended), `<postmaster>` is accepted.
+    let t = e
+        .client()
+        .send(SENDER, &["<zed3>", "<postmaster>"], &message("bare"));
+    assert_eq!(t.rcpt("zed3").code, 250, "{t}\n{}", e.diag());
+    assert_eq!(t.rcpt("postmaster").code, 250, "{t}\n{}", e.diag());
+    assert!(t.accepted(), "{t}");
+    e.finish();
+    let zed3 = e.sink_rcpt("zed3@example.com");
+    assert_eq!(zed3.message.header("Subject"), ["bare"]);
+    let postmaster = e.mailbox("postmaster@example.com");
+    assert_eq!(postmaster.len(), 1, "{}", e.diag());
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+
     // A forged loop header on a message with a recipient to redirect:
     // 554 5.4.6 at end of message; cleanup bounces it to alice.
     let looped = format!("X-Dualroute: {INSTANCE}\n{}", message("forged loop"));
@@ -2110,7 +2125,11 @@ fn local_submission_is_decided_on_the_delivered_address() {
     })
     .unwrap_or_else(|| panic!("no bounce with 5.4.6 for alice\n{}", e.diag()));
     assert!(bounce.text.contains("routing loop"), "{}", bounce.text);
-    e.finish();
+    e.pf.wait_queue_empty();
+    let bounced = e.pf.bounced();
+    assert_eq!(bounced.len(), 1, "{}", e.diag());
+    assert_eq!(bounced[0].to, "zed2@example.com");
+    assert_eq!(bounced[0].dsn, "5.4.6");
     assert!(
         !e.sink_deliveries()
             .iter()
@@ -2118,19 +2137,6 @@ fn local_submission_is_decided_on_the_delivered_address() {
         "{}",
         e.diag()
     );
-    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
-
-    // Over SMTP: an unqualified recipient is decided on {rcpt_addr}
-    // (myorigin appended), `<postmaster>` is accepted.
-    let t = e.client().send(SENDER, &["<zed3>", "<postmaster>"], &message("bare"));
-    assert_eq!(t.rcpt("zed3").code, 250, "{t}\n{}", e.diag());
-    assert_eq!(t.rcpt("postmaster").code, 250, "{t}\n{}", e.diag());
-    assert!(t.accepted(), "{t}");
-    e.finish();
-    let zed3 = e.sink_rcpt("zed3@example.com");
-    assert_eq!(zed3.message.header("Subject"), ["bare"]);
-    let postmaster = e.mailbox("postmaster@example.com");
-    assert_eq!(postmaster.len(), 1, "{}", e.diag());
     assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
 }
 
@@ -2149,8 +2155,7 @@ fn local_submission_held_waits_then_goes_out_routed_once() {
     e.wait_probe(451, &mut probes);
 
     e.submit(&["alice@example.com", "held@example.com"], &message("held"));
-    e.milter
-        .wait_log(&["held@example.com", "451 4.4.4"], 1);
+    e.milter.wait_log(&["held@example.com", "451 4.4.4"], 1);
     // Retried by pickup, still held, still waiting.
     e.pf.wake_pickup();
     std::thread::sleep(Duration::from_secs(1));
@@ -2182,8 +2187,104 @@ fn local_submission_held_waits_then_goes_out_routed_once() {
         std::thread::sleep(Duration::from_millis(100));
     }
     e.finish();
+    // Postfix's own words: refused for now at end of message, never the
+    // RCPT "milter configuration error".
+    let log = e.pf.maillog();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("milter-reject: END-OF-MESSAGE") && l.contains("4.4.4")),
+        "{}",
+        e.diag()
+    );
+    assert!(!log.contains("milter configuration error"), "{}", e.diag());
     let held = e.sink_rcpt("held@example.com");
     assert_eq!(held.message.header("Subject"), ["held"]);
     assert_eq!(e.mailbox("alice@example.com").len(), 1, "{}", e.diag());
     assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+}
+
+/// The notifier's own message, given to Postfix's `sendmail` command
+/// (`via: sendmail`), now passes through the milter (non_smtpd_milters):
+/// it is recognised by its one-time token and not routed (dave is a dual
+/// user: no copy at the sink), and the token header is deleted. A local
+/// user who forges the header with a token of their own is decided as
+/// anyone else (copied) and loses the header too.
+#[test]
+fn local_submission_own_notification_is_recognised_by_its_token() {
+    let bin = tempfile::Builder::new()
+        .prefix("dualroute-notify-bin-")
+        .tempdir()
+        .expect("create a temporary directory");
+    let wrapper = bin.path().join("sendmail");
+    let e = setup(LOCAL_DOMAINS)
+        .mailboxes(
+            "example.com",
+            &["alice@example.com", "postmaster@example.com"],
+        )
+        .mailboxes("dual.example", &["dave@dual.example"])
+        .main_cf("myorigin = example.com")
+        .local_submission()
+        .top_level(&format!(
+            "notify: {{ to: [dave@dual.example], via: \"sendmail:{}\" }}\n",
+            wrapper.display()
+        ))
+        .start();
+    // Postfix's sendmail into this instance (its config directory is
+    // known only now).
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec /usr/sbin/sendmail -C '{}' \"$@\"\n",
+            e.pf.config_dir().display()
+        ),
+    )
+    .unwrap();
+    support::set_mode(&wrapper, 0o755);
+
+    // A refused reload is an event: the notifier sends.
+    let config = e.milter.config().to_owned();
+    let good = fs::read_to_string(&config).unwrap();
+    fs::write(&config, format!("{good}bogus_key: 1\n")).unwrap();
+    e.milter.signal("HUP");
+    let note = support::poll(|| {
+        e.mailbox("dave@dual.example")
+            .into_iter()
+            .find(|m| !m.header("X-Dualroute-Notify").is_empty())
+    })
+    .unwrap_or_else(|| panic!("no notification for dave\n{}", e.diag()));
+    fs::write(&config, &good).unwrap();
+    assert!(
+        note.header("X-Dualroute-Notify-Token").is_empty(),
+        "{}",
+        note.text
+    );
+    assert!(note.header("X-Dualroute").is_empty(), "{}", note.text);
+    e.milter
+        .wait_log(&["own notifier (sendmail): not routed"], 1);
+
+    // A forged token: copied like any message to dave, header gone.
+    let forged = format!(
+        "X-Dualroute-Notify-Token: 00112233445566778899aabbccddeeff\n{}",
+        message("forged token")
+    );
+    e.submit(&["dave@dual.example"], &forged);
+    let copy = e.wait_sink_rcpts(1);
+    assert_eq!(copy.len(), 1, "{}", e.diag());
+    assert_eq!(copy[0].message.header("Subject"), ["forged token"]);
+    assert!(copy[0]
+        .message
+        .header("X-Dualroute-Notify-Token")
+        .is_empty());
+    e.finish();
+    let dave = e.mailbox("dave@dual.example");
+    assert_eq!(dave.len(), 2, "{}", e.diag());
+    for m in &dave {
+        assert!(
+            m.header("X-Dualroute-Notify-Token").is_empty(),
+            "{}",
+            m.text
+        );
+    }
+    // The notification was never copied.
+    assert_eq!(e.sink.messages().len(), 1, "{}", e.diag());
 }
