@@ -37,7 +37,7 @@ pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
                 want_body,
             ))
         })
-        .on_connect(|cx, _, socket| Box::pin(connect(cx, socket)))
+        .on_connect(|cx, hostname, socket| Box::pin(connect(cx, hostname, socket)))
         .on_mail(move |cx, args| Box::pin(mail(service.clone(), cx, args)))
         .on_rcpt(move |cx, args| Box::pin(rcpt(at_rcpt.clone(), cx, args)))
         .on_header(|cx, name, value| {
@@ -226,22 +226,26 @@ impl Negotiation {
 /// It also tells a non-SMTP conversation. For mail that did not come
 /// through smtpd (the `sendmail` command, via postdrop and pickup),
 /// Postfix's cleanup simulates connect, HELO, MAIL and RCPT for
-/// `non_smtpd_milters`, from `localhost`, 127.0.0.1 and port 0
-/// (cleanup_milter.c `cleanup_milter_client_init`: `NO_CLIENT_PORT "0"`;
-/// seen on Postfix 3.7.11, tests/postfix_e2e.rs). A TCP client never has
-/// port 0 (the kernel does not hand it out as a source port), so port 0
-/// is the signal; the address (127.0.0.1, or ::1 with IPv6 first) and
-/// `{daemon_name}` (the same `milter_macro_daemon_name` smtpd sends) are
-/// not. Sendmail runs milters on SMTP connections only (its MSP submits
-/// over SMTP), where refusing at RCPT is fine.
-async fn connect(cx: &mut Context<Session>, socket: SocketInfo) -> Status {
+/// `non_smtpd_milters`, from host name `localhost`, 127.0.0.1 and port 0
+/// (cleanup_milter.c `cleanup_milter_client_init`: "localhost",
+/// `NO_CLIENT_PORT "0"`; seen on Postfix 3.7.11, tests/postfix_e2e.rs).
+/// A TCP client never has port 0 (the kernel does not hand it out as a
+/// source port), so port 0 with the name `localhost` is the signal; the
+/// address (127.0.0.1, or ::1 with IPv6 first) and `{daemon_name}` (the
+/// same `milter_macro_daemon_name` smtpd sends) are not. Either way a
+/// mistake is safe: a non-SMTP message taken for SMTP is kept queued by
+/// Postfix (4.3.5), an SMTP one taken for non-SMTP is refused at end of
+/// message instead of at RCPT. Sendmail runs milters on SMTP connections
+/// only (its MSP submits over SMTP), where refusing at RCPT is fine.
+async fn connect(cx: &mut Context<Session>, hostname: CString, socket: SocketInfo) -> Status {
     let session = cx.data.get_or_insert_with(Session::default);
     session.peer = match socket {
         SocketInfo::Inet(addr) => Some(addr),
         _ => None,
     };
     session.client = session.peer.map(|a| a.ip());
-    session.non_smtp = session.peer.is_some_and(|a| a.port() == 0);
+    session.non_smtp =
+        session.peer.is_some_and(|a| a.port() == 0) && hostname.as_bytes() == b"localhost";
     debug!(
         "connect from {}{}",
         session
@@ -536,7 +540,8 @@ async fn end_of_message(
         }
         // What would have been refused at RCPT (src/milter.rs `rcpt`).
         if let Some(decision) = message.refusal_at_end() {
-            count_decisions(service, message);
+            // The refusals were counted at RCPT; the other recipients
+            // count when the message comes back, as after any refusal.
             let (r, status, what) = match &decision {
                 Decision::Tempfail(r) => (
                     r,
