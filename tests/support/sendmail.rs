@@ -494,14 +494,21 @@ impl Sendmail {
     /// queues the message in its own client queue and submits it over
     /// SMTP to the MTA on 127.0.0.1 (here the daemon's port, through
     /// `RELAY_MAILER_ARGS`), so the MTA runs the milter on an ordinary SMTP
-    /// connection. `args` are sendmail's (`-f SENDER`, recipients); `-q`
-    /// alone runs the MSP's queue (what Debian's cron job does).
+    /// connection. `args` are sendmail's (`-f SENDER`, recipients); `-qf`
+    /// alone runs the MSP's queue once, in the foreground (Debian's cron
+    /// job runs it).
     pub fn submit(&self, args: &[&str], message: &str) -> Output {
         let submit_cf = self.root.join("submit.cf");
         if !submit_cf.is_file() {
+            // The MSP refuses to run as root ("Mail submission program
+            // must have RunAsUser set to non root user"); Debian's runs as
+            // smmsp, here `nobody`, which must reach and own its queue.
+            let (uid, gid) = super::user_ids("nobody");
+            super::set_mode(&self.root, 0o711);
             let queue = self.root.join("clientmqueue");
             fs::create_dir_all(&queue).expect("create the MSP queue");
             super::set_mode(&queue, 0o770);
+            std::os::unix::fs::chown(&queue, Some(uid), Some(gid)).expect("chown the MSP queue");
             let mc = format!(
                 "divert(-1)\ndivert(0)dnl\ninclude(`{cf}/m4/cf.m4')dnl\nVERSIONID(`dualroute test MSP')dnl\n\
                  define(`confCF_VERSION', `Submit')dnl\n\
@@ -509,7 +516,7 @@ impl Sendmail {
                  define(`confTIME_ZONE', `USE_TZ')dnl\n\
                  define(`confDONT_INIT_GROUPS', `True')dnl\n\
                  define(`confDOMAIN_NAME', `{MYHOSTNAME}')dnl\n\
-                 define(`confRUN_AS_USER', `root')dnl\n\
+                 define(`confRUN_AS_USER', `nobody')dnl\n\
                  define(`MSP_QUEUE_DIR', `{queue}')dnl\n\
                  define(`STATUS_FILE', `{root}/sm-client.st')dnl\n\
                  define(`confPID_FILE', `{root}/sm-client.pid')dnl\n\
@@ -522,6 +529,8 @@ impl Sendmail {
             );
             write(&self.root.join("submit.mc"), &mc);
             write(&self.root.join("sm-client.st"), "");
+            std::os::unix::fs::chown(self.root.join("sm-client.st"), Some(uid), Some(gid))
+                .expect("chown sm-client.st");
             let out = Command::new("m4")
                 .arg(self.root.join("submit.mc"))
                 .output()
