@@ -556,6 +556,60 @@ mod tests {
         })
     }
 
+    /// `<zed>` takes the MTA's mailbox only when the local part is the
+    /// same; `<postmaster>` without a domain is recognised in any case or
+    /// quoting; a path without brackets (Postfix's cleanup) keeps its
+    /// mailbox for ORCPT.
+    #[test]
+    fn unqualified_paths_and_postmaster() {
+        let qualified = |raw: &str, mta: Option<&str>| {
+            let mut a = RcptArg::parse(&[raw]);
+            a.qualify(mta);
+            a
+        };
+        let zed = qualified("<zed>", Some("zed@example.com"));
+        assert_eq!(zed.address, addr("zed", "example.com"));
+        assert_eq!(zed.raw, "<zed>", "a delete repeats the path as received");
+        assert_eq!(
+            qualified("<Zed>", Some(" zed@example.com")).address,
+            addr("zed", "example.com")
+        );
+        assert_eq!(qualified("<zed>", Some("root@example.com")).address, None);
+        assert_eq!(
+            qualified("<zed>", Some("zed")).address,
+            None,
+            "Sendmail's local user"
+        );
+        assert_eq!(qualified("<zed>", None).address, None);
+        assert_eq!(
+            qualified("<not an address>", Some("not@example.com")).address,
+            None
+        );
+        assert_eq!(
+            qualified("<alice@example.org>", Some("zed@example.com")).address,
+            addr("alice", "example.org")
+        );
+        for p in ["<postmaster>", "<PostMaster>", "<\"postmaster\">"] {
+            assert!(RcptArg::parse(&[p]).is_postmaster(), "{p}");
+            assert!(
+                qualified(p, Some("postmaster@example.com")).is_postmaster(),
+                "{p}"
+            );
+        }
+        for p in [
+            "<postmaster@example.com>",
+            "postmaster",
+            "<postmaster2>",
+            "<>",
+        ] {
+            assert!(!RcptArg::parse(&[p]).is_postmaster(), "{p}");
+        }
+        assert_eq!(
+            RcptArg::parse(&["zed@example.com"]).original_mailbox(),
+            Some("zed@example.com")
+        );
+    }
+
     #[test]
     fn a_parameter_with_a_space_is_two_parameters() {
         let r = RcptArg::parse(&["<a@b.example>", "NOTIFY=NEVER ORCPT=rfc822;x@y", ""]);

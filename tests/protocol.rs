@@ -561,5 +561,37 @@ async fn a_non_smtp_conversation_refuses_at_end_of_message_not_at_rcpt() {
         Status::Tempfail { .. }
     ));
     session.close().await;
+
+    // Over SMTP, unqualified: `<yan>` is decided as Postfix's
+    // `{rcpt_addr}` (myorigin appended) and routed, its own path deleted;
+    // `<postmaster>` is accepted and never routed (RFC 5321 §4.5.1), even
+    // where postmaster@ has no mailbox here.
+    let mut session = milter.session(CLIENT).await;
+    session.mail(None).await;
+    assert_eq!(
+        session.rcpt_as_parsed(&["<yan>"], "yan@split.test").await,
+        Status::Continue
+    );
+    assert_eq!(
+        session
+            .rcpt_as_parsed(&["<postmaster>"], "postmaster@split.test")
+            .await,
+        Status::Continue
+    );
+    session.data(&[]).await;
+    let (actions, eom) = session.eom().await;
+    assert_eq!(eom, Status::Continue);
+    assert_actions(
+        &actions,
+        &[
+            add(
+                "<yan@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;yan@split.test",
+            ),
+            delete("<yan>"),
+            header(INSTANCE),
+        ],
+    );
+    session.close().await;
     milter.shutdown().await;
 }
