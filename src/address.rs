@@ -315,10 +315,58 @@ impl RcptArg {
 
     /// The address without angle brackets and source route, as the client
     /// wrote it (the domain in its original spelling): used for ORCPT.
+    /// Postfix's cleanup passes the recipients of locally submitted mail
+    /// without brackets (cleanup_milter.c `cleanup_milter_emul_rcpt`), so
+    /// a path without them is taken as it stands.
     pub fn original_mailbox(&self) -> Option<&str> {
-        let inner = self.raw.strip_prefix('<')?.strip_suffix('>')?;
+        let inner = match self.raw.strip_prefix('<') {
+            Some(rest) => rest.strip_suffix('>')?,
+            None => self.raw.as_str(),
+        };
         let inner = strip_source_route(inner);
         (!inner.is_empty()).then_some(inner)
+    }
+
+    /// The local part of an unqualified path (`<zed>`, `<postmaster>`):
+    /// one without `@` that is a local part of its own (RFC 5321 §4.1.2),
+    /// whether or not [`RcptArg::qualify`] has given it an address since.
+    fn unqualified(&self) -> Option<&str> {
+        let inner = self.raw.strip_prefix('<')?.strip_suffix('>')?;
+        let plain = !inner.is_empty() && !inner.bytes().any(forbidden_in_local_part);
+        let quoted = inner.len() > 1 && inner.starts_with('"') && inner.ends_with('"');
+        (plain || quoted).then_some(inner)
+    }
+
+    /// `RCPT TO:<postmaster>` without a domain: RFC 5321 §4.5.1 requires
+    /// every SMTP server to accept it for its own postmaster.
+    pub fn is_postmaster(&self) -> bool {
+        self.unqualified()
+            .is_some_and(|l| unquote(l).eq_ignore_ascii_case("postmaster"))
+    }
+
+    /// Gives an unqualified path (`<zed>`) the mailbox the MTA delivers it
+    /// to: Postfix appends `myorigin` (trivial-rewrite, "local" context,
+    /// which envelope addresses always get) and says so in `{rcpt_addr}`
+    /// (`mta`). Only when that mailbox has the same local part: anything
+    /// else is not the MTA's parse of this path. The raw path stays as it
+    /// was received: a delete must repeat it.
+    pub fn qualify(&mut self, mta: Option<&str>) {
+        if self.address.is_some() {
+            return;
+        }
+        let Some(local) = self.unqualified() else {
+            return;
+        };
+        let Some(Ok(theirs)) = mta
+            .map(str::trim)
+            .filter(|m| m.contains('@'))
+            .map(Address::parse)
+        else {
+            return;
+        };
+        if unquote(local).eq_ignore_ascii_case(&theirs.unquoted_local()) {
+            self.address = Some(theirs);
+        }
     }
 }
 
@@ -506,6 +554,60 @@ mod tests {
             local: local.into(),
             domain: domain.into(),
         })
+    }
+
+    /// `<zed>` takes the MTA's mailbox only when the local part is the
+    /// same; `<postmaster>` without a domain is recognised in any case or
+    /// quoting; a path without brackets (Postfix's cleanup) keeps its
+    /// mailbox for ORCPT.
+    #[test]
+    fn unqualified_paths_and_postmaster() {
+        let qualified = |raw: &str, mta: Option<&str>| {
+            let mut a = RcptArg::parse(&[raw]);
+            a.qualify(mta);
+            a
+        };
+        let zed = qualified("<zed>", Some("zed@example.com"));
+        assert_eq!(zed.address, addr("zed", "example.com"));
+        assert_eq!(zed.raw, "<zed>", "a delete repeats the path as received");
+        assert_eq!(
+            qualified("<Zed>", Some(" zed@example.com")).address,
+            addr("zed", "example.com")
+        );
+        assert_eq!(qualified("<zed>", Some("root@example.com")).address, None);
+        assert_eq!(
+            qualified("<zed>", Some("zed")).address,
+            None,
+            "Sendmail's local user"
+        );
+        assert_eq!(qualified("<zed>", None).address, None);
+        assert_eq!(
+            qualified("<not an address>", Some("not@example.com")).address,
+            None
+        );
+        assert_eq!(
+            qualified("<alice@example.org>", Some("zed@example.com")).address,
+            addr("alice", "example.org")
+        );
+        for p in ["<postmaster>", "<PostMaster>", "<\"postmaster\">"] {
+            assert!(RcptArg::parse(&[p]).is_postmaster(), "{p}");
+            assert!(
+                qualified(p, Some("postmaster@example.com")).is_postmaster(),
+                "{p}"
+            );
+        }
+        for p in [
+            "<postmaster@example.com>",
+            "postmaster",
+            "<postmaster2>",
+            "<>",
+        ] {
+            assert!(!RcptArg::parse(&[p]).is_postmaster(), "{p}");
+        }
+        assert_eq!(
+            RcptArg::parse(&["zed@example.com"]).original_mailbox(),
+            Some("zed@example.com")
+        );
     }
 
     #[test]

@@ -146,6 +146,9 @@ pub enum Rule {
         present: bool,
         domain: String,
     },
+    /// `<postmaster>` without a domain: this MTA's own postmaster (RFC 5321
+    /// §4.5.1), never routed or refused.
+    Postmaster,
 }
 
 impl fmt::Display for Rule {
@@ -187,6 +190,9 @@ impl fmt::Display for Rule {
                 "accounts_shrink_limit refused a reload of the accounts, and the address is {} the running list but {} the refused one: refused for now until `dualroute confirm-accounts {domain}` accepts the new list or the account source is restored",
                 if *present { "in" } else { "not in" },
                 if *present { "not in" } else { "in" },
+            ),
+            Rule::Postmaster => f.write_str(
+                "<postmaster> without a domain (RFC 5321 §4.5.1): the MTA's own postmaster, never routed",
             ),
             Rule::Mode {
                 mode,
@@ -328,6 +334,25 @@ pub fn decide_rcpt(
     arg: &RcptArg,
     mta: Option<&str>,
 ) -> Verdict {
+    // RFC 5321 §4.5.1: every server accepts `<postmaster>` without a
+    // domain, for its own postmaster. Postfix delivers it to
+    // postmaster@$myorigin (docs/design.md §3): kept as the MTA has it,
+    // never routed to the other server's postmaster, never refused.
+    if arg.is_postmaster() {
+        return Verdict::new(Decision::Keep, Rule::Postmaster);
+    }
+    // An unqualified path (`<zed>`) is decided on the mailbox the MTA
+    // delivers it to (src/session.rs qualifies it at RCPT already; this is
+    // for `explain`).
+    let qualified;
+    let arg = if arg.address.is_none() {
+        let mut a = arg.clone();
+        a.qualify(mta);
+        qualified = a;
+        &qualified
+    } else {
+        arg
+    };
     // An `{rcpt_addr}` without '@' is not a mailbox: Sendmail gives the
     // local user name for its local mailer. Then only our own parse counts.
     let mta = mta.map(str::trim).filter(|m| m.contains('@'));

@@ -5,7 +5,9 @@ use crate::address::RcptArg;
 use crate::decision::{Decision, Envelope, Rejection};
 use crate::metrics::Kind;
 use crate::service::Service;
-use crate::session::{managed_domain, Message, Plan, Rcpt, Session, LOOP_HEADER};
+use crate::session::{
+    managed_domain, Message, Plan, Rcpt, Session, LOOP_HEADER, NOTIFY_TOKEN_HEADER,
+};
 use indymilter::{
     Actions, Callbacks, Context, ContextActions, EomContext, MacroStage, NegotiateContext,
     ProtoOpts, SetErrorReply, SocketInfo, Status,
@@ -35,7 +37,7 @@ pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
                 want_body,
             ))
         })
-        .on_connect(|cx, _, socket| Box::pin(connect(cx, socket)))
+        .on_connect(|cx, hostname, socket| Box::pin(connect(cx, hostname, socket)))
         .on_mail(move |cx, args| Box::pin(mail(service.clone(), cx, args)))
         .on_rcpt(move |cx, args| Box::pin(rcpt(at_rcpt.clone(), cx, args)))
         .on_header(|cx, name, value| {
@@ -176,8 +178,14 @@ pub fn negotiation(offered: Actions, offered_opts: ProtoOpts) -> Negotiation {
         degraded
             .push("no no-reply options: one more round trip per header line, MAIL and connection");
     }
+    // CHANGE_HEADER deletes the notifier's token header (src/notify.rs);
+    // without it the token is only ever honoured once.
     Negotiation {
-        actions: (NEEDED_ACTIONS | Actions::ADD_RCPT_EXT | Actions::REQUEST_MACROS) & offered,
+        actions: (NEEDED_ACTIONS
+            | Actions::ADD_RCPT_EXT
+            | Actions::REQUEST_MACROS
+            | Actions::CHANGE_HEADER)
+            & offered,
         opts: (SKIPPED_STAGES | QUIET_STAGES) & offered_opts,
         missing: NEEDED_ACTIONS - offered,
         degraded,
@@ -214,13 +222,41 @@ impl Negotiation {
 
 /// `{client_addr}` is not in Postfix's default macro lists; the connect
 /// stage's socket address is always there.
-async fn connect(cx: &mut Context<Session>, socket: SocketInfo) -> Status {
+///
+/// It also tells a non-SMTP conversation. For mail that did not come
+/// through smtpd (the `sendmail` command, via postdrop and pickup),
+/// Postfix's cleanup simulates connect, HELO, MAIL and RCPT for
+/// `non_smtpd_milters`, from host name `localhost`, 127.0.0.1 and port 0
+/// (cleanup_milter.c `cleanup_milter_client_init`: "localhost",
+/// `NO_CLIENT_PORT "0"`; seen on Postfix 3.7.11, tests/postfix_e2e.rs).
+/// A TCP client never has port 0 (the kernel does not hand it out as a
+/// source port), so port 0 with the name `localhost` is the signal; the
+/// address (127.0.0.1, or ::1 with IPv6 first) and `{daemon_name}` (the
+/// same `milter_macro_daemon_name` smtpd sends) are not. Either way a
+/// mistake is safe: a non-SMTP message taken for SMTP is kept queued by
+/// Postfix (4.3.5), an SMTP one taken for non-SMTP is refused at end of
+/// message instead of at RCPT. Sendmail runs milters on SMTP connections
+/// only (its MSP submits over SMTP), where refusing at RCPT is fine.
+async fn connect(cx: &mut Context<Session>, hostname: CString, socket: SocketInfo) -> Status {
     let session = cx.data.get_or_insert_with(Session::default);
     session.peer = match socket {
         SocketInfo::Inet(addr) => Some(addr),
         _ => None,
     };
     session.client = session.peer.map(|a| a.ip());
+    session.non_smtp =
+        session.peer.is_some_and(|a| a.port() == 0) && hostname.as_bytes() == b"localhost";
+    debug!(
+        "connect from {}{}",
+        session
+            .peer
+            .map_or_else(|| "an unknown socket".to_owned(), |p| p.to_string()),
+        if session.non_smtp {
+            ": a non-SMTP submission (port 0): refusals wait for end of message"
+        } else {
+            ""
+        }
+    );
     quiet(cx, ProtoOpts::NOREPLY_CONNECT, Status::Continue)
 }
 
@@ -275,6 +311,7 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
     };
     let sender = args.first().map(|s| text(s)).unwrap_or_default();
     let mut message = Message::new(policy, service.live_holds(), envelope, sender);
+    message.non_smtp = session.non_smtp;
     let params: Vec<&str> = args
         .iter()
         .skip(1)
@@ -338,6 +375,21 @@ async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
             verdict.rule,
             message.sender,
             mta.as_deref().unwrap_or("-")
+        );
+        return Status::Continue;
+    }
+    // Postfix's cleanup calls a refusal of a simulated RCPT a "milter
+    // configuration error" and keeps the message with 4.3.5
+    // (cleanup_milter.c `cleanup_milter_emul_rcpt`): on a non-SMTP
+    // submission the refusal waits for end of message, where it applies
+    // to the whole message (docs/design.md "Local submission").
+    if message.non_smtp {
+        info!(
+            "RCPT {}: {} ({}); non-SMTP submission: the whole message gets it at end of message; from={}",
+            shown(),
+            verdict.decision,
+            verdict.rule,
+            message.sender
         );
         return Status::Continue;
     }
@@ -477,6 +529,41 @@ async fn end_of_message(
         .macros
         .get(c"i")
         .map_or(Cow::Borrowed("NOQUEUE"), borrowed);
+    // The notifier's token never stays in a message (src/notify.rs).
+    delete_token_headers(&cx.actions, message, &queue_id).await;
+    if message.non_smtp {
+        // Our own notification, submitted with the `sendmail` command: not
+        // routed, as on the SMTP path (src/notify.rs).
+        if service.is_own_notification_token(&message.notify_tokens) {
+            info!(queue_id = %queue_id, from = %message.sender, "message from dualroute's own notifier (sendmail): not routed, no changes");
+            return Status::Continue;
+        }
+        // What would have been refused at RCPT (src/milter.rs `rcpt`).
+        if let Some(decision) = message.refusal_at_end() {
+            // The refusals were counted at RCPT; the other recipients
+            // count when the message comes back, as after any refusal.
+            let (r, status, what) = match &decision {
+                Decision::Tempfail(r) => (
+                    r,
+                    Status::Tempfail,
+                    "tempfailed: Postfix keeps it in the maildrop and pickup retries it",
+                ),
+                Decision::Reject(r) => (
+                    r,
+                    Status::Reject,
+                    "refused: Postfix returns it to the sender",
+                ),
+                _ => return Status::Continue,
+            };
+            info!(
+                queue_id = %queue_id,
+                from = %message.sender,
+                "non-SMTP submission {what} with {r}: {}",
+                message.summary()
+            );
+            return refuse(&mut cx.reply, r, status);
+        }
+    }
     let plan = message.plan();
     // Shadow mode (docs/rollout.md): what live mode would have done with
     // the shadowed domains' recipients is logged, not done. (Without a
@@ -568,6 +655,23 @@ async fn end_of_message(
             service.metrics.error("eom_actions");
             error!(queue_id = %queue_id, "could not send end-of-message actions: {e}; tempfail");
             Status::Tempfail
+        }
+    }
+}
+
+/// Deletes every [`NOTIFY_TOKEN_HEADER`] of the message, last first (an
+/// index counts the header's occurrences, RFC-less milter convention):
+/// a token, ours or forged, never reaches a mailbox. An MTA that does not
+/// allow header changes keeps it (the token is honoured once anyway).
+async fn delete_token_headers(actions: &impl ContextActions, message: &Message, queue_id: &str) {
+    for index in (1..=message.notify_tokens.len()).rev() {
+        let index = i32::try_from(index).unwrap_or(i32::MAX);
+        if let Err(e) = actions
+            .change_header(NOTIFY_TOKEN_HEADER, index, None::<&str>)
+            .await
+        {
+            warn!(queue_id = %queue_id, "cannot delete the {NOTIFY_TOKEN_HEADER} header: {e}");
+            return;
         }
     }
 }

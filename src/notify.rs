@@ -23,15 +23,22 @@
 //!   port at connect (Postfix and Sendmail both pass the port), leaves a
 //!   session from exactly there alone: no decision, no change. An outside
 //!   client cannot connect from our own socket, so nobody can borrow the
-//!   mark. Postfix's `sendmail` command does not pass through the milter
-//!   at all (dualroute is in `smtpd_milters` only, not
-//!   `non_smtpd_milters`); Sendmail's does (its MSP submits over SMTP),
-//!   which is why `via: sendmail` is refused with `mta: sendmail`.
+//!   mark. Postfix's `sendmail` command reaches the milter through
+//!   cleanup (`non_smtpd_milters`), in a simulated conversation from
+//!   127.0.0.1 port 0 that anyone's `sendmail` shares: there the mark is a
+//!   header instead, [`NOTIFY_TOKEN_HEADER`] with a random token made for
+//!   that one message and known only to this process. The milter checks it
+//!   at end of message (where it decides everything on that path anyway),
+//!   honours it once, and deletes the header from every message, so a
+//!   token never reaches a mailbox where someone could read and reuse it.
+//!   Sendmail's `sendmail` command submits over SMTP from a port we do not
+//!   know, which is why `via: sendmail` is refused with `mta: sendmail`.
 //! - **Automatic**: `Auto-Submitted: auto-generated` (RFC 3834 §5), so
 //!   vacation responders stay quiet.
 
 use crate::config::{NotifyConfig, NotifyVia};
 use crate::service::Service;
+use crate::session::NOTIFY_TOKEN_HEADER;
 use crate::state::{self, TripCause, Tripped};
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -52,6 +59,13 @@ const ATTEMPTS: u32 = 5;
 /// RFC 5322 §2.1.1: at most 998 characters a line; long log lines are
 /// broken well before that.
 const LINE: usize = 900;
+/// How long a token of a message given to the `sendmail` command is
+/// honoured: long enough for a message that waits in the maildrop while
+/// Postfix or the milter is down, short enough that a token cannot be kept.
+const TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
+/// Tokens waiting to be seen, at most (6 messages an hour at the default
+/// interval, 5 attempts each).
+const TOKENS: usize = 256;
 
 /// Something the administrator should hear of.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -176,6 +190,9 @@ pub struct Outbox {
     pending: Mutex<Pending>,
     wake: tokio::sync::Notify,
     own: Mutex<Vec<SocketAddr>>,
+    /// Tokens of messages given to the `sendmail` command, not yet seen
+    /// by the milter, and when they were made.
+    tokens: Mutex<VecDeque<(String, Instant)>>,
 }
 
 #[derive(Debug, Default)]
@@ -215,6 +232,43 @@ impl Outbox {
             .unwrap_or_else(|e| e.into_inner())
             .push(addr);
         OwnConnection { outbox: self, addr }
+    }
+}
+
+impl Outbox {
+    /// A new token for one message given to the `sendmail` command: 128
+    /// bits from the kernel's random source, in hex.
+    async fn token(&self) -> Result<String, String> {
+        use tokio::io::AsyncReadExt as _;
+        let mut bytes = [0u8; 16];
+        let mut random = tokio::fs::File::open("/dev/urandom")
+            .await
+            .map_err(|e| format!("/dev/urandom: {e}"))?;
+        random
+            .read_exact(&mut bytes)
+            .await
+            .map_err(|e| format!("/dev/urandom: {e}"))?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if tokens.len() >= TOKENS {
+            tokens.pop_front();
+        }
+        tokens.push_back((token.clone(), Instant::now()));
+        Ok(token)
+    }
+
+    /// Whether `token` is one of ours and still fresh; it is honoured
+    /// once.
+    fn take_token(&self, token: &str) -> bool {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        tokens.retain(|(_, made)| made.elapsed() < TOKEN_LIFE);
+        match tokens.iter().position(|(t, _)| t == token) {
+            Some(i) => {
+                tokens.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -263,6 +317,13 @@ impl Service {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .any(|a| canonical(*a) == peer)
+    }
+
+    /// Whether a message submitted without SMTP carries the token of one
+    /// of this service's own notifications ([`NOTIFY_TOKEN_HEADER`]); the
+    /// token is honoured once.
+    pub fn is_own_notification_token(&self, tokens: &[String]) -> bool {
+        tokens.iter().any(|t| self.outbox.take_token(t))
     }
 }
 
@@ -371,7 +432,13 @@ async fn send(
             .await
             .unwrap_or_else(|_| Err("timed out".into()))
         }
-        NotifyVia::Sendmail(path) => sendmail(path, &from, &to, &text).await,
+        NotifyVia::Sendmail(path) => {
+            // Through cleanup and non_smtpd_milters: the token marks the
+            // message as ours (module documentation).
+            let token = service.outbox.token().await?;
+            let text = format!("{NOTIFY_TOKEN_HEADER}: {token}\r\n{text}");
+            sendmail(path, &from, &to, &text).await
+        }
     }
 }
 
@@ -754,6 +821,20 @@ mod tests {
             assert!(!is_own("127.0.0.2:40000".parse().unwrap()));
         }
         assert!(!is_own(addr), "still marked after the connection closed");
+    }
+
+    #[tokio::test]
+    async fn tokens_are_random_honoured_once_and_only_ours() {
+        let outbox = Outbox::default();
+        let a = outbox.token().await.unwrap();
+        let b = outbox.token().await.unwrap();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(!outbox.take_token("0123456789abcdef0123456789abcdef"));
+        assert!(!outbox.take_token(""));
+        assert!(outbox.take_token(&b));
+        assert!(!outbox.take_token(&b), "honoured twice");
+        assert!(outbox.take_token(&a));
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub struct Session {
     /// The stages the MTA agreed not to wait for a reply to (negotiated in
     /// `milter.rs`).
     pub no_reply: indymilter::ProtoOpts,
+    /// A conversation Postfix's cleanup simulates for mail that did not
+    /// come through smtpd (the `sendmail` command, pickup): nothing may be
+    /// refused at its RCPT (docs/design.md "Local submission").
+    pub non_smtp: bool,
 }
 
 /// One accepted recipient and what was decided for it.
@@ -70,7 +74,19 @@ pub struct Message {
     /// RCPTs refused because the message already had `max_recipients`, and
     /// the verdict they got (made once).
     pub overflow: Option<(usize, Verdict)>,
+    /// Submitted without SMTP ([`Session::non_smtp`]): refusals wait for
+    /// end of message ([`Message::refusal_at_end`]) and a redirect also
+    /// deletes the unqualified form Postfix keeps as the original
+    /// recipient.
+    pub non_smtp: bool,
+    /// Values of the notifier's token header ([`NOTIFY_TOKEN_HEADER`]),
+    /// checked at end of message (src/notify.rs).
+    pub notify_tokens: Vec<String>,
 }
+
+/// The header that carries the notifier's one-time token on mail it
+/// submits with the `sendmail` command (src/notify.rs).
+pub const NOTIFY_TOKEN_HEADER: &str = "X-Dualroute-Notify-Token";
 
 /// What the milter knows of a message's size: the client's `SIZE=` at
 /// MAIL (RFC 1870 §6: its estimate, which may be absent or low) and the
@@ -131,13 +147,18 @@ impl Message {
             size: MessageSize::default(),
             busy: Duration::ZERO,
             overflow: None,
+            non_smtp: false,
+            notify_tokens: Vec::new(),
         }
     }
 
     /// Decides a RCPT and remembers it; `mta` is the MTA's own parse of
     /// the address (`{rcpt_addr}`), when it sent one. A recipient given
     /// twice with the same argument is decided once.
-    pub fn rcpt(&mut self, arg: RcptArg, mta: Option<&str>) -> Rcpt<'_> {
+    pub fn rcpt(&mut self, mut arg: RcptArg, mta: Option<&str>) -> Rcpt<'_> {
+        // `<zed>`: decided, counted and shadowed as the mailbox the MTA
+        // delivers it to (docs/design.md §3).
+        arg.qualify(mta);
         // Looked up once here, for the shadow flag and the caller's
         // counters: this runs for every RCPT.
         let domain = managed_domain(&self.policy, &arg);
@@ -187,6 +208,9 @@ impl Message {
 
     pub fn header(&mut self, name: &str, value: &str) {
         self.size.header(name, value);
+        if name.eq_ignore_ascii_case(NOTIFY_TOKEN_HEADER) && self.notify_tokens.len() < 4 {
+            self.notify_tokens.push(value.trim().to_owned());
+        }
         if name.eq_ignore_ascii_case(LOOP_HEADER)
             && value
                 .split([',', ' ', '\t'])
@@ -313,9 +337,34 @@ impl Message {
                     // (The raw argument is `<m>` itself unless it had a source
                     // route: no string made then.)
                     if let Some(m) = r.arg.original_mailbox() {
-                        if r.arg.raw.len() != m.len() + 2 {
+                        if r.arg.raw.starts_with('<') && r.arg.raw.len() != m.len() + 2 {
                             let bare = ["<", m, ">"].concat();
                             if !plan.delete.contains(&bare) {
+                                plan.delete.push(bare);
+                            }
+                        }
+                    }
+                    // Local submission: cleanup matches a delete against
+                    // the original recipient (cleanup_milter.c
+                    // `cleanup_del_rcpt`), and for `sendmail zed` that is
+                    // `zed`, not the `zed@myorigin` the milter is shown.
+                    // Deleting only the latter left zed in the catch-all
+                    // and added the routing address as well. So the bare
+                    // local part is deleted too — unless another recipient
+                    // of the message has the same local part, when the
+                    // bare form could be that one's original.
+                    if self.non_smtp {
+                        if let Some(a) = &r.arg.address {
+                            let local = a.unquoted_local();
+                            let shared = self
+                                .recipients
+                                .iter()
+                                .chain(&self.rejected)
+                                .filter(|o| o.arg.raw != r.arg.raw)
+                                .filter_map(|o| o.arg.address.as_ref())
+                                .any(|o| o.unquoted_local().eq_ignore_ascii_case(&local));
+                            let bare = ["<", &a.local, ">"].concat();
+                            if !shared && !plan.delete.contains(&bare) {
                                 plan.delete.push(bare);
                             }
                         }
@@ -336,6 +385,35 @@ impl Message {
             plan.header = Some(self.policy.config.instance.clone());
         }
         plan
+    }
+
+    /// On a non-SMTP submission nothing is refused at RCPT (Postfix calls
+    /// that a milter configuration error, docs/design.md "Local
+    /// submission"): the refusal the whole message gets at end of message
+    /// instead, if any. A tempfail wins over a reject (when in doubt, the
+    /// message waits and is decided again); a message past
+    /// `max_recipients` would never pass, so it is refused for good.
+    pub fn refusal_at_end(&self) -> Option<Decision> {
+        let mut reject = None;
+        for r in self.rejected.iter().filter(|r| !r.shadow) {
+            match &r.verdict.decision {
+                d @ Decision::Tempfail(_) => return Some(d.clone()),
+                d @ Decision::Reject(_) if reject.is_none() => reject = Some(d.clone()),
+                _ => {}
+            }
+        }
+        reject.or_else(|| {
+            self.overflow.as_ref().map(|_| {
+                let limit = self.policy.config.max_recipients.get();
+                Decision::Reject(Rejection {
+                    code: "550",
+                    xcode: "5.5.3",
+                    text: format!(
+                        "Too many recipients for one message (more than {limit}); send them in several messages"
+                    ),
+                })
+            })
+        })
     }
 
     /// One line for the log: each recipient and its decision. Written
@@ -406,7 +484,16 @@ fn orcpt(arg: &RcptArg) -> String {
     match arg.param("ORCPT").filter(|p| has_value(p)) {
         Some(p) => p.to_string(),
         None => {
-            let mailbox = arg.original_mailbox().unwrap_or_default();
+            // An unqualified path (`<zed>`) names the mailbox it was
+            // qualified to ([`RcptArg::qualify`]).
+            let qualified;
+            let mailbox = match (arg.original_mailbox(), &arg.address) {
+                (Some(m), Some(a)) if !m.contains('@') => {
+                    qualified = a.to_string();
+                    qualified.as_str()
+                }
+                (m, _) => m.unwrap_or_default(),
+            };
             // Room for the usual case (nothing to encode) and the NOTIFY
             // that follows.
             let mut s = String::with_capacity(32 + mailbox.len());

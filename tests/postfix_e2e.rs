@@ -54,6 +54,10 @@ struct Setup {
     rejecting_sink: bool,
     /// Top-level keys of milter.yaml besides the ones every scenario has.
     top_level: String,
+    /// `non_smtpd_milters` points at the milter too: mail submitted with
+    /// the `sendmail` command passes through it (docs/design.md
+    /// "Local submission").
+    local_submission: bool,
 }
 
 fn setup(domains_yaml: &str) -> Setup {
@@ -65,6 +69,7 @@ fn setup(domains_yaml: &str) -> Setup {
         catchall: true,
         rejecting_sink: false,
         top_level: String::new(),
+        local_submission: false,
     }
 }
 
@@ -117,6 +122,12 @@ impl Setup {
         self
     }
 
+    /// The milter in `non_smtpd_milters` too.
+    fn local_submission(mut self) -> Self {
+        self.local_submission = true;
+        self
+    }
+
     fn start(self) -> E2e {
         let tmp = tempfile::Builder::new()
             .prefix("dualroute-e2e-")
@@ -157,6 +168,9 @@ impl Setup {
             );
         }
         let mut opts = generated.apply_to(self.postfix);
+        if self.local_submission {
+            opts = opts.non_smtpd_milters(&format!("inet:127.0.0.1:{milter_port}"));
+        }
         if !self.to_sink.is_empty() {
             let entries: String = self
                 .to_sink
@@ -1966,4 +1980,312 @@ fn shadow_mode_delivers_as_without_the_milter_and_records_the_live_decisions() {
     // Messages timed: live mode's third never reached end of message.
     assert_eq!(live_m.count("dualroute_milter_seconds_count", &[]), 2.0);
     assert_eq!(shadow_m.count("dualroute_milter_seconds_count", &[]), 3.0);
+}
+
+// ---------------------------------------------------------------------
+// Local submission (issue 21 §1): Postfix's `sendmail` command → postdrop
+// → pickup → cleanup, which runs `non_smtpd_milters` in a simulated SMTP
+// conversation (docs/design.md "Local submission").
+// ---------------------------------------------------------------------
+
+const LOCAL_DOMAINS: &str = r#"  example.com:
+    mode: split
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com, postmaster@example.com] }]
+  dual.example:
+    mode: dual
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [dave@dual.example] }]
+"#;
+
+/// A split and a dual domain, the milter in `non_smtpd_milters` too, and
+/// `myorigin` = the split domain (Debian's /etc/mailname often is): an
+/// unqualified `sendmail zed` or cron's mail to `root` is then for
+/// `zed@example.com`, `root@example.com`.
+fn local_setup() -> E2e {
+    setup(LOCAL_DOMAINS)
+        .mailboxes(
+            "example.com",
+            &["alice@example.com", "postmaster@example.com"],
+        )
+        .mailboxes("dual.example", &["dave@dual.example"])
+        .main_cf("myorigin = example.com")
+        .local_submission()
+        .start()
+}
+
+impl E2e {
+    /// Submits with the `sendmail` command, as alice (her mailbox gets
+    /// any bounce).
+    fn submit(&self, rcpts: &[&str], text: &str) {
+        let mut args = vec!["-f", "alice@example.com"];
+        args.extend(rcpts);
+        let out = self.pf.sendmail(&args, text);
+        assert!(
+            out.status.success(),
+            "sendmail {args:?}: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.diag()
+        );
+    }
+
+    /// Waits until the milter follows `dualroute disable`/`enable` (it
+    /// re-reads state_dir every 2 s): an SMTP probe to a fresh address of
+    /// example.com gets `code` (451 held, 250 routed).
+    fn wait_probe(&self, code: u16, n: &mut usize) {
+        let deadline = Instant::now() + support::WAIT;
+        loop {
+            *n += 1;
+            let probe = format!("probe{n}@example.com");
+            let t = self.client().send(SENDER, &[&probe], &message(&probe));
+            if t.rcpt(&probe).code == code {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{probe}: not {code}: {t}\n{}",
+                self.diag()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+/// Locally submitted mail is decided as SMTP mail is, on the address
+/// Postfix delivers to: a split unknown goes to the destination, a present
+/// user stays here, a dual user is copied, unqualified `yan` and `root`
+/// (myorigin appended) are routed — and nothing lands in the catch-all.
+/// A forged loop header refuses the message at end of message, which
+/// Postfix bounces to the local sender. Over SMTP, `RCPT TO:<zed3>` is
+/// decided as zed3@example.com and `RCPT TO:<postmaster>` is accepted
+/// (RFC 5321 §4.5.1) and delivered to the postmaster here.
+#[test]
+fn local_submission_is_decided_on_the_delivered_address() {
+    let e = local_setup();
+    e.submit(&["zed@example.com"], &message("local zed"));
+    e.submit(&["alice@example.com"], &message("local alice"));
+    e.submit(&["dave@dual.example"], &message("local dave"));
+    e.submit(&["yan"], &message("local yan"));
+    e.submit(&["root"], &message("cron root"));
+    e.wait_sink_rcpts(4);
+    e.finish();
+    for (rcpt, subject) in [
+        ("zed@example.com", "local zed"),
+        ("dave@dual.example", "local dave"),
+        ("yan@example.com", "local yan"),
+        ("root@example.com", "cron root"),
+    ] {
+        let d = e.sink_rcpt(rcpt);
+        assert_eq!(d.message.header("Subject"), [subject], "{}", e.diag());
+        assert_eq!(d.message.header("X-Dualroute"), [INSTANCE], "{}", e.diag());
+        assert_eq!(
+            d.rcpt.orcpt().as_deref(),
+            Some(format!("rfc822;{rcpt}").as_str()),
+            "{}",
+            e.diag()
+        );
+    }
+    assert_eq!(e.sink_deliveries().len(), 4, "{}", e.diag());
+    assert!(
+        e.catchall("example.com").is_empty(),
+        "local mail in the catch-all\n{}",
+        e.diag()
+    );
+    assert_eq!(
+        e.maildir_counts(),
+        counts(&[("example.com/alice", 1), ("dual.example/dave", 1)]),
+        "{}",
+        e.diag()
+    );
+
+    // Over SMTP: an unqualified recipient is decided on {rcpt_addr}
+    // (myorigin appended), `<postmaster>` is accepted.
+    let t = e
+        .client()
+        .send(SENDER, &["<zed3>", "<postmaster>"], &message("bare"));
+    assert_eq!(t.rcpt("zed3").code, 250, "{t}\n{}", e.diag());
+    assert_eq!(t.rcpt("postmaster").code, 250, "{t}\n{}", e.diag());
+    assert!(t.accepted(), "{t}");
+    e.finish();
+    let zed3 = e.sink_rcpt("zed3@example.com");
+    assert_eq!(zed3.message.header("Subject"), ["bare"]);
+    let postmaster = e.mailbox("postmaster@example.com");
+    assert_eq!(postmaster.len(), 1, "{}", e.diag());
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+
+    // A forged loop header on a message with a recipient to redirect:
+    // 554 5.4.6 at end of message; cleanup bounces it to alice.
+    let looped = format!("X-Dualroute: {INSTANCE}\n{}", message("forged loop"));
+    e.submit(&["zed2@example.com"], &looped);
+    let bounce = support::poll(|| {
+        e.mailbox("alice@example.com")
+            .into_iter()
+            .find(|m| m.text.contains("5.4.6"))
+    })
+    .unwrap_or_else(|| panic!("no bounce with 5.4.6 for alice\n{}", e.diag()));
+    assert!(bounce.text.contains("routing loop"), "{}", bounce.text);
+    e.pf.wait_queue_empty();
+    let bounced = e.pf.bounced();
+    assert_eq!(bounced.len(), 1, "{}", e.diag());
+    assert_eq!(bounced[0].to, "zed2@example.com");
+    assert_eq!(bounced[0].dsn, "5.4.6");
+    assert!(
+        !e.sink_deliveries()
+            .iter()
+            .any(|d| d.rcpt.address == "zed2@example.com"),
+        "{}",
+        e.diag()
+    );
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+}
+
+/// While routing is off, a locally submitted message with a recipient to
+/// redirect waits in Postfix's queue as a whole (a tempfail at end of
+/// message: cleanup keeps it in the maildrop, pickup retries), with
+/// nothing delivered, not even to alice, who is in the same message; after
+/// `dualroute enable` it goes out routed, each recipient exactly once.
+#[test]
+fn local_submission_held_waits_then_goes_out_routed_once() {
+    let e = local_setup();
+    let config = e.milter.config().to_owned();
+    let mut probes = 0;
+    let (exit, out) = support::dualroute(&config, &["disable", "example.com"]);
+    assert!(exit.success(), "{out}");
+    e.wait_probe(451, &mut probes);
+
+    e.submit(&["alice@example.com", "held@example.com"], &message("held"));
+    e.milter.wait_log(&["held@example.com", "451 4.4.4"], 1);
+    // Retried by pickup, still held, still waiting.
+    e.pf.wake_pickup();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        e.pf.queue().iter().any(|(q, _)| q == "maildrop"),
+        "the held message is not waiting in the maildrop\n{}",
+        e.diag()
+    );
+    assert!(e.mailbox("alice@example.com").is_empty(), "{}", e.diag());
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+    assert!(
+        !e.pf.maillog().contains("milter configuration error"),
+        "{}",
+        e.diag()
+    );
+
+    let (exit, out) = support::dualroute(&config, &["enable", "example.com"]);
+    assert!(exit.success(), "{out}");
+    e.wait_probe(250, &mut probes);
+    // `postqueue -f` wakes pickup too: the maildrop is read at once
+    // (without it, at pickup's next 60 s wake-up).
+    e.pf.flush();
+    let deadline = Instant::now() + support::WAIT;
+    while !e
+        .sink_deliveries()
+        .iter()
+        .any(|d| d.rcpt.address == "held@example.com")
+    {
+        assert!(Instant::now() < deadline, "held@ not routed\n{}", e.diag());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    e.finish();
+    // Postfix's own words: refused for now at end of message, never the
+    // RCPT "milter configuration error".
+    let log = e.pf.maillog();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("milter-reject: END-OF-MESSAGE") && l.contains("4.4.4")),
+        "{}",
+        e.diag()
+    );
+    assert!(!log.contains("milter configuration error"), "{}", e.diag());
+    let held = e.sink_rcpt("held@example.com");
+    assert_eq!(held.message.header("Subject"), ["held"]);
+    assert_eq!(e.mailbox("alice@example.com").len(), 1, "{}", e.diag());
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+}
+
+/// The notifier's own message, given to Postfix's `sendmail` command
+/// (`via: sendmail`), now passes through the milter (non_smtpd_milters):
+/// it is recognised by its one-time token and not routed (dave is a dual
+/// user: no copy at the sink), and the token header is deleted. A local
+/// user who forges the header with a token of their own is decided as
+/// anyone else (copied) and loses the header too.
+#[test]
+fn local_submission_own_notification_is_recognised_by_its_token() {
+    let bin = tempfile::Builder::new()
+        .prefix("dualroute-notify-bin-")
+        .tempdir()
+        .expect("create a temporary directory");
+    let wrapper = bin.path().join("sendmail");
+    let e = setup(LOCAL_DOMAINS)
+        .mailboxes(
+            "example.com",
+            &["alice@example.com", "postmaster@example.com"],
+        )
+        .mailboxes("dual.example", &["dave@dual.example"])
+        .main_cf("myorigin = example.com")
+        .local_submission()
+        .top_level(&format!(
+            "notify: {{ to: [dave@dual.example], via: \"sendmail:{}\" }}\n",
+            wrapper.display()
+        ))
+        .start();
+    // Postfix's sendmail into this instance (its config directory is
+    // known only now).
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec /usr/sbin/sendmail -C '{}' \"$@\"\n",
+            e.pf.config_dir().display()
+        ),
+    )
+    .unwrap();
+    support::set_mode(&wrapper, 0o755);
+
+    // A refused reload is an event: the notifier sends.
+    let config = e.milter.config().to_owned();
+    let good = fs::read_to_string(&config).unwrap();
+    fs::write(&config, format!("{good}bogus_key: 1\n")).unwrap();
+    e.milter.signal("HUP");
+    let note = support::poll(|| {
+        e.mailbox("dave@dual.example")
+            .into_iter()
+            .find(|m| !m.header("X-Dualroute-Notify").is_empty())
+    })
+    .unwrap_or_else(|| panic!("no notification for dave\n{}", e.diag()));
+    fs::write(&config, &good).unwrap();
+    assert!(
+        note.header("X-Dualroute-Notify-Token").is_empty(),
+        "{}",
+        note.text
+    );
+    assert!(note.header("X-Dualroute").is_empty(), "{}", note.text);
+    e.milter
+        .wait_log(&["own notifier (sendmail): not routed"], 1);
+
+    // A forged token: copied like any message to dave, header gone.
+    let forged = format!(
+        "X-Dualroute-Notify-Token: 00112233445566778899aabbccddeeff\n{}",
+        message("forged token")
+    );
+    e.submit(&["dave@dual.example"], &forged);
+    let copy = e.wait_sink_rcpts(1);
+    assert_eq!(copy.len(), 1, "{}", e.diag());
+    assert_eq!(copy[0].message.header("Subject"), ["forged token"]);
+    assert!(copy[0]
+        .message
+        .header("X-Dualroute-Notify-Token")
+        .is_empty());
+    e.finish();
+    let dave = e.mailbox("dave@dual.example");
+    assert_eq!(dave.len(), 2, "{}", e.diag());
+    for m in &dave {
+        assert!(
+            m.header("X-Dualroute-Notify-Token").is_empty(),
+            "{}",
+            m.text
+        );
+    }
+    // The notification was never copied.
+    assert_eq!(e.sink.messages().len(), 1, "{}", e.diag());
 }

@@ -457,3 +457,141 @@ fn connections_keys_have_postfix_like_defaults_and_are_checked() {
         assert!(e.starts_with("milter.yaml:1:"), "{bad}: {e}");
     }
 }
+
+/// A split domain, one with routing off, a dual domain.
+const LOCAL_SUBMISSION: &str = r#"instance: mx1.dualroute.test
+domains:
+  split.test:
+    mode: split
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@split.test] }]
+  off.test:
+    mode: split
+    enabled: false
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@off.test] }]
+  dual.test:
+    mode: dual
+    destination: { hosts: [mx.legacy.example.net] }
+    accounts: [{ list: [alice@dual.test] }]
+"#;
+
+/// The conversation Postfix's cleanup simulates for locally submitted
+/// mail (`non_smtpd_milters`): host name `localhost`, 127.0.0.1, port 0,
+/// recipients without angle brackets (docs/design.md "Local submission").
+async fn non_smtp_session(milter: &Milter) -> Session {
+    let mut conn = TestConnection::configure()
+        .open_tcp(milter.addr())
+        .await
+        .expect("milter negotiation");
+    let status = conn
+        .connect("localhost", (std::net::Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("connect stage");
+    assert!(
+        matches!(status, Status::Continue | Status::Noreply),
+        "{status:?}"
+    );
+    Session { conn }
+}
+
+/// On a non-SMTP conversation nothing is refused at RCPT (Postfix would
+/// keep the message with 4.3.5, "milter configuration error"): the
+/// whole message gets the refusal at end of message, a tempfail before a
+/// reject. A redirect also deletes the bare local part, Postfix's original
+/// recipient of `sendmail yan`. Over SMTP the same recipients are refused
+/// at RCPT as before.
+#[tokio::test]
+async fn a_non_smtp_conversation_refuses_at_end_of_message_not_at_rcpt() {
+    let milter = Milter::start(LOCAL_SUBMISSION).await;
+    let mut session = non_smtp_session(&milter).await;
+    // Held (routing off, no mailbox here) and refused (dual unknown):
+    // the tempfail wins; nothing is changed.
+    let d = session
+        .message(
+            None,
+            &[&["zed@dual.test"], &["zed@off.test"], &["alice@split.test"]],
+            &[],
+        )
+        .await;
+    assert_eq!(
+        d.rcpt,
+        [Status::Continue, Status::Continue, Status::Continue]
+    );
+    assert_actions(&d.actions, &[]);
+    match &d.eom {
+        Status::Tempfail { message: Some(m) } => {
+            let m = m.to_string_lossy();
+            assert!(m.starts_with("451 4.4.4 ") && m.contains("off.test"), "{m}");
+        }
+        other => panic!("expected 451 4.4.4 at end of message, got {other:?}"),
+    }
+    // Only the reject: 550 5.1.1 for the whole message.
+    let d = session
+        .message(None, &[&["zed@dual.test"], &["alice@split.test"]], &[])
+        .await;
+    assert_eq!(d.rcpt, [Status::Continue, Status::Continue]);
+    assert_actions(&d.actions, &[]);
+    assert_rejected(&d.eom, "550 5.1.1");
+    // A redirect: the address as shown and the bare local part deleted.
+    let d = session.message(None, &[&["yan@split.test"]], &[]).await;
+    assert_eq!(d.eom, Status::Continue);
+    for want in [
+        delete("yan@split.test"),
+        delete("<yan>"),
+        add(
+            "<yan@split.test.dualroute.invalid>",
+            "ORCPT=rfc822;yan@split.test",
+        ),
+    ] {
+        assert!(
+            d.actions.contains(&want),
+            "{want:?} missing: {:?}",
+            d.actions
+        );
+    }
+    session.close().await;
+
+    // Over SMTP (a real client port): refused at RCPT.
+    let mut session = milter.session(CLIENT).await;
+    session.mail(None).await;
+    assert_rejected(&session.rcpt(&["<zed@dual.test>"]).await, "550 5.1.1");
+    assert!(matches!(
+        session.rcpt(&["<zed@off.test>"]).await,
+        Status::Tempfail { .. }
+    ));
+    session.close().await;
+
+    // Over SMTP, unqualified: `<yan>` is decided as Postfix's
+    // `{rcpt_addr}` (myorigin appended) and routed, its own path deleted;
+    // `<postmaster>` is accepted and never routed (RFC 5321 §4.5.1), even
+    // where postmaster@ has no mailbox here.
+    let mut session = milter.session(CLIENT).await;
+    session.mail(None).await;
+    assert_eq!(
+        session.rcpt_as_parsed(&["<yan>"], "yan@split.test").await,
+        Status::Continue
+    );
+    assert_eq!(
+        session
+            .rcpt_as_parsed(&["<postmaster>"], "postmaster@split.test")
+            .await,
+        Status::Continue
+    );
+    session.data(&[]).await;
+    let (actions, eom) = session.eom().await;
+    assert_eq!(eom, Status::Continue);
+    assert_actions(
+        &actions,
+        &[
+            add(
+                "<yan@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;yan@split.test",
+            ),
+            delete("<yan>"),
+            header(INSTANCE),
+        ],
+    );
+    session.close().await;
+    milter.shutdown().await;
+}

@@ -753,3 +753,86 @@ fn check_warns_for_relay_domains_on_sendmail() {
     let (status, out) = dualroute(&config, &["check"]);
     assert!(!status.success() && out.contains("mta"), "{out}");
 }
+
+/// Local submission on a Sendmail host (issue 21 §1): the `sendmail`
+/// command is the MSP (submit.cf), which submits over SMTP to the MTA on
+/// 127.0.0.1, so the milter decides as for any SMTP client and may refuse
+/// at RCPT (docs/design.md "Local submission"): a split unknown goes to
+/// the other server, a present user stays. While routing is off the MTA
+/// answers 451 4.4.4 at RCPT and the MSP keeps the message in its own
+/// queue; after `dualroute enable` the MSP's queue run (Debian runs it
+/// from cron) hands it over again and it goes out routed, once.
+#[test]
+fn local_submission_through_the_msp() {
+    let e = setup(SPLIT, &["example.com"]).start();
+    let submit = |args: &[&str], subject: &str| {
+        let out = e.sendmail.submit(args, &message(subject));
+        assert!(
+            out.status.success(),
+            "sendmail {args:?}: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            e.diagnostics()
+        );
+    };
+    submit(
+        &[
+            "-f",
+            "alice@example.com",
+            "alice@example.com",
+            "zed@example.com",
+        ],
+        "local",
+    );
+    let (store, other) = e.settle();
+    assert_eq!(store, strs(&["alice@example.com"]), "{}", e.diagnostics());
+    assert_eq!(
+        other,
+        strs(&["zed@example.com.dualroute.invalid"]),
+        "{}",
+        e.diagnostics()
+    );
+    assert_eq!(
+        e.other_rcpt("zed@example.com.dualroute.invalid")
+            .orcpt()
+            .as_deref(),
+        Some("rfc822;zed@example.com")
+    );
+    // An SMTP conversation from 127.0.0.1 with a real port, not one taken
+    // for Postfix's non-SMTP emulation.
+    let log = e.milter.log();
+    assert!(
+        log.contains("connect from 127.0.0.1:") && !log.contains("non-SMTP"),
+        "{}",
+        e.diagnostics()
+    );
+
+    // Routing off: refused for now at RCPT, waiting in the MSP's queue.
+    let (status, out) = dualroute(&e.config, &["disable", "example.com"]);
+    assert!(status.success(), "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    submit(&["-f", "alice@example.com", "held@example.com"], "held");
+    e.sendmail.wait_log(&["held@example.com", "451 4.4.4"]);
+    assert_eq!(e.sendmail.client_queue().len(), 1, "{}", e.diagnostics());
+    let (_, other) = e.settle();
+    assert_eq!(other.len(), 1, "{other:?}");
+
+    let (status, out) = dualroute(&e.config, &["enable", "example.com"]);
+    assert!(status.success(), "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    // `-qf`: one queue run in the foreground (no fork).
+    submit(&["-qf"], "queue run");
+    support::poll(|| e.sendmail.client_queue().is_empty().then_some(()))
+        .unwrap_or_else(|| panic!("still in the MSP's queue\n{}", e.diagnostics()));
+    let (store, other) = e.settle();
+    assert_eq!(store, strs(&["alice@example.com"]), "{}", e.diagnostics());
+    assert_eq!(
+        other,
+        strs(&[
+            "held@example.com.dualroute.invalid",
+            "zed@example.com.dualroute.invalid"
+        ]),
+        "{}",
+        e.diagnostics()
+    );
+}

@@ -176,6 +176,13 @@ impl PostfixOptions {
         self.milter = Some(socket.to_owned());
         self
     }
+
+    /// Sets `non_smtpd_milters`: mail submitted with the `sendmail`
+    /// command ([`Postfix::sendmail`]) passes through pickup and cleanup,
+    /// which run these milters (MILTER_README, "non-SMTP mail").
+    pub fn non_smtpd_milters(self, socket: &str) -> Self {
+        self.main_cf(&format!("non_smtpd_milters = {socket}"))
+    }
 }
 
 /// A running private Postfix instance. Dropping it stops the instance and
@@ -674,6 +681,48 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                 }
             }
         }
+    }
+
+    /// Submits `message` with Postfix's own `sendmail` command into this
+    /// instance (`-C` names its configuration directory; postdrop writes
+    /// to its maildrop, pickup hands it to cleanup): local submission, as
+    /// cron or a web application does it. `args` are sendmail's
+    /// arguments (`-f SENDER`, recipients). Returns the command's output.
+    pub fn sendmail(&self, args: &[&str], message: &str) -> std::process::Output {
+        use std::io::Write as _;
+        let mut child = Command::new(tool("sendmail"))
+            .arg("-C")
+            .arg(self.config_dir())
+            .arg("-i")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run Postfix's sendmail");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(message.as_bytes())
+                .expect("write the message to sendmail");
+        }
+        child.wait_with_output().expect("wait for sendmail")
+    }
+
+    /// Wakes pickup now (`postkick public pickup W`) instead of at its
+    /// next 60 s timer: it then reads the maildrop again, including
+    /// messages cleanup refused for now.
+    pub fn wake_pickup(&self) {
+        let output = Command::new(tool("postkick"))
+            .arg("-c")
+            .arg(self.config_dir())
+            .args(["public", "pickup", "W"])
+            .output()
+            .expect("run postkick");
+        assert!(
+            output.status.success(),
+            "postkick public pickup W failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
 

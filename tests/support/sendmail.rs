@@ -488,6 +488,96 @@ impl Sendmail {
                 .status();
         }
     }
+
+    /// Local submission as on a Debian Sendmail host: the `sendmail`
+    /// command with the MSP's configuration (submit.cf, ``FEATURE(`msp')``)
+    /// queues the message in its own client queue and submits it over
+    /// SMTP to the MTA on 127.0.0.1 (here the daemon's port, through
+    /// `RELAY_MAILER_ARGS`), so the MTA runs the milter on an ordinary SMTP
+    /// connection. `args` are sendmail's (`-f SENDER`, recipients); `-qf`
+    /// alone runs the MSP's queue once, in the foreground (Debian's cron
+    /// job runs it).
+    pub fn submit(&self, args: &[&str], message: &str) -> Output {
+        let submit_cf = self.root.join("submit.cf");
+        if !submit_cf.is_file() {
+            // The MSP refuses to run as root ("Mail submission program
+            // must have RunAsUser set to non root user"); Debian's runs as
+            // smmsp, here `nobody`, which must reach and own its queue.
+            let (uid, gid) = super::user_ids("nobody");
+            super::set_mode(&self.root, 0o711);
+            let queue = self.root.join("clientmqueue");
+            fs::create_dir_all(&queue).expect("create the MSP queue");
+            super::set_mode(&queue, 0o770);
+            std::os::unix::fs::chown(&queue, Some(uid), Some(gid)).expect("chown the MSP queue");
+            let mc = format!(
+                "divert(-1)\ndivert(0)dnl\ninclude(`{cf}/m4/cf.m4')dnl\nVERSIONID(`dualroute test MSP')dnl\n\
+                 define(`confCF_VERSION', `Submit')dnl\n\
+                 define(`__OSTYPE__',`')dnl\n\
+                 define(`confTIME_ZONE', `USE_TZ')dnl\n\
+                 define(`confDONT_INIT_GROUPS', `True')dnl\n\
+                 define(`confDOMAIN_NAME', `{MYHOSTNAME}')dnl\n\
+                 define(`confRUN_AS_USER', `nobody')dnl\n\
+                 define(`MSP_QUEUE_DIR', `{queue}')dnl\n\
+                 define(`STATUS_FILE', `{root}/sm-client.st')dnl\n\
+                 define(`confPID_FILE', `{root}/sm-client.pid')dnl\n\
+                 define(`RELAY_MAILER_ARGS', `TCP $h {port}')dnl\n\
+                 FEATURE(`msp', `[127.0.0.1]')dnl\n",
+                cf = cf_dir().display(),
+                queue = queue.display(),
+                root = self.root.display(),
+                port = self.port,
+            );
+            write(&self.root.join("submit.mc"), &mc);
+            write(&self.root.join("sm-client.st"), "");
+            std::os::unix::fs::chown(self.root.join("sm-client.st"), Some(uid), Some(gid))
+                .expect("chown sm-client.st");
+            let out = Command::new("m4")
+                .arg(self.root.join("submit.mc"))
+                .output()
+                .unwrap_or_else(|e| panic!("run m4: {e}"));
+            assert!(
+                out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("ERROR"),
+                "m4 submit.mc failed:\n{}\n--- submit.mc ---\n{mc}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            fs::write(&submit_cf, &out.stdout).expect("write submit.cf");
+        }
+        let quoted: Vec<String> = args
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+            .collect();
+        let mut child = self
+            .in_namespace(&format!(
+                "exec {} -Ac -C {} -i {}",
+                sendmail_program("sendmail").display(),
+                submit_cf.display(),
+                quoted.join(" ")
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run the MSP's sendmail");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(message.as_bytes())
+            .expect("write to sendmail");
+        child.wait_with_output().expect("wait for sendmail")
+    }
+
+    /// The messages waiting in the MSP's client queue.
+    pub fn client_queue(&self) -> Vec<PathBuf> {
+        files_under(&self.root.join("clientmqueue"))
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("qf"))
+            })
+            .collect()
+    }
 }
 
 impl Drop for Sendmail {
