@@ -273,7 +273,9 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
     match crate::postfix::queue::waiting(None) {
         Ok(Some(w)) => println!("{}", crate::postfix::queue::status_line(w)),
         Ok(None) => {}
-        Err(e) => println!("ERROR: cannot count what waits in Postfix's queue: {e}"),
+        Err(e) => println!(
+            "postfix queue: cannot count what waits for dualroute (is Postfix running?): {e}"
+        ),
     }
     Ok(if ok {
         ExitCode::SUCCESS

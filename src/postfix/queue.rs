@@ -55,8 +55,9 @@ pub fn count(json_lines: &str) -> Result<Waiting, String> {
 }
 
 /// Runs `postqueue -j` (on `config_dir`, or where MAIL_CONFIG or the
-/// default says) and counts what waits. `Ok(None)`: no Postfix here
-/// (a Sendmail host).
+/// default /etc/postfix says) and counts what waits. `Ok(None)`: no
+/// configured Postfix here (a Sendmail host, Postfix's programs without a
+/// main.cf).
 pub fn waiting(config_dir: Option<&Path>) -> Result<Option<Waiting>, String> {
     let Some(postqueue) = [
         "/usr/sbin/postqueue",
@@ -68,6 +69,14 @@ pub fn waiting(config_dir: Option<&Path>) -> Result<Option<Waiting>, String> {
     .find(|p| p.is_file()) else {
         return Ok(None);
     };
+    let dir = config_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+        std::env::var_os("MAIL_CONFIG")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/etc/postfix".into())
+    });
+    if !dir.join("main.cf").is_file() {
+        return Ok(None);
+    }
     let mut cmd = Command::new(postqueue);
     if let Some(dir) = config_dir {
         cmd.arg("-c").arg(dir);
