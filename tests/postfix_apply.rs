@@ -560,3 +560,46 @@ fn mail_the_milter_did_not_route_waits_in_the_queue() {
     let master = String::from_utf8_lossy(&read(&etc.join("master.cf"))).into_owned();
     assert!(!master.contains("dualroute-wait"), "{master}");
 }
+
+/// issue 21 §5: where the wait wiring would change where the admin's own
+/// mail goes (a domain key in their transport_maps, transport(5) trying
+/// the pipemap's full-address match first), --apply wires nothing of it
+/// and says why; the rest is applied.
+#[test]
+fn wait_wiring_refused_where_it_would_move_mailboxes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = tmp.path().join("milter.yaml");
+    fs::write(
+        &config,
+        yaml(
+            free_port(),
+            &tmp.path().join("state"),
+            "{ hosts: [\"[127.0.0.1]:9\"] }",
+        ),
+    )
+    .expect("write");
+    let (status, printed) = dualroute(&config, &["postfix-config"]);
+    assert!(status.success(), "{printed}");
+    assert!(printed.contains("dualroute-wait"), "{printed}");
+    let pf = Postfix::start(
+        PostfixOptions::default()
+            .domain_without_catchall("example.com", &["alice@example.com"])
+            .map(
+                "own_transport",
+                "example.com lmtp:unix:private/dovecot-lmtp\n",
+            )
+            .main_cf("transport_maps = hash:$config_directory/own_transport"),
+    );
+    let etc = pf.config_dir();
+    let out = apply(&config, &etc, &["--apply"]);
+    assert!(
+        out.contains("NOT wired to wait in the queue: your transport_maps sends example.com to lmtp:unix:private/dovecot-lmtp"),
+        "{out}"
+    );
+    let transport_maps = pf.postconf("transport_maps");
+    assert!(!transport_maps.contains("pipemap:"), "{transport_maps}");
+    let master = String::from_utf8_lossy(&read(&etc.join("master.cf"))).into_owned();
+    assert!(!master.contains("dualroute-wait"), "{master}");
+    let table = fs::read_to_string(etc.join("dualroute_transport")).expect("transport table");
+    assert!(!table.contains("dualroute-wait"), "{table}");
+}

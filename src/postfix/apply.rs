@@ -451,7 +451,7 @@ fn with_wait(want: &PostfixConfig, map_dir: &Path, site: &Site) -> (PostfixConfi
         .collect();
     if !site.domain_transports.is_empty() {
         notes.push(format!(
-            "WARNING: mail the milter did not route is NOT wired to wait in the queue: your transport_maps sends {} by a domain key, and the wiring's pipemap (which matches mailboxes by full address, tried before the domain) would send those mailboxes to virtual_transport ({}) instead. Until then such mail for {} is delivered into the catch-all. Set virtual_transport to that transport and drop the domain keys, then --apply again (docs/postfix.md, \"Mail waiting in the queue\").",
+            "WARNING: mail the milter did not route is NOT wired to wait in the queue: your transport_maps sends {} by a domain key, and the wiring's pipemap (which matches mailboxes by full address, tried before the domain) would send those mailboxes to virtual_transport ({}) instead. Until then such mail for {} goes where that transport sends unknown addresses (virtual(8): the catch-all Maildir; Dovecot: refused, so Postfix bounces it). Set virtual_transport to that transport and drop the domain keys, then --apply again (docs/postfix.md, \"Mail waiting in the queue\").",
             site.domain_transports
                 .iter()
                 .map(|(d, t)| format!("{d} to {t}"))
