@@ -312,7 +312,7 @@ pub fn override_notes(postfix_dir: &Path, pf: &PostfixConfig) -> Vec<String> {
     let (found, mut notes) = apply::milter_overrides(&master_cf);
     for f in found {
         let entries = apply::list_entries(&f.value);
-        if entries.iter().any(|e| *e == socket.value) {
+        if entries.contains(&socket.value) {
             continue;
         }
         let mut merged = entries.clone();
