@@ -76,9 +76,13 @@ pub fn postfix_config(
     path: &Path,
     write: Option<&Path>,
     map_dir: &Path,
+    postfix_dir: &Path,
 ) -> Result<ExitCode, String> {
     let policy = load(path)?;
-    let pf = crate::postfix::generate(&policy, map_dir);
+    let mut pf = crate::postfix::generate(&policy, map_dir);
+    // issue 21 §2: the master.cf services that would bypass dualroute.
+    pf.notes
+        .extend(crate::postfix::override_notes(postfix_dir, &pf));
     print_or_write(write, || pf.render(map_dir), |dir| pf.write(dir), &pf.notes)
 }
 
@@ -121,7 +125,8 @@ pub fn postfix_apply(
         let mut tables: Vec<_> = want.tables.iter().map(|t| map_dir.join(&t.file)).collect();
         tables.extend(before.tables.iter().cloned());
         let current = postfix.current(&tables)?;
-        let (changes, record) = apply::plan_apply(&want, map_dir, &current, &before);
+        let (changes, record, wiring_notes) =
+            apply::plan_apply_notes(&want, map_dir, &current, &before);
         // --apply puts the catch-all into virtual_mailbox_maps itself: the
         // hand-made step of the printed form does not apply.
         let mut notes: Vec<String> = want
@@ -137,6 +142,7 @@ pub fn postfix_apply(
         {
             notes.push("the dualroute_catchall table goes into virtual_mailbox_maps, for virtual mailbox domains; a split or route domain in relay_domains (relay_recipient_maps) or mydestination (local_recipient_maps) needs its @domain key in that table instead".into());
         }
+        notes.extend(wiring_notes);
         (changes, Some(record), notes)
     };
     for n in &notes {
@@ -272,6 +278,15 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
         if let Some(b) = &config.breaker {
             println!("  {}", breaker_counts(b, &counts, name));
         }
+    }
+    // issue 21 §5: what waits in Postfix's queue because the milter did
+    // not route it (src/postfix/queue.rs).
+    match crate::postfix::queue::waiting(None) {
+        Ok(Some(w)) => println!("{}", crate::postfix::queue::status_line(w)),
+        Ok(None) => {}
+        Err(e) => println!(
+            "postfix queue: cannot count what waits for dualroute (is Postfix running?): {e}"
+        ),
     }
     Ok(if ok {
         ExitCode::SUCCESS

@@ -40,7 +40,9 @@ fn main() -> ExitCode {
         } => {
             let map_dir = map_dir.unwrap_or_else(|| postfix_config_dir.clone());
             match (apply, revert) {
-                (false, false) => commands::postfix_config(&path, write.as_deref(), &map_dir),
+                (false, false) => {
+                    commands::postfix_config(&path, write.as_deref(), &map_dir, &postfix_config_dir)
+                }
                 _ => commands::postfix_apply(&path, &postfix_config_dir, &map_dir, revert, dry_run),
             }
         }

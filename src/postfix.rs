@@ -6,13 +6,28 @@ use crate::policy::Policy;
 use std::{fmt::Write as _, io, path::Path};
 
 pub mod apply;
+pub mod queue;
 
 /// The name of the dedicated smtp transport in master.cf.
 pub const TRANSPORT: &str = "dualroute";
-const TRANSPORT_MAP: &str = "dualroute_transport";
+pub(crate) const TRANSPORT_MAP: &str = "dualroute_transport";
 const GENERIC_MAP: &str = "dualroute_generic";
-const CATCHALL_MAP: &str = "dualroute_catchall";
+pub(crate) const CATCHALL_MAP: &str = "dualroute_catchall";
 const TLS_POLICY_MAP: &str = "dualroute_tls_policy";
+/// The master.cf service that keeps mail the milter did not route waiting
+/// in the queue (docs/design.md §9, docs/postfix.md "Mail waiting in the
+/// queue"). A pipe(8) whose command exits 75 (EX_TEMPFAIL): Postfix defers
+/// the recipient and retries. Not error(8)/retry(8): smtpd resolves each
+/// RCPT and refuses an address whose transport is `error` or `retry`
+/// (checked on 3.7.11: `450 4.4.4 ... Recipient address rejected`) before
+/// the milter sees it, so split routing would stop; and error(8) refuses
+/// to run under any other service name.
+pub const WAIT_TRANSPORT: &str = "dualroute-wait";
+/// What the wait transport says; `postqueue -j` shows it as the
+/// recipient's `delay_reason` (after pipe(8)'s "temporary failure.
+/// Command output: "), which is how `dualroute status` counts what waits.
+pub const WAIT_REASON: &str =
+    "dualroute: not routed by the milter, waiting in the queue (docs/postfix.md)";
 /// How the note about the catch-all begins (`--apply` does that step).
 pub const CATCHALL_NOTE: &str = "Postfix checks recipients";
 
@@ -29,7 +44,7 @@ pub use crate::table::Table;
 /// The master.cf service of the dedicated smtp transport.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct Service {
-    /// `dualroute unix - - n - - smtp`
+    /// `dualroute unix - - n - - smtp`; its first word names the service.
     pub entry: String,
     /// `-o name=value` overrides.
     pub params: Vec<(String, String)>,
@@ -38,7 +53,8 @@ pub struct Service {
 impl Service {
     /// `postconf -M`'s name for it.
     pub fn name(&self) -> String {
-        format!("{TRANSPORT}/unix")
+        let name = self.entry.split_whitespace().next().unwrap_or(TRANSPORT);
+        format!("{name}/unix")
     }
 
     /// The entry as master.cf holds it, continuation lines indented.
@@ -59,6 +75,22 @@ pub struct PostfixConfig {
     pub tables: Vec<Table>,
     /// Things the administrator must do by hand, with the reason.
     pub notes: Vec<String>,
+    /// The wait transport's master.cf service: `--apply` adds it where the
+    /// layout allows (src/postfix/apply.rs `with_wait`).
+    pub wait: Option<Service>,
+}
+
+/// The master.cf service behind [`WAIT_TRANSPORT`]. `postconf -M` prints
+/// the command's `{...}` group without inner padding: written the same
+/// way, a second `--apply` finds it unchanged. The command reads the
+/// message first, so pipe(8) never sees a broken pipe, whatever its size.
+pub fn wait_service() -> Service {
+    Service {
+        entry: format!(
+            "{WAIT_TRANSPORT} unix  -       n       n       -       -       pipe user=nobody argv=/bin/sh -c {{cat >/dev/null; echo \"{WAIT_REASON}\"; exit 75}}"
+        ),
+        params: Vec::new(),
+    }
 }
 
 /// The `smtpd_milters` value for our socket. Debian runs smtpd chrooted in
@@ -90,6 +122,11 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
     out.main.push(param(
         "hand every SMTP session to dualroute (merge with existing smtpd_milters, comma-separated)",
         "smtpd_milters",
+        milter_socket(&c.listen, "/var/spool/postfix"),
+    ));
+    out.main.push(param(
+        "hand locally submitted mail to dualroute too: cron, `mail`, web applications and monitoring submit through sendmail/pickup, and cleanup runs non_smtpd_milters, never smtpd_milters (merge with existing non_smtpd_milters, comma-separated)",
+        "non_smtpd_milters",
         milter_socket(&c.listen, "/var/spool/postfix"),
     ));
     out.main.push(param(
@@ -179,7 +216,7 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
         if matches!(d.config.mode, Mode::Split | Mode::Route) {
             catchall.entries.push((
                 format!(
-                    "{name} is {}: WARNING: if the milter is bypassed (removed from smtpd_milters, or milter_default_action = accept), mail for addresses without a mailbox lands here instead of being routed or refused: watch this mailbox",
+                    "{name} is {}: lets smtpd accept addresses without a mailbox so the milter can route them; with the {WAIT_TRANSPORT} transport (--apply, see the note below) mail the milter did not route waits in the queue instead of being filed here",
                     d.config.mode
                 ),
                 format!("@{name}"),
@@ -221,10 +258,32 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
         out.notes.extend(throttle.notes);
     }
     if !catchall.entries.is_empty() {
+        let domains: Vec<String> = catchall
+            .entries
+            .iter()
+            .map(|(_, k, _)| k.trim_start_matches('@').to_owned())
+            .collect();
         out.notes.push(format!(
-            "{CATCHALL_NOTE} (smtpd_reject_unlisted_recipient) before the milter sees them, so for split and route domains it must accept addresses it has no mailbox for. For virtual mailbox domains add {} to virtual_mailbox_maps after your own table, e.g.\n  postconf -e \"virtual_mailbox_maps = $(postconf -h virtual_mailbox_maps), {}\"\nFor other setups (relay_domains with relay_recipient_maps, mydestination with local_recipient_maps) add the same @domain catch-all key to that table.",
+            "{CATCHALL_NOTE} (smtpd_reject_unlisted_recipient) before the milter sees them, so for split and route domains it must accept addresses it has no mailbox for. For virtual mailbox domains add {} to virtual_mailbox_maps after your own table, e.g.\n  postconf -e \"virtual_mailbox_maps = $(postconf -h virtual_mailbox_maps), {}\"\n\
+Then make what the milter did not route (milter bypassed, down with milter_default_action = accept, a service without it) WAIT IN THE QUEUE instead of landing in the catch-all, while real mailboxes keep your delivery transport ({}):\n  \
+- master.cf: {}\n  \
+- {} lines in {}:\n{}\n  \
+- transport_maps = <yours>, pipemap:{{<each table of your own virtual_mailbox_maps>, static:{{<your virtual_transport>}}}}, {}\n    \
+e.g. postconf -e \"transport_maps = $(postconf -h transport_maps), pipemap:{{hash:/etc/postfix/vmailbox, static:{{$(postconf -xh virtual_transport)}}}}, {}\"\n\
+(transport(5) looks up the full address, then the address without its extension, then the domain: a mailbox matches the pipemap, any other address of the domain matches {WAIT_TRANSPORT}). `--apply` does all of this, and refuses the wait wiring where it would change where your own mail goes (see docs/postfix.md). mydestination (local) and relay_domains layouts: add the same @domain catch-all key to local_recipient_maps/relay_recipient_maps; the wait wiring cannot be expressed there (docs/postfix.md).",
             map(CATCHALL_MAP),
-            map(CATCHALL_MAP)
+            map(CATCHALL_MAP),
+            domains.join(", "),
+            wait_service().entry,
+            domains.len(),
+            map(TRANSPORT_MAP),
+            domains
+                .iter()
+                .map(|d| format!("    {d}  {WAIT_TRANSPORT}:"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            map(TRANSPORT_MAP),
+            map(TRANSPORT_MAP),
         ));
         out.tables.push(catchall);
     }
@@ -237,6 +296,37 @@ pub fn generate(policy: &Policy, map_dir: &Path) -> PostfixConfig {
         }
     }
     out
+}
+
+/// For the printed form: the master.cf services of the Postfix in
+/// `postfix_dir` whose own `-o smtpd_milters=` / `-o non_smtpd_milters=`
+/// leaves dualroute out, so mail through them bypasses it (docs/design.md
+/// §9). Nothing when there is no master.cf there (another host).
+pub fn override_notes(postfix_dir: &Path, pf: &PostfixConfig) -> Vec<String> {
+    let Ok(master_cf) = std::fs::read_to_string(postfix_dir.join("master.cf")) else {
+        return Vec::new();
+    };
+    let Some(socket) = pf.main.iter().find(|p| p.name == "smtpd_milters") else {
+        return Vec::new();
+    };
+    let (found, mut notes) = apply::milter_overrides(&master_cf);
+    for f in found {
+        let entries = apply::list_entries(&f.value);
+        if entries.contains(&socket.value) {
+            continue;
+        }
+        let mut merged = entries.clone();
+        merged.push(socket.value.clone());
+        notes.push(format!(
+            "WARNING: master.cf {} has its own -o {}={}: mail through it bypasses dualroute. `--apply` makes it -o {}={} (keeping the milters listed there; --revert restores it)",
+            f.service,
+            f.param,
+            f.value,
+            f.param,
+            merged.join(",")
+        ));
+    }
+    notes
 }
 
 /// The `smtp_tls_policy_maps` entries of one domain's destination: one per

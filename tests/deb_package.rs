@@ -6,8 +6,10 @@
 //! Postfix whose smtpd runs chrooted (as Debian ships it) to the packaged
 //! socket, wired by `postfix-config --apply`; `--apply` again (no change),
 //! `--revert` (main.cf/master.cf byte for byte), an invalid config at start
-//! and at reload, an upgrade to a higher version that keeps the edited
-//! conffile, remove, purge, and what is left.
+//! and at reload, `--apply` again, an upgrade to a higher version that
+//! keeps the edited conffile and the wiring, `apt-get remove` that takes
+//! dualroute out of Postfix (prerm, issue 21 §9) which then still delivers,
+//! purge, and what is left.
 //!
 //! The packages are built by scripts/test.sh before `cargo test` (cargo
 //! holds the build directory's lock while tests run):
@@ -548,17 +550,70 @@ fn install_deliver_upgrade_remove_purge() {
         master_before,
         "master.cf"
     );
-    drop(pf);
 
-    t.say("## upgrade to a higher version: the edited conffile is kept");
+    t.say("## --apply again, then the package goes: Postfix must keep delivering (issue 21 §9)");
+    let out = t.ok("/usr/sbin/dualroute", &[&apply[..], &["--apply"]].concat());
+    assert!(out.contains("postfix check: OK"), "{out}");
+    let registry = fs::read_to_string("/var/lib/dualroute/postfix-applied").unwrap_or_default();
+    t.say(&format!("/var/lib/dualroute/postfix-applied: {registry}"));
+
+    t.say("## upgrade to a higher version: the edited conffile is kept, Postfix stays wired");
     let edited = fs::read_to_string(CONFFILE).expect("conffile");
     t.ok("dpkg", &["-i", upgrade.to_str().expect("UTF-8 path")]);
     assert_eq!(installed_version(), Some(upgrade_version()));
     assert_eq!(fs::read_to_string(CONFFILE).expect("conffile"), edited);
     assert!(!Path::new("/etc/dualroute/milter.yaml.dpkg-dist").exists());
+    assert_eq!(
+        pf.postconf("smtpd_milters"),
+        "unix:/dualroute/dualroute.sock",
+        "an upgrade must not unwire Postfix"
+    );
 
-    t.say("## remove: the conffile, state and user stay");
-    t.ok("dpkg", &["--remove", "dualroute"]);
+    t.say("## remove: dualroute leaves Postfix; the conffile, state and user stay");
+    let (ok, out) = t.run_env(&[], "apt-get", &["remove", "-y", "dualroute"]);
+    assert!(ok, "apt-get remove failed:\n{out}");
+    t.say("## Postfix delivers without the milter");
+    let sent = client.send(
+        "sender@outside.test",
+        &["alice@split.test"],
+        "Subject: after remove\n\nafter remove body\n",
+    );
+    t.say(&format!("{sent:?}"));
+    assert!(
+        sent.accepted(),
+        "Postfix refuses mail after the package went: {sent:?}"
+    );
+    support::poll(|| {
+        pf.maildir_messages("alice@split.test")
+            .iter()
+            .any(|m| m.text.contains("after remove body"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("not delivered after remove\n{}", pf.diagnostics()));
+    assert!(
+        out.contains(&format!(
+            "removing dualroute from the Postfix configuration in {}",
+            fs::canonicalize(&etc).expect("config dir").display()
+        )),
+        "the removal did not say it reverts Postfix:\n{out}"
+    );
+    assert_eq!(
+        pf.postconf("smtpd_milters"),
+        "",
+        "smtpd_milters after remove"
+    );
+    assert_eq!(
+        pf.postconf("non_smtpd_milters"),
+        "",
+        "non_smtpd_milters after remove"
+    );
+    assert_eq!(fs::read(&main_cf).expect("main.cf"), main_before, "main.cf");
+    assert_eq!(
+        fs::read(&master_cf).expect("master.cf"),
+        master_before,
+        "master.cf"
+    );
+    drop(pf);
     assert!(!Path::new("/usr/sbin/dualroute").exists());
     assert!(Path::new(CONFFILE).exists());
     assert!(user_exists("dualroute"));

@@ -29,7 +29,23 @@ pub const RECORD: &str = "dualroute.applied";
 /// Parameters whose value is a list: ours are merged into it, never
 /// replace it (an OpenDKIM milter, a transport table of the admin's own).
 /// Postfix splits such lists on commas and white space.
-const LISTS: [&str; 3] = ["smtpd_milters", "transport_maps", "virtual_mailbox_maps"];
+const LISTS: [&str; 4] = [
+    "smtpd_milters",
+    "non_smtpd_milters",
+    "transport_maps",
+    "virtual_mailbox_maps",
+];
+
+/// The milter lists a master.cf service can override with `-o`
+/// (docs/design.md §9: a submission service next to OpenDKIM often has
+/// `-o smtpd_milters=inet:localhost:8891`, which leaves dualroute out).
+const OVERRIDDEN: [&str; 2] = ["smtpd_milters", "non_smtpd_milters"];
+
+/// Where `--apply` lists the Postfix configuration directories it wired
+/// while the Debian package is installed, so that removing the package
+/// can revert each of them (packaging/debian/prerm; docs/design.md §9):
+/// a second instance or a private one has its own directory.
+pub const REGISTRY: &str = "/var/lib/dualroute/postfix-applied";
 
 /// What an earlier `--apply` did.
 #[derive(Clone, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
@@ -44,6 +60,44 @@ pub struct Applied {
     pub service: bool,
     /// Tables `--apply` wrote (and `postmap`ed).
     pub tables: Vec<PathBuf>,
+    /// Whether `--apply` created the master.cf service of the wait
+    /// transport ([`super::WAIT_TRANSPORT`]).
+    #[serde(default)]
+    pub wait_service: bool,
+    /// master.cf `-o` milter overrides `--apply` changed: what they said
+    /// before and after, so that `--revert` gives master.cf back byte for
+    /// byte.
+    #[serde(default)]
+    pub overrides: Vec<Override>,
+}
+
+/// One `-o smtpd_milters=…` / `-o non_smtpd_milters=…` of a master.cf
+/// service.
+#[derive(Clone, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
+pub struct Override {
+    /// `name/type`, as `postconf -M` names it (`submission/inet`).
+    pub service: String,
+    pub param: String,
+    /// The value before `--apply`.
+    pub before: String,
+    /// The value `--apply` gave it.
+    pub after: String,
+}
+
+/// What the Postfix instance delivers with, as far as the wait wiring
+/// needs it (`postconf -xh`, i.e. with `$name` expanded: transport(5)
+/// lookups inside `pipemap:{…}` did not expand `$virtual_transport` on
+/// 3.7.11, they failed with "returns an empty string result").
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Site {
+    /// virtual_mailbox_maps, one table per entry.
+    pub mailbox_maps: Vec<String>,
+    pub virtual_transport: String,
+    /// virtual_mailbox_domains, one entry each.
+    pub virtual_domains: Vec<String>,
+    /// Domains of virtual_mailbox_domains that the administrator's own
+    /// transport_maps sends somewhere by a domain key, with that result.
+    pub domain_transports: Vec<(String, String)>,
 }
 
 /// What Postfix has now.
@@ -56,6 +110,11 @@ pub struct Current {
     /// Each table file's contents (None: absent) and whether its indexed
     /// form is missing or older than it.
     pub tables: BTreeMap<PathBuf, (Option<String>, bool)>,
+    /// `postconf -M dualroute-wait/unix`, white space collapsed.
+    pub wait_service: Option<String>,
+    /// master.cf as it is.
+    pub master_cf: String,
+    pub site: Site,
 }
 
 /// One change to Postfix's configuration.
@@ -77,6 +136,15 @@ pub enum Change {
     },
     Postmap(PathBuf),
     RemoveTable(PathBuf),
+    /// Gives a master.cf `-o` override a new value, editing only that
+    /// value (`postconf -P` rewrites the whole entry in its own layout,
+    /// and `--revert` could not give master.cf back byte for byte).
+    SetOverride {
+        service: String,
+        param: String,
+        value: String,
+        why: String,
+    },
 }
 
 impl fmt::Display for Change {
@@ -105,6 +173,18 @@ impl fmt::Display for Change {
             Change::RemoveTable(path) => {
                 write!(f, "rm {} {}.db", path.display(), path.display())
             }
+            Change::SetOverride {
+                service,
+                param,
+                value,
+                why,
+            } => {
+                write!(f, "master.cf {service}: -o {param}={value}")?;
+                if !why.is_empty() {
+                    write!(f, "    # {why}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -114,13 +194,30 @@ fn table_path(map_dir: &Path, t: &Table) -> PathBuf {
     map_dir.join(&t.file)
 }
 
-/// Splits a Postfix list value.
+/// Splits a Postfix list value on commas and white space outside `{…}`
+/// (Postfix's own rule: `pipemap:{hash:a, static:{b}}` is one entry).
 pub fn list_entries(value: &str) -> Vec<String> {
-    value
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|e| !e.is_empty())
-        .map(str::to_owned)
-        .collect()
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut depth = 0usize;
+    for c in value.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth == 0 && (c == ',' || c.is_whitespace()) {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 fn collapse(s: &str) -> String {
@@ -145,6 +242,21 @@ pub fn plan_apply(
     current: &Current,
     before: &Applied,
 ) -> (Vec<Change>, Applied) {
+    let (changes, record, _) = plan_apply_notes(want, map_dir, current, before);
+    (changes, record)
+}
+
+/// [`plan_apply`], and what the administrator must know about it (the
+/// wait wiring refused for a layout, a master.cf override it cannot
+/// read).
+pub fn plan_apply_notes(
+    want: &PostfixConfig,
+    map_dir: &Path,
+    current: &Current,
+    before: &Applied,
+) -> (Vec<Change>, Applied, Vec<String>) {
+    let (want, mut notes) = with_wait(want, map_dir, &current.site);
+    let want = &want;
     let mut changes = Vec::new();
     let mut record = before.clone();
     let remember = |name: &str, record: &mut Applied| {
@@ -240,17 +352,32 @@ pub fn plan_apply(
         }
     }
 
-    match (&want.service, &current.service) {
-        (Some(s), now) if now.as_deref() != Some(service_line(s).as_str()) => {
-            record.service = record.service || now.is_none();
-            changes.push(Change::Service(s.clone()));
-        }
-        (None, Some(_)) if before.service => {
-            record.service = false;
-            changes.push(Change::RemoveService(format!("{}/unix", super::TRANSPORT)));
-        }
-        _ => {}
-    }
+    record.service = plan_service(
+        want.service.as_ref(),
+        &format!("{}/unix", super::TRANSPORT),
+        current.service.as_deref(),
+        before.service,
+        &mut changes,
+    );
+    record.wait_service = plan_service(
+        want.wait.as_ref(),
+        &format!("{}/unix", super::WAIT_TRANSPORT),
+        current.wait_service.as_deref(),
+        before.wait_service,
+        &mut changes,
+    );
+    let socket = want
+        .main
+        .iter()
+        .find(|p| p.name == "smtpd_milters")
+        .map(|p| p.value.clone());
+    record.overrides = plan_overrides(
+        socket.as_deref(),
+        &current.master_cf,
+        before,
+        &mut changes,
+        &mut notes,
+    );
 
     let mut tables = Vec::new();
     for t in &want.tables {
@@ -274,7 +401,277 @@ pub fn plan_apply(
         }
     }
     record.tables = tables;
-    (changes, record)
+    (changes, record, notes)
+}
+
+/// Creates, updates or removes one of our master.cf services; whether
+/// `--apply` created it (and `--revert` must remove it).
+fn plan_service(
+    want: Option<&Service>,
+    name: &str,
+    now: Option<&str>,
+    created: bool,
+    changes: &mut Vec<Change>,
+) -> bool {
+    match (want, now) {
+        (Some(s), now) if now != Some(service_line(s).as_str()) => {
+            changes.push(Change::Service(s.clone()));
+            created || now.is_none()
+        }
+        (Some(_), _) => created,
+        (None, Some(_)) if created => {
+            changes.push(Change::RemoveService(name.to_owned()));
+            false
+        }
+        (None, _) => false,
+    }
+}
+
+/// The wait wiring for this Postfix (docs/design.md §9, docs/postfix.md
+/// "Mail waiting in the queue"): `want` plus, for each split/route domain
+/// of `virtual_mailbox_domains`, a `DOMAIN dualroute-wait:` row in the
+/// transport table, and `pipemap:{TABLE, static:{VIRTUAL_TRANSPORT}}` in
+/// transport_maps for each of the administrator's own mailbox tables.
+/// transport(5) tries the full address (then without its extension) in
+/// every table before it tries the domain, so a mailbox keeps the
+/// administrator's delivery transport and any other address of the domain
+/// waits. Where that would change where the administrator's own mail
+/// goes, nothing is wired and a note says why.
+fn with_wait(want: &PostfixConfig, map_dir: &Path, site: &Site) -> (PostfixConfig, Vec<String>) {
+    let mut want = want.clone();
+    let mut notes = Vec::new();
+    let Some(catchall) = want.tables.iter().find(|t| t.file == super::CATCHALL_MAP) else {
+        return (want, notes);
+    };
+    let catchall_ref = format!("hash:{}", table_path(map_dir, catchall).display());
+    let domains: Vec<String> = catchall
+        .entries
+        .iter()
+        .map(|(_, k, _)| k.trim_start_matches('@').to_owned())
+        .collect();
+    if !site.domain_transports.is_empty() {
+        notes.push(format!(
+            "WARNING: mail the milter did not route is NOT wired to wait in the queue: your transport_maps sends {} by a domain key, and the wiring's pipemap (which matches mailboxes by full address, tried before the domain) would send those mailboxes to virtual_transport ({}) instead. Until then such mail for {} goes where that transport sends unknown addresses (virtual(8): the catch-all Maildir; Dovecot: refused, so Postfix bounces it). Set virtual_transport to that transport and drop the domain keys, then --apply again (docs/postfix.md, \"Mail waiting in the queue\").",
+            site.domain_transports
+                .iter()
+                .map(|(d, t)| format!("{d} to {t}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            site.virtual_transport,
+            domains.join(", ")
+        ));
+        return (want, notes);
+    }
+    let mut rows = Vec::new();
+    for d in &domains {
+        if site
+            .virtual_domains
+            .iter()
+            .any(|v| v.eq_ignore_ascii_case(d))
+        {
+            rows.push((
+                format!("{d}: what the milter did not route waits in the queue (mailboxes match the pipemap first)"),
+                d.clone(),
+                format!("{}:", super::WAIT_TRANSPORT),
+            ));
+        } else {
+            notes.push(format!(
+                "WARNING: {d} is not listed in virtual_mailbox_domains: the wiring that makes unrouted mail wait in the queue covers virtual mailbox domains only (mydestination and relay_domains cannot express it, docs/postfix.md); mail for {d} that the milter did not route is delivered as before"
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return (want, notes);
+    }
+    let transport_ref = format!("hash:{}", map_dir.join(super::TRANSPORT_MAP).display());
+    match want
+        .tables
+        .iter_mut()
+        .find(|t| t.file == super::TRANSPORT_MAP)
+    {
+        Some(t) => t.entries.extend(rows),
+        None => want.tables.push(Table {
+            file: super::TRANSPORT_MAP.into(),
+            why: "what the milter did not route waits in the queue".into(),
+            entries: rows,
+        }),
+    }
+    let vt = if site.virtual_transport.is_empty() {
+        "virtual"
+    } else {
+        site.virtual_transport.as_str()
+    };
+    for map in site.mailbox_maps.iter().filter(|m| **m != catchall_ref) {
+        want.main.push(super::Param {
+            why: format!("mailboxes in {map} keep their transport ({vt})"),
+            name: "transport_maps".into(),
+            value: format!("pipemap:{{{map}, static:{{{vt}}}}}"),
+        });
+    }
+    if !want
+        .main
+        .iter()
+        .any(|p| p.name == "transport_maps" && p.value == transport_ref)
+    {
+        want.main.push(super::Param {
+            why: "unrouted mail of split/route domains waits in the queue".into(),
+            name: "transport_maps".into(),
+            value: transport_ref,
+        });
+    }
+    want.wait = Some(super::wait_service());
+    (want, notes)
+}
+
+/// A `-o NAME=VALUE` milter override in master.cf, with where VALUE is.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Found {
+    /// `name/type`.
+    pub service: String,
+    pub param: String,
+    pub value: String,
+    /// Byte range of VALUE in master.cf.
+    pub range: std::ops::Range<usize>,
+}
+
+/// The `-o smtpd_milters=…` and `-o non_smtpd_milters=…` overrides of
+/// master.cf (master(5): an entry starts in column one, a line starting
+/// with white space continues it, `#` lines are comments), and notes on
+/// those in the `-o { name = value }` form, which `--apply` leaves to the
+/// administrator.
+pub fn milter_overrides(master_cf: &str) -> (Vec<Found>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut notes = Vec::new();
+    let mut service: Option<String> = None;
+    let mut after_o = false;
+    let mut offset = 0;
+    for line in master_cf.split_inclusive('\n') {
+        let start = offset;
+        offset += line.len();
+        let body = line.trim_end_matches(['\n', '\r']);
+        let trimmed = body.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if !body.starts_with(char::is_whitespace) {
+            let mut words = body.split_whitespace();
+            service = match (words.next(), words.next()) {
+                (Some(n), Some(t)) => Some(format!("{n}/{t}")),
+                _ => None,
+            };
+            after_o = false;
+        }
+        let Some(svc) = &service else { continue };
+        let mut i = 0;
+        while i < body.len() {
+            let rest = &body[i..];
+            let Some(skip) = rest.find(|c: char| !c.is_whitespace()) else {
+                break;
+            };
+            let s = i + skip;
+            let e = body[s..]
+                .find(char::is_whitespace)
+                .map_or(body.len(), |n| s + n);
+            let token = &body[s..e];
+            i = e;
+            if after_o {
+                after_o = false;
+                if let Some((k, v)) = token.split_once('=') {
+                    if OVERRIDDEN.contains(&k) && v.starts_with('{') {
+                        notes.push(format!(
+                            "master.cf {svc} overrides {k} in the {{ … }} form, which --apply does not edit: add the dualroute socket there by hand"
+                        ));
+                    } else if OVERRIDDEN.contains(&k) {
+                        found.push(Found {
+                            service: svc.clone(),
+                            param: k.to_owned(),
+                            value: v.to_owned(),
+                            range: start + s + k.len() + 1..start + e,
+                        });
+                    }
+                } else if token.starts_with('{') && OVERRIDDEN.iter().any(|p| body[s..].contains(p))
+                {
+                    notes.push(format!(
+                        "master.cf {svc} overrides a milter list in the -o {{ … }} form, which --apply does not edit: add the dualroute socket there by hand"
+                    ));
+                }
+            } else if token == "-o" {
+                after_o = true;
+            }
+        }
+    }
+    (found, notes)
+}
+
+/// master.cf with one override's value replaced; None if it is not there.
+fn set_override(master_cf: &str, service: &str, param: &str, value: &str) -> Option<String> {
+    let (found, _) = milter_overrides(master_cf);
+    let f = found
+        .iter()
+        .find(|f| f.service == service && f.param == param)?;
+    let mut out = String::with_capacity(master_cf.len() + value.len());
+    out.push_str(&master_cf[..f.range.start]);
+    out.push_str(value);
+    out.push_str(&master_cf[f.range.end..]);
+    Some(out)
+}
+
+/// Adds our socket to every master.cf milter override that leaves it out
+/// (docs/design.md §9), keeping the milters listed there; returns what
+/// the record keeps.
+fn plan_overrides(
+    socket: Option<&str>,
+    master_cf: &str,
+    before: &Applied,
+    changes: &mut Vec<Change>,
+    notes: &mut Vec<String>,
+) -> Vec<Override> {
+    let (found, unread) = milter_overrides(master_cf);
+    notes.extend(unread);
+    let mut kept = Vec::new();
+    for f in found {
+        let earlier = before
+            .overrides
+            .iter()
+            .find(|o| o.service == f.service && o.param == f.param);
+        // What the administrator had: an earlier --apply's value is ours.
+        let base = match earlier {
+            Some(o) if o.after == f.value => o.before.clone(),
+            _ => f.value.clone(),
+        };
+        let mut entries = list_entries(&base);
+        if let Some(socket) = socket {
+            if !entries.iter().any(|e| e == socket) {
+                entries.push(socket.to_owned());
+            }
+        }
+        // No white space: postconf and master(5) end an -o value there.
+        let after = if list_entries(&base) == entries {
+            base.clone()
+        } else {
+            entries.join(",")
+        };
+        if after != f.value {
+            changes.push(Change::SetOverride {
+                service: f.service.clone(),
+                param: f.param.clone(),
+                value: after.clone(),
+                why: format!(
+                    "this service overrides {} and would bypass dualroute",
+                    f.param
+                ),
+            });
+        }
+        if after != base {
+            kept.push(Override {
+                service: f.service,
+                param: f.param,
+                before: base,
+                after,
+            });
+        }
+    }
+    kept
 }
 
 /// The value a list parameter gets: its original text when the entries
@@ -327,6 +724,30 @@ pub fn plan_revert(current: &Current, record: &Applied) -> (Vec<Change>, Vec<Str
     }
     if record.service && current.service.is_some() {
         changes.push(Change::RemoveService(format!("{}/unix", super::TRANSPORT)));
+    }
+    if record.wait_service && current.wait_service.is_some() {
+        changes.push(Change::RemoveService(format!(
+            "{}/unix",
+            super::WAIT_TRANSPORT
+        )));
+    }
+    let (found, _) = milter_overrides(&current.master_cf);
+    for o in &record.overrides {
+        match found
+            .iter()
+            .find(|f| f.service == o.service && f.param == o.param)
+        {
+            Some(f) if f.value == o.after => changes.push(Change::SetOverride {
+                service: o.service.clone(),
+                param: o.param.clone(),
+                value: o.before.clone(),
+                why: String::new(),
+            }),
+            _ => notes.push(format!(
+                "master.cf {} -o {} was changed after --apply; left as it is",
+                o.service, o.param
+            )),
+        }
     }
     for t in &record.tables {
         changes.push(Change::RemoveTable(t.clone()));
@@ -385,6 +806,17 @@ impl Postfix {
             .next()
             .map(collapse)
             .filter(|s| !s.is_empty());
+        let wait_name = format!("{}/unix", super::WAIT_TRANSPORT);
+        let wait_service = self
+            .run("postconf", &["-M", &wait_name])?
+            .lines()
+            .next()
+            .map(collapse)
+            .filter(|s| !s.is_empty());
+        let master_path = self.config_dir.join("master.cf");
+        let master_cf = std::fs::read_to_string(&master_path)
+            .map_err(|e| format!("cannot read {}: {e}", master_path.display()))?;
+        let site = self.site()?;
         let tables = tables
             .iter()
             .map(|p| {
@@ -401,6 +833,55 @@ impl Postfix {
             main,
             service,
             tables,
+            wait_service,
+            master_cf,
+            site,
+        })
+    }
+
+    /// What the wait wiring needs to know of this Postfix ([`Site`]).
+    fn site(&self) -> Result<Site, String> {
+        let names = [
+            "virtual_mailbox_maps",
+            "virtual_transport",
+            "virtual_mailbox_domains",
+            "transport_maps",
+        ];
+        let out = self.run("postconf", &[&["-xh"][..], &names[..]].concat())?;
+        let mut values = out.lines().map(str::trim);
+        let mut next = || values.next().unwrap_or("").to_owned();
+        let (maps, vt, domains, transport) = (next(), next(), next(), next());
+        let virtual_domains: Vec<String> = list_entries(&domains)
+            .into_iter()
+            .filter(|d| !d.contains(':') && !d.starts_with('/'))
+            .collect();
+        // The administrator's own transport tables: not ours (the
+        // transport table and the pipemaps --apply adds), and not regexp
+        // or pcre tables, which transport(5) queries with the full address
+        // only (they come first in transport_maps and keep winning).
+        let theirs: Vec<String> = list_entries(&transport)
+            .into_iter()
+            .filter(|t| {
+                !t.starts_with("pipemap:")
+                    && !t.ends_with(&format!("/{}", super::TRANSPORT_MAP))
+                    && !t.starts_with("regexp:")
+                    && !t.starts_with("pcre:")
+            })
+            .collect();
+        let mut domain_transports = Vec::new();
+        for d in &virtual_domains {
+            for t in &theirs {
+                if let Ok(hit) = self.run("postmap", &["-q", d, t]) {
+                    domain_transports.push((d.clone(), hit.trim().to_owned()));
+                    break;
+                }
+            }
+        }
+        Ok(Site {
+            mailbox_maps: list_entries(&maps),
+            virtual_transport: vt,
+            virtual_domains,
+            domain_transports,
         })
     }
 
@@ -485,6 +966,24 @@ impl Postfix {
             Change::Postmap(path) => {
                 self.run("postmap", &[&format!("hash:{}", path.display())])?;
             }
+            Change::SetOverride {
+                service,
+                param,
+                value,
+                ..
+            } => {
+                let path = self.config_dir.join("master.cf");
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let edited = set_override(&text, service, param, value).ok_or_else(|| {
+                    format!(
+                        "{}: {service} has no -o {param}= any more; run --apply again",
+                        path.display()
+                    )
+                })?;
+                std::fs::write(&path, edited)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
             Change::RemoveTable(path) => {
                 for p in [
                     path.clone(),
@@ -513,6 +1012,7 @@ impl Postfix {
             self.execute(c)?;
         }
         self.save_record(record)?;
+        register(Path::new(REGISTRY), &self.config_dir, record.is_some());
         self.run("postfix", &["check"])
             .map_err(|e| format!("postfix check failed after the changes (backups above): {e}"))?;
         println!("postfix check: OK");
@@ -523,6 +1023,33 @@ impl Postfix {
             println!("Postfix is not running: the changes take effect when it starts");
         }
         Ok(())
+    }
+}
+
+/// Adds `config_dir` to (or removes it from) the registry the package's
+/// prerm reads ([`REGISTRY`]), one directory a line. Only where the
+/// package's state directory exists: without the package nothing would
+/// read it. A failure is said, not fatal: --apply itself succeeded.
+fn register(registry: &Path, config_dir: &Path, applied: bool) {
+    if !registry.parent().is_some_and(Path::is_dir) {
+        return;
+    }
+    let dir = std::fs::canonicalize(config_dir).unwrap_or_else(|_| config_dir.to_owned());
+    let dir = dir.display().to_string();
+    let text = std::fs::read_to_string(registry).unwrap_or_default();
+    let mut lines: Vec<&str> = text.lines().filter(|l| *l != dir).collect();
+    if applied {
+        lines.push(&dir);
+    }
+    let mut out = lines.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    if let Err(e) = std::fs::write(registry, out) {
+        eprintln!(
+            "WARNING: cannot write {}: {e}; removing the package will not revert {dir} (run `dualroute postfix-config --revert --postfix-config-dir {dir}` before)",
+            registry.display()
+        );
     }
 }
 
@@ -669,6 +1196,155 @@ mod tests {
             &record,
         );
         assert_eq!(again, vec![]);
+    }
+
+    #[test]
+    fn lists_keep_braces_together() {
+        assert_eq!(
+            list_entries("hash:/a, pipemap:{hash:/b, static:{lmtp:unix:private/x}},hash:/c"),
+            vec![
+                "hash:/a",
+                "pipemap:{hash:/b, static:{lmtp:unix:private/x}}",
+                "hash:/c"
+            ]
+        );
+    }
+
+    const MASTER: &str = "# comment\nsmtp      inet  n       -       y       -       -       smtpd\nsubmission inet n       -       y       -       -       smtpd\n  -o syslog_name=postfix/submission\n#  -o smtpd_milters=commented\n  -o smtpd_milters=inet:localhost:8891\n  -o non_smtpd_milters=\nsmtps     inet  n - y - - smtpd -o smtpd_milters={ a, b }\n";
+
+    #[test]
+    fn overrides_merged_and_restored_byte_for_byte() {
+        let (found, notes) = milter_overrides(MASTER);
+        let got: Vec<(&str, &str, &str)> = found
+            .iter()
+            .map(|f| (f.service.as_str(), f.param.as_str(), f.value.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("submission/inet", "smtpd_milters", "inet:localhost:8891"),
+                ("submission/inet", "non_smtpd_milters", ""),
+            ]
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        let mut cur = Current {
+            master_cf: MASTER.into(),
+            ..Current::default()
+        };
+        let mut w = want("unix:/dualroute/d.sock", false);
+        w.main.retain(|p| p.name == "smtpd_milters");
+        let (changes, record, _) = plan_apply_notes(&w, Path::new("/m"), &cur, &Applied::default());
+        for c in &changes {
+            if let Change::SetOverride {
+                service,
+                param,
+                value,
+                ..
+            } = c
+            {
+                cur.master_cf = set_override(&cur.master_cf, service, param, value).unwrap();
+            }
+        }
+        assert!(cur.master_cf.contains(
+            "  -o smtpd_milters=inet:localhost:8891,unix:/dualroute/d.sock\n  -o non_smtpd_milters=unix:/dualroute/d.sock\n"
+        ));
+        let (again, _, _) = plan_apply_notes(&w, Path::new("/m"), &cur, &record);
+        assert!(
+            !again
+                .iter()
+                .any(|c| matches!(c, Change::SetOverride { .. })),
+            "{again:?}"
+        );
+        let (undo, notes) = plan_revert(&cur, &record);
+        assert!(notes.is_empty(), "{notes:?}");
+        for c in &undo {
+            if let Change::SetOverride {
+                service,
+                param,
+                value,
+                ..
+            } = c
+            {
+                cur.master_cf = set_override(&cur.master_cf, service, param, value).unwrap();
+            }
+        }
+        assert_eq!(cur.master_cf, MASTER);
+    }
+
+    fn with_catchall(domains: &[&str]) -> PostfixConfig {
+        let mut w = want("unix:/dualroute/d.sock", false);
+        w.tables.push(Table {
+            file: crate::postfix::CATCHALL_MAP.into(),
+            why: "w".into(),
+            entries: domains
+                .iter()
+                .map(|d| ("w".into(), format!("@{d}"), format!("{d}/c/")))
+                .collect(),
+        });
+        w
+    }
+
+    #[test]
+    fn wait_wiring_keeps_mailboxes_on_their_transport() {
+        let site = Site {
+            mailbox_maps: vec![
+                "hash:/etc/postfix/vmailbox".into(),
+                "hash:/m/dualroute_catchall".into(),
+            ],
+            virtual_transport: "lmtp:unix:private/dovecot-lmtp".into(),
+            virtual_domains: vec!["example.com".into()],
+            domain_transports: vec![],
+        };
+        let (w, notes) = with_wait(
+            &with_catchall(&["example.com", "local.test"]),
+            Path::new("/m"),
+            &site,
+        );
+        let transport: Vec<&str> = w
+            .main
+            .iter()
+            .filter(|p| p.name == "transport_maps")
+            .map(|p| p.value.as_str())
+            .collect();
+        assert_eq!(
+            transport,
+            [
+                "pipemap:{hash:/etc/postfix/vmailbox, static:{lmtp:unix:private/dovecot-lmtp}}",
+                "hash:/m/dualroute_transport"
+            ]
+        );
+        let table = w
+            .tables
+            .iter()
+            .find(|t| t.file == crate::postfix::TRANSPORT_MAP)
+            .unwrap();
+        let rows: Vec<(&str, &str)> = table
+            .entries
+            .iter()
+            .map(|(_, k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(rows, [("example.com", "dualroute-wait:")]);
+        assert!(w.wait.is_some());
+        // local.test is not a virtual mailbox domain: said, not wired.
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("local.test is not listed in virtual_mailbox_domains")),
+            "{notes:?}"
+        );
+
+        // A domain key in the admin's transport_maps: nothing wired.
+        let site = Site {
+            domain_transports: vec![(
+                "example.com".into(),
+                "lmtp:unix:private/dovecot-lmtp".into(),
+            )],
+            ..site
+        };
+        let (w, notes) = with_wait(&with_catchall(&["example.com"]), Path::new("/m"), &site);
+        assert!(w.wait.is_none());
+        assert!(!w.main.iter().any(|p| p.name == "transport_maps"));
+        assert!(notes.iter().any(|n| n.contains("NOT wired")), "{notes:?}");
     }
 
     #[test]
