@@ -531,8 +531,8 @@ fn a_descendant_that_escapes_the_process_group_is_ended() {
 }
 
 /// The periodic refresh goes through the guarded reload: a new account
-/// arrives, and a failing run, an empty one and one that lost most
-/// accounts all keep the last good set.
+/// arrives, and a failing run, one past the output bound, an empty one and
+/// one that lost most accounts all keep the last good set.
 #[tokio::test]
 async fn command_refresh_keeps_the_last_good_set() {
     use dualroute::service::Intervals;
@@ -570,9 +570,17 @@ async fn command_refresh_keeps_the_last_good_set() {
     // and erin stays present. Each waits for the refusal to be recorded
     // for `dualroute status`, then for one more refresh period.
     let refused = dir.path().join("state").join("reload-refused");
-    let cases: [(&str, &dyn Fn()); 3] = [
+    let cases: [(&str, &dyn Fn()); 4] = [
         ("failed (exit status: 1)", &|| {
             script(dir.path(), "lookup", "exit 1");
+        }),
+        // Endless lines of 4,000 bytes: the byte bound.
+        ("printed more than 1073741824 bytes", &|| {
+            script(
+                dir.path(),
+                "lookup",
+                "exec yes \"$(head -c 4000 /dev/zero | tr '\\0' a)\"",
+            );
         }),
         ("no account of example.com", &|| {
             script(dir.path(), "lookup", "exit 0");
