@@ -508,11 +508,17 @@ fn a_descendant_that_escapes_the_process_group_is_ended() {
         "exits",
         &format!("{}\necho alice@example.com", escapee(&pid_file)),
     );
-    let path = config(dir.path(), &[&format!("command: [\"{}\"]", exits.display())]);
+    let path = config(
+        dir.path(),
+        &[&format!("command: [\"{}\"]", exits.display())],
+    );
     let policy = dualroute::load_policy(&path).unwrap();
     assert_eq!(accounts_of(&policy), 1);
     let pid = std::fs::read_to_string(&pid_file).unwrap();
-    assert!(gone(&pid), "the escapee {pid} of a command that exited lives on");
+    assert!(
+        gone(&pid),
+        "the escapee {pid} of a command that exited lives on"
+    );
 
     // Runs past its timeout.
     let pid_file = dir.path().join("slow.pid");
@@ -523,11 +529,17 @@ fn a_descendant_that_escapes_the_process_group_is_ended() {
     );
     let e = load_error(&config(
         dir.path(),
-        &[&format!("{{ command: [\"{}\"], timeout: 1s }}", slow.display())],
+        &[&format!(
+            "{{ command: [\"{}\"], timeout: 1s }}",
+            slow.display()
+        )],
     ));
     assert!(e.contains("did not finish within its timeout (1s)"), "{e}");
     let pid = std::fs::read_to_string(&pid_file).unwrap();
-    assert!(gone(&pid), "the escapee {pid} of a command that timed out lives on");
+    assert!(
+        gone(&pid),
+        "the escapee {pid} of a command that timed out lives on"
+    );
 }
 
 /// The periodic refresh goes through the guarded reload: a new account

@@ -207,8 +207,24 @@ fn every_command_names_its_configuration_first() {
         (&["doctor", "--ip", "192.0.2.25"], bare),
         (&["enable", "example.com"], config),
         (&["disable", "example.com"], config),
-        (&["postfix-config", "--apply", "--postfix-config-dir", postfix_dir], config),
-        (&["postfix-config", "--revert", "--postfix-config-dir", postfix_dir], config),
+        (
+            &[
+                "postfix-config",
+                "--apply",
+                "--postfix-config-dir",
+                postfix_dir,
+            ],
+            config,
+        ),
+        (
+            &[
+                "postfix-config",
+                "--revert",
+                "--postfix-config-dir",
+                postfix_dir,
+            ],
+            config,
+        ),
     ] {
         let (_, text) = merged(&[args, &["--config", read]].concat());
         assert!(

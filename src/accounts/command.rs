@@ -371,7 +371,9 @@ unsafe fn end_all(program: libc::pid_t) {
         let mut pid: libc::pid_t = 0;
         for &b in &buf[..n.max(0) as usize] {
             if b.is_ascii_digit() {
-                pid = pid.saturating_mul(10).saturating_add(libc::pid_t::from(b - b'0'));
+                pid = pid
+                    .saturating_mul(10)
+                    .saturating_add(libc::pid_t::from(b - b'0'));
             } else {
                 if pid > 0 {
                     libc::kill(pid, libc::SIGKILL);
