@@ -298,12 +298,16 @@ fn supervise() -> std::io::Result<()> {
         // The milter killed in mid-run: the supervisor ends the run.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
         // Before the fork, so that a SIGTERM that comes once `spawn` has
-        // returned is always caught (the program's exec resets it).
+        // returned is always caught (the program's exec resets it). SIGHUP
+        // and SIGINT too: the milter's own handlers for them, inherited,
+        // would write to descriptors closed below.
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t;
         libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
+        for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
         let program = libc::fork();
         if program < 0 {
