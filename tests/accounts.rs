@@ -520,7 +520,8 @@ fn a_descendant_that_escapes_the_process_group_is_ended() {
         "the escapee {pid} of a command that exited lives on"
     );
 
-    // Runs past its timeout.
+    // Runs past its timeout (long enough for the escapee to start on a
+    // loaded machine).
     let pid_file = dir.path().join("slow.pid");
     let slow = script(
         dir.path(),
@@ -530,11 +531,11 @@ fn a_descendant_that_escapes_the_process_group_is_ended() {
     let e = load_error(&config(
         dir.path(),
         &[&format!(
-            "{{ command: [\"{}\"], timeout: 1s }}",
+            "{{ command: [\"{}\"], timeout: 3s }}",
             slow.display()
         )],
     ));
-    assert!(e.contains("did not finish within its timeout (1s)"), "{e}");
+    assert!(e.contains("did not finish within its timeout (3s)"), "{e}");
     let pid = std::fs::read_to_string(&pid_file).unwrap();
     assert!(
         gone(&pid),
