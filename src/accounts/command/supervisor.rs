@@ -25,7 +25,9 @@ const MAX_STDERR: u64 = 2048;
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Lists the children of the calling thread: the supervisor finds what
 /// was reparented to it here (proc(5); Debian's kernels have
-/// CONFIG_PROC_CHILDREN).
+/// CONFIG_PROC_CHILDREN). Still there under the unit's `ProcSubset=pid`
+/// and `ProtectProc=invisible` (tried: tests/accounts.rs passes with /proc
+/// mounted `subset=pid,hidepid=invisible`).
 const CHILDREN: &std::ffi::CStr = c"/proc/thread-self/children";
 
 /// One run of a command under its supervisor.
@@ -284,7 +286,9 @@ unsafe fn end_all(program: libc::pid_t) {
 unsafe fn exit_as(status: libc::c_int) -> ! {
     if libc::WIFSIGNALED(status) {
         let sig = libc::WTERMSIG(status);
-        // No core file of the supervisor for the program's crash.
+        // No core file of the supervisor for the program's crash (under
+        // the unit's `~@resources` filter setrlimit fails, and the
+        // service's own core limit applies).
         let none = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
