@@ -71,6 +71,8 @@ pub enum Command {
         #[arg(long, default_value = "disabled with dualroute disable")]
         reason: String,
     },
+    /// Accept the smaller account list of DOMAIN that accounts_shrink_limit refused; the running milter reloads with it within seconds
+    ConfirmAccounts { domain: String },
     /// Print the Postfix main.cf/master.cf/map lines this configuration needs, or apply them
     #[command(group(clap::ArgGroup::new("change").args(["apply", "revert"])))]
     PostfixConfig {

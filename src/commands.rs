@@ -236,7 +236,7 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                     ),
                     None => format!("WAITING for verification of {address}; no probe yet"),
                 },
-                Some(h @ Hold::Unreadable(_)) => {
+                Some(h @ (Hold::Unreadable(_) | Hold::NotRead)) => {
                     ok = false;
                     format!("ERROR: {h}")
                 }
@@ -258,6 +258,17 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
             ""
         };
         println!("{name}: mode {mode}:{shadow} {line}");
+        if let Ok(Some(x)) = dir.dispute(name) {
+            ok = false;
+            println!(
+                "  ACCOUNTS HELD since {}: a reload that would take the accounts from {} to {} was refused (accounts_shrink_limit); the {} addresses the two lists disagree on get 451 4.4.4 (e.g. {}); `dualroute confirm-accounts {name}` accepts the new list, restoring the account source keeps the running one",
+                crate::state::when(x.since),
+                x.running,
+                x.refused,
+                x.disputed,
+                x.sample.join(", ")
+            );
+        }
         if let Some(b) = &config.breaker {
             println!("  {}", breaker_counts(b, &counts, name));
         }
@@ -322,6 +333,40 @@ pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCo
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dualroute confirm-accounts DOMAIN` (docs/design.md "Shrink guard"):
+/// the administrator accepts the smaller account list the running milter
+/// refused. Writes the confirmation into `state_dir`; the running milter
+/// sees it within seconds and reloads, letting the domain shrink to
+/// exactly that many accounts.
+pub fn confirm_accounts(path: &Path, domain: &str) -> Result<ExitCode, String> {
+    let config = read_config(path)?;
+    let (name, _) = managed(&config, path, domain)?;
+    let dir = crate::state::StateDir::new(&config.state_dir);
+    let dispute = dir.dispute(&name).map_err(|e| {
+        format!(
+            "cannot read the state of {name} in {}: {e}",
+            dir.dir.display()
+        )
+    })?;
+    let Some(d) = dispute else {
+        return Err(format!(
+            "{name}: the running milter holds no refused account reload (no {name}.disputed in {}); nothing to confirm",
+            dir.dir.display()
+        ));
+    };
+    let confirmed = crate::state::ShrinkConfirmed {
+        since: crate::state::now(),
+        accounts: d.refused,
+    };
+    dir.confirm_shrink(&name, &confirmed)
+        .map_err(|e| format!("cannot write {}: {e}", dir.dir.display()))?;
+    println!(
+        "{name}: the new account list ({} accounts, was {}) is confirmed; the running milter reloads within seconds and stops holding the {} disputed addresses",
+        d.refused, d.running, d.disputed
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -140,6 +140,12 @@ pub enum Rule {
     },
     /// The message already has `max_recipients` recipients (src/session.rs).
     TooManyRecipients(usize),
+    /// The shrink guard refused a reload of the domain's accounts and the
+    /// two lists disagree on the address (`present` in the running one).
+    Disputed {
+        present: bool,
+        domain: String,
+    },
 }
 
 impl fmt::Display for Rule {
@@ -176,6 +182,12 @@ impl fmt::Display for Rule {
             Rule::TooManyRecipients(limit) => {
                 write!(f, "max_recipients: the message already has {limit}")
             }
+            Rule::Disputed { present, domain } => write!(
+                f,
+                "accounts_shrink_limit refused a reload of the accounts, and the address is {} the running list but {} the refused one: refused for now until `dualroute confirm-accounts {domain}` accepts the new list or the account source is restored",
+                if *present { "in" } else { "not in" },
+                if *present { "not in" } else { "in" },
+            ),
             Rule::Mode {
                 mode,
                 present: _,
@@ -263,6 +275,22 @@ fn routing_paused(address: &Address, why: &Off) -> Rejection {
             shown(address),
             address.domain,
             why.cause()
+        ),
+    }
+}
+
+/// `451 4.4.4`: the running and the refused account lists disagree on the
+/// address (docs/design.md "Shrink guard"); the sender retries until the
+/// administrator has settled which list is right.
+fn accounts_disputed(address: &Address, present: bool) -> Rejection {
+    Rejection {
+        code: "451",
+        xcode: "4.4.4",
+        text: format!(
+            "{}: the mailbox list of {} is being checked (an account was {} it); try again later",
+            shown(address),
+            address.domain,
+            if present { "removed from" } else { "added to" }
         ),
     }
 }
@@ -383,11 +411,31 @@ pub fn decide(
     let locked_out = domain.config.require_gateway
         && !gateway
         && envelope.auth.as_deref().is_none_or(str::is_empty);
+    // Neither account list is trusted while the shrink guard refuses a
+    // reload of the domain's accounts (docs/design.md "Shrink guard"): an
+    // address the running and the refused lists disagree on is neither
+    // kept (Postfix may no longer have its mailbox: the catch-all) nor
+    // routed away (it may have one now). The lock-down still refuses.
+    if let Some(refused) = holds.disputed(&domain.name) {
+        let there = lookup(policy, &key, |k| refused.contains(k).then_some(())).is_some();
+        if there != present && !locked_out {
+            return Verdict::new(
+                Decision::Tempfail(accounts_disputed(address, present)),
+                Rule::Disputed {
+                    present,
+                    domain: domain.name.clone(),
+                },
+            );
+        }
+    }
     // 1. Routing off (enabled: false, or held at run time).
     let off = if !domain.config.enabled {
         Some(Off::Config)
     } else {
-        holds.get(&domain.name).cloned().map(Off::Hold)
+        holds
+            .get_for(&domain.name, &domain.config)
+            .cloned()
+            .map(Off::Hold)
     };
     if let Some(why) = off {
         // The lock-down is access control, not routing: pausing routing

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Command::Status => commands::status(&path),
         Command::Enable { domain } => commands::switch(&path, &domain, None),
         Command::Disable { domain, reason } => commands::switch(&path, &domain, Some(&reason)),
+        Command::ConfirmAccounts { domain } => commands::confirm_accounts(&path, &domain),
         Command::PostfixConfig {
             write,
             map_dir,

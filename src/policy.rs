@@ -111,31 +111,59 @@ impl Policy {
         })
     }
 
-    /// Why this policy must not replace `running` (docs/design.md §5): a domain
-    /// would lose `accounts_shrink_limit` of its accounts or more, which
-    /// is what a truncated or half-generated account file looks like. Its
-    /// mail would be routed away (split) or refused (dual), so the running
-    /// accounts stay until the administrator confirms by raising the limit
-    /// or restarting.
-    pub fn shrink_refusal(&self, running: &Policy) -> Option<String> {
+    /// The domains whose accounts this policy, loaded by a reload, has
+    /// lost past `accounts_shrink_limit` against `running` (docs/design.md
+    /// §5): a truncated `vmailbox` must not send local users away. One
+    /// lost account never counts: that is what deleting a mailbox looks
+    /// like, also in a domain of two (and an emptied list is refused
+    /// anyway). A domain whose new size the administrator has confirmed
+    /// (`confirmed`, from `dualroute confirm-accounts`) may shrink to it.
+    pub fn shrunk(
+        &self,
+        running: &Policy,
+        confirmed: impl Fn(&str) -> Option<usize>,
+    ) -> Vec<Shrunk> {
         let limit = self.config.accounts_shrink_limit.0;
         let mut names: Vec<&String> = self.domains.keys().collect();
         names.sort();
-        let shrunk: Vec<String> = names
+        names
             .into_iter()
             .filter_map(|name| {
                 let now = self.domains[name].accounts.as_ref()?.len();
                 let before = running.domains.get(name)?.accounts.as_ref()?.len();
                 let lost = before.saturating_sub(now);
-                (lost > 0 && lost as f64 >= limit * before as f64)
-                    .then(|| format!("{name} would go from {before} to {now} accounts"))
+                (lost > 1 && lost as f64 >= limit * before as f64 && confirmed(name) != Some(now))
+                    .then(|| Shrunk {
+                        domain: name.clone(),
+                        before,
+                        now,
+                    })
+            })
+            .collect()
+    }
+
+    /// Why a reload is refused, from [`Policy::shrunk`]'s list.
+    pub fn shrink_refusal(&self, shrunk: &[Shrunk]) -> Option<String> {
+        let limit = self.config.accounts_shrink_limit.0;
+        let list: Vec<String> = shrunk
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} would go from {} to {} accounts",
+                    s.domain, s.before, s.now
+                )
             })
             .collect();
-        (!shrunk.is_empty()).then(|| {
+        (!list.is_empty()).then(|| {
+            let confirm: Vec<String> = shrunk
+                .iter()
+                .map(|s| format!("`dualroute confirm-accounts {}`", s.domain))
+                .collect();
             format!(
-                "{}, a loss accounts_shrink_limit ({}) does not allow; if that is meant, raise accounts_shrink_limit in the configuration (1: no limit) and reload, or restart dualroute",
-                shrunk.join("; "),
-                limit
+                "{}, a loss accounts_shrink_limit ({}) does not allow; the running accounts stay, and the addresses the two lists disagree on are refused with 451 4.4.4 until you decide: if the new list is right, run {}; if the running one is, restore the account source",
+                list.join("; "),
+                limit,
+                confirm.join(" and ")
             )
         })
     }
@@ -147,6 +175,14 @@ impl Policy {
     pub fn domain(&self, address: &Address) -> Option<&DomainPolicy> {
         self.domains.get(&address.domain)
     }
+}
+
+/// A domain a reload would shrink past the guard ([`Policy::shrunk`]).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Shrunk {
+    pub domain: String,
+    pub before: usize,
+    pub now: usize,
 }
 
 /// A file's modification time, `None` when it cannot be read.

@@ -98,6 +98,31 @@ pub struct Verification {
     pub target: String,
 }
 
+/// The running milter refused a reload of a domain's accounts
+/// (`accounts_shrink_limit`): until the administrator confirms the new
+/// list (`dualroute confirm-accounts DOMAIN`) or restores the source, the
+/// addresses the two lists disagree on are tempfailed (docs/design.md
+/// "Shrink guard"). Written and removed by the running milter.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
+pub struct Dispute {
+    pub since: u64,
+    /// Accounts in the running list and in the refused one.
+    pub running: usize,
+    pub refused: usize,
+    /// How many addresses the two lists disagree on, and a few of them.
+    pub disputed: usize,
+    pub sample: Vec<String>,
+}
+
+/// `dualroute confirm-accounts DOMAIN`: the administrator accepts the
+/// refused list of `accounts` accounts; the running milter's next reload
+/// lets the domain shrink to it, then removes this.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
+pub struct ShrinkConfirmed {
+    pub since: u64,
+    pub accounts: usize,
+}
+
 /// Everything persisted about one domain.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct DomainState {
@@ -254,6 +279,30 @@ impl StateDir {
 
     pub fn record_verification(&self, domain: &str, v: &Verification) -> io::Result<()> {
         self.write(domain, "verify", v)
+    }
+
+    pub fn record_dispute(&self, domain: &str, d: &Dispute) -> io::Result<()> {
+        self.write(domain, "disputed", d)
+    }
+
+    pub fn dispute(&self, domain: &str) -> io::Result<Option<Dispute>> {
+        self.read(domain, "disputed")
+    }
+
+    pub fn clear_dispute(&self, domain: &str) -> io::Result<bool> {
+        self.remove(domain, "disputed")
+    }
+
+    pub fn confirm_shrink(&self, domain: &str, c: &ShrinkConfirmed) -> io::Result<()> {
+        self.write(domain, "shrink-confirmed", c)
+    }
+
+    pub fn shrink_confirmed(&self, domain: &str) -> io::Result<Option<ShrinkConfirmed>> {
+        self.read(domain, "shrink-confirmed")
+    }
+
+    pub fn clear_shrink_confirmed(&self, domain: &str) -> io::Result<bool> {
+        self.remove(domain, "shrink-confirmed")
     }
 
     /// Records that the running milter refused a reload.

@@ -187,3 +187,120 @@ async fn hash_table_reloads_after_postmap_not_after_an_edit() {
     .await;
     milter.shutdown().await;
 }
+
+/// What the milter answers to RCPT `<rcpt>` from an outside client, and
+/// what it does at end of message.
+async fn rcpt_outcome(milter: &protocol::Milter, rcpt: &str) -> String {
+    let client = std::net::IpAddr::from([203, 0, 113, 5]);
+    let d = milter.deliver(client, None, &[&[rcpt]]).await;
+    match &d.rcpt[0] {
+        indymilter_test::Status::Tempfail { message: Some(m) }
+        | indymilter_test::Status::Reject { message: Some(m) } => m.to_string_lossy().into_owned(),
+        _ if protocol::deleted(&d.actions).contains(rcpt) => "routed".to_owned(),
+        _ if d.actions.is_empty() => "kept".to_owned(),
+        other => format!("{other:?} {:?}", d.actions),
+    }
+}
+
+/// Issue 21 §4: while the shrink guard refuses a reload, the addresses the
+/// running and the refused lists disagree on are tempfailed — bob, removed
+/// from the source, is no longer kept for a mailbox Postfix may have lost
+/// (the catch-all), and erin, added, is not routed away — until the
+/// administrator confirms the new list with `dualroute confirm-accounts`.
+#[tokio::test]
+async fn a_refused_shrink_holds_the_disputed_addresses_until_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
+    let path = write_config(dir.path(), "");
+    let intervals = Intervals {
+        state: std::time::Duration::from_millis(50),
+        accounts: std::time::Duration::from_millis(50),
+        verify: std::time::Duration::from_secs(3600),
+    };
+    let service = protocol::service_at(&path, intervals);
+    let milter = protocol::Milter::serve(service.clone()).await;
+
+    accounts(dir.path(), &["alice", "erin"]);
+    let e = reload(&service).await.unwrap_err().to_string();
+    assert!(
+        e.contains("from 4 to 2 accounts") && e.contains("dualroute confirm-accounts example.com"),
+        "{e}"
+    );
+    for held in [
+        "<bob@example.com>",
+        "<carol@example.com>",
+        "<erin@example.com>",
+    ] {
+        let got = rcpt_outcome(&milter, held).await;
+        assert!(
+            got.starts_with("451 4.4.4 "),
+            "{held} is disputed: got {got}"
+        );
+    }
+    assert_eq!(rcpt_outcome(&milter, "<alice@example.com>").await, "kept");
+    assert_eq!(rcpt_outcome(&milter, "<zed@example.com>").await, "routed");
+    let (ok, out) = status(&path);
+    assert!(
+        !ok && out.contains("ACCOUNTS HELD since")
+            && out.contains("the 4 addresses the two lists disagree on get 451 4.4.4")
+            && out.contains("bob@example.com")
+            && out.contains("`dualroute confirm-accounts example.com`"),
+        "{out}"
+    );
+
+    let (done, said) = support::dualroute(&path, &["confirm-accounts", "example.com"]);
+    assert!(done.success(), "{said}");
+    wait_until("the confirmed reload", || {
+        let n = count(&service);
+        std::future::ready((n == 2).then_some(()))
+    })
+    .await;
+    assert_eq!(rcpt_outcome(&milter, "<bob@example.com>").await, "routed");
+    assert_eq!(rcpt_outcome(&milter, "<erin@example.com>").await, "kept");
+    let (ok, out) = status(&path);
+    assert!(
+        ok && !out.contains("HELD") && !out.contains("REFUSED"),
+        "{out}"
+    );
+    let (done, said) = support::dualroute(&path, &["confirm-accounts", "example.com"]);
+    assert!(
+        !done.success() && said.contains("nothing to confirm"),
+        "a second confirmation has nothing to confirm: {said}"
+    );
+    milter.shutdown().await;
+}
+
+/// Restoring the account source settles a dispute too: the running list
+/// was right, the next reload passes the guard and nothing stays held.
+#[tokio::test]
+async fn restoring_the_source_settles_a_dispute() {
+    let dir = tempfile::tempdir().unwrap();
+    accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
+    let path = write_config(dir.path(), "");
+    let service = protocol::service_at(&path, Intervals::default());
+    let milter = protocol::Milter::serve(service.clone()).await;
+    accounts(dir.path(), &["alice"]);
+    reload(&service).await.unwrap_err();
+    assert!(rcpt_outcome(&milter, "<bob@example.com>")
+        .await
+        .starts_with("451 4.4.4 "));
+    accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
+    reload(&service).await.unwrap();
+    assert_eq!(rcpt_outcome(&milter, "<bob@example.com>").await, "kept");
+    let (ok, out) = status(&path);
+    assert!(ok && !out.contains("HELD"), "{out}");
+    milter.shutdown().await;
+}
+
+/// A domain of two that loses one mailbox is an administrator deleting
+/// it, not a truncated file: no guard, no admin at 3 a.m.
+#[tokio::test]
+async fn losing_one_account_of_two_is_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    accounts(dir.path(), &["alice", "bob"]);
+    let path = write_config(dir.path(), "");
+    let service = protocol::service_at(&path, Intervals::default());
+    accounts(dir.path(), &["alice"]);
+    reload(&service).await.unwrap();
+    assert_eq!(count(&service), 1);
+}

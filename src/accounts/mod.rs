@@ -127,6 +127,17 @@ impl Accounts {
         self.len
     }
 
+    /// Every comparison key, in no particular order (the shrink guard's
+    /// list of the addresses two account lists disagree on).
+    pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.slots
+            .iter()
+            .filter(|&&s| s != 0)
+            .filter_map(move |&s| {
+                std::str::from_utf8(self.key_at((s & u64::from(u32::MAX)) as usize - 1)).ok()
+            })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

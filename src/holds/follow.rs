@@ -9,6 +9,7 @@ use std::sync::Arc;
 /// service, and logs a line when routing for a domain goes off or on.
 pub async fn run(service: Arc<Service>) {
     let mut last_errors = Vec::new();
+    let mut tried = None;
     loop {
         tokio::time::sleep(service.intervals.state).await;
         let names = {
@@ -27,9 +28,29 @@ pub async fn run(service: Arc<Service>) {
         let before = snapshot(&service);
         // File reads are blocking I/O: off the runtime's workers.
         let reader = service.clone();
-        let errors = tokio::task::spawn_blocking(move || reader.refresh_holds())
-            .await
-            .unwrap_or_default();
+        let (errors, confirmed) = tokio::task::spawn_blocking(move || {
+            let errors = reader.refresh_holds();
+            (errors, reader.shrink_confirmed())
+        })
+        .await
+        .unwrap_or_default();
+        // `dualroute confirm-accounts` wrote its confirmation: reload now,
+        // through the one reload path, rather than at the next change of
+        // an account source.
+        if let Some((domain, since)) = confirmed.filter(|c| tried.as_ref() != Some(c)) {
+            // One reload per confirmation: a failed one waits for the next
+            // confirmation or a change of the sources.
+            tried = Some((domain.clone(), since));
+            let path = service.config_path().display();
+            match crate::service::reload::reload(&service).await {
+                Ok(()) => tracing::info!(
+                    "{domain}: the administrator confirmed the new account list: reloaded {path}"
+                ),
+                Err(e) => tracing::error!(
+                    "{domain}: the administrator confirmed the new account list, but the reload failed: {e}"
+                ),
+            }
+        }
         let after = snapshot(&service);
         for ((name, was), now) in names.iter().zip(&before).zip(&after) {
             match (was, now) {

@@ -42,6 +42,12 @@ pub enum Hold {
     /// A state file of the domain cannot be read: when in doubt, do not
     /// route.
     Unreadable(String),
+    /// The holds in force were not read for this domain: a message that
+    /// began under a configuration a reload has since changed still
+    /// manages it (or the holds of a domain the reload adds are not
+    /// installed yet). When in doubt, do not route (docs/design.md
+    /// "Reload").
+    NotRead,
 }
 
 impl Hold {
@@ -56,6 +62,7 @@ impl Hold {
             Hold::Tripped(_) => "switched off by the bounce breaker",
             Hold::Verification { .. } => "waiting for verification of the destination",
             Hold::Unreadable(_) => "routing state unreadable",
+            Hold::NotRead => "routing state being reloaded",
         }
     }
 }
@@ -100,6 +107,10 @@ impl fmt::Display for Hold {
                 f,
                 "state file unreadable: {e}; fix or remove it to resume routing"
             ),
+            Hold::NotRead => write!(
+                f,
+                "the routing state of this domain has not been read under the configuration in force (a reload added or removed it while the message was in flight); the sender retries"
+            ),
         }
     }
 }
@@ -126,10 +137,66 @@ pub fn probe_target(d: &DomainConfig) -> String {
 }
 
 /// The holds of every managed domain, as read from `state_dir`.
+///
+/// Holds read for a configuration ([`Holds::read`]) fail closed: a domain
+/// they were not read for is held ([`Hold::NotRead`]), so a message whose
+/// policy still manages a domain that a reload removed (or whose holds
+/// are not yet installed) never routes it on a missing entry. The
+/// `Default` value holds nothing and knows no domain: it stands for
+/// "routing on everywhere" in tests and for unmanaged addresses.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct Holds {
     by_domain: HashMap<String, Hold>,
+    /// The domains these holds were read for, with what their
+    /// verification depends on; `None` for `Default`.
+    read_for: Option<HashMap<String, Probed>>,
+    /// Domains whose account reload the shrink guard refused, with the
+    /// refused list (docs/design.md "Shrink guard"). Kept by the running
+    /// service across holds refreshes; empty for the one-shot commands.
+    disputes: Disputes,
 }
+
+/// The refused account lists of the running service, by domain.
+#[derive(Clone, Debug, Default)]
+pub struct Disputes(pub HashMap<String, Arc<crate::accounts::Accounts>>);
+
+impl PartialEq for Disputes {
+    fn eq(&self, other: &Disputes) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .all(|(d, a)| other.0.get(d).is_some_and(|b| Arc::ptr_eq(a, b)))
+    }
+}
+
+impl Eq for Disputes {}
+
+/// What a domain's verification hold was read against: a message whose
+/// policy names another destination or probe address for the domain (it
+/// began before a reload changed them) is held rather than routed on a
+/// verification of something else.
+#[derive(Clone, Debug, Eq, PartialEq)]
+struct Probed {
+    destination: Destination,
+    verify: Option<crate::address::Address>,
+}
+
+impl Probed {
+    fn of(d: &DomainConfig) -> Probed {
+        Probed {
+            destination: d.destination.clone(),
+            verify: d.verify.clone(),
+        }
+    }
+
+    fn is(&self, d: &DomainConfig) -> bool {
+        self.destination == d.destination && self.verify == d.verify
+    }
+}
+
+/// What [`Holds::get`] answers for a domain the holds were not read for.
+static NOT_READ: Hold = Hold::NotRead;
 
 impl Holds {
     /// Reads the holds of every domain of `config`. A state file that
@@ -138,8 +205,10 @@ impl Holds {
         let dir = StateDir::new(&config.state_dir);
         let mut by_domain = HashMap::new();
         let mut errors = Vec::new();
+        let mut read_for = HashMap::new();
         for (name, d) in &config.domains {
             let name = &name.0;
+            read_for.insert(name.clone(), Probed::of(d));
             let st = match dir.load(name) {
                 Ok(st) => st,
                 Err(e) => {
@@ -170,12 +239,50 @@ impl Holds {
                 by_domain.insert(name.clone(), h);
             }
         }
-        (Holds { by_domain }, errors)
+        (
+            Holds {
+                by_domain,
+                read_for: Some(read_for),
+                disputes: Disputes::default(),
+            },
+            errors,
+        )
     }
 
-    /// Why routing for `domain` is off, if it is.
+    /// Why routing for `domain` is off, if it is. A domain these holds
+    /// were not read for is held (fail closed).
     pub fn get(&self, domain: &str) -> Option<&Hold> {
-        self.by_domain.get(domain)
+        match &self.read_for {
+            Some(read) if !read.contains_key(domain) => Some(&NOT_READ),
+            _ => self.by_domain.get(domain),
+        }
+    }
+
+    /// Why routing for `domain`, configured as `d` in the policy a message
+    /// began with, is off: as [`Holds::get`], and held as well when the
+    /// holds were read for another destination or probe address of the
+    /// domain (a reload changed them while the message was in flight).
+    pub fn get_for(&self, domain: &str, d: &DomainConfig) -> Option<&Hold> {
+        match &self.read_for {
+            Some(read) if !read.get(domain).is_some_and(|p| p.is(d)) => Some(&NOT_READ),
+            _ => self.by_domain.get(domain),
+        }
+    }
+
+    /// The refused account list of `domain`, while the shrink guard holds
+    /// a reload of it.
+    pub fn disputed(&self, domain: &str) -> Option<&crate::accounts::Accounts> {
+        self.disputes.0.get(domain).map(|a| &**a)
+    }
+
+    pub fn disputes(&self) -> &Disputes {
+        &self.disputes
+    }
+
+    /// These holds with the running service's disputes.
+    pub fn with_disputes(mut self, disputes: Disputes) -> Holds {
+        self.disputes = disputes;
+        self
     }
 
     /// Every held domain and why.
@@ -213,15 +320,5 @@ impl LiveHolds {
 
     pub fn replace(&self, holds: Holds) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(holds);
-    }
-
-    /// Re-reads the holds of `config`'s domains from `state_dir`, as
-    /// [`Holds::read`] does for the one-shot commands. A state file that
-    /// cannot be read holds its domain; the errors are returned for the
-    /// log.
-    pub fn refresh(&self, config: &Config) -> Vec<String> {
-        let (holds, errors) = Holds::read(config);
-        self.replace(holds);
-        errors
     }
 }

@@ -18,7 +18,7 @@ use crate::policy::Policy;
 use crate::{breaker, holds, listener, milter};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -52,6 +52,14 @@ pub struct Service {
     config_path: PathBuf,
     policy: RwLock<Arc<Policy>>,
     holds: Arc<LiveHolds>,
+    /// The one path through which the policy and the holds in force
+    /// change: a reload (SIGHUP, an account file, the command refresh)
+    /// and every holds refresh (the state follower, the verification
+    /// probe, a breaker trip) take it for the whole of their read and
+    /// install, so none installs what it read before another installed
+    /// something newer (docs/design.md "Reload"). Taken only on the
+    /// blocking pool, never on the runtime's threads.
+    writer: Mutex<()>,
     pub intervals: Intervals,
     /// Counters the milter and the tasks increment (src/metrics.rs).
     pub metrics: crate::metrics::Metrics,
@@ -72,6 +80,7 @@ impl Service {
             config_path: config_path.to_owned(),
             policy: RwLock::new(Arc::new(policy)),
             holds: Arc::new(LiveHolds::new(holds)),
+            writer: Mutex::new(()),
             intervals,
             metrics: crate::metrics::Metrics::new(),
             outbox: Default::default(),
@@ -102,28 +111,118 @@ impl Service {
         &self.config_path
     }
 
-    /// Re-reads the holds of the policy in force from `state_dir`; returns
-    /// the errors for the log (each holds its domain).
-    pub fn refresh_holds(&self) -> Vec<String> {
-        self.holds.refresh(&self.policy().config)
+    /// Takes the writer's lock (see `writer`). Blocking: call it on the
+    /// blocking pool. A poisoned lock guards nothing but the order of
+    /// writers, so it is taken anyway.
+    pub(crate) fn write_lock(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Puts `new` in force. The holds of its domains are read first and
-    /// installed together with those of the running policy's domains, so
-    /// that neither a domain the reload adds (with a `.disabled` file, say)
-    /// nor one it removes routes for an instant without its hold; then the
-    /// policy is swapped and the holds are read for it alone.
-    fn install(&self, new: Policy) -> Vec<String> {
-        let (mut both, _) = Holds::read(&new.config);
-        for (name, hold) in self.holds().iter() {
-            if !new.domains.contains_key(name) {
-                both.insert(name, hold.clone());
+    /// Re-reads the holds of the policy in force from `state_dir`, under
+    /// the writer's lock, so that a reload cannot install a newer policy
+    /// between the read and the install; returns the errors for the log
+    /// (each holds its domain). Blocking file reads: call it on the
+    /// blocking pool.
+    pub fn refresh_holds(&self) -> Vec<String> {
+        let _writer = self.write_lock();
+        let (holds, errors) = Holds::read(&self.policy().config);
+        // Disputes live in memory only (the refused lists): they stay
+        // until a reload settles them.
+        let disputes = self.holds.current().disputes().clone();
+        self.holds.replace(holds.with_disputes(disputes));
+        errors
+    }
+
+    /// A domain whose account dispute the administrator has confirmed
+    /// (`dualroute confirm-accounts`) and that a reload should now settle.
+    /// Blocking file reads: call it on the blocking pool.
+    pub fn shrink_confirmed(&self) -> Option<(String, u64)> {
+        let holds = self.holds.current();
+        let state = crate::state::StateDir::new(&self.policy().config.state_dir);
+        let mut names: Vec<&String> = holds.disputes().0.keys().collect();
+        names.sort();
+        names.into_iter().find_map(|d| {
+            let c = state.shrink_confirmed(d).ok().flatten()?;
+            Some((d.clone(), c.since))
+        })
+    }
+
+    /// The shrink guard refused `refused` against `running` for the
+    /// domains of `shrunk`; the caller holds the writer's lock. From now
+    /// on, until a reload succeeds, the addresses the two lists disagree
+    /// on are tempfailed (docs/design.md "Shrink guard"); the dispute is
+    /// recorded in `state_dir` for `status` and `confirm-accounts`.
+    pub(crate) fn dispute(
+        &self,
+        _writer: &MutexGuard<'_, ()>,
+        running: &Policy,
+        refused: &Policy,
+        shrunk: &[crate::policy::Shrunk],
+        state: &crate::state::StateDir,
+    ) {
+        let mut disputes = self.holds.current().disputes().clone();
+        for s in shrunk {
+            let (Some(was), Some(now)) = (
+                running
+                    .domains
+                    .get(&s.domain)
+                    .and_then(|d| d.accounts.as_ref()),
+                refused
+                    .domains
+                    .get(&s.domain)
+                    .and_then(|d| d.accounts.clone()),
+            ) else {
+                continue;
+            };
+            let mut differ: Vec<&str> = was
+                .keys()
+                .filter(|k| !now.contains(k))
+                .chain(now.keys().filter(|k| !was.contains(k)))
+                .collect();
+            differ.sort_unstable();
+            let record = crate::state::Dispute {
+                since: crate::state::now(),
+                running: was.len(),
+                refused: now.len(),
+                disputed: differ.len(),
+                sample: differ
+                    .iter()
+                    .take(10)
+                    .map(|k| format!("{k}@{}", s.domain))
+                    .collect(),
+            };
+            tracing::error!(
+                "{}: the account reload is refused ({} -> {} accounts); the {} addresses the two lists disagree on (e.g. {}) get 451 4.4.4 until `dualroute confirm-accounts {}` accepts the new list or the account source is restored",
+                s.domain,
+                record.running,
+                record.refused,
+                record.disputed,
+                record.sample.join(", "),
+                s.domain
+            );
+            if let Err(e) = state.record_dispute(&s.domain, &record) {
+                tracing::error!(
+                    "{}: cannot record the account dispute for `dualroute status`: {e}",
+                    s.domain
+                );
             }
+            disputes.0.insert(s.domain.clone(), Arc::new(now));
         }
-        self.holds.replace(both);
-        let new = Arc::new(new);
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = new;
-        self.refresh_holds()
+        let holds = (*self.holds.current()).clone().with_disputes(disputes);
+        self.holds.replace(holds);
+    }
+
+    /// Puts `new` in force; the caller holds the writer's lock. The holds
+    /// are read for `new` and installed before it: from that instant a
+    /// message that still has the running policy finds every domain the
+    /// reload removed, or whose destination it changed, held
+    /// ([`Hold::NotRead`](crate::holds::Hold::NotRead)), and a message
+    /// that takes the new policy finds the holds read for it.
+    fn install(&self, new: Policy, _writer: &MutexGuard<'_, ()>) -> Vec<String> {
+        let (holds, errors) = Holds::read(&new.config);
+        self.holds.replace(holds);
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        errors
     }
 }
 

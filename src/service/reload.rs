@@ -8,6 +8,7 @@ use super::{notify, Service};
 use crate::policy::Policy;
 use crate::{accounts, config, state};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Anything that stops a configuration from loading.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +31,7 @@ pub fn load_policy(path: &Path) -> Result<Policy, LoadError> {
 
 /// A reload asked for by SIGHUP. systemd (ExecReload) waits for READY=1
 /// after RELOADING=1, stamped with the monotonic clock (sd_notify(3)).
-pub async fn on_request(service: &Service) {
+pub async fn on_request(service: &Arc<Service>) {
     let mut reloading = vec![sd_notify::NotifyState::Reloading];
     reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
     notify(&reloading);
@@ -49,10 +50,16 @@ pub async fn on_request(service: &Service) {
 /// policy), and so it does when the new accounts shrank past the guard. A
 /// refusal is recorded under `state_dir` for `dualroute status`; a good
 /// reload clears it. The caller logs the error.
-pub async fn reload(service: &Service) -> Result<(), LoadError> {
-    let path = service.config_path().to_owned();
-    let running = service.policy();
-    let loaded = tokio::task::spawn_blocking(move || load_policy(&path))
+///
+/// Every reload (SIGHUP, an account file change, the command refresh)
+/// runs whole under the service's writer lock, on the blocking pool: the
+/// file is read once the lock is held, so reloads happen one after the
+/// other and each reads what is newest when its turn comes. A slow account
+/// command can delay a SIGHUP; it can never install the configuration it
+/// read after the SIGHUP installed a newer one (docs/design.md "Reload").
+pub async fn reload(service: &Arc<Service>) -> Result<(), LoadError> {
+    let service = service.clone();
+    tokio::task::spawn_blocking(move || reload_now(&service))
         .await
         .unwrap_or_else(|e| {
             Err(LoadError::Config(config::ConfigError {
@@ -62,14 +69,31 @@ pub async fn reload(service: &Service) -> Result<(), LoadError> {
                 message: format!("reload task failed: {e}"),
             }))
         })
-        .and_then(|p| match p.shrink_refusal(&running) {
-            Some(why) => Err(LoadError::Shrink(why)),
-            None => Ok(p),
-        });
+}
+
+/// [`reload`] on the blocking pool.
+fn reload_now(service: &Service) -> Result<(), LoadError> {
+    let writer = service.write_lock();
+    // The running policy is read under the lock: the shrink guard compares
+    // against what is in force, not against what was when a slow reload
+    // began.
+    let running = service.policy();
     let state = state::StateDir::new(&running.config.state_dir);
+    let loaded = load_policy(service.config_path()).and_then(|p| {
+        let confirmed = |d: &str| state.shrink_confirmed(d).ok().flatten().map(|c| c.accounts);
+        let shrunk = p.shrunk(&running, confirmed);
+        match p.shrink_refusal(&shrunk) {
+            None => Ok(p),
+            Some(why) => {
+                service.dispute(&writer, &running, &p, &shrunk, &state);
+                Err(LoadError::Shrink(why))
+            }
+        }
+    });
     let mut loaded = match loaded {
         Ok(p) => p,
         Err(e) => {
+            drop(writer);
             let result = match e {
                 LoadError::Shrink(_) => "refused",
                 _ => "invalid",
@@ -108,8 +132,29 @@ pub async fn reload(service: &Service) -> Result<(), LoadError> {
         );
         now.metrics = was.metrics.clone();
     }
-    for e in service.install(loaded) {
+    let names: Vec<String> = running
+        .domains
+        .keys()
+        .chain(loaded.domains.keys())
+        .cloned()
+        .collect();
+    for e in service.install(loaded, &writer) {
         tracing::error!("{e}; routing for that domain stays off");
+    }
+    drop(writer);
+    // The accounts in force now passed the guard (or were confirmed): no
+    // dispute remains, and a confirmation is used up.
+    for name in names {
+        let cleared = state
+            .clear_dispute(&name)
+            .and_then(|a| Ok(a | state.clear_shrink_confirmed(&name)?));
+        match cleared {
+            Ok(true) => tracing::info!(
+                "{name}: the account list in force is settled; no address is held for it any more"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("{name}: cannot clear the record of an account dispute: {e}"),
+        }
     }
     if let Err(e) = state.clear_reload_refused() {
         tracing::warn!("cannot clear the record of a refused reload: {e}");
