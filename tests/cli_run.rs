@@ -171,8 +171,9 @@ fn merged(args: &[&str]) -> (std::process::ExitStatus, String) {
     (status, std::fs::read_to_string(file.path()).unwrap())
 }
 
-/// Every command names the file it read, first: `enable`, `disable` and
-/// `postfix-config --apply`/`--revert` before they change anything (the
+/// Every command names the file it read, first: `enable`, `disable`,
+/// `confirm-accounts` and `postfix-config --apply`/`--revert` before they
+/// change anything (the
 /// ones here fail at their first change, and still named it first).
 /// postfix-config prints it on stderr: its stdout is pasted into main.cf.
 #[test]
@@ -207,6 +208,7 @@ fn every_command_names_its_configuration_first() {
         (&["doctor", "--ip", "192.0.2.25"], bare),
         (&["enable", "example.com"], config),
         (&["disable", "example.com"], config),
+        (&["confirm-accounts", "example.com"], config),
         (
             &[
                 "postfix-config",

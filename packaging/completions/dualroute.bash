@@ -19,6 +19,9 @@ _dualroute() {
             dualroute,check)
                 cmd="dualroute__subcmd__check"
                 ;;
+            dualroute,confirm-accounts)
+                cmd="dualroute__subcmd__confirm__subcmd__accounts"
+                ;;
             dualroute,disable)
                 cmd="dualroute__subcmd__disable"
                 ;;
@@ -51,6 +54,9 @@ _dualroute() {
                 ;;
             dualroute__subcmd__help,check)
                 cmd="dualroute__subcmd__help__subcmd__check"
+                ;;
+            dualroute__subcmd__help,confirm-accounts)
+                cmd="dualroute__subcmd__help__subcmd__confirm__subcmd__accounts"
                 ;;
             dualroute__subcmd__help,disable)
                 cmd="dualroute__subcmd__help__subcmd__disable"
@@ -89,7 +95,7 @@ _dualroute() {
 
     case "${cmd}" in
         dualroute)
-            opts="-c -h -V --config --help --version run check explain verify doctor status enable disable postfix-config sendmail-config help"
+            opts="-c -h -V --config --help --version run check explain verify doctor status enable disable confirm-accounts postfix-config sendmail-config help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -111,6 +117,28 @@ _dualroute() {
             return 0
             ;;
         dualroute__subcmd__check)
+            opts="-c -h --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dualroute__subcmd__confirm__subcmd__accounts)
             opts="-c -h --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -237,7 +265,7 @@ _dualroute() {
             return 0
             ;;
         dualroute__subcmd__help)
-            opts="run check explain verify doctor status enable disable postfix-config sendmail-config help"
+            opts="run check explain verify doctor status enable disable confirm-accounts postfix-config sendmail-config help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -251,6 +279,20 @@ _dualroute() {
             return 0
             ;;
         dualroute__subcmd__help__subcmd__check)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dualroute__subcmd__help__subcmd__confirm__subcmd__accounts)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
