@@ -23,9 +23,9 @@ use std::{net::IpAddr, path::PathBuf};
                  thousands of messages a second on CPUs busy with other work)."
 )]
 pub struct Cli {
-    /// Configuration file [default: ./milter.yaml, then /etc/dualroute/milter.yaml]
-    #[arg(long, short, global = true)]
-    pub config: Option<PathBuf>,
+    /// Configuration file; never one in the current directory: give --config milter.yaml to read that
+    #[arg(long, short, global = true, value_name = "FILE", default_value = crate::config::SYSTEM_CONFIG)]
+    pub config: PathBuf,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -6,7 +6,10 @@ use clap::Parser;
 use dualroute::cli::{Cli, Command};
 use dualroute::service::{notify, Intervals, Service};
 use dualroute::{commands, config, decision::Envelope};
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -20,8 +23,16 @@ static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let path = config::config_path(cli.config.as_deref());
-    let result = match cli.command.unwrap_or(Command::Run) {
+    let path = cli.config;
+    let command = cli.command.unwrap_or(Command::Run);
+    if !matches!(command, Command::Run) {
+        // Which file, before anything is read or changed (docs/design.md
+        // §6): a checkout's example milter.yaml once wired a real Postfix
+        // unseen. On stderr: postfix-config's stdout goes into main.cf.
+        // `run` logs it (`serve`).
+        eprintln!("dualroute: configuration {}", path.display());
+    }
+    let result = match command {
         Command::Run => return run(path),
         Command::Check => commands::check(&path),
         Command::Verify { domain, send } => commands::verify(&path, &domain, send),
@@ -53,7 +64,17 @@ fn main() -> ExitCode {
             auth,
         } => commands::explain(&path, &addresses, &Envelope { client, auth }),
     };
-    result.unwrap_or_else(fail)
+    result.unwrap_or_else(|e| fail(missing_default(&path, e)))
+}
+
+/// An error on the default file when it does not exist also says how to
+/// read another: from a source checkout, `--config milter.yaml`.
+fn missing_default(path: &Path, e: impl std::fmt::Display) -> String {
+    if path == Path::new(config::SYSTEM_CONFIG) && !path.exists() {
+        format!("{e}; it is the default configuration file: give another with --config FILE")
+    } else {
+        e.to_string()
+    }
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
@@ -108,9 +129,10 @@ async fn serve(path: PathBuf) -> ExitCode {
         (Ok(h), Ok(t), Ok(i)) => (h, t, i),
         _ => return fail("cannot install signal handlers"),
     };
+    info!("configuration {}", path.display());
     let policy = match dualroute::load_policy(&path) {
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return fail(missing_default(&path, e)),
     };
     // Bind before anything runs: a second instance must stop here.
     let listener = match listen(&policy.config.listen).await {

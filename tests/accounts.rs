@@ -446,9 +446,106 @@ fn command_failures_are_errors() {
     }
 }
 
+/// A command that never stops printing is stopped at the bound on its
+/// output (docs/design.md §5 "Accounts from a command"), not at its
+/// timeout: the error names the source and the bound, and the load ends
+/// long before the timeout (before the bound, it took the milter from
+/// 13 MB to 1.06 GB).
+#[test]
+fn endless_output_stops_at_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let endless = script(dir.path(), "endless", "exec yes alice@example.com");
+    let started = std::time::Instant::now();
+    let e = load_error(&config(
+        dir.path(),
+        &[&format!(
+            "{{ command: [\"{}\"], timeout: 300s }}",
+            endless.display()
+        )],
+    ));
+    assert!(
+        e.starts_with(&format!("command {}: ", endless.display()))
+            && e.contains("printed more than 33554432 lines"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(300),
+        "returned only at the timeout: {:?}",
+        started.elapsed()
+    );
+}
+
+/// The pid a process started with `setsid` (out of the command's process
+/// group) writes to `pid_file`, once it has written it.
+fn escapee(pid_file: &Path) -> String {
+    format!(
+        "setsid sh -c 'echo $$ > {0}; exec sleep 300' </dev/null >/dev/null 2>&1 &\nwhile [ ! -s {0} ]; do sleep 0.05; done",
+        pid_file.display()
+    )
+}
+
+/// Whether process `pid` is gone (killed and reaped) within a few seconds;
+/// a survivor is killed here so that the test leaves nothing behind.
+fn gone(pid: &str) -> bool {
+    let pid = pid.trim();
+    let gone = support::poll(|| (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()));
+    if gone.is_none() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    gone.is_some()
+}
+
+/// A descendant that left the command's process group with `setsid` is
+/// ended too, whether the command exits or times out (docs/design.md §5:
+/// the command runs under a subreaper that kills what it leaves behind).
+#[test]
+fn a_descendant_that_escapes_the_process_group_is_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    // Exits 0 with its accounts, leaving the escapee behind.
+    let pid_file = dir.path().join("exits.pid");
+    let exits = script(
+        dir.path(),
+        "exits",
+        &format!("{}\necho alice@example.com", escapee(&pid_file)),
+    );
+    let path = config(
+        dir.path(),
+        &[&format!("command: [\"{}\"]", exits.display())],
+    );
+    let policy = dualroute::load_policy(&path).unwrap();
+    assert_eq!(accounts_of(&policy), 1);
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert!(
+        gone(&pid),
+        "the escapee {pid} of a command that exited lives on"
+    );
+
+    // Runs past its timeout (long enough for the escapee to start on a
+    // loaded machine).
+    let pid_file = dir.path().join("slow.pid");
+    let slow = script(
+        dir.path(),
+        "slow",
+        &format!("{}\necho alice@example.com\nsleep 30", escapee(&pid_file)),
+    );
+    let e = load_error(&config(
+        dir.path(),
+        &[&format!(
+            "{{ command: [\"{}\"], timeout: 3s }}",
+            slow.display()
+        )],
+    ));
+    assert!(e.contains("did not finish within its timeout (3s)"), "{e}");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert!(
+        gone(&pid),
+        "the escapee {pid} of a command that timed out lives on"
+    );
+}
+
 /// The periodic refresh goes through the guarded reload: a new account
-/// arrives, and a failing run, an empty one and one that lost most
-/// accounts all keep the last good set.
+/// arrives, and a failing run, one past the output bound, an empty one and
+/// one that lost most accounts all keep the last good set.
 #[tokio::test]
 async fn command_refresh_keeps_the_last_good_set() {
     use dualroute::service::Intervals;
@@ -463,7 +560,7 @@ async fn command_refresh_keeps_the_last_good_set() {
     let path = config(
         dir.path(),
         &[&format!(
-            "{{ command: [\"{}\"], refresh: 1s, timeout: 5s }}",
+            "{{ command: [\"{}\"], refresh: 1s, timeout: 60s }}",
             lookup.display()
         )],
     );
@@ -486,9 +583,19 @@ async fn command_refresh_keeps_the_last_good_set() {
     // and erin stays present. Each waits for the refusal to be recorded
     // for `dualroute status`, then for one more refresh period.
     let refused = dir.path().join("state").join("reload-refused");
-    let cases: [(&str, &dyn Fn()); 3] = [
+    let cases: [(&str, &dyn Fn()); 4] = [
         ("failed (exit status: 1)", &|| {
             script(dir.path(), "lookup", "exit 1");
+        }),
+        // Endless lines of 4,000 bytes: the byte bound, met within
+        // seconds (the 60 s timeout only keeps a loaded machine from
+        // reporting a timeout instead).
+        ("printed more than 1073741824 bytes", &|| {
+            script(
+                dir.path(),
+                "lookup",
+                "exec yes \"$(head -c 4000 /dev/zero | tr '\\0' a)\"",
+            );
         }),
         ("no account of example.com", &|| {
             script(dir.path(), "lookup", "exit 0");

@@ -34,12 +34,16 @@ fn status(path: &Path) -> (bool, String) {
         .arg(path)
         .output()
         .expect("run dualroute");
+    // Its first word is the file it read (docs/design.md §6).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let named = format!("dualroute: configuration {}\n", path.display());
+    assert!(stderr.starts_with(&named), "{stderr}");
     (
         out.status.success(),
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            &stderr[named.len()..]
         ),
     )
 }

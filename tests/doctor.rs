@@ -181,9 +181,12 @@ fn doctor(config: &Path, args: &[&str]) -> Run {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // A panic exits 101; doctor must report, not crash.
     assert!(!stderr.contains("panicked"), "doctor panicked:\n{stderr}");
+    // It names the file it read first (docs/design.md §6).
+    let named = format!("dualroute: configuration {}\n", config.display());
+    assert!(stderr.starts_with(&named), "{stderr}");
     Run {
         code: out.status.code().unwrap_or(-1),
-        out: stdout + &stderr,
+        out: stdout + &stderr[named.len()..],
     }
 }
 

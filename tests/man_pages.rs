@@ -98,7 +98,7 @@ fn dualroute_8() -> String {
         r#".SH FILES
 .TP
 \fI/etc/dualroute/milter.yaml\fR
-The configuration (see \fBmilter.yaml\fR(5)); \fB\-\-config\fR defaults to \fI./milter.yaml\fR, then this file.
+The configuration (see \fBmilter.yaml\fR(5)), and the only default of \fB\-\-config\fR: a \fImilter.yaml\fR in the current directory is never read unless named (\fB\-\-config milter.yaml\fR). Every command names the file it read on standard error (\fBrun\fR in its first log line).
 .TP
 \fI/var/spool/postfix/dualroute/dualroute.sock\fR
 The milter socket of the Debian package, mode 0660, group \fBdualroute\fR (Postfix is a member). Postfix's chrooted smtpd names it \fIunix:/dualroute/dualroute.sock\fR.

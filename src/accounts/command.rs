@@ -2,111 +2,92 @@
 //! `psql` that prints the accounts (README "Accounts from a directory").
 //!
 //! The program runs without a shell (argv only: nothing in an argument is
-//! ever expanded), with no input, in a process group of its own so that a
-//! run past its `timeout` is killed with everything it started. Only a run
-//! that exits 0 within the timeout counts; anything else is an error, and
-//! an error keeps the accounts in force (src/service/reload.rs).
+//! ever expanded), with no input. Only a run that exits 0 within the
+//! timeout counts; anything else is an error, and an error keeps the
+//! accounts in force (src/service/reload.rs).
+//!
+//! What a run may cost is bounded (docs/design.md §5 "Accounts from a
+//! command"): its output is parsed as it is read, never held whole, and
+//! past [`MAX_LINES`] lines or [`MAX_BYTES`] bytes the run is stopped and
+//! fails. When the run ends — exit, timeout, bound — every process it
+//! started is ended, including one that left its process group with
+//! `setsid` (src/accounts/command/supervisor.rs says how, and why so).
+
+mod supervisor;
 
 use super::read::{for_each_line, LineResult};
 use super::LoadError;
 use crate::config::{AccountCommand, CommandFormat};
-use std::io::Read;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::io::{BufRead, Read};
+use supervisor::Run;
 
-/// More output than this is refused rather than held in memory: a billion
-/// bytes is some twenty million addresses, far more than any server has.
-const MAX_OUTPUT: u64 = 1 << 30;
-/// How much of the program's stderr is kept for the error message.
-const MAX_STDERR: u64 = 2048;
+/// At most this many lines of output. An LDIF export of ten million
+/// accounts (BENCHMARKS.md measures 10M) is about 30 million lines
+/// (`dn:`, `mail:`, blank); one address per line, about 10 million.
+const MAX_LINES: u64 = 1 << 25;
+/// At most this many bytes of output: such an LDIF export is some 800 MB.
+/// The output is parsed as it is read, so the milter's memory is that of
+/// the accounts (BENCHMARKS.md: 10M accounts, about 300 MiB), not of the
+/// output.
+const MAX_BYTES: u64 = 1 << 30;
 
 /// Runs `cmd` and calls `each` with every entry it printed (line number in
-/// the output, address), in the command's `format`.
+/// the output, address), in the command's `format`, as it prints them.
 pub(super) fn read(
     cmd: &AccountCommand,
     each: &mut dyn FnMut(usize, &str) -> LineResult,
 ) -> Result<(), LoadError> {
-    let output = run(cmd)?;
-    let label = format!("output of {}", cmd.program());
-    match cmd.format {
-        CommandFormat::Lines => for_each_line(&label, &output[..], |n, line| each(n, line.trim())),
-        CommandFormat::Ldif => ldif_values(&output, each).map_err(|(line, message)| LoadError {
-            file: label,
-            line,
-            message,
-        }),
-    }
-}
-
-/// The program's standard output, once it has exited 0 within the timeout.
-fn run(cmd: &AccountCommand) -> Result<Vec<u8>, LoadError> {
     let program = cmd.program();
     let fail = |message: String| LoadError {
         file: format!("command {program}"),
         line: None,
         message,
     };
-    let started = Instant::now();
-    let deadline = started + cmd.timeout.0;
-    let mut child = Command::new(program)
-        .args(&cmd.argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group: a timeout kills a wrapper script's
-        // children too, which would otherwise hold the pipe open.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| fail(format!("cannot run: {e}")))?;
-    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(fail("no pipe to the command".into()));
+    let mut run = Run::start(cmd).map_err(fail)?;
+    let label = format!("output of {program}");
+    let mut out = Bounded {
+        pipe: run.stdout.take(),
+        bytes: 0,
+        lines: 0,
+        over: None,
     };
-    // Both pipes are drained while the program runs, so that it never
-    // blocks on a full pipe.
-    let out = drain(stdout, MAX_OUTPUT + 1);
-    let err = drain(stderr, MAX_STDERR);
-    let group = i32::try_from(child.id()).ok();
-    let kill_group = || {
-        if let Some(pgid) = group {
-            // SAFETY: kill(2) with a negative pid signals the process
-            // group the child leads; it touches no memory of ours.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    let parsed = match cmd.format {
+        CommandFormat::Lines => for_each_line(&label, &mut out, |n, line| each(n, line.trim())),
+        CommandFormat::Ldif => {
+            ldif_values(std::io::BufReader::with_capacity(1 << 16, &mut out), each).map_err(
+                |(line, message)| LoadError {
+                    file: label,
+                    line,
+                    message,
+                },
+            )
         }
     };
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(e) => {
-                kill_group();
-                let _ = child.wait();
-                return Err(fail(format!("cannot wait for it: {e}")));
-            }
-        }
-        if Instant::now() >= deadline {
-            kill_group();
-            let _ = child.wait();
-            return Err(fail(format!(
-                "did not finish within its timeout ({}s): killed; raise `timeout` if the directory is that slow",
-                cmd.timeout.0.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Whatever it started is no longer needed either.
-    kill_group();
-    let wait = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_secs(1));
-    let stderr = err
-        .recv_timeout(wait)
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
-    let stderr = String::from_utf8_lossy(&stderr);
+    if parsed.is_err() && out.over.is_none() {
+        // Output that is not accounts: the rest is read (within the
+        // bounds) and dropped, so that a program that failed is reported
+        // as failed, with its stderr, rather than by its output.
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    }
+    let over = out.over.take();
+    if over.is_some() {
+        run.stop();
+    }
+    drop(out);
+    let (status, stderr) = run.finish().map_err(fail)?;
+    if run.timed_out {
+        return Err(fail(format!(
+            "did not finish within its timeout ({}s): killed; raise `timeout` if the directory is that slow",
+            cmd.timeout.0.as_secs()
+        )));
+    }
+    if let Some(over) = over {
+        return Err(fail(format!(
+            "printed more than {over}: stopped (a command's output is bounded at {MAX_LINES} lines and {MAX_BYTES} bytes, enough for an LDIF export of some ten million accounts); check that it prints each account once"
+        )));
+    }
     if !status.success() {
+        let stderr = String::from_utf8_lossy(&stderr);
         return Err(fail(format!(
             "failed ({status}){}",
             if stderr.trim().is_empty() {
@@ -116,42 +97,39 @@ fn run(cmd: &AccountCommand) -> Result<Vec<u8>, LoadError> {
             }
         )));
     }
-    let output = match out.recv_timeout(wait) {
-        Ok(Ok(output)) => output,
-        Ok(Err(e)) => return Err(fail(format!("cannot read its output: {e}"))),
-        Err(_) => return Err(fail("its output did not end after it exited".into())),
-    };
-    if output.len() as u64 > MAX_OUTPUT {
-        return Err(fail(format!(
-            "printed more than {MAX_OUTPUT} bytes; print one address per line"
-        )));
-    }
-    tracing::debug!(
-        "command {program}: {} bytes in {:?}",
-        output.len(),
-        started.elapsed()
-    );
-    Ok(output)
+    parsed
 }
 
-/// Reads `pipe` to its end on a thread of its own, keeping at most
-/// `limit` bytes (the rest is read and dropped, so the writer never
-/// blocks).
-fn drain(
-    mut pipe: impl Read + Send + 'static,
-    limit: u64,
-) -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let result = (&mut pipe)
-            .take(limit)
-            .read_to_end(&mut kept)
-            .and_then(|_| std::io::copy(&mut pipe, &mut std::io::sink()))
-            .map(|_| kept);
-        let _ = tx.send(result);
-    });
-    rx
+/// The program's output, counted as it is read: past a bound, reading
+/// fails and `over` says which bound.
+struct Bounded<R> {
+    pipe: Option<R>,
+    bytes: u64,
+    lines: u64,
+    over: Option<String>,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(pipe) = self.pipe.as_mut() else {
+            return Ok(0);
+        };
+        if self.over.is_some() {
+            return Err(std::io::Error::other("output bound reached"));
+        }
+        let n = pipe.read(buf)?;
+        self.bytes += n as u64;
+        self.lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        if self.lines > MAX_LINES {
+            self.over = Some(format!("{MAX_LINES} lines"));
+        } else if self.bytes > MAX_BYTES {
+            self.over = Some(format!("{MAX_BYTES} bytes"));
+        }
+        if self.over.is_some() {
+            return Err(std::io::Error::other("output bound reached"));
+        }
+        Ok(n)
+    }
 }
 
 /// The attribute values of LDIF (RFC 2849) as `ldapsearch -LLL` prints
@@ -159,17 +137,9 @@ fn drain(
 /// the one before (RFC 2849 "SEP ... FILL"), `attr:: ` values are base64
 /// (ldapsearch's form for non-ASCII addresses), `#` lines are comments.
 fn ldif_values(
-    output: &[u8],
+    mut input: impl BufRead,
     each: &mut dyn FnMut(usize, &str) -> LineResult,
 ) -> Result<(), (Option<usize>, String)> {
-    let text = std::str::from_utf8(output).map_err(|e| {
-        let line = output[..e.valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1;
-        (Some(line), "not UTF-8".to_string())
-    })?;
     let mut entry: Option<(usize, String)> = None;
     let mut flush = |entry: &mut Option<(usize, String)>| -> LineResult {
         let Some((n, line)) = entry.take() else {
@@ -195,14 +165,24 @@ fn ldif_values(
         }
         each(n, value.trim())
     };
-    for (i, line) in text.split('\n').enumerate() {
+    let mut buf = Vec::new();
+    let mut n = 0;
+    loop {
+        buf.clear();
+        match input.read_until(b'\n', &mut buf) {
+            Ok(0) => break,
+            Ok(_) => n += 1,
+            Err(e) => return Err((Some(n + 1), format!("cannot read: {e}"))),
+        }
+        let line = std::str::from_utf8(&buf).map_err(|_| (Some(n), "not UTF-8".to_string()))?;
+        let line = line.strip_suffix('\n').unwrap_or(line);
         let line = line.strip_suffix('\r').unwrap_or(line);
         match (line.strip_prefix(' '), &mut entry) {
             (Some(more), Some((_, current))) => current.push_str(more),
             _ if line.is_empty() => flush(&mut entry)?,
             _ => {
                 flush(&mut entry)?;
-                entry = Some((i + 1, line.to_owned()));
+                entry = Some((n, line.to_owned()));
             }
         }
     }
