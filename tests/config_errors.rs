@@ -324,3 +324,53 @@ fn notify_and_deferrals_errors_are_located() {
     assert_eq!(n.via.to_string(), "smtp:127.0.0.1:25");
     assert_eq!(n.interval.0.as_secs(), 600);
 }
+
+/// Loads `text` as `DIR/milter.yaml` with its accounts (the checks that
+/// need the accounts run there) and returns the error, relative to DIR.
+fn load_error(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    std::fs::write(&path, text).unwrap();
+    match dualroute::load_policy(&path) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e
+            .to_string()
+            .replace(&format!("{}/", dir.path().display()), ""),
+    }
+}
+
+fn assert_load_error(text: &str, position: &str, what: &str) {
+    let e = load_error(text);
+    assert!(
+        e.starts_with(&format!("milter.yaml:{position}: ")),
+        "position {position} expected: {e}"
+    );
+    assert!(e.contains(what), "{what:?} expected: {e}");
+}
+
+/// issue 21 §3: an address whose mail would be filed into the catch-all
+/// (a split or route domain, no mailbox here) is refused at load, naming
+/// the line: `notify.to` (the milter leaves its own notifications alone)
+/// and `keep: true` (kept means delivered by Postfix as it stands).
+#[test]
+fn notify_to_and_keep_without_a_mailbox_here_are_errors() {
+    assert_load_error(
+        &format!("{BASE}notify:\n  to: [alice@example.com, ops@example.com]\n"),
+        "9",
+        "notify.to[1]: ops@example.com has no mailbox here",
+    );
+    assert_load_error(
+        &format!("{BASE}    users:\n      erin@example.com: {{ keep: true }}\n"),
+        "9",
+        "domains.example.com.users.erin@example.com.keep: erin@example.com has no mailbox here",
+    );
+    // With a mailbox here, both are fine; so is an address of a domain
+    // dualroute does not manage.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    let ok = format!(
+        "{BASE}    users:\n      alice+x@example.com: {{ keep: true }}\nnotify:\n  to: [alice@example.com, ops@elsewhere.example]\n"
+    );
+    std::fs::write(&path, &ok).unwrap();
+    dualroute::load_policy(&path).unwrap_or_else(|e| panic!("{e}\n{ok}"));
+}

@@ -457,3 +457,46 @@ fn case_sensitive_and_no_delimiter() {
         redirect("alice+news@split.test.dualroute.invalid")
     );
 }
+
+/// Targets of per-user rules inside managed domains (docs/design.md §2
+/// rule 4, issue 21 §3): a recipient the milter adds skips the milter, so
+/// the target is decided here, as a message to it would be.
+const TARGETS: &str = r#"
+instance: mx1.test
+domains:
+  example.com:
+    mode: split
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com, bob@example.com] }]
+    users:
+      erin@example.com: { redirect_to: carol@example.com }
+      frank@example.com: { redirect_to: Alice@example.com }
+      gina@example.com: { copy_to: [carol+tag@example.com, x@outside.example, bob@example.com] }
+"#;
+
+#[test]
+fn rule_4_split_target_without_a_mailbox_here_is_routed() {
+    let p = Policy::load(dualroute::config::parse(TARGETS, "targets.yaml").unwrap()).unwrap();
+    let e = outsider();
+    // carol has no mailbox here: a message to her is routed, and so is
+    // erin's mail redirected to her (not delivered to carol@example.com,
+    // which Postfix would file into the catch-all).
+    assert_eq!(
+        verdict(&p, &e, "<erin@example.com>").0,
+        redirect("carol@example.com.dualroute.invalid")
+    );
+    // alice has one: the target itself.
+    assert_eq!(
+        verdict(&p, &e, "<frank@example.com>").0,
+        redirect("Alice@example.com")
+    );
+    // Each copy target on its own; the tag stays on the routing address.
+    assert_eq!(
+        verdict(&p, &e, "<gina@example.com>").0,
+        copy(&[
+            "carol+tag@example.com.dualroute.invalid",
+            "x@outside.example",
+            "bob@example.com"
+        ])
+    );
+}
