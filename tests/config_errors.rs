@@ -106,13 +106,39 @@ fn user_rule_target_loops() {
         "{BASE}    users:\n      carol@example.com: {{ redirect_to: Carol@example.com }}\n"
     );
     assert_error(&itself, "9:41", "is the user itself");
+    // A target in a route domain is routed (issue 21 §3), no longer an
+    // error; a target with a rule of its own is, since a recipient the
+    // milter adds is not decided again: A → B → A loops, A → B → C
+    // would skip B's rule.
     let route = format!(
         "{BASE}    users:\n      carol@example.com: {{ copy_to: [x@other.example, c@example.org] }}\n  example.org:\n    mode: route\n    destination:\n      hosts: [\"[192.0.2.9]\"]\n"
     );
-    assert_error(
-        &route,
-        "9:55",
-        "c@example.org is in example.org, which this milter routes",
+    parse(&route, "milter.yaml").unwrap();
+    let back = format!(
+        "{BASE}    users:\n      carol@example.com: {{ redirect_to: dave@example.com }}\n      dave@example.com: {{ copy_to: [x@other.example, Carol+x@example.com] }}\n"
+    );
+    assert_load_error(
+        &back,
+        "9",
+        "domains.example.com.users.carol@example.com.redirect_to: dave@example.com's own rule sends its mail back to carol@example.com: that would loop",
+    );
+    let chain = format!(
+        "{BASE}    users:\n      carol@example.com: {{ copy_to: [x@other.example, dave@example.com] }}\n      dave@example.com: {{ redirect_to: dave@other.example }}\n"
+    );
+    assert_load_error(
+        &chain,
+        "9",
+        "users.carol@example.com.copy_to[1]: dave@example.com has its own rule (to dave@other.example)",
+    );
+    // A target in a dual domain without a mailbox here: a message to it
+    // is refused.
+    let dual = format!(
+        "{BASE}    users:\n      carol@example.com: {{ redirect_to: zed@example.org }}\n  example.org:\n    mode: dual\n    destination:\n      hosts: [\"[192.0.2.9]\"]\n    accounts: [{{ list: [alice@example.org] }}]\n"
+    );
+    assert_load_error(
+        &dual,
+        "9",
+        "zed@example.org has no mailbox here and example.org is mode dual",
     );
 }
 
