@@ -1104,6 +1104,7 @@ fn mixed_message_every_recipient_exactly_once() {
   example.net:
     mode: route
     destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [erin@example.net] }]
     users:
       erin@example.net: { keep: true }
   example.edu:
