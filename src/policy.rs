@@ -255,7 +255,7 @@ impl Policy {
                     };
                     let unquoted = t.unquoted_local();
                     let key = self.rules.key(&unquoted);
-                    let own = self.domains[&td.name]
+                    let own = td
                         .users
                         .get(&*key)
                         .or_else(|| self.rules.base(&key).and_then(|b| td.users.get(b)));

@@ -122,6 +122,15 @@ fn user_rule_target_loops() {
         "9",
         "domains.example.com.users.carol@example.com.redirect_to: dave@example.com's own rule sends its mail back to carol@example.com: that would loop",
     );
+    // `copy_to: ADDR` without a list is located too.
+    let one = format!(
+        "{BASE}    users:\n      carol@example.com: {{ copy_to: dave@example.com }}\n      dave@example.com: {{ copy_to: carol@example.com }}\n"
+    );
+    assert_load_error(
+        &one,
+        "9",
+        "users.carol@example.com.copy_to[0]: dave@example.com's own rule sends its mail back",
+    );
     let chain = format!(
         "{BASE}    users:\n      carol@example.com: {{ copy_to: [x@other.example, dave@example.com] }}\n      dave@example.com: {{ redirect_to: dave@other.example }}\n"
     );

@@ -149,7 +149,16 @@ pub fn line_of(source: &Source, keys: &[&str]) -> Option<usize> {
             }
         })
         .collect();
-    locate(&source.text, &at).map(|(line, _)| line)
+    locate_value(&source.text, &at).map(|(line, _)| line)
+}
+
+/// [`locate`], and for the first element of a list that was written as
+/// one value (`copy_to: ADDR`), that value.
+fn locate_value(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
+    locate(text, path).or_else(|| {
+        let (last, parent) = path.split_last()?;
+        matches!(last, Seg::Index(0)).then(|| locate(text, parent))?
+    })
 }
 
 /// 1-based line and column (in bytes) just after `before`.
@@ -168,13 +177,7 @@ fn position(before: &[u8]) -> (usize, usize) {
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))?;
     let locate_err = |(path, message): Invalid| {
-        let (line, column) = locate(text, &path)
-            .or_else(|| {
-                // `copy_to: ADDR` written as one address, not a list.
-                let (last, parent) = path.split_last()?;
-                matches!(last, Seg::Index(0)).then(|| locate(text, parent))?
-            })
-            .unzip();
+        let (line, column) = locate_value(text, &path).unzip();
         let mut shown = String::new();
         for seg in &path {
             match seg {
