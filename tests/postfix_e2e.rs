@@ -797,7 +797,8 @@ fn per_user_copy_redirect_and_keep() {
 /// would be (docs/design.md §2 rule 4, issue 21 §3): erin's redirect to
 /// carol, who has no mailbox here, goes to the other server as carol. A
 /// recipient the milter adds skips the milter, so before this Postfix
-/// delivered carol@example.com as it stood: into the catch-all.
+/// delivered carol@example.com as it stood: into the catch-all. frank's
+/// target is in a domain whose routing is off: 451 4.4.4 at RCPT.
 #[test]
 fn redirect_target_without_a_mailbox_here_is_routed() {
     let e = setup(
@@ -807,11 +808,28 @@ fn redirect_target_without_a_mailbox_here_is_routed() {
     accounts: [{ list: [alice@example.com] }]
     users:
       erin@example.com: { redirect_to: carol@example.com }
+      frank@example.com: { redirect_to: zed@example.net }
+  example.net:
+    mode: route
+    enabled: false
+    destination: { hosts: ["{SINK}"] }
 "#,
     )
     .mailboxes("example.com", &["alice@example.com"])
     .start();
     let t = e.send_ok(&e.client(), &["erin@example.com"], "target");
+    // Routing for the target's domain is off: refused for now at RCPT, as
+    // mail to zed@example.net itself is (docs/design.md §2 rule 1).
+    let held = e
+        .client()
+        .send(SENDER, &["frank@example.com"], &message("held"));
+    assert_eq!(held.rcpt("frank@example.com").code, 451, "{held}");
+    assert!(
+        held.rcpt("frank@example.com")
+            .text
+            .contains("4.4.4 <frank@example.com>: routing of mail for example.net is paused"),
+        "{held}"
+    );
     e.finish();
 
     e.wait_sink_rcpts(1);
