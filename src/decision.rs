@@ -40,11 +40,45 @@ pub enum Decision {
     /// Keep it and add these routing addresses.
     Copy(Vec<String>),
     /// Delete it and add this routing address.
-    Redirect(String),
+    Redirect(RedirectTo),
     /// Refuse it at RCPT (5xx).
     Reject(Rejection),
     /// Refuse it at RCPT for now (4xx): the sender's MTA retries.
     Tempfail(Rejection),
+}
+
+/// Where a redirect sends a recipient: one address, and, when that address
+/// is a mailbox of a `dual` domain, the copy a message to it gets there
+/// (docs/design.md §2 rule 4: a target ends where a message to it would).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct RedirectTo {
+    pub to: String,
+    /// The target's own dual copy (added as a copy: `NOTIFY` after its
+    /// domain's `bounce`).
+    pub copy: Option<String>,
+}
+
+impl From<String> for RedirectTo {
+    fn from(to: String) -> RedirectTo {
+        RedirectTo { to, copy: None }
+    }
+}
+
+impl From<&str> for RedirectTo {
+    fn from(to: &str) -> RedirectTo {
+        to.to_owned().into()
+    }
+}
+
+impl fmt::Display for RedirectTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to)?;
+        if let Some(copy) = &self.copy {
+            f.write_str(" and copy to ")?;
+            f.write_str(copy)?;
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for Decision {
@@ -63,7 +97,7 @@ impl fmt::Display for Decision {
             }
             Decision::Redirect(to) => {
                 f.write_str("redirect to ")?;
-                f.write_str(to)
+                fmt::Display::fmt(to, f)
             }
             Decision::Reject(r) => write!(f, "reject {}", r),
             Decision::Tempfail(r) => write!(f, "tempfail {}", r),
@@ -133,6 +167,12 @@ pub enum Rule {
     /// `require_gateway` and the client is neither gateway nor authenticated.
     RequireGateway,
     User(&'static str),
+    /// A per-user rule with a target in a managed domain, decided as a
+    /// message to it would be: what became of each such target.
+    UserTarget {
+        kind: &'static str,
+        targets: Vec<String>,
+    },
     Mode {
         mode: Mode,
         present: bool,
@@ -182,6 +222,14 @@ impl fmt::Display for Rule {
                 f.write_str("require_gateway: client is neither a gateway nor authenticated")
             }
             Rule::User(kind) => write!(f, "per-user rule {kind}"),
+            Rule::UserTarget { kind, targets } => {
+                write!(f, "per-user rule {kind}")?;
+                for t in targets {
+                    f.write_str("; ")?;
+                    f.write_str(t)?;
+                }
+                Ok(())
+            }
             Rule::TooManyRecipients(limit) => {
                 write!(f, "max_recipients: the message already has {limit}")
             }
@@ -272,14 +320,16 @@ fn not_from_gateway(address: &Address) -> Rejection {
 /// no mailbox here. Postfix's rule for a doubtful recipient: tempfail, so
 /// the sender's MTA retries and the mail arrives once routing resumes —
 /// never into the catch-all (RFC 3463 X.4.4: unable to route).
-fn routing_paused(address: &Address, why: &Off) -> Rejection {
+/// `domain` is the recipient's own, or that of the per-user rule's target
+/// that would be routed (rule 4).
+fn routing_paused(address: &Address, domain: &str, why: &Off) -> Rejection {
     Rejection {
         code: "451",
         xcode: "4.4.4",
         text: format!(
             "{}: routing of mail for {} is paused ({}); try again later",
             shown(address),
-            address.domain,
+            domain,
             why.cause()
         ),
     }
@@ -428,10 +478,7 @@ pub fn decide(
     let key = policy.rules.key(&unquoted);
     // Without `accounts`, every address the MTA accepted counts as present
     // (dual row of the table).
-    let present = match &domain.accounts {
-        Some(accounts) => lookup(policy, &key, |k| accounts.contains(k).then_some(())).is_some(),
-        None => domain.config.mode == Mode::Dual,
-    };
+    let present = policy.present(domain, &key);
     let gateway = envelope.client.is_some_and(|ip| policy.is_gateway(ip));
     let locked_out = domain.config.require_gateway
         && !gateway
@@ -471,14 +518,19 @@ pub fn decide(
                 Rule::RequireGateway,
             );
         }
-        let routed = route(policy, domain, &key, present, address);
+        let routed = route(policy, holds, domain, &key, present, address);
+        // A tempfail from rule 4 is a redirect whose target cannot be
+        // reached now: with this domain's routing off it is a redirect
+        // like any other.
         let (decision, effect) = match routed.decision {
-            Decision::Reject(_) | Decision::Tempfail(_) => return routed,
+            Decision::Reject(_) => return routed,
             Decision::Keep => (Decision::Keep, OffEffect::Kept),
             Decision::Copy(_) => (Decision::Keep, OffEffect::CopySkipped),
-            Decision::Redirect(_) if present => (Decision::Keep, OffEffect::KeptInsteadOfRedirect),
-            Decision::Redirect(_) => (
-                Decision::Tempfail(routing_paused(address, &why)),
+            Decision::Redirect(_) | Decision::Tempfail(_) if present => {
+                (Decision::Keep, OffEffect::KeptInsteadOfRedirect)
+            }
+            Decision::Redirect(_) | Decision::Tempfail(_) => (
+                Decision::Tempfail(routing_paused(address, &address.domain, &why)),
                 OffEffect::Paused,
             ),
         };
@@ -504,12 +556,13 @@ pub fn decide(
             Rule::RequireGateway,
         );
     }
-    route(policy, domain, &key, present, address)
+    route(policy, holds, domain, &key, present, address)
 }
 
 /// Rules 4 and 5: the per-user rule, else the mode's row.
 fn route(
     policy: &Policy,
+    holds: &Holds,
     domain: &DomainPolicy,
     key: &str,
     present: bool,
@@ -519,14 +572,8 @@ fn route(
     if let Some(rule) = lookup(policy, key, |k| domain.users.get(k)) {
         return match rule {
             UserRule::Keep => Verdict::new(Decision::Keep, Rule::User("keep")),
-            UserRule::CopyTo(to) => Verdict::new(
-                Decision::Copy(to.iter().map(ToString::to_string).collect()),
-                Rule::User("copy_to"),
-            ),
-            UserRule::RedirectTo(to) => Verdict::new(
-                Decision::Redirect(to.to_string()),
-                Rule::User("redirect_to"),
-            ),
+            UserRule::CopyTo(to) => copy_to(policy, holds, to),
+            UserRule::RedirectTo(to) => redirect_to(policy, holds, address, to),
         };
     }
     // 5. The mode's row.
@@ -539,9 +586,190 @@ fn route(
     let routed = || domain.routing_address(&address.local, &policy.config.relay_suffix.0);
     let decision = match (mode, present) {
         (Mode::Split, true) => Decision::Keep,
-        (Mode::Split, false) | (Mode::Route, _) => Decision::Redirect(routed()),
+        (Mode::Split, false) | (Mode::Route, _) => Decision::Redirect(routed().into()),
         (Mode::Dual, true) => Decision::Copy(vec![routed()]),
         (Mode::Dual, false) => Decision::Reject(unknown_user(address)),
     };
     Verdict::new(decision, rule)
+}
+
+/// What a per-user rule's target becomes (docs/design.md §2 rule 4).
+enum Target {
+    /// Delivered as written: outside the managed domains, or a mailbox
+    /// here (kept by its domain's row or its own `keep: true`); `copy` is
+    /// a `dual` domain's copy of it, while routing is on.
+    Itself { copy: Option<String> },
+    /// Routed to its domain's destination: its routing address.
+    Routed(String),
+    /// It would be routed, and routing for its domain is off.
+    Paused { domain: String, why: Off },
+    /// A `dual` address without a mailbox here: a message to it is
+    /// refused. `Policy::load` refuses a rule that names one, so this is
+    /// only met by a policy built otherwise.
+    Refused,
+}
+
+/// Decides a per-user rule's target as a message to it would be decided,
+/// and says how when the target is in a managed domain. A recipient the
+/// milter adds skips the milter (docs/design.md §8), so nothing would
+/// decide it later: Postfix would deliver a split or route address
+/// without a mailbox here into the catch-all. The target's own
+/// `copy_to`/`redirect_to` is not followed (chains and loops are refused
+/// at load, src/policy.rs).
+fn target(policy: &Policy, holds: &Holds, t: &Address) -> (Target, Option<String>) {
+    let Some(d) = policy.domain(t) else {
+        return (Target::Itself { copy: None }, None);
+    };
+    let unquoted = t.unquoted_local();
+    let key = policy.rules.key(&unquoted);
+    let kept = matches!(
+        lookup(policy, &key, |k| d.users.get(k)),
+        Some(UserRule::Keep)
+    );
+    let present = policy.present(d, &key);
+    // Routing off for the target's domain is routing off for it, exactly
+    // as for a recipient of that domain (rule 1).
+    let off = if !d.config.enabled {
+        Some(Off::Config)
+    } else {
+        holds.get(&d.name).cloned().map(Off::Hold)
+    };
+    let mode = d.config.mode;
+    let routed = || d.routing_address(&t.local, &policy.config.relay_suffix.0);
+    let (fate, note) = match (mode, off) {
+        _ if kept => (
+            Target::Itself { copy: None },
+            format!("{t}: kept here by its own rule keep: true"),
+        ),
+        (Mode::Split, _) if present => (
+            Target::Itself { copy: None },
+            format!("{t}: has a mailbox here"),
+        ),
+        (Mode::Dual, None) if present => (
+            Target::Itself {
+                copy: Some(routed()),
+            },
+            format!(
+                "{t}: has a mailbox here, and mode dual of {} copies it to the destination",
+                d.name
+            ),
+        ),
+        (Mode::Dual, Some(why)) if present => (
+            Target::Itself { copy: None },
+            format!(
+                "{t}: has a mailbox here; routing off for {} ({why}): no copy to the destination",
+                d.name
+            ),
+        ),
+        (Mode::Dual, _) => (
+            Target::Refused,
+            format!(
+                "{t}: no mailbox here, and mode dual of {} refuses it",
+                d.name
+            ),
+        ),
+        (_, None) => (
+            Target::Routed(routed()),
+            format!(
+                "{t}: mode {mode} of {}{}: routed to the destination",
+                d.name,
+                if mode == Mode::Split {
+                    ", no mailbox here"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        (_, Some(why)) => (
+            Target::Paused {
+                domain: d.name.clone(),
+                why: why.clone(),
+            },
+            format!(
+                "{t}: would be routed, and routing off for {} ({why})",
+                d.name
+            ),
+        ),
+    };
+    (fate, Some(note))
+}
+
+/// The rule that made a decision on targets: `User` when none is in a
+/// managed domain (nothing to say), else what became of each.
+fn user_rule(kind: &'static str, targets: Vec<String>) -> Rule {
+    if targets.is_empty() {
+        Rule::User(kind)
+    } else {
+        Rule::UserTarget { kind, targets }
+    }
+}
+
+/// `copy_to`: every target decided on its own. A copy that cannot be made
+/// now (its domain's routing is off) is not made, as a `dual` copy is not
+/// while routing is off (rule 1): the recipient is still delivered here.
+fn copy_to(policy: &Policy, holds: &Holds, to: &[Address]) -> Verdict {
+    let mut copies = Vec::with_capacity(to.len());
+    let mut notes = Vec::new();
+    for t in to {
+        let (fate, note) = target(policy, holds, t);
+        match fate {
+            Target::Itself { copy } => {
+                copies.push(t.to_string());
+                copies.extend(copy);
+                notes.extend(note);
+            }
+            Target::Routed(r) => {
+                copies.push(r);
+                notes.extend(note);
+            }
+            Target::Paused { .. } | Target::Refused => {
+                notes.extend(note.map(|n| n + ": not copied"));
+            }
+        }
+    }
+    let decision = if copies.is_empty() {
+        Decision::Keep
+    } else {
+        Decision::Copy(copies)
+    };
+    Verdict::new(decision, user_rule("copy_to", notes))
+}
+
+/// `redirect_to`: the target decided. One whose domain's routing is off
+/// and that would be routed gets `451 4.4.4`, as a message to it would:
+/// the sender retries, and the mail is routed once routing is back.
+fn redirect_to(policy: &Policy, holds: &Holds, address: &Address, t: &Address) -> Verdict {
+    let (fate, note) = target(policy, holds, t);
+    let notes = |suffix: &str| {
+        user_rule(
+            "redirect_to",
+            note.iter().map(|n| [n, suffix].concat()).collect(),
+        )
+    };
+    match fate {
+        Target::Itself { copy } => Verdict::new(
+            Decision::Redirect(RedirectTo {
+                to: t.to_string(),
+                copy,
+            }),
+            notes(""),
+        ),
+        Target::Routed(r) => Verdict::new(Decision::Redirect(r.into()), notes("")),
+        Target::Paused { domain, why } => Verdict::new(
+            Decision::Tempfail(routing_paused(address, &domain, &why)),
+            notes(": refused for now, the sender retries until routing resumes"),
+        ),
+        // RFC 3463 X.3.5: system incorrectly configured.
+        Target::Refused => Verdict::new(
+            Decision::Tempfail(Rejection {
+                code: "451",
+                xcode: "4.3.5",
+                text: format!(
+                    "{}: the configuration redirects it to an address that has no mailbox; try again later",
+                    shown(address)
+                ),
+            }),
+            notes(""),
+        ),
+    }
 }

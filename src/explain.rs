@@ -43,7 +43,9 @@ pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str)
                 }
             }
             // Only mail to the destination goes through the dualroute
-            // transport and its TLS policy; per-user targets do not.
+            // transport and its TLS policy; per-user targets outside the
+            // managed domains do not. (A target routed by its own domain,
+            // rule 4, follows that domain's rules; its fate is in the rule.)
             if let (Some(level), Some(policy), crate::decision::Rule::Mode { .. }) = (
                 d.config.transport.tls,
                 d.config.transport.tls_policy(),

@@ -469,7 +469,7 @@ mod tests {
         assert_eq!(Kind::of(&Decision::Keep).label(), "keep");
         assert_eq!(Kind::of(&Decision::Copy(vec![])).label(), "copy");
         assert_eq!(
-            Kind::of(&Decision::Redirect(String::new())).label(),
+            Kind::of(&Decision::Redirect(String::new().into())).label(),
             "redirect"
         );
         assert_eq!(Kind::of(&Decision::Reject(r.clone())).label(), "reject");

@@ -8,7 +8,7 @@
 
 use crate::accounts::{self, Accounts, LoadError, LoadReport, MatchRules};
 use crate::address::Address;
-use crate::config::{Config, Destination, DomainConfig, UserRule};
+use crate::config::{Config, Destination, DomainConfig, Mode, UserRule};
 use rustc_hash::FxHashMap;
 use std::net::IpAddr;
 
@@ -103,12 +103,14 @@ impl Policy {
                 },
             );
         }
-        Ok(Policy {
+        let policy = Policy {
             config,
             rules,
             domains,
             account_files,
-        })
+        };
+        policy.check_mailboxes()?;
+        Ok(policy)
     }
 
     /// The domains whose accounts this policy, loaded by a reload, has
@@ -183,6 +185,160 @@ pub struct Shrunk {
     pub domain: String,
     pub before: usize,
     pub now: usize,
+}
+
+// ---------------------------------------------------------------------
+// Addresses that must reach a mailbox (issue 21 §3, docs/design.md §2
+// rule 4 and §5). They need the accounts, so they are checked here, on
+// every load and reload: a reload that breaks one keeps the running policy.
+// ---------------------------------------------------------------------
+
+impl Policy {
+    /// Whether the local part with comparison key `key` has a mailbox here
+    /// in `domain` (through its base before the delimiter, as Postfix looks
+    /// it up). Without `accounts`, every address the MTA accepted counts as
+    /// present in a `dual` domain (the dual row) and none elsewhere.
+    pub fn present(&self, domain: &DomainPolicy, key: &str) -> bool {
+        match &domain.accounts {
+            Some(accounts) => {
+                accounts.contains(key) || self.rules.base(key).is_some_and(|b| accounts.contains(b))
+            }
+            None => domain.config.mode == Mode::Dual,
+        }
+    }
+
+    /// Why mail for `address` that nobody routes would be filed into the
+    /// catch-all: an address of a split or route domain without a mailbox
+    /// here (the catch-all Postfix needs for such domains, docs/design.md
+    /// §8, is where it would land).
+    fn catch_all(&self, address: &Address) -> Option<String> {
+        let d = self.domain(address)?;
+        if d.config.mode == Mode::Dual {
+            return None;
+        }
+        let unquoted = address.unquoted_local();
+        let key = self.rules.key(&unquoted);
+        if self.present(d, &key) {
+            return None;
+        }
+        Some(match d.accounts {
+            Some(_) => format!(
+                "{address} has no mailbox here (not in the accounts of {}, mode {})",
+                d.name, d.config.mode
+            ),
+            None => format!(
+                "{address} has no mailbox here that dualroute knows of ({} has no accounts, mode {})",
+                d.name, d.config.mode
+            ),
+        })
+    }
+
+    /// The rules whose mail would end where nobody reads it or nowhere:
+    /// - `keep: true` for an address of a split or route domain without a
+    ///   mailbox here: kept, Postfix files it into the catch-all;
+    /// - a `notify.to` address of the same kind: dualroute never routes its
+    ///   own notifications (docs/design.md §7), so they would land there too;
+    /// - a `copy_to`/`redirect_to` target with its own `copy_to` or
+    ///   `redirect_to`: a recipient the milter adds is not decided again
+    ///   (docs/design.md §8), so that rule would not apply, and back to
+    ///   the user it is a loop;
+    /// - a target of a `dual` domain without a mailbox here: a message to
+    ///   it is refused, so there is nowhere to send it.
+    ///
+    /// The error names the line in milter.yaml.
+    fn check_mailboxes(&self) -> Result<(), LoadError> {
+        let source = &self.config.source;
+        let fail = |keys: &[&str], message: String| {
+            let shown = keys.iter().fold(String::new(), |mut s, k| {
+                if !s.is_empty() && !k.starts_with('[') {
+                    s.push('.');
+                }
+                s.push_str(k);
+                s
+            });
+            Err(LoadError {
+                file: source.file.clone(),
+                line: crate::config::read::line_of(source, keys),
+                message: format!("{shown}: {message}"),
+            })
+        };
+        for (name, d) in &self.config.domains {
+            for (user, rule) in &d.users {
+                let u = user.to_string();
+                let targets: Vec<(&str, Option<usize>, &Address)> = match rule {
+                    UserRule::Keep => {
+                        if let Some(why) = self.catch_all(user) {
+                            return fail(
+                                &["domains", &name.0, "users", &u, "keep"],
+                                format!("{why}: mail kept for it would be filed into the catch-all; add it to the accounts, or remove the rule"),
+                            );
+                        }
+                        continue;
+                    }
+                    UserRule::RedirectTo(t) => vec![("redirect_to", None, t)],
+                    UserRule::CopyTo(list) => list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| ("copy_to", Some(i), t))
+                        .collect(),
+                };
+                for (kind, i, t) in targets {
+                    let index = i.map(|i| format!("[{i}]"));
+                    let mut keys = vec!["domains", &name.0, "users", &u, kind];
+                    keys.extend(index.as_deref());
+                    let Some(td) = self.domain(t) else {
+                        continue;
+                    };
+                    let unquoted = t.unquoted_local();
+                    let key = self.rules.key(&unquoted);
+                    let own = td
+                        .users
+                        .get(&*key)
+                        .or_else(|| self.rules.base(&key).and_then(|b| td.users.get(b)));
+                    let onward: Vec<&Address> = match own {
+                        Some(UserRule::RedirectTo(a)) => vec![a],
+                        Some(UserRule::CopyTo(l)) => l.iter().collect(),
+                        _ => vec![],
+                    };
+                    // Back to the user, also through a subaddress of it.
+                    let user_local = user.unquoted_local();
+                    let user_key = self.rules.key(&user_local);
+                    let same = |a: &Address| {
+                        let local = a.unquoted_local();
+                        let k = self.rules.key(&local);
+                        a.domain == user.domain
+                            && (k == user_key || self.rules.base(&k) == Some(&*user_key))
+                    };
+                    if onward.iter().any(|a| same(a)) {
+                        return fail(
+                            &keys,
+                            format!(
+                                "{t}'s own rule sends its mail back to {user}: that would loop"
+                            ),
+                        );
+                    }
+                    if let Some(first) = onward.first() {
+                        return fail(&keys, format!("{t} has its own rule (to {first}): a recipient dualroute adds is not decided again, so that rule would not apply to this mail; name the final address here"));
+                    }
+                    if td.config.mode == Mode::Dual && !self.present(td, &key) {
+                        return fail(&keys, format!("{t} has no mailbox here and {} is mode dual: a message to it would be refused (550 5.1.1); name an address with a mailbox here or outside the managed domains", td.name));
+                    }
+                }
+            }
+        }
+        if let Some(n) = &self.config.notify {
+            for (i, to) in n.to.iter().enumerate() {
+                if let Some(why) = self.catch_all(&to.0) {
+                    let index = format!("[{i}]");
+                    return fail(
+                        &["notify", "to", &index],
+                        format!("{why}: dualroute does not route its own notifications, so they would be filed into the catch-all; name an address with a mailbox here or outside the managed domains"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A file's modification time, `None` when it cannot be read.

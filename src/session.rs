@@ -375,7 +375,24 @@ impl Message {
                     if let Some(notify) = r.arg.param("NOTIFY").filter(|p| has_value(p)) {
                         let _ = write!(args, " {notify}");
                     }
-                    add(&mut plan, target, args);
+                    add(&mut plan, &target.to, args);
+                    // A copy of its own when the target is a mailbox of a
+                    // dual domain (docs/design.md §2 rule 4): a copy, so
+                    // NOTIFY follows that domain's `bounce`.
+                    if let Some(copy) = &target.copy {
+                        let dual_bounce = target
+                            .to
+                            .rsplit_once('@')
+                            .and_then(|(_, d)| self.policy.domains.get(d))
+                            .is_some_and(|d| d.config.bounce);
+                        let mut copy_args = orcpt(&r.arg);
+                        copy_args.push_str(if dual_bounce {
+                            " NOTIFY=FAILURE"
+                        } else {
+                            " NOTIFY=NEVER"
+                        });
+                        add(&mut plan, copy, copy_args);
+                    }
                 }
                 Decision::Keep | Decision::Reject(_) | Decision::Tempfail(_) => {}
             }

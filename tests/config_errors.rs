@@ -106,13 +106,48 @@ fn user_rule_target_loops() {
         "{BASE}    users:\n      carol@example.com: {{ redirect_to: Carol@example.com }}\n"
     );
     assert_error(&itself, "9:41", "is the user itself");
+    // A target in a route domain is routed (issue 21 §3), no longer an
+    // error; a target with a rule of its own is, since a recipient the
+    // milter adds is not decided again: A → B → A loops, A → B → C
+    // would skip B's rule.
     let route = format!(
         "{BASE}    users:\n      carol@example.com: {{ copy_to: [x@other.example, c@example.org] }}\n  example.org:\n    mode: route\n    destination:\n      hosts: [\"[192.0.2.9]\"]\n"
     );
-    assert_error(
-        &route,
-        "9:55",
-        "c@example.org is in example.org, which this milter routes",
+    parse(&route, "milter.yaml").unwrap();
+    let back = format!(
+        "{BASE}    users:\n      carol@example.com: {{ redirect_to: dave@example.com }}\n      dave@example.com: {{ copy_to: [x@other.example, Carol+x@example.com] }}\n"
+    );
+    assert_load_error(
+        &back,
+        "9",
+        "domains.example.com.users.carol@example.com.redirect_to: dave@example.com's own rule sends its mail back to carol@example.com: that would loop",
+    );
+    // `copy_to: ADDR` without a list is located too.
+    let one = format!(
+        "{BASE}    users:\n      carol@example.com: {{ copy_to: dave@example.com }}\n      dave@example.com: {{ copy_to: carol@example.com }}\n"
+    );
+    assert_load_error(
+        &one,
+        "9",
+        "users.carol@example.com.copy_to[0]: dave@example.com's own rule sends its mail back",
+    );
+    let chain = format!(
+        "{BASE}    users:\n      carol@example.com: {{ copy_to: [x@other.example, dave@example.com] }}\n      dave@example.com: {{ redirect_to: dave@other.example }}\n"
+    );
+    assert_load_error(
+        &chain,
+        "9",
+        "users.carol@example.com.copy_to[1]: dave@example.com has its own rule (to dave@other.example)",
+    );
+    // A target in a dual domain without a mailbox here: a message to it
+    // is refused.
+    let dual = format!(
+        "{BASE}    users:\n      carol@example.com: {{ redirect_to: zed@example.org }}\n  example.org:\n    mode: dual\n    destination:\n      hosts: [\"[192.0.2.9]\"]\n    accounts: [{{ list: [alice@example.org] }}]\n"
+    );
+    assert_load_error(
+        &dual,
+        "9",
+        "zed@example.org has no mailbox here and example.org is mode dual",
     );
 }
 
@@ -323,4 +358,54 @@ fn notify_and_deferrals_errors_are_located() {
     let n = ok.notify.expect("notify");
     assert_eq!(n.via.to_string(), "smtp:127.0.0.1:25");
     assert_eq!(n.interval.0.as_secs(), 600);
+}
+
+/// Loads `text` as `DIR/milter.yaml` with its accounts (the checks that
+/// need the accounts run there) and returns the error, relative to DIR.
+fn load_error(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    std::fs::write(&path, text).unwrap();
+    match dualroute::load_policy(&path) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e
+            .to_string()
+            .replace(&format!("{}/", dir.path().display()), ""),
+    }
+}
+
+fn assert_load_error(text: &str, position: &str, what: &str) {
+    let e = load_error(text);
+    assert!(
+        e.starts_with(&format!("milter.yaml:{position}: ")),
+        "position {position} expected: {e}"
+    );
+    assert!(e.contains(what), "{what:?} expected: {e}");
+}
+
+/// issue 21 §3: an address whose mail would be filed into the catch-all
+/// (a split or route domain, no mailbox here) is refused at load, naming
+/// the line: `notify.to` (the milter leaves its own notifications alone)
+/// and `keep: true` (kept means delivered by Postfix as it stands).
+#[test]
+fn notify_to_and_keep_without_a_mailbox_here_are_errors() {
+    assert_load_error(
+        &format!("{BASE}notify:\n  to: [alice@example.com, ops@example.com]\n"),
+        "9",
+        "notify.to[1]: ops@example.com has no mailbox here",
+    );
+    assert_load_error(
+        &format!("{BASE}    users:\n      erin@example.com: {{ keep: true }}\n"),
+        "9",
+        "domains.example.com.users.erin@example.com.keep: erin@example.com has no mailbox here",
+    );
+    // With a mailbox here, both are fine; so is an address of a domain
+    // dualroute does not manage.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    let ok = format!(
+        "{BASE}    users:\n      alice+x@example.com: {{ keep: true }}\nnotify:\n  to: [alice@example.com, ops@elsewhere.example]\n"
+    );
+    std::fs::write(&path, &ok).unwrap();
+    dualroute::load_policy(&path).unwrap_or_else(|e| panic!("{e}\n{ok}"));
 }

@@ -389,6 +389,76 @@ async fn per_user_copy_to_several_targets() {
     milter.shutdown().await;
 }
 
+/// Targets inside managed domains end where mail to them would
+/// (docs/design.md §2 rule 4): a redirect to a mailbox of a dual domain
+/// adds it (a redirect: the client's NOTIFY and ORCPT) and its dual copy
+/// (a copy: NOTIFY after that domain's `bounce: true`); copy targets get
+/// their routing address, or, in a dual domain, the address and its copy.
+/// A message to the user and the target gets each address once.
+#[tokio::test]
+async fn per_user_targets_in_managed_domains() {
+    let milter = Milter::start(CONFIG).await;
+    let d = one(&milter, &["<gus@split.test>", "NOTIFY=SUCCESS"]).await;
+    assert_routed(
+        &d,
+        &[
+            delete("<gus@split.test>"),
+            add(
+                "<alice@bounce.test>",
+                "ORCPT=rfc822;gus@split.test NOTIFY=SUCCESS",
+            ),
+            add(
+                "<alice@bounce.test.dualroute.invalid>",
+                "ORCPT=rfc822;gus@split.test NOTIFY=FAILURE",
+            ),
+            header(INSTANCE),
+        ],
+    );
+    let d = one(&milter, &["<hank@split.test>"]).await;
+    assert_routed(
+        &d,
+        &[
+            add(
+                "<zed@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;hank@split.test NOTIFY=NEVER",
+            ),
+            add(
+                "<alice@dual.test>",
+                "ORCPT=rfc822;hank@split.test NOTIFY=NEVER",
+            ),
+            add(
+                "<alice@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;hank@split.test NOTIFY=NEVER",
+            ),
+            header(INSTANCE),
+        ],
+    );
+    // hank and alice@dual.test in one message: alice is a recipient
+    // already and her copy is made once.
+    let d = milter
+        .deliver(
+            CLIENT,
+            None,
+            &[&["<hank@split.test>"], &["<alice@dual.test>"]],
+        )
+        .await;
+    assert_routed(
+        &d,
+        &[
+            add(
+                "<zed@split.test.dualroute.invalid>",
+                "ORCPT=rfc822;hank@split.test NOTIFY=NEVER",
+            ),
+            add(
+                "<alice@dual.test.dualroute.invalid>",
+                "ORCPT=rfc822;hank@split.test NOTIFY=NEVER",
+            ),
+            header(INSTANCE),
+        ],
+    );
+    milter.shutdown().await;
+}
+
 #[tokio::test]
 async fn per_user_redirect_to() {
     let milter = Milter::start(CONFIG).await;

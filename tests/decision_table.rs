@@ -14,7 +14,7 @@ domains:
   split.test:
     mode: split
     destination: { hosts: ["[192.0.2.30]:2525"] }
-    accounts: [{ list: [alice@split.test, bob@split.test] }]
+    accounts: [{ list: [alice@split.test, bob@split.test, erin@split.test] }]
     users:
       carol@split.test: { copy_to: [carol@new.example, archive@new.example] }
       dave@split.test: { redirect_to: dave@new.example }
@@ -29,7 +29,7 @@ domains:
   route.test:
     mode: route
     destination: { domain: new.example }
-    accounts: [{ list: [alice@route.test] }]
+    accounts: [{ list: [alice@route.test, erin@route.test] }]
     users:
       erin@route.test: { keep: true }
   off.test:
@@ -456,4 +456,150 @@ fn case_sensitive_and_no_delimiter() {
         verdict(&p, &e, "<alice+news@split.test>").0,
         redirect("alice+news@split.test.dualroute.invalid")
     );
+}
+
+/// Targets of per-user rules inside managed domains (docs/design.md §2
+/// rule 4, issue 21 §3): a recipient the milter adds skips the milter, so
+/// the target is decided here, as a message to it would be.
+const TARGETS: &str = r#"
+instance: mx1.test
+domains:
+  example.com:
+    mode: split
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com, bob@example.com] }]
+    users:
+      erin@example.com: { redirect_to: carol@example.com }
+      frank@example.com: { redirect_to: Alice@example.com }
+      gina@example.com: { copy_to: [carol+tag@example.com, x@outside.example, bob@example.com] }
+"#;
+
+#[test]
+fn rule_4_split_target_without_a_mailbox_here_is_routed() {
+    let p = Policy::load(dualroute::config::parse(TARGETS, "targets.yaml").unwrap()).unwrap();
+    let e = outsider();
+    // carol has no mailbox here: a message to her is routed, and so is
+    // erin's mail redirected to her (not delivered to carol@example.com,
+    // which Postfix would file into the catch-all).
+    assert_eq!(
+        verdict(&p, &e, "<erin@example.com>").0,
+        redirect("carol@example.com.dualroute.invalid")
+    );
+    // alice has one: the target itself.
+    assert_eq!(
+        verdict(&p, &e, "<frank@example.com>").0,
+        redirect("Alice@example.com")
+    );
+    // Each copy target on its own; the tag stays on the routing address.
+    assert_eq!(
+        verdict(&p, &e, "<gina@example.com>").0,
+        copy(&[
+            "carol+tag@example.com.dualroute.invalid",
+            "x@outside.example",
+            "bob@example.com"
+        ])
+    );
+}
+
+/// Every mode's row for a target, and routing off for the target's domain
+/// (docs/design.md §2 rule 4): the target ends where a message to it would.
+#[test]
+fn rule_4_targets_in_every_mode_and_under_holds() {
+    let text = TARGETS.replace(
+        "      gina@example.com:",
+        "      hal@example.com: { redirect_to: zed@route.test }
+      ivy@example.com: { redirect_to: alice@dual.test }
+      jo@example.com: { copy_to: [Alice+x@dual.test, zed@route.test] }
+      kim@example.com: { redirect_to: pat@route.test }
+      gina@example.com:",
+    ) + r#"  route.test:
+    mode: route
+    destination: { domain: new.example, change_envelope: true }
+    accounts: [{ list: [pat@route.test] }]
+    users:
+      pat@route.test: { keep: true }
+  dual.test:
+    mode: dual
+    bounce: true
+    destination: { hosts: ["legacy.example"] }
+    accounts: [{ list: [alice@dual.test] }]
+"#;
+    let p = Policy::load(dualroute::config::parse(&text, "targets.yaml").unwrap()).unwrap();
+    let e = outsider();
+    let v = |holds: &Holds, rcpt: &str| verdict_held(&p, holds, &e, rcpt);
+    let none = Holds::default();
+    // route: its routing address (change_envelope: local@D).
+    let (d, rule) = v(&none, "<hal@example.com>");
+    assert_eq!(d, redirect("zed@new.example"));
+    assert_eq!(
+        rule.to_string(),
+        "per-user rule redirect_to; zed@route.test: mode route of route.test: routed to the destination"
+    );
+    // A target kept by its own `keep: true` is the target itself.
+    assert_eq!(v(&none, "<kim@example.com>").0, redirect("pat@route.test"));
+    // dual, present: the target and dual's copy of it (once each).
+    assert_eq!(
+        v(&none, "<ivy@example.com>").0,
+        Decision::Redirect(dualroute::decision::RedirectTo {
+            to: "alice@dual.test".into(),
+            copy: Some("alice@dual.test.dualroute.invalid".into()),
+        })
+    );
+    assert_eq!(
+        v(&none, "<jo@example.com>").0,
+        copy(&[
+            "Alice+x@dual.test",
+            "Alice+x@dual.test.dualroute.invalid",
+            "zed@new.example"
+        ])
+    );
+
+    // Routing off for the target's domain: what would be routed is
+    // refused for now (redirect) or not made (copy); a mailbox there is
+    // still delivered, without dual's copy.
+    let disabled = Hold::Disabled(Disabled {
+        since: 1,
+        reason: "maintenance".into(),
+    });
+    let mut held = Holds::default();
+    held.insert("route.test", disabled.clone());
+    held.insert("dual.test", disabled);
+    let (d, rule) = v(&held, "<hal@example.com>");
+    assert_eq!(tempfail_code(&d), Some(("451", "4.4.4")), "{d}");
+    assert!(
+        d.to_string()
+            .contains("<hal@example.com>: routing of mail for route.test is paused (disabled by the administrator)"),
+        "{d}"
+    );
+    assert!(
+        rule.to_string()
+            .ends_with(": refused for now, the sender retries until routing resumes"),
+        "{rule}"
+    );
+    assert_eq!(v(&held, "<kim@example.com>").0, redirect("pat@route.test"));
+    assert_eq!(v(&held, "<ivy@example.com>").0, redirect("alice@dual.test"));
+    let (d, rule) = v(&held, "<jo@example.com>");
+    assert_eq!(d, copy(&["Alice+x@dual.test"]));
+    assert!(
+        rule.to_string()
+            .contains("zed@route.test: would be routed, and routing off for route.test"),
+        "{rule}"
+    );
+    assert!(rule.to_string().ends_with(": not copied"), "{rule}");
+
+    // Routing off for the user's own domain: its rules are off as before
+    // (rule 1), whatever the target.
+    let mut own = Holds::default();
+    own.insert(
+        "example.com",
+        Hold::Disabled(Disabled {
+            since: 1,
+            reason: "maintenance".into(),
+        }),
+    );
+    assert_eq!(
+        tempfail_code(&v(&own, "<hal@example.com>").0),
+        Some(("451", "4.4.4"))
+    );
+    assert_eq!(v(&own, "<jo@example.com>").0, Decision::Keep);
 }

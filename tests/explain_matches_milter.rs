@@ -9,6 +9,7 @@
 //! | keep             | accepts the RCPT, no action at all             |
 //! | copy to X, Y     | adds `<X>` and `<Y>`, deletes nothing          |
 //! | redirect to X    | deletes the RCPT argument, adds `<X>`          |
+//! | … and copy to Y  | … and adds `<Y>` (a target in a dual domain)   |
 //! | reject C X text  | refuses the RCPT with `C X text`               |
 
 mod support;
@@ -41,6 +42,10 @@ const ADDRESSES: &[&str] = &[
     "dave@split.test",
     "Dave+x@split.test",
     "frank@split.test",
+    "gus@split.test",
+    "hank@split.test",
+    "ida@split.test",
+    "jane@split.test",
     "alice@dual.test",
     "nobody@dual.test",
     "anyone@open.test",
@@ -57,7 +62,8 @@ const ADDRESSES: &[&str] = &[
 enum Fate {
     Keep,
     Copy(BTreeSet<String>),
-    Redirect(String),
+    /// The target, and its dual copy when it has one.
+    Redirect(BTreeSet<String>),
     /// The full reply: code, enhanced code, text.
     Reject(String),
     /// A 4xx refusal at RCPT, with its full reply.
@@ -78,7 +84,7 @@ fn explained_fate(input: &str, line: &str) -> Fate {
     } else if let Some(to) = decision.strip_prefix("copy to ") {
         Fate::Copy(to.split(", ").map(str::to_owned).collect())
     } else if let Some(to) = decision.strip_prefix("redirect to ") {
-        Fate::Redirect(to.to_owned())
+        Fate::Redirect(to.split(" and copy to ").map(str::to_owned).collect())
     } else if let Some(reply) = decision.strip_prefix("reject ") {
         Fate::Reject(reply.to_owned())
     } else if let Some(reply) = decision.strip_prefix("tempfail ") {
@@ -117,8 +123,8 @@ fn milter_fate(raw: &str, d: &Delivery) -> Fate {
         .count();
     let fate = if deletes.is_empty() && adds.is_empty() {
         Fate::Keep
-    } else if deletes == BTreeSet::from([raw.to_owned()]) && adds.len() == 1 {
-        Fate::Redirect(adds.into_iter().next().unwrap_or_default())
+    } else if deletes == BTreeSet::from([raw.to_owned()]) && !adds.is_empty() {
+        Fate::Redirect(adds)
     } else if deletes.is_empty() {
         Fate::Copy(adds)
     } else {
@@ -290,6 +296,27 @@ fn addresses_cover_every_rule() {
         Rule::User("keep"),
         Rule::User("copy_to"),
         Rule::User("redirect_to"),
+        // Targets in managed domains: routed, a mailbox of a dual domain
+        // (with its copy), routing off for the target's domain.
+        Rule::UserTarget {
+            kind: "redirect_to",
+            targets: vec!["zed@split.test: mode split of split.test, no mailbox here: routed to the destination".into()],
+        },
+        Rule::UserTarget {
+            kind: "redirect_to",
+            targets: vec!["alice@dual.test: has a mailbox here, and mode dual of dual.test copies it to the destination".into()],
+        },
+        Rule::UserTarget {
+            kind: "copy_to",
+            targets: vec![
+                "zed@route.test: mode route of route.test: routed to the destination".into(),
+                "bob@split.test: has a mailbox here".into(),
+            ],
+        },
+        Rule::UserTarget {
+            kind: "redirect_to",
+            targets: vec!["zed@off.test: would be routed, and routing off for off.test (the domain has enabled: false): refused for now, the sender retries until routing resumes".into()],
+        },
         mode(Mode::Split, true, true),
         mode(Mode::Split, false, true),
         mode(Mode::Dual, true, true),

@@ -807,6 +807,74 @@ fn per_user_copy_redirect_and_keep() {
     );
 }
 
+/// A per-user target inside a managed domain is decided as mail to it
+/// would be (docs/design.md §2 rule 4, issue 21 §3): erin's redirect to
+/// carol, who has no mailbox here, goes to the other server as carol. A
+/// recipient the milter adds skips the milter, so before this Postfix
+/// delivered carol@example.com as it stood: into the catch-all. frank's
+/// target is in a domain whose routing is off: 451 4.4.4 at RCPT.
+#[test]
+fn redirect_target_without_a_mailbox_here_is_routed() {
+    let e = setup(
+        r#"  example.com:
+    mode: split
+    destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [alice@example.com] }]
+    users:
+      erin@example.com: { redirect_to: carol@example.com }
+      frank@example.com: { redirect_to: zed@example.net }
+  example.net:
+    mode: route
+    enabled: false
+    destination: { hosts: ["{SINK}"] }
+"#,
+    )
+    .mailboxes("example.com", &["alice@example.com"])
+    .start();
+    let t = e.send_ok(&e.client(), &["erin@example.com"], "target");
+    // Routing for the target's domain is off: refused for now at RCPT, as
+    // mail to zed@example.net itself is (docs/design.md §2 rule 1).
+    let held = e
+        .client()
+        .send(SENDER, &["frank@example.com"], &message("held"));
+    assert_eq!(held.rcpt("frank@example.com").code, 451, "{held}");
+    assert!(
+        held.rcpt("frank@example.com")
+            .text
+            .contains("4.4.4 <frank@example.com>: routing of mail for example.net is paused"),
+        "{held}"
+    );
+    e.finish();
+
+    e.wait_sink_rcpts(1);
+    let carol = e.sink_rcpt("carol@example.com");
+    assert_eq!(e.sink_deliveries().len(), 1, "{}", e.diag());
+    assert_eq!(
+        carol.rcpt.orcpt().as_deref(),
+        Some("rfc822;erin@example.com"),
+        "{}",
+        e.diag()
+    );
+    assert_eq!(carol.message.header("Subject"), ["target"]);
+    // Out through the dualroute transport, as the routing address.
+    let out =
+        e.pf.deliveries()
+            .into_iter()
+            .find(|d| d.to == "carol@example.com.dualroute.invalid")
+            .unwrap_or_else(|| panic!("no delivery of carol's routing address\n{}", e.diag()));
+    assert_eq!(out.status, "sent");
+    // No Maildir has it: not carol's (she has none), not the catch-all.
+    assert_eq!(e.maildir_counts(), counts(&[]), "{}", e.diag());
+    assert!(e.catchall("example.com").is_empty(), "{}", e.diag());
+    e.milter_logged(
+        &t,
+        &[
+            "redirect to carol@example.com.dualroute.invalid",
+            "per-user rule redirect_to",
+        ],
+    );
+}
+
 /// `enabled: false`: routing is off. A mailbox here gets its mail; an
 /// address that would be routed and has none here is refused for now
 /// (451 4.4.4), never filed in the catch-all; nothing at the sink, no header.
@@ -1118,6 +1186,7 @@ fn mixed_message_every_recipient_exactly_once() {
   example.net:
     mode: route
     destination: { hosts: ["{SINK}"] }
+    accounts: [{ list: [erin@example.net] }]
     users:
       erin@example.net: { keep: true }
   example.edu:

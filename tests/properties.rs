@@ -121,7 +121,7 @@ proptest! {
         match &v.decision {
             Decision::Reject(r) => prop_assert!(r.code.starts_with('5') && r.xcode.starts_with('5')),
             Decision::Tempfail(r) => prop_assert!(r.code.starts_with('4') && r.xcode.starts_with('4')),
-            Decision::Redirect(to) => prop_assert!(to.contains('@')),
+            Decision::Redirect(to) => prop_assert!(to.to.contains('@')),
             Decision::Copy(to) => prop_assert!(!to.is_empty()),
             Decision::Keep => {}
         }
@@ -138,7 +138,7 @@ proptest! {
             match &v.decision {
                 Decision::Redirect(to) => {
                     prop_assert!(plan.delete.contains(&arg.raw));
-                    prop_assert_eq!(&plan.add.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), &vec![format!("<{to}>")]);
+                    prop_assert_eq!(&plan.add.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), &vec![format!("<{}>", to.to)]);
                 }
                 _ => prop_assert!(plan.delete.is_empty()),
             }

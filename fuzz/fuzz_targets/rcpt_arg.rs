@@ -69,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
                             check_routing_address(&policy.config, t).unwrap();
                         }
                     }
-                    Decision::Redirect(to) => check_routing_address(&policy.config, to).unwrap(),
+                    Decision::Redirect(to) => check_routing_address(&policy.config, &to.to).unwrap(),
                     Decision::Keep => {}
                 }
                 // The plan: additions only to allowed places, with sane

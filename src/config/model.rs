@@ -1361,6 +1361,24 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     /// Recipients one message may have in the milter (`max_recipients:`).
     pub max_recipients: std::num::NonZeroUsize,
+    /// The file this was read from: the checks that need the accounts
+    /// (src/policy.rs, "Addresses that must reach a mailbox") run after
+    /// reading, and still name the line.
+    pub source: Source,
+}
+
+/// A configuration file's name and text, kept to locate errors found
+/// after reading.
+#[derive(Clone, Default, Eq, PartialEq)]
+pub struct Source {
+    pub file: String,
+    pub text: std::sync::Arc<str>,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)
+    }
 }
 
 impl Config {

@@ -132,6 +132,35 @@ pub fn locate_in_file(path: &Path, keys: &[&str]) -> String {
     }
 }
 
+/// The line of the node at `keys` (mapping keys, or `[n]` for the n-th
+/// element of a sequence) in the text the configuration was read from; for
+/// checks made after loading (src/policy.rs).
+pub fn line_of(source: &Source, keys: &[&str]) -> Option<usize> {
+    let at: Vec<Seg> = keys
+        .iter()
+        .map(|k| {
+            match k
+                .strip_prefix('[')
+                .and_then(|k| k.strip_suffix(']'))
+                .and_then(|n| n.parse().ok())
+            {
+                Some(n) => Seg::Index(n),
+                None => key(k),
+            }
+        })
+        .collect();
+    locate_value(&source.text, &at).map(|(line, _)| line)
+}
+
+/// [`locate`], and for the first element of a list that was written as
+/// one value (`copy_to: ADDR`), that value.
+fn locate_value(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
+    locate(text, path).or_else(|| {
+        let (last, parent) = path.split_last()?;
+        matches!(last, Seg::Index(0)).then(|| locate(text, parent))?
+    })
+}
+
 /// 1-based line and column (in bytes) just after `before`.
 fn position(before: &[u8]) -> (usize, usize) {
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -148,13 +177,7 @@ fn position(before: &[u8]) -> (usize, usize) {
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))?;
     let locate_err = |(path, message): Invalid| {
-        let (line, column) = locate(text, &path)
-            .or_else(|| {
-                // `copy_to: ADDR` written as one address, not a list.
-                let (last, parent) = path.split_last()?;
-                matches!(last, Seg::Index(0)).then(|| locate(text, parent))?
-            })
-            .unzip();
+        let (line, column) = locate_value(text, &path).unzip();
         let mut shown = String::new();
         for seg in &path {
             match seg {
@@ -228,6 +251,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         shadow: raw.shadow,
         metrics: raw.metrics,
         max_recipients: raw.max_recipients,
+        source: Source {
+            file: file.to_owned(),
+            text: text.into(),
+        },
     };
     validate(&config).map_err(locate_err)?;
     Ok(config)
@@ -364,22 +391,15 @@ fn validate(c: &Config) -> Result<(), Invalid> {
                     && target
                         .unquoted_local()
                         .eq_ignore_ascii_case(&user.unquoted_local());
-                let target_mode = c
-                    .domains
-                    .iter()
-                    .find(|(m, _)| m.0 == target.domain)
-                    .map(|(_, t)| t.mode);
+                // A target in a managed domain is decided as a message to
+                // it would be (src/decision.rs `target`); what needs the
+                // accounts is checked when they are loaded
+                // (src/policy.rs, "Addresses that must reach a mailbox").
                 if same {
                     return Err((
                         at(path),
                         format!("{target} is the user itself: that would loop"),
                     ));
-                }
-                if target_mode == Some(Mode::Route) {
-                    return Err((at(path), format!(
-                        "{target} is in {}, which this milter routes (mode route): recipients the milter adds are not routed again, so it would not reach the other server; name the address on the other server",
-                        target.domain
-                    )));
                 }
             }
         }
