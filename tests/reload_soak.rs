@@ -24,9 +24,9 @@
 //!   test also fails when nothing is routed at all.
 //!
 //! While `h.test` or `v.test` is out of the configuration the milter
-//! leaves their mail alone; a `retry` transport for the two domains (what
-//! issue 21 §5's deferring catch-all does) keeps that mail in the queue
-//! instead of a catch-all Maildir. It does not hide a leak: routed mail is
+//! leaves their mail alone; a transport for the two domains in
+//! `defer_transports` (what issue 21 §5's deferring catch-all does) keeps
+//! that mail in the queue instead of a catch-all Maildir. It does not hide a leak: routed mail is
 //! addressed to `h.test.dualroute.invalid`, another transport key.
 //!
 //! Every message has one unique recipient in each domain, `r.test` first
@@ -198,8 +198,21 @@ fn reloads_under_load_route_nothing_for_held_domains() {
                 .main_cf("smtpd_soft_error_limit = 1000"),
         )
         // Mail the milter leaves alone for the held domains (while they
-        // are out of its configuration) waits: see the top of the file.
-        .map("soak_hold", "h.test retry:4.4.4\nv.test retry:4.4.4\n")
+        // are out of its configuration) waits in the queue: see the top
+        // of the file. Not the `retry` transport: smtpd refuses a
+        // recipient that resolves to `error` or `retry` at RCPT itself
+        // (450 "Recipient address rejected"), before the milter sees it.
+        // `defer_transports` keeps the mail deferred; should it ever be
+        // flushed, its next hop is a dead port.
+        .map(
+            "soak_hold",
+            &format!(
+                "h.test soakhold:{dead}\nv.test soakhold:{dead}\n",
+                dead = setup.dead[0]
+            ),
+        )
+        .master_cf("soakhold unix - - n - - smtp")
+        .main_cf("defer_transports = soakhold")
         .main_cf(
             "transport_maps = hash:/etc/postfix/dualroute_transport, hash:/etc/postfix/soak_hold",
         );
@@ -291,6 +304,7 @@ fn reloads_under_load_route_nothing_for_held_domains() {
     // was accepted after DATA), refused 4xx, or something else.
     let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
     let mut tempfailed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut causes: BTreeMap<String, usize> = BTreeMap::new();
     let mut wrong = Vec::new();
     let mut expected_routed = BTreeSet::new();
     let mut expected_waiting = BTreeSet::new();
@@ -311,6 +325,13 @@ fn reloads_under_load_route_nothing_for_held_domains() {
                 }
             } else if reply.code / 100 == 4 {
                 *tempfailed.entry(domain.clone()).or_insert(0) += 1;
+                // Why, as the milter's 451 says it ("paused (CAUSE)").
+                let cause = reply
+                    .text
+                    .split_once("paused (")
+                    .and_then(|(_, rest)| rest.split_once(')'))
+                    .map_or_else(|| reply.text.clone(), |(cause, _)| cause.to_owned());
+                *causes.entry(cause).or_insert(0) += 1;
                 if domain == ROUTING {
                     wrong.push(format!(
                         "message {i}: {rcpt} (always routing) refused: {reply:?}"
@@ -406,7 +427,8 @@ fn reloads_under_load_route_nothing_for_held_domains() {
     eprintln!(
         "reload soak: {} messages from {clients} clients in {load_time:?}, {cycles} reload cycles; \
          {messages_accepted} messages accepted; RCPT accepted per domain {accepted:?}, \
-         tempfailed per domain {tempfailed:?}; {routed} r.test recipients routed to the sink; \
+         tempfailed per domain {tempfailed:?} \
+         (causes {causes:?}); {routed} r.test recipients routed to the sink; \
          {} held-domain recipients waiting in the queue; {} held-domain recipients routed (leaked)",
         sent.len(),
         queued.iter().filter(|r| HELD.contains(&domain_of(r))).count(),
