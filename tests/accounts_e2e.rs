@@ -2,8 +2,10 @@
 //! the milter runs must not route the mailboxes it lost away. The real
 //! `dualroute run` in front of a private Postfix (tests/support/), an
 //! `smtp-sink` as the other server: after each bad rewrite the milter logs
-//! an ERROR, keeps its accounts, `dualroute status` shows the refusal, and
-//! alice's next message still lands in her Maildir, not at the sink.
+//! an ERROR, keeps its accounts and `dualroute status` shows the refusal.
+//! Emptied, alice's next message still lands in her Maildir; halved with
+//! alice among the lost, she is tempfailed (issue 21 §4) until the file
+//! is restored. Never at the sink.
 //!
 //! Needs root and Postfix (scripts/test-deps.sh).
 
@@ -82,23 +84,15 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
 
     send("before");
     let mut expected = 1;
-    // Alice taken out with half the file, then everything: each reload is
-    // refused and alice's mail stays here.
-    for (what, names) in [("halved", &["bob", "carol"][..]), ("emptied", &[][..])] {
-        rewrite(&accounts, names);
-        // The milter saw the change (and reloaded or refused) ...
-        milter.wait_log(&["account file changed"], expected);
+    let mut changes = 0;
+    let refused = |what: &str, changes: usize| {
+        // The milter saw the change and refused the reload ...
+        milter.wait_log(&["account file changed"], changes);
         let log = milter.log();
-        // ... and alice's next message still lands here, not at the sink.
-        send(what);
-        expected += 1;
-        let alice = pf.maildir_messages("alice@example.com");
-        assert_eq!(alice.len(), expected, "{}", diag(what));
-        assert!(sink.messages().is_empty(), "{}", diag(what));
         let refusal = log
             .lines()
             .filter(|l| l.contains("account file changed"))
-            .nth(expected - 2)
+            .nth(changes - 1)
             .unwrap_or_default()
             .to_owned();
         assert!(
@@ -108,7 +102,45 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
         let (ok, status) = dualroute(&config, &["status"]);
         assert!(!ok.success(), "{what}: status exit 0:\n{status}");
         assert!(status.contains("RELOAD REFUSED since"), "{what}: {status}");
-    }
+        status
+    };
+    // Emptied: no statement about any address, an error; the running
+    // accounts are trusted and alice's next message lands here.
+    rewrite(&accounts, &[]);
+    changes += 1;
+    refused("emptied", changes);
+    send("emptied");
+    expected += 1;
+    assert_eq!(
+        pf.maildir_messages("alice@example.com").len(),
+        expected,
+        "{}",
+        diag("emptied")
+    );
+    assert!(sink.messages().is_empty(), "{}", diag("emptied"));
+    // Halved, alice among the lost (issue 21 §4): neither list is trusted
+    // for the addresses they disagree on. alice is tempfailed (the sender
+    // retries), never routed to the sink nor filed anywhere.
+    rewrite(&accounts, &["bob", "carol"]);
+    changes += 1;
+    let status = refused("halved", changes);
+    assert!(
+        status.contains("ACCOUNTS HELD") && status.contains("`dualroute confirm-accounts example.com`"),
+        "{status}"
+    );
+    let t = client.send(SENDER, &["alice@example.com"], &message("halved"));
+    assert!(
+        t.to_string().contains("451 4.4.4 <alice@example.com>"),
+        "{t}\n{}",
+        diag("halved")
+    );
+    assert_eq!(
+        pf.maildir_messages("alice@example.com").len(),
+        expected,
+        "{}",
+        diag("halved")
+    );
+    assert!(sink.messages().is_empty(), "{}", diag("halved"));
     assert!(
         milter.log().contains("would go from 4 to 2 accounts"),
         "{}",
@@ -122,12 +154,19 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
 
     // Put back (and one more): reloaded, the refusal is gone.
     rewrite(&accounts, &["alice", "bob", "carol", "dave", "erin"]);
-    milter.wait_log(&["account file changed"], expected);
+    milter.wait_log(&["account file changed"], changes + 1);
     let restored = poll(|| {
         let (ok, status) = dualroute(&config, &["status"]);
         (ok.success() && !status.contains("REFUSED")).then_some(())
     });
     assert!(restored.is_some(), "{}", diag("restore"));
+    send("restored");
+    assert_eq!(
+        pf.maildir_messages("alice@example.com").len(),
+        expected + 1,
+        "{}",
+        diag("restored")
+    );
     assert!(pf.maillog().lines().all(|l| !l.contains("status=bounced")));
     drop(milter);
     drop(tmp);
