@@ -146,6 +146,10 @@ pub struct Metrics {
     shadow: Family<DomainLabels, Gauge>,
     tripped: Family<DomainLabels, Gauge>,
     verifying: Family<DomainLabels, Gauge>,
+    /// What waits in Postfix's queue because the milter did not route it
+    /// (src/postfix/queue.rs; docs/postfix.md "Mail waiting in the queue").
+    waiting_messages: Gauge,
+    waiting_recipients: Gauge,
     /// A scrape sets the state gauges and encodes them in one go.
     scrape: Mutex<()>,
 }
@@ -237,6 +241,18 @@ impl Metrics {
             "1 while routing for the domain waits for its destination to pass verification",
             verifying.clone(),
         );
+        let waiting_messages = Gauge::default();
+        registry.register(
+            "queue_waiting_messages",
+            "Messages in Postfix's queue that the milter did not route and the wait transport holds (dualroute-wait): released by resubmitting them (docs/postfix.md); counted every minute with postqueue -j",
+            waiting_messages.clone(),
+        );
+        let waiting_recipients = Gauge::default();
+        registry.register(
+            "queue_waiting_recipients",
+            "Recipients of those messages",
+            waiting_recipients.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -252,8 +268,17 @@ impl Metrics {
             shadow,
             tripped,
             verifying,
+            waiting_messages,
+            waiting_recipients,
             scrape: Mutex::new(()),
         }
+    }
+
+    /// What the last look at Postfix's queue found waiting.
+    pub fn waiting(&self, w: crate::postfix::queue::Waiting) {
+        let n = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
+        self.waiting_messages.set(n(w.messages));
+        self.waiting_recipients.set(n(w.recipients));
     }
 
     /// One recipient of managed domain `domain` was decided `kind`.

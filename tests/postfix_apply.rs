@@ -527,7 +527,31 @@ fn mail_the_milter_did_not_route_waits_in_the_queue() {
     // The milter is back; the administrator releases what waits.
     postfix_tool(&pf, "postconf", &["-e", "milter_default_action = tempfail"]);
     postfix_tool(&pf, "postfix", &["reload"]);
-    let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+    // The running milter counts what waits for its metrics, from the
+    // Postfix that MAIL_CONFIG names (the package's milter: /etc/postfix).
+    let metrics_port = free_port();
+    let mut yaml_text = fs::read_to_string(&config).expect("read the config");
+    yaml_text.push_str(&format!("metrics: {{ listen: \"127.0.0.1:{metrics_port}\" }}\n"));
+    fs::write(&config, yaml_text).expect("write the config");
+    let etc_text = etc.display().to_string();
+    let milter = MilterProcess::start_with_env(
+        &config,
+        milter_port,
+        &dir.join("milter.log"),
+        &[("MAIL_CONFIG", &etc_text)],
+    );
+    let metrics_addr: std::net::SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    let counted = support::poll(|| {
+        let s = support::metrics::scrape(metrics_addr);
+        let r = s.value("dualroute_queue_waiting_recipients", &[])?;
+        let m = s.value("dualroute_queue_waiting_messages", &[])?;
+        (r == 3.0 && m == 3.0).then_some(())
+    });
+    assert!(
+        counted.is_some(),
+        "the metrics do not count 3 waiting recipients in 3 messages: {}",
+        support::metrics::scrape(metrics_addr).text
+    );
     let block = release_block();
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &block])

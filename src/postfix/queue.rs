@@ -94,6 +94,42 @@ pub fn waiting(config_dir: Option<&Path>) -> Result<Option<Waiting>, String> {
     count(&String::from_utf8_lossy(&out.stdout)).map(Some)
 }
 
+/// How often the running milter counts what waits (`postqueue -j` reads
+/// the whole queue: once a minute is enough for an alert).
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Counts what waits for the metrics (`dualroute_queue_waiting_*`) once a
+/// minute for the life of the service, on the blocking pool, while the
+/// configuration says `mta: postfix` and a configured Postfix is here. A
+/// failed count is logged once (WARN) until one succeeds again; it never
+/// affects mail flow.
+pub async fn follow(service: std::sync::Arc<crate::service::Service>) {
+    let mut failing = false;
+    loop {
+        if service.policy().config.mta == crate::config::Mta::Postfix {
+            let counted = tokio::task::spawn_blocking(|| waiting(None))
+                .await
+                .unwrap_or_else(|e| Err(format!("the count failed: {e}")));
+            match counted {
+                Ok(Some(w)) => {
+                    if w.recipients > 0 {
+                        tracing::warn!("{}", status_line(w));
+                    }
+                    service.metrics.waiting(w);
+                    failing = false;
+                }
+                Ok(None) => {}
+                Err(e) if !failing => {
+                    tracing::warn!("cannot count the mail waiting in Postfix's queue: {e}");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(LOOK_EVERY).await;
+    }
+}
+
 /// The line `dualroute status` prints.
 pub fn status_line(w: Waiting) -> String {
     if w.recipients == 0 {

@@ -250,6 +250,7 @@ where
     // `breaker:`, and follows reloads that add, change or remove it.
     tasks.spawn(breaker::run(service.clone()));
     tasks.spawn(crate::metrics::serve(service.clone()));
+    tasks.spawn(crate::postfix::queue::follow(service.clone()));
     tasks.spawn(crate::notify::run(service.clone()));
     let reloader = service.clone();
     tasks.spawn(async move {

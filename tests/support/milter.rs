@@ -70,6 +70,29 @@ impl MilterProcess {
         milter
     }
 
+    /// Starts the milter on `config` (`listen: inet:127.0.0.1:PORT`) with
+    /// extra environment variables, and waits until it listens.
+    pub fn start_with_env(
+        config: &Path,
+        port: u16,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> MilterProcess {
+        let mut milter = MilterProcess {
+            child: None,
+            port,
+            socket: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            config: config.to_owned(),
+            log: log.to_owned(),
+        };
+        milter.spawn();
+        milter
+    }
+
     /// Whether the milter's socket accepts connections.
     fn is_serving(&self) -> bool {
         match &self.socket {
