@@ -244,7 +244,7 @@ impl Metrics {
         let waiting_messages = Gauge::default();
         registry.register(
             "queue_waiting_messages",
-            "Messages in Postfix's queue that the milter did not route and the wait transport holds (dualroute-wait): released by resubmitting them (docs/postfix.md); counted every minute with postqueue -j",
+            "Messages in Postfix's queue that the milter did not route and the wait transport holds (dualroute-wait): released by resubmitting them (docs/postfix.md); counted every 15 s with postqueue -j",
             waiting_messages.clone(),
         );
         let waiting_recipients = Gauge::default();

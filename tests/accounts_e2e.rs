@@ -125,7 +125,8 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
     changes += 1;
     let status = refused("halved", changes);
     assert!(
-        status.contains("ACCOUNTS HELD") && status.contains("`dualroute confirm-accounts example.com`"),
+        status.contains("ACCOUNTS HELD")
+            && status.contains("`dualroute confirm-accounts example.com`"),
         "{status}"
     );
     let t = client.send(SENDER, &["alice@example.com"], &message("halved"));

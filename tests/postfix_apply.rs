@@ -531,7 +531,9 @@ fn mail_the_milter_did_not_route_waits_in_the_queue() {
     // Postfix that MAIL_CONFIG names (the package's milter: /etc/postfix).
     let metrics_port = free_port();
     let mut yaml_text = fs::read_to_string(&config).expect("read the config");
-    yaml_text.push_str(&format!("metrics: {{ listen: \"127.0.0.1:{metrics_port}\" }}\n"));
+    yaml_text.push_str(&format!(
+        "metrics: {{ listen: \"127.0.0.1:{metrics_port}\" }}\n"
+    ));
     fs::write(&config, yaml_text).expect("write the config");
     let etc_text = etc.display().to_string();
     let milter = MilterProcess::start_with_env(
@@ -541,12 +543,21 @@ fn mail_the_milter_did_not_route_waits_in_the_queue() {
         &[("MAIL_CONFIG", &etc_text)],
     );
     let metrics_addr: std::net::SocketAddr = ([127, 0, 0, 1], metrics_port).into();
-    let counted = support::poll(|| {
+    // The milter counts every 15 s; a count taken while Postfix retries a
+    // message misses it (src/postfix/queue.rs), so wait for a few counts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(50);
+    let counted = loop {
         let s = support::metrics::scrape(metrics_addr);
-        let r = s.value("dualroute_queue_waiting_recipients", &[])?;
-        let m = s.value("dualroute_queue_waiting_messages", &[])?;
-        (r == 3.0 && m == 3.0).then_some(())
-    });
+        let r = s.value("dualroute_queue_waiting_recipients", &[]);
+        let m = s.value("dualroute_queue_waiting_messages", &[]);
+        if r == Some(3.0) && m == Some(3.0) {
+            break Some(());
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
     assert!(
         counted.is_some(),
         "the metrics do not count 3 waiting recipients in 3 messages: {}",

@@ -94,17 +94,21 @@ pub fn waiting(config_dir: Option<&Path>) -> Result<Option<Waiting>, String> {
     count(&String::from_utf8_lossy(&out.stdout)).map(Some)
 }
 
-/// How often the running milter counts what waits (`postqueue -j` reads
-/// the whole queue: once a minute is enough for an alert).
-const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often the running milter counts what waits (`postqueue -j` asks
+/// showq to read the queue, as `mailq` does; every 15 s, a usual scrape
+/// interval). A message Postfix is retrying at that moment is in the
+/// active queue without its delay reason, so one count may be short by
+/// the messages being retried; the next one sees them again.
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Counts what waits for the metrics (`dualroute_queue_waiting_*`) once a
-/// minute for the life of the service, on the blocking pool, while the
+/// Counts what waits for the metrics (`dualroute_queue_waiting_*`) every
+/// [`LOOK_EVERY`] for the life of the service, on the blocking pool, while the
 /// configuration says `mta: postfix` and a configured Postfix is here. A
 /// failed count is logged once (WARN) until one succeeds again; it never
 /// affects mail flow.
 pub async fn follow(service: std::sync::Arc<crate::service::Service>) {
     let mut failing = false;
+    let mut last = Waiting::default();
     loop {
         if service.policy().config.mta == crate::config::Mta::Postfix {
             let counted = tokio::task::spawn_blocking(|| waiting(None))
@@ -112,9 +116,11 @@ pub async fn follow(service: std::sync::Arc<crate::service::Service>) {
                 .unwrap_or_else(|e| Err(format!("the count failed: {e}")));
             match counted {
                 Ok(Some(w)) => {
-                    if w.recipients > 0 {
+                    // Said when it changes, not at every look.
+                    if w != last && w.recipients > 0 {
                         tracing::warn!("{}", status_line(w));
                     }
+                    last = w;
                     service.metrics.waiting(w);
                     failing = false;
                 }
