@@ -18,7 +18,7 @@ domains:
   split.test:
     mode: split
     destination: { hosts: ["[192.0.2.1]"] }
-    accounts: [{ list: [alice@split.test, '"j d"@split.test', bob@split.test] }]
+    accounts: [{ list: [alice@split.test, '"j d"@split.test', bob@split.test, erin@split.test] }]
     users:
       carol@split.test: { copy_to: [carol@copy.example, c2@copy2.example] }
       dave@split.test: { redirect_to: dave@legacy.example }
