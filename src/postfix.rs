@@ -6,6 +6,7 @@ use crate::policy::Policy;
 use std::{fmt::Write as _, io, path::Path};
 
 pub mod apply;
+pub mod master_cf;
 pub mod queue;
 
 /// The name of the dedicated smtp transport in master.cf.
@@ -309,7 +310,7 @@ pub fn override_notes(postfix_dir: &Path, pf: &PostfixConfig) -> Vec<String> {
     let Some(socket) = pf.main.iter().find(|p| p.name == "smtpd_milters") else {
         return Vec::new();
     };
-    let (found, mut notes) = apply::milter_overrides(&master_cf);
+    let (found, mut notes) = master_cf::milter_overrides(&master_cf);
     for f in found {
         let entries = apply::list_entries(&f.value);
         if entries.contains(&socket.value) {

@@ -272,6 +272,10 @@ impl Holds {
     /// The refused account list of `domain`, while the shrink guard holds
     /// a reload of it.
     pub fn disputed(&self, domain: &str) -> Option<&crate::accounts::Accounts> {
+        // Asked per RCPT; almost always there is no dispute at all.
+        if self.disputes.0.is_empty() {
+            return None;
+        }
         self.disputes.0.get(domain).map(|a| &**a)
     }
 
