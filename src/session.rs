@@ -316,12 +316,7 @@ impl Message {
             match &r.verdict.decision {
                 Decision::Copy(_) if too_big.is_some() => {}
                 Decision::Copy(targets) => {
-                    let mut args = orcpt(&r.arg);
-                    args.push_str(if bounce {
-                        " NOTIFY=FAILURE"
-                    } else {
-                        " NOTIFY=NEVER"
-                    });
+                    let args = copy_args(&r.arg, bounce);
                     for t in targets {
                         add(&mut plan, t, args.clone());
                     }
@@ -385,13 +380,7 @@ impl Message {
                             .rsplit_once('@')
                             .and_then(|(_, d)| self.policy.domains.get(d))
                             .is_some_and(|d| d.config.bounce);
-                        let mut copy_args = orcpt(&r.arg);
-                        copy_args.push_str(if dual_bounce {
-                            " NOTIFY=FAILURE"
-                        } else {
-                            " NOTIFY=NEVER"
-                        });
-                        add(&mut plan, copy, copy_args);
+                        add(&mut plan, copy, copy_args(&r.arg, dual_bounce));
                     }
                 }
                 Decision::Keep | Decision::Reject(_) | Decision::Tempfail(_) => {}
@@ -492,6 +481,18 @@ fn too_many_recipients(limit: usize) -> Verdict {
         }),
         rule: Rule::TooManyRecipients(limit),
     }
+}
+
+/// The ESMTP arguments of a copy (docs/design.md §4): the original
+/// recipient as ORCPT, and NOTIFY by the domain's `bounce`.
+fn copy_args(arg: &RcptArg, bounce: bool) -> String {
+    let mut args = orcpt(arg);
+    args.push_str(if bounce {
+        " NOTIFY=FAILURE"
+    } else {
+        " NOTIFY=NEVER"
+    });
+    args
 }
 
 /// `ORCPT=rfc822;<original>`: the client's own ORCPT if it sent one (RFC
