@@ -156,7 +156,7 @@ impl Service {
         &self,
         _writer: &MutexGuard<'_, ()>,
         running: &Policy,
-        refused: &Policy,
+        mut refused: Policy,
         shrunk: &[crate::policy::Shrunk],
         state: &crate::state::StateDir,
     ) {
@@ -167,10 +167,12 @@ impl Service {
                     .domains
                     .get(&s.domain)
                     .and_then(|d| d.accounts.as_ref()),
+                // The refused policy is dropped after this: its lists are
+                // taken, not copied (one may hold millions).
                 refused
                     .domains
-                    .get(&s.domain)
-                    .and_then(|d| d.accounts.clone()),
+                    .get_mut(&s.domain)
+                    .and_then(|d| d.accounts.take()),
             ) else {
                 continue;
             };

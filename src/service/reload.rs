@@ -85,7 +85,7 @@ fn reload_now(service: &Service) -> Result<(), LoadError> {
         match p.shrink_refusal(&shrunk) {
             None => Ok(p),
             Some(why) => {
-                service.dispute(&writer, &running, &p, &shrunk, &state);
+                service.dispute(&writer, &running, p, &shrunk, &state);
                 Err(LoadError::Shrink(why))
             }
         }
