@@ -318,7 +318,7 @@ fn breaker_counts(
         c.bounces,
         b.threshold,
         c.deferrals,
-        crate::breaker::human(b.window.0)
+        crate::config::human(b.window.0)
     )
 }
 

@@ -20,6 +20,7 @@ pub mod doctor;
 pub mod explain;
 pub mod holds;
 pub mod listener;
+pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod milter;

@@ -300,7 +300,10 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
     // dualroute's own notification to the administrator: never routed
     // (src/notify.rs). Without a message, RCPT and end of message change
     // nothing.
-    if session.peer.is_some_and(|p| service.is_own_notification(p)) {
+    if session
+        .peer
+        .is_some_and(|p| service.outbox.is_own_connection(p))
+    {
         info!("MAIL from dualroute's own notifier: not routed, no changes");
         session.message = None;
         return quiet(cx, ProtoOpts::NOREPLY_MAIL, Status::Continue);
@@ -534,7 +537,7 @@ async fn end_of_message(
     if message.non_smtp {
         // Our own notification, submitted with the `sendmail` command: not
         // routed, as on the SMTP path (src/notify.rs).
-        if service.is_own_notification_token(&message.notify_tokens) {
+        if service.outbox.is_own_token(&message.notify_tokens) {
             info!(queue_id = %queue_id, from = %message.sender, "message from dualroute's own notifier (sendmail): not routed, no changes");
             return Status::Continue;
         }

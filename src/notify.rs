@@ -37,7 +37,7 @@
 //!   vacation responders stay quiet.
 
 use crate::config::{NotifyConfig, NotifyVia};
-use crate::service::Service;
+use crate::live::LivePolicy;
 use crate::session::NOTIFY_TOKEN_HEADER;
 use crate::state::{self, TripCause, Tripped};
 use std::collections::VecDeque;
@@ -140,7 +140,7 @@ impl Event {
     pub fn body(&self) -> String {
         match self {
             Event::Tripped { domain, trip } => {
-                let window = crate::breaker::human(Duration::from_secs(trip.window_secs));
+                let window = crate::config::human(Duration::from_secs(trip.window_secs));
                 let what = match trip.cause {
                     TripCause::Bounces => format!(
                         "{} permanent failures of routed mail within {window} ({} deferrals)",
@@ -184,7 +184,8 @@ impl Event {
 }
 
 /// The queue between the hooks and the sender, and the connections the
-/// sender has open (for the milter to recognise). One per [`Service`].
+/// sender has open (for the milter to recognise). One per running
+/// service, shared by handle.
 #[derive(Debug, Default)]
 pub struct Outbox {
     pending: Mutex<Pending>,
@@ -298,21 +299,21 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-impl Service {
-    /// Queues `event` for the administrator when `notify:` is configured;
-    /// never blocks and never fails (see the module documentation).
-    pub fn notify(&self, event: Event) {
-        if self.policy().config.notify.is_some() {
-            self.outbox.push(event);
+impl Outbox {
+    /// Queues `event` for the administrator when `config` (the policy in
+    /// force) has `notify:`; never blocks and never fails (see the module
+    /// documentation).
+    pub fn notify(&self, config: &crate::config::Config, event: Event) {
+        if config.notify.is_some() {
+            self.push(event);
         }
     }
 
     /// Whether the SMTP client at `peer` is this service's own notifier:
     /// the milter leaves that session alone.
-    pub fn is_own_notification(&self, peer: SocketAddr) -> bool {
+    pub fn is_own_connection(&self, peer: SocketAddr) -> bool {
         let peer = canonical(peer);
-        self.outbox
-            .own
+        self.own
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
@@ -322,8 +323,8 @@ impl Service {
     /// Whether a message submitted without SMTP carries the token of one
     /// of this service's own notifications ([`NOTIFY_TOKEN_HEADER`]); the
     /// token is honoured once.
-    pub fn is_own_notification_token(&self, tokens: &[String]) -> bool {
-        tokens.iter().any(|t| self.outbox.take_token(t))
+    pub fn is_own_token(&self, tokens: &[String]) -> bool {
+        tokens.iter().any(|t| self.take_token(t))
     }
 }
 
@@ -331,34 +332,34 @@ impl Service {
 /// documentation for the rate limit). Follows reloads: the `notify:` in
 /// force when a message is sent is the one used; without it, events are
 /// dropped.
-pub async fn run(service: Arc<Service>) {
+pub async fn run(policy: Arc<LivePolicy>, outbox: Arc<Outbox>) {
     let mut last_sent: Option<Instant> = None;
     let mut batch: Vec<(u64, Event)> = Vec::new();
     let mut dropped = 0;
     let mut attempts = 0;
     loop {
         if batch.is_empty() {
-            while service.outbox.is_empty() {
-                service.outbox.wake.notified().await;
+            while outbox.is_empty() {
+                outbox.wake.notified().await;
             }
             tokio::time::sleep(GATHER).await;
         }
-        let Some(config) = service.policy().config.notify.clone() else {
-            let _ = service.outbox.take();
+        let Some(config) = policy.current().config.notify.clone() else {
+            let _ = outbox.take();
             batch.clear();
             continue;
         };
         if let Some(due) = last_sent.map(|t| t + config.interval.0) {
             tokio::time::sleep_until(due.into()).await;
         }
-        let (more, lost) = service.outbox.take();
+        let (more, lost) = outbox.take();
         batch.extend(more);
         dropped += lost;
         if batch.is_empty() && dropped == 0 {
             continue;
         }
-        let instance = service.policy().config.instance.clone();
-        let result = send(&service, &config, &instance, &batch, dropped).await;
+        let instance = policy.current().config.instance.clone();
+        let result = send(&outbox, &config, &instance, &batch, dropped).await;
         match result {
             Ok(()) => {
                 // Only a message that went out counts for the rate limit:
@@ -412,7 +413,7 @@ fn sender(config: &NotifyConfig, instance: &str) -> String {
 }
 
 async fn send(
-    service: &Service,
+    outbox: &Outbox,
     config: &NotifyConfig,
     instance: &str,
     events: &[(u64, Event)],
@@ -427,7 +428,7 @@ async fn send(
             // trickles replies must not hold the notifier for ever.
             tokio::time::timeout(
                 STEP_TIMEOUT * 8,
-                smtp(service, host, *port, instance, &from, &to, &text),
+                smtp(outbox, host, *port, instance, &from, &to, &text),
             )
             .await
             .unwrap_or_else(|_| Err("timed out".into()))
@@ -435,7 +436,7 @@ async fn send(
         NotifyVia::Sendmail(path) => {
             // Through cleanup and non_smtpd_milters: the token marks the
             // message as ours (module documentation).
-            let token = service.outbox.token().await?;
+            let token = outbox.token().await?;
             let text = format!("{NOTIFY_TOKEN_HEADER}: {token}\r\n{text}");
             sendmail(path, &from, &to, &text).await
         }
@@ -545,7 +546,7 @@ fn dot_stuff(text: &str) -> String {
 }
 
 async fn smtp(
-    service: &Service,
+    outbox: &Outbox,
     host: &str,
     port: u16,
     helo: &str,
@@ -574,7 +575,7 @@ async fn smtp(
         };
         let local = stream.local_addr().map_err(|e| e.to_string())?;
         // Marked before MAIL is sent: the milter looks at MAIL time.
-        let _own = service.outbox.own(local);
+        let _own = outbox.own(local);
         return converse(stream, helo, from, to, text).await;
     }
     Err(last)
@@ -806,14 +807,7 @@ mod tests {
         let outbox = Outbox::default();
         let addr: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
-        let is_own = |a: SocketAddr| {
-            outbox
-                .own
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|o| canonical(*o) == canonical(a))
-        };
+        let is_own = |a: SocketAddr| outbox.is_own_connection(a);
         {
             let _g = outbox.own(addr);
             assert!(is_own(addr) && is_own(mapped));
@@ -830,11 +824,11 @@ mod tests {
         let b = outbox.token().await.unwrap();
         assert_eq!(a.len(), 32);
         assert_ne!(a, b);
-        assert!(!outbox.take_token("0123456789abcdef0123456789abcdef"));
-        assert!(!outbox.take_token(""));
-        assert!(outbox.take_token(&b));
-        assert!(!outbox.take_token(&b), "honoured twice");
-        assert!(outbox.take_token(&a));
+        assert!(!outbox.is_own_token(&["0123456789abcdef0123456789abcdef".into()]));
+        assert!(!outbox.is_own_token(&[String::new()]));
+        assert!(outbox.is_own_token(&[b.clone()]));
+        assert!(!outbox.is_own_token(&[b]), "honoured twice");
+        assert!(outbox.is_own_token(&[a]));
     }
 
     #[test]

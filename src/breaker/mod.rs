@@ -58,7 +58,7 @@ mod maillog;
 pub use follow::Follower;
 pub use maillog::{parse_line, Attribution, Failure, FailureKind};
 
-use crate::config::BreakerConfig;
+use crate::config::{human, BreakerConfig};
 use crate::notify::Event;
 use crate::policy::Policy;
 use crate::service::Service;
@@ -118,18 +118,6 @@ impl Window {
 
     pub fn reset(&mut self) {
         self.hits.clear();
-    }
-}
-
-/// `1h`, `30m`, `90s`: a window as the configuration writes it.
-pub fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0 => "0s".into(),
-        _ if s % 86400 == 0 => format!("{}d", s / 86400),
-        _ if s % 3600 == 0 => format!("{}h", s / 3600),
-        _ if s % 60 == 0 => format!("{}m", s / 60),
-        _ => format!("{s}s"),
     }
 }
 
@@ -400,10 +388,13 @@ impl Breaker {
             dir.dir.join(format!("{domain}.tripped")).display(),
             f.line
         );
-        service.notify(Event::Tripped {
-            domain: domain.to_owned(),
-            trip,
-        });
+        service.outbox.notify(
+            &service.policy().config,
+            Event::Tripped {
+                domain: domain.to_owned(),
+                trip,
+            },
+        );
     }
 }
 
@@ -444,18 +435,5 @@ pub async fn run(service: Arc<Service>) {
             }
         };
         tokio::time::sleep(POLL).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_as_written_in_the_configuration() {
-        assert_eq!(human(Duration::from_secs(3600)), "1h");
-        assert_eq!(human(Duration::from_secs(90)), "90s");
-        assert_eq!(human(Duration::from_secs(1800)), "30m");
-        assert_eq!(human(Duration::from_secs(2 * 86400)), "2d");
     }
 }

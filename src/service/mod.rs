@@ -14,11 +14,12 @@ pub mod reload;
 pub mod verify;
 
 use crate::holds::{Holds, LiveHolds};
+use crate::live::LivePolicy;
 use crate::policy::Policy;
 use crate::{breaker, holds, listener, milter};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -50,7 +51,7 @@ impl Default for Intervals {
 #[derive(Debug)]
 pub struct Service {
     config_path: PathBuf,
-    policy: RwLock<Arc<Policy>>,
+    policy: Arc<LivePolicy>,
     holds: Arc<LiveHolds>,
     /// The one path through which the policy and the holds in force
     /// change: a reload (SIGHUP, an account file, the command refresh)
@@ -62,9 +63,9 @@ pub struct Service {
     writer: Mutex<()>,
     pub intervals: Intervals,
     /// Counters the milter and the tasks increment (src/metrics.rs).
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Admin notifications waiting to be sent (src/notify.rs).
-    pub(crate) outbox: crate::notify::Outbox,
+    pub outbox: Arc<crate::notify::Outbox>,
 }
 
 impl Service {
@@ -78,11 +79,11 @@ impl Service {
         }
         Arc::new(Service {
             config_path: config_path.to_owned(),
-            policy: RwLock::new(Arc::new(policy)),
+            policy: Arc::new(LivePolicy::new(policy)),
             holds: Arc::new(LiveHolds::new(holds)),
             writer: Mutex::new(()),
             intervals,
-            metrics: crate::metrics::Metrics::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             outbox: Default::default(),
         })
     }
@@ -91,10 +92,7 @@ impl Service {
     /// policy (it is only ever replaced whole), so it is used rather than
     /// failing.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.policy.current()
     }
 
     /// The holds in force now.
@@ -223,7 +221,7 @@ impl Service {
     fn install(&self, new: Policy, _writer: &MutexGuard<'_, ()>) -> Vec<String> {
         let (holds, errors) = Holds::read(&new.config);
         self.holds.replace(holds);
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        self.policy.replace(new);
         errors
     }
 }
@@ -253,7 +251,10 @@ where
     tasks.spawn(breaker::run(service.clone()));
     tasks.spawn(crate::metrics::serve(service.clone()));
     tasks.spawn(crate::postfix::queue::follow(service.clone()));
-    tasks.spawn(crate::notify::run(service.clone()));
+    tasks.spawn(crate::notify::run(
+        service.policy.clone(),
+        service.outbox.clone(),
+    ));
     let reloader = service.clone();
     tasks.spawn(async move {
         while reloads.recv().await.is_some() {

@@ -102,9 +102,12 @@ fn reload_now(service: &Service) -> Result<(), LoadError> {
             if let Err(w) = state.refuse_reload(&e.to_string()) {
                 tracing::error!("cannot record the refused reload for `dualroute status`: {w}");
             }
-            service.notify(crate::notify::Event::ReloadRefused {
-                reason: e.to_string(),
-            });
+            service.outbox.notify(
+                &service.policy().config,
+                crate::notify::Event::ReloadRefused {
+                    reason: e.to_string(),
+                },
+            );
             return Err(e);
         }
     };

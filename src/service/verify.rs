@@ -171,7 +171,7 @@ async fn settle(service: &Arc<Service>, o: &Outcome, backoff: Duration) -> bool 
         let news = Event::verification(&name2, previous.as_ref(), &v, &address);
         let r = dir.record_verification(&name2, &v);
         if let (Ok(()), Some(news)) = (&r, news) {
-            writer.notify(news);
+            writer.outbox.notify(&writer.policy().config, news);
         }
         if r.is_ok() {
             for e in writer.refresh_holds() {
