@@ -11,7 +11,7 @@ use std::{net::IpAddr, path::PathBuf};
     version,
     about = "Split delivery, dual delivery and routing milter for Postfix and Sendmail",
     after_help = "Environment:
-  DUALROUTE_LOG  what `run` logs to stderr, as a tracing filter: error, warn, info (default),
+  DUALROUTE_LOG  what `run` logs (to stderr, or syslog with --log syslog), as a tracing filter: error, warn, info (default),
                  debug (each recipient's decision), or per module, e.g. info,dualroute=debug.
                  Lines carry no colour unless stderr is a terminal (NO_COLOR turns it off there
                  too) and no timestamp under systemd, whose journal stamps them itself.
@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Serve the milter (the default)
-    Run,
+    Run(RunArgs),
     /// Load and validate the configuration and account sources, print a summary
     Check,
     /// Print the decision for each address and the rule that made it
@@ -101,4 +101,37 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
     },
+}
+
+/// Where `run` writes its log.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Where the log goes: stderr (the default; under systemd that is the journal) or syslog, as opendkim and spf-milter do, so that the lines sit beside Postfix's in mail.log
+    #[arg(long = "log", value_enum, default_value_t = LogTo::Stderr)]
+    pub log: LogTo,
+    /// With --log syslog: the facility
+    #[arg(long, value_enum, default_value_t = crate::logging::Facility::Mail, value_name = "FACILITY")]
+    pub syslog_facility: crate::logging::Facility,
+    /// With --log syslog: the syslog daemon's socket
+    #[arg(long, default_value = "/dev/log", value_name = "PATH")]
+    pub syslog_socket: PathBuf,
+}
+
+/// `--log`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum LogTo {
+    #[default]
+    Stderr,
+    Syslog,
+}
+
+/// What `dualroute` without a subcommand runs: the defaults above.
+impl Default for RunArgs {
+    fn default() -> RunArgs {
+        RunArgs {
+            log: LogTo::Stderr,
+            syslog_facility: crate::logging::Facility::Mail,
+            syslog_socket: PathBuf::from("/dev/log"),
+        }
+    }
 }

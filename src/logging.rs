@@ -12,6 +12,13 @@
 //!
 //! On a terminal (colour) the stock formatter is kept: nobody runs a
 //! production MX with stderr on a terminal.
+//!
+//! `dualroute run --log syslog` sends the same lines to syslog instead
+//! ([`init_syslog`]), facility `mail` by default, as opendkim and
+//! spf-milter do: on a host with rsyslog they land in mail.log beside
+//! Postfix's own lines for the same queue id. Under systemd the default
+//! stays stderr, which is the journal; the packaged unit sets
+//! `SyslogFacility=mail` so that journald files them as mail too.
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
@@ -46,6 +53,206 @@ pub fn init() {
             .with_ansi(false)
             .event_format(LineFormat { time })
             .init();
+    }
+}
+
+/// A syslog facility `--syslog-facility` accepts: the ones a mail
+/// service uses (syslog(3)).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Facility {
+    Mail,
+    Daemon,
+    User,
+    Local0,
+    Local1,
+    Local2,
+    Local3,
+    Local4,
+    Local5,
+    Local6,
+    Local7,
+}
+
+impl Facility {
+    fn syslog(self) -> syslog::Facility {
+        use syslog::Facility as F;
+        match self {
+            Facility::Mail => F::LOG_MAIL,
+            Facility::Daemon => F::LOG_DAEMON,
+            Facility::User => F::LOG_USER,
+            Facility::Local0 => F::LOG_LOCAL0,
+            Facility::Local1 => F::LOG_LOCAL1,
+            Facility::Local2 => F::LOG_LOCAL2,
+            Facility::Local3 => F::LOG_LOCAL3,
+            Facility::Local4 => F::LOG_LOCAL4,
+            Facility::Local5 => F::LOG_LOCAL5,
+            Facility::Local6 => F::LOG_LOCAL6,
+            Facility::Local7 => F::LOG_LOCAL7,
+        }
+    }
+}
+
+/// Logs to the syslog daemon listening on `socket` (`/dev/log`), with
+/// `facility`, at `DUALROUTE_LOG` (default `info`): the lines of [`init`]
+/// without a timestamp (syslog stamps them), the level as the severity,
+/// the tag `dualroute[PID]`. When the daemon is not there, or goes away,
+/// a line is written to stderr instead, with one warning, and the socket
+/// is tried again for the next line at most once a second: a missing
+/// syslog never stops the milter (docs/design.md "Logging").
+pub fn init_syslog(facility: Facility, socket: &std::path::Path) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUALROUTE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let writer = Syslog::new(facility, socket);
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .event_format(LineFormat { time: false })
+        .with_writer(writer)
+        .init();
+}
+
+/// The connection to the syslog daemon, shared by every line.
+#[derive(Clone)]
+struct Syslog(std::sync::Arc<std::sync::Mutex<SyslogState>>);
+
+type SyslogLogger = syslog::Logger<syslog::LoggerBackend, syslog::Formatter3164>;
+
+struct SyslogState {
+    formatter: syslog::Formatter3164,
+    socket: std::path::PathBuf,
+    logger: Option<SyslogLogger>,
+    /// When the socket was last tried and failed.
+    failed: Option<std::time::Instant>,
+}
+
+impl Syslog {
+    fn new(facility: Facility, socket: &std::path::Path) -> Syslog {
+        let formatter = syslog::Formatter3164 {
+            facility: facility.syslog(),
+            hostname: None,
+            process: "dualroute".into(),
+            pid: std::process::id(),
+        };
+        let mut state = SyslogState {
+            formatter,
+            socket: socket.to_owned(),
+            logger: None,
+            failed: None,
+        };
+        state.connect();
+        Syslog(std::sync::Arc::new(std::sync::Mutex::new(state)))
+    }
+}
+
+impl SyslogState {
+    fn connect(&mut self) {
+        match syslog::unix_custom(self.formatter.clone(), &self.socket) {
+            Ok(l) => {
+                self.logger = Some(l);
+                self.failed = None;
+            }
+            Err(e) => {
+                if self.failed.is_none() {
+                    eprintln!(
+                        "dualroute: cannot log to syslog at {}: {e}; logging to stderr until it is there",
+                        self.socket.display()
+                    );
+                }
+                self.logger = None;
+                self.failed = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    fn send(&mut self, level: Level, line: &str) {
+        if self.logger.is_none()
+            && self
+                .failed
+                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
+        {
+            self.connect();
+        }
+        if let Some(logger) = self.logger.as_mut() {
+            let sent = match level {
+                Level::ERROR => logger.err(line),
+                Level::WARN => logger.warning(line),
+                Level::INFO => logger.info(line),
+                _ => logger.debug(line),
+            };
+            match sent {
+                Ok(()) => return,
+                // The daemon restarted: one new connection, then stderr.
+                Err(_) => {
+                    self.logger = None;
+                    self.failed = None;
+                    self.connect();
+                    if let Some(logger) = self.logger.as_mut() {
+                        let again = match level {
+                            Level::ERROR => logger.err(line),
+                            Level::WARN => logger.warning(line),
+                            Level::INFO => logger.info(line),
+                            _ => logger.debug(line),
+                        };
+                        if again.is_ok() {
+                            return;
+                        }
+                        self.logger = None;
+                        self.failed = Some(std::time::Instant::now());
+                    }
+                }
+            }
+        }
+        eprintln!("{line}");
+    }
+}
+
+/// One line on its way to syslog: sent whole when the formatter is done
+/// with it (dropped).
+struct SyslogLine {
+    syslog: Syslog,
+    level: Level,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for SyslogLine {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SyslogLine {
+    fn drop(&mut self) {
+        let line = String::from_utf8_lossy(&self.buf);
+        let line = line.trim_end_matches('\n');
+        if line.is_empty() {
+            return;
+        }
+        let mut state = self.syslog.0.lock().unwrap_or_else(|p| p.into_inner());
+        state.send(self.level, line);
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Syslog {
+    type Writer = SyslogLine;
+
+    fn make_writer(&'a self) -> SyslogLine {
+        SyslogLine {
+            syslog: self.clone(),
+            level: Level::INFO,
+            buf: Vec::new(),
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SyslogLine {
+        SyslogLine {
+            syslog: self.clone(),
+            level: *meta.level(),
+            buf: Vec::new(),
+        }
     }
 }
 

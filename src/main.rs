@@ -24,8 +24,10 @@ static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = cli.config;
-    let command = cli.command.unwrap_or(Command::Run);
-    if !matches!(command, Command::Run) {
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Run(Default::default()));
+    if !matches!(command, Command::Run(_)) {
         // Which file, before anything is read or changed (docs/design.md
         // §6): a checkout's example milter.yaml once wired a real Postfix
         // unseen. On stderr: postfix-config's stdout goes into main.cf.
@@ -33,7 +35,7 @@ fn main() -> ExitCode {
         eprintln!("dualroute: configuration {}", path.display());
     }
     let result = match command {
-        Command::Run => return run(path),
+        Command::Run(args) => return run(path, &args),
         Command::Check => commands::check(&path),
         Command::Verify { domain, send } => commands::verify(&path, &domain, send),
         Command::Doctor { ips } => commands::doctor(&path, &ips),
@@ -82,8 +84,13 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run(path: PathBuf) -> ExitCode {
-    dualroute::logging::init();
+fn run(path: PathBuf, args: &dualroute::cli::RunArgs) -> ExitCode {
+    match args.log {
+        dualroute::cli::LogTo::Stderr => dualroute::logging::init(),
+        dualroute::cli::LogTo::Syslog => {
+            dualroute::logging::init_syslog(args.syslog_facility, &args.syslog_socket)
+        }
+    }
     // One thread unless DUALROUTE_THREADS says otherwise (src/runtime.rs).
     let runtime = match dualroute::runtime::from_env() {
         Ok(r) => r,

@@ -481,12 +481,24 @@ _dualroute() {
             return 0
             ;;
         dualroute__subcmd__run)
-            opts="-c -h --config --help"
+            opts="-c -h --log --syslog-facility --syslog-socket --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --log)
+                    COMPREPLY=($(compgen -W "stderr syslog" -- "${cur}"))
+                    return 0
+                    ;;
+                --syslog-facility)
+                    COMPREPLY=($(compgen -W "mail daemon user local0 local1 local2 local3 local4 local5 local6 local7" -- "${cur}"))
+                    return 0
+                    ;;
+                --syslog-socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
