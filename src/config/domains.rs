@@ -96,7 +96,7 @@ pub struct DomainConfig {
     /// `destination.max_size`: copies of larger messages are not made.
     pub max_size: Option<MessageSize>,
     /// `shadow:` of the domain; `None`: the global `shadow:` applies
-    /// ([`Config::shadow`]).
+    /// ([`super::Config::shadow`]).
     pub shadow: Option<bool>,
 }
 
