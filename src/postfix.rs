@@ -77,7 +77,7 @@ pub struct PostfixConfig {
     /// Things the administrator must do by hand, with the reason.
     pub notes: Vec<String>,
     /// The wait transport's master.cf service: `--apply` adds it where the
-    /// layout allows (src/postfix/apply.rs `with_wait`).
+    /// layout allows (src/postfix/apply/wait.rs `with_wait`).
     pub wait: Option<Service>,
 }
 

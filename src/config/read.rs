@@ -6,7 +6,7 @@
 //! and find their position again with [`locate`], which walks the YAML to
 //! the offending node and lets serde_yaml report that node's mark.
 
-use super::model::*;
+use super::*;
 use crate::address::normalize_domain;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::{fmt, path::Path};
