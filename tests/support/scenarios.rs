@@ -716,8 +716,8 @@ pub fn mixed_message_every_recipient_exactly_once<M: Mta>() {
     ];
     // cy's copy target is already a recipient: it arrives once, as the
     // sender's recipient, without the copy's ORCPT and NOTIFY (the milter
-    // does not add it again, docs/design.md §4; Sendmail would drop it
-    // too). Postfix names the recipient itself in ORCPT, Sendmail none.
+    // does not add it again, docs/design.md §4). Postfix names the
+    // recipient itself in ORCPT, Sendmail none.
     let cy = other_rcpt(&e, "cy@pilot.test").rcpt;
     assert!(
         matches!(cy.orcpt().as_deref(), None | Some("rfc822;cy@pilot.test"))
