@@ -34,10 +34,10 @@ use std::time::{Duration, Instant};
 
 use support::{
     free_port, postfix_config, read_maildir, MaildirMessage, MilterProcess, Postfix, PostfixConfig,
-    PostfixOptions, SinkMessage, SinkRcpt, SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP,
+    PostfixOptions, SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP,
 };
 
-use support::scenarios::{sinks_settled, Delivered, Mta, World};
+use support::scenarios::{self, received, sinks_settled, Delivered, Mta, Received, World};
 use support::{message, GATEWAY_IP, INSTANCE, OTHER_IP, SENDER};
 
 // ---------------------------------------------------------------------
@@ -240,13 +240,6 @@ impl Drop for E2e {
     }
 }
 
-/// A recipient as the sink saw it, with the message it came in.
-#[derive(Debug)]
-struct SinkDelivery {
-    rcpt: SinkRcpt,
-    message: SinkMessage,
-}
-
 impl E2e {
     /// An outside client (not in mynetworks, not a gateway).
     fn client(&self) -> SmtpClient {
@@ -322,21 +315,12 @@ impl E2e {
     }
 
     /// Every RCPT the sink received, over all messages.
-    fn sink_deliveries(&self) -> Vec<SinkDelivery> {
-        self.sink
-            .messages()
-            .into_iter()
-            .flat_map(|m| {
-                m.rcpts.clone().into_iter().map(move |rcpt| SinkDelivery {
-                    rcpt,
-                    message: m.clone(),
-                })
-            })
-            .collect()
+    fn sink_deliveries(&self) -> Vec<Received> {
+        received(&self.sink)
     }
 
     /// Waits until the sink has received `n` RCPTs in all.
-    fn wait_sink_rcpts(&self, n: usize) -> Vec<SinkDelivery> {
+    fn wait_sink_rcpts(&self, n: usize) -> Vec<Received> {
         let deadline = Instant::now() + support::WAIT;
         loop {
             let found = self.sink_deliveries();
@@ -355,8 +339,8 @@ impl E2e {
     }
 
     /// The one sink RCPT for `address`; panics when there is none or more.
-    fn sink_rcpt(&self, address: &str) -> SinkDelivery {
-        let mut found: Vec<SinkDelivery> = self
+    fn sink_rcpt(&self, address: &str) -> Received {
+        let mut found: Vec<Received> = self
             .sink_deliveries()
             .into_iter()
             .filter(|d| d.rcpt.address == address)
@@ -392,20 +376,7 @@ impl E2e {
 
     /// The milter logged the decisions for this queue id.
     fn milter_logged(&self, t: &SmtpTranscript, words: &[&str]) {
-        let queue_id = t.queue_id().expect("a queue id");
-        let found = support::poll(|| {
-            let log = self.milter.log();
-            let line = log
-                .lines()
-                .find(|l| l.contains(&queue_id) && words.iter().all(|w| l.contains(w)))
-                .map(str::to_owned);
-            line
-        });
-        assert!(
-            found.is_some(),
-            "no milter log line with queue id {queue_id} and {words:?}\n{}",
-            self.diag()
-        );
+        scenarios::milter_logged(self, t, words);
     }
 }
 

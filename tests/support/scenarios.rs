@@ -175,7 +175,7 @@ pub fn sinks_settled<M: Mta>(m: &M) {
     );
 }
 
-/// Settles and returns the sorted mailboxes that got mail here.
+/// The sorted mailboxes that got mail here.
 fn here_sorted<M: Mta>(m: &M) -> Vec<String> {
     let mut here: Vec<String> = m.here().into_iter().map(|d| d.mailbox).collect();
     here.sort();
@@ -225,7 +225,7 @@ fn send_ok<M: Mta>(m: &M, from: IpAddr, rcpts: &[&str], subject: &str) -> SmtpTr
 }
 
 /// The milter logged a line with this message's queue id and `words`.
-fn milter_logged<M: Mta>(m: &M, t: &SmtpTranscript, words: &[&str]) {
+pub fn milter_logged<M: Mta>(m: &M, t: &SmtpTranscript, words: &[&str]) {
     let queue_id = m
         .queue_id(t)
         .unwrap_or_else(|| panic!("no queue id in the reply to DATA: {t}"));
