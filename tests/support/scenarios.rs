@@ -182,14 +182,43 @@ fn here_sorted<M: Mta>(m: &M) -> Vec<String> {
     here
 }
 
-/// The sorted addresses the other server received.
-fn other_sorted<M: Mta>(m: &M) -> Vec<String> {
-    let mut other: Vec<String> = received(m.other())
+/// Exactly these mailboxes (in any order) got mail here.
+fn assert_here<M: Mta>(m: &M, expected: &[&str]) {
+    assert_eq!(
+        here_sorted(m),
+        sorted(expected),
+        "delivered here\n{}",
+        m.diag()
+    );
+}
+
+/// The other server received exactly these RCPTs (in any order).
+fn assert_there<M: Mta>(m: &M, expected: &[&str]) {
+    let mut there: Vec<String> = received(m.other())
         .into_iter()
         .map(|r| r.rcpt.address)
         .collect();
-    other.sort();
-    other
+    there.sort();
+    assert_eq!(
+        there,
+        sorted(expected),
+        "received by the other server\n{}",
+        m.diag()
+    );
+}
+
+/// The one RCPT `there` at the other server, routed by the milter: ORCPT
+/// names `original`, the message carries our X-Dualroute header once.
+fn routed<M: Mta>(m: &M, there: &str, original: &str) -> Received {
+    let r = other_rcpt(m, there);
+    assert_eq!(
+        r.rcpt.orcpt(),
+        Some(format!("rfc822;{original}")),
+        "{there}\n{}",
+        m.diag()
+    );
+    assert_eq!(r.message.header("X-Dualroute"), [INSTANCE], "{there}");
+    r
 }
 
 /// The one RCPT of `address` at the other server.
@@ -209,11 +238,6 @@ fn other_rcpt<M: Mta>(m: &M, address: &str) -> Received {
 
 fn sorted(v: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
-    v.sort();
-    v
-}
-
-fn sorted_strings(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
 }
@@ -272,26 +296,14 @@ pub fn split_keeps_present_and_routes_unknown_with_orcpt<M: Mta>() {
     settle(&e);
 
     let here = e.here();
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&["alice@example.com"]),
-        "{}",
-        e.diag()
-    );
+    assert_here(&e, &["alice@example.com"]);
     // The MTA delivers the message the milter changed: the header is there.
     assert_eq!(here[0].header("X-Dualroute"), [INSTANCE], "{}", e.diag());
 
     let zed_there = e.at_other_server("zed@example.com.dualroute.invalid");
-    assert_eq!(other_sorted(&e), sorted(&[&zed_there]), "{}", e.diag());
-    let zed = other_rcpt(&e, &zed_there);
-    assert_eq!(
-        zed.rcpt.orcpt().as_deref(),
-        Some("rfc822;zed@example.com"),
-        "{}",
-        e.diag()
-    );
+    assert_there(&e, &[&zed_there]);
+    let zed = routed(&e, &zed_there, "zed@example.com");
     assert_eq!(zed.message.mail_from(), SENDER);
-    assert_eq!(zed.message.header("X-Dualroute"), [INSTANCE]);
     assert_eq!(zed.message.header("Subject"), ["split"]);
     assert!(zed.message.text.contains("body of split"));
     e.logged_sent("zed@example.com.dualroute.invalid");
@@ -353,36 +365,16 @@ pub fn dual_copies_present_and_refuses_unknown<M: Mta>() {
     assert!(t.accepted(), "{t}\n{}", e.diag());
     settle(&e);
 
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&["alice@example.com", "frank@example.org"]),
-        "{}",
-        e.diag()
-    );
+    assert_here(&e, &["alice@example.com", "frank@example.org"]);
     let (alice_there, frank_there) = (
         e.at_other_server("alice@example.com.dualroute.invalid"),
         e.at_other_server("frank@example.org.dualroute.invalid"),
     );
-    assert_eq!(
-        other_sorted(&e),
-        sorted(&[&alice_there, &frank_there]),
-        "{}",
-        e.diag()
-    );
-    let alice = other_rcpt(&e, &alice_there);
+    assert_there(&e, &[&alice_there, &frank_there]);
+    let alice = routed(&e, &alice_there, "alice@example.com");
     assert_eq!(alice.rcpt.notify(), Some("NEVER"), "{}", e.diag());
-    assert_eq!(
-        alice.rcpt.orcpt().as_deref(),
-        Some("rfc822;alice@example.com")
-    );
-    assert_eq!(alice.message.header("X-Dualroute"), [INSTANCE]);
-    let frank = other_rcpt(&e, &frank_there);
+    let frank = routed(&e, &frank_there, "frank@example.org");
     assert_eq!(frank.rcpt.notify(), Some("FAILURE"), "{}", e.diag());
-    assert_eq!(
-        frank.rcpt.orcpt().as_deref(),
-        Some("rfc822;frank@example.org")
-    );
-    assert_eq!(frank.message.header("X-Dualroute"), [INSTANCE]);
     // The copies kept here too went through the milter once.
     for d in e.here() {
         assert_eq!(d.header("X-Dualroute"), [INSTANCE], "{}", d.mailbox);
@@ -411,21 +403,12 @@ pub fn route_sends_everything_to_the_destination<M: Mta>() {
     );
     settle(&e);
 
-    let mut expected = Vec::new();
-    for address in ["alice@example.com", "zed@example.com"] {
-        let there = e.at_other_server(&format!("{address}.dualroute.invalid"));
-        let d = other_rcpt(&e, &there);
-        assert_eq!(
-            d.rcpt.orcpt(),
-            Some(format!("rfc822;{address}")),
-            "{}",
-            e.diag()
-        );
-        assert_eq!(d.message.header("X-Dualroute"), [INSTANCE]);
-        expected.push(there);
-    }
-    assert_eq!(other_sorted(&e), sorted_strings(expected), "{}", e.diag());
-    assert!(here_sorted(&e).is_empty(), "{}", e.diag());
+    let alice_there = e.at_other_server("alice@example.com.dualroute.invalid");
+    let zed_there = e.at_other_server("zed@example.com.dualroute.invalid");
+    assert_there(&e, &[&alice_there, &zed_there]);
+    routed(&e, &alice_there, "alice@example.com");
+    routed(&e, &zed_there, "zed@example.com");
+    assert_here(&e, &[]);
     milter_logged(
         &e,
         &t,
@@ -478,35 +461,16 @@ pub fn per_user_copy_redirect_and_keep<M: Mta>() {
     );
     settle(&e);
 
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&["alice@example.com", "carol@example.com", "erin@example.net"]),
-        "{}",
-        e.diag()
+    assert_here(
+        &e,
+        &["alice@example.com", "carol@example.com", "erin@example.net"],
     );
     let gus_there = e.at_other_server("gus@example.net.dualroute.invalid");
-    assert_eq!(
-        other_sorted(&e),
-        sorted(&["carol@pilot.test", "dave@pilot.test", &gus_there]),
-        "{}",
-        e.diag()
-    );
-    let carol = other_rcpt(&e, "carol@pilot.test");
-    assert_eq!(
-        carol.rcpt.orcpt().as_deref(),
-        Some("rfc822;carol@example.com")
-    );
+    assert_there(&e, &["carol@pilot.test", "dave@pilot.test", &gus_there]);
+    let carol = routed(&e, "carol@pilot.test", "carol@example.com");
     assert_eq!(carol.rcpt.notify(), Some("NEVER"), "a copy, bounce: false");
-    let dave = other_rcpt(&e, "dave@pilot.test");
-    assert_eq!(
-        dave.rcpt.orcpt().as_deref(),
-        Some("rfc822;dave@example.com")
-    );
-    let gus = other_rcpt(&e, &gus_there);
-    assert_eq!(gus.rcpt.orcpt().as_deref(), Some("rfc822;gus@example.net"));
-    for d in [&carol, &dave, &gus] {
-        assert_eq!(d.message.header("X-Dualroute"), [INSTANCE]);
-    }
+    routed(&e, "dave@pilot.test", "dave@example.com");
+    routed(&e, &gus_there, "gus@example.net");
     milter_logged(
         &e,
         &t,
@@ -570,14 +534,9 @@ pub fn require_gateway_refuses_other_clients<M: Mta>() {
         e.diag()
     );
     settle(&e);
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&["alice@example.com"]),
-        "{}",
-        e.diag()
-    );
+    assert_here(&e, &["alice@example.com"]);
     assert_eq!(e.here()[0].header("Subject"), ["via the gateway"]);
-    assert!(other_sorted(&e).is_empty(), "{}", e.diag());
+    assert_there(&e, &[]);
     e.also("require_gateway_refuses_other_clients");
 }
 
@@ -667,9 +626,9 @@ pub fn mixed_message_every_recipient_exactly_once<M: Mta>() {
     assert!(t.accepted(), "{t}");
     settle(&e);
 
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&[
+    assert_here(
+        &e,
+        &[
             "alice@example.com",
             "bob@example.com",
             "carol@example.com",
@@ -679,41 +638,40 @@ pub fn mixed_message_every_recipient_exactly_once<M: Mta>() {
             "hal@example.edu",
             "ivy@example.info",
             "jo@unmanaged.test",
-        ]),
-        "{}",
-        e.diag()
+        ],
     );
 
-    // (address there, ORCPT's original, NOTIFY) of each routed recipient.
-    let expected_there: Vec<(String, &str, Option<&str>)> = vec![
-        (
-            "carol@pilot.test".into(),
-            "carol@example.com",
-            Some("NEVER"),
-        ),
-        ("dave@pilot.test".into(), "dave@example.com", None),
-        (
-            e.at_other_server("frank@example.org.dualroute.invalid"),
-            "frank@example.org",
-            Some("FAILURE"),
-        ),
-        (
-            e.at_other_server("gus@example.net.dualroute.invalid"),
-            "gus@example.net",
-            None,
-        ),
-        ("lou@newdest.test".into(), "lou@example.info", None),
-        (
-            e.at_other_server("zed+x@example.com.dualroute.invalid"),
-            "zed+x@example.com",
-            None,
-        ),
-        (
-            e.at_other_server("zed@example.com.dualroute.invalid"),
-            "zed@example.com",
-            None,
-        ),
-    ];
+    let there = |envelope: &str| e.at_other_server(envelope);
+    let (frank, gus) = (
+        there("frank@example.org.dualroute.invalid"),
+        there("gus@example.net.dualroute.invalid"),
+    );
+    let (zed, zed_x) = (
+        there("zed@example.com.dualroute.invalid"),
+        there("zed+x@example.com.dualroute.invalid"),
+    );
+    assert_there(
+        &e,
+        &[
+            "carol@pilot.test",
+            "cy@pilot.test",
+            "dave@pilot.test",
+            &frank,
+            &gus,
+            "lou@newdest.test",
+            &zed,
+            &zed_x,
+        ],
+    );
+    let carol = routed(&e, "carol@pilot.test", "carol@example.com");
+    assert_eq!(carol.rcpt.notify(), Some("NEVER"), "{}", e.diag());
+    routed(&e, "dave@pilot.test", "dave@example.com");
+    let frank = routed(&e, &frank, "frank@example.org");
+    assert_eq!(frank.rcpt.notify(), Some("FAILURE"), "{}", e.diag());
+    routed(&e, &gus, "gus@example.net");
+    routed(&e, "lou@newdest.test", "lou@example.info");
+    routed(&e, &zed, "zed@example.com");
+    routed(&e, &zed_x, "zed+x@example.com");
     // cy's copy target is already a recipient: it arrives once, as the
     // sender's recipient, without the copy's ORCPT and NOTIFY (the milter
     // does not add it again, docs/design.md §4). Postfix names the
@@ -725,19 +683,6 @@ pub fn mixed_message_every_recipient_exactly_once<M: Mta>() {
         "{cy:?}\n{}",
         e.diag()
     );
-    let mut addresses: Vec<String> = expected_there.iter().map(|(a, _, _)| a.clone()).collect();
-    addresses.push("cy@pilot.test".into());
-    assert_eq!(other_sorted(&e), sorted_strings(addresses), "{}", e.diag());
-    for (address, original, notify) in &expected_there {
-        let found = received(e.other())
-            .into_iter()
-            .filter(|r| &r.rcpt.address == address)
-            .find(|r| r.rcpt.orcpt() == Some(format!("rfc822;{original}")))
-            .unwrap_or_else(|| panic!("{address} with ORCPT {original}\n{}", e.diag()));
-        if let Some(notify) = notify {
-            assert_eq!(found.rcpt.notify(), Some(*notify), "{address}");
-        }
-    }
     // One X-Dualroute header on every copy, routed or here (it is one
     // message), and the body intact.
     for m in e.other().messages() {
@@ -781,14 +726,9 @@ pub fn milter_down_tempfails_then_retry_delivers_once<M: Mta>() {
     e.restart_milter();
     let t = send_ok(&e, OUTSIDE_IP, &rcpts, "retried");
     settle(&e);
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&["alice@example.com"]),
-        "{}",
-        e.diag()
-    );
+    assert_here(&e, &["alice@example.com"]);
     let zed_there = e.at_other_server("zed@example.com.dualroute.invalid");
-    assert_eq!(other_sorted(&e), sorted(&[&zed_there]), "{}", e.diag());
+    assert_there(&e, &[&zed_there]);
     milter_logged(&e, &t, &["redirect to zed@example.com.dualroute.invalid"]);
     e.also("milter_down_tempfails_then_retry_delivers_once");
 }
@@ -823,16 +763,11 @@ pub fn disabled_domain_keeps_mailboxes_and_tempfails_the_rest<M: Mta>() {
     );
     settle(&e);
 
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&["alice@example.com"]),
-        "{}",
-        e.diag()
-    );
+    assert_here(&e, &["alice@example.com"]);
     for d in e.here() {
         assert!(d.header("X-Dualroute").is_empty(), "{}", d.text);
     }
-    assert!(other_sorted(&e).is_empty(), "{}", e.diag());
+    assert_there(&e, &[]);
     milter_logged(
         &e,
         &t,
@@ -894,13 +829,8 @@ pub fn loop_header_refuses_redirects<M: Mta>() {
     let t = e.send(OUTSIDE_IP, &["bob@example.com"], &looped);
     assert!(t.accepted(), "{t}\n{}", e.diag());
     settle(&e);
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&["bob@example.com"]),
-        "{}",
-        e.diag()
-    );
-    assert!(other_sorted(&e).is_empty(), "{}", e.diag());
+    assert_here(&e, &["bob@example.com"]);
+    assert_there(&e, &[]);
 
     // Another MX's header: routed as usual, our header added once.
     let other = format!(
@@ -911,7 +841,7 @@ pub fn loop_header_refuses_redirects<M: Mta>() {
     assert!(t.accepted(), "{t}");
     settle(&e);
     let zed_there = e.at_other_server("zed@example.com.dualroute.invalid");
-    assert_eq!(other_sorted(&e), sorted(&[&zed_there]), "{}", e.diag());
+    assert_there(&e, &[&zed_there]);
     let headers = other_rcpt(&e, &zed_there).message.header("X-Dualroute");
     assert_eq!(
         headers.iter().filter(|v| *v == INSTANCE).count(),
@@ -922,12 +852,7 @@ pub fn loop_header_refuses_redirects<M: Mta>() {
         headers.iter().any(|v| v == "mx9.elsewhere.test"),
         "{headers:?}"
     );
-    assert_eq!(
-        here_sorted(&e),
-        sorted(&["bob@example.com"]),
-        "{}",
-        e.diag()
-    );
+    assert_here(&e, &["bob@example.com"]);
     e.also("loop_header_refuses_redirects");
 }
 
