@@ -56,10 +56,12 @@ fn probe_accepted() {
     ] {
         assert!(out.contains(step), "{step:?} missing in:\n{out}");
     }
-    // A probe never sends a message. The probe's session is over (the
-    // command exited); a message sent to the sink after it is the barrier:
-    // once it is dumped, a message of the probe's session would have been
-    // dumped before it.
+    // A probe never sends a message: its transcript has no DATA, and the
+    // sink has no message from it. smtp-sink closes a message's dump file
+    // before it answers the final dot, and the probe has exited, so a
+    // message of its session would be dumped by now; the barrier message
+    // sent after it shows the sink is dumping what it is sent.
+    assert!(!out.contains("> DATA"), "{out}");
     let barrier = support::send(
         sink.addr(),
         BARRIER,
@@ -75,7 +77,10 @@ fn probe_accepted() {
             .then_some(messages)
     })
     .expect("the barrier message never reached the sink");
-    let from_probe: Vec<_> = messages.iter().filter(|m| m.mail_from() != BARRIER).collect();
+    let from_probe: Vec<_> = messages
+        .iter()
+        .filter(|m| m.mail_from() != BARRIER)
+        .collect();
     assert!(
         from_probe.is_empty(),
         "the probe must not deliver anything: {from_probe:#?}"
