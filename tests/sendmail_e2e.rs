@@ -632,7 +632,9 @@ fn local_submission_through_the_msp() {
     // Routing off: refused for now at RCPT, waiting in the MSP's queue.
     let (status, out) = dualroute(&e.config, &["disable", "example.com"]);
     assert!(status.success(), "{out}");
-    std::thread::sleep(Duration::from_secs(3));
+    // The running milter re-reads the state every 2 s and logs the change
+    // once it is in force.
+    e.milter.wait_log(&["example.com: routing is off"], 1);
     submit(&["-f", "alice@example.com", "held@example.com"], "held");
     e.sendmail.wait_log(&["held@example.com", "451 4.4.4"]);
     assert_eq!(e.sendmail.client_queue().len(), 1, "{}", e.diagnostics());
@@ -641,7 +643,7 @@ fn local_submission_through_the_msp() {
 
     let (status, out) = dualroute(&e.config, &["enable", "example.com"]);
     assert!(status.success(), "{out}");
-    std::thread::sleep(Duration::from_secs(3));
+    e.milter.wait_log(&["example.com: routing is on again"], 1);
     // `-qf`: one queue run in the foreground (no fork).
     submit(&["-qf"], "queue run");
     support::poll(|| e.sendmail.client_queue().is_empty().then_some(()))
