@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod milter;
 pub mod postfix;
 pub mod protocol;
+pub mod scenarios;
 pub mod sendmail;
 pub mod sink;
 pub mod smtp;
