@@ -11,6 +11,7 @@
 pub mod accounts;
 pub mod address;
 pub mod breaker;
+pub mod callout;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -202,7 +202,10 @@ impl StateDir {
         self.read_path(&self.file(domain, kind))
     }
 
-    fn read_path<T: for<'de> Deserialize<'de>>(&self, path: &Path) -> io::Result<Option<T>> {
+    pub(crate) fn read_path<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &Path,
+    ) -> io::Result<Option<T>> {
         match std::fs::read_to_string(path) {
             Ok(text) => serde_yaml::from_str(&text).map(Some).map_err(|e| {
                 io::Error::new(
@@ -219,7 +222,7 @@ impl StateDir {
         self.write_path(&self.file(domain, kind), value)
     }
 
-    fn write_path<T: Serialize>(&self, path: &Path, value: &T) -> io::Result<()> {
+    pub(crate) fn write_path<T: Serialize>(&self, path: &Path, value: &T) -> io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let text = serde_yaml::to_string(value)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;

@@ -1,13 +1,14 @@
 //! `domains.*.destination` in `milter.yaml`: where routed mail goes
 //! (`hosts` or `domain`), what the other side demands of the connection
 //! (`tls`, `tls_match`, `concurrency`, `rate_delay`) and the largest message
-//! it takes (`max_size`).
+//! it takes (`max_size`), and whether recipients it would refuse are
+//! refused here at RCPT first (`reject_unknown`, DESIGN.md §10).
 
 use super::de::{checked_map, deserialize_from_str};
-use super::{DomainName, MessageSize, Window};
+use super::{AccountSource, DomainName, MessageSize, Window};
 use crate::address::normalize_domain;
 use serde::{Deserialize, Deserializer};
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 /// A destination host: `name`, `name:port`, `[ip]` or `[ip]:port`, as in
 /// Postfix's next-hop syntax (brackets: no MX lookup).
@@ -121,6 +122,127 @@ struct RawDestination {
     tls_match: Option<Vec<TlsMatch>>,
     concurrency: Option<u32>,
     rate_delay: Option<Window>,
+    // Refuse at RCPT what the destination would refuse (DESIGN.md §10).
+    reject_unknown: Option<RejectUnknown>,
+}
+
+/// `destination.reject_unknown` (DESIGN.md §10): before a recipient is
+/// routed away, ask whether the destination knows it, so that an unknown
+/// address is refused at RCPT (`550 5.1.1`: nothing queued, no bounce to a
+/// forged sender) instead of accepted and bounced later.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct RejectUnknown {
+    /// Ask the destination itself: EHLO, MAIL FROM:<>, RCPT TO (src/callout/).
+    pub callout: bool,
+    /// The destination's own address list, from the same sources as
+    /// `accounts:`; empty when not given.
+    pub accounts: Vec<AccountSource>,
+    /// What to answer when the destination cannot say (4xx, timeout, down).
+    pub unreachable: Unreachable,
+    /// How long answers are kept.
+    pub cache: CalloutCache,
+}
+
+/// `reject_unknown.unreachable`: the answer for a recipient whose
+/// destination cannot be asked.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unreachable {
+    /// `451 4.4.3`: the sender retries, and by then the destination may
+    /// answer (the project's rule: when in doubt, tempfail).
+    #[default]
+    Tempfail,
+    /// Accept and route as without `reject_unknown`: an unknown address
+    /// then bounces later, as before.
+    Accept,
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unreachable::Tempfail => "tempfail",
+            Unreachable::Accept => "accept",
+        })
+    }
+}
+
+/// `reject_unknown.cache`: how long a callout's answer is served.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct CalloutCache {
+    /// The destination accepted the address.
+    pub positive: Window,
+    /// The destination refused it.
+    pub negative: Window,
+}
+
+impl CalloutCache {
+    /// Between Postfix verify(8)'s refresh times (positive 7d, negative
+    /// 3h; `address_verify_positive_refresh_time`,
+    /// `address_verify_negative_refresh_time`) and Exim's callout cache
+    /// (24h / 2h): a new mailbox there is refused for at most 3 hours.
+    pub const DEFAULT_POSITIVE_SECS: u64 = 7 * 86400;
+    pub const DEFAULT_NEGATIVE_SECS: u64 = 3 * 3600;
+}
+
+impl Default for CalloutCache {
+    fn default() -> Self {
+        CalloutCache {
+            positive: Window(Duration::from_secs(Self::DEFAULT_POSITIVE_SECS)),
+            negative: Window(Duration::from_secs(Self::DEFAULT_NEGATIVE_SECS)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCalloutCache {
+    positive: Option<Window>,
+    negative: Option<Window>,
+}
+
+impl<'de> Deserialize<'de> for CalloutCache {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_map(d, |raw: RawCalloutCache| {
+            let default = CalloutCache::default();
+            Ok(CalloutCache {
+                positive: raw.positive.unwrap_or(default.positive),
+                negative: raw.negative.unwrap_or(default.negative),
+            })
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRejectUnknown {
+    #[serde(default)]
+    callout: bool,
+    accounts: Option<Vec<AccountSource>>,
+    #[serde(default)]
+    unreachable: Unreachable,
+    #[serde(default)]
+    cache: CalloutCache,
+}
+
+impl<'de> Deserialize<'de> for RejectUnknown {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_map(d, |raw: RawRejectUnknown| {
+            if matches!(&raw.accounts, Some(a) if a.is_empty()) {
+                return Err(
+                    "`accounts` is empty; give at least one source or remove the key".into(),
+                );
+            }
+            if !raw.callout && raw.accounts.is_none() {
+                return Err("needs `callout: true` or `accounts`: without either nothing says which addresses the destination knows".into());
+            }
+            Ok(RejectUnknown {
+                callout: raw.callout,
+                accounts: raw.accounts.unwrap_or_default(),
+                unreachable: raw.unreachable,
+                cache: raw.cache,
+            })
+        })
+    }
 }
 
 /// `destination:` as written: where routed mail goes, how the MTA must
@@ -129,12 +251,14 @@ pub(super) struct DestinationEntry {
     pub(super) destination: Destination,
     pub(super) transport: Transport,
     pub(super) max_size: Option<MessageSize>,
+    pub(super) reject_unknown: Option<RejectUnknown>,
 }
 
 impl<'de> Deserialize<'de> for DestinationEntry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, |raw: RawDestination| {
             let max_size = raw.max_size;
+            let reject_unknown = raw.reject_unknown;
             let transport =
                 Transport::from_raw(raw.tls, raw.tls_match, raw.concurrency, raw.rate_delay)?;
             let destination: Result<Destination, String> = match (raw.hosts, raw.domain, raw.change_envelope) {
@@ -151,6 +275,7 @@ impl<'de> Deserialize<'de> for DestinationEntry {
                 destination: destination?,
                 transport,
                 max_size,
+                reject_unknown,
             })
         })
     }
@@ -373,6 +498,59 @@ mod tests {
         assert_eq!(
             (t.concurrency, t.rate_delay.map(|w| w.0.as_secs())),
             (Some(1), Some(2))
+        );
+    }
+
+    #[test]
+    fn reject_unknown() {
+        let parse = |mode: &str, ru: &str| {
+            let yaml = format!(
+                "domains:\n  example.com:\n    mode: {mode}\n    accounts: [{{ list: [a@example.com] }}]\n    destination:\n      hosts: [\"[192.0.2.30]:2525\"]\n      reject_unknown: {ru}\n"
+            );
+            crate::config::parse(&yaml, "m.yaml")
+                .map(|c| c.domains.into_values().next().unwrap().reject_unknown)
+        };
+        let r = parse("split", "{ callout: true }").unwrap().unwrap();
+        assert!(r.callout);
+        assert!(r.accounts.is_empty());
+        assert_eq!(r.unreachable, Unreachable::Tempfail);
+        assert_eq!(r.cache, CalloutCache::default());
+        assert_eq!(r.cache.positive.0, Duration::from_secs(7 * 86400));
+        assert_eq!(r.cache.negative.0, Duration::from_secs(3 * 3600));
+        let r = parse(
+            "route",
+            "{ accounts: [ { list: [b@example.com] } ], unreachable: accept, cache: { negative: 10m } }",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!r.callout);
+        assert_eq!(r.accounts.len(), 1);
+        assert_eq!(r.unreachable, Unreachable::Accept);
+        assert_eq!(r.cache.negative.0, Duration::from_secs(600));
+        assert_eq!(r.cache.positive, CalloutCache::default().positive);
+        let err = |mode: &str, ru: &str| parse(mode, ru).unwrap_err().to_string();
+        let e = err("split", "{ callout: false }");
+        assert!(
+            e.starts_with("m.yaml:7:23: domains.example.com.destination.reject_unknown: needs `callout: true` or `accounts`"),
+            "{e}"
+        );
+        assert!(err("split", "{ accounts: [] }").contains("`accounts` is empty"));
+        let e = err("split", "{ callout: true, unreachable: bounce }");
+        assert!(
+            e.starts_with("m.yaml:7:") && e.contains("unknown variant `bounce`"),
+            "{e}"
+        );
+        let e = err("split", "{ callout: true, cache: { positive: 0d } }");
+        assert!(
+            e.starts_with("m.yaml:7:") && e.contains("longer than zero"),
+            "{e}"
+        );
+        assert!(err("split", "{ callout: true, cache: { postive: 1d } }")
+            .contains("unknown field `postive`"));
+        let e = err("dual", "{ callout: true }");
+        assert!(
+            e.starts_with("m.yaml:7:23: domains.example.com.destination.reject_unknown: mode `dual` routes nothing away"),
+            "{e}"
         );
     }
 }

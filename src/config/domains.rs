@@ -95,6 +95,9 @@ pub struct DomainConfig {
     pub users: Vec<(Address, UserRule)>,
     /// `destination.max_size`: copies of larger messages are not made.
     pub max_size: Option<MessageSize>,
+    /// `destination.reject_unknown` (DESIGN.md §10); `None`: recipients
+    /// are routed without asking the destination.
+    pub reject_unknown: Option<super::RejectUnknown>,
     /// `shadow:` of the domain; `None`: the global `shadow:` applies
     /// ([`super::Config::shadow`]).
     pub shadow: Option<bool>,
@@ -181,6 +184,7 @@ impl<'de> Deserialize<'de> for DomainConfig {
                 accounts: raw.accounts,
                 users: raw.users.0.into_iter().map(|(k, r)| (k.0, r)).collect(),
                 max_size: raw.destination.max_size,
+                reject_unknown: raw.destination.reject_unknown,
                 shadow: raw.shadow,
             })
         })

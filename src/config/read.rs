@@ -67,7 +67,8 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
             fix(&mut b.maillog);
         }
         for d in config.domains.values_mut() {
-            for source in d.accounts.iter_mut().flatten() {
+            let destination_list = d.reject_unknown.iter_mut().flat_map(|r| &mut r.accounts);
+            for source in d.accounts.iter_mut().flatten().chain(destination_list) {
                 match source {
                     AccountSource::File(p) => fix(p),
                     AccountSource::PostfixMap(t) => fix(&mut t.path),
@@ -79,7 +80,25 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
     // A missing account file is a mistake in this file (a typo, a table
     // not yet `postmap`ed): say which line names it.
     for (name, d) in &config.domains {
-        for (i, source) in d.accounts.iter().flatten().enumerate() {
+        // The domain's own accounts, and the destination's address list
+        // (`destination.reject_unknown.accounts`, DESIGN.md §10).
+        let here = d
+            .accounts
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, s)| (vec![key("accounts")], "accounts", i, s));
+        let there = d.reject_unknown.iter().flat_map(|r| {
+            r.accounts.iter().enumerate().map(|(i, s)| {
+                (
+                    vec![key("destination"), key("reject_unknown"), key("accounts")],
+                    "destination.reject_unknown.accounts",
+                    i,
+                    s,
+                )
+            })
+        });
+        for (list, shown, i, source) in here.chain(there) {
             // A command's program is checked as a file is: a typo in its
             // path is this file's mistake.
             let file = match source {
@@ -90,13 +109,9 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
                 },
             };
             if let Err(e) = std::fs::metadata(&file) {
-                let at = [
-                    key("domains"),
-                    key(name),
-                    key("accounts"),
-                    Seg::Index(i),
-                    key(source.key()),
-                ];
+                let mut at = vec![key("domains"), key(name)];
+                at.extend(list);
+                at.extend([Seg::Index(i), key(source.key())]);
                 let (line, column) = locate(&text, &at).unzip();
                 let hint = match source {
                     AccountSource::PostfixMap(t) if t.compiled_file() != t.path => {
@@ -108,7 +123,7 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
                     line,
                     column,
                     format!(
-                        "domains.{name}.accounts[{i}].{}: {}: cannot read: {e}{hint}",
+                        "domains.{name}.{shown}[{i}].{}: {}: cannot read: {e}{hint}",
                         source.key(),
                         file.display()
                     ),
@@ -355,6 +370,16 @@ fn validate(c: &Config) -> Result<(), Invalid> {
                     "{domain} is itself a managed domain: its MX is this server, so routed mail would loop"
                 )));
             }
+        }
+        // In dual mode nothing is routed away: a recipient with a mailbox
+        // here is kept and copied, one without is refused 550 already
+        // (DESIGN.md §2). Refusing at RCPT what the destination does not
+        // know would refuse mail for real mailboxes here.
+        if d.reject_unknown.is_some() && d.mode == Mode::Dual {
+            return Err((
+                at(vec![key("destination"), key("reject_unknown")]),
+                "mode `dual` routes nothing away: a recipient without a mailbox here is refused already, and one with a mailbox here must get its mail whatever the destination knows; remove `reject_unknown` or use `mode: split`".into(),
+            ));
         }
         if d.require_gateway && c.gateways.is_empty() {
             return Err((
