@@ -39,6 +39,7 @@ use cache::{AcceptAll, Cache, Entry};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
@@ -185,6 +186,8 @@ struct Domain {
     /// One writer of the cache file at a time (src/state.rs names its
     /// temporary file after the process).
     writing: Mutex<()>,
+    /// An accept-all callout is in flight.
+    asking_random: AtomicBool,
 }
 
 /// A mutex whose holder panicked still holds consistent data here (every
@@ -367,6 +370,7 @@ impl Callouts {
             minute: Mutex::new((0, 0)),
             stats: Mutex::new(Stats::default()),
             writing: Mutex::new(()),
+            asking_random: AtomicBool::new(false),
         });
         domains.insert(name.to_owned(), dom.clone());
         dom
@@ -417,7 +421,12 @@ impl Callouts {
             // The cache holds the answer before the flight ends, so no
             // check in between starts a second callout.
             lock(&dom.flights).remove(&address);
+            let known = a.verdict == Verdict::Known;
             tx.send_replace(Some(a));
+            // After the answer, so the check does not wait for it.
+            if known && this.accept_all_stale(&dom, &d) {
+                this.ask_random(&dom, &d, &address).await;
+            }
         });
         Ok(rx)
     }
@@ -429,18 +438,14 @@ impl Callouts {
         let limits = &self.inner.limits;
         let asked = timeout(limits.callout_timeout, async {
             let _turn = dom.permits.acquire().await;
-            let reply = smtp::ask(
+            smtp::ask(
                 d,
                 &*self.inner.dns,
                 &self.inner.helo,
                 address,
                 limits.step_timeout,
             )
-            .await;
-            if reply.verdict == Verdict::Known && self.accept_all_stale(dom, d) {
-                self.ask_random(dom, d, address).await;
-            }
-            reply
+            .await
         })
         .await
         .unwrap_or_else(|_| smtp::Reply {
@@ -505,24 +510,35 @@ impl Callouts {
 
     /// Asks the destination for a random local part in the domain of
     /// `address` and records whether it takes it.
-    async fn ask_random(&self, dom: &Domain, d: &DomainConfig, address: &str) {
+    async fn ask_random(&self, dom: &Arc<Domain>, d: &DomainConfig, address: &str) {
         let Some((_, domain)) = address.rsplit_once('@') else {
             return;
         };
+        if dom.asking_random.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let random = format!("{}@{domain}", smtp::random_local_part());
-        let reply = smtp::ask(
-            d,
-            &*self.inner.dns,
-            &self.inner.helo,
-            &random,
-            self.inner.limits.step_timeout,
-        )
+        let limits = &self.inner.limits;
+        let asked = timeout(limits.callout_timeout, async {
+            let _turn = dom.permits.acquire().await;
+            smtp::ask(
+                d,
+                &*self.inner.dns,
+                &self.inner.helo,
+                &random,
+                limits.step_timeout,
+            )
+            .await
+        })
         .await;
-        let accepts = match reply.verdict {
-            Verdict::Known => true,
-            Verdict::Unknown => false,
-            Verdict::Unreachable => return,
+        dom.asking_random.store(false, Ordering::SeqCst);
+        let reply = match asked {
+            Ok(reply) if reply.verdict != Verdict::Unreachable => reply,
+            // No answer: the verdict stays as it was; asked again after
+            // the next accepted callout.
+            _ => return,
         };
+        let accepts = reply.verdict == Verdict::Known;
         if accepts {
             tracing::warn!(
                 "the destination of {} accepts any address ({random}: {}): reject_unknown's callout cannot tell unknown addresses there",
@@ -535,6 +551,7 @@ impl Callouts {
             at: (self.inner.clock)(),
             reply: reply.text,
         });
+        self.persist(dom).await;
     }
 
     /// Writes the cache file off the async threads, one writer at a time;
