@@ -640,4 +640,31 @@ mod tests {
         assert_eq!(locate(text, &[key("c")]), None);
         assert_eq!(locate("{{{", &[key("c")]), None);
     }
+
+    #[test]
+    fn a_missing_destination_account_file_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("milter.yaml");
+        let yaml = "domains:\n  example.com:\n    mode: route\n    destination:\n      hosts: [mx.legacy.test]\n      reject_unknown:\n        accounts:\n          - file: legacy-users.txt\n";
+        std::fs::write(&path, yaml).unwrap();
+        let e = read_file(&path).unwrap_err().to_string();
+        let shown = dir.path().join("legacy-users.txt");
+        assert!(
+            e.contains(":8:19: domains.example.com.destination.reject_unknown.accounts[0].file: ")
+                && e.contains(&format!("{}: cannot read", shown.display())),
+            "{e}"
+        );
+        // Relative to the configuration file, as the domain's accounts.
+        std::fs::write(&shown, "a@example.com\n").unwrap();
+        let c = read_file(&path).unwrap();
+        let ru = c
+            .domains
+            .values()
+            .next()
+            .unwrap()
+            .reject_unknown
+            .clone()
+            .unwrap();
+        assert_eq!(ru.accounts, vec![AccountSource::File(shown)]);
+    }
 }
