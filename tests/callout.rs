@@ -215,6 +215,23 @@ async fn new_callouts_per_minute_and_at_once_are_bounded() {
         .map(|(_, w)| format!("{w}@example.com"))
         .unwrap();
     assert_eq!(e.check(&d, &asked).await.origin, Origin::Cache);
+    // Another domain routed to the same hosts shares their bound.
+    let yaml = format!(
+        "domains:\n  example.org:\n    mode: route\n    destination:\n      hosts: [\"{}\"]\n      reject_unknown: {{ callout: true }}\n",
+        stub.host()
+    );
+    let org = dualroute::config::parse(&yaml, "milter.yaml")
+        .unwrap()
+        .domains
+        .into_values()
+        .next()
+        .unwrap();
+    let a = e
+        .callouts
+        .check("example.org", &org, "a@example.org", DEADLINE)
+        .await;
+    assert_eq!(a.origin, Origin::Throttled, "{a:?}");
+    assert_eq!(stub.rcpts().len(), 3, "{:?}", stub.rcpts());
     // The next minute allows new callouts again.
     e.advance(60);
     stub.set_delay(Duration::ZERO);

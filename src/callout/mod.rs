@@ -10,7 +10,8 @@
 //!   once, refreshed in the background in the last quarter of its
 //!   lifetime, and kept in `state_dir/<domain>.callouts` across restarts;
 //! - single flight: concurrent checks of one address share one callout;
-//! - bounds, so that a dictionary attack cannot turn the MX into a probe
+//! - bounds per destination (shared by the domains routed to the same
+//!   hosts), so that a dictionary attack cannot turn the MX into a probe
 //!   cannon (and get it blocklisted at the destination's provider): at
 //!   most [`Limits::concurrency`] callouts to the destination at once, at
 //!   most [`Limits::per_minute`] new ones a minute (past it the answer is
@@ -169,6 +170,16 @@ struct Inner {
     clock: Clock,
     limits: Limits,
     domains: Mutex<HashMap<String, Arc<Domain>>>,
+    /// Per destination ([`destination_key`]): domains routed to the same
+    /// hosts share their bounds, as the hosts see them.
+    bounds: Mutex<HashMap<String, Arc<Bounds>>>,
+}
+
+/// The bounds of the callouts to one destination.
+struct Bounds {
+    permits: Semaphore,
+    /// The current minute and the callouts started in it.
+    minute: Mutex<(u64, u32)>,
 }
 
 /// One managed domain's callouts.
@@ -179,9 +190,7 @@ struct Domain {
     cache: Mutex<Cache>,
     /// Addresses with a callout in flight, and where its answer appears.
     flights: Mutex<HashMap<String, watch::Receiver<Option<Answer>>>>,
-    permits: Arc<Semaphore>,
-    /// The current minute and the callouts started in it.
-    minute: Mutex<(u64, u32)>,
+    bounds: Arc<Bounds>,
     stats: Mutex<Stats>,
     /// One writer of the cache file at a time (src/state.rs names its
     /// temporary file after the process).
@@ -243,6 +252,7 @@ impl Callouts {
                 clock,
                 limits,
                 domains: Mutex::new(HashMap::new()),
+                bounds: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -279,11 +289,11 @@ impl Callouts {
             if entry.refresh_due(&life, now) {
                 // In the background: the answer at hand is still good.
                 // A refresh the rate refuses waits for the next check.
-                let _ = self.start(&dom, d, address);
+                let _ = self.start(&dom, d, address, true);
             }
             return answer(&entry, Origin::Cache, accept_all);
         }
-        let mut rx = match self.start(&dom, d, address) {
+        let mut rx = match self.start(&dom, d, address, false) {
             Ok(rx) => rx,
             Err(throttled) => return throttled,
         };
@@ -358,6 +368,15 @@ impl Callouts {
                 Cache::default()
             }
         };
+        let bounds = lock(&self.inner.bounds)
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Bounds {
+                    permits: Semaphore::new(self.inner.limits.concurrency.max(1)),
+                    minute: Mutex::new((0, 0)),
+                })
+            })
+            .clone();
         let dom = Arc::new(Domain {
             name: name.to_owned(),
             key: key.clone(),
@@ -366,8 +385,7 @@ impl Callouts {
                 ..cache
             }),
             flights: Mutex::new(HashMap::new()),
-            permits: Arc::new(Semaphore::new(self.inner.limits.concurrency.max(1))),
-            minute: Mutex::new((0, 0)),
+            bounds,
             stats: Mutex::new(Stats::default()),
             writing: Mutex::new(()),
             asking_random: AtomicBool::new(false),
@@ -377,12 +395,14 @@ impl Callouts {
     }
 
     /// Joins the callout in flight for `address`, or starts one if the
-    /// rate allows; the receiver sees its answer.
+    /// rate allows; the receiver sees its answer. A `refresh` the rate
+    /// refuses is not counted: no check went without its answer.
     fn start(
         &self,
         dom: &Arc<Domain>,
         d: &DomainConfig,
         address: &str,
+        refresh: bool,
     ) -> Result<watch::Receiver<Option<Answer>>, Answer> {
         let mut flights = lock(&dom.flights);
         if let Some(rx) = flights.get(address) {
@@ -390,16 +410,18 @@ impl Callouts {
         }
         let now = (self.inner.clock)();
         {
-            let mut minute = lock(&dom.minute);
+            let mut minute = lock(&dom.bounds.minute);
             if minute.0 != now / 60 {
                 *minute = (now / 60, 0);
             }
             if minute.1 >= self.inner.limits.per_minute {
-                lock(&dom.stats).throttled += 1;
+                if !refresh {
+                    lock(&dom.stats).throttled += 1;
+                }
                 return Err(Answer {
                     verdict: Verdict::Unreachable,
                     reply: format!(
-                        "{} callouts to the destination of {} this minute already (the limit): not asked",
+                        "{} new callouts to the destination of {} this minute already (the limit): not asked",
                         minute.1, dom.name
                     ),
                     origin: Origin::Throttled,
@@ -437,7 +459,7 @@ impl Callouts {
     async fn callout(&self, dom: &Arc<Domain>, d: &DomainConfig, address: &str) -> Answer {
         let limits = &self.inner.limits;
         let asked = timeout(limits.callout_timeout, async {
-            let _turn = dom.permits.acquire().await;
+            let _turn = dom.bounds.permits.acquire().await;
             smtp::ask(
                 d,
                 &*self.inner.dns,
@@ -520,7 +542,7 @@ impl Callouts {
         let random = format!("{}@{domain}", smtp::random_local_part());
         let limits = &self.inner.limits;
         let asked = timeout(limits.callout_timeout, async {
-            let _turn = dom.permits.acquire().await;
+            let _turn = dom.bounds.permits.acquire().await;
             smtp::ask(
                 d,
                 &*self.inner.dns,
