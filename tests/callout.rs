@@ -305,6 +305,7 @@ async fn the_cache_survives_a_restart_and_serves_while_the_destination_is_down()
     stub.set_mode(Mode::TempFail);
 
     let e = Engine::new(dir.path(), Limits::default());
+    e.callouts.load("example.com", &d);
     let cached = e.callouts.cached("example.com", &d, KNOWN).unwrap();
     assert_eq!(
         (cached.verdict, cached.origin),

@@ -257,6 +257,12 @@ impl Callouts {
         }
     }
 
+    /// Reads `domain`'s cache file now (the service at start and after a
+    /// reload), so that the first check does not read it on the RCPT path.
+    pub fn load(&self, domain: &str, d: &DomainConfig) {
+        self.domain(domain, d);
+    }
+
     /// The cache file of `domain`.
     pub fn cache_file(&self, domain: &str) -> PathBuf {
         self.inner.state.dir.join(format!("{domain}.callouts"))
@@ -313,8 +319,7 @@ impl Callouts {
                 Answer {
                     verdict: Verdict::Unreachable,
                     reply: format!(
-                        "the destination did not answer within {}s; the callout goes on and its answer will be cached",
-                        deadline.as_secs()
+                        "the destination did not answer within {deadline:?}; the callout goes on and its answer will be cached"
                     ),
                     origin: Origin::Deadline,
                     at: (self.inner.clock)(),
