@@ -236,8 +236,8 @@ fn add_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LocalPartCase;
     use crate::config::ConfigAddress;
+    use crate::config::LocalPartCase;
     use std::io::Write;
 
     fn rules() -> MatchRules {
