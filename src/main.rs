@@ -17,7 +17,8 @@ use tracing::info;
 
 mod allocator;
 
-/// mimalloc for small blocks, glibc for large ones (src/allocator.rs).
+/// mimalloc for small blocks, glibc for large ones (src/allocator.rs: 27k to
+/// 36k fewer instructions per conversation than glibc alone, issue 22).
 #[global_allocator]
 static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
