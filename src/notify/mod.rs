@@ -26,11 +26,12 @@
 //!   mark. Postfix's `sendmail` command reaches the milter through
 //!   cleanup (`non_smtpd_milters`), in a simulated conversation from
 //!   127.0.0.1 port 0 that anyone's `sendmail` shares: there the mark is a
-//!   header instead, [`NOTIFY_TOKEN_HEADER`](crate::session::NOTIFY_TOKEN_HEADER) with a random token made for
-//!   that one message and known only to this process. The milter checks it
-//!   at end of message (where it decides everything on that path anyway),
-//!   honours it once, and deletes the header from every message, so a
-//!   token never reaches a mailbox where someone could read and reuse it.
+//!   header instead, [`NOTIFY_TOKEN_HEADER`], the first of the message,
+//!   with a random token made for that one message and known only to
+//!   this process. The milter checks it at end of message (where it
+//!   decides everything on that path anyway), honours it once, and
+//!   deletes the header from every message, so a token never reaches a
+//!   mailbox where someone could read and reuse it.
 //!   Sendmail's `sendmail` command submits over SMTP from a port we do not
 //!   know, which is why `via: sendmail` is refused with `mta: sendmail`.
 //! - **Automatic**: `Auto-Submitted: auto-generated` (RFC 3834 §5), so
@@ -40,6 +41,8 @@
 //! with the milter (`outbox.rs`), the message (`message.rs`, lettre's
 //! builder) and the ways it goes to the MTA (`send.rs`, lettre's SMTP
 //! client on a socket of our own).
+//!
+//! [`NOTIFY_TOKEN_HEADER`]: crate::session::NOTIFY_TOKEN_HEADER
 
 mod event;
 mod message;

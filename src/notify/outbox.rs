@@ -165,7 +165,8 @@ impl Outbox {
     }
 
     /// Whether a message submitted without SMTP carries the token of one
-    /// of this service's own notifications ([`NOTIFY_TOKEN_HEADER`]); the
+    /// of this service's own notifications (the header
+    /// [`NOTIFY_TOKEN_HEADER`](crate::session::NOTIFY_TOKEN_HEADER)); the
     /// token is honoured once.
     pub fn is_own_token(&self, tokens: &[String]) -> bool {
         tokens.iter().any(|t| self.take_token(t))
