@@ -1017,7 +1017,8 @@ domains:
     assert_eq!(note.header("Auto-Submitted"), ["auto-generated"]);
     assert_eq!(
         note.header("From"),
-        ["dualroute on notify.test <dualroute@notify.test>"]
+        // RFC 5322 §3.2.5: a display name with "." is a quoted-string.
+        ["\"dualroute on notify.test\" <dualroute@notify.test>"]
     );
     for words in [
         "2 permanent failures of routed mail within 1h",

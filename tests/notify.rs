@@ -1,4 +1,4 @@
-//! Notification by mail (README "Notification by mail", src/notify.rs),
+//! Notification by mail (README "Notification by mail", src/notify/),
 //! with the whole service in process and `smtp-sink` standing in for the
 //! local MTA (needs the postfix package, scripts/test-deps.sh):
 //! - refused reloads reach the administrator, rate-limited: one message
