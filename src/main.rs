@@ -6,8 +6,8 @@
 use clap::Parser;
 use dualroute::cli::{Cli, Command};
 use dualroute::systemd::notify;
-use dualroute::{Control, Intervals, Start};
 use dualroute::{commands, config, decision::Envelope};
+use dualroute::{Control, Intervals, Start};
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,

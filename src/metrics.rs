@@ -466,11 +466,7 @@ fn respond(text: impl FnOnce() -> String, request: &Request<Incoming>) -> Respon
         r
     };
     match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => reply(
-            StatusCode::OK,
-            CONTENT_TYPE,
-            text(),
-        ),
+        (&Method::GET | &Method::HEAD, "/metrics") => reply(StatusCode::OK, CONTENT_TYPE, text()),
         (_, "/metrics") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",

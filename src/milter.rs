@@ -3,9 +3,9 @@
 
 use crate::address::RcptArg;
 use crate::decision::{Decision, Envelope, Rejection};
-use crate::metrics::Kind;
 use crate::holds::LiveHolds;
 use crate::live::LivePolicy;
+use crate::metrics::Kind;
 use crate::metrics::Metrics;
 use crate::notify::Outbox;
 use crate::session::{

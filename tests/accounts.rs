@@ -568,7 +568,8 @@ async fn command_refresh_keeps_the_last_good_set() {
         accounts: std::time::Duration::from_millis(100),
         ..Intervals::default()
     };
-    let milter = support::protocol::Milter::serve(support::protocol::start_at(&path, intervals)).await;
+    let milter =
+        support::protocol::Milter::serve(support::protocol::start_at(&path, intervals)).await;
     let service = &milter;
     assert_eq!(accounts_of(&service.policy()), 4);
 

@@ -415,22 +415,15 @@ impl Task {
     }
 
     fn held(&self, domain: &str) -> Option<String> {
-        self.milter
-            .holds()
-            .get(domain)
-            .map(ToString::to_string)
+        self.milter.holds().get(domain).map(ToString::to_string)
     }
 
     /// Waits until `domain` is tripped: the trip recorded, and the holds
     /// in force read again by the breaker through the reload actor (the
     /// trip is written first, so the hold follows it by a moment).
     async fn wait_tripped(&self, domain: &str) {
-        let tripped = || {
-            self.tripped(domain)
-                && self
-                    .held(domain)
-                    .is_some_and(|h| h.contains("tripped"))
-        };
+        let tripped =
+            || self.tripped(domain) && self.held(domain).is_some_and(|h| h.contains("tripped"));
         support::wait_until(&format!("{domain} to be tripped"), || {
             let t = tripped();
             async move { t.then_some(()) }

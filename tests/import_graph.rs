@@ -235,7 +235,10 @@ fn the_reader_finds_a_circle_when_there_is_one() {
     edge(&mut g, "service", "breaker");
     edge(&mut g, "breaker", "service");
     edge(&mut g, "breaker", "state");
-    assert_eq!(circles(&g), vec![vec!["breaker".to_owned(), "service".to_owned()]]);
+    assert_eq!(
+        circles(&g),
+        vec![vec!["breaker".to_owned(), "service".to_owned()]]
+    );
     let paths = crate_paths("use crate::{breaker, holds::{Hold, Holds}};\nlet m = crate::metrics::Metrics::new(); dualroute_crate::x");
     assert_eq!(paths, ["breaker", "holds", "metrics"]);
 }

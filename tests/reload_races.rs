@@ -8,8 +8,8 @@
 mod support;
 use support::protocol::Milter;
 
-use dualroute::{Intervals, Start};
 use dualroute::state::StateDir;
+use dualroute::{Intervals, Start};
 use indymilter_test::Status;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};

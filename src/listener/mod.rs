@@ -10,8 +10,8 @@
 //! `malformed_input`, one per connection).
 
 use crate::config::ConnectionsConfig;
-use framing::{Framing, Problem};
 use crate::metrics::Metrics;
+use framing::{Framing, Problem};
 use indymilter::Listener;
 use std::{
     future::Future,
@@ -318,4 +318,3 @@ impl<S: Peer> AsyncWrite for Guard<S> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
-

@@ -44,7 +44,9 @@ pub(crate) async fn run(actor: Actor, mut requests: mpsc::Receiver<Request>) {
         // the changes one at a time. A panic drops the reply, and the
         // requester hears that nothing was done.
         if let Err(e) = tokio::task::spawn_blocking(move || actor.perform(request)).await {
-            tracing::error!("a reload or holds refresh failed: {e}; the running configuration and holds stay");
+            tracing::error!(
+                "a reload or holds refresh failed: {e}; the running configuration and holds stay"
+            );
         }
     }
 }
@@ -123,9 +125,7 @@ impl Actor {
                 };
                 self.metrics.reload(result);
                 if let Err(w) = state.refuse_reload(&e.to_string()) {
-                    tracing::error!(
-                        "cannot record the refused reload for `dualroute status`: {w}"
-                    );
+                    tracing::error!("cannot record the refused reload for `dualroute status`: {w}");
                 }
                 self.outbox.notify(
                     &self.policy.current().config,

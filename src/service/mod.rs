@@ -139,7 +139,10 @@ impl Control {
     /// without `metrics:`; `None` before [`run`] has started.
     pub fn metrics(&self) -> Option<String> {
         let view = self.view.borrow().clone()?;
-        Some(view.metrics.render(&view.policy.current(), &view.holds.current()))
+        Some(
+            view.metrics
+                .render(&view.policy.current(), &view.holds.current()),
+        )
     }
 }
 

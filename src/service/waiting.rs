@@ -50,4 +50,3 @@ pub(crate) async fn follow(policy: Arc<LivePolicy>, metrics: Arc<Metrics>) {
         tokio::time::sleep(LOOK_EVERY).await;
     }
 }
-

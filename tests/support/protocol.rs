@@ -3,8 +3,8 @@
 //! closed before use), exactly as `main.rs` runs it (`dualroute::run`),
 //! and each test drives it with indymilter-test as an MTA would.
 
-use dualroute::policy::Policy;
 use dualroute::holds::Holds;
+use dualroute::policy::Policy;
 use dualroute::{Control, Intervals, Start};
 use indymilter_test::{
     EomAction, MacroStage, ProtoOpts, Status, TestConnection, TestConnectionBuilder,
