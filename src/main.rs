@@ -1,19 +1,20 @@
 //! The `dualroute` command: parses options, loads the configuration, binds
-//! the socket, turns signals into channels and hands over to the service
-//! (src/service/), which owns every task of the running milter.
+//! the socket, turns signals into requests on a [`dualroute::Control`] and
+//! hands over to [`dualroute::run`], which owns every task of the running
+//! milter (src/service/).
 
 use clap::Parser;
 use dualroute::cli::{Cli, Command};
-use dualroute::service::{notify, Intervals, Service};
+use dualroute::systemd::notify;
 use dualroute::{commands, config, decision::Envelope};
+use dualroute::{Control, Intervals, Start};
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
 };
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{error, info};
 
 mod allocator;
 
@@ -147,15 +148,21 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
-    let service = Service::new(&path, policy, Intervals::default());
-    // SIGHUP: reload configuration and accounts (src/service/reload.rs).
-    // A reload asked for while one runs is done once after it.
-    let (reload, reloads) = mpsc::channel(1);
+    let (control, requests) = dualroute::control();
+    // SIGHUP: reload configuration and accounts. Signals that come while
+    // one reload runs are one notification (tokio's signal stream), so
+    // they make one reload after it.
+    let sighup = (control.clone(), path.clone());
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let _ = reload.try_send(());
+            on_sighup(&sighup.0, &sighup.1).await;
         }
     });
+    let start = Start {
+        config_path: path,
+        policy,
+        intervals: Intervals::default(),
+    };
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: shutting down"),
@@ -164,9 +171,9 @@ async fn serve(path: PathBuf) -> ExitCode {
         notify(&[sd_notify::NotifyState::Stopping]);
     };
     let result = match listener {
-        Listener::Tcp(l) => dualroute::run(l, service, reloads, shutdown).await,
+        Listener::Tcp(l) => dualroute::run(l, start, requests, shutdown).await,
         Listener::Unix(l, file) => {
-            let r = dualroute::run(l, service, reloads, shutdown).await;
+            let r = dualroute::run(l, start, requests, shutdown).await;
             file.remove_if_ours();
             r
         }
@@ -175,4 +182,17 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+/// A reload asked for by SIGHUP. systemd (ExecReload) waits for READY=1
+/// after RELOADING=1, stamped with the monotonic clock (sd_notify(3)).
+async fn on_sighup(control: &Control, path: &Path) {
+    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+    reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+    notify(&reloading);
+    match control.reload().await {
+        Ok(()) => info!("SIGHUP: reloaded {}", path.display()),
+        Err(e) => error!("SIGHUP: reload failed, keeping the running configuration: {e}"),
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
 }

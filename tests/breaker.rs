@@ -392,7 +392,11 @@ breaker: {{ maillog: {log}, threshold: 3, deferrals: 3, window: 1h }}
         state = state.display(),
         log = log.display()
     );
-    let milter = support::protocol::Milter::start(&yaml).await;
+    // The state follower looks first after an hour: a hold seen here is
+    // the breaker's own refresh.
+    let mut start = support::protocol::start(&yaml);
+    start.intervals.state = std::time::Duration::from_secs(3600);
+    let milter = support::protocol::Milter::serve(start).await;
     Task {
         milter,
         log,
@@ -411,16 +415,15 @@ impl Task {
     }
 
     fn held(&self, domain: &str) -> Option<String> {
-        self.milter
-            .service
-            .holds()
-            .get(domain)
-            .map(ToString::to_string)
+        self.milter.holds().get(domain).map(ToString::to_string)
     }
 
-    /// Waits until `domain` is tripped.
+    /// Waits until `domain` is tripped: the trip recorded, and the holds
+    /// in force read again by the breaker through the reload actor (the
+    /// trip is written first, so the hold follows it by a moment).
     async fn wait_tripped(&self, domain: &str) {
-        let tripped = || self.tripped(domain);
+        let tripped =
+            || self.tripped(domain) && self.held(domain).is_some_and(|h| h.contains("tripped"));
         support::wait_until(&format!("{domain} to be tripped"), || {
             let t = tripped();
             async move { t.then_some(()) }

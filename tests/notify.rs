@@ -34,8 +34,7 @@ notify: {{ to: [admin@example.org, second@example.org], via: "{via}", interval: 
 async fn start(dir: &Path, yaml: &str) -> Milter {
     let path = dir.join("milter.yaml");
     fs::write(&path, yaml).unwrap();
-    let service = support::protocol::service_at(&path, Default::default());
-    Milter::serve(service).await
+    Milter::serve(support::protocol::start_at(&path, Default::default())).await
 }
 
 /// Makes the next reload fail: a file that does not parse.

@@ -88,8 +88,7 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("milter.yaml");
     std::fs::write(&path, config(dir.path(), "route")).unwrap();
-    let service = protocol::service_at(&path, Default::default());
-    let milter = protocol::Milter::serve(service.clone()).await;
+    let milter = protocol::Milter::serve(protocol::start_at(&path, Default::default())).await;
     let addr = milter.addr();
 
     let reloaded = Arc::new(AtomicBool::new(false));
@@ -114,9 +113,7 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(&path, config(dir.path(), "split")).unwrap();
     let reload_start = Instant::now();
-    dualroute::service::reload::reload(&service)
-        .await
-        .expect("reload");
+    milter.reload().await.expect("reload");
     let reload_done = Instant::now();
     reloaded.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(300)).await;

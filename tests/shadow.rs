@@ -265,7 +265,7 @@ async fn metrics_endpoint_shows_state_and_reloads() {
         "example.org:\n    verify: postmaster@example.org\n",
     );
     std::fs::write(&path, &yaml).expect("write milter.yaml");
-    let milter = Milter::serve(service_at(&path, Default::default())).await;
+    let milter = Milter::serve(start_at(&path, Default::default())).await;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let fetch = |path: &'static str| tokio::task::spawn_blocking(move || get(addr, path));
 
@@ -338,8 +338,8 @@ fn status_and_explain_show_shadow_mode() {
 #[test]
 fn rollout_md_names_the_metrics_the_endpoint_serves() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let service = service(&config(&dir.path().join("state"), 9, false, None));
-    let m = &service.metrics;
+    let policy = policy(&config(&dir.path().join("state"), 9, false, None));
+    let m = dualroute::metrics::Metrics::new();
     m.decision("example.com", dualroute::metrics::Kind::Keep, false);
     m.conversation();
     m.error("eom_actions");
@@ -347,7 +347,7 @@ fn rollout_md_names_the_metrics_the_endpoint_serves() {
     m.probe("example.com", true);
     m.breaker_failure("example.com", "bounce");
     m.message_time(std::time::Duration::from_millis(1));
-    let s = m.render(&service);
+    let s = m.render(&policy, &dualroute::holds::Holds::default());
 
     // Served: family → type, and the series names each family gives.
     let mut served = std::collections::BTreeMap::new();

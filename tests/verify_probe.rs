@@ -192,7 +192,7 @@ async fn milter_with_verify(nexthop: &str) -> protocol::Milter {
 async fn milter_holds_routing_until_verified() {
     let sink = SmtpSink::start();
     let milter = milter_with_verify(&sink.nexthop()).await;
-    let service = milter.service.clone();
+    let service = &milter;
     let addr = milter.addr();
     // The probe runs at once; until it passes the domain is held.
     wait_until("routing to start once the sink accepts the probe", || {
@@ -226,7 +226,7 @@ async fn milter_holds_routing_until_verified() {
 async fn milter_keeps_routing_off_when_probe_refused() {
     let sink = SmtpSink::start_rejecting();
     let milter = milter_with_verify(&sink.nexthop()).await;
-    let service = milter.service.clone();
+    let service = &milter;
     // Wait for the first probe to have run and failed.
     let reason = wait_until("the first probe to fail", || {
         let reason = service
@@ -292,7 +292,7 @@ async fn a_silent_destination_does_not_delay_the_others() {
         ));
     }
     let milter = protocol::Milter::start(&yaml).await;
-    let service = milter.service.clone();
+    let service = &milter;
     let started = std::time::Instant::now();
     wait_until(
         "example.com to be verified while the silent destinations hang",
