@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::{
-    dualroute, dualroute_output, free_port, MilterProcess, Sendmail, SendmailOptions, SinkRcpt,
-    SmtpClient, SmtpSink, SmtpTranscript,
+    dualroute, dualroute_output, MilterProcess, Sendmail, SendmailOptions, SinkRcpt, SmtpClient,
+    SmtpSink, SmtpTranscript,
 };
 
 use support::{message, GATEWAY_IP, INSTANCE, OTHER_IP, SENDER};
@@ -101,7 +101,7 @@ impl Setup {
         } else {
             SmtpSink::start()
         };
-        let milter_port = free_port();
+        let milter_port = support::Port::reserve();
         let config = dir.join("milter.yaml");
         let state_dir = dir.join("state");
         let gateways = if self.gateways.is_empty() {
@@ -149,7 +149,7 @@ impl Setup {
                 )),
             );
         }
-        let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+        let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
         E2e {
             sendmail,
             milter,
