@@ -257,10 +257,12 @@ pub fn inherited(listen: &crate::config::Socket) -> Result<Option<Inherited>, So
     let fd = match (fds.next(), fds.len()) {
         (None, _) => return Ok(None),
         (Some(fd), 0) => fd,
-        (Some(_), more) => return Err(SocketError::Activation(format!(
+        (Some(_), more) => {
+            return Err(SocketError::Activation(format!(
             "LISTEN_FDS={}: dualroute serves one socket; give its socket unit one ListenStream=",
             more + 1
-        ))),
+        )))
+        }
     };
     // SAFETY: sd_listen_fds(3): with LISTEN_PID our pid, descriptors from
     // 3 on are passed to this process, open, and nothing else in it uses

@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 /// How long `dualroute run` may take to listen, or to exit after a signal.
 const START: Duration = Duration::from_secs(10);
 
+/// What `dualroute run` logs when it serves (src/service/mod.rs, beside
+/// sd_notify READY=1).
+const READY: &str = " listening on ";
+
 /// `dualroute run --config …` as a child process, its stderr appended to a
 /// log file (logging `info`, and `debug` for dualroute itself: the
 /// decisions). Killed on Drop.
@@ -134,6 +138,7 @@ impl MilterProcess {
             .append(true)
             .open(&self.log)
             .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
+        let started_before = self.log().matches(READY).count();
         // The Command holds our copy of the listening socket: it goes out
         // of scope with spawn, so that only the child listens.
         let mut child = match &self.port {
@@ -151,7 +156,16 @@ impl MilterProcess {
         .spawn()
         .expect("run dualroute");
         let deadline = Instant::now() + START;
-        while !self.is_serving() {
+        // A passed socket listens from the fork on, before the milter has
+        // loaded its configuration: ready is its "listening on" line (what
+        // it logs as it tells systemd READY=1), one more than before. A
+        // unix socket it binds itself, after loading (tests/socket.rs
+        // signals it while it is stalled there).
+        let ready = |milter: &Self| {
+            milter.is_serving()
+                && (milter.port.is_none() || milter.log().matches(READY).count() > started_before)
+        };
+        while !ready(self) {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
                     "dualroute run exited ({status}) before listening on {}:\n{}",
