@@ -101,13 +101,32 @@ fn run(path: PathBuf, args: &dualroute::cli::RunArgs) -> ExitCode {
     runtime.block_on(serve(path))
 }
 
-/// A bound listening socket of either kind.
+/// A bound listening socket of either kind; a unix socket we bound
+/// ourselves comes with the file to remove on exit.
 enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, dualroute::socket::SocketFile),
+    Unix(UnixListener, Option<dualroute::socket::SocketFile>),
 }
 
+/// The socket a service manager passed (systemd socket activation; it must
+/// be the one `listen:` names, src/socket.rs), else `listen:` bound here.
 async fn listen(listen: &config::Socket) -> Result<Listener, String> {
+    let inherited = dualroute::socket::inherited(listen).map_err(|e| e.to_string())?;
+    if let Some(socket) = inherited {
+        info!("{listen}: the socket passed by the service manager (LISTEN_FDS)");
+        let listener = match socket {
+            dualroute::socket::Inherited::Tcp(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map(Listener::Tcp),
+            // The service manager created the file and removes it.
+            dualroute::socket::Inherited::Unix(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| UnixListener::from_std(l))
+                .map(|l| Listener::Unix(l, None)),
+        };
+        return listener.map_err(|e| format!("cannot serve the socket passed for {listen}: {e}"));
+    }
     match listen {
         config::Socket::Inet { host, port } => TcpListener::bind((host.as_str(), *port))
             .await
@@ -119,7 +138,7 @@ async fn listen(listen: &config::Socket) -> Result<Listener, String> {
                 .listener
                 .set_nonblocking(true)
                 .and_then(|()| UnixListener::from_std(bound.listener))
-                .map(|l| Listener::Unix(l, bound.file))
+                .map(|l| Listener::Unix(l, Some(bound.file)))
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))
         }
     }
@@ -174,7 +193,9 @@ async fn serve(path: PathBuf) -> ExitCode {
         Listener::Tcp(l) => dualroute::run(l, start, requests, shutdown).await,
         Listener::Unix(l, file) => {
             let r = dualroute::run(l, start, requests, shutdown).await;
-            file.remove_if_ours();
+            if let Some(file) = file {
+                file.remove_if_ours();
+            }
             r
         }
     };

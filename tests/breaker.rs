@@ -666,7 +666,7 @@ fn postfix_bounces_trip_the_breaker_end_to_end() {
         .expect("a temporary directory");
     let dir = tmp.path();
     let sink = support::SmtpSink::start_rejecting();
-    let milter_port = support::free_port();
+    let milter_port = support::Port::reserve();
     let config = dir.join("milter.yaml");
     let state = dir.join("state");
     let domains = format!(
@@ -696,7 +696,7 @@ domains:
         ),
     )
     .unwrap();
-    let mut milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+    let mut milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
 
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = |milter: &MilterProcess| {
@@ -930,7 +930,7 @@ fn postfix_trip_notifies_the_admin_end_to_end() {
     let dir = tmp.path();
     let refusing = support::SmtpSink::start_rejecting();
     let other = support::SmtpSink::start();
-    let milter_port = support::free_port();
+    let milter_port = support::Port::reserve();
     let config = dir.join("milter.yaml");
     let state = dir.join("state");
     let domains = format!(
@@ -967,7 +967,7 @@ domains:
         ),
     )
     .unwrap();
-    let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
     let admin = || pf.maildir_messages("postmaster@example.net");

@@ -106,8 +106,8 @@ async fn refused_reloads_are_notified_at_most_once_per_interval() {
 
 #[tokio::test]
 async fn an_mta_that_cannot_be_reached_does_not_touch_mail() {
-    // Nothing listens there.
-    let port = support::free_port();
+    // Nothing listens there: reserved, never listening, so refused.
+    let port = support::Port::reserve();
     let dir = tempfile::tempdir().unwrap();
     let milter = start(
         dir.path(),

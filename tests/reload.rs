@@ -5,7 +5,7 @@
 
 mod support;
 use support::protocol;
-use support::{free_port, MilterProcess};
+use support::{MilterProcess, Port};
 
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,7 +150,7 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
 #[test]
 fn binary_reloads_when_an_account_file_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = Port::reserve();
     let accounts = dir.path().join("accounts");
     std::fs::write(&accounts, "alice@example.com\n").unwrap();
     let path = dir.path().join("milter.yaml");
@@ -162,7 +162,7 @@ fn binary_reloads_when_an_account_file_changes() {
         ),
     )
     .unwrap();
-    let mut milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
+    let mut milter = MilterProcess::start(&path, &port, &dir.path().join("stderr"));
     let addr = milter.addr();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let result = rt.block_on(async {
