@@ -242,3 +242,25 @@ fn the_reader_finds_a_circle_when_there_is_one() {
     let paths = crate_paths("use crate::{breaker, holds::{Hold, Holds}};\nlet m = crate::metrics::Metrics::new(); dualroute_crate::x");
     assert_eq!(paths, ["breaker", "holds", "metrics"]);
 }
+
+/// No file under src/ is over 900 lines (issue 22: a file does one job;
+/// one over ~700 lines says why in its first comment).
+#[test]
+fn no_file_in_src_is_over_900_lines() {
+    fn walk(dir: &Path, out: &mut Vec<(String, usize)>) {
+        for entry in fs::read_dir(dir).expect("read src/") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let lines = fs::read_to_string(&path).expect("read").lines().count();
+                out.push((path.display().to_string(), lines));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    assert!(files.len() > 20, "found only {files:?}");
+    let over: Vec<_> = files.iter().filter(|(_, n)| *n > 900).collect();
+    assert!(over.is_empty(), "split by job: {over:?}");
+}

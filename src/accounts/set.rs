@@ -26,17 +26,7 @@ pub struct MatchRules {
 impl MatchRules {
     /// The comparison key of an unquoted local part.
     pub fn key<'a>(&self, unquoted_local: &'a str) -> Cow<'a, str> {
-        match self.case {
-            LocalPartCase::Sensitive => Cow::Borrowed(unquoted_local),
-            LocalPartCase::Insensitive
-                if unquoted_local
-                    .bytes()
-                    .any(|b| b.is_ascii_uppercase() || b >= 0x80) =>
-            {
-                Cow::Owned(unquoted_local.to_lowercase())
-            }
-            LocalPartCase::Insensitive => Cow::Borrowed(unquoted_local),
-        }
+        self.case.key(unquoted_local)
     }
 
     /// `bob+news` → `bob`: the part before the first delimiter, as Postfix
