@@ -188,7 +188,7 @@ pub fn negotiation(offered: Actions, offered_opts: ProtoOpts) -> Negotiation {
         degraded
             .push("no no-reply options: one more round trip per header line, MAIL and connection");
     }
-    // CHANGE_HEADER deletes the notifier's token header (src/notify.rs);
+    // CHANGE_HEADER deletes the notifier's token header (src/notify/);
     // without it the token is only ever honoured once.
     Negotiation {
         actions: (NEEDED_ACTIONS
@@ -308,7 +308,7 @@ async fn mail(shared: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>
         .filter(|s| !s.is_empty());
     let session = cx.data.get_or_insert_with(Session::default);
     // dualroute's own notification to the administrator: never routed
-    // (src/notify.rs). Without a message, RCPT and end of message change
+    // (src/notify/). Without a message, RCPT and end of message change
     // nothing.
     if session
         .peer
@@ -542,11 +542,11 @@ async fn end_of_message(
         .macros
         .get(c"i")
         .map_or(Cow::Borrowed("NOQUEUE"), borrowed);
-    // The notifier's token never stays in a message (src/notify.rs).
+    // The notifier's token never stays in a message (src/notify/).
     delete_token_headers(&cx.actions, message, &queue_id).await;
     if message.non_smtp {
         // Our own notification, submitted with the `sendmail` command: not
-        // routed, as on the SMTP path (src/notify.rs).
+        // routed, as on the SMTP path (src/notify/).
         if shared.outbox.is_own_token(&message.notify_tokens) {
             info!(queue_id = %queue_id, from = %message.sender, "message from dualroute's own notifier (sendmail): not routed, no changes");
             return Status::Continue;

@@ -174,7 +174,7 @@ async fn hash_table_reloads_after_postmap_not_after_an_edit() {
     // clears a refusal left by an earlier run.
     let milter = protocol::Milter::serve(protocol::start_at(&path, intervals)).await;
     let service = &milter;
-    assert_eq!(count(&service), 2);
+    assert_eq!(count(service), 2);
     tokio::time::sleep(every * 5).await;
     assert_eq!(state.reload_refused().unwrap(), None);
 
@@ -184,14 +184,10 @@ async fn hash_table_reloads_after_postmap_not_after_an_edit() {
     )
     .unwrap();
     tokio::time::sleep(every * 10).await;
-    assert_eq!(
-        count(&service),
-        2,
-        "the text changed, Postfix's .db did not"
-    );
+    assert_eq!(count(service), 2, "the text changed, Postfix's .db did not");
     postmap();
     wait_until("the postmap'ed table to be reloaded", || {
-        let n = count(&service);
+        let n = count(service);
         async move { (n == 3).then_some(()) }
     })
     .await;
@@ -261,7 +257,7 @@ async fn a_refused_shrink_holds_the_disputed_addresses_until_confirmed() {
     let (done, said) = support::dualroute(&path, &["confirm-accounts", "example.com"]);
     assert!(done.success(), "{said}");
     wait_until("the confirmed reload", || {
-        let n = count(&service);
+        let n = count(service);
         std::future::ready((n == 2).then_some(()))
     })
     .await;

@@ -259,7 +259,10 @@ fn no_file_in_src_is_over_900_lines() {
         }
     }
     let mut files = Vec::new();
-    walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
     assert!(files.len() > 20, "found only {files:?}");
     let over: Vec<_> = files.iter().filter(|(_, n)| *n > 900).collect();
     assert!(over.is_empty(), "split by job: {over:?}");

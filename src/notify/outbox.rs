@@ -201,7 +201,7 @@ mod tests {
         assert_ne!(a, b);
         assert!(!outbox.is_own_token(&["0123456789abcdef0123456789abcdef".into()]));
         assert!(!outbox.is_own_token(&[String::new()]));
-        assert!(outbox.is_own_token(&[b.clone()]));
+        assert!(outbox.is_own_token(std::slice::from_ref(&b)));
         assert!(!outbox.is_own_token(&[b]), "honoured twice");
         assert!(outbox.is_own_token(&[a]));
     }

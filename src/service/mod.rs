@@ -3,7 +3,7 @@
 //!
 //! It builds the shared handles (the policy in force, the holds in force,
 //! the metrics, the notifier's outbox; src/live.rs, src/holds/,
-//! src/metrics.rs, src/notify.rs) and the reload actor that alone changes
+//! src/metrics.rs, src/notify/) and the reload actor that alone changes
 //! the first two ([`actor`]), then starts each task with only the handles
 //! it uses, and the milter's callbacks (src/milter.rs) with theirs. No
 //! part imports this module back.

@@ -180,7 +180,7 @@ async fn settle(service: &Verify, o: &Outcome, backoff: Duration) -> bool {
     // State writes fsync: blocking I/O, off the runtime's workers.
     let written = tokio::task::spawn_blocking(move || {
         let dir = state::StateDir::new(&live.current().config.state_dir);
-        // The administrator hears of a change only (src/notify.rs).
+        // The administrator hears of a change only (src/notify/).
         let previous = dir.load(&name2).ok().and_then(|s| s.verification);
         let previous = previous.filter(|p| p.target == v.target);
         let news = Event::verification(&name2, previous.as_ref(), &v, &address);
