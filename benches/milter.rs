@@ -594,7 +594,7 @@ fn protocol_arm(o: &Options) {
     for (suffix, kind) in endpoints {
         let at = |name: &str| match kind {
             Endpoint::Unix(_) => Endpoint::Unix(dir.join(format!("{name}.sock"))),
-            Endpoint::Tcp(_) => Endpoint::Tcp(support::free_port()),
+            Endpoint::Tcp(_) => Endpoint::Tcp(unused_port()),
         };
         let mut binaries = vec![("dualroute", PathBuf::from(env!("CARGO_BIN_EXE_dualroute")))];
         binaries.extend(o.before.clone().map(|b| ("dualroute before", b)));
@@ -914,12 +914,26 @@ fn reload_arm(o: &Options) {
     assert_eq!(failed, 0, "failed conversations during reloads");
 }
 
+/// A loopback port nothing listens on now, for a milter the benchmark
+/// starts and that binds it itself (the baseline builds and the no-op
+/// take no socket from us, unlike the tests' `MilterProcess`:
+/// tests/support/ports.rs). Unlike the tests, a benchmark may lose this
+/// race: another process that takes the port in between makes that
+/// milter fail to bind, with the error in its output. Acceptable for a
+/// benchmark run by hand on a quiet machine, not for a test.
+fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
 // ---------------------------------------------------------------------
 // Postfix arm.
 // ---------------------------------------------------------------------
 
 fn postfix_arm(o: &Options) {
-    use support::{free_port, Postfix, PostfixOptions};
+    use support::{Postfix, PostfixOptions};
     let tmp = tempfile::tempdir().expect("temporary directory");
     let dir = tmp.path();
     // smtpd (user postfix) connects to the unix sockets in here.
@@ -947,8 +961,8 @@ fn postfix_arm(o: &Options) {
 
     // The milters: dualroute and the no-op over a unix socket and over
     // TCP; the no-op's protocol options one by one, over a unix socket.
-    let dr_port = free_port();
-    let noop_port = free_port();
+    let dr_port = unused_port();
+    let noop_port = unused_port();
     let dr_unix = dir.join("dualroute.sock");
     let mut servers = Vec::new();
     // Routed mail goes to a sink standing in for the other server.
@@ -1021,7 +1035,7 @@ fn postfix_arm(o: &Options) {
         .apply_to(PostfixOptions::default().domain_without_catchall("bench.test", &[KEPT]));
     let mut ports = Vec::new();
     for (_, milter, _) in &arms {
-        let port = free_port();
+        let port = unused_port();
         let setting = format!(" -o smtpd_milters={milter} -o milter_default_action=tempfail");
         opts = opts.master_cf(&format!("127.0.0.1:{port} inet n - n - - smtpd{setting}"));
         ports.push(port);

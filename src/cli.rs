@@ -17,6 +17,10 @@ use std::{net::IpAddr, path::PathBuf};
                  too) and no timestamp under systemd, whose journal stamps them itself.
   NOTIFY_SOCKET  set by systemd (Type=notify): `run` reports READY after binding the socket
                  and RELOADING/READY around a SIGHUP reload.
+  LISTEN_FDS, LISTEN_PID  set by systemd socket activation (a dualroute.socket unit): `run`
+                 serves the passed socket instead of binding `listen:`. It must be the socket
+                 `listen:` names (same address and port, or the same path); otherwise `run`
+                 stops with an error saying both. One socket only.
   DUALROUTE_THREADS  how many threads `run` serves the MTA with: 1 for a single thread,
                  N for a pool of N; unset: one thread (the least CPU per message and
                  the shortest replies in BENCHMARKS.md; a pool only pays off past

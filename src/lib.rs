@@ -5,8 +5,9 @@
 //! The decision for a recipient is the pure function [`decision::decide`]
 //! of the policy (src/policy.rs: configuration plus accounts) and the
 //! runtime holds (src/holds/). Everything else is a shell around it:
-//! [`milter`] for the protocol, [`service`] for the running milter and its
-//! tasks, [`explain`] and [`commands`] for the command line.
+//! [`milter`] for the protocol, [`run`] for the running milter and its
+//! tasks (reached from outside through a [`Control`]), [`explain`] and
+//! [`commands`] for the command line.
 
 pub mod accounts;
 pub mod address;
@@ -16,26 +17,29 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod decision;
-pub mod dns;
-pub mod doctor;
+mod dns;
+mod doctor;
 pub mod explain;
 pub mod holds;
-pub mod listener;
-pub mod live;
+mod listener;
+mod live;
 pub mod logging;
 pub mod metrics;
 pub mod milter;
-pub mod notify;
+mod notify;
 pub mod policy;
-pub mod postfix;
+mod postfix;
 pub mod probe;
-pub mod provider;
+mod provider;
 pub mod runtime;
 pub mod sendmail;
-pub mod service;
+mod service;
 pub mod session;
 pub mod socket;
 pub mod state;
-pub mod table;
+pub mod systemd;
+mod table;
 
-pub use service::{load_policy, run, LoadError, Service};
+pub use listener::Peer;
+pub use live::{load_policy, LoadError};
+pub use service::{control, run, Control, Intervals, Requests, Start};

@@ -1,23 +1,25 @@
 //! The `dualroute` command: parses options, loads the configuration, binds
-//! the socket, turns signals into channels and hands over to the service
-//! (src/service/), which owns every task of the running milter.
+//! the socket, turns signals into requests on a [`dualroute::Control`] and
+//! hands over to [`dualroute::run`], which owns every task of the running
+//! milter (src/service/).
 
 use clap::Parser;
 use dualroute::cli::{Cli, Command};
-use dualroute::service::{notify, Intervals, Service};
+use dualroute::systemd::notify;
 use dualroute::{commands, config, decision::Envelope};
+use dualroute::{Control, Intervals, Start};
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
 };
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{error, info};
 
 mod allocator;
 
-/// mimalloc for small blocks, glibc for large ones (src/allocator.rs).
+/// mimalloc for small blocks, glibc for large ones (src/allocator.rs: 27k to
+/// 36k fewer instructions per conversation than glibc alone, issue 22).
 #[global_allocator]
 static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
@@ -99,13 +101,32 @@ fn run(path: PathBuf, args: &dualroute::cli::RunArgs) -> ExitCode {
     runtime.block_on(serve(path))
 }
 
-/// A bound listening socket of either kind.
+/// A bound listening socket of either kind; a unix socket we bound
+/// ourselves comes with the file to remove on exit.
 enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, dualroute::socket::SocketFile),
+    Unix(UnixListener, Option<dualroute::socket::SocketFile>),
 }
 
+/// The socket a service manager passed (systemd socket activation; it must
+/// be the one `listen:` names, src/socket.rs), else `listen:` bound here.
 async fn listen(listen: &config::Socket) -> Result<Listener, String> {
+    let inherited = dualroute::socket::inherited(listen).map_err(|e| e.to_string())?;
+    if let Some(socket) = inherited {
+        info!("{listen}: the socket passed by the service manager (LISTEN_FDS)");
+        let listener = match socket {
+            dualroute::socket::Inherited::Tcp(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map(Listener::Tcp),
+            // The service manager created the file and removes it.
+            dualroute::socket::Inherited::Unix(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| UnixListener::from_std(l))
+                .map(|l| Listener::Unix(l, None)),
+        };
+        return listener.map_err(|e| format!("cannot serve the socket passed for {listen}: {e}"));
+    }
     match listen {
         config::Socket::Inet { host, port } => TcpListener::bind((host.as_str(), *port))
             .await
@@ -117,7 +138,7 @@ async fn listen(listen: &config::Socket) -> Result<Listener, String> {
                 .listener
                 .set_nonblocking(true)
                 .and_then(|()| UnixListener::from_std(bound.listener))
-                .map(|l| Listener::Unix(l, bound.file))
+                .map(|l| Listener::Unix(l, Some(bound.file)))
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))
         }
     }
@@ -146,15 +167,21 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
-    let service = Service::new(&path, policy, Intervals::default());
-    // SIGHUP: reload configuration and accounts (src/service/reload.rs).
-    // A reload asked for while one runs is done once after it.
-    let (reload, reloads) = mpsc::channel(1);
+    let (control, requests) = dualroute::control();
+    // SIGHUP: reload configuration and accounts. Signals that come while
+    // one reload runs are one notification (tokio's signal stream), so
+    // they make one reload after it.
+    let sighup = (control.clone(), path.clone());
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let _ = reload.try_send(());
+            on_sighup(&sighup.0, &sighup.1).await;
         }
     });
+    let start = Start {
+        config_path: path,
+        policy,
+        intervals: Intervals::default(),
+    };
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: shutting down"),
@@ -163,10 +190,12 @@ async fn serve(path: PathBuf) -> ExitCode {
         notify(&[sd_notify::NotifyState::Stopping]);
     };
     let result = match listener {
-        Listener::Tcp(l) => dualroute::run(l, service, reloads, shutdown).await,
+        Listener::Tcp(l) => dualroute::run(l, start, requests, shutdown).await,
         Listener::Unix(l, file) => {
-            let r = dualroute::run(l, service, reloads, shutdown).await;
-            file.remove_if_ours();
+            let r = dualroute::run(l, start, requests, shutdown).await;
+            if let Some(file) = file {
+                file.remove_if_ours();
+            }
             r
         }
     };
@@ -174,4 +203,17 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+/// A reload asked for by SIGHUP. systemd (ExecReload) waits for READY=1
+/// after RELOADING=1, stamped with the monotonic clock (sd_notify(3)).
+async fn on_sighup(control: &Control, path: &Path) {
+    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+    reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+    notify(&reloading);
+    match control.reload().await {
+        Ok(()) => info!("SIGHUP: reloaded {}", path.display()),
+        Err(e) => error!("SIGHUP: reload failed, keeping the running configuration: {e}"),
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
 }

@@ -4,10 +4,10 @@
 //! Two kinds of numbers:
 //! - **counters**, incremented by small hooks in the shells: every
 //!   decision of the milter (src/milter.rs), conversations and errors,
-//!   reload results (src/service/reload.rs), verification probes
+//!   reload results (src/service/actor.rs), verification probes
 //!   (src/service/verify.rs), failures the bounce breaker counted
 //!   (src/breaker/), and the histogram of milter time per message;
-//! - **state**, read from the service at each scrape rather than kept in
+//! - **state**, read from the handles at each scrape rather than kept in
 //!   step by hooks: account-set sizes from the policy in force, and trip,
 //!   verification, routing and shadow state per domain from the holds in
 //!   force. A scrape therefore shows exactly what the milter decides
@@ -18,8 +18,9 @@
 //! without metrics (Prometheus then shows the target down).
 
 use crate::decision::Decision;
-use crate::holds::Hold;
-use crate::service::Service;
+use crate::holds::{Hold, Holds, LiveHolds};
+use crate::live::LivePolicy;
+use crate::policy::Policy;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
@@ -125,8 +126,8 @@ struct ErrorLabels {
     kind: &'static str,
 }
 
-/// The service's metrics: one per [`Service`], so that two services in
-/// one process (the tests) count apart.
+/// The service's metrics: one per running service (`run` makes it), so
+/// that two services in one process (the tests) count apart.
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
@@ -352,11 +353,10 @@ impl Metrics {
         self.milter_seconds.observe(busy.as_secs_f64());
     }
 
-    /// The metrics in the OpenMetrics text format, with the state of the
-    /// service as it is now.
-    pub fn render(&self, service: &Service) -> String {
+    /// The metrics in the OpenMetrics text format, with the state of
+    /// `policy` and `holds` (those in force, when the endpoint serves it).
+    pub fn render(&self, policy: &Policy, holds: &Holds) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
-        let (policy, holds) = (service.policy(), service.holds());
         // Cleared first: a domain a reload removed is no longer shown.
         for family in [
             &self.accounts,
@@ -398,10 +398,10 @@ impl Metrics {
 
 /// Serves `GET /metrics` on `metrics.listen` for the life of the service;
 /// returns at once when there is no `metrics:`. Read at start: a reload
-/// that changes `metrics:` needs a restart (src/service/reload.rs says
+/// that changes `metrics:` needs a restart (src/service/actor.rs says
 /// so).
-pub async fn serve(service: Arc<Service>) {
-    let Some(config) = service.policy().config.metrics.clone() else {
+pub(crate) async fn serve(metrics: Arc<Metrics>, policy: Arc<LivePolicy>, holds: Arc<LiveHolds>) {
+    let Some(config) = policy.current().config.metrics.clone() else {
         return;
     };
     let addr = config.listen.0;
@@ -432,10 +432,12 @@ pub async fn serve(service: Arc<Service>) {
                 continue;
             }
         };
-        let service = service.clone();
+        let state = (metrics.clone(), policy.clone(), holds.clone());
         connections.spawn(async move {
             let handler = hyper::service::service_fn(move |request| {
-                let response = respond(&service, &request);
+                let (metrics, policy, holds) = &state;
+                let text = || metrics.render(&policy.current(), &holds.current());
+                let response = respond(text, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
             let served = hyper::server::conn::http1::Builder::new()
@@ -452,7 +454,9 @@ pub async fn serve(service: Arc<Service>) {
     }
 }
 
-fn respond(service: &Service, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// The reply to `request`; `text` renders the metrics (only for a GET of
+/// /metrics).
+fn respond(text: impl FnOnce() -> String, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -462,11 +466,7 @@ fn respond(service: &Service, request: &Request<Incoming>) -> Response<Full<Byte
         r
     };
     match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => reply(
-            StatusCode::OK,
-            CONTENT_TYPE,
-            service.metrics.render(service),
-        ),
+        (&Method::GET | &Method::HEAD, "/metrics") => reply(StatusCode::OK, CONTENT_TYPE, text()),
         (_, "/metrics") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",

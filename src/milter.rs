@@ -3,8 +3,11 @@
 
 use crate::address::RcptArg;
 use crate::decision::{Decision, Envelope, Rejection};
+use crate::holds::LiveHolds;
+use crate::live::LivePolicy;
 use crate::metrics::Kind;
-use crate::service::Service;
+use crate::metrics::Metrics;
+use crate::notify::Outbox;
 use crate::session::{
     managed_domain, Message, Plan, Rcpt, Session, LOOP_HEADER, NOTIFY_TOKEN_HEADER,
 };
@@ -18,27 +21,34 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, error, info, warn};
 
-pub fn callbacks(service: Arc<Service>) -> Callbacks<Session> {
-    let (at_negotiate, at_rcpt, at_eom) = (service.clone(), service.clone(), service.clone());
+/// What the callbacks use of the running service (the policy in force,
+/// each message keeping the one it began with; the holds, read per RCPT;
+/// the counters; the outbox, which knows the milter's own notifications).
+/// `run` hands it over (src/service/mod.rs).
+pub(crate) struct Shared {
+    pub policy: Arc<LivePolicy>,
+    pub holds: Arc<LiveHolds>,
+    pub metrics: Arc<Metrics>,
+    pub outbox: Arc<Outbox>,
+}
+
+pub(crate) fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
+    let (at_negotiate, at_rcpt, at_eom) = (shared.clone(), shared.clone(), shared.clone());
     Callbacks::new()
         .on_negotiate(move |cx, offered, opts| {
             // The body only when some domain has a size limit: counting it
             // is all it is needed for, and it is the bulk of the traffic.
             let want_body = at_negotiate
-                .policy()
+                .policy
+                .current()
                 .domains
                 .values()
                 .any(|d| d.config.max_size.is_some());
-            Box::pin(negotiate(
-                at_negotiate.clone(),
-                cx,
-                offered,
-                opts,
-                want_body,
-            ))
+            let shared = at_negotiate.clone();
+            Box::pin(negotiate(shared, cx, offered, opts, want_body))
         })
         .on_connect(|cx, hostname, socket| Box::pin(connect(cx, hostname, socket)))
-        .on_mail(move |cx, args| Box::pin(mail(service.clone(), cx, args)))
+        .on_mail(move |cx, args| Box::pin(mail(shared.clone(), cx, args)))
         .on_rcpt(move |cx, args| Box::pin(rcpt(at_rcpt.clone(), cx, args)))
         .on_header(|cx, name, value| {
             Box::pin(async move {
@@ -87,19 +97,19 @@ const QUIET_STAGES: ProtoOpts = ProtoOpts::NOREPLY_CONNECT
     .union(ProtoOpts::NOREPLY_HEADER);
 
 async fn negotiate(
-    service: Arc<Service>,
+    shared: Arc<Shared>,
     cx: &mut NegotiateContext<Session>,
     offered: Actions,
     offered_opts: ProtoOpts,
     want_body: bool,
 ) -> Status {
-    service.metrics.conversation();
+    shared.metrics.conversation();
     let mut offer = negotiation(offered, offered_opts);
     if want_body {
         offer = offer.with_body(offered_opts);
     }
     if !offer.missing.is_empty() {
-        service.metrics.error("mta_offer");
+        shared.metrics.error("mta_offer");
     }
     // Every connection of an MTA offers the same: say it once, not per
     // SMTP session.
@@ -178,7 +188,7 @@ pub fn negotiation(offered: Actions, offered_opts: ProtoOpts) -> Negotiation {
         degraded
             .push("no no-reply options: one more round trip per header line, MAIL and connection");
     }
-    // CHANGE_HEADER deletes the notifier's token header (src/notify.rs);
+    // CHANGE_HEADER deletes the notifier's token header (src/notify/);
     // without it the token is only ever honoured once.
     Negotiation {
         actions: (NEEDED_ACTIONS
@@ -284,9 +294,9 @@ fn borrowed(s: &CStr) -> Cow<'_, str> {
     }
 }
 
-async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+async fn mail(shared: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let started = Instant::now();
-    let policy = service.policy();
+    let policy = shared.policy.current();
     // Only `require_gateway` looks at the login (src/decision.rs): a macro
     // lookup less per message without it.
     let auth = policy
@@ -298,11 +308,11 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
         .filter(|s| !s.is_empty());
     let session = cx.data.get_or_insert_with(Session::default);
     // dualroute's own notification to the administrator: never routed
-    // (src/notify.rs). Without a message, RCPT and end of message change
+    // (src/notify/). Without a message, RCPT and end of message change
     // nothing.
     if session
         .peer
-        .is_some_and(|p| service.outbox.is_own_connection(p))
+        .is_some_and(|p| shared.outbox.is_own_connection(p))
     {
         info!("MAIL from dualroute's own notifier: not routed, no changes");
         session.message = None;
@@ -313,7 +323,7 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
         auth,
     };
     let sender = args.first().map(|s| text(s)).unwrap_or_default();
-    let mut message = Message::new(policy, service.live_holds(), envelope, sender);
+    let mut message = Message::new(policy, shared.holds.clone(), envelope, sender);
     message.non_smtp = session.non_smtp;
     let params: Vec<&str> = args
         .iter()
@@ -326,7 +336,7 @@ async fn mail(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
     quiet(cx, ProtoOpts::NOREPLY_MAIL, Status::Continue)
 }
 
-async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+async fn rcpt(shared: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let started = Instant::now();
     let arg = rcpt_arg(&args);
     // Borrowed, not copied, in the usual case (valid UTF-8): this runs for
@@ -362,7 +372,7 @@ async fn rcpt(service: Arc<Service>, cx: &mut Context<Session>, args: Vec<CStrin
     // Refused (the rare case from here on). Refusals are counted now: the
     // recipient never reaches end of message, where the others are.
     if let Some(domain) = domain {
-        service
+        shared
             .metrics
             .decision(&domain.name, Kind::of(&verdict.decision), shadow);
     }
@@ -458,13 +468,13 @@ async fn header(cx: &mut Context<Session>, name: CString, value: CString) -> Sta
     Status::Continue
 }
 
-async fn eom(service: Arc<Service>, cx: &mut EomContext<Session>) -> Status {
+async fn eom(shared: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
     let started = Instant::now();
     let Some(message) = cx.data.as_mut().and_then(|s| s.message.take()) else {
         return Status::Continue;
     };
-    let status = end_of_message(&service, cx, &message).await;
-    service
+    let status = end_of_message(&shared, cx, &message).await;
+    shared
         .metrics
         .message_time(message.busy + started.elapsed());
     status
@@ -474,7 +484,7 @@ async fn eom(service: Arc<Service>, cx: &mut EomContext<Session>) -> Status {
 /// (refusals were counted at RCPT). A copy or redirect not made because
 /// the message carries our own loop header counts as `loop`, in shadow
 /// mode too: that is what live mode would have done.
-fn count_decisions(service: &Service, message: &Message) {
+fn count_decisions(shared: &Shared, message: &Message) {
     for r in message.recipients.iter().filter(|r| r.managed) {
         // Its domain as the policy names it: the parsed one, which found
         // the domain at RCPT (not looked up again per recipient).
@@ -494,7 +504,7 @@ fn count_decisions(service: &Service, message: &Message) {
         } else {
             Kind::of(&r.verdict.decision)
         };
-        service.metrics.decision(domain, kind, r.shadow);
+        shared.metrics.decision(domain, kind, r.shadow);
     }
 }
 
@@ -524,7 +534,7 @@ fn shadowed_actions(plan: &Plan, would: &Plan) -> Vec<String> {
 }
 
 async fn end_of_message(
-    service: &Service,
+    shared: &Shared,
     cx: &mut EomContext<Session>,
     message: &Message,
 ) -> Status {
@@ -532,12 +542,12 @@ async fn end_of_message(
         .macros
         .get(c"i")
         .map_or(Cow::Borrowed("NOQUEUE"), borrowed);
-    // The notifier's token never stays in a message (src/notify.rs).
+    // The notifier's token never stays in a message (src/notify/).
     delete_token_headers(&cx.actions, message, &queue_id).await;
     if message.non_smtp {
         // Our own notification, submitted with the `sendmail` command: not
-        // routed, as on the SMTP path (src/notify.rs).
-        if service.outbox.is_own_token(&message.notify_tokens) {
+        // routed, as on the SMTP path (src/notify/).
+        if shared.outbox.is_own_token(&message.notify_tokens) {
             info!(queue_id = %queue_id, from = %message.sender, "message from dualroute's own notifier (sendmail): not routed, no changes");
             return Status::Continue;
         }
@@ -585,7 +595,7 @@ async fn end_of_message(
         );
     }
     if plan.refuse_loop {
-        count_decisions(service, message);
+        count_decisions(shared, message);
         let r = Rejection {
             code: "554",
             xcode: "5.4.6",
@@ -604,7 +614,7 @@ async fn end_of_message(
         return refuse(&mut cx.reply, &r, Status::Reject);
     }
     if plan.loop_detected {
-        count_decisions(service, message);
+        count_decisions(shared, message);
         warn!(
             queue_id = %queue_id,
             from = %message.sender,
@@ -647,7 +657,7 @@ async fn end_of_message(
     .await;
     match result {
         Ok(()) => {
-            count_decisions(service, message);
+            count_decisions(shared, message);
             info!(queue_id = %queue_id, from = %message.sender, "{}", message.summary());
             Status::Continue
         }
@@ -655,7 +665,7 @@ async fn end_of_message(
             // The MTA applies none of a failed message's changes; a
             // temporary failure makes the client retry (nothing lost, and
             // its decisions are counted when it comes back).
-            service.metrics.error("eom_actions");
+            shared.metrics.error("eom_actions");
             error!(queue_id = %queue_id, "could not send end-of-message actions: {e}; tempfail");
             Status::Tempfail
         }

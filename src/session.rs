@@ -18,7 +18,7 @@ pub const LOOP_HEADER: &str = "X-Dualroute";
 pub struct Session {
     pub client: Option<IpAddr>,
     /// The client's address and port, to recognise dualroute's own
-    /// notifications (src/notify.rs).
+    /// notifications (src/notify/).
     pub peer: Option<std::net::SocketAddr>,
     pub message: Option<Message>,
     /// The stages the MTA agreed not to wait for a reply to (negotiated in
@@ -80,12 +80,12 @@ pub struct Message {
     /// recipient.
     pub non_smtp: bool,
     /// Values of the notifier's token header ([`NOTIFY_TOKEN_HEADER`]),
-    /// checked at end of message (src/notify.rs).
+    /// checked at end of message (src/notify/).
     pub notify_tokens: Vec<String>,
 }
 
 /// The header that carries the notifier's one-time token on mail it
-/// submits with the `sendmail` command (src/notify.rs).
+/// submits with the `sendmail` command (src/notify/).
 pub const NOTIFY_TOKEN_HEADER: &str = "X-Dualroute-Notify-Token";
 
 /// What the milter knows of a message's size: the client's `SIZE=` at

@@ -30,6 +30,10 @@ pub const POSTFIX_CHROOT: &str = "/var/spool/postfix";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
+    #[error("socket activation: {0}")]
+    Activation(String),
+    #[error("socket activation: the service manager passed a socket on {inherited}, but milter.yaml says listen: {listen}; make the socket unit's ListenStream= and `listen:` name the same socket (postfix-config and sendmail-config tell the MTA `listen:`)")]
+    Mismatch { inherited: String, listen: String },
     #[error("another dualroute (or another program) is listening on {0}; stop it first, or give this instance another `listen:`")]
     InUse(PathBuf),
     #[error("{path} exists and is not a socket; it is left alone: remove it or choose another `listen:` path")]
@@ -225,6 +229,81 @@ impl SocketFile {
             ),
             Err(_) => {}
         }
+    }
+}
+
+/// A listening socket passed by a service manager (systemd socket
+/// activation, sd_listen_fds(3)): `dualroute.socket` binds, `run` serves.
+#[derive(Debug)]
+pub enum Inherited {
+    Tcp(std::net::TcpListener),
+    Unix(UnixListener),
+}
+
+/// The socket a service manager passed (LISTEN_PID is this process,
+/// LISTEN_FDS=1, the socket is fd 3), or `None` when there is none.
+///
+/// It must be the socket `listen:` names: `postfix-config` and
+/// `sendmail-config` point the MTA at `listen:`, so a unit listening
+/// elsewhere would leave the MTA knocking at a socket nobody serves (and
+/// every message tempfailed, or passed unfiltered with
+/// milter_default_action = accept). A disagreement stops `run` instead
+/// (docs/design.md, "Socket activation"). Call once: the descriptor is
+/// taken over.
+pub fn inherited(listen: &crate::config::Socket) -> Result<Option<Inherited>, SocketError> {
+    let fds = sd_notify::listen_fds()
+        .map_err(|e| SocketError::Activation(format!("LISTEN_PID/LISTEN_FDS: {e}")))?;
+    let mut fds = fds.into_iter();
+    let fd = match (fds.next(), fds.len()) {
+        (None, _) => return Ok(None),
+        (Some(fd), 0) => fd,
+        (Some(_), more) => {
+            return Err(SocketError::Activation(format!(
+            "LISTEN_FDS={}: dualroute serves one socket; give its socket unit one ListenStream=",
+            more + 1
+        )))
+        }
+    };
+    // SAFETY: sd_listen_fds(3): with LISTEN_PID our pid, descriptors from
+    // 3 on are passed to this process, open, and nothing else in it uses
+    // them; `listen_fds` returned fd 3 once and this is its only owner.
+    let socket = socket2::Socket::from(unsafe {
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
+    let not_listening = |why: String| {
+        SocketError::Activation(format!("fd {fd} (LISTEN_FDS=1) is not a listening stream socket: {why}; the socket unit needs ListenStream="))
+    };
+    match (socket.r#type(), socket.is_listener()) {
+        (Ok(socket2::Type::STREAM), Ok(true)) => {}
+        (Err(e), _) | (_, Err(e)) => return Err(not_listening(e.to_string())),
+        (Ok(_), Ok(_)) => return Err(not_listening("not SOCK_STREAM, or not listening".into())),
+    }
+    let local = socket
+        .local_addr()
+        .map_err(|e| not_listening(e.to_string()))?;
+    let mismatch = |inherited: String| SocketError::Mismatch {
+        inherited,
+        listen: listen.to_string(),
+    };
+    match (listen, local.as_socket(), local.as_pathname()) {
+        (crate::config::Socket::Inet { host, port }, Some(addr), _) => {
+            let named = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), *port))
+                .map(|mut addrs| addrs.any(|a| a == addr))
+                .unwrap_or(false);
+            if !named {
+                return Err(mismatch(format!("inet:{addr}")));
+            }
+            Ok(Some(Inherited::Tcp(socket.into())))
+        }
+        (crate::config::Socket::Unix(path), None, Some(bound)) => {
+            if bound != path.as_path() {
+                return Err(mismatch(format!("unix:{}", bound.display())));
+            }
+            Ok(Some(Inherited::Unix(socket.into())))
+        }
+        (_, Some(addr), _) => Err(mismatch(format!("inet:{addr}"))),
+        (_, None, Some(bound)) => Err(mismatch(format!("unix:{}", bound.display()))),
+        (_, None, None) => Err(mismatch("an unnamed socket".into())),
     }
 }
 

@@ -548,7 +548,7 @@ fn a_descendant_that_escapes_the_process_group_is_ended() {
 /// one that lost most accounts all keep the last good set.
 #[tokio::test]
 async fn command_refresh_keeps_the_last_good_set() {
-    use dualroute::service::Intervals;
+    use dualroute::Intervals;
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("directory.txt");
     let write_list = |names: &[&str]| {
@@ -568,8 +568,9 @@ async fn command_refresh_keeps_the_last_good_set() {
         accounts: std::time::Duration::from_millis(100),
         ..Intervals::default()
     };
-    let service = support::protocol::service_at(&path, intervals);
-    let milter = support::protocol::Milter::serve(service.clone()).await;
+    let milter =
+        support::protocol::Milter::serve(support::protocol::start_at(&path, intervals)).await;
+    let service = &milter;
     assert_eq!(accounts_of(&service.policy()), 4);
 
     write_list(&["alice", "bob", "carol", "dave", "erin"]);

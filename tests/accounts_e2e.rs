@@ -14,8 +14,8 @@ mod support;
 use std::fs;
 use std::path::Path;
 use support::{
-    dualroute, free_port, poll, postfix_config, MilterProcess, Postfix, PostfixOptions, SmtpClient,
-    SmtpSink, OUTSIDE_IP,
+    dualroute, poll, postfix_config, MilterProcess, Postfix, PostfixOptions, SmtpClient, SmtpSink,
+    OUTSIDE_IP,
 };
 
 const SENDER: &str = "sender@outside.test";
@@ -38,7 +38,7 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
         .unwrap();
     let dir = tmp.path();
     let sink = SmtpSink::start();
-    let port = free_port();
+    let port = support::Port::reserve();
     let accounts = dir.join("example.com.accounts");
     rewrite(&accounts, &["alice", "bob", "carol", "dave"]);
     let config = dir.join("milter.yaml");
@@ -63,7 +63,7 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
         ],
     );
     let pf = Postfix::start(generated.apply_to(opts));
-    let milter = MilterProcess::start(&config, port, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&config, &port, &dir.join("milter.log"));
     let client = SmtpClient::new(pf.smtp_addr()).bind(OUTSIDE_IP);
     let diag = |what: &str| {
         format!(
@@ -178,7 +178,7 @@ fn emptied_or_halved_account_file_keeps_mail_local() {
 #[test]
 fn no_domains_starts_transparent_with_a_warning() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::Port::reserve();
     let config = tmp.path().join("milter.yaml");
     fs::write(
         &config,
@@ -194,7 +194,7 @@ fn no_domains_starts_transparent_with_a_warning() {
         out.contains("no domains configured: dualroute changes nothing"),
         "{out}"
     );
-    let milter = MilterProcess::start(&config, port, &tmp.path().join("milter.log"));
+    let milter = MilterProcess::start(&config, &port, &tmp.path().join("milter.log"));
     milter.wait_log(&["no domains configured"], 1);
     let log = milter.log();
     assert!(

@@ -4,10 +4,9 @@
 //! `dualroute status` until a good load clears it.
 
 mod support;
-use dualroute::service::{reload::reload, Intervals, Service};
+use dualroute::Intervals;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use support::{protocol, wait_until};
 
 fn write_config(dir: &Path, extra: &str) -> PathBuf {
@@ -48,9 +47,20 @@ fn status(path: &Path) -> (bool, String) {
     )
 }
 
-fn count(service: &Service) -> usize {
-    let p = service.policy();
+fn count(milter: &protocol::Milter) -> usize {
+    let p = milter.policy();
     p.domains["example.com"].accounts.as_ref().unwrap().len()
+}
+
+/// Intervals for a service that reloads only when the test asks: its
+/// watches look first after an hour.
+fn by_hand() -> Intervals {
+    let hour = std::time::Duration::from_secs(3600);
+    Intervals {
+        state: hour,
+        accounts: hour,
+        verify: hour,
+    }
 }
 
 #[tokio::test]
@@ -58,14 +68,14 @@ async fn emptied_account_file_is_refused_and_shown() {
     let dir = tempfile::tempdir().unwrap();
     accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
     let path = write_config(dir.path(), "");
-    let service = protocol::service_at(&path, Intervals::default());
+    let service = protocol::Milter::serve(protocol::start_at(&path, by_hand())).await;
     assert_eq!(
         status(&path),
         (true, "example.com: mode split: active\n".into())
     );
 
     std::fs::write(dir.path().join("accounts"), "").unwrap();
-    let e = reload(&service).await.unwrap_err().to_string();
+    let e = service.reload().await.unwrap_err().to_string();
     assert!(e.contains("no account of example.com"), "{e}");
     assert_eq!(count(&service), 4, "the running accounts stay");
     let (ok, out) = status(&path);
@@ -77,7 +87,7 @@ async fn emptied_account_file_is_refused_and_shown() {
 
     // Fixed: the next reload loads and clears the refusal.
     accounts(dir.path(), &["alice", "bob", "carol", "dave", "erin"]);
-    reload(&service).await.unwrap();
+    service.reload().await.unwrap();
     assert_eq!(count(&service), 5);
     assert_eq!(
         status(&path),
@@ -90,18 +100,18 @@ async fn shrinking_by_half_is_refused_unless_the_limit_allows_it() {
     let dir = tempfile::tempdir().unwrap();
     accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
     let path = write_config(dir.path(), "");
-    let service = protocol::service_at(&path, Intervals::default());
+    let service = protocol::Milter::serve(protocol::start_at(&path, by_hand())).await;
 
     // One of four gone: a normal change.
     accounts(dir.path(), &["alice", "bob", "carol"]);
-    reload(&service).await.unwrap();
+    service.reload().await.unwrap();
     assert_eq!(count(&service), 3);
     accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
-    reload(&service).await.unwrap();
+    service.reload().await.unwrap();
 
     // Half gone: refused (default limit 0.5).
     accounts(dir.path(), &["alice", "bob"]);
-    let e = reload(&service).await.unwrap_err().to_string();
+    let e = service.reload().await.unwrap_err().to_string();
     assert!(
         e.contains("example.com would go from 4 to 2 accounts")
             && e.contains("accounts_shrink_limit"),
@@ -113,7 +123,7 @@ async fn shrinking_by_half_is_refused_unless_the_limit_allows_it() {
 
     // The administrator means it: the new limit applies to this reload.
     write_config(dir.path(), "accounts_shrink_limit: 0.8\n");
-    reload(&service).await.unwrap();
+    service.reload().await.unwrap();
     assert_eq!(count(&service), 2);
     let (ok, out) = status(&path);
     assert!(ok && !out.contains("REFUSED"), "{out}");
@@ -162,9 +172,9 @@ async fn hash_table_reloads_after_postmap_not_after_an_edit() {
     state.refuse_reload("left by an earlier run").unwrap();
     // The whole service, as `dualroute run` starts it: its account watch
     // clears a refusal left by an earlier run.
-    let milter = protocol::Milter::serve(protocol::service_at(&path, intervals)).await;
-    let service: Arc<Service> = milter.service.clone();
-    assert_eq!(count(&service), 2);
+    let milter = protocol::Milter::serve(protocol::start_at(&path, intervals)).await;
+    let service = &milter;
+    assert_eq!(count(service), 2);
     tokio::time::sleep(every * 5).await;
     assert_eq!(state.reload_refused().unwrap(), None);
 
@@ -174,14 +184,10 @@ async fn hash_table_reloads_after_postmap_not_after_an_edit() {
     )
     .unwrap();
     tokio::time::sleep(every * 10).await;
-    assert_eq!(
-        count(&service),
-        2,
-        "the text changed, Postfix's .db did not"
-    );
+    assert_eq!(count(service), 2, "the text changed, Postfix's .db did not");
     postmap();
     wait_until("the postmap'ed table to be reloaded", || {
-        let n = count(&service);
+        let n = count(service);
         async move { (n == 3).then_some(()) }
     })
     .await;
@@ -217,11 +223,11 @@ async fn a_refused_shrink_holds_the_disputed_addresses_until_confirmed() {
         accounts: std::time::Duration::from_millis(50),
         verify: std::time::Duration::from_secs(3600),
     };
-    let service = protocol::service_at(&path, intervals);
-    let milter = protocol::Milter::serve(service.clone()).await;
+    let milter = protocol::Milter::serve(protocol::start_at(&path, intervals)).await;
+    let service = &milter;
 
     accounts(dir.path(), &["alice", "erin"]);
-    let e = reload(&service).await.unwrap_err().to_string();
+    let e = service.reload().await.unwrap_err().to_string();
     assert!(
         e.contains("from 4 to 2 accounts") && e.contains("dualroute confirm-accounts example.com"),
         "{e}"
@@ -251,7 +257,7 @@ async fn a_refused_shrink_holds_the_disputed_addresses_until_confirmed() {
     let (done, said) = support::dualroute(&path, &["confirm-accounts", "example.com"]);
     assert!(done.success(), "{said}");
     wait_until("the confirmed reload", || {
-        let n = count(&service);
+        let n = count(service);
         std::future::ready((n == 2).then_some(()))
     })
     .await;
@@ -277,15 +283,15 @@ async fn restoring_the_source_settles_a_dispute() {
     let dir = tempfile::tempdir().unwrap();
     accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
     let path = write_config(dir.path(), "");
-    let service = protocol::service_at(&path, Intervals::default());
-    let milter = protocol::Milter::serve(service.clone()).await;
+    let milter = protocol::Milter::serve(protocol::start_at(&path, Intervals::default())).await;
+    let service = &milter;
     accounts(dir.path(), &["alice"]);
-    reload(&service).await.unwrap_err();
+    service.reload().await.unwrap_err();
     assert!(rcpt_outcome(&milter, "<bob@example.com>")
         .await
         .starts_with("451 4.4.4 "));
     accounts(dir.path(), &["alice", "bob", "carol", "dave"]);
-    reload(&service).await.unwrap();
+    service.reload().await.unwrap();
     assert_eq!(rcpt_outcome(&milter, "<bob@example.com>").await, "kept");
     let (ok, out) = status(&path);
     assert!(ok && !out.contains("HELD"), "{out}");
@@ -299,8 +305,8 @@ async fn losing_one_account_of_two_is_not_refused() {
     let dir = tempfile::tempdir().unwrap();
     accounts(dir.path(), &["alice", "bob"]);
     let path = write_config(dir.path(), "");
-    let service = protocol::service_at(&path, Intervals::default());
+    let service = protocol::Milter::serve(protocol::start_at(&path, by_hand())).await;
     accounts(dir.path(), &["alice"]);
-    reload(&service).await.unwrap();
+    service.reload().await.unwrap();
     assert_eq!(count(&service), 1);
 }

@@ -3,7 +3,7 @@
 //! shuts down cleanly on SIGTERM.
 
 mod support;
-use support::{dualroute_output, free_port, poll, MilterProcess};
+use support::{dualroute_output, poll, MilterProcess, Port};
 
 use std::net::TcpStream;
 
@@ -17,13 +17,13 @@ fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
 #[test]
 fn serves_reloads_and_stops() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = Port::reserve();
     let path = dir.path().join("milter.yaml");
     let good = |mode: &str| {
         format!("listen: inet:127.0.0.1:{port}\ninstance: cli.test\ndomains:\n  example.com:\n    mode: {mode}\n    destination: {{ hosts: [\"[192.0.2.1]\"] }}\n")
     };
     std::fs::write(&path, good("route")).unwrap();
-    let mut milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
+    let mut milter = MilterProcess::start(&path, &port, &dir.path().join("stderr"));
     assert!(
         milter
             .log()
@@ -71,7 +71,7 @@ fn serves_reloads_and_stops() {
         "{log}"
     );
     assert!(
-        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        TcpStream::connect(port.addr()).is_err(),
         "still listening after exit"
     );
 }
@@ -90,15 +90,15 @@ fn refuses_to_start_on_bad_config() {
 #[test]
 fn reload_that_changes_listen_warns_that_it_needs_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, other) = (free_port(), free_port());
+    let (port, other) = (Port::reserve(), Port::reserve());
     let path = dir.path().join("milter.yaml");
     let config = |port: u16| {
         format!("listen: inet:127.0.0.1:{port}\ninstance: cli.test\ndomains:\n  example.com:\n    mode: route\n    destination: {{ hosts: [\"[192.0.2.1]\"] }}\n")
     };
-    std::fs::write(&path, config(port)).unwrap();
-    let milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
+    std::fs::write(&path, config(port.number())).unwrap();
+    let milter = MilterProcess::start(&path, &port, &dir.path().join("stderr"));
 
-    std::fs::write(&path, config(other)).unwrap();
+    std::fs::write(&path, config(other.number())).unwrap();
     milter.signal("HUP");
     wait_for(|| milter.log().contains("SIGHUP: reloaded"), "the reload");
     let warning = format!("listen changed from inet:127.0.0.1:{port} to inet:127.0.0.1:{other}: a reload does not move the socket; restart dualroute");
@@ -109,7 +109,7 @@ fn reload_that_changes_listen_warns_that_it_needs_a_restart() {
         "a WARN {warning:?} expected:\n{log}"
     );
     // Still served where it was.
-    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "{log}");
+    assert!(TcpStream::connect(port.addr()).is_ok(), "{log}");
 
     // Every further reload repeats it until a restart.
     milter.signal("HUP");

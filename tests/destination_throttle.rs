@@ -11,7 +11,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{dualroute, free_port, MilterProcess, Postfix, PostfixOptions, SmtpClient, SmtpSink};
+use support::{dualroute, MilterProcess, Port, Postfix, PostfixOptions, SmtpClient, SmtpSink};
 
 fn yaml(milter_port: u16, state: &Path, nexthop: &str, extra: &str) -> String {
     format!(
@@ -53,14 +53,19 @@ fn rate_delay_paces_routed_mail_and_goes_away_with_the_key() {
         .expect("tmp");
     let dir = tmp.path();
     let sink = SmtpSink::start();
-    let milter_port = free_port();
+    let milter_port = Port::reserve();
     let pf = Postfix::start(PostfixOptions::default().domain("example.com", &[]));
     let etc = pf.config_dir();
     let config = dir.join("milter.yaml");
     let state = dir.join("state");
     fs::write(
         &config,
-        yaml(milter_port, &state, &sink.nexthop(), ", rate_delay: 2s"),
+        yaml(
+            milter_port.number(),
+            &state,
+            &sink.nexthop(),
+            ", rate_delay: 2s",
+        ),
     )
     .expect("write");
     let out = apply(&config, &etc);
@@ -77,7 +82,7 @@ fn rate_delay_paces_routed_mail_and_goes_away_with_the_key() {
 
     // Two routed messages: the second leaves two seconds after the first
     // (without the delay both arrive within a fraction of a second).
-    let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
     for rcpt in ["one@example.com", "two@example.com"] {
         let sent = SmtpClient::new(pf.smtp_addr()).send(
             "sender@outside.test",
@@ -102,7 +107,12 @@ fn rate_delay_paces_routed_mail_and_goes_away_with_the_key() {
     // concurrency instead of rate_delay: one parameter replaces the other.
     fs::write(
         &config,
-        yaml(milter_port, &state, &sink.nexthop(), ", concurrency: 3"),
+        yaml(
+            milter_port.number(),
+            &state,
+            &sink.nexthop(),
+            ", concurrency: 3",
+        ),
     )
     .expect("write");
     apply(&config, &etc);
@@ -114,7 +124,11 @@ fn rate_delay_paces_routed_mail_and_goes_away_with_the_key() {
     assert!(!set.contains("dualroute_destination_rate_delay"), "{set}");
 
     // Neither key: neither parameter.
-    fs::write(&config, yaml(milter_port, &state, &sink.nexthop(), "")).expect("write");
+    fs::write(
+        &config,
+        yaml(milter_port.number(), &state, &sink.nexthop(), ""),
+    )
+    .expect("write");
     apply(&config, &etc);
     let (set, _) = postconf_n(&etc);
     assert!(!set.contains("dualroute_destination_"), "{set}");

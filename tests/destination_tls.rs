@@ -17,9 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{
-    free_port, postfix_config, MilterProcess, Postfix, PostfixOptions, SmtpClient, SENDER,
-};
+use support::{postfix_config, MilterProcess, Port, Postfix, PostfixOptions, SmtpClient, SENDER};
 
 /// The other server's name, in its certificate.
 const DEST_NAME: &str = "mx.dest.test";
@@ -121,7 +119,6 @@ fn postfix_delivers_only_to_a_matching_certificate() {
 
     // The other server: STARTTLS with the test CA's certificate, on its
     // own port and a second one.
-    let second_port = free_port();
     let dest = Postfix::start(
         PostfixOptions::default()
             .domain_without_catchall("example.com", &["bob@example.com"])
@@ -130,14 +127,18 @@ fn postfix_delivers_only_to_a_matching_certificate() {
             .main_cf(&format!("smtpd_tls_cert_file = {}", pki.cert.display()))
             .main_cf(&format!("smtpd_tls_key_file = {}", pki.key.display()))
             .main_cf("smtpd_tls_security_level = may")
-            .master_cf(&format!("127.0.0.1:{second_port} inet n - n - - smtpd"))
+            .master_cf_on_a_port("127.0.0.1:PORT inet n - n - - smtpd")
             .master_cf(TLSMGR),
     );
-    let ports = (dest.port(), second_port);
+    let ports = (dest.port(), dest.service_ports()[0]);
 
-    let milter_port = free_port();
+    let milter_port = Port::reserve();
     let config = dir.join("milter.yaml");
-    fs::write(&config, yaml(milter_port, &dir.join("state"), ports, false)).expect("write");
+    fs::write(
+        &config,
+        yaml(milter_port.number(), &dir.join("state"), ports, false),
+    )
+    .expect("write");
     let out = dir.join("postfix-config");
     let generated = postfix_config(&config, &out);
     let policy = generated
@@ -172,7 +173,7 @@ fn postfix_delivers_only_to_a_matching_certificate() {
                 .master_cf(TLSMGR),
         ),
     );
-    let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
 
     for rcpt in ["bob@example.com", "carol@example.net"] {
         let sent = SmtpClient::new(sender.smtp_addr()).send(
@@ -233,7 +234,7 @@ fn postfix_delivers_only_to_a_matching_certificate() {
     let probe_config = dir.join("probe.yaml");
     fs::write(
         &probe_config,
-        yaml(milter_port, &dir.join("state"), ports, true),
+        yaml(milter_port.number(), &dir.join("state"), ports, true),
     )
     .expect("write");
     let (code, out) = verify(&probe_config, &pki.ca, "example.com");

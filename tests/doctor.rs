@@ -4,13 +4,12 @@
 //! checklist and exit code are checked line by line.
 
 mod support;
-use support::free_port;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const ZONE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/doctor/zone.conf");
 
@@ -36,11 +35,9 @@ impl Dnsmasq {
         let binary = dnsmasq_binary();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("dnsmasq.log");
-        // dnsmasq needs the port for both UDP and TCP; free_port checks
-        // TCP only, and another process may take it before dnsmasq binds,
-        // so a failed start is retried.
-        for _ in 0..5 {
-            let port = free_port();
+        // dnsmasq binds its port itself, UDP then TCP, and exits when it
+        // cannot: started again on another port (tests/support/ports.rs).
+        let (child, port) = support::start_on_a_port("dnsmasq", |port| {
             let mut child = Command::new(&binary)
                 .args([
                     "--no-daemon",
@@ -60,39 +57,45 @@ impl Dnsmasq {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
-            if ready(&mut child, port, Duration::from_secs(10)) {
-                return Dnsmasq {
-                    child,
-                    port,
-                    _dir: dir,
-                };
+            let pid = child.id();
+            // Up once its TCP socket listens (it binds UDP first).
+            let bound = support::ports::wait_bound(
+                port,
+                Duration::from_secs(10),
+                || vec![pid],
+                || {
+                    let exited = child.try_wait().ok().flatten()?;
+                    let why = std::fs::read_to_string(&log).unwrap_or_default();
+                    Some(format!("dnsmasq exited ({exited}): {why}"))
+                },
+            );
+            match bound {
+                Ok(()) => Ok((child, port)),
+                Err(support::ports::NotBound::Taken(why)) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    Err(why)
+                }
+                Err(support::ports::NotBound::TimedOut) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "dnsmasq does not listen on 127.0.0.1:{port} after 10 s:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    )
+                }
             }
-            let _ = child.kill();
-            let _ = child.wait();
-            let why = std::fs::read_to_string(&log).unwrap_or_default();
-            eprintln!("dnsmasq did not start on port {port}; retrying:\n{why}");
+        });
+        Dnsmasq {
+            child,
+            port,
+            _dir: dir,
         }
-        panic!("dnsmasq did not start; see the messages above");
     }
 
     fn nameserver(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
-}
-
-/// dnsmasq accepts TCP on its port once it is up (it binds UDP first).
-fn ready(child: &mut Child, port: u16, within: Duration) -> bool {
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 impl Drop for Dnsmasq {
@@ -517,15 +520,8 @@ fn relay_suffix_that_does_not_resolve_and_change_envelope_has_none() {
 
 /// A name server that answers every query with SERVFAIL.
 fn servfail_server() -> u16 {
-    // Not bind(0): tests/support/mod.rs, free_port.
-    let (socket, port) = (0..20)
-        .find_map(|_| {
-            let port = free_port();
-            UdpSocket::bind((Ipv4Addr::LOCALHOST, port))
-                .ok()
-                .map(|s| (s, port))
-        })
-        .expect("no free UDP port on 127.0.0.1");
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind UDP 127.0.0.1:0");
+    let port = socket.local_addr().expect("local address").port();
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
@@ -585,9 +581,10 @@ fn servfail_is_a_cross_with_the_error_not_a_crash() {
 
 #[test]
 fn silent_name_server_is_one_cross() {
-    // Nothing listens here: every query times out. Doctor says so once
+    // Bound and never read: every query times out. Doctor says so once
     // instead of timing out on every check.
-    let port = free_port();
+    let silent = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind UDP 127.0.0.1:0");
+    let port = silent.local_addr().expect("local address").port();
     let dir = tempfile::tempdir().unwrap();
     let r = doctor(
         &config(dir.path(), &format!("127.0.0.1:{port}"), LEGACY, ""),
@@ -608,8 +605,8 @@ fn silent_name_server_is_one_cross() {
 
 /// An SMTP server that accepts everything, for `dualroute verify`.
 fn smtp_server() -> u16 {
-    let port = free_port();
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
+    let listener = support::loopback_listener();
+    let port = listener.local_addr().expect("local address").port();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };

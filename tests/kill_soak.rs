@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    free_port, postfix_config, read_maildir, MilterProcess, Postfix, PostfixOptions, SmtpClient,
-    SmtpSink, SmtpTranscript, OUTSIDE_IP, SENDER,
+    postfix_config, read_maildir, MilterProcess, Postfix, PostfixOptions, SmtpClient, SmtpSink,
+    SmtpTranscript, OUTSIDE_IP, SENDER,
 };
 
 fn knob(name: &str, default: usize) -> usize {
@@ -105,7 +105,7 @@ impl Soak {
             .expect("create a temporary directory");
         let dir = tmp.path();
         let sink = SmtpSink::start();
-        let port = free_port();
+        let port = support::Port::reserve();
         let accounts = dir.join("split.accounts");
         fs::write(&accounts, split_accounts(0)).expect("write the account file");
         let yaml = format!(
@@ -127,7 +127,7 @@ impl Soak {
                 .main_cf("smtpd_soft_error_limit = 100"),
         );
         let pf = Postfix::start(opts);
-        let milter = MilterProcess::start(&config, port, &dir.join("milter.log"));
+        let milter = MilterProcess::start(&config, &port, &dir.join("milter.log"));
         Soak {
             milter: Some(milter),
             pf,

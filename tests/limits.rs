@@ -5,10 +5,11 @@
 mod support;
 
 use indymilter_test::{ProtoOpts, Status, TestConnection};
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::net::TcpStream;
 use std::time::Duration;
-use support::{free_port, MilterProcess};
+use support::wire::{packet, read_command};
+use support::{wire, MilterProcess, Port};
 
 /// A dual domain: every recipient is remembered until end of message
 /// (copied or refused), which is what the recipient limit bounds.
@@ -152,25 +153,6 @@ fn max_recipients_zero_is_an_error_with_its_place() {
     assert!(text.contains("max_recipients"), "{text}");
 }
 
-fn packet(command: u8, payload: &[u8]) -> Vec<u8> {
-    let mut p = u32::try_from(payload.len() + 1)
-        .expect("short packet")
-        .to_be_bytes()
-        .to_vec();
-    p.push(command);
-    p.extend_from_slice(payload);
-    p
-}
-
-/// Reads one reply packet and returns its command byte.
-fn reply(s: &mut TcpStream) -> u8 {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("reply length");
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).expect("reply body");
-    body[0]
-}
-
 /// Raises this process's open-file limit (inherited by the milter it
 /// starts) to `want`, within the hard limit.
 fn raise_nofile(want: u64) {
@@ -218,38 +200,36 @@ fn a_thousand_connections_in_mid_message() {
     const N: usize = 1000;
     raise_nofile(4096);
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let port = free_port();
+    let port = Port::reserve();
     let config = tmp.path().join("milter.yaml");
     let yaml = format!(
         "listen: inet:127.0.0.1:{port}\ninstance: limits.test\nstate_dir: {}\n{DOMAINS}",
         tmp.path().join("state").display()
     );
     std::fs::write(&config, yaml).expect("write milter.yaml");
-    let milter = MilterProcess::start(&config, port, &tmp.path().join("milter.log"));
+    let milter = MilterProcess::start(&config, &port, &tmp.path().join("milter.log"));
     let (idle_rss, _) = memory_kib(milter.pid());
 
     // Protocol 6 without no-reply options: every command is answered.
-    let mut optneg = 6u32.to_be_bytes().to_vec();
-    optneg.extend(0x1ffu32.to_be_bytes());
-    optneg.extend(0u32.to_be_bytes());
+    let optneg = wire::optneg(0);
     let mut conns = Vec::with_capacity(N);
     for i in 0..N {
         let mut s = TcpStream::connect(milter.addr()).expect("connect to the milter");
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("read timeout");
-        s.write_all(&packet(b'O', &optneg)).expect("negotiate");
-        assert_eq!(reply(&mut s), b'O', "connection {i}: negotiation");
+        s.write_all(&optneg).expect("negotiate");
+        assert_eq!(read_command(&mut s), b'O', "connection {i}: negotiation");
         let mut connect = b"client.example.org\x004".to_vec();
         connect.extend(25u16.to_be_bytes());
         connect.extend(b"203.0.113.9\0");
         s.write_all(&packet(b'C', &connect)).expect("connect");
-        assert_eq!(reply(&mut s), b'c', "connection {i}: connect");
+        assert_eq!(read_command(&mut s), b'c', "connection {i}: connect");
         s.write_all(&packet(b'M', b"<s@example.org>\0"))
             .expect("mail");
-        assert_eq!(reply(&mut s), b'c', "connection {i}: MAIL");
+        assert_eq!(read_command(&mut s), b'c', "connection {i}: MAIL");
         s.write_all(&packet(b'R', format!("<a+{i}@dual.test>\0").as_bytes()))
             .expect("rcpt");
-        assert_eq!(reply(&mut s), b'c', "connection {i}: RCPT");
+        assert_eq!(read_command(&mut s), b'c', "connection {i}: RCPT");
         conns.push(s);
     }
     let (rss, hwm) = memory_kib(milter.pid());

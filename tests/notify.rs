@@ -1,4 +1,4 @@
-//! Notification by mail (README "Notification by mail", src/notify.rs),
+//! Notification by mail (README "Notification by mail", src/notify/),
 //! with the whole service in process and `smtp-sink` standing in for the
 //! local MTA (needs the postfix package, scripts/test-deps.sh):
 //! - refused reloads reach the administrator, rate-limited: one message
@@ -34,8 +34,7 @@ notify: {{ to: [admin@example.org, second@example.org], via: "{via}", interval: 
 async fn start(dir: &Path, yaml: &str) -> Milter {
     let path = dir.join("milter.yaml");
     fs::write(&path, yaml).unwrap();
-    let service = support::protocol::service_at(&path, Default::default());
-    Milter::serve(service).await
+    Milter::serve(support::protocol::start_at(&path, Default::default())).await
 }
 
 /// Makes the next reload fail: a file that does not parse.
@@ -107,8 +106,8 @@ async fn refused_reloads_are_notified_at_most_once_per_interval() {
 
 #[tokio::test]
 async fn an_mta_that_cannot_be_reached_does_not_touch_mail() {
-    // Nothing listens there.
-    let port = support::free_port();
+    // Nothing listens there: reserved, never listening, so refused.
+    let port = support::Port::reserve();
     let dir = tempfile::tempdir().unwrap();
     let milter = start(
         dir.path(),

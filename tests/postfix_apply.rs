@@ -12,8 +12,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use support::{
-    dualroute, free_port, read_maildir, MilterProcess, Postfix, PostfixOptions, SmtpClient,
-    SmtpSink,
+    dualroute, read_maildir, MilterProcess, Port, Postfix, PostfixOptions, SmtpClient, SmtpSink,
 };
 
 fn yaml(milter_port: u16, state: &Path, destination: &str) -> String {
@@ -54,7 +53,7 @@ fn apply_is_idempotent_merges_prunes_and_reverts() {
         .expect("tmp");
     let dir = tmp.path();
     let sink = SmtpSink::start();
-    let milter_port = free_port();
+    let milter_port = Port::reserve();
     // The admin's own transport table, which --apply must keep.
     let pf = Postfix::start(
         PostfixOptions::default()
@@ -67,7 +66,11 @@ fn apply_is_idempotent_merges_prunes_and_reverts() {
     let (main_before, master_before) = (read(&main_cf), read(&master_cf));
     let config = dir.join("milter.yaml");
     let hosts = format!("{{ hosts: [\"{}\"] }}", sink.nexthop());
-    fs::write(&config, yaml(milter_port, &dir.join("state"), &hosts)).expect("write");
+    fs::write(
+        &config,
+        yaml(milter_port.number(), &dir.join("state"), &hosts),
+    )
+    .expect("write");
 
     // --dry-run says what it would do and changes nothing.
     let out = apply(&config, &etc, &["--apply", "--dry-run"]);
@@ -148,7 +151,7 @@ fn apply_is_idempotent_merges_prunes_and_reverts() {
     }
 
     // What it wired routes mail: zed@ has no mailbox here.
-    let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
     let sent = SmtpClient::new(pf.smtp_addr()).send(
         "sender@outside.test",
         &["zed@example.com"],
@@ -179,7 +182,7 @@ fn apply_is_idempotent_merges_prunes_and_reverts() {
     fs::write(
         &config,
         yaml(
-            milter_port,
+            milter_port.number(),
             &dir.join("state"),
             "{ domain: example.net, change_envelope: true }",
         ),
@@ -247,11 +250,11 @@ fn warns_when_the_unix_socket_is_outside_the_chroot() {
 fn non_smtpd_milters_printed_merged_and_reverted() {
     let tmp = tempfile::tempdir().expect("tmp");
     let config = tmp.path().join("milter.yaml");
-    let milter_port = free_port();
+    let milter_port = Port::reserve();
     fs::write(
         &config,
         yaml(
-            milter_port,
+            milter_port.number(),
             &tmp.path().join("state"),
             "{ hosts: [\"[127.0.0.1]:9\"] }",
         ),
@@ -294,28 +297,31 @@ fn submission_service_with_its_own_milters_is_wired() {
         .expect("tmp");
     let dir = tmp.path();
     let sink = SmtpSink::start();
-    let milter_port = free_port();
-    let submission = free_port();
-    let smtps = free_port();
+    let milter_port = Port::reserve();
     let pf = Postfix::start(
         PostfixOptions::default()
             .domain_without_catchall("example.com", &["alice@example.com"])
             // As Debian's master.cf has it: the override on its own line.
-            .master_cf(&format!(
-                "127.0.0.1:{submission} inet n       -       n       -       -       smtpd\n  -o syslog_name=postfix/submission\n  -o smtpd_milters=\n  -o smtpd_tls_security_level=none"
-            ))
+            .master_cf_on_a_port(
+                "127.0.0.1:PORT inet n       -       n       -       -       smtpd\n  -o syslog_name=postfix/submission\n  -o smtpd_milters=\n  -o smtpd_tls_security_level=none"
+            )
             // Next to OpenDKIM: another milter listed there (no mail goes
             // through this one; it shows the merge).
-            .master_cf(&format!(
-                "127.0.0.1:{smtps} inet n - n - - smtpd -o syslog_name=postfix/smtps -o smtpd_milters=inet:localhost:8891"
-            )),
+            .master_cf_on_a_port(
+                "127.0.0.1:PORT inet n - n - - smtpd -o syslog_name=postfix/smtps -o smtpd_milters=inet:localhost:8891"
+            ),
     );
+    let (submission, smtps) = (pf.service_ports()[0], pf.service_ports()[1]);
     let etc = pf.config_dir();
     let master_cf = etc.join("master.cf");
     let master_before = read(&master_cf);
     let config = dir.join("milter.yaml");
     let hosts = format!("{{ hosts: [\"{}\"] }}", sink.nexthop());
-    fs::write(&config, yaml(milter_port, &dir.join("state"), &hosts)).expect("write");
+    fs::write(
+        &config,
+        yaml(milter_port.number(), &dir.join("state"), &hosts),
+    )
+    .expect("write");
 
     let etc_s = etc.to_str().expect("UTF-8 path");
     let (status, printed) = dualroute(&config, &["postfix-config", "--postfix-config-dir", etc_s]);
@@ -345,7 +351,7 @@ fn submission_service_with_its_own_milters_is_wired() {
     );
 
     // Through the submission service: zed@ has no mailbox here.
-    let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
     let sent = SmtpClient::new(std::net::SocketAddr::from(([127, 0, 0, 1], submission))).send(
         "sender@outside.test",
         &["zed@example.com"],
@@ -449,7 +455,7 @@ fn mail_the_milter_did_not_route_waits_in_the_queue() {
         .expect("tmp");
     let dir = tmp.path();
     let sink = SmtpSink::start();
-    let milter_port = free_port();
+    let milter_port = Port::reserve();
     let pf = Postfix::start(
         PostfixOptions::default()
             .domain_without_catchall("example.com", &["alice@example.com"])
@@ -463,7 +469,11 @@ fn mail_the_milter_did_not_route_waits_in_the_queue() {
     let etc = pf.config_dir();
     let config = dir.join("milter.yaml");
     let hosts = format!("{{ hosts: [\"{}\"] }}", sink.nexthop());
-    fs::write(&config, yaml(milter_port, &dir.join("state"), &hosts)).expect("write");
+    fs::write(
+        &config,
+        yaml(milter_port.number(), &dir.join("state"), &hosts),
+    )
+    .expect("write");
     let out = apply(&config, &etc, &["--apply"]);
     assert!(out.contains("postfix check: OK"), "{out}");
 
@@ -529,20 +539,25 @@ fn mail_the_milter_did_not_route_waits_in_the_queue() {
     postfix_tool(&pf, "postfix", &["reload"]);
     // The running milter counts what waits for its metrics, from the
     // Postfix that MAIL_CONFIG names (the package's milter: /etc/postfix).
-    let metrics_port = free_port();
-    let mut yaml_text = fs::read_to_string(&config).expect("read the config");
-    yaml_text.push_str(&format!(
-        "metrics: {{ listen: \"127.0.0.1:{metrics_port}\" }}\n"
-    ));
-    fs::write(&config, yaml_text).expect("write the config");
+    // The milter binds its metrics port itself: started again on another
+    // when another process has it.
+    let yaml_text = fs::read_to_string(&config).expect("read the config");
     let etc_text = etc.display().to_string();
-    let milter = MilterProcess::start_with_env(
-        &config,
-        milter_port,
-        &dir.join("milter.log"),
-        &[("MAIL_CONFIG", &etc_text)],
-    );
-    let metrics_addr: std::net::SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    let (milter, metrics_addr) = support::start_on_a_port("the metrics endpoint", |metrics_port| {
+        fs::write(
+            &config,
+            format!("{yaml_text}metrics: {{ listen: \"127.0.0.1:{metrics_port}\" }}\n"),
+        )
+        .expect("write the config");
+        let milter = MilterProcess::start_with_env(
+            &config,
+            &milter_port,
+            &dir.join("milter.log"),
+            &[("MAIL_CONFIG", &etc_text)],
+        );
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+        milter.metrics_bound(metrics_port).map(|()| (milter, addr))
+    });
     // The milter counts every 15 s; a count taken while Postfix retries a
     // message misses it (src/postfix/queue.rs), so wait for a few counts.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(50);
@@ -604,10 +619,12 @@ fn mail_the_milter_did_not_route_waits_in_the_queue() {
 fn wait_wiring_refused_where_it_would_move_mailboxes() {
     let tmp = tempfile::tempdir().expect("tmp");
     let config = tmp.path().join("milter.yaml");
+    // No milter runs: only postfix-config reads `listen:`.
+    let milter_port = Port::reserve();
     fs::write(
         &config,
         yaml(
-            free_port(),
+            milter_port.number(),
             &tmp.path().join("state"),
             "{ hosts: [\"[127.0.0.1]:9\"] }",
         ),

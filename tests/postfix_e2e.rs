@@ -33,7 +33,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::{
-    free_port, postfix_config, read_maildir, MaildirMessage, MilterProcess, Postfix, PostfixConfig,
+    postfix_config, read_maildir, MaildirMessage, MilterProcess, Postfix, PostfixConfig,
     PostfixOptions, SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP,
 };
 
@@ -144,7 +144,7 @@ impl Setup {
         } else {
             SmtpSink::start()
         };
-        let milter_port = free_port();
+        let milter_port = support::Port::reserve();
 
         // 1. milter.yaml
         let gateways = self
@@ -205,7 +205,7 @@ impl Setup {
         assert_eq!(pf.postconf("milter_default_action"), "tempfail");
 
         // 3. dualroute run
-        let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+        let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
 
         E2e {
             milter,
@@ -1387,14 +1387,18 @@ const SHADOW_DECISIONS: [(&str, &str, &str); 4] = [
 /// the metrics endpoint on; returns it once everything is delivered,
 /// with the SMTP transcripts and a scrape.
 fn shadow_scenario(top_level: &str) -> (E2e, Vec<SmtpTranscript>, support::metrics::Scrape) {
-    let port = free_port();
-    let e = setup(SHADOW_DOMAINS)
-        .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
-        .mailboxes_accept_all("example.org", &["frank@example.org"])
-        .top_level(&format!(
-            "{top_level}metrics: {{ listen: 127.0.0.1:{port} }}\n"
-        ))
-        .start();
+    // The milter binds its metrics port itself: started again on another
+    // when another process has it.
+    let (e, port) = support::start_on_a_port("the metrics endpoint", |port| {
+        let e = setup(SHADOW_DOMAINS)
+            .mailboxes("example.com", &["alice@example.com", "bob@example.com"])
+            .mailboxes_accept_all("example.org", &["frank@example.org"])
+            .top_level(&format!(
+                "{top_level}metrics: {{ listen: 127.0.0.1:{port} }}\n"
+            ))
+            .start();
+        e.milter.metrics_bound(port).map(|()| (e, port))
+    });
     let client = e.client();
     let transcripts: Vec<SmtpTranscript> = SHADOW_MESSAGES
         .iter()

@@ -7,8 +7,8 @@
 mod support;
 
 use support::{
-    free_port, is_listening, processes_in, xtext_encode, Postfix, PostfixOptions, SmtpClient,
-    SmtpSink, OUTSIDE_IP,
+    is_listening, processes_in, xtext_encode, Postfix, PostfixOptions, SmtpClient, SmtpSink,
+    OUTSIDE_IP,
 };
 
 const SENDER: &str = "sender@outside.test";
@@ -252,10 +252,12 @@ fn sink_rejection_is_a_logged_bounce() {
 /// Postfix answers 451 4.7.1 at MAIL.
 #[test]
 fn unreachable_milter_tempfails_at_mail() {
+    // Reserved, never listening: Postfix's connection is refused.
+    let milter = support::Port::reserve();
     let pf = Postfix::start(
         PostfixOptions::default()
             .domain("example.com", &["alice@example.com"])
-            .milter(&format!("inet:127.0.0.1:{}", free_port())),
+            .milter(&format!("inet:127.0.0.1:{milter}")),
     );
     let t = SmtpClient::new(pf.smtp_addr()).bind(OUTSIDE_IP).send(
         SENDER,

@@ -8,7 +8,7 @@ mod support;
 
 use dualroute::probe::{probe_host, HostReport, Target, MAX_REPLY_LINE, MAX_REPLY_LINES};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 /// Longer than any of these probes may take: the step timeout is far
@@ -18,15 +18,14 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A server on 127.0.0.1 that runs `talk` for each connection.
 fn server(talk: fn(TcpStream)) -> SocketAddr {
-    let port = support::free_port();
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-        .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
+    let listener = support::loopback_listener();
+    let addr = listener.local_addr().expect("local address");
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             std::thread::spawn(move || talk(stream));
         }
     });
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    addr
 }
 
 /// Probes `addr`, failing the test unless the probe ends within [`PROMPT`].

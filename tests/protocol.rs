@@ -16,7 +16,8 @@ use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::{free_port, postfix_config, MilterProcess, Postfix, PostfixOptions, SmtpSink};
+use support::wire::{self, packet};
+use support::{postfix_config, MilterProcess, Port, Postfix, PostfixOptions, SmtpSink};
 
 const CONFIG: &str = include_str!("messages.yaml");
 const INSTANCE: &str = "mx1.dualroute.test";
@@ -176,19 +177,24 @@ async fn without_a_needed_action_routed_mail_is_tempfailed_and_other_mail_flows(
 // ---------------------------------------------------------------------
 
 /// `dualroute run` with short timeouts and a limit of two connections,
-/// and where its metrics endpoint listens.
+/// and where its metrics endpoint listens (a port the milter binds itself:
+/// started again on another when another process has it).
 fn start_milter(dir: &Path) -> (MilterProcess, std::net::SocketAddr) {
-    let port = free_port();
-    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let port = Port::reserve();
     let config = dir.join("milter.yaml");
-    let yaml = format!(
-        "listen: inet:127.0.0.1:{port}\nstate_dir: {}\nconnections:\n  max: 2\n  command_timeout: 1s\n  idle_timeout: 3s\nmetrics:\n  listen: {metrics}\n{}",
-        dir.join("state").display(),
-        CONFIG
-    );
-    std::fs::write(&config, yaml).expect("write milter.yaml");
-    let milter = MilterProcess::start(&config, port, &dir.join("milter.log"));
-    (milter, metrics)
+    support::start_on_a_port("the milter's metrics endpoint", |metrics_port| {
+        let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+        let yaml = format!(
+            "listen: inet:127.0.0.1:{port}\nstate_dir: {}\nconnections:\n  max: 2\n  command_timeout: 1s\n  idle_timeout: 3s\nmetrics:\n  listen: {metrics}\n{}",
+            dir.join("state").display(),
+            CONFIG
+        );
+        std::fs::write(&config, yaml).expect("write milter.yaml");
+        let milter = MilterProcess::start(&config, &port, &dir.join("milter.log"));
+        milter
+            .metrics_bound(metrics_port)
+            .map(|()| (milter, metrics))
+    })
 }
 
 /// `dualroute_errors_total{kind}` now.
@@ -196,20 +202,9 @@ fn errors(metrics: std::net::SocketAddr, kind: &str) -> f64 {
     support::metrics::scrape(metrics).count("dualroute_errors_total", &[("kind", kind)])
 }
 
-fn packet(command: u8, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len() + 1).expect("short packet");
-    let mut p = len.to_be_bytes().to_vec();
-    p.push(command);
-    p.extend_from_slice(payload);
-    p
-}
-
 /// Postfix's negotiation at protocol 6.
 fn optneg() -> Vec<u8> {
-    let mut payload = 6u32.to_be_bytes().to_vec();
-    payload.extend(0x1ffu32.to_be_bytes());
-    payload.extend(0x1f_ffffu32.to_be_bytes());
-    packet(b'O', &payload)
+    wire::optneg(0x1f_ffff)
 }
 
 /// Sends `bytes`, then waits until the milter closes the connection (or
@@ -353,7 +348,7 @@ fn through_postfix(version: u32) {
     let tmp = tempfile::tempdir().expect("temporary directory");
     let dir = tmp.path();
     let sink = SmtpSink::start();
-    let port = free_port();
+    let port = Port::reserve();
     let config = dir.join("milter.yaml");
     let yaml = format!(
         "listen: inet:127.0.0.1:{port}\ninstance: proto.test\nstate_dir: {}\ndomains:\n  split.test:\n    mode: split\n    destination: {{ hosts: [\"{}\"] }}\n    accounts:\n      - list: [alice@split.test]\n",
@@ -369,7 +364,7 @@ fn through_postfix(version: u32) {
         .main_cf(&format!("milter_protocol = {version}"));
     let pf = Postfix::start(opts);
     assert_eq!(pf.postconf("milter_protocol"), version.to_string());
-    let milter = MilterProcess::start(&config, port, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&config, &port, &dir.join("milter.log"));
 
     let t = support::send(
         pf.smtp_addr(),

@@ -5,7 +5,7 @@
 
 mod support;
 use support::protocol;
-use support::{free_port, MilterProcess};
+use support::{MilterProcess, Port};
 
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,8 +88,7 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("milter.yaml");
     std::fs::write(&path, config(dir.path(), "route")).unwrap();
-    let service = protocol::service_at(&path, Default::default());
-    let milter = protocol::Milter::serve(service.clone()).await;
+    let milter = protocol::Milter::serve(protocol::start_at(&path, Default::default())).await;
     let addr = milter.addr();
 
     let reloaded = Arc::new(AtomicBool::new(false));
@@ -114,9 +113,7 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(&path, config(dir.path(), "split")).unwrap();
     let reload_start = Instant::now();
-    dualroute::service::reload::reload(&service)
-        .await
-        .expect("reload");
+    milter.reload().await.expect("reload");
     let reload_done = Instant::now();
     reloaded.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -153,7 +150,7 @@ async fn reload_under_load_keeps_each_message_on_its_policy() {
 #[test]
 fn binary_reloads_when_an_account_file_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = Port::reserve();
     let accounts = dir.path().join("accounts");
     std::fs::write(&accounts, "alice@example.com\n").unwrap();
     let path = dir.path().join("milter.yaml");
@@ -165,7 +162,7 @@ fn binary_reloads_when_an_account_file_changes() {
         ),
     )
     .unwrap();
-    let mut milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
+    let mut milter = MilterProcess::start(&path, &port, &dir.path().join("stderr"));
     let addr = milter.addr();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let result = rt.block_on(async {

@@ -8,8 +8,8 @@
 mod support;
 use support::protocol::Milter;
 
-use dualroute::service::{Intervals, Service};
 use dualroute::state::StateDir;
+use dualroute::{Intervals, Start};
 use indymilter_test::Status;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
@@ -117,8 +117,8 @@ fn setup() -> Setup {
 }
 
 /// Successful reloads so far, as the metrics endpoint serves them.
-fn reloads_ok(service: &Service) -> u64 {
-    let text = service.metrics.render(service);
+fn reloads_ok(milter: &Milter) -> u64 {
+    let text = milter.metrics();
     text.lines()
         .find_map(|l| {
             l.strip_prefix("dualroute_reloads_total{result=\"ok\"} ")
@@ -155,12 +155,12 @@ async fn a_reload_that_removes_a_held_domain_does_not_route_mail_in_flight() {
         &[domain("held.test", ""), domain("other.test", "")],
     );
     fs::write(&s.path, v1).expect("write v1");
-    let service = Service::new(
-        &s.path,
-        dualroute::load_policy(&s.path).expect("v1 loads"),
-        intervals(Duration::from_secs(3600)),
-    );
-    let milter = Milter::serve(service.clone()).await;
+    let start = Start {
+        config_path: s.path.clone(),
+        policy: dualroute::load_policy(&s.path).expect("v1 loads"),
+        intervals: intervals(Duration::from_secs(3600)),
+    };
+    let milter = Milter::serve(start).await;
     let mut session = milter.session(CLIENT).await;
     session.mail(None).await;
     assert!(
@@ -173,7 +173,7 @@ async fn a_reload_that_removes_a_held_domain_does_not_route_mail_in_flight() {
     milter.sighup().await;
     assert!(
         wait_for("the reload", Duration::from_secs(10), || {
-            !service.policy().domains.contains_key("held.test")
+            !milter.policy().domains.contains_key("held.test")
         })
         .await,
         "the reload removing held.test did not happen"
@@ -200,12 +200,12 @@ async fn the_state_follower_cannot_drop_the_hold_of_a_domain_a_reload_adds() {
     fs::write(&s.path, config(&s.state, &[domain("old.test", "")])).expect("write v1");
     // The follower looks every second: its stale install is not repaired
     // by a next look before the RCPT below.
-    let service = Service::new(
-        &s.path,
-        dualroute::load_policy(&s.path).expect("v1 loads"),
-        intervals(Duration::from_secs(1)),
-    );
-    let milter = Milter::serve(service.clone()).await;
+    let start = Start {
+        config_path: s.path.clone(),
+        policy: dualroute::load_policy(&s.path).expect("v1 loads"),
+        intervals: intervals(Duration::from_secs(1)),
+    };
+    let milter = Milter::serve(start).await;
     let fifo = s.state.join("old.test.disabled");
     mkfifo(&fifo);
     // The follower's next look opens the FIFO and stalls, having read the
@@ -219,15 +219,15 @@ async fn the_state_follower_cannot_drop_the_hold_of_a_domain_a_reload_adds() {
     let installed_early = wait_for(
         "v2 in force before the follower ends",
         Duration::from_secs(2),
-        || service.policy().domains.contains_key("added.test"),
+        || milter.policy().domains.contains_key("added.test"),
     )
     .await;
-    let before = service.holds();
+    let before = milter.holds();
     gate.release("");
     let _ = fs::remove_file(&fifo);
     assert!(
         wait_for("v2 in force", Duration::from_secs(10), || {
-            service.policy().domains.contains_key("added.test")
+            milter.policy().domains.contains_key("added.test")
         })
         .await,
         "the reload adding added.test never happened"
@@ -235,7 +235,7 @@ async fn the_state_follower_cannot_drop_the_hold_of_a_domain_a_reload_adds() {
     // The follower's stalled look has installed what it read.
     assert!(
         wait_for("the follower's install", Duration::from_secs(10), || {
-            !Arc::ptr_eq(&service.holds(), &before)
+            !Arc::ptr_eq(&milter.holds(), &before)
         })
         .await,
         "the follower never finished its look"
@@ -274,15 +274,15 @@ async fn a_slow_account_refresh_cannot_reinstall_an_older_configuration() {
         command(&accounts)
     );
     fs::write(&s.path, &v1).expect("write v1");
-    let service = Service::new(
-        &s.path,
-        dualroute::load_policy(&s.path).expect("v1 loads"),
-        intervals(Duration::from_secs(3600)),
-    );
+    let start = Start {
+        config_path: s.path.clone(),
+        policy: dualroute::load_policy(&s.path).expect("v1 loads"),
+        intervals: intervals(Duration::from_secs(3600)),
+    };
     mkfifo(&input);
     fs::remove_file(&accounts).expect("remove the plain accounts file");
     std::os::unix::fs::symlink(&input, &accounts).expect("accounts file -> FIFO");
-    let milter = Milter::serve(service.clone()).await;
+    let milter = Milter::serve(start).await;
     let gate = Gate::wait("the account command refresh", &input).await;
     // v2: routing off for the domain, accounts from a list (no command).
     let v2 = format!(
@@ -290,12 +290,12 @@ async fn a_slow_account_refresh_cannot_reinstall_an_older_configuration() {
         s.state.display()
     );
     fs::write(&s.path, &v2).expect("write v2");
-    let ok_before = reloads_ok(&service);
+    let ok_before = reloads_ok(&milter);
     milter.sighup().await;
     let installed_early = wait_for(
         "v2 in force before the refresh ends",
         Duration::from_secs(2),
-        || !service.policy().domains["example.com"].config.enabled,
+        || !milter.policy().domains["example.com"].config.enabled,
     )
     .await;
     gate.release("alice@example.com\n");
@@ -305,13 +305,13 @@ async fn a_slow_account_refresh_cannot_reinstall_an_older_configuration() {
     // the next refresh.)
     assert!(
         wait_for("both reloads", Duration::from_secs(10), || {
-            reloads_ok(&service) >= ok_before + 2
+            reloads_ok(&milter) >= ok_before + 2
         })
         .await,
         "the two reloads did not both succeed"
     );
     assert!(
-        !service.policy().domains["example.com"].config.enabled,
+        !milter.policy().domains["example.com"].config.enabled,
         "an older configuration (v1, enabled) replaced the newer one (v2, enabled: false) after the SIGHUP (v2 installed before the refresh ended: {installed_early})"
     );
     let mut session = milter.session(CLIENT).await;

@@ -59,8 +59,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    dualroute, free_port, postfix_config, read_maildir, MilterProcess, Postfix, PostfixOptions,
-    SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP, SENDER,
+    dualroute, postfix_config, read_maildir, MilterProcess, Postfix, PostfixOptions, SmtpClient,
+    SmtpSink, SmtpTranscript, OUTSIDE_IP, SENDER,
 };
 
 fn knob(name: &str, default: usize) -> usize {
@@ -103,7 +103,7 @@ impl Generation {
 }
 
 struct Setup {
-    listen: u16,
+    listen: support::Port,
     state: std::path::PathBuf,
     sink: String,
     dead: [String; 2],
@@ -180,14 +180,16 @@ fn reloads_under_load_route_nothing_for_held_domains() {
         .expect("create a temporary directory");
     let dir = tmp.path();
     let sink = SmtpSink::start();
+    // Reserved, never listening: refused, and no other process takes them.
+    let dead = [support::Port::reserve(), support::Port::reserve()];
     let setup = Setup {
-        listen: free_port(),
+        listen: support::Port::reserve(),
         state: dir.join("state"),
         sink: sink.nexthop(),
         // Nothing listens there: the probe of v.test is refused, always.
         dead: [
-            format!("[127.0.0.1]:{}", free_port()),
-            format!("[127.0.0.1]:{}", free_port()),
+            format!("[127.0.0.1]:{}", dead[0]),
+            format!("[127.0.0.1]:{}", dead[1]),
         ],
     };
 
@@ -237,7 +239,7 @@ fn reloads_under_load_route_nothing_for_held_domains() {
         setup.state.join("h.test.disabled").exists(),
         "`dualroute disable` wrote no h.test.disabled: {out}"
     );
-    let milter = MilterProcess::start(&path, setup.listen, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&path, &setup.listen, &dir.join("milter.log"));
 
     let generation = Arc::new(AtomicUsize::new(0));
     let sent_count = Arc::new(AtomicUsize::new(0));

@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::{
-    dualroute, dualroute_output, free_port, MilterProcess, Sendmail, SendmailOptions, SinkRcpt,
-    SmtpClient, SmtpSink, SmtpTranscript,
+    dualroute, dualroute_output, MilterProcess, Sendmail, SendmailOptions, SinkRcpt, SmtpClient,
+    SmtpSink, SmtpTranscript,
 };
 
 use support::scenarios::{received, sinks_settled, Delivered, Mta, World};
@@ -106,7 +106,7 @@ impl Setup {
         } else {
             SmtpSink::start()
         };
-        let milter_port = free_port();
+        let milter_port = support::Port::reserve();
         let config = dir.join("milter.yaml");
         let state_dir = dir.join("state");
         let gateways = if self.gateways.is_empty() {
@@ -154,7 +154,7 @@ impl Setup {
                 )),
             );
         }
-        let milter = MilterProcess::start(&config, milter_port, &dir.join("milter.log"));
+        let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
         E2e {
             sendmail,
             milter,

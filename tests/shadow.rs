@@ -54,8 +54,8 @@ struct Run {
 /// The test's messages through a service on `yaml`: one with a recipient
 /// of each kind (and one of a domain not managed), one that carries our
 /// own loop header, and one whose only recipient is refused.
-async fn run(yaml: &str, port: u16) -> Run {
-    let milter = Milter::start(yaml).await;
+async fn run(yaml: impl Fn(u16) -> String) -> Run {
+    let (milter, addr) = with_metrics(|port| Milter::serve(start(&yaml(port)))).await;
     let mut deliveries = Vec::new();
     deliveries.push(
         milter
@@ -102,7 +102,6 @@ async fn run(yaml: &str, port: u16) -> Run {
         });
     }
     session.close().await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let metrics = tokio::task::spawn_blocking(move || scrape(addr))
         .await
         .expect("scrape");
@@ -111,6 +110,29 @@ async fn run(yaml: &str, port: u16) -> Run {
         deliveries,
         metrics,
     }
+}
+
+/// The whole service, its metrics endpoint on a port of its own: the
+/// service binds `metrics.listen` itself, so when another process has the
+/// port the service starts again on another (tests/support/ports.rs).
+async fn with_metrics<F>(start: impl Fn(u16) -> F) -> (Milter, SocketAddr)
+where
+    F: std::future::Future<Output = Milter>,
+{
+    support::ports::start_on_a_port_async("the metrics endpoint", |port| {
+        let starting = start(port);
+        async move {
+            let milter = starting.await;
+            match support::ports::bound_here(port).await {
+                Ok(()) => Ok((milter, SocketAddr::from(([127, 0, 0, 1], port)))),
+                Err(why) => {
+                    milter.shutdown().await;
+                    Err(why)
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// decisions_total by (domain, kind) for one value of the shadow label.
@@ -149,10 +171,8 @@ fn expected_decisions() -> Vec<(String, String, f64)> {
 #[tokio::test]
 async fn shadow_changes_nothing_and_counts_what_live_mode_does() {
     let state = tempfile::tempdir().expect("temporary directory");
-    let port = support::free_port();
-    let live = run(&config(state.path(), port, false, None), port).await;
-    let port = support::free_port();
-    let shadow = run(&config(state.path(), port, true, None), port).await;
+    let live = run(|port| config(state.path(), port, false, None)).await;
+    let shadow = run(|port| config(state.path(), port, true, None)).await;
 
     // Live mode routes, refuses the unknown dual recipient and the looping
     // redirect.
@@ -218,8 +238,9 @@ async fn shadow_changes_nothing_and_counts_what_live_mode_does() {
 #[tokio::test]
 async fn a_domain_can_be_live_while_the_rest_is_in_shadow_mode() {
     let state = tempfile::tempdir().expect("temporary directory");
-    let port = support::free_port();
-    let milter = Milter::start(&config(state.path(), port, true, Some(false))).await;
+    let (milter, _) =
+        with_metrics(|port| Milter::serve(start(&config(state.path(), port, true, Some(false)))))
+            .await;
     let d = milter
         .deliver(
             CLIENT,
@@ -258,15 +279,16 @@ async fn a_domain_can_be_live_while_the_rest_is_in_shadow_mode() {
 #[tokio::test]
 async fn metrics_endpoint_shows_state_and_reloads() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let port = support::free_port();
     let path = dir.path().join("milter.yaml");
-    let yaml = config(&dir.path().join("state"), port, false, None).replace(
-        "example.org:\n",
-        "example.org:\n    verify: postmaster@example.org\n",
-    );
-    std::fs::write(&path, &yaml).expect("write milter.yaml");
-    let milter = Milter::serve(service_at(&path, Default::default())).await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let (milter, addr) = with_metrics(|port| {
+        let yaml = config(&dir.path().join("state"), port, false, None).replace(
+            "example.org:\n",
+            "example.org:\n    verify: postmaster@example.org\n",
+        );
+        std::fs::write(&path, &yaml).expect("write milter.yaml");
+        Milter::serve(start_at(&path, Default::default()))
+    })
+    .await;
     let fetch = |path: &'static str| tokio::task::spawn_blocking(move || get(addr, path));
 
     let s = fetch("/metrics").await.expect("scrape");
@@ -338,8 +360,8 @@ fn status_and_explain_show_shadow_mode() {
 #[test]
 fn rollout_md_names_the_metrics_the_endpoint_serves() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let service = service(&config(&dir.path().join("state"), 9, false, None));
-    let m = &service.metrics;
+    let policy = policy(&config(&dir.path().join("state"), 9, false, None));
+    let m = dualroute::metrics::Metrics::new();
     m.decision("example.com", dualroute::metrics::Kind::Keep, false);
     m.conversation();
     m.error("eom_actions");
@@ -347,7 +369,7 @@ fn rollout_md_names_the_metrics_the_endpoint_serves() {
     m.probe("example.com", true);
     m.breaker_failure("example.com", "bounce");
     m.message_time(std::time::Duration::from_millis(1));
-    let s = m.render(&service);
+    let s = m.render(&policy, &dualroute::holds::Holds::default());
 
     // Served: family → type, and the series names each family gives.
     let mut served = std::collections::BTreeMap::new();

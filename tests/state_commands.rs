@@ -3,7 +3,7 @@
 //! follows within seconds without a restart.
 
 mod support;
-use support::{dualroute, free_port, MilterProcess};
+use support::{dualroute, MilterProcess, Port};
 
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::path::Path;
@@ -58,8 +58,8 @@ async fn wait_until(addr: std::net::SocketAddr, want: bool) -> bool {
 #[test]
 fn status_disable_enable_with_a_running_milter() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = write_config(dir.path(), port);
+    let port = Port::reserve();
+    let config = write_config(dir.path(), port.number());
 
     let (status, out) = dualroute(&config, &["status"]);
     assert_eq!(status.code(), Some(0), "{out}");
@@ -70,7 +70,7 @@ fn status_disable_enable_with_a_running_milter() {
         "{out}"
     );
 
-    let mut milter = MilterProcess::start(&config, port, &dir.path().join("stderr"));
+    let mut milter = MilterProcess::start(&config, &port, &dir.path().join("stderr"));
     let addr = milter.addr();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let result: Result<(), String> = rt.block_on(async {
@@ -125,7 +125,7 @@ fn status_disable_enable_with_a_running_milter() {
 #[test]
 fn explain_and_the_running_milter_agree_in_every_hold_state() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = Port::reserve();
     let state = dir.path().join("state");
     let path = dir.path().join("milter.yaml");
     let destination = "[127.0.0.1]:1";
@@ -189,7 +189,7 @@ fn explain_and_the_running_milter_agree_in_every_hold_state() {
             "state file unreadable",
         ),
     ];
-    let mut milter = MilterProcess::start(&path, port, &dir.path().join("stderr"));
+    let mut milter = MilterProcess::start(&path, &port, &dir.path().join("stderr"));
     let addr = milter.addr();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut failures = Vec::new();
@@ -233,12 +233,14 @@ fn disable_and_enable_do_not_read_the_account_sources() {
     let dir = tempfile::tempdir().unwrap();
     let accounts = dir.path().join("accounts");
     let path = dir.path().join("milter.yaml");
+    // A name server nobody answers: no command here may ask it.
+    let dns = Port::reserve();
     std::fs::write(
         &path,
         format!(
             "instance: state.test\nstate_dir: {}\ndns:\n  nameservers: [\"127.0.0.1:{}\"]\ndomains:\n  example.com:\n    mode: split\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"[127.0.0.1]:1\"] }}\n    accounts: [{{ file: {} }}]\n",
             dir.path().join("state").display(),
-            free_port(),
+            dns.number(),
             accounts.display()
         ),
     )

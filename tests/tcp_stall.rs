@@ -110,7 +110,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_round_trips_cost_what_unix_ones_do() {
     // RCPTs with their macro packets, then whole routed messages.
-    let service = protocol::service(include_str!("messages.yaml"));
 
     let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind TCP");
     let tcp_addr = tcp.local_addr().expect("TCP address");
@@ -121,14 +120,15 @@ async fn tcp_round_trips_cost_what_unix_ones_do() {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.changed().await;
     };
-    let no_reloads = || tokio::sync::mpsc::channel(1).1;
+    let start = || protocol::start(include_str!("messages.yaml"));
+    let requests = || dualroute::control().1;
     let tcp_milter = tokio::spawn(dualroute::run(
         tcp,
-        service.clone(),
-        no_reloads(),
+        start(),
+        requests(),
         stopped(stop.clone()),
     ));
-    let unix_milter = tokio::spawn(dualroute::run(unix, service, no_reloads(), stopped(stop)));
+    let unix_milter = tokio::spawn(dualroute::run(unix, start(), requests(), stopped(stop)));
 
     let mut over_tcp = open_transaction(
         TestConnection::configure()

@@ -9,17 +9,19 @@ use support::protocol;
 use dualroute::decision::Decision;
 use indymilter_test::{EomAction, Status, TestConnection};
 use std::time::Duration;
-use support::{dualroute, dualroute_output, free_port, wait_until, SmtpSink};
+use support::{dualroute, dualroute_output, loopback_listener, wait_until, Port, SmtpSink};
 
 /// The sender and recipient of the barrier message sent straight to a sink.
 const BARRIER: &str = "barrier@probe.test";
 
 /// A route domain whose destination is `nexthop`, probed with postmaster@.
 fn yaml(nexthop: &str) -> String {
+    // A state directory of its own per configuration of this process.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let state = std::env::temp_dir().join(format!(
         "dualroute-probe-state-{}-{}",
         std::process::id(),
-        free_port()
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     format!(
         "instance: probe.test\nstate_dir: {}\ndomains:\n  example.com:\n    mode: route\n    verify: postmaster@example.com\n    destination: {{ hosts: [\"{nexthop}\"] }}\n",
@@ -126,7 +128,8 @@ fn probe_refused() {
 
 #[test]
 fn probe_closed_port() {
-    let port = free_port();
+    // Reserved and not listening: refused, and no other process takes it.
+    let port = Port::reserve();
     let (code, out) = verify(&format!("[127.0.0.1]:{port}"));
     assert_eq!(code, Some(1), "{out}");
     assert!(
@@ -192,7 +195,7 @@ async fn milter_with_verify(nexthop: &str) -> protocol::Milter {
 async fn milter_holds_routing_until_verified() {
     let sink = SmtpSink::start();
     let milter = milter_with_verify(&sink.nexthop()).await;
-    let service = milter.service.clone();
+    let service = &milter;
     let addr = milter.addr();
     // The probe runs at once; until it passes the domain is held.
     wait_until("routing to start once the sink accepts the probe", || {
@@ -226,7 +229,7 @@ async fn milter_holds_routing_until_verified() {
 async fn milter_keeps_routing_off_when_probe_refused() {
     let sink = SmtpSink::start_rejecting();
     let milter = milter_with_verify(&sink.nexthop()).await;
-    let service = milter.service.clone();
+    let service = &milter;
     // Wait for the first probe to have run and failed.
     let reason = wait_until("the first probe to fail", || {
         let reason = service
@@ -261,8 +264,8 @@ async fn milter_keeps_routing_off_when_probe_refused() {
 async fn a_silent_destination_does_not_delay_the_others() {
     let sink = SmtpSink::start();
     // Kept bound and never answered for the whole test.
-    let silent_port = free_port();
-    let silent = std::net::TcpListener::bind(("127.0.0.1", silent_port)).expect("bind");
+    let silent = loopback_listener();
+    let silent_port = silent.local_addr().expect("local address").port();
     let held = std::thread::spawn(move || {
         let mut conns = Vec::new();
         while let Ok((c, _)) = silent.accept() {
@@ -292,7 +295,7 @@ async fn a_silent_destination_does_not_delay_the_others() {
         ));
     }
     let milter = protocol::Milter::start(&yaml).await;
-    let service = milter.service.clone();
+    let service = &milter;
     let started = std::time::Instant::now();
     wait_until(
         "example.com to be verified while the silent destinations hang",

@@ -38,18 +38,18 @@ fn server() -> &'static Server {
         let listener = rt
             .block_on(async { tokio::net::UnixListener::bind(&socket) })
             .expect("bind the milter socket");
-        let service = dualroute::Service::new(
-            std::path::Path::new("fuzz.yaml"),
-            load_policy(),
-            Default::default(),
-        );
-        // The sender is kept: no reload is ever asked for.
-        let (reload, reloads) = tokio::sync::mpsc::channel(1);
-        std::mem::forget(reload);
+        let start = dualroute::Start {
+            config_path: "fuzz.yaml".into(),
+            policy: load_policy(),
+            intervals: Default::default(),
+        };
+        // The control is kept: no reload is ever asked for.
+        let (control, requests) = dualroute::control();
+        std::mem::forget(control);
         rt.spawn(dualroute::run(
             listener,
-            service,
-            reloads,
+            start,
+            requests,
             std::future::pending::<()>(),
         ));
         Server {

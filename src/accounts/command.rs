@@ -189,35 +189,18 @@ fn ldif_values(
     flush(&mut entry)
 }
 
-/// Standard base64 (RFC 4648 §4) with padding, as LDIF uses it.
+/// Standard base64 (RFC 4648 §4) with padding, as LDIF uses it (RFC 2849
+/// "BASE64-STRING"). Unused bits of the last symbol are not checked, as
+/// the decoder this replaced did not: a writer that leaves them set still
+/// gives its accounts.
+const LDIF_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+);
+
 fn base64(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let s = s.as_bytes();
-    if s.len() % 4 != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    for chunk in s.chunks(4) {
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 {
-            return None;
-        }
-        let mut n: u32 = 0;
-        for &c in &chunk[..4 - pad] {
-            n = n << 6 | u32::from(value(c)?);
-        }
-        n <<= 6 * pad as u32;
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..4 - pad]);
-    }
-    Some(out)
+    use base64::Engine;
+    LDIF_BASE64.decode(s).ok()
 }
 
 #[cfg(test)]
@@ -262,5 +245,9 @@ mod tests {
         assert!(base64("TQ=").is_none());
         assert!(base64("T===").is_none());
         assert!(base64("T*==").is_none());
+        assert!(base64("TQ").is_none());
+        assert!(base64("T Q==").is_none());
+        // Unused bits set in the last symbol: accepted, as before.
+        assert_eq!(base64("TR==").unwrap(), b"M");
     }
 }

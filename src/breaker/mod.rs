@@ -59,9 +59,10 @@ pub use follow::Follower;
 pub use maillog::{parse_line, Attribution, Failure, FailureKind};
 
 use crate::config::{human, BreakerConfig};
-use crate::notify::Event;
+use crate::live::{Installer, LivePolicy};
+use crate::metrics::Metrics;
+use crate::notify::{Event, Outbox};
 use crate::policy::Policy;
-use crate::service::Service;
 use crate::state::{self, BreakerCounts, FailureCounts, StateDir, TripCause, Tripped};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -157,6 +158,16 @@ fn limits(config: &BreakerConfig) -> (u32, u32) {
     (config.threshold, config.deferrals.unwrap_or(u32::MAX))
 }
 
+/// What a trip reaches: the holds are read again through the reload actor
+/// (the one writer), the metrics count, the outbox tells the
+/// administrator.
+#[derive(Clone)]
+pub(crate) struct Reach {
+    pub installer: Installer,
+    pub metrics: Arc<Metrics>,
+    pub outbox: Arc<Outbox>,
+}
+
 /// The breaker's state between polls.
 struct Breaker {
     config: BreakerConfig,
@@ -221,7 +232,7 @@ impl Breaker {
             .1
     }
 
-    fn tick(&mut self, policy: &Arc<Policy>, service: &Service) {
+    fn tick(&mut self, policy: &Arc<Policy>, reach: &Reach) {
         let lines = self.follower.poll();
         let failures: Vec<Failure> = lines.iter().filter_map(|l| parse_line(l)).collect();
         let dir = StateDir::new(&policy.config.state_dir);
@@ -246,7 +257,7 @@ impl Breaker {
                 owners.extend(mine);
             }
             for domain in owners {
-                self.count(service, &dir, &domain, f, now);
+                self.count(policy, reach, &dir, &domain, f, now);
             }
         }
         self.record_counts(&dir, now);
@@ -284,7 +295,8 @@ impl Breaker {
 
     fn count(
         &mut self,
-        service: &Service,
+        policy: &Policy,
+        reach: &Reach,
         dir: &StateDir,
         domain: &str,
         f: &Failure,
@@ -299,7 +311,7 @@ impl Breaker {
                 return;
             }
         }
-        service.metrics.breaker_failure(
+        reach.metrics.breaker_failure(
             domain,
             match f.kind {
                 FailureKind::Bounce => "bounce",
@@ -370,8 +382,9 @@ impl Breaker {
         }
         self.windows.remove(domain);
         // Take effect now, not at the state follower's next look: holds
-        // are read per RCPT, also by messages in flight.
-        for e in service.refresh_holds() {
+        // are read per RCPT, also by messages in flight. (On the blocking
+        // pool: the poll runs there.)
+        for e in reach.installer.refresh_holds_blocking() {
             tracing::error!("{e}; routing for that domain stays off");
         }
         let limit = match cause {
@@ -388,8 +401,8 @@ impl Breaker {
             dir.dir.join(format!("{domain}.tripped")).display(),
             f.line
         );
-        service.outbox.notify(
-            &service.policy().config,
+        reach.outbox.notify(
+            &policy.config,
             Event::Tripped {
                 domain: domain.to_owned(),
                 trip,
@@ -403,11 +416,11 @@ impl Breaker {
 /// documentation. Follows reloads: a `breaker:` section added, changed or
 /// removed by SIGHUP takes effect at the next poll. Does nothing while the
 /// configuration has no `breaker:`.
-pub async fn run(service: Arc<Service>) {
+pub(crate) async fn run(live: Arc<LivePolicy>, reach: Reach) {
     let mut breaker: Option<Breaker> = None;
     loop {
-        let policy = service.policy();
-        let service = service.clone();
+        let policy = live.current();
+        let reach = reach.clone();
         // File reads, state files and the error log are blocking I/O; each
         // poll is short, so shutdown never waits for it.
         let task = tokio::task::spawn_blocking(move || {
@@ -423,7 +436,7 @@ pub async fn run(service: Arc<Service>) {
                 (Some(c), b @ None) => *b = Some(Breaker::new(c.clone())),
             }
             if let Some(b) = &mut breaker {
-                b.tick(&policy, &service);
+                b.tick(&policy, &reach);
             }
             breaker
         });

@@ -22,6 +22,27 @@ pub enum LocalPartCase {
     Sensitive,
 }
 
+impl LocalPartCase {
+    /// The comparison key of an unquoted local part: lower case unless
+    /// `local_part_case: sensitive`. The account set
+    /// ([`MatchRules`](crate::accounts::MatchRules)) and the check for a
+    /// user given twice compare with it.
+    pub fn key(self, unquoted_local: &str) -> std::borrow::Cow<'_, str> {
+        use std::borrow::Cow;
+        match self {
+            LocalPartCase::Sensitive => Cow::Borrowed(unquoted_local),
+            LocalPartCase::Insensitive
+                if unquoted_local
+                    .bytes()
+                    .any(|b| b.is_ascii_uppercase() || b >= 0x80) =>
+            {
+                Cow::Owned(unquoted_local.to_lowercase())
+            }
+            LocalPartCase::Insensitive => Cow::Borrowed(unquoted_local),
+        }
+    }
+}
+
 /// `max_recipients:` default: Postfix's own `smtpd_recipient_limit`
 /// (1000), so that with Postfix in front the milter's limit is never the
 /// one a sender meets first. Every recipient a message has costs the

@@ -232,10 +232,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     if let Some(name) = first_repeat(raw.domains.0.iter().map(|(n, _)| n.0.clone())) {
         return Err(twice(vec![key("domains"), key(&name)], name));
     }
-    let case = crate::accounts::MatchRules {
-        case: raw.local_part_case,
-        delimiters: String::new(),
-    };
+    let case = raw.local_part_case;
     for (name, d) in &raw.domains.0 {
         let users = d
             .users

@@ -2,38 +2,43 @@
 //! `dualroute enable`/`disable` and a breaker trip written by another
 //! process within seconds (docs/design.md, "Routing off").
 
-use crate::service::Service;
+use super::LiveHolds;
+use crate::live::{Installer, LivePolicy};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Re-reads the holds every `service.intervals.state` for the life of the
-/// service, and logs a line when routing for a domain goes off or on.
-pub async fn run(service: Arc<Service>) {
+/// Re-reads the holds every `every` for the life of the service, through
+/// the reload actor (the one writer), and logs a line when routing for a
+/// domain goes off or on. `config_path` is only named in the log.
+pub(crate) async fn run(
+    policy: Arc<LivePolicy>,
+    holds: Arc<LiveHolds>,
+    installer: Installer,
+    config_path: Arc<Path>,
+    every: Duration,
+) {
     let mut last_errors = Vec::new();
     let mut tried = None;
     loop {
-        tokio::time::sleep(service.intervals.state).await;
+        tokio::time::sleep(every).await;
         let names = {
-            let policy = service.policy();
+            let policy = policy.current();
             let mut names: Vec<String> = policy.domains.keys().cloned().collect();
             names.sort();
             names
         };
-        let snapshot = |service: &Service| {
-            let now = service.holds();
+        let snapshot = || {
+            let now = holds.current();
             names
                 .iter()
                 .map(|n| now.get(n).cloned())
                 .collect::<Vec<_>>()
         };
-        let before = snapshot(&service);
-        // File reads are blocking I/O: off the runtime's workers.
-        let reader = service.clone();
-        let (errors, confirmed) = tokio::task::spawn_blocking(move || {
-            let errors = reader.refresh_holds();
-            (errors, reader.shrink_confirmed())
-        })
-        .await
-        .unwrap_or_default();
+        let before = snapshot();
+        // The actor reads the files on the blocking pool.
+        let refreshed = installer.refresh(true).await;
+        let (errors, confirmed) = (refreshed.errors, refreshed.confirmed);
         // `dualroute confirm-accounts` wrote its confirmation: reload now,
         // through the one reload path, rather than at the next change of
         // an account source.
@@ -41,8 +46,8 @@ pub async fn run(service: Arc<Service>) {
             // One reload per confirmation: a failed one waits for the next
             // confirmation or a change of the sources.
             tried = Some((domain.clone(), since));
-            let path = service.config_path().display();
-            match crate::service::reload::reload(&service).await {
+            let path = config_path.display();
+            match installer.reload().await {
                 Ok(()) => tracing::info!(
                     "{domain}: the administrator confirmed the new account list: reloaded {path}"
                 ),
@@ -51,7 +56,7 @@ pub async fn run(service: Arc<Service>) {
                 ),
             }
         }
-        let after = snapshot(&service);
+        let after = snapshot();
         for ((name, was), now) in names.iter().zip(&before).zip(&after) {
             match (was, now) {
                 (None, Some(why)) => tracing::warn!("{name}: routing is off: {why}"),

@@ -24,7 +24,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-pub mod follow;
+pub(crate) mod follow;
 
 /// One reason routing for a domain is off.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -307,7 +307,8 @@ impl Holds {
 }
 
 /// The holds in force in the running service, replaced whole whenever they
-/// are read again (src/service/mod.rs owns the one instance).
+/// are read again. `run` (src/service/mod.rs) makes the one instance; only
+/// the reload actor (src/service/actor.rs) replaces it.
 #[derive(Debug, Default)]
 pub struct LiveHolds(RwLock<Arc<Holds>>);
 
@@ -322,7 +323,7 @@ impl LiveHolds {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn replace(&self, holds: Holds) {
+    pub(crate) fn replace(&self, holds: Holds) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(holds);
     }
 }

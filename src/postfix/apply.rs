@@ -30,7 +30,9 @@ mod tests;
 mod tools;
 mod wait;
 
-pub use plan::{plan_apply, plan_apply_notes};
+#[cfg(test)]
+pub use plan::plan_apply;
+pub use plan::plan_apply_notes;
 pub use revert::plan_revert;
 pub use tools::Postfix;
 

@@ -1,29 +1,33 @@
-//! The running milter service: the policy in force, the holds in force,
-//! and every task that keeps them current, started and stopped together
-//! by [`run`].
+//! The running milter: [`run`] is the composition root, the only code that
+//! knows every part (docs/design.md §7 "The running service").
 //!
-//! The policy (configuration plus accounts) is immutable and replaced
-//! whole by a reload ([`reload`]); each message keeps the policy it
-//! started with. The holds (src/holds/) are kept apart from it and read
-//! per RCPT, so a `disable` or a breaker trip takes effect at once. The
-//! milter (src/milter.rs), the reload, the verification probe
-//! ([`verify`]), the state follower (src/holds/follow.rs) and the bounce
-//! breaker (src/breaker/) all share one [`Service`].
+//! It builds the shared handles (the policy in force, the holds in force,
+//! the metrics, the notifier's outbox; src/live.rs, src/holds/,
+//! src/metrics.rs, src/notify/) and the reload actor that alone changes
+//! the first two ([`actor`]), then starts each task with only the handles
+//! it uses, and the milter's callbacks (src/milter.rs) with theirs. No
+//! part imports this module back.
+//!
+//! From outside, the running service is reached through a [`Control`]
+//! (made with [`control`], before `run`): `dualroute run` turns SIGHUP
+//! into [`Control::reload`], and the tests reload and look at the policy,
+//! the holds and the metrics through it.
 
-pub mod reload;
-pub mod verify;
+mod actor;
+mod reload;
+mod verify;
+mod waiting;
 
 use crate::holds::{Holds, LiveHolds};
-use crate::live::LivePolicy;
+use crate::live::{Installer, LivePolicy, LoadError, Request};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::{breaker, holds, listener, milter};
+use crate::{breaker, holds, listener, milter, notify, systemd};
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-
-pub use reload::{load_policy, LoadError};
+use tokio::sync::{mpsc, watch};
 
 /// How often the service's tasks look at the files they follow.
 #[derive(Clone, Debug)]
@@ -47,244 +51,222 @@ impl Default for Intervals {
     }
 }
 
-/// What the milter and the service's tasks share.
+/// What [`run`] starts from.
 #[derive(Debug)]
-pub struct Service {
-    config_path: PathBuf,
-    policy: Arc<LivePolicy>,
-    holds: Arc<LiveHolds>,
-    /// The one path through which the policy and the holds in force
-    /// change: a reload (SIGHUP, an account file, the command refresh)
-    /// and every holds refresh (the state follower, the verification
-    /// probe, a breaker trip) take it for the whole of their read and
-    /// install, so none installs what it read before another installed
-    /// something newer (docs/design.md "Reload"). Taken only on the
-    /// blocking pool, never on the runtime's threads.
-    writer: Mutex<()>,
+pub struct Start {
+    /// `milter.yaml`, which every reload reads again.
+    pub config_path: PathBuf,
+    /// The policy loaded from it ([`crate::load_policy`]).
+    pub policy: Policy,
     pub intervals: Intervals,
-    /// Counters the milter and the tasks increment (src/metrics.rs).
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Admin notifications waiting to be sent (src/notify.rs).
-    pub outbox: Arc<crate::notify::Outbox>,
 }
 
-impl Service {
-    /// A service for `policy`, loaded from `config_path` (which reloads
-    /// read again). The holds are read now, so that no instant exists in
-    /// which a disabled or unverified domain routes.
-    pub fn new(config_path: &Path, policy: Policy, intervals: Intervals) -> Arc<Service> {
-        let (holds, errors) = Holds::read(&policy.config);
-        for e in errors {
-            tracing::error!("{e}; routing for that domain stays off");
-        }
-        Arc::new(Service {
-            config_path: config_path.to_owned(),
-            policy: Arc::new(LivePolicy::new(policy)),
-            holds: Arc::new(LiveHolds::new(holds)),
-            writer: Mutex::new(()),
-            intervals,
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            outbox: Default::default(),
-        })
+/// A handle on the running service, for the binary and the tests: made
+/// with [`control`] together with the [`Requests`] that [`run`] takes.
+/// Cheap to clone; every clone reaches the same service.
+#[derive(Clone, Debug)]
+pub struct Control {
+    installer: Installer,
+    view: watch::Receiver<Option<View>>,
+}
+
+/// The receiving end of a [`Control`]: hand it to [`run`].
+#[derive(Debug)]
+pub struct Requests {
+    requests: mpsc::Receiver<Request>,
+    /// For the service's own tasks: they ask the actor as a Control
+    /// does, in the same queue.
+    tasks: Installer,
+    view: watch::Sender<Option<View>>,
+}
+
+/// What a [`Control`] reads, put in place by [`run`].
+#[derive(Clone, Debug)]
+struct View {
+    policy: Arc<LivePolicy>,
+    holds: Arc<LiveHolds>,
+    metrics: Arc<Metrics>,
+}
+
+/// A [`Control`] and the [`Requests`] for [`run`].
+pub fn control() -> (Control, Requests) {
+    // Requests wait here while the actor does one; few ever queue (SIGHUP
+    // waits for its answer, each task asks one at a time).
+    let (tx, rx) = mpsc::channel(16);
+    let (view_tx, view_rx) = watch::channel(None);
+    (
+        Control {
+            installer: Installer::new(tx.clone()),
+            view: view_rx,
+        },
+        Requests {
+            requests: rx,
+            tasks: Installer::new(tx),
+            view: view_tx,
+        },
+    )
+}
+
+impl Control {
+    /// Reloads the configuration and the accounts, as SIGHUP does, and
+    /// waits until the reload is done: after it, or after the reloads and
+    /// holds refreshes asked for before it (one at a time, docs/design.md
+    /// "One writer"). On error the running policy stays in force and the
+    /// error says why (a refusal is also recorded under `state_dir`). Asked
+    /// before [`run`] starts, it waits for it; [`LoadError::Stopped`]
+    /// once the service has stopped.
+    pub async fn reload(&self) -> Result<(), LoadError> {
+        self.installer.reload().await
     }
 
-    /// The policy in force now. A poisoned lock still holds a complete
-    /// policy (it is only ever replaced whole), so it is used rather than
-    /// failing.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy.current()
+    /// Waits until [`run`] has put the service's handles in place; false
+    /// when the service ended (or its [`Requests`] were dropped) first.
+    pub async fn running(&self) -> bool {
+        self.view.clone().wait_for(Option::is_some).await.is_ok()
     }
 
-    /// The holds in force now.
-    pub fn holds(&self) -> Arc<Holds> {
-        self.holds.current()
+    /// The policy in force; `None` before [`run`] has started.
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        self.view.borrow().as_ref().map(|v| v.policy.current())
     }
 
-    /// The holds, for a message to read per RCPT.
-    pub fn live_holds(&self) -> Arc<LiveHolds> {
-        self.holds.clone()
+    /// The holds in force; `None` before [`run`] has started.
+    pub fn holds(&self) -> Option<Arc<Holds>> {
+        self.view.borrow().as_ref().map(|v| v.holds.current())
     }
 
-    pub fn config_path(&self) -> &Path {
-        &self.config_path
-    }
-
-    /// Takes the writer's lock (see `writer`). Blocking: call it on the
-    /// blocking pool. A poisoned lock guards nothing but the order of
-    /// writers, so it is taken anyway.
-    pub(crate) fn write_lock(&self) -> MutexGuard<'_, ()> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Re-reads the holds of the policy in force from `state_dir`, under
-    /// the writer's lock, so that a reload cannot install a newer policy
-    /// between the read and the install; returns the errors for the log
-    /// (each holds its domain). Blocking file reads: call it on the
-    /// blocking pool.
-    pub fn refresh_holds(&self) -> Vec<String> {
-        let _writer = self.write_lock();
-        let (holds, errors) = Holds::read(&self.policy().config);
-        // Disputes live in memory only (the refused lists): they stay
-        // until a reload settles them.
-        let disputes = self.holds.current().disputes().clone();
-        self.holds.replace(holds.with_disputes(disputes));
-        errors
-    }
-
-    /// A domain whose account dispute the administrator has confirmed
-    /// (`dualroute confirm-accounts`) and that a reload should now settle.
-    /// Blocking file reads: call it on the blocking pool.
-    pub fn shrink_confirmed(&self) -> Option<(String, u64)> {
-        let holds = self.holds.current();
-        let state = crate::state::StateDir::new(&self.policy().config.state_dir);
-        let mut names: Vec<&String> = holds.disputes().0.keys().collect();
-        names.sort();
-        names.into_iter().find_map(|d| {
-            let c = state.shrink_confirmed(d).ok().flatten()?;
-            Some((d.clone(), c.since))
-        })
-    }
-
-    /// The shrink guard refused `refused` against `running` for the
-    /// domains of `shrunk`; the caller holds the writer's lock. From now
-    /// on, until a reload succeeds, the addresses the two lists disagree
-    /// on are tempfailed (docs/design.md "Shrink guard"); the dispute is
-    /// recorded in `state_dir` for `status` and `confirm-accounts`.
-    pub(crate) fn dispute(
-        &self,
-        _writer: &MutexGuard<'_, ()>,
-        running: &Policy,
-        mut refused: Policy,
-        shrunk: &[crate::policy::Shrunk],
-        state: &crate::state::StateDir,
-    ) {
-        let mut disputes = self.holds.current().disputes().clone();
-        for s in shrunk {
-            let (Some(was), Some(now)) = (
-                running
-                    .domains
-                    .get(&s.domain)
-                    .and_then(|d| d.accounts.as_ref()),
-                // The refused policy is dropped after this: its lists are
-                // taken, not copied (one may hold millions).
-                refused
-                    .domains
-                    .get_mut(&s.domain)
-                    .and_then(|d| d.accounts.take()),
-            ) else {
-                continue;
-            };
-            let mut differ: Vec<&str> = was
-                .keys()
-                .filter(|k| !now.contains(k))
-                .chain(now.keys().filter(|k| !was.contains(k)))
-                .collect();
-            differ.sort_unstable();
-            let record = crate::state::Dispute {
-                since: crate::state::now(),
-                running: was.len(),
-                refused: now.len(),
-                disputed: differ.len(),
-                sample: differ
-                    .iter()
-                    .take(10)
-                    .map(|k| format!("{k}@{}", s.domain))
-                    .collect(),
-            };
-            tracing::error!(
-                "{}: the account reload is refused ({} -> {} accounts); the {} addresses the two lists disagree on (e.g. {}) get 451 4.4.4 until `dualroute confirm-accounts {}` accepts the new list or the account source is restored",
-                s.domain,
-                record.running,
-                record.refused,
-                record.disputed,
-                record.sample.join(", "),
-                s.domain
-            );
-            if let Err(e) = state.record_dispute(&s.domain, &record) {
-                tracing::error!(
-                    "{}: cannot record the account dispute for `dualroute status`: {e}",
-                    s.domain
-                );
-            }
-            disputes.0.insert(s.domain.clone(), Arc::new(now));
-        }
-        let holds = (*self.holds.current()).clone().with_disputes(disputes);
-        self.holds.replace(holds);
-    }
-
-    /// Puts `new` in force; the caller holds the writer's lock. The holds
-    /// are read for `new` and installed before it: from that instant a
-    /// message that still has the running policy finds every domain the
-    /// reload removed, or whose destination it changed, held
-    /// ([`Hold::NotRead`](crate::holds::Hold::NotRead)), and a message
-    /// that takes the new policy finds the holds read for it.
-    fn install(&self, new: Policy, _writer: &MutexGuard<'_, ()>) -> Vec<String> {
-        let (holds, errors) = Holds::read(&new.config);
-        self.holds.replace(holds);
-        self.policy.replace(new);
-        errors
+    /// The metrics as the endpoint serves them (OpenMetrics text), also
+    /// without `metrics:`; `None` before [`run`] has started.
+    pub fn metrics(&self) -> Option<String> {
+        let view = self.view.borrow().clone()?;
+        Some(
+            view.metrics
+                .render(&view.policy.current(), &view.holds.current()),
+        )
     }
 }
 
 /// Runs the whole service until `shutdown` completes: the milter on
 /// `listener`, with the connection limit and timeouts of `connections:`,
-/// and beside it the reload on every message of `reloads` (SIGHUP in
-/// `main.rs`), the account-file watch, the verification probe, the state
-/// follower and the bounce breaker. The tasks stop with the milter.
+/// and beside it the reload actor (serving `requests`, see [`Control`]),
+/// the account-file watch, the account-command refresh, the verification
+/// probe, the state follower, the bounce breaker, the metrics endpoint,
+/// the count of Postfix's waiting mail and the notifier. The tasks stop
+/// with the milter.
 pub async fn run<L>(
     listener: L,
-    service: Arc<Service>,
-    mut reloads: mpsc::Receiver<()>,
+    start: Start,
+    requests: Requests,
     shutdown: impl Future,
 ) -> std::io::Result<()>
 where
     L: indymilter::Listener,
     L::Io: listener::Peer,
 {
+    let Start {
+        config_path,
+        policy,
+        intervals,
+    } = start;
+    // The holds are read before anything runs, so that no instant exists
+    // in which a disabled or unverified domain routes.
+    let (read, errors) = Holds::read(&policy.config);
+    for e in errors {
+        tracing::error!("{e}; routing for that domain stays off");
+    }
+    let limits = policy.config.connections.clone();
+    let listen = policy.config.listen.clone();
+    let policy = Arc::new(LivePolicy::new(policy));
+    let holds = Arc::new(LiveHolds::new(read));
+    let metrics = Arc::new(Metrics::new());
+    let outbox: Arc<notify::Outbox> = Default::default();
+    let Requests {
+        requests,
+        tasks: installer,
+        view: control_view,
+    } = requests;
+
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(verify::run(service.clone()));
-    tasks.spawn(holds::follow::run(service.clone()));
-    tasks.spawn(reload::watch_accounts(service.clone()));
-    tasks.spawn(reload::refresh_commands(service.clone()));
+    let actor = actor::Actor {
+        config_path: config_path.clone(),
+        policy: policy.clone(),
+        holds: holds.clone(),
+        metrics: metrics.clone(),
+        outbox: outbox.clone(),
+    };
+    tasks.spawn(actor::run(actor, requests));
+    tasks.spawn(verify::run(verify::Verify {
+        policy: policy.clone(),
+        holds: holds.clone(),
+        installer: installer.clone(),
+        metrics: metrics.clone(),
+        outbox: outbox.clone(),
+        every: intervals.verify,
+    }));
+    tasks.spawn(holds::follow::run(
+        policy.clone(),
+        holds.clone(),
+        installer.clone(),
+        Arc::from(config_path.as_path()),
+        intervals.state,
+    ));
+    tasks.spawn(reload::watch_accounts(
+        policy.clone(),
+        installer.clone(),
+        config_path.clone(),
+        intervals.accounts,
+    ));
+    tasks.spawn(reload::refresh_commands(
+        policy.clone(),
+        installer.clone(),
+        config_path.clone(),
+        intervals.accounts,
+    ));
     // The bounce breaker (docs/design.md §7) idles while there is no
     // `breaker:`, and follows reloads that add, change or remove it.
-    tasks.spawn(breaker::run(service.clone()));
-    tasks.spawn(crate::metrics::serve(service.clone()));
-    tasks.spawn(crate::postfix::queue::follow(service.clone()));
-    tasks.spawn(crate::notify::run(
-        service.policy.clone(),
-        service.outbox.clone(),
+    tasks.spawn(breaker::run(
+        policy.clone(),
+        breaker::Reach {
+            installer,
+            metrics: metrics.clone(),
+            outbox: outbox.clone(),
+        },
     ));
-    let reloader = service.clone();
-    tasks.spawn(async move {
-        while reloads.recv().await.is_some() {
-            reload::on_request(&reloader).await;
-        }
-    });
-    let limits = service.policy().config.connections.clone();
+    tasks.spawn(crate::metrics::serve(
+        metrics.clone(),
+        policy.clone(),
+        holds.clone(),
+    ));
+    tasks.spawn(waiting::follow(policy.clone(), metrics.clone()));
+    tasks.spawn(notify::run(policy.clone(), outbox.clone()));
+    control_view.send_replace(Some(View {
+        policy: policy.clone(),
+        holds: holds.clone(),
+        metrics: metrics.clone(),
+    }));
+
     // indymilter's own timeout covers a whole read, idle time included, and
-    // writes: it only backs up the guard's finer ones (listener.rs).
+    // writes: it only backs up the guard's finer ones (src/listener/).
     let config = indymilter::Config {
         max_connections: limits.max.get(),
         connection_timeout: limits.idle_timeout.0 + limits.command_timeout.0,
         ..Default::default()
     };
-    let listener = listener::Guarded::new(listener, limits, service.clone());
+    let listener = listener::Guarded::new(listener, limits, metrics.clone());
+    let callbacks = milter::callbacks(Arc::new(milter::Shared {
+        policy,
+        holds,
+        metrics,
+        outbox,
+    }));
     tracing::info!(
-        "dualroute {} listening on {}",
+        "dualroute {} listening on {listen}",
         env!("CARGO_PKG_VERSION"),
-        service.policy().config.listen
     );
-    notify(&[sd_notify::NotifyState::Ready]);
-    let result = indymilter::run(listener, milter::callbacks(service), config, shutdown).await;
+    systemd::notify(&[sd_notify::NotifyState::Ready]);
+    let result = indymilter::run(listener, callbacks, config, shutdown).await;
     tasks.abort_all();
+    // A Control that asks now hears that the service stopped.
+    drop(control_view);
     result
-}
-
-/// Tells systemd (Type=notify) where we are; a no-op without
-/// NOTIFY_SOCKET.
-pub fn notify(state: &[sd_notify::NotifyState]) {
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!("cannot notify systemd: {e}");
-    }
 }

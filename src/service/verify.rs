@@ -7,10 +7,12 @@
 //! back from there, so the milter, `status` and `explain` agree
 //! (src/holds/).
 
-use super::Service;
 use crate::config::{DnsConfig, DomainConfig};
 use crate::dns::Dns;
-use crate::notify::Event;
+use crate::holds::LiveHolds;
+use crate::live::{Installer, LivePolicy};
+use crate::metrics::Metrics;
+use crate::notify::{Event, Outbox};
 use crate::{holds, probe, state};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -31,15 +33,28 @@ struct Outcome {
     result: Result<String, String>,
 }
 
+/// What the probe reads, records and reports through.
+pub(crate) struct Verify {
+    pub policy: Arc<LivePolicy>,
+    pub holds: Arc<LiveHolds>,
+    /// A recorded result is read back into the holds through the reload
+    /// actor.
+    pub installer: Installer,
+    pub metrics: Arc<Metrics>,
+    pub outbox: Arc<Outbox>,
+    /// The scheduler's tick.
+    pub every: Duration,
+}
+
 /// Probes held domains for the life of the service, following reloads.
-pub async fn run(service: Arc<Service>) {
+pub(crate) async fn run(service: Verify) {
     let mut next: HashMap<String, (Instant, Duration)> = HashMap::new();
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut probes: JoinSet<Outcome> = JoinSet::new();
     let mut resolver: Option<(DnsConfig, Arc<Dns>)> = None;
     loop {
-        let policy = service.policy();
-        let holds = service.holds();
+        let policy = service.policy.current();
+        let holds = service.holds.current();
         let now = Instant::now();
         let mut names: Vec<&String> = policy.domains.keys().collect();
         names.sort();
@@ -77,7 +92,7 @@ pub async fn run(service: Arc<Service>) {
         }
         let done = tokio::select! {
             Some(done) = probes.join_next(), if !probes.is_empty() => done,
-            _ = tokio::time::sleep(service.intervals.verify) => continue,
+            _ = tokio::time::sleep(service.every) => continue,
         };
         let Ok(outcome) = done else {
             // A probe task that panicked or was cancelled: its domain is
@@ -137,7 +152,7 @@ async fn probe_one(domain: String, d: DomainConfig, dns: Arc<Dns>, helo: String)
 /// Logs and records a probe result; true when the domain is verified and
 /// the pass is recorded (a pass that cannot be recorded keeps routing
 /// off: when in doubt, do not route).
-async fn settle(service: &Arc<Service>, o: &Outcome, backoff: Duration) -> bool {
+async fn settle(service: &Verify, o: &Outcome, backoff: Duration) -> bool {
     let name = &o.domain;
     service.metrics.probe(name, o.result.is_ok());
     let (passed, detail) = match &o.result {
@@ -161,28 +176,30 @@ async fn settle(service: &Arc<Service>, o: &Outcome, backoff: Duration) -> bool 
         detail,
         target: o.target.clone(),
     };
-    let (writer, name2) = (service.clone(), name.clone());
+    let (live, outbox, name2) = (service.policy.clone(), service.outbox.clone(), name.clone());
     // State writes fsync: blocking I/O, off the runtime's workers.
     let written = tokio::task::spawn_blocking(move || {
-        let dir = state::StateDir::new(&writer.policy().config.state_dir);
-        // The administrator hears of a change only (src/notify.rs).
+        let dir = state::StateDir::new(&live.current().config.state_dir);
+        // The administrator hears of a change only (src/notify/).
         let previous = dir.load(&name2).ok().and_then(|s| s.verification);
         let previous = previous.filter(|p| p.target == v.target);
         let news = Event::verification(&name2, previous.as_ref(), &v, &address);
         let r = dir.record_verification(&name2, &v);
         if let (Ok(()), Some(news)) = (&r, news) {
-            writer.outbox.notify(&writer.policy().config, news);
-        }
-        if r.is_ok() {
-            for e in writer.refresh_holds() {
-                tracing::error!("{e}; routing for that domain stays off");
-            }
+            outbox.notify(&live.current().config, news);
         }
         r.map_err(|e| (e.to_string(), dir.dir.display().to_string()))
     })
     .await;
     match written {
-        Ok(Ok(())) => passed,
+        Ok(Ok(())) => {
+            // What was recorded takes effect now: the holds are read
+            // again, through the one writer.
+            for e in service.installer.refresh_holds().await {
+                tracing::error!("{e}; routing for that domain stays off");
+            }
+            passed
+        }
         Ok(Err((e, dir))) => {
             if passed {
                 tracing::error!(

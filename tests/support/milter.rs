@@ -6,9 +6,11 @@
 //! (`protocol.rs` has the other milter: `dualroute::run` in-process,
 //! driven by indymilter-test.)
 
-use super::{is_listening, PostfixOptions};
+use super::{is_listening, Port, PostfixOptions};
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -16,12 +18,23 @@ use std::time::{Duration, Instant};
 /// How long `dualroute run` may take to listen, or to exit after a signal.
 const START: Duration = Duration::from_secs(10);
 
+/// What `dualroute run` logs when it serves (src/service/mod.rs, beside
+/// sd_notify READY=1).
+const READY: &str = " listening on ";
+
 /// `dualroute run --config …` as a child process, its stderr appended to a
 /// log file (logging `info`, and `debug` for dualroute itself: the
 /// decisions). Killed on Drop.
+///
+/// On TCP it gets its listening socket from the test, by systemd's socket
+/// activation protocol (sd_listen_fds(3): the socket as fd 3, LISTEN_FDS=1,
+/// LISTEN_PID its pid; docs/design.md "Socket activation"), on a [`Port`]
+/// the test reserved: no other process can take the port, before the
+/// first start or between a kill and the next [`MilterProcess::spawn`].
 pub struct MilterProcess {
     child: Option<Child>,
-    port: u16,
+    /// `listen: inet:127.0.0.1:PORT` (`None` for a unix socket).
+    port: Option<Port>,
     /// `listen: unix:PATH` instead of the port.
     socket: Option<PathBuf>,
     /// Extra environment (NOTIFY_SOCKET, JOURNAL_STREAM, a DUALROUTE_LOG of
@@ -34,10 +47,10 @@ pub struct MilterProcess {
 impl MilterProcess {
     /// Starts the milter on `config`, whose `listen:` is
     /// `inet:127.0.0.1:PORT`, and waits until it listens.
-    pub fn start(config: &Path, port: u16, log: &Path) -> MilterProcess {
+    pub fn start(config: &Path, port: &Port, log: &Path) -> MilterProcess {
         let mut milter = MilterProcess {
             child: None,
-            port,
+            port: Some(port.try_clone()),
             socket: None,
             env: Vec::new(),
             config: config.to_owned(),
@@ -57,7 +70,7 @@ impl MilterProcess {
     ) -> MilterProcess {
         let mut milter = MilterProcess {
             child: None,
-            port: 0,
+            port: None,
             socket: Some(socket.to_owned()),
             env: env
                 .iter()
@@ -74,13 +87,13 @@ impl MilterProcess {
     /// extra environment variables, and waits until it listens.
     pub fn start_with_env(
         config: &Path,
-        port: u16,
+        port: &Port,
         log: &Path,
         env: &[(&str, &str)],
     ) -> MilterProcess {
         let mut milter = MilterProcess {
             child: None,
-            port,
+            port: Some(port.try_clone()),
             socket: None,
             env: env
                 .iter()
@@ -95,17 +108,19 @@ impl MilterProcess {
 
     /// Whether the milter's socket accepts connections.
     fn is_serving(&self) -> bool {
-        match &self.socket {
-            Some(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
-            None => is_listening(self.port),
+        match (&self.socket, &self.port) {
+            (Some(path), _) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+            (None, Some(port)) => is_listening(port.number()),
+            (None, None) => false,
         }
     }
 
     /// Where the milter listens, for messages.
     fn endpoint(&self) -> String {
-        match &self.socket {
-            Some(path) => format!("unix:{}", path.display()),
-            None => format!("127.0.0.1:{}", self.port),
+        match (&self.socket, &self.port) {
+            (Some(path), _) => format!("unix:{}", path.display()),
+            (None, Some(port)) => port.addr().to_string(),
+            (None, None) => "nowhere".to_owned(),
         }
     }
 
@@ -123,19 +138,34 @@ impl MilterProcess {
             .append(true)
             .open(&self.log)
             .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("DUALROUTE_LOG", "info,dualroute=debug")
-            .env("NO_COLOR", "1")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("run dualroute");
+        let started_before = self.log().matches(READY).count();
+        // The Command holds our copy of the listening socket: it goes out
+        // of scope with spawn, so that only the child listens.
+        let mut child = match &self.port {
+            Some(port) => activated(port.listen()),
+            None => Command::new(env!("CARGO_BIN_EXE_dualroute")),
+        }
+        .args(["run", "--config"])
+        .arg(&self.config)
+        .env("DUALROUTE_LOG", "info,dualroute=debug")
+        .env("NO_COLOR", "1")
+        .envs(self.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("run dualroute");
         let deadline = Instant::now() + START;
-        while !self.is_serving() {
+        // A passed socket listens from the fork on, before the milter has
+        // loaded its configuration: ready is its "listening on" line (what
+        // it logs as it tells systemd READY=1), one more than before. A
+        // unix socket it binds itself, after loading (tests/socket.rs
+        // signals it while it is stalled there).
+        let ready = |milter: &Self| {
+            milter.is_serving()
+                && (milter.port.is_none() || milter.log().matches(READY).count() > started_before)
+        };
+        while !ready(self) {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
                     "dualroute run exited ({status}) before listening on {}:\n{}",
@@ -213,9 +243,12 @@ impl MilterProcess {
         }
     }
 
-    /// Where the milter listens.
+    /// Where the milter listens (TCP).
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+        self.port
+            .as_ref()
+            .expect("the milter listens on a unix socket")
+            .addr()
     }
 
     /// Everything the milter logged so far, without colour codes.
@@ -243,6 +276,29 @@ impl MilterProcess {
         })
     }
 
+    /// Whether the metrics endpoint (`metrics.listen`, which the milter
+    /// binds itself) serves on 127.0.0.1:`port`: `Err` with the milter's
+    /// words when it could not bind it, for
+    /// [`super::ports::start_on_a_port`] to try another port.
+    pub fn metrics_bound(&self, port: u16) -> Result<(), String> {
+        let serving = format!("metrics: serving http://127.0.0.1:{port}/metrics");
+        let refused = format!("metrics: cannot listen on 127.0.0.1:{port}");
+        let found = super::poll(|| {
+            self.log()
+                .lines()
+                .find(|l| l.contains(&serving) || l.contains(&refused))
+                .map(str::to_owned)
+        });
+        match found {
+            Some(line) if line.contains(&serving) => Ok(()),
+            Some(line) => Err(line),
+            None => panic!(
+                "the milter says neither {serving:?} nor {refused:?}:\n{}",
+                self.log()
+            ),
+        }
+    }
+
     /// The milter.yaml it runs with.
     pub fn config(&self) -> &Path {
         &self.config
@@ -260,6 +316,43 @@ impl Drop for MilterProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// `dualroute` started with `listener` as a socket-activated service
+/// would be: the socket as fd 3 (SD_LISTEN_FDS_START), LISTEN_FDS=1, and
+/// LISTEN_PID the pid of the process that execs `dualroute`. The pid is
+/// only known after fork, so a shell sets it (`$$`) and execs the binary
+/// in place, keeping its pid, as systemd sets it between fork and exec.
+pub fn activated(listener: std::net::TcpListener) -> Command {
+    let mut command = Command::new("/bin/sh");
+    command
+        .args([
+            "-c",
+            "LISTEN_PID=$$ LISTEN_FDS=1; export LISTEN_PID LISTEN_FDS; exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_dualroute"),
+        ])
+        .env_remove("LISTEN_FDNAMES");
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls dup2 and fcntl, which are async-signal-safe; `fd` is open (the
+    // listener lives in this process until spawn returns: the closure keeps
+    // it), and fd 3 is free to be replaced (std set up 0-2 already; every
+    // other descriptor of the test is close-on-exec).
+    unsafe {
+        command.pre_exec(move || {
+            let fd = listener.as_raw_fd();
+            let moved = if fd == 3 {
+                // dup2 onto itself would keep FD_CLOEXEC.
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if moved == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 fn strip_ansi(s: &str) -> String {

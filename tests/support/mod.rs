@@ -21,7 +21,9 @@
 //! missing binary is a panic that says how to install it.
 //!
 //! Every instance and every sink lives in its own temporary directory with
-//! its own ports, so tests in one binary may run in parallel. Everything
+//! its own ports ([`ports`]: bound before use or retried on conflict, so
+//! no test can use a port another process takes), so tests may run in
+//! parallel. Everything
 //! talks to 127.0.0.0/8 only: DNS is off in the Postfix SMTP client, mail
 //! for a domain that is neither a virtual mailbox domain nor routed by the
 //! test's `transport_maps` is bounced by the `error` transport, and on
@@ -35,12 +37,14 @@
 
 pub mod metrics;
 pub mod milter;
+pub mod ports;
 pub mod postfix;
 pub mod protocol;
 pub mod scenarios;
 pub mod sendmail;
 pub mod sink;
 pub mod smtp;
+pub mod wire;
 
 // Each test binary uses a different part of the harness.
 #[allow(unused_imports)]
@@ -48,6 +52,8 @@ pub use milter::{
     dualroute, dualroute_output, postfix_config, unix_config, MilterProcess, PostfixConfig,
     UnixTree,
 };
+#[allow(unused_imports)]
+pub use ports::{is_listening, loopback_listener, start_on_a_port, Port};
 #[allow(unused_imports)]
 pub use postfix::{processes_in, read_maildir, Delivery, MaildirMessage, Postfix, PostfixOptions};
 #[allow(unused_imports)]
@@ -58,7 +64,7 @@ pub use sink::{xtext_decode, xtext_encode, SinkMessage, SinkRcpt, SmtpSink};
 pub use smtp::{send, Reply, SmtpClient, SmtpTranscript};
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -91,53 +97,6 @@ const NOT_INSTALLED: &str =
 /// The address a test client uses to be an outside (non-`mynetworks`)
 /// client, or a gateway.
 pub const OUTSIDE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-
-/// A TCP port on 127.0.0.1 for a server a test is about to start.
-///
-/// Not `bind(0)`: that hands out ports from the kernel's ephemeral range
-/// (`ip_local_port_range`, 32768–60999 by default), the same range the
-/// kernel uses for outgoing connections and for every other test's
-/// `bind(0)`, so between picking a port and the server binding it another
-/// test's sink or Postfix could take it (seen: one test's mail arrived at
-/// another test's smtp-sink). Ports here come from 20000–31999, below that
-/// range, each handed out once per process, starting at an offset derived
-/// from the pid so concurrent test binaries rarely meet; a port that
-/// something holds is skipped.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const FIRST: u32 = 20000;
-    const COUNT: u32 = 12000;
-    let offset = (std::process::id() % 600) * 20;
-    for _ in 0..COUNT {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let port = (FIRST + (offset + n) % COUNT) as u16;
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() && !is_listening(port) {
-            return port;
-        }
-    }
-    panic!(
-        "no free TCP port on 127.0.0.1 in {FIRST}..{}",
-        FIRST + COUNT
-    );
-}
-
-/// Whether something listens on TCP `port` on 127.0.0.1 or 0.0.0.0. Reads
-/// /proc/net/tcp instead of connecting, so smtpd logs no extra session.
-pub fn is_listening(port: u16) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
-        return TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok();
-    };
-    let wanted = [
-        format!("0100007F:{port:04X}"),
-        format!("00000000:{port:04X}"),
-    ];
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        // fields[1] is local_address, fields[3] is st; 0A is LISTEN.
-        fields.len() > 3 && wanted.iter().any(|w| w == fields[1]) && fields[3] == "0A"
-    })
-}
 
 /// Waits, without blocking the runtime, until `probe` yields a value:
 /// polls every 50 ms for up to [`WAIT`], then fails the test saying what

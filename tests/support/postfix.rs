@@ -22,8 +22,7 @@
 //!   That takes start-up from ~2.4 s to ~0.4 s.
 
 use super::{
-    files_under, free_port, header_values, is_listening, keep_tmp, poll, set_mode, tool, user_ids,
-    write, POLL, WAIT,
+    files_under, header_values, keep_tmp, poll, ports, set_mode, tool, user_ids, write, POLL, WAIT,
 };
 use std::collections::BTreeMap;
 use std::fs;
@@ -66,6 +65,10 @@ pub struct PostfixOptions {
     pub main_cf: Vec<String>,
     /// Lines appended to master.cf.
     pub master_cf: Vec<String>,
+    /// master.cf lines of services on a port of their own, `127.0.0.1:PORT`
+    /// standing for a port the harness chooses (see
+    /// [`PostfixOptions::master_cf_on_a_port`]).
+    pub port_services: Vec<String>,
     /// Map source files written into the config directory: (file name,
     /// contents). In main.cf and master.cf lines, a table reference to one
     /// of them by bare file name (`hash:dualroute_transport`) or under
@@ -94,6 +97,7 @@ impl Default for PostfixOptions {
             milter_default_action: "tempfail".to_owned(),
             main_cf: Vec::new(),
             master_cf: Vec::new(),
+            port_services: Vec::new(),
             extra_maps: Vec::new(),
             chroot_smtpd: false,
             bind_into_queue: Vec::new(),
@@ -148,6 +152,19 @@ impl PostfixOptions {
         self
     }
 
+    /// Appends a master.cf line for a service on its own port, written
+    /// `127.0.0.1:PORT`: the harness puts in a port, chosen with smtpd's
+    /// (and chosen again when master cannot bind it); read it with
+    /// [`Postfix::service_ports`], in the order of these calls.
+    pub fn master_cf_on_a_port(mut self, line: &str) -> Self {
+        assert!(
+            line.contains("127.0.0.1:PORT"),
+            "{line:?} has no 127.0.0.1:PORT"
+        );
+        self.port_services.push(line.to_owned());
+        self
+    }
+
     /// Writes a map source file into the config directory (see
     /// [`PostfixOptions::extra_maps`]).
     pub fn map(mut self, file_name: &str, contents: &str) -> Self {
@@ -191,6 +208,8 @@ pub struct Postfix {
     tmp: Option<tempfile::TempDir>,
     root: PathBuf,
     port: u16,
+    /// The ports of [`PostfixOptions::master_cf_on_a_port`]'s services.
+    service_ports: Vec<u16>,
     mailboxes: BTreeMap<String, String>,
     running: bool,
     /// Bind mounts inside the queue directory, unmounted on stop.
@@ -205,20 +224,16 @@ impl Postfix {
         for tool_name in ["postfix", "postmap", "postqueue", "postconf", "smtp-sink"] {
             tool(tool_name);
         }
-        let mut last_error = String::new();
-        // The port comes from free_port(), so another process may take it
-        // before master binds it: retry with a new one.
-        for _ in 0..3 {
-            match Self::try_start(&opts) {
-                Ok(postfix) => return postfix,
-                Err(error) if error.contains("Address already in use") => last_error = error,
-                Err(error) => panic!("{error}"),
-            }
-        }
-        panic!("{last_error}")
+        // master binds smtpd's port (and the services' ports) itself: when
+        // another process has one of them, start again on others.
+        ports::start_on_ports("Postfix", 1 + opts.port_services.len(), |chosen| {
+            Self::try_start(&opts, chosen)
+        })
     }
 
-    fn try_start(opts: &PostfixOptions) -> Result<Postfix, String> {
+    /// Starts the instance on `chosen` ports (smtpd's, then the
+    /// services'); `Err` when one of them is taken.
+    fn try_start(opts: &PostfixOptions, chosen: &[u16]) -> Result<Postfix, String> {
         let tmp = tempfile::Builder::new()
             .prefix("dualroute-postfix-")
             .tempdir()
@@ -227,7 +242,8 @@ impl Postfix {
         let mut postfix = Postfix {
             tmp: Some(tmp),
             root,
-            port: free_port(),
+            port: chosen[0],
+            service_ports: chosen[1..].to_vec(),
             mailboxes: opts.mailboxes.iter().cloned().collect(),
             running: false,
             mounts: Vec::new(),
@@ -266,24 +282,42 @@ impl Postfix {
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("run `script` (package bsdutils): {e}"));
+        const IN_USE: &str = "Address already in use";
         if !output.status.success() {
-            return Err(format!(
+            let error = format!(
                 "Postfix did not start ({}): {command}\n{}\n--- maillog ---\n{}",
                 output.status,
                 String::from_utf8_lossy(&output.stdout).trim_end(),
                 postfix.maillog()
-            ));
-        }
-        let deadline = started + Duration::from_secs(10);
-        while !is_listening(postfix.port) {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "Postfix started but nothing listens on 127.0.0.1:{}\n--- maillog ---\n{}",
-                    postfix.port,
-                    postfix.maillog()
-                ));
+            );
+            if error.contains(IN_USE) {
+                return Err(error);
             }
-            std::thread::sleep(POLL);
+            panic!("{error}");
+        }
+        // Bound by this instance's master (its cwd is the queue
+        // directory), not merely "something listens there".
+        let deadline = started + Duration::from_secs(10);
+        let queue = postfix.queue_dir();
+        for &port in chosen {
+            let within = deadline.saturating_duration_since(Instant::now());
+            let bound = ports::wait_bound(
+                port,
+                within,
+                || processes_in(&queue),
+                || {
+                    let log = postfix.maillog();
+                    log.contains(IN_USE).then(|| format!("{IN_USE}:\n{log}"))
+                },
+            );
+            match bound {
+                Ok(()) => {}
+                Err(ports::NotBound::Taken(why)) => return Err(why),
+                Err(ports::NotBound::TimedOut) => panic!(
+                    "Postfix started but nothing listens on 127.0.0.1:{port}\n--- maillog ---\n{}",
+                    postfix.maillog()
+                ),
+            }
         }
         Ok(postfix)
     }
@@ -321,10 +355,17 @@ impl Postfix {
             .iter()
             .map(|line| rewrite_map_refs(line, &etc, &map_names, &mut referenced))
             .collect();
+        let services = opts
+            .port_services
+            .iter()
+            .zip(&self.service_ports)
+            .map(|(line, port)| line.replace("127.0.0.1:PORT", &format!("127.0.0.1:{port}")));
         let master_extra: Vec<String> = opts
             .master_cf
             .iter()
-            .map(|line| rewrite_map_refs(line, &etc, &map_names, &mut referenced))
+            .cloned()
+            .chain(services)
+            .map(|line| rewrite_map_refs(&line, &etc, &map_names, &mut referenced))
             .collect();
         for (name, contents) in &opts.extra_maps {
             write(&etc.join(name), contents);
@@ -455,6 +496,12 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The ports of the services of [`PostfixOptions::master_cf_on_a_port`],
+    /// in order.
+    pub fn service_ports(&self) -> &[u16] {
+        &self.service_ports
     }
 
     /// The root of the temporary tree.

@@ -3,8 +3,9 @@
 //! closed before use), exactly as `main.rs` runs it (`dualroute::run`),
 //! and each test drives it with indymilter-test as an MTA would.
 
+use dualroute::holds::Holds;
 use dualroute::policy::Policy;
-use dualroute::service::{Intervals, Service};
+use dualroute::{Control, Intervals, Start};
 use indymilter_test::{
     EomAction, MacroStage, ProtoOpts, Status, TestConnection, TestConnectionBuilder,
 };
@@ -15,11 +16,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 use std::{path::Path, sync::Arc};
-use tokio::{
-    net::TcpListener,
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 /// An ordinary client on the Internet: not a gateway.
 pub const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
@@ -37,17 +34,24 @@ pub fn policy(yaml: &str) -> Policy {
     Policy::load(config).unwrap_or_else(|e| panic!("test accounts: {e}"))
 }
 
-/// A service for a test configuration (reloads read `test.yaml`, which
-/// does not exist: use [`service_at`] to reload).
-pub fn service(yaml: &str) -> Arc<Service> {
-    Service::new(Path::new("test.yaml"), policy(yaml), Intervals::default())
+/// What `dualroute run` starts from, for a test configuration (reloads
+/// read `test.yaml`, which does not exist: use [`start_at`] to reload).
+pub fn start(yaml: &str) -> Start {
+    Start {
+        config_path: "test.yaml".into(),
+        policy: policy(yaml),
+        intervals: Intervals::default(),
+    }
 }
 
-/// A service for the configuration file at `path`, as `dualroute run`
-/// starts it.
-pub fn service_at(path: &Path, intervals: Intervals) -> Arc<Service> {
+/// What `dualroute run` starts from for the configuration file at `path`.
+pub fn start_at(path: &Path, intervals: Intervals) -> Start {
     let policy = dualroute::load_policy(path).unwrap_or_else(|e| panic!("test config: {e}"));
-    Service::new(path, policy, intervals)
+    Start {
+        config_path: path.to_owned(),
+        policy,
+        intervals,
+    }
 }
 
 /// The milter, serving on a loopback port until [`Milter::shutdown`].
@@ -55,18 +59,19 @@ pub struct Milter {
     addr: SocketAddr,
     shutdown: oneshot::Sender<()>,
     handle: JoinHandle<io::Result<()>>,
-    reload: mpsc::Sender<()>,
-    pub service: Arc<Service>,
+    /// The running service's handle, as `dualroute run` keeps it for
+    /// SIGHUP.
+    pub control: Control,
 }
 
 impl Milter {
     pub async fn start(yaml: &str) -> Milter {
-        Milter::serve(service(yaml)).await
+        Milter::serve(start(yaml)).await
     }
 
     /// Runs the whole service (`dualroute::run`: the milter and its tasks)
-    /// for a service the test keeps a handle on.
-    pub async fn serve(service: Arc<Service>) -> Milter {
+    /// from `start`, and returns once it serves.
+    pub async fn serve(start: Start) -> Milter {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -74,28 +79,49 @@ impl Milter {
             .local_addr()
             .expect("local address of the listener");
         let (shutdown, stop) = oneshot::channel::<()>();
-        let (reload, reloads) = mpsc::channel(1);
-        let handle = tokio::spawn(dualroute::run(
-            listener,
-            service.clone(),
-            reloads,
-            async move {
-                let _ = stop.await;
-            },
-        ));
+        let (control, requests) = dualroute::control();
+        let handle = tokio::spawn(dualroute::run(listener, start, requests, async move {
+            let _ = stop.await;
+        }));
+        assert!(control.running().await, "the service ended at start");
         Milter {
             addr,
             shutdown,
             handle,
-            reload,
-            service,
+            control,
         }
     }
 
-    /// Asks for a reload as SIGHUP does (`dualroute run` turns SIGHUP into
-    /// this message).
+    /// Asks for a reload as SIGHUP does, without waiting for it (a signal
+    /// is not answered): the reload runs when the reload actor comes to
+    /// it; its failure is printed, as `dualroute run` logs it.
     pub async fn sighup(&self) {
-        self.reload.send(()).await.expect("the service stopped");
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            if let Err(e) = control.reload().await {
+                eprintln!("SIGHUP: reload failed, keeping the running configuration: {e}");
+            }
+        });
+    }
+
+    /// Reloads and waits for the outcome.
+    pub async fn reload(&self) -> Result<(), dualroute::LoadError> {
+        self.control.reload().await
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.control.policy().expect("the service runs")
+    }
+
+    /// The holds in force.
+    pub fn holds(&self) -> Arc<Holds> {
+        self.control.holds().expect("the service runs")
+    }
+
+    /// The metrics as the endpoint serves them.
+    pub fn metrics(&self) -> String {
+        self.control.metrics().expect("the service runs")
     }
 
     pub fn addr(&self) -> SocketAddr {

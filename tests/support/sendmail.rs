@@ -18,13 +18,22 @@
 //!   binds: the machine's /dev/log, if any, is never replaced. The lines
 //!   are written to `maillog` as rsyslog would (`Mon DD HH:MM:SS host
 //!   sendmail[PID]: …`), so the breaker reads them as in production.
-//! - Sendmail refuses maps and queue directories below a world-writable
-//!   directory ("unsafe map file: World writable directory"), so the tree
-//!   lives in Cargo's target directory, not in /tmp.
+//! - Sendmail refuses maps and programs below a world-writable directory
+//!   ("unsafe map file …: World writable directory"), and Cargo's target
+//!   directory is below /tmp when the checkout is (many CI runners).
+//!   `DontBlameSendmail=TrustStickyBit` makes it trust a world-writable
+//!   directory with the sticky bit (/tmp, /var/tmp: no one can replace
+//!   another's file there), so the harness works wherever the checkout
+//!   lives (issue 22 §2).
+//! - A map declared optional (`-o`) that Sendmail cannot or will not open
+//!   is skipped in silence: without the mailertable, mail went to DNS
+//!   instead of the sink. So no map is optional, and [`Sendmail::start`]
+//!   looks each one up (`sendmail -bt`, `/map`) and fails with Sendmail's
+//!   words when one is not usable.
 //! - The daemon and its children chdir to the queue directory: that is how
 //!   leftovers of an instance are found (`processes_in`).
 
-use super::{files_under, free_port, is_listening, keep_tmp, poll, processes_in, write, SmtpSink};
+use super::{files_under, keep_tmp, poll, ports, processes_in, write, SmtpSink};
 use std::fs;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -143,7 +152,7 @@ impl SendmailOptions {
         self.local_delivery = true;
         self.local_domain(domain)
             .map("virtusertable", virtusertable)
-            .mc("FEATURE(`virtusertable', `hash -o $DIR/virtusertable')dnl")
+            .mc("FEATURE(`virtusertable', `hash $DIR/virtusertable')dnl")
             .mc("define(`LOCAL_MAILER_PATH', `$DIR/deliver')dnl")
             .mc("define(`LOCAL_MAILER_ARGS', `deliver $u')dnl")
             .mc("define(`LOCAL_MAILER_FLAGS', `SPfhn9')dnl")
@@ -171,6 +180,13 @@ impl Sendmail {
     /// Builds the configuration, starts the daemon and waits until it
     /// listens. Panics with what m4, makemap or sendmail said.
     pub fn start(opts: SendmailOptions) -> Sendmail {
+        // The daemon binds its port itself: started again on another port
+        // when another process has it (tests/support/ports.rs).
+        ports::start_on_a_port("Sendmail", |port| Self::try_start(&opts, port))
+    }
+
+    /// A new tree and daemon on `port`; `Err` when the port is taken.
+    fn try_start(opts: &SendmailOptions, port: u16) -> Result<Sendmail, String> {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         fs::create_dir_all(&base).expect("create CARGO_TARGET_TMPDIR");
         let tmp = tempfile::Builder::new()
@@ -181,17 +197,18 @@ impl Sendmail {
         let mut sendmail = Sendmail {
             tmp: Some(tmp),
             root,
-            port: free_port(),
+            port,
             syslog: None,
             running: false,
         };
-        sendmail.configure(&opts);
+        sendmail.configure(opts);
+        sendmail.check_maps(opts);
         sendmail.syslog = Some(SyslogCatcher::start(
             &sendmail.root.join("dev/log"),
             &sendmail.maillog_path(),
         ));
-        sendmail.run_daemon();
-        sendmail
+        sendmail.run_daemon()?;
+        Ok(sendmail)
     }
 
     fn configure(&self, opts: &SendmailOptions) {
@@ -226,11 +243,12 @@ impl Sendmail {
              define(`confLOG_LEVEL', `14')dnl\n\
              define(`confTO_QUEUERETURN', `5d')dnl\n\
              define(`confDELIVERY_MODE', `background')dnl\n\
+             define(`confDONT_BLAME_SENDMAIL', `TrustStickyBit')dnl\n\
              DAEMON_OPTIONS(`Port={port}, Addr=127.0.0.1, Name=MTA')dnl\n\
              FEATURE(`no_default_msa')dnl\n\
              FEATURE(`accept_unresolvable_domains')dnl\n\
-             FEATURE(`access_db', `hash -T<TMPF> -o {access}')dnl\n\
-             FEATURE(`mailertable', `hash -o {mailertable}')dnl\n",
+             FEATURE(`access_db', `hash -T<TMPF> {access}')dnl\n\
+             FEATURE(`mailertable', `hash {mailertable}')dnl\n",
             cf = cf_dir().display(),
             stats = p("statistics"),
             queue = queue.display(),
@@ -285,6 +303,32 @@ impl Sendmail {
         }
     }
 
+    /// Looks up a key in each map the configuration declares (Sendmail's
+    /// map names: `mailertable`, `access`, `virtuser`) with `sendmail -bt`
+    /// and fails the test with what Sendmail said when a map is not open:
+    /// a distrusted path ("unsafe map file"), a missing file.
+    fn check_maps(&self, opts: &SendmailOptions) {
+        let mut maps = vec!["mailertable", "access"];
+        if opts.local_delivery {
+            maps.push("virtuser");
+        }
+        let input: String = maps
+            .iter()
+            .map(|map| format!("/map {map} dualroute-harness-check\n"))
+            .collect();
+        let out = self.address_test(&input);
+        for map in maps {
+            // A usable map answers "no match (0)"; a map that is not open
+            // answers with an error status, or "Map named … not open".
+            let answered = format!("map_lookup: {map} (dualroute-harness-check) no match (0)");
+            assert!(
+                out.contains(&answered),
+                "Sendmail cannot use its map {map:?} in {}; `sendmail -bt` says:\n{out}",
+                self.root.display()
+            );
+        }
+    }
+
     /// `makemap hash MAP < MAP`, as `make -C /etc/mail` does.
     fn makemap(&self, map: &str) {
         let source = fs::File::open(self.root.join(map)).expect("open a map source");
@@ -320,7 +364,9 @@ impl Sendmail {
         cmd
     }
 
-    fn run_daemon(&mut self) {
+    /// Starts the daemon and waits until it listens: `Err` when it could
+    /// not bind its port.
+    fn run_daemon(&mut self) -> Result<(), String> {
         let out = self
             .in_namespace(&format!(
                 "exec {} -bd -q5s -C {}",
@@ -338,15 +384,26 @@ impl Sendmail {
             self.maillog()
         );
         self.running = true;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_listening(self.port) {
-            assert!(
-                Instant::now() < deadline,
+        // The daemon and its children work in the queue directory.
+        let queue = self.queue_dir();
+        let bound = ports::wait_bound(
+            self.port,
+            Duration::from_secs(20),
+            || processes_in(&queue),
+            || {
+                let log = self.maillog();
+                // opendaemonsocket: daemon MTA: cannot bind: Address already in use
+                log.contains("cannot bind").then(|| format!("\n{log}"))
+            },
+        );
+        match bound {
+            Ok(()) => Ok(()),
+            Err(ports::NotBound::Taken(why)) => Err(why),
+            Err(ports::NotBound::TimedOut) => panic!(
                 "sendmail does not listen on 127.0.0.1:{} after 20 s:\n{}",
                 self.port,
                 self.maillog()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ),
         }
     }
 

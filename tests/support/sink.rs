@@ -9,8 +9,7 @@
 //! rejected leaves no dump file.
 
 use super::{
-    files_under, free_port, header_values, is_listening, keep_tmp, poll, set_mode, tool, user_ids,
-    POLL, WAIT,
+    files_under, header_values, keep_tmp, poll, ports, set_mode, tool, user_ids, POLL, WAIT,
 };
 use std::fs;
 use std::io::{Read, Seek};
@@ -59,31 +58,24 @@ impl SmtpSink {
         let template = format!("{}/%Y%m%d%H%M%S.", self.dump_dir.display());
         let deadline = Instant::now() + Duration::from_secs(5);
         // The old process may hold the port for a moment after it died.
+        // The port is in the test's configuration: it cannot change, so a
+        // port another process took fails the test, saying so.
         loop {
-            let child = Command::new(tool("smtp-sink"))
-                .args(["-u", "nobody", "-d", &template])
-                .arg(format!("127.0.0.1:{}", self.port))
-                .arg("32")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("run smtp-sink");
+            let (child, bound) = spawn_sink(&template, &[], self.port);
             self.child = child;
-            std::thread::sleep(POLL);
-            if is_listening(self.port) && self.child.try_wait().ok().flatten().is_none() {
-                return;
+            match bound {
+                Ok(()) => return,
+                Err(why) => assert!(
+                    Instant::now() < deadline,
+                    "smtp-sink did not listen again on 127.0.0.1:{}: {why}",
+                    self.port
+                ),
             }
-            assert!(
-                Instant::now() < deadline,
-                "smtp-sink did not listen again on 127.0.0.1:{}",
-                self.port
-            );
+            std::thread::sleep(POLL);
         }
     }
 
     fn start_with(args: &[&str]) -> SmtpSink {
-        let sink = tool("smtp-sink");
         let tmp = tempfile::Builder::new()
             .prefix("dualroute-sink-")
             .tempdir()
@@ -97,49 +89,18 @@ impl SmtpSink {
         let (uid, gid) = user_ids("nobody");
         chown(&dump_dir, Some(uid), Some(gid)).expect("chown the sink dump directory to nobody");
         let template = format!("{}/%Y%m%d%H%M%S.", dump_dir.display());
-        let mut last_error = String::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let mut stderr = tempfile::tempfile().expect("create a temporary file");
-            let mut child = Command::new(&sink)
-                .args(["-u", "nobody", "-d", &template])
-                .args(args)
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("32")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr.try_clone().expect("clone a file handle"))
-                .spawn()
-                .unwrap_or_else(|e| panic!("run {}: {e}", sink.display()));
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if is_listening(port) {
-                    return SmtpSink {
-                        child,
-                        port,
-                        tmp: Some(tmp),
-                        dump_dir,
-                    };
-                }
-                if let Ok(Some(status)) = child.try_wait() {
-                    let mut message = String::new();
-                    let _ = stderr.rewind();
-                    let _ = stderr.read_to_string(&mut message);
-                    last_error = format!("smtp-sink exited ({status}): {message}");
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("smtp-sink did not listen on 127.0.0.1:{port} within 5 s");
-                }
-                std::thread::sleep(POLL);
-            }
-            if !last_error.contains("in use") {
-                break;
-            }
+        // smtp-sink binds its port itself: started again on another port
+        // when another process has it (tests/support/ports.rs).
+        let (child, port) = ports::start_on_a_port("smtp-sink", |port| {
+            let (child, bound) = spawn_sink(&template, args, port);
+            bound.map(|()| (child, port))
+        });
+        SmtpSink {
+            child,
+            port,
+            tmp: Some(tmp),
+            dump_dir,
         }
-        panic!("{last_error}")
     }
 
     pub fn port(&self) -> u16 {
@@ -192,6 +153,50 @@ impl SmtpSink {
                 self.messages()
             )
         })
+    }
+}
+
+/// Runs `smtp-sink` on 127.0.0.1:`port` dumping into `template`, and
+/// waits until it listens there: `Err` (the child killed) when it could not
+/// bind the port (it exits saying so, or another process listens there).
+fn spawn_sink(template: &str, args: &[&str], port: u16) -> (Child, Result<(), String>) {
+    let sink = tool("smtp-sink");
+    let mut stderr = tempfile::tempfile().expect("create a temporary file");
+    let mut child = Command::new(&sink)
+        .args(["-u", "nobody", "-d", template])
+        .args(args)
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("32")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr.try_clone().expect("clone a file handle"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", sink.display()));
+    let pid = child.id();
+    let bound = ports::wait_bound(
+        port,
+        Duration::from_secs(5),
+        || vec![pid],
+        || {
+            let status = child.try_wait().ok().flatten()?;
+            let mut message = String::new();
+            let _ = stderr.rewind();
+            let _ = stderr.read_to_string(&mut message);
+            Some(format!("smtp-sink exited ({status}): {message}"))
+        },
+    );
+    match bound {
+        Ok(()) => (child, Ok(())),
+        Err(ports::NotBound::Taken(why)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            (child, Err(why))
+        }
+        Err(ports::NotBound::TimedOut) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("smtp-sink did not listen on 127.0.0.1:{port} within 5 s")
+        }
     }
 }
 

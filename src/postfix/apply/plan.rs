@@ -12,7 +12,9 @@ use std::path::Path;
 
 /// The changes that bring Postfix from `current` to what `want` needs,
 /// and the record of it. Running the changes and planning again yields no
-/// changes.
+/// changes. The round-trip tests' entry (apply/tests.rs); the command
+/// uses [`plan_apply_notes`].
+#[cfg(test)]
 pub fn plan_apply(
     want: &PostfixConfig,
     map_dir: &Path,

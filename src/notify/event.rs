@@ -1,0 +1,159 @@
+//! What the administrator hears of ([`Event`]) and the words for it: a
+//! subject and a body that say what happened, what it means for mail and
+//! what to do (docs/design.md "Notification by mail").
+
+use crate::state::{self, TripCause, Tripped};
+use std::time::Duration;
+
+/// Something the administrator should hear of.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Event {
+    /// The breaker switched routing for `domain` off.
+    Tripped { domain: String, trip: Tripped },
+    /// The destination did not accept the probe address (first failure).
+    VerificationFailed {
+        domain: String,
+        address: String,
+        detail: String,
+    },
+    /// The destination accepts the probe address again: routing starts.
+    VerificationPassed {
+        domain: String,
+        address: String,
+        detail: String,
+    },
+    /// A reload kept the running configuration.
+    ReloadRefused { reason: String },
+}
+
+impl Event {
+    /// The verification event a probe result is worth, if any: a change
+    /// only, so a destination that stays down is reported once, not at
+    /// every retry (`previous` is the last recorded probe of the same
+    /// target).
+    pub fn verification(
+        domain: &str,
+        previous: Option<&state::Verification>,
+        now: &state::Verification,
+        address: &str,
+    ) -> Option<Event> {
+        let (domain, address, detail) = (domain.to_owned(), address.to_owned(), now.detail.clone());
+        match (previous.map(|p| p.passed), now.passed) {
+            (Some(false), true) => Some(Event::VerificationPassed {
+                domain,
+                address,
+                detail,
+            }),
+            (None | Some(true), false) => Some(Event::VerificationFailed {
+                domain,
+                address,
+                detail,
+            }),
+            _ => None,
+        }
+    }
+
+    /// A few words for the subject.
+    pub fn subject(&self) -> String {
+        match self {
+            Event::Tripped { domain, trip } if trip.cause == TripCause::Deferrals => {
+                format!("{domain}: routing switched off: too many deferrals")
+            }
+            Event::Tripped { domain, .. } => {
+                format!("{domain}: routing switched off by the bounce breaker")
+            }
+            Event::VerificationFailed { domain, .. } => {
+                format!("{domain}: verification of the destination failed")
+            }
+            Event::VerificationPassed { domain, .. } => {
+                format!("{domain}: verification passed, routing is on")
+            }
+            Event::ReloadRefused { .. } => {
+                "reload refused, the running configuration stays".to_owned()
+            }
+        }
+    }
+
+    /// What happened, what it means for mail, and what to do.
+    pub fn body(&self) -> String {
+        match self {
+            Event::Tripped { domain, trip } => {
+                let window = crate::config::human(Duration::from_secs(trip.window_secs));
+                let what = match trip.cause {
+                    TripCause::Bounces => format!(
+                        "{} permanent failures of routed mail within {window} ({} deferrals)",
+                        trip.bounces, trip.deferrals
+                    ),
+                    TripCause::Deferrals => format!(
+                        "{} temporary failures (deferrals) of routed mail within {window} ({} permanent failures): the destination throttles new senders or cannot be reached",
+                        trip.deferrals, trip.bounces
+                    ),
+                };
+                let mut recent = trip.recent.clone();
+                if recent.is_empty() {
+                    recent.push(trip.last.clone());
+                }
+                let lines: Vec<String> = recent.iter().map(|l| format!("  {l}")).collect();
+                format!(
+                    "The breaker switched routing for {domain} off at {}: {what}.\n\nMailboxes here still get their mail; addresses that would be routed are refused with 451 4.4.4 (senders retry) until routing is back on. This stays so across restarts.\n\nThe last failures it counted:\n{}\n\nCheck the destination, then switch routing back on with:\n\n  dualroute enable {domain}\n",
+                    state::when(trip.since),
+                    lines.join("\n")
+                )
+            }
+            Event::VerificationFailed {
+                domain,
+                address,
+                detail,
+            } => format!(
+                "The destination of {domain} did not accept the probe address {address}: {detail}\n\nRouting for {domain} stays off (addresses that would be routed are refused with 451 4.4.4) until it does; the probe is retried (30 s, doubling to 10 min). `dualroute verify {domain}` shows each step; `dualroute status` the state.\n"
+            ),
+            Event::VerificationPassed {
+                domain,
+                address,
+                detail,
+            } => format!(
+                "The destination of {domain} accepts the probe address {address} again ({detail}): routing for {domain} is on.\n"
+            ),
+            Event::ReloadRefused { reason } => format!(
+                "A reload was refused; dualroute keeps running the configuration and accounts it had:\n\n  {reason}\n\nFix the file or the account source, then reload again (systemctl reload dualroute). `dualroute status` shows the refusal until a reload succeeds.\n"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verification(passed: bool) -> state::Verification {
+        state::Verification {
+            at: 1,
+            passed,
+            detail: if passed { "250 ok" } else { "550 no" }.into(),
+            target: "t".into(),
+        }
+    }
+
+    #[test]
+    fn verification_is_reported_on_a_change_only() {
+        let (ok, bad) = (verification(true), verification(false));
+        let e = |prev: Option<&state::Verification>, now| {
+            Event::verification("example.com", prev, now, "p@x.test")
+        };
+        assert!(matches!(
+            e(None, &bad),
+            Some(Event::VerificationFailed { .. })
+        ));
+        assert!(matches!(
+            e(Some(&ok), &bad),
+            Some(Event::VerificationFailed { .. })
+        ));
+        assert_eq!(e(Some(&bad), &bad), None, "a retry that fails again");
+        assert!(matches!(
+            e(Some(&bad), &ok),
+            Some(Event::VerificationPassed { .. })
+        ));
+        assert_eq!(e(Some(&ok), &ok), None);
+        assert_eq!(e(None, &ok), None, "a first pass is no news");
+    }
+}
