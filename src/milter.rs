@@ -23,13 +23,17 @@ use tracing::{debug, error, info, warn};
 
 /// What the callbacks use of the running service (the policy in force,
 /// each message keeping the one it began with; the holds, read per RCPT;
-/// the counters; the outbox, which knows the milter's own notifications).
+/// the counters; the outbox, which knows the milter's own notifications;
+/// the callout engine of `reject_unknown`).
 /// `run` hands it over (src/service/mod.rs).
 pub(crate) struct Shared {
     pub policy: Arc<LivePolicy>,
     pub holds: Arc<LiveHolds>,
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
+    /// The callout engine (src/milter/callout.rs); `None` when its
+    /// resolver could not be built.
+    pub callouts: Option<Arc<crate::callout::Callouts>>,
 }
 
 pub(crate) fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {

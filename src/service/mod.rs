@@ -14,6 +14,7 @@
 //! the holds and the metrics through it.
 
 mod actor;
+mod callouts;
 mod reload;
 mod verify;
 mod waiting;
@@ -151,7 +152,8 @@ impl Control {
 /// and beside it the reload actor (serving `requests`, see [`Control`]),
 /// the account-file watch, the account-command refresh, the verification
 /// probe, the state follower, the bounce breaker, the metrics endpoint,
-/// the count of Postfix's waiting mail and the notifier. The tasks stop
+/// the count of Postfix's waiting mail, the notifier and the loading of
+/// the callout caches. The tasks stop
 /// with the milter.
 pub async fn run<L>(
     listener: L,
@@ -180,6 +182,10 @@ where
     let holds = Arc::new(LiveHolds::new(read));
     let metrics = Arc::new(Metrics::new());
     let outbox: Arc<notify::Outbox> = Default::default();
+    // One engine for the life of the milter: its caches, bounds and
+    // flights outlive reloads (docs/design.md "Refusing unknown
+    // recipients").
+    let callouts = callouts::build(&policy.current());
     let Requests {
         requests,
         tasks: installer,
@@ -239,6 +245,9 @@ where
     ));
     tasks.spawn(waiting::follow(policy.clone(), metrics.clone()));
     tasks.spawn(notify::run(policy.clone(), outbox.clone()));
+    if let Some(c) = &callouts {
+        tasks.spawn(callouts::follow(policy.clone(), c.clone(), intervals.state));
+    }
     control_view.send_replace(Some(View {
         policy: policy.clone(),
         holds: holds.clone(),
@@ -258,6 +267,7 @@ where
         holds,
         metrics,
         outbox,
+        callouts,
     }));
     tracing::info!(
         "dualroute {} listening on {listen}",
