@@ -17,7 +17,8 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod decision;
-mod dns;
+// Public for `callout::Callouts::with_clock`, whose resolver tests/callout.rs builds.
+pub mod dns;
 mod doctor;
 pub mod explain;
 pub mod holds;

@@ -141,6 +141,9 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     probes: Family<DomainResultLabels, Counter>,
     breaker_failures: Family<DomainKindLabels, Counter>,
+    callouts: Family<DomainResultLabels, Counter>,
+    callout_cache_hits: Family<DomainLabels, Counter>,
+    callout_accept_all: Family<DomainLabels, Gauge>,
     milter_seconds: Histogram,
     accounts: Family<DomainLabels, Gauge>,
     routing: Family<DomainLabels, Gauge>,
@@ -206,6 +209,24 @@ impl Metrics {
             "Delivery failures of routed mail the breaker counted, by domain and kind (bounce: permanent)",
             breaker_failures.clone(),
         );
+        let callouts = Family::default();
+        registry.register(
+            "callouts",
+            "reject_unknown callouts at RCPT by domain and result: known, unknown (refused 550 5.1.1), unreachable (4xx, timeout, down), throttled (the destination's rate of new callouts reached), deadline (no answer in time; the callout goes on); cached answers count in callout_cache_hits",
+            callouts.clone(),
+        );
+        let callout_cache_hits = Family::default();
+        registry.register(
+            "callout_cache_hits",
+            "reject_unknown answers served from the callout cache, by domain",
+            callout_cache_hits.clone(),
+        );
+        let callout_accept_all = Family::default();
+        registry.register(
+            "callout_accept_all",
+            "1 when the domain's destination accepted a random local part the last time it was asked: it takes any address and reject_unknown protects nothing",
+            callout_accept_all.clone(),
+        );
         let milter_seconds = Histogram::new(exponential_buckets(0.000_05, 4.0, 10));
         registry.register(
             "milter_seconds",
@@ -263,6 +284,9 @@ impl Metrics {
             reloads,
             probes,
             breaker_failures,
+            callouts,
+            callout_cache_hits,
+            callout_accept_all,
             milter_seconds,
             accounts,
             routing,
@@ -280,6 +304,38 @@ impl Metrics {
         let n = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
         self.waiting_messages.set(n(w.messages));
         self.waiting_recipients.set(n(w.recipients));
+    }
+
+    /// A `reject_unknown` answer for a recipient of `domain` (src/milter/callout.rs).
+    pub fn callout(&self, domain: &str, answer: &crate::callout::Answer) {
+        use crate::callout::{Origin, Verdict};
+        let result = match (answer.origin, answer.verdict) {
+            (Origin::Cache, _) => None,
+            (Origin::Throttled, _) => Some("throttled"),
+            (Origin::Deadline, _) => Some("deadline"),
+            (Origin::Callout, Verdict::Known) => Some("known"),
+            (Origin::Callout, Verdict::Unknown) => Some("unknown"),
+            (Origin::Callout, Verdict::Unreachable) => Some("unreachable"),
+        };
+        let labels = DomainLabels {
+            domain: domain.to_owned(),
+        };
+        match result {
+            Some(result) => {
+                self.callouts
+                    .get_or_create(&DomainResultLabels {
+                        domain: domain.to_owned(),
+                        result,
+                    })
+                    .inc();
+            }
+            None => {
+                self.callout_cache_hits.get_or_create(&labels).inc();
+            }
+        }
+        self.callout_accept_all
+            .get_or_create(&labels)
+            .set(i64::from(answer.accept_all));
     }
 
     /// One recipient of managed domain `domain` was decided `kind`.

@@ -1,6 +1,8 @@
 //! The milter protocol shell: translates indymilter callbacks into calls on
 //! [`Session`]/[`Message`] and carries out the end-of-message [`Plan`].
 
+mod callout;
+
 use crate::address::RcptArg;
 use crate::decision::{Decision, Envelope, Rejection};
 use crate::holds::LiveHolds;
@@ -354,6 +356,7 @@ async fn rcpt(shared: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>
             .map(|a| a.to_string_lossy())
             .unwrap_or_default()
     };
+    let before = message.recipients.len();
     let Rcpt {
         verdict,
         domain,
@@ -371,6 +374,12 @@ async fn rcpt(shared: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>
             mta.as_deref().unwrap_or("-")
         );
         message.busy += started.elapsed();
+        // A recipient routed away may be refused after all when its
+        // destination would refuse it (`reject_unknown`); a repeated RCPT
+        // was asked about the first time.
+        if message.recipients.len() > before {
+            return callout::rcpt(&shared, message, &mut cx.reply, &shown()).await;
+        }
         return Status::Continue;
     }
     // Refused (the rare case from here on). Refusals are counted now: the

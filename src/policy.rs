@@ -42,6 +42,43 @@ impl DomainPolicy {
     }
 }
 
+impl Policy {
+    /// For a routing address (a redirect's target, docs/design.md §4): the
+    /// managed domain with `reject_unknown.callout` whose destination it
+    /// goes to, and the address exactly as it arrives there, which is
+    /// what a callout asks (`local@<domain>.<relay_suffix>` arrives as
+    /// `local@<domain>`: `smtp_generic_maps` restores it on the way out;
+    /// a `change_envelope` address arrives as it is). `None` for an
+    /// address that is not routed (a mailbox here, an address outside the
+    /// managed domains) or whose domain asks no callouts.
+    pub fn callout_target(&self, routed: &str) -> Option<(&DomainPolicy, String)> {
+        let asks = |d: &DomainPolicy| d.config.reject_unknown.as_ref().is_some_and(|r| r.callout);
+        let (local, at) = routed.rsplit_once('@')?;
+        let suffix = &self.config.relay_suffix.0;
+        if let Some(name) = at
+            .strip_suffix(suffix.as_str())
+            .and_then(|n| n.strip_suffix('.'))
+        {
+            if let Some(d) = self.domains.get(name) {
+                if d.relay_domain(suffix).is_some() {
+                    return asks(d).then(|| (d, [local, "@", name].concat()));
+                }
+            }
+        }
+        // Several domains may share a `change_envelope` destination; they
+        // ask the same hosts the same address, so any of them answers.
+        let mut names: Vec<&String> = self.domains.keys().collect();
+        names.sort();
+        names.into_iter().map(|n| &self.domains[n]).find_map(|d| match &d.config.destination {
+            Destination::Domain {
+                domain,
+                change_envelope: true,
+            } if domain.0.eq_ignore_ascii_case(at) && asks(d) => Some((d, routed.to_owned())),
+            _ => None,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct Policy {
     pub config: Config,

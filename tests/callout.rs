@@ -420,3 +420,170 @@ async fn a_slow_destination_answers_unreachable_by_the_deadline_and_is_cached_af
     .await;
     assert_eq!(e.check(&d, KNOWN).await.origin, Origin::Cache);
 }
+
+// ---------------------------------------------------------------------
+// At RCPT: the whole service (`dualroute::run`, tests/support/protocol.rs)
+// driven as Postfix drives it, asking the loopback stub.
+
+mod support;
+use indymilter_test::{EomAction, Status};
+use support::protocol::{self, assert_actions, assert_rejected, Milter, CLIENT};
+
+/// split.test, alice has a mailbox here; its destination is `host`, asked
+/// with `reject_unknown` (`extra` adds to it); `domain_extra` is added to
+/// the domain (e.g. `shadow: true`).
+fn milter_config(state: &Path, host: &str, extra: &str, domain_extra: &str) -> String {
+    format!(
+        "instance: mx.test\nstate_dir: {}\ndomains:\n  split.test:\n    mode: split\n{domain_extra}    destination:\n      hosts: [\"{host}\"]\n      reject_unknown: {{ callout: true{extra} }}\n    accounts:\n      - list: [alice@split.test]\n",
+        state.display()
+    )
+}
+
+fn tempfailed(status: &Status) -> String {
+    match status {
+        Status::Tempfail { message: Some(m) } => m.to_string_lossy().into_owned(),
+        other => panic!("expected a tempfail with a reply text, got {other:?}"),
+    }
+}
+
+/// The redirect of `local@split.test` to its routing address.
+fn routed(local: &str) -> Vec<EomAction> {
+    vec![
+        EomAction::DeleteRecipient {
+            rcpt: std::ffi::CString::new(format!("<{local}@split.test>")).unwrap(),
+        },
+        EomAction::AddRecipient {
+            rcpt: std::ffi::CString::new(format!("<{local}@split.test.dualroute.invalid>"))
+                .unwrap(),
+            args: Some(
+                std::ffi::CString::new(format!("ORCPT=rfc822;{local}@split.test")).unwrap(),
+            ),
+        },
+        EomAction::AddHeader {
+            name: c"X-Dualroute".into(),
+            value: c"mx.test".into(),
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_rcpt_unknown_is_refused_known_routed_and_a_mailbox_here_asks_nothing() {
+    let stub = CalloutStub::start(&["bob@split.test"], Mode::Directory);
+    let state = tempfile::tempdir().unwrap();
+    let milter = Milter::start(&milter_config(state.path(), &stub.host(), "", "")).await;
+    let mut session = milter.session(CLIENT).await;
+    // A mailbox here: kept, and the destination is never asked.
+    let d = session.message(None, &[&["<alice@split.test>"]], &[]).await;
+    assert_eq!(d.rcpt, [Status::Continue]);
+    assert_actions(&d.actions, &[]);
+    assert!(stub.rcpts().is_empty(), "asked: {:?}", stub.rcpts());
+    // Unknown at the destination: 550 5.1.1 at RCPT; known: routed.
+    let d = session
+        .message(None, &[&["<zed@split.test>"], &["<bob@split.test>"]], &[])
+        .await;
+    assert_rejected(&d.rcpt[0], "550 5.1.1");
+    assert!(protocol::rejection(&d.rcpt[0]).contains("<zed@split.test>"));
+    assert_eq!(d.rcpt[1], Status::Continue);
+    assert_eq!(d.eom, Status::Continue);
+    assert_actions(&d.actions, &routed("bob"));
+    // Asked as it arrives there (smtp_generic_maps restores the domain).
+    assert_eq!(stub.asked("zed@split.test"), 1, "{:?}", stub.rcpts());
+    assert_eq!(stub.asked("bob@split.test"), 1, "{:?}", stub.rcpts());
+    // Again, bob twice in one message: the cache answers (the repeat in
+    // the message is not even looked up), no new callout.
+    let d = session
+        .message(
+            None,
+            &[&["<zed@split.test>"], &["<bob@split.test>"], &["<bob@split.test>"]],
+            &[],
+        )
+        .await;
+    assert_rejected(&d.rcpt[0], "550 5.1.1");
+    assert_eq!(d.rcpt[1..], [Status::Continue, Status::Continue]);
+    assert_actions(&d.actions, &routed("bob"));
+    assert_eq!(stub.asked("zed@split.test"), 1, "{:?}", stub.rcpts());
+    assert_eq!(stub.asked("bob@split.test"), 1, "{:?}", stub.rcpts());
+    let metrics = milter.metrics();
+    for line in [
+        "dualroute_callouts_total{domain=\"split.test\",result=\"unknown\"} 1",
+        "dualroute_callouts_total{domain=\"split.test\",result=\"known\"} 1",
+        "dualroute_callout_cache_hits_total{domain=\"split.test\"} 2",
+        "dualroute_callout_accept_all{domain=\"split.test\"} 0",
+        "dualroute_decisions_total{domain=\"split.test\",kind=\"reject\",shadow=\"false\"} 2",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+    session.close().await;
+    milter.shutdown().await;
+}
+
+/// Drops the stub and waits until its port refuses connections.
+async fn stop(stub: CalloutStub) {
+    let addr = format!("127.0.0.1:{}", stub.host().rsplit(':').next().unwrap());
+    drop(stub);
+    until(
+        || std::net::TcpStream::connect(&addr).is_err(),
+        "the stub's port to close",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_down_tempfails_the_uncached_and_serves_the_cached() {
+    let stub = CalloutStub::start(&["bob@split.test"], Mode::Directory);
+    let state = tempfile::tempdir().unwrap();
+    let milter = Milter::start(&milter_config(state.path(), &stub.host(), "", "")).await;
+    let mut session = milter.session(CLIENT).await;
+    let d = session.message(None, &[&["<bob@split.test>"]], &[]).await;
+    assert_eq!(d.rcpt, [Status::Continue]);
+    stop(stub).await;
+    // Cached: still routed. Uncached: 451 4.4.3, nothing routed.
+    let d = session
+        .message(None, &[&["<bob@split.test>"], &["<carol@split.test>"]], &[])
+        .await;
+    assert_eq!(d.rcpt[0], Status::Continue);
+    let text = tempfailed(&d.rcpt[1]);
+    assert!(text.starts_with("451 4.4.3 "), "{text}");
+    assert_actions(&d.actions, &routed("bob"));
+    let metrics = milter.metrics();
+    let line = "dualroute_callouts_total{domain=\"split.test\",result=\"unreachable\"} 1";
+    assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    session.close().await;
+    milter.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_accept_routes_as_without_reject_unknown() {
+    let stub = CalloutStub::start(&[], Mode::Directory);
+    let host = stub.host();
+    stop(stub).await;
+    let state = tempfile::tempdir().unwrap();
+    let milter = Milter::start(&milter_config(state.path(), &host, ", unreachable: accept", "")).await;
+    let d = milter.deliver(CLIENT, None, &[&["<carol@split.test>"]]).await;
+    assert_eq!(d.rcpt, [Status::Continue]);
+    assert_eq!(d.eom, Status::Continue);
+    assert_actions(&d.actions, &routed("carol"));
+    milter.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_never_refuses_and_counts_what_it_would_do() {
+    let stub = CalloutStub::start(&[], Mode::Directory);
+    let state = tempfile::tempdir().unwrap();
+    let yaml = milter_config(state.path(), &stub.host(), "", "    shadow: true\n");
+    let milter = Milter::start(&yaml).await;
+    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"]]).await;
+    assert_eq!(d.rcpt, [Status::Continue]);
+    assert_eq!(d.eom, Status::Continue);
+    // Shadow mode changes nothing (docs/rollout.md).
+    assert_actions(&d.actions, &[]);
+    assert_eq!(stub.asked("zed@split.test"), 1, "{:?}", stub.rcpts());
+    let metrics = milter.metrics();
+    for line in [
+        "dualroute_callouts_total{domain=\"split.test\",result=\"unknown\"} 1",
+        "dualroute_decisions_total{domain=\"split.test\",kind=\"reject\",shadow=\"true\"} 1",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+    milter.shutdown().await;
+}

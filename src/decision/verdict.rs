@@ -175,6 +175,12 @@ pub enum Rule {
         present: bool,
         domain: String,
     },
+    /// `reject_unknown.callout`: the destination's answer for the address
+    /// as it arrives there (src/milter/callout.rs).
+    Callout {
+        address: String,
+        answer: String,
+    },
     /// `<postmaster>` without a domain: this MTA's own postmaster (RFC 5321
     /// §4.5.1), never routed or refused.
     Postmaster,
@@ -228,6 +234,9 @@ impl fmt::Display for Rule {
                 if *present { "in" } else { "not in" },
                 if *present { "not in" } else { "in" },
             ),
+            Rule::Callout { address, answer } => {
+                write!(f, "reject_unknown callout for <{address}>: {answer}")
+            }
             Rule::Postmaster => f.write_str(
                 "<postmaster> without a domain (RFC 5321 §4.5.1): the MTA's own postmaster, never routed",
             ),
