@@ -43,8 +43,40 @@ pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result
     for e in errors {
         eprintln!("dualroute: {e}; routing for that domain stays off");
     }
+    // The callout cache as the milter reads it (state_dir); no callout is
+    // made here. Built on the first address that needs it.
+    let mut callouts: Option<Option<crate::callout::Callouts>> = None;
     for a in addresses {
         println!("{}", crate::explain::explain(&policy, &holds, envelope, a));
+        let Some((d, asked)) = crate::explain::callout_target(&policy, &holds, envelope, a) else {
+            continue;
+        };
+        let engine = callouts.get_or_insert_with(|| {
+            crate::dns::Dns::new(&policy.config.dns).ok().map(|dns| {
+                crate::callout::Callouts::new(
+                    &policy.config.state_dir,
+                    &policy.config.instance,
+                    std::sync::Arc::new(dns),
+                    crate::callout::Limits::default(),
+                )
+            })
+        });
+        let line = match engine.as_ref().and_then(|c| c.cached(&d.name, &d.config, &asked)) {
+            Some(answer) => format!(
+                "  reject_unknown: cached answer for <{asked}>: {} ({}){}",
+                answer.verdict,
+                answer.reply,
+                if answer.accept_all {
+                    "; the destination accepts any address"
+                } else {
+                    ""
+                }
+            ),
+            None => format!(
+                "  reject_unknown: no cached answer for <{asked}>: the milter asks the destination at RCPT"
+            ),
+        };
+        println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -542,6 +574,18 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
         }
         for w in &d.report.warnings {
             println!("  WARNING: {w}");
+        }
+        // Without a callout, a split or route domain accepts every address
+        // it routes, and the destination's refusals bounce from here
+        // (docs/design.md "Refusing unknown recipients"; the address list
+        // of `reject_unknown.accounts` is not used yet).
+        if d.config.mode != crate::config::Mode::Dual
+            && !d.config.reject_unknown.as_ref().is_some_and(|r| r.callout)
+        {
+            println!(
+                "  WARNING: mode {} without destination.reject_unknown.callout: unknown addresses will be accepted and bounce from this server: backscatter (docs/design.md \"Refusing unknown recipients\")",
+                d.config.mode
+            );
         }
         if let (crate::config::Mta::Sendmail, Some(relay)) =
             (c.mta, &d.relay_domain(&c.relay_suffix.0))

@@ -11,14 +11,7 @@ use crate::policy::Policy;
 /// `state_dir` as the running milter reads them).
 pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str) -> String {
     let input = input.trim();
-    // As the MTA would pass it: an address typed without brackets gets
-    // them; anything with a bracket is taken as written.
-    let path = if input.starts_with('<') || input.ends_with('>') {
-        input.to_owned()
-    } else {
-        format!("<{input}>")
-    };
-    let arg = RcptArg::parse(&[path]);
+    let arg = rcpt_arg(input);
     let verdict = decide_rcpt(policy, holds, envelope, &arg, None);
     let shadow = crate::session::managed_domain(policy, &arg)
         .is_some_and(|d| policy.config.shadow(&d.config));
@@ -72,6 +65,35 @@ pub fn explain(policy: &Policy, holds: &Holds, envelope: &Envelope, input: &str)
         }
     }
     line
+}
+
+/// `input` as the MTA would pass it: an address typed without brackets
+/// gets them; anything with a bracket is taken as written.
+fn rcpt_arg(input: &str) -> RcptArg {
+    let path = if input.starts_with('<') || input.ends_with('>') {
+        input.to_owned()
+    } else {
+        format!("<{input}>")
+    };
+    RcptArg::parse(&[path])
+}
+
+/// The domain whose `reject_unknown.callout` the milter asks for `input`
+/// at RCPT, and the address it asks (src/milter/callout.rs: a redirect
+/// to a routing address only); `None` when it asks nothing.
+pub fn callout_target<'p>(
+    policy: &'p Policy,
+    holds: &Holds,
+    envelope: &Envelope,
+    input: &str,
+) -> Option<(&'p crate::policy::DomainPolicy, String)> {
+    let verdict = decide_rcpt(policy, holds, envelope, &rcpt_arg(input.trim()), None);
+    match &verdict.decision {
+        Decision::Redirect(crate::decision::RedirectTo { to, copy: None }) => {
+            policy.callout_target(to)
+        }
+        _ => None,
+    }
 }
 
 /// What `destination.max_size` does to a copy or a redirect (README "Size

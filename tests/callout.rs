@@ -515,6 +515,28 @@ async fn at_rcpt_unknown_is_refused_known_routed_and_a_mailbox_here_asks_nothing
     }
     session.close().await;
     milter.shutdown().await;
+    // `explain` shows the answers the milter cached, from state_dir.
+    let config = state.path().join("milter.yaml");
+    std::fs::write(&config, milter_config(state.path(), &stub.host(), "", "")).unwrap();
+    let explain = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .arg("--config")
+            .arg(&config)
+            .args(["explain", "zed@split.test", "bob@split.test", "alice@split.test", "carol@split.test"])
+            .output()
+            .expect("run dualroute explain");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    until(
+        || explain().contains("cached answer for <zed@split.test>: unknown"),
+        "explain to show the cached answer",
+    )
+    .await;
+    let out = explain();
+    assert!(out.contains("cached answer for <bob@split.test>: known"), "{out}");
+    assert!(out.contains("no cached answer for <carol@split.test>"), "{out}");
+    assert!(!out.contains("<alice@split.test>: n") && !out.contains("for <alice"), "{out}");
 }
 
 /// Drops the stub and waits until its port refuses connections.

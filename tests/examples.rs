@@ -76,3 +76,31 @@ fn missing_config_is_an_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/milter.yaml: cannot read"));
 }
+
+/// `check` warns of backscatter when a split domain accepts every address
+/// it routes, and not when it asks the destination (issue 23).
+#[test]
+fn check_warns_of_backscatter_without_reject_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    let yaml = |extra: &str| {
+        format!(
+            "state_dir: {}\ndomains:\n  example.com:\n    mode: split\n    destination:\n      hosts: [\"[192.0.2.1]\"]\n{extra}    accounts:\n      - list: [alice@example.com]\n",
+            dir.path().display()
+        )
+    };
+    std::fs::write(&path, yaml("")).unwrap();
+    let out = check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("WARNING: mode split without destination.reject_unknown.callout")
+            && stdout.contains("backscatter"),
+        "{stdout}"
+    );
+    std::fs::write(&path, yaml("      reject_unknown: { callout: true }\n")).unwrap();
+    let out = check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(!stdout.contains("backscatter"), "{stdout}");
+}

@@ -369,6 +369,23 @@ fn rollout_md_names_the_metrics_the_endpoint_serves() {
     m.probe("example.com", true);
     m.breaker_failure("example.com", "bounce");
     m.message_time(std::time::Duration::from_millis(1));
+    // A callout and a cached answer (issue 23): callouts, cache hits and
+    // the accept-all gauge.
+    for origin in [
+        dualroute::callout::Origin::Callout,
+        dualroute::callout::Origin::Cache,
+    ] {
+        m.callout(
+            "example.com",
+            &dualroute::callout::Answer {
+                verdict: dualroute::callout::Verdict::Unknown,
+                reply: "550 5.1.1 no such user".into(),
+                origin,
+                at: 0,
+                accept_all: false,
+            },
+        );
+    }
     let s = m.render(&policy, &dualroute::holds::Holds::default());
 
     // Served: family → type, and the series names each family gives.
