@@ -609,3 +609,31 @@ async fn shadow_mode_never_refuses_and_counts_what_it_would_do() {
     }
     milter.shutdown().await;
 }
+
+/// A local submission (Postfix's non_smtpd_milters): nothing is refused
+/// at RCPT there; the whole message gets the refusal at end of message,
+/// as with every other refusal (docs/design.md "Local submission").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_submission_gets_the_refusal_at_end_of_message() {
+    let stub = CalloutStub::start(&["bob@split.test"], Mode::Directory);
+    let state = tempfile::tempdir().unwrap();
+    let milter = Milter::start(&milter_config(state.path(), &stub.host(), "", "")).await;
+    let mut session = protocol::non_smtp_session(&milter).await;
+    let d = session
+        .message(None, &[&["zed@split.test"], &["bob@split.test"]], &[])
+        .await;
+    assert_eq!(d.rcpt, [Status::Continue, Status::Continue]);
+    assert_actions(&d.actions, &[]);
+    assert_rejected(&d.eom, "550 5.1.1");
+    assert_eq!(stub.asked("zed@split.test"), 1, "{:?}", stub.rcpts());
+    // Known only: routed as before.
+    let d = session.message(None, &[&["bob@split.test"]], &[]).await;
+    assert_eq!(d.eom, Status::Continue);
+    assert!(
+        protocol::added(&d.actions).contains("<bob@split.test.dualroute.invalid>"),
+        "{:?}",
+        d.actions
+    );
+    session.close().await;
+    milter.shutdown().await;
+}

@@ -471,25 +471,6 @@ domains:
     accounts: [{ list: [alice@dual.test] }]
 "#;
 
-/// The conversation Postfix's cleanup simulates for locally submitted
-/// mail (`non_smtpd_milters`): host name `localhost`, 127.0.0.1, port 0,
-/// recipients without angle brackets (docs/design.md "Local submission").
-async fn non_smtp_session(milter: &Milter) -> Session {
-    let mut conn = TestConnection::configure()
-        .open_tcp(milter.addr())
-        .await
-        .expect("milter negotiation");
-    let status = conn
-        .connect("localhost", (std::net::Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("connect stage");
-    assert!(
-        matches!(status, Status::Continue | Status::Noreply),
-        "{status:?}"
-    );
-    Session { conn }
-}
-
 /// On a non-SMTP conversation nothing is refused at RCPT (Postfix would
 /// keep the message with 4.3.5, "milter configuration error"): the
 /// whole message gets the refusal at end of message, a tempfail before a

@@ -439,3 +439,22 @@ pub fn deleted(actions: &[EomAction]) -> BTreeSet<String> {
         })
         .collect()
 }
+
+/// The conversation Postfix's cleanup simulates for locally submitted
+/// mail (`non_smtpd_milters`): host name `localhost`, 127.0.0.1, port 0,
+/// recipients without angle brackets (docs/design.md "Local submission").
+pub async fn non_smtp_session(milter: &Milter) -> Session {
+    let mut conn = TestConnection::configure()
+        .open_tcp(milter.addr())
+        .await
+        .expect("milter negotiation");
+    let status = conn
+        .connect("localhost", (std::net::Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("connect stage");
+    assert!(
+        matches!(status, Status::Continue | Status::Noreply),
+        "{status:?}"
+    );
+    Session { conn }
+}
