@@ -69,13 +69,16 @@ impl Policy {
         // ask the same hosts the same address, so any of them answers.
         let mut names: Vec<&String> = self.domains.keys().collect();
         names.sort();
-        names.into_iter().map(|n| &self.domains[n]).find_map(|d| match &d.config.destination {
-            Destination::Domain {
-                domain,
-                change_envelope: true,
-            } if domain.0.eq_ignore_ascii_case(at) && asks(d) => Some((d, routed.to_owned())),
-            _ => None,
-        })
+        names
+            .into_iter()
+            .map(|n| &self.domains[n])
+            .find_map(|d| match &d.config.destination {
+                Destination::Domain {
+                    domain,
+                    change_envelope: true,
+                } if domain.0.eq_ignore_ascii_case(at) && asks(d) => Some((d, routed.to_owned())),
+                _ => None,
+            })
     }
 }
 

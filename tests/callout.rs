@@ -455,9 +455,7 @@ fn routed(local: &str) -> Vec<EomAction> {
         EomAction::AddRecipient {
             rcpt: std::ffi::CString::new(format!("<{local}@split.test.dualroute.invalid>"))
                 .unwrap(),
-            args: Some(
-                std::ffi::CString::new(format!("ORCPT=rfc822;{local}@split.test")).unwrap(),
-            ),
+            args: Some(std::ffi::CString::new(format!("ORCPT=rfc822;{local}@split.test")).unwrap()),
         },
         EomAction::AddHeader {
             name: c"X-Dualroute".into(),
@@ -494,7 +492,11 @@ async fn at_rcpt_unknown_is_refused_known_routed_and_a_mailbox_here_asks_nothing
     let d = session
         .message(
             None,
-            &[&["<zed@split.test>"], &["<bob@split.test>"], &["<bob@split.test>"]],
+            &[
+                &["<zed@split.test>"],
+                &["<bob@split.test>"],
+                &["<bob@split.test>"],
+            ],
             &[],
         )
         .await;
@@ -522,10 +524,20 @@ async fn at_rcpt_unknown_is_refused_known_routed_and_a_mailbox_here_asks_nothing
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
             .arg("--config")
             .arg(&config)
-            .args(["explain", "zed@split.test", "bob@split.test", "alice@split.test", "carol@split.test"])
+            .args([
+                "explain",
+                "zed@split.test",
+                "bob@split.test",
+                "alice@split.test",
+                "carol@split.test",
+            ])
             .output()
             .expect("run dualroute explain");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     until(
@@ -534,9 +546,18 @@ async fn at_rcpt_unknown_is_refused_known_routed_and_a_mailbox_here_asks_nothing
     )
     .await;
     let out = explain();
-    assert!(out.contains("cached answer for <bob@split.test>: known"), "{out}");
-    assert!(out.contains("no cached answer for <carol@split.test>"), "{out}");
-    assert!(!out.contains("<alice@split.test>: n") && !out.contains("for <alice"), "{out}");
+    assert!(
+        out.contains("cached answer for <bob@split.test>: known"),
+        "{out}"
+    );
+    assert!(
+        out.contains("no cached answer for <carol@split.test>"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("<alice@split.test>: n") && !out.contains("for <alice"),
+        "{out}"
+    );
 }
 
 /// Drops the stub and waits until its port refuses connections.
@@ -580,8 +601,16 @@ async fn unreachable_accept_routes_as_without_reject_unknown() {
     let host = stub.host();
     stop(stub).await;
     let state = tempfile::tempdir().unwrap();
-    let milter = Milter::start(&milter_config(state.path(), &host, ", unreachable: accept", "")).await;
-    let d = milter.deliver(CLIENT, None, &[&["<carol@split.test>"]]).await;
+    let milter = Milter::start(&milter_config(
+        state.path(),
+        &host,
+        ", unreachable: accept",
+        "",
+    ))
+    .await;
+    let d = milter
+        .deliver(CLIENT, None, &[&["<carol@split.test>"]])
+        .await;
     assert_eq!(d.rcpt, [Status::Continue]);
     assert_eq!(d.eom, Status::Continue);
     assert_actions(&d.actions, &routed("carol"));
@@ -607,6 +636,11 @@ async fn shadow_mode_never_refuses_and_counts_what_it_would_do() {
     ] {
         assert!(metrics.contains(line), "no {line} in\n{metrics}");
     }
+    // Counted once, as what live mode would do: not also as a redirect.
+    assert!(
+        !metrics.contains("kind=\"redirect\""),
+        "a refused recipient counted as routed too:\n{metrics}"
+    );
     milter.shutdown().await;
 }
 

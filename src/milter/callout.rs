@@ -6,7 +6,7 @@
 use super::{refuse, Shared};
 use crate::callout::{Answer, Origin, Verdict as Said, DEADLINE};
 use crate::config::Unreachable;
-use crate::decision::{Decision, Rejection, RedirectTo, Rule, Verdict};
+use crate::decision::{Decision, RedirectTo, Rejection, Rule, Verdict};
 use crate::metrics::Kind;
 use crate::session::Message;
 use indymilter::{SetErrorReply, Status};
@@ -45,7 +45,10 @@ pub(super) async fn rcpt(
     };
     let shadow = last.shadow;
     let answer = match &shared.callouts {
-        Some(c) => c.check(&domain.name, &domain.config, &address, DEADLINE).await,
+        Some(c) => {
+            c.check(&domain.name, &domain.config, &address, DEADLINE)
+                .await
+        }
         None => Answer {
             verdict: Said::Unreachable,
             reply: "no callout engine (no DNS resolver, see the log at start)".into(),
@@ -98,18 +101,9 @@ pub(super) async fn rcpt(
         Decision::Reject(_) => "reject",
         _ => "tempfail",
     };
-    shared.metrics.decision(&domain.name, Kind::of(&decision), shadow);
-    if shadow {
-        info!(
-            "shadow mode: callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}); would {word} with {}; accepted; from={}",
-            answer.verdict,
-            domain.name,
-            answer.reply,
-            rejection(&decision),
-            message.sender
-        );
-        return Status::Continue;
-    }
+    shared
+        .metrics
+        .decision(&domain.name, Kind::of(&decision), shadow);
     let verdict = Verdict {
         decision,
         rule: Rule::Callout {
@@ -118,9 +112,12 @@ pub(super) async fn rcpt(
         },
     };
     // The recipient [`Message::rcpt`] filed as accepted is refused after
-    // all: filed with the refusals, it plays no part at end of message.
+    // all: filed with the refusals, it plays no part at end of message
+    // (nor is it counted again there).
     if let Some(r) = message.recipients.pop() {
-        message.rejected.push(crate::session::Recipient { verdict, ..r });
+        message
+            .rejected
+            .push(crate::session::Recipient { verdict, ..r });
     }
     let Some(r) = message.rejected.last() else {
         return Status::Continue;
@@ -128,6 +125,16 @@ pub(super) async fn rcpt(
     let (Decision::Reject(rejection) | Decision::Tempfail(rejection)) = &r.verdict.decision else {
         return Status::Continue;
     };
+    if shadow {
+        // Filed with the refusals as [`Message::rcpt`] files a shadowed
+        // one: counted once (above, as live mode would), left out of the
+        // plan live mode would carry out, and accepted.
+        info!(
+            "shadow mode: callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}); would {word} with {rejection}; accepted; from={}",
+            answer.verdict, domain.name, answer.reply, message.sender
+        );
+        return Status::Continue;
+    }
     if message.non_smtp {
         info!(
             "callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}); non-SMTP submission: the whole message gets {rejection} at end of message; from={}",
@@ -144,13 +151,6 @@ pub(super) async fn rcpt(
         _ => Status::Tempfail,
     };
     refuse(reply, rejection, status)
-}
-
-fn rejection(d: &Decision) -> String {
-    match d {
-        Decision::Reject(r) | Decision::Tempfail(r) => r.to_string(),
-        _ => String::new(),
-    }
 }
 
 /// The address as shown in a reply text: libmilter's smfi_setreply drops
