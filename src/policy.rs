@@ -66,19 +66,20 @@ impl Policy {
             }
         }
         // Several domains may share a `change_envelope` destination; they
-        // ask the same hosts the same address, so any of them answers.
-        let mut names: Vec<&String> = self.domains.keys().collect();
-        names.sort();
-        names
-            .into_iter()
-            .map(|n| &self.domains[n])
-            .find_map(|d| match &d.config.destination {
+        // ask the same hosts the same address, so any of them answers (the
+        // first by name, not the hash order's). No allocation: this runs
+        // for every routed RCPT.
+        self.domains
+            .values()
+            .filter(|d| match &d.config.destination {
                 Destination::Domain {
                     domain,
                     change_envelope: true,
-                } if domain.0.eq_ignore_ascii_case(at) && asks(d) => Some((d, routed.to_owned())),
-                _ => None,
+                } => domain.0.eq_ignore_ascii_case(at) && asks(d),
+                _ => false,
             })
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .map(|d| (d, routed.to_owned()))
     }
 }
 

@@ -671,3 +671,29 @@ async fn a_local_submission_gets_the_refusal_at_end_of_message() {
     session.close().await;
     milter.shutdown().await;
 }
+
+/// The address a callout asks is the one that arrives at the destination
+/// (docs/design.md §4): the relay domain's form restored, a
+/// `change_envelope` address as it is; nothing for a domain without
+/// `reject_unknown.callout` or an address that is not routed.
+#[test]
+fn the_address_asked_is_the_one_that_arrives_there() {
+    let p = protocol::policy(
+        "domains:\n  split.test:\n    mode: split\n    destination:\n      hosts: [\"[192.0.2.1]\"]\n      reject_unknown: { callout: true }\n    accounts:\n      - list: [alice@split.test]\n  env.test:\n    mode: route\n    destination:\n      domain: alias.example\n      change_envelope: true\n      reject_unknown: { callout: true }\n  plain.test:\n    mode: route\n    destination:\n      hosts: [\"[192.0.2.2]\"]\n",
+    );
+    let asked = |routed: &str| {
+        p.callout_target(routed)
+            .map(|(d, a)| format!("{} {a}", d.name))
+    };
+    assert_eq!(
+        asked("Zed@split.test.dualroute.invalid").as_deref(),
+        Some("split.test Zed@split.test")
+    );
+    assert_eq!(
+        asked("zed@alias.example").as_deref(),
+        Some("env.test zed@alias.example")
+    );
+    assert_eq!(asked("zed@plain.test.dualroute.invalid"), None);
+    assert_eq!(asked("alice@split.test"), None);
+    assert_eq!(asked("bob@elsewhere.example"), None);
+}
