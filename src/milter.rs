@@ -1,5 +1,11 @@
 //! The milter protocol shell: translates indymilter callbacks into calls on
 //! [`Session`]/[`Message`] and carries out the end-of-message [`Plan`].
+//!
+//! Over 700 lines because it is one conversation, callback by callback,
+//! in the order the MTA calls them (negotiation, connect, MAIL, RCPT,
+//! headers, end of message); what is not the protocol lives beside it
+//! (src/session.rs: the message's state; milter/callout.rs: the
+//! destination's answer at RCPT).
 
 mod callout;
 
