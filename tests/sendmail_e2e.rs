@@ -561,7 +561,12 @@ fn check_warns_for_relay_domains_on_sendmail() {
     support::write(&config, &yaml("sendmail"));
     let (status, out) = dualroute(&config, &["check"]);
     assert!(status.success(), "{out}");
-    let warnings: Vec<&str> = out.lines().filter(|l| l.contains("WARNING")).collect();
+    // The MTA's warning; each domain also gets the backscatter warning of
+    // a route domain without callouts (issue 23), which is not this test's.
+    let warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("WARNING") && !l.contains("backscatter"))
+        .collect();
     assert_eq!(warnings.len(), 1, "{out}");
     assert!(
         warnings[0].starts_with("example.com: WARNING: mta is sendmail")
@@ -570,7 +575,10 @@ fn check_warns_for_relay_domains_on_sendmail() {
     );
     support::write(&config, &yaml("postfix"));
     let (status, out) = dualroute(&config, &["check"]);
-    assert!(status.success() && !out.contains("WARNING"), "{out}");
+    assert!(
+        status.success() && !out.contains("WARNING: mta is"),
+        "{out}"
+    );
     support::write(&config, &yaml("exim"));
     let (status, out) = dualroute(&config, &["check"]);
     assert!(!status.success() && out.contains("mta"), "{out}");
