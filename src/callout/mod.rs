@@ -458,12 +458,17 @@ impl Callouts {
         Ok(rx)
     }
 
-    /// One callout, within the destination's bounds; its answer is cached
-    /// unless it is Unreachable (a cached answer stays while the
-    /// destination is down).
-    async fn callout(&self, dom: &Arc<Domain>, d: &DomainConfig, address: &str) -> Answer {
+    /// `address` asked of the destination within its bounds (a turn among
+    /// its concurrent callouts, the whole callout within
+    /// `callout_timeout`); the one place a callout is made.
+    async fn ask(
+        &self,
+        dom: &Arc<Domain>,
+        d: &DomainConfig,
+        address: &str,
+    ) -> Result<smtp::Reply, tokio::time::error::Elapsed> {
         let limits = &self.inner.limits;
-        let asked = timeout(limits.callout_timeout, async {
+        timeout(limits.callout_timeout, async {
             let _turn = dom.bounds.permits.acquire().await;
             smtp::ask(
                 d,
@@ -475,10 +480,20 @@ impl Callouts {
             .await
         })
         .await
-        .unwrap_or_else(|_| smtp::Reply {
-            verdict: Verdict::Unreachable,
-            text: format!("no answer within {}s", limits.callout_timeout.as_secs()),
-        });
+    }
+
+    /// One callout, within the destination's bounds; its answer is cached
+    /// unless it is Unreachable (a cached answer stays while the
+    /// destination is down).
+    async fn callout(&self, dom: &Arc<Domain>, d: &DomainConfig, address: &str) -> Answer {
+        let limits = &self.inner.limits;
+        let asked = self
+            .ask(dom, d, address)
+            .await
+            .unwrap_or_else(|_| smtp::Reply {
+                verdict: Verdict::Unreachable,
+                text: format!("no answer within {}s", limits.callout_timeout.as_secs()),
+            });
         let now = (self.inner.clock)();
         let life = lifetimes(d);
         let changed = {
@@ -545,19 +560,7 @@ impl Callouts {
             return;
         }
         let random = format!("{}@{domain}", smtp::random_local_part());
-        let limits = &self.inner.limits;
-        let asked = timeout(limits.callout_timeout, async {
-            let _turn = dom.bounds.permits.acquire().await;
-            smtp::ask(
-                d,
-                &*self.inner.dns,
-                &self.inner.helo,
-                &random,
-                limits.step_timeout,
-            )
-            .await
-        })
-        .await;
+        let asked = self.ask(dom, d, &random).await;
         dom.asking_random.store(false, Ordering::SeqCst);
         let reply = match asked {
             Ok(reply) if reply.verdict != Verdict::Unreachable => reply,
