@@ -1,21 +1,26 @@
 //! Faults under load through a real, private Postfix (tests/support/):
 //!
 //! - **kill soak**: messages to local, routed and copied recipients while
-//!   `dualroute run` is SIGKILLed and restarted every half second; then
+//!   `dualroute run` is SIGKILLed and restarted every 80 messages; then
 //!   the queue is flushed and every message the client saw accepted must
 //!   have arrived exactly once at each of its places (Maildir here, the
 //!   other server), every refused one must have been refused with 4xx
 //!   and have arrived nowhere, nothing bounced, nothing left in the queue,
 //!   the catch-all empty;
-//! - **reload storm**: the same load with a SIGHUP every 100 ms and the
+//! - **reload storm**: the same load with a SIGHUP every 10 messages and the
 //!   account file rewritten all along (in place and by rename): every
 //!   message accepted, zero misrouted.
 //!
 //! Size knobs (FUZZ.md records bigger runs):
-//! `DUALROUTE_SOAK_MESSAGES` (default 400), `DUALROUTE_SOAK_KILL_MS`
-//! (default 500: time between kills), `DUALROUTE_SOAK_CLIENTS` (default
+//! `DUALROUTE_SOAK_MESSAGES` (default 400), `DUALROUTE_SOAK_KILL_EVERY`
+//! (default 80: messages between kills), `DUALROUTE_SOAK_CLIENTS` (default
 //! 4 concurrent SMTP clients). Needs root and Postfix
 //! (scripts/test-deps.sh).
+//!
+//! The faults are paced by messages, not by time: a load that runs
+//! faster on a faster machine meets the same number of kills and reloads
+//! (a time-paced kill soak once finished 400 messages in 1.4 s with one
+//! kill).
 
 mod support;
 
@@ -145,22 +150,21 @@ impl Soak {
         &mut self,
         n: usize,
         clients: usize,
-        fault: impl FnOnce(MilterProcess, &AtomicBool) -> (MilterProcess, T) + Send + 'static,
+        fault: impl FnOnce(MilterProcess, &Progress) -> (MilterProcess, T) + Send + 'static,
     ) -> (Vec<SmtpTranscript>, T) {
         let milter = self.milter.take().expect("the milter");
-        let done = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress::default());
         let faults = {
-            let done = done.clone();
-            std::thread::spawn(move || fault(milter, &done))
+            let progress = progress.clone();
+            std::thread::spawn(move || fault(milter, &progress))
         };
-        let next = Arc::new(AtomicUsize::new(0));
         let results = Arc::new(Mutex::new(BTreeMap::new()));
         let threads: Vec<_> = (0..clients)
             .map(|_| {
-                let (next, results) = (next.clone(), results.clone());
+                let (progress, results) = (progress.clone(), results.clone());
                 let client = SmtpClient::new(self.pf.smtp_addr()).bind(OUTSIDE_IP);
                 std::thread::spawn(move || loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let i = progress.started.fetch_add(1, Ordering::SeqCst);
                     if i >= n {
                         break;
                     }
@@ -181,7 +185,7 @@ impl Soak {
         for t in threads {
             t.join().expect("a client thread panicked");
         }
-        done.store(true, Ordering::SeqCst);
+        progress.done.store(true, Ordering::SeqCst);
         let (milter, out) = faults.join().expect("the fault thread panicked");
         self.milter = Some(milter);
         let results = Arc::try_unwrap(results)
@@ -301,6 +305,31 @@ impl Soak {
     }
 }
 
+/// How far the load has gone, for the fault thread.
+#[derive(Default)]
+struct Progress {
+    /// Messages the clients have started (the next index to take).
+    started: AtomicUsize,
+    /// Set when every client has finished.
+    done: AtomicBool,
+}
+
+impl Progress {
+    /// Waits until the clients have started `count` messages. False when
+    /// the load ended first.
+    fn reached(&self, count: usize) -> bool {
+        loop {
+            if self.done.load(Ordering::SeqCst) {
+                return false;
+            }
+            if self.started.load(Ordering::SeqCst) >= count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
 fn subject(i: usize) -> String {
     format!("soak {i}")
 }
@@ -316,16 +345,12 @@ fn body(i: usize) -> String {
 fn kill_soak_every_accepted_message_arrives_exactly_once() {
     let n = knob("DUALROUTE_SOAK_MESSAGES", 400);
     let clients = knob("DUALROUTE_SOAK_CLIENTS", 4);
-    let every = Duration::from_millis(knob("DUALROUTE_SOAK_KILL_MS", 500) as u64);
+    let every = knob("DUALROUTE_SOAK_KILL_EVERY", 80).max(1);
     let mut soak = Soak::start();
     let started = Instant::now();
-    let (transcripts, kills) = soak.load(n, clients, move |mut milter, done| {
+    let (transcripts, kills) = soak.load(n, clients, move |mut milter, progress| {
         let mut kills = 0;
-        while !done.load(Ordering::SeqCst) {
-            std::thread::sleep(every);
-            if done.load(Ordering::SeqCst) {
-                break;
-            }
+        while progress.reached((kills + 1) * every) {
             // Down until the new process listens (tens of ms): Postfix
             // tempfails what comes meanwhile.
             milter.kill();
@@ -339,7 +364,10 @@ fn kill_soak_every_accepted_message_arrives_exactly_once() {
         "kill soak: {n} messages in {:?}, {kills} SIGKILLs, {accepted} accepted and delivered exactly once, {refused} refused with 4xx",
         started.elapsed()
     );
-    assert!(kills >= 2, "only {kills} kills: the load ended too soon");
+    assert!(
+        kills >= 2,
+        "only {kills} kills, one every {every} messages of {n}: the load ended too soon"
+    );
     assert!(
         refused > 0,
         "no message met a dead milter: the kills did nothing"
@@ -354,10 +382,9 @@ fn reload_storm_and_rewritten_accounts_misroute_nothing() {
     let mut soak = Soak::start();
     let accounts = soak.accounts.clone();
     let started = Instant::now();
-    let (transcripts, (hups, rewrites)) = soak.load(n, clients, move |milter, done| {
+    let (transcripts, (hups, rewrites)) = soak.load(n, clients, move |milter, progress| {
         let (mut hups, mut rewrites) = (0, 0);
-        while !done.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(100));
+        while progress.reached((hups + 1) * 10) {
             milter.signal("HUP");
             hups += 1;
             if hups % 3 == 0 {
