@@ -3,8 +3,11 @@
 //! whether it knows the address, so that an unknown one can be refused at
 //! RCPT instead of accepted and bounced to a forged sender.
 //!
-//! [`Callouts`] is the engine the milter will ask per recipient; it is not
-//! wired into the RCPT path yet. It keeps, per managed domain:
+//! [`listed`] answers from the destination's address list
+//! (`reject_unknown.accounts`), loaded with the policy; [`Callouts`] is
+//! the engine the milter asks per recipient when the list does not
+//! settle it (src/milter/callout.rs). The engine keeps, per managed
+//! domain:
 //!
 //! - a cache of the destination's answers (src/callout/cache.rs), served at
 //!   once, refreshed in the background in the last quarter of its
@@ -35,6 +38,7 @@ mod smtp;
 
 use crate::config::{CalloutCache, DomainConfig};
 use crate::dns::Dns;
+use crate::policy::{DomainPolicy, Policy};
 use crate::state::StateDir;
 use cache::{AcceptAll, Cache, Entry};
 use std::collections::HashMap;
@@ -80,6 +84,9 @@ pub enum Origin {
     /// The callout did not answer within the caller's deadline; it goes
     /// on in the background and its answer will be cached.
     Deadline,
+    /// The destination's address list (`reject_unknown.accounts`): no
+    /// callout was made.
+    List,
 }
 
 /// The answer to one check.
@@ -337,6 +344,42 @@ impl Callouts {
         cache
             .get(address, &lifetimes(d), (self.inner.clock)())
             .map(|e| answer(e, Origin::Cache, accept_all))
+    }
+
+    /// A callout made now for `address`, for `explain --callout`: outside
+    /// the cache and the rate of new callouts (one administrator's
+    /// question), within the turn and the time bounds. Its answer is
+    /// shown, not cached: the running milter owns the cache file, and
+    /// this process's copy of it would overwrite the milter's newer one.
+    /// A Known answer is followed by a random local part, so the answer
+    /// says whether the destination accepts any address.
+    pub async fn live(&self, domain: &str, d: &DomainConfig, address: &str) -> Answer {
+        let dom = self.domain(domain, d);
+        let unanswered = |e: tokio::time::error::Elapsed| smtp::Reply {
+            verdict: Verdict::Unreachable,
+            text: format!(
+                "no answer within {}s ({e})",
+                self.inner.limits.callout_timeout.as_secs()
+            ),
+        };
+        let asked = self.ask(&dom, d, address).await.unwrap_or_else(unanswered);
+        let mut accept_all = false;
+        if asked.verdict == Verdict::Known {
+            if let Some((_, at)) = address.rsplit_once('@') {
+                let random = format!("{}@{at}", smtp::random_local_part());
+                accept_all = self
+                    .ask(&dom, d, &random)
+                    .await
+                    .is_ok_and(|r| r.verdict == Verdict::Known);
+            }
+        }
+        Answer {
+            verdict: asked.verdict,
+            reply: asked.text,
+            origin: Origin::Callout,
+            at: (self.inner.clock)(),
+            accept_all,
+        }
     }
 
     /// The counts of `domain` since start; `None` before its first check.
@@ -606,6 +649,54 @@ impl Callouts {
             Err(e) => tracing::warn!("cannot write the callout cache of {name}: {e}"),
         }
     }
+}
+
+/// What the destination's address list (`reject_unknown.accounts`) says
+/// of `address`, the address as it arrives there (DESIGN.md §10), looked
+/// up as accounts are (the same `local_part_case`, the base before a
+/// `recipient_delimiter` counts): listed → Known; not listed → Unknown
+/// when the domain asks no callout, `None` (ask the callout) when it does:
+/// a list exported every so often lags behind a user created since.
+/// `None` too when the domain has no list.
+pub fn listed(policy: &Policy, domain: &DomainPolicy, address: &str) -> Option<Answer> {
+    let list = domain.destination_accounts.as_ref()?;
+    let callout = domain
+        .config
+        .reject_unknown
+        .as_ref()
+        .is_some_and(|r| r.callout);
+    let local = match crate::address::Address::parse(address) {
+        Ok(a) => a.unquoted_local().into_owned(),
+        // Not an address: nothing to find; the callout (or the refusal)
+        // decides as for any address not listed.
+        Err(_) => String::new(),
+    };
+    let key = policy.rules.key(&local);
+    let found = !local.is_empty()
+        && (list.contains(&key) || policy.rules.base(&key).is_some_and(|b| list.contains(b)));
+    let at = crate::state::now();
+    if found {
+        return Some(Answer {
+            verdict: Verdict::Known,
+            reply: format!(
+                "in the destination's address list ({} addresses)",
+                list.len()
+            ),
+            origin: Origin::List,
+            at,
+            accept_all: false,
+        });
+    }
+    (!callout).then(|| Answer {
+        verdict: Verdict::Unknown,
+        reply: format!(
+            "not in the destination's address list ({} addresses)",
+            list.len()
+        ),
+        origin: Origin::List,
+        at,
+        accept_all: false,
+    })
 }
 
 fn answer(e: &Entry, origin: Origin, accept_all: bool) -> Answer {
