@@ -169,9 +169,19 @@ impl CalloutStub {
             return;
         }
         // std sets SO_REUSEADDR on Unix: the port of the closed listener
-        // binds again at once, TIME_WAIT sessions or not.
-        let listener = TcpListener::bind(self.addr)
-            .unwrap_or_else(|e| panic!("bind the callout stub again on {}: {e}", self.addr));
+        // binds again at once, TIME_WAIT sessions or not. While it was
+        // closed the kernel may have given it to an outgoing connection
+        // as its ephemeral port: that one ends within moments.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr) {
+                Ok(l) => break l,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("bind the callout stub again on {}: {e}", self.addr),
+            }
+        };
         self.shared.stop.store(false, Ordering::SeqCst);
         *accepting = Some(accept_loop(listener, self.shared.clone()));
     }
