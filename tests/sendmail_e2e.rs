@@ -756,6 +756,17 @@ fn callout_refuses_unknown_at_rcpt_routes_known_and_asks_nothing_for_present() {
     assert_eq!(there[0].mail_from, SENDER);
     assert_eq!(there[0].header("Subject"), ["mixed"]);
     assert_eq!(there[0].header("X-Dualroute"), [INSTANCE]);
+    let delivery: Vec<_> = stub
+        .rcpt_log()
+        .into_iter()
+        .filter(|x| !x.mail_from.is_empty())
+        .collect();
+    assert_eq!(delivery.len(), 1, "{}", diag());
+    assert!(
+        delivery[0].params.contains("ORCPT=rfc822;bob@example.com"),
+        "{:?}",
+        delivery[0]
+    );
     assert_eq!(
         stub.asked(alice),
         0,

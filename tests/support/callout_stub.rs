@@ -37,6 +37,9 @@ pub struct Rcpt {
     pub mail_from: String,
     /// The address, lowercased, without its ESMTP parameters.
     pub address: String,
+    /// The ESMTP parameters as sent (`NOTIFY=NEVER ORCPT=rfc822;…`: the
+    /// stub announces DSN, so an MTA passes them on).
+    pub params: String,
     /// The first digit of the stub's answer: 2, 4 or 5 (0 while the
     /// answer is still being paused).
     pub class: u8,
@@ -300,7 +303,7 @@ fn converse(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         let cmd = line.trim_end();
         let upper = cmd.to_ascii_uppercase();
         let reply = if upper.starts_with("EHLO") {
-            "250-stub.test\r\n250 8BITMIME\r\n".to_owned()
+            "250-stub.test\r\n250-8BITMIME\r\n250 DSN\r\n".to_owned()
         } else if upper.starts_with("MAIL FROM:") {
             mail_from = Some(path(&cmd[10..]));
             accepted.clear();
@@ -311,12 +314,18 @@ fn converse(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             "250 2.1.0 ok\r\n".to_owned()
         } else if upper.starts_with("RCPT TO:") {
             let address = path(&cmd[8..]);
+            let params = cmd[8..]
+                .split_once('>')
+                .map_or("", |(_, p)| p)
+                .trim()
+                .to_owned();
             // Recorded before the pause: a test sees a callout in flight.
             let index = {
                 let mut rcpts = s.rcpts.lock().unwrap();
                 rcpts.push(Rcpt {
                     mail_from: mail_from.clone().unwrap_or_default(),
                     address: address.clone(),
+                    params,
                     class: 0,
                 });
                 rcpts.len() - 1
