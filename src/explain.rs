@@ -137,12 +137,12 @@ pub fn reject_unknown_line(
         act
     };
     let when = if source == "cached answer" {
-        format!(" of {}", crate::state::when(answer.at))
+        format!(" (asked {})", crate::state::when(answer.at))
     } else {
         String::new()
     };
     format!(
-        "  reject_unknown: {source}{when} for <{asked}>: {} ({}): {act}{}",
+        "  reject_unknown: {source} for <{asked}>: {} ({}){when}: {act}{}",
         answer.verdict,
         answer.reply,
         if answer.accept_all {
