@@ -344,6 +344,9 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                 x.sample.join(", ")
             );
         }
+        if d.reject_unknown.as_ref().is_some_and(|r| r.callout) {
+            println!("  {}", callout_line(&config.state_dir, name, d));
+        }
         if let Some(b) = &config.breaker {
             println!("  {}", breaker_counts(b, &counts, name));
         }
@@ -418,6 +421,24 @@ pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCo
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the callout cache of `name` in `state_dir` says (answers, and
+/// whether the destination accepts any address: then the callout protects
+/// nothing, DESIGN.md §10).
+fn callout_line(
+    state_dir: &Path,
+    name: &str,
+    d: &crate::config::DomainConfig,
+) -> String {
+    match crate::callout::summary(state_dir, name, d) {
+        Ok(Some(s)) => s.line(),
+        Ok(None) => "reject_unknown callouts: nothing cached yet (the milter asks at the first routed RCPT)".into(),
+        Err(e) => format!(
+            "reject_unknown callouts: cannot read the cache in {}: {e}",
+            state_dir.display()
+        ),
+    }
 }
 
 /// `dualroute confirm-accounts DOMAIN` (docs/design.md "Shrink guard"):
@@ -630,17 +651,35 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
         for w in &d.report.warnings {
             println!("  WARNING: {w}");
         }
-        // Without a callout, a split or route domain accepts every address
-        // it routes, and the destination's refusals bounce from here
-        // (docs/design.md "Refusing unknown recipients"; the address list
-        // of `reject_unknown.accounts` is not used yet).
-        if d.config.mode != crate::config::Mode::Dual
-            && !d.config.reject_unknown.as_ref().is_some_and(|r| r.callout)
-        {
-            println!(
-                "  WARNING: mode {} without destination.reject_unknown.callout: unknown addresses will be accepted and bounce from this server: backscatter (docs/design.md \"Refusing unknown recipients\")",
+        // Without `reject_unknown`, a split or route domain accepts every
+        // address it routes, and the destination's refusals bounce from
+        // here (docs/design.md "Refusing unknown recipients").
+        match &d.config.reject_unknown {
+            None if d.config.mode != crate::config::Mode::Dual => println!(
+                "  WARNING: mode {} without destination.reject_unknown: unknown addresses will be accepted and bounce from this server: backscatter (docs/design.md \"Refusing unknown recipients\")",
                 d.config.mode
-            );
+            ),
+            None => {}
+            Some(r) => {
+                if let Some(list) = &d.destination_accounts {
+                    println!(
+                        "  reject_unknown: the destination's address list has {} addresses of {}{}",
+                        list.len(),
+                        d.arrival_domain(),
+                        if r.callout {
+                            "; an address not in it is asked of the destination (callout)"
+                        } else {
+                            "; an address not in it is refused with 550 5.1.1"
+                        }
+                    );
+                    for w in &d.destination_report.warnings {
+                        println!("  WARNING: destination.reject_unknown.accounts: {w}");
+                    }
+                }
+                if r.callout {
+                    println!("  {}", callout_line(&c.state_dir, &name.0, &d.config));
+                }
+            }
         }
         if let (crate::config::Mta::Sendmail, Some(relay)) =
             (c.mta, &d.relay_domain(&c.relay_suffix.0))

@@ -965,3 +965,61 @@ async fn a_shrunk_destination_list_is_refused_until_confirmed() {
     assert!(stub.rcpts().is_empty(), "{:?}", stub.rcpts());
     milter.shutdown().await;
 }
+
+/// A destination that takes any address makes the callout useless:
+/// `status` and `check` say so from the cache the milter wrote, and the
+/// metric shows it (DESIGN.md §10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_all_destination_is_flagged_in_status_check_and_metrics() {
+    let stub = CalloutStub::start(&[], Mode::AcceptAll);
+    let state = tempfile::tempdir().unwrap();
+    let yaml = milter_config(state.path(), &stub.host(), "", "");
+    let config = state.path().join("milter.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let milter = Milter::start(&yaml).await;
+    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"]]).await;
+    assert_eq!(d.rcpt, [Status::Continue]);
+    // The random local part is asked after the answer, in the background.
+    until(
+        || {
+            std::fs::read_to_string(state.path().join("split.test.callouts"))
+                .is_ok_and(|t| t.contains("accepts: true"))
+        },
+        "the accept-all answer in the cache",
+    )
+    .await;
+    let d = milter.deliver(CLIENT, None, &[&["<yan@split.test>"]]).await;
+    assert_eq!(d.rcpt, [Status::Continue]);
+    let metrics = milter.metrics();
+    assert!(
+        metrics.contains("dualroute_callout_accept_all{domain=\"split.test\"} 1"),
+        "{metrics}"
+    );
+    milter.shutdown().await;
+    for command in ["status", "check"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .arg("--config")
+            .arg(&config)
+            .arg(command)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("reject_unknown callouts: 2 known and 0 unknown addresses cached; WARNING: the destination accepts any address"),
+            "{command}: {said}"
+        );
+    }
+    // A destination that refuses: no warning.
+    let stub = CalloutStub::start(&[], Mode::Directory);
+    let yaml = milter_config(state.path(), &stub.host(), "", "");
+    std::fs::write(&config, &yaml).unwrap();
+    let milter = Milter::start(&yaml).await;
+    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"]]).await;
+    assert_rejected(&d.rcpt[0], "550 5.1.1");
+    milter.shutdown().await;
+    let said = dualroute(&config, &["check"]);
+    assert!(
+        said.contains("reject_unknown callouts: 0 known and 1 unknown addresses cached; the destination refuses unknown addresses"),
+        "{said}"
+    );
+}

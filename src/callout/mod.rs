@@ -651,6 +651,70 @@ impl Callouts {
     }
 }
 
+/// What a domain's callout cache file says, for `status` and `check`
+/// (read from `state_dir` as the milter wrote it; no engine, no callout).
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Summary {
+    /// Fresh answers: Known and Unknown.
+    pub known: usize,
+    pub unknown: usize,
+    /// Whether the destination accepted a random local part, when it was
+    /// asked, and its reply; `None`: not asked yet.
+    pub accept_all: Option<(bool, u64, String)>,
+}
+
+impl Summary {
+    /// One line for `status`/`check`, with the warning an accept-all
+    /// destination deserves.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "reject_unknown callouts: {} known and {} unknown addresses cached",
+            self.known, self.unknown
+        );
+        match &self.accept_all {
+            Some((true, at, reply)) => line.push_str(&format!(
+                "; WARNING: the destination accepts any address (a random local part was accepted {}: {reply}): the callout cannot tell unknown addresses, they are accepted and will bounce from here; use `reject_unknown.accounts` (the destination's address list) or switch its catch-all off",
+                crate::state::when(*at)
+            )),
+            Some((false, at, _)) => line.push_str(&format!(
+                "; the destination refuses unknown addresses (checked {})",
+                crate::state::when(*at)
+            )),
+            None => line.push_str("; whether the destination accepts any address is not known yet (asked after its first accepted callout)"),
+        }
+        line
+    }
+}
+
+/// The summary of `domain`'s cache file under `state_dir`; `Ok(None)`
+/// when there is none or it was written for another destination.
+pub fn summary(state_dir: &Path, domain: &str, d: &DomainConfig) -> std::io::Result<Option<Summary>> {
+    let state = StateDir::new(state_dir);
+    let file = state_dir.join(format!("{domain}.callouts"));
+    let Some(cache) = state.read_path::<Cache>(&file)? else {
+        return Ok(None);
+    };
+    if cache.destination != destination_key(d) {
+        return Ok(None);
+    }
+    let (life, now) = (lifetimes(d), crate::state::now());
+    let mut summary = Summary {
+        accept_all: cache
+            .accept_all
+            .as_ref()
+            .map(|a| (a.accepts, a.at, a.reply.clone())),
+        ..Summary::default()
+    };
+    for e in cache.entries.values().filter(|e| e.fresh(&life, now)) {
+        if e.known {
+            summary.known += 1;
+        } else {
+            summary.unknown += 1;
+        }
+    }
+    Ok(Some(summary))
+}
+
 /// What the destination's address list (`reject_unknown.accounts`) says
 /// of `address`, the address as it arrives there (DESIGN.md §10), looked
 /// up as accounts are (the same `local_part_case`, the base before a
