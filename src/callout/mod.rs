@@ -192,8 +192,10 @@ struct Bounds {
 /// One managed domain's callouts.
 struct Domain {
     name: String,
-    /// The destination the cache belongs to ([`destination_key`]).
-    key: String,
+    /// The destination the cache belongs to (what [`destination_key`] is
+    /// made of), to tell a changed destination cheaply.
+    destination: crate::config::Destination,
+    tls: (Option<crate::config::TlsLevel>, Vec<crate::config::TlsMatch>),
     cache: Mutex<Cache>,
     /// Addresses with a callout in flight, and where its answer appears.
     flights: Mutex<HashMap<String, watch::Receiver<Option<Answer>>>>,
@@ -393,11 +395,18 @@ impl Callouts {
     /// The domain's state, created (and its cache file read) on first use
     /// and again when its destination changed.
     fn domain(&self, name: &str, d: &DomainConfig) -> Arc<Domain> {
-        let key = destination_key(d);
         let mut domains = lock(&self.inner.domains);
-        if let Some(dom) = domains.get(name).filter(|dom| dom.key == key) {
+        // Compared by value, not by [`destination_key`]: this runs for
+        // every routed RCPT, and formatting the key is most of the cost
+        // of a cache hit.
+        if let Some(dom) = domains.get(name).filter(|dom| {
+            dom.destination == d.destination
+                && dom.tls.0 == d.transport.tls
+                && dom.tls.1 == d.transport.tls_match
+        }) {
             return dom.clone();
         }
+        let key = destination_key(d);
         let file = self.cache_file(name);
         let cache = match self.inner.state.read_path::<Cache>(&file) {
             Ok(Some(c)) if c.destination == key => c,
@@ -427,7 +436,8 @@ impl Callouts {
             .clone();
         let dom = Arc::new(Domain {
             name: name.to_owned(),
-            key: key.clone(),
+            destination: d.destination.clone(),
+            tls: (d.transport.tls, d.transport.tls_match.clone()),
             cache: Mutex::new(Cache {
                 destination: key,
                 ..cache

@@ -95,10 +95,23 @@ pub(super) async fn rcpt(
         ""
     };
     let Some(decision) = refusal else {
-        info!(
-            "callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}){accept_all}; routed; from={}",
-            answer.verdict, domain.name, answer.reply, message.sender
-        );
+        // A live callout is worth a line; an answer the cache or the list
+        // gives for every routed RCPT is routine (and a line per RCPT is
+        // most of a cache hit's cost): debug.
+        let routine = matches!(answer.origin, Origin::Cache | Origin::List)
+            && answer.verdict == Said::Known
+            && !answer.accept_all;
+        if routine {
+            tracing::debug!(
+                "callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}); routed; from={}",
+                answer.verdict, domain.name, answer.reply, message.sender
+            );
+        } else {
+            info!(
+                "callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}){accept_all}; routed; from={}",
+                answer.verdict, domain.name, answer.reply, message.sender
+            );
+        }
         return Status::Continue;
     };
     let word = match decision {
