@@ -154,6 +154,11 @@ pub struct Metrics {
     /// (src/postfix/queue.rs; docs/postfix.md "Mail waiting in the queue").
     waiting_messages: Gauge,
     waiting_recipients: Gauge,
+    /// The fleet (`cluster:`, src/cluster/): connected to Redis, nodes
+    /// heard of, the last agreement (Unix seconds).
+    cluster_connected: Gauge,
+    cluster_nodes: Gauge,
+    cluster_last_sync: Gauge,
     /// A scrape sets the state gauges and encodes them in one go.
     scrape: Mutex<()>,
 }
@@ -275,6 +280,24 @@ impl Metrics {
             "Recipients of those messages",
             waiting_recipients.clone(),
         );
+        let cluster_connected = Gauge::default();
+        registry.register(
+            "cluster_connected",
+            "1 while this node reaches the fleet's Redis (cluster:); 0 while it serves on its last known state",
+            cluster_connected.clone(),
+        );
+        let cluster_nodes = Gauge::default();
+        registry.register(
+            "cluster_nodes",
+            "Nodes of the fleet heard of within cluster.silent_after, this one included",
+            cluster_nodes.clone(),
+        );
+        let cluster_last_sync = Gauge::default();
+        registry.register(
+            "cluster_last_sync_timestamp_seconds",
+            "When this node last agreed with the fleet's Redis (Unix seconds; 0: never)",
+            cluster_last_sync.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -295,6 +318,9 @@ impl Metrics {
             verifying,
             waiting_messages,
             waiting_recipients,
+            cluster_connected,
+            cluster_nodes,
+            cluster_last_sync,
             scrape: Mutex::new(()),
         }
     }
@@ -338,6 +364,15 @@ impl Metrics {
         self.callout_accept_all
             .get_or_create(&labels)
             .set(i64::from(answer.accept_all));
+    }
+
+    /// The fleet as this node last saw it (src/cluster/).
+    pub fn cluster(&self, connected: bool, nodes: usize, last_sync: Option<u64>) {
+        self.cluster_connected.set(i64::from(connected));
+        self.cluster_nodes.set(nodes as i64);
+        if let Some(at) = last_sync {
+            self.cluster_last_sync.set(at as i64);
+        }
     }
 
     /// One recipient of managed domain `domain` was decided `kind`.
