@@ -370,6 +370,21 @@ struct Task {
 /// `mail.log` in a temporary directory; `before` is written to the log
 /// first.
 async fn start_task(before: &str, create_log: bool) -> Task {
+    start_task_with(TASK_DOMAINS, before, create_log).await
+}
+
+const TASK_DOMAINS: &str = r#"
+  example.com:
+    mode: split
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com] }]
+  example.org:
+    mode: route
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+"#;
+
+/// [`start_task`] with other `domains:`.
+async fn start_task_with(domains: &str, before: &str, create_log: bool) -> Task {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("mail.log");
     let state = dir.path().join("state");
@@ -379,15 +394,7 @@ async fn start_task(before: &str, create_log: bool) -> Task {
     let yaml = format!(
         r#"
 state_dir: {state}
-domains:
-  example.com:
-    mode: split
-    destination: {{ hosts: ["[192.0.2.30]:2525"] }}
-    accounts: [{{ list: [alice@example.com] }}]
-  example.org:
-    mode: route
-    destination: {{ hosts: ["[192.0.2.30]:2525"] }}
-breaker: {{ maillog: {log}, threshold: 3, deferrals: 3, window: 1h }}
+domains:{domains}breaker: {{ maillog: {log}, threshold: 3, deferrals: 3, window: 1h }}
 "#,
         state = state.display(),
         log = log.display()
@@ -605,6 +612,147 @@ async fn task_trips_on_deferrals_counting_each_message_once() {
         async move { c.is_none().then_some(()) }
     })
     .await;
+}
+
+/// A destination's answer that the address does not exist, as Postfix
+/// logs it (the destination is a Postfix with virtual mailboxes) and a
+/// destination's refusal to relay at all.
+const POSTFIX_USER_UNKNOWN: &str = "Jan 12 10:00:10 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9x: to=<zed@example.com.dualroute.invalid>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=5.1.1, status=bounced (host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <zed@example.com>: Recipient address rejected: User unknown in virtual mailbox table (in reply to RCPT TO command))";
+const POSTFIX_RELAY_DENIED: &str = "Jan 12 10:00:11 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9y: to=<zed@example.com.dualroute.invalid>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=5.7.1, status=bounced (host 127.0.0.1[127.0.0.1] said: 554 5.7.1 <zed@example.com>: Relay access denied (in reply to RCPT TO command))";
+
+/// `template` (a line about `zed@example.com.dualroute.invalid`) about
+/// routing address `to` in message `qid` instead.
+fn failure(template: &str, qid: &str, to: &str) -> String {
+    let original = to.replace(".dualroute.invalid", "");
+    let line = template
+        .replace("zed@example.com.dualroute.invalid", to)
+        .replace("<zed@example.com>", &format!("<{original}>"));
+    // The queue id is the word before ": to=".
+    let (head, tail) = line.split_once(": to=").expect("a delivery line");
+    let (head, _) = head.rsplit_once(' ').expect("a queue id");
+    format!("{head} {qid}: to={tail}\n")
+}
+
+const UNKNOWN_DOMAINS: &str = r#"
+  example.com:
+    mode: split
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com] }]
+  example.edu:
+    mode: dual
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [ed@example.edu] }]
+  example.net:
+    mode: route
+    verify: postmaster@example.net
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+"#;
+
+/// Issue 23: dictionary spam must not switch routing off. 25 unknown
+/// addresses of a split domain bounce (`550 5.1.1 … User unknown`, as
+/// Postfix and Sendmail log it) with threshold 3: not counted, counted
+/// as ignored instead. A destination that refuses everything (`554 5.7.1
+/// Relay access denied`) still trips at 3. And `5.1.1` for an address
+/// the destination must have — a copy of a local user of a dual domain,
+/// the domain's `verify` address — is a broken destination and trips
+/// too (docs/design.md §7, "What the breaker counts").
+#[tokio::test]
+async fn task_does_not_trip_on_unknown_addresses_but_on_a_refusing_destination() {
+    let task = start_task_with(UNKNOWN_DOMAINS, "", true).await;
+    task.settle().await;
+    let mut spam = String::new();
+    for i in 0..25 {
+        let template = if i % 2 == 0 {
+            POSTFIX_USER_UNKNOWN
+        } else {
+            SENDMAIL_BOUNCED
+        };
+        let to = format!("zed{i}@example.com.dualroute.invalid");
+        spam.push_str(&failure(template, &format!("4Bc1xY2z3K{i:03}"), &to));
+    }
+    append(&task.log, &spam);
+    let metric = |name: &str, domain: &str, label: (&str, &str)| {
+        support::metrics::Scrape {
+            status: String::new(),
+            content_type: String::new(),
+            text: task.milter.metrics(),
+        }
+        .count(name, &[("domain", domain), label])
+    };
+    let ignored = || {
+        metric(
+            "dualroute_breaker_ignored_total",
+            "example.com",
+            ("reason", "user_unknown"),
+        )
+    };
+    support::wait_until("25 unknown addresses read (or a trip)", || {
+        let done = ignored() == 25.0 || task.tripped("example.com");
+        async move { done.then_some(()) }
+    })
+    .await;
+    task.settle().await;
+    assert!(
+        !task.tripped("example.com"),
+        "25 unknown addresses tripped the breaker: {:?}",
+        task.held("example.com")
+    );
+    assert_eq!(task.held("example.com"), None);
+    assert_eq!(ignored(), 25.0);
+    assert_eq!(
+        metric(
+            "dualroute_breaker_failures_total",
+            "example.com",
+            ("kind", "bounce")
+        ),
+        0.0
+    );
+
+    // The destination refuses to relay: three permanent failures trip.
+    let mut refused = String::new();
+    for i in 0..3 {
+        let to = format!("rcpt{i}@example.com.dualroute.invalid");
+        refused.push_str(&failure(
+            POSTFIX_RELAY_DENIED,
+            &format!("4Bc1xY2z3R{i:03}"),
+            &to,
+        ));
+    }
+    append(&task.log, &refused);
+    task.wait_tripped("example.com").await;
+    let state = dualroute::state::StateDir::new(&task.state);
+    let t = state.load("example.com").unwrap().tripped.unwrap();
+    assert_eq!(t.bounces, 3, "{t:#?}");
+    assert!(
+        t.recent.iter().all(|l| l.contains("dsn=5.7.1")),
+        "the unknowns are not among the failures counted: {:#?}",
+        t.recent
+    );
+
+    // 5.1.1 for ed, who has a mailbox here (example.edu is dual: his copy
+    // goes to the destination, which must know him), and for the verify
+    // address of example.net: the destination lost its users.
+    for (domain, to, template) in [
+        (
+            "example.edu",
+            "ed@example.edu.dualroute.invalid",
+            POSTFIX_USER_UNKNOWN,
+        ),
+        (
+            "example.net",
+            "postmaster@example.net.dualroute.invalid",
+            SENDMAIL_BOUNCED,
+        ),
+    ] {
+        let mut lines = String::new();
+        for i in 0..3 {
+            lines.push_str(&failure(template, &format!("4Bc1xY2z3E{i:03}"), to));
+        }
+        append(&task.log, &lines);
+        task.wait_tripped(domain).await;
+        let t = state.load(domain).unwrap().tripped.unwrap();
+        assert_eq!(t.bounces, 3, "{domain}: {t:#?}");
+    }
 }
 
 #[tokio::test]
