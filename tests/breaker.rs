@@ -38,6 +38,9 @@ const SENDMAIL_SENT: &str = "Jan 12 10:00:07 mx sm-mta[4242]: 40CA05ab004242: to
 /// reply texts are theirs; the line is Postfix's).
 const POSTFIX_GOOGLE_421: &str = "Jan 12 10:00:08 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9v: to=<zed@example.com.dualroute.invalid>, relay=aspmx.l.google.com[192.0.2.40]:25, delay=1.2, delays=0.01/0/0.6/0.6, dsn=4.7.28, status=deferred (host aspmx.l.google.com[192.0.2.40] said: 421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP address. (in reply to end of DATA command))";
 const POSTFIX_MICROSOFT_451: &str = "Jan 12 10:00:09 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9w: to=<zed@example.com.dualroute.invalid>, relay=example-com.mail.protection.outlook.com[192.0.2.41]:25, delay=0.9, delays=0.01/0/0.4/0.5, dsn=4.7.500, status=deferred (host example-com.mail.protection.outlook.com[192.0.2.41] said: 451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719) (in reply to RCPT TO command))";
+/// Sendmail says "User unknown" for any 550 at RCPT (its EX_NOUSER); the
+/// dsn is the destination's own enhanced code, here a relay refusal.
+const SENDMAIL_RELAY_DENIED: &str = "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004245: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net. [192.0.2.30], dsn=5.7.1, stat=User unknown";
 const SENDMAIL_DSN_LINE: &str =
     "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242: 40CA05ab004244: DSN: User unknown";
 
@@ -138,6 +141,127 @@ fn sendmail_permanent_failures_only() {
         parse_line(SENDMAIL_DEFERRED).map(|f| f.kind),
         Some(FailureKind::Deferral)
     );
+}
+
+/// docs/design.md §7, "What the breaker counts": the permanent failures
+/// that say the destination has no such mailbox (about the address, not
+/// counted unless the destination must know it) against the rest.
+#[test]
+fn unknown_mailbox_answers_are_told_apart() {
+    let postfix = |dsn: &str, text: &str| {
+        format!("Jan 12 10:00:01 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9t: to=<zed@example.com.dualroute.invalid>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn={dsn}, status=bounced ({text})")
+    };
+    let said = |reply: &str| {
+        format!("host 127.0.0.1[127.0.0.1] said: {reply} (in reply to RCPT TO command)")
+    };
+    let unknown = [
+        POSTFIX_USER_UNKNOWN.to_owned(),
+        SENDMAIL_BOUNCED.to_owned(),
+        // soft_bounce = yes: 4.1.1, quoting the 550.
+        POSTFIX_SOFT_BOUNCE.to_owned(),
+        postfix("5.1.1", &said("550-5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address for typos")),
+        postfix("5.1.1", &said("550 5.1.1 RESOLVER.ADR.RecipNotFound; not found")),
+        postfix("5.1.6", &said("551 5.1.6 User has moved; please try <zed@elsewhere.test>")),
+        postfix("5.1.0", &said("550 5.1.0 <zed@example.com>: User unknown")),
+        postfix("5.1.0", &said("550 5.1.0 No such user here")),
+        postfix("5.1.10", &said("550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup")),
+    ];
+    for line in &unknown {
+        let f = parse_line(line).unwrap_or_else(|| panic!("a failure: {line}"));
+        assert_eq!(f.kind, FailureKind::Bounce, "{line}");
+        assert!(
+            f.unknown_mailbox,
+            "not taken for an unknown mailbox: {line}"
+        );
+    }
+    let destination = [
+        POSTFIX_RELAY_DENIED.to_owned(),
+        // Sendmail's "User unknown" is its word for any 550 at RCPT: the
+        // dsn says what the destination meant.
+        SENDMAIL_RELAY_DENIED.to_owned(),
+        SENDMAIL_TWO.to_owned(),
+        POSTFIX_ISO_BOUNCED.to_owned(),
+        // The destination refuses our senders: all routed mail.
+        postfix("5.1.0", &said("550 5.1.0 <sender@outside.test>: Sender address rejected: User unknown in local recipient table")),
+        postfix("5.1.0", &said("550 5.1.0 <zed@example.com>: Recipient address rejected: Access denied")),
+        // The destination does not know the domain, or takes no mail.
+        postfix("5.1.2", &said("550 5.1.2 <zed@example.com>: Recipient address rejected: Domain not found")),
+        postfix("5.1.10", "Domain legacy.example.net does not accept mail (nullMX)"),
+        // An existing mailbox, disabled or full.
+        postfix("5.2.1", &said("550 5.2.1 The email account that you tried to reach is disabled")),
+        postfix("5.2.2", &said("552 5.2.2 <zed@example.com>: mailbox full")),
+        postfix("5.7.1", &said("550 5.7.1 Service unavailable; client [192.0.2.1] blocked")),
+    ];
+    for line in &destination {
+        let f = parse_line(line).unwrap_or_else(|| panic!("a failure: {line}"));
+        assert_eq!(f.kind, FailureKind::Bounce, "{line}");
+        assert!(!f.unknown_mailbox, "taken for an unknown mailbox: {line}");
+    }
+    // Deferrals are counted as before, whatever they say.
+    let deferred = POSTFIX_DEFERRED.replace("dsn=4.4.1", "dsn=4.1.1");
+    let f = parse_line(&deferred).expect("a deferral");
+    assert_eq!((f.kind, f.unknown_mailbox), (FailureKind::Deferral, false));
+}
+
+/// Whose "no such mailbox" counts: addresses the destination must have.
+#[test]
+fn expected_addresses_are_the_ones_the_destination_must_have() {
+    let p = policy(
+        r#"
+state_dir: /nonexistent
+domains:
+  example.com:
+    mode: split
+    verify: Postmaster@example.com
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com, carol@example.com] }]
+    users:
+      carol@example.com: { copy_to: carol@pilot.test }
+  example.edu:
+    mode: dual
+    destination: { domain: google.test, change_envelope: true }
+  example.info:
+    mode: route
+    verify: probe@newdest.test
+    destination: { domain: newdest.test, change_envelope: true }
+    accounts: [{ list: [ivy@example.info] }]
+"#,
+    );
+    let a = Attribution::new(&p);
+    let expected = |domain: &str, rcpt: &str| a.expected(&p, domain, rcpt);
+    use dualroute::breaker::Expected;
+    for (domain, rcpt, want) in [
+        // The verify address, in any case, as it arrives there.
+        (
+            "example.com",
+            "postmaster@example.com.dualroute.invalid",
+            Some(Expected::Verify),
+        ),
+        ("example.info", "Probe@NEWDEST.test", Some(Expected::Verify)),
+        // A target the configuration names.
+        ("example.com", "carol@pilot.test", Some(Expected::Target)),
+        // A mailbox here (also with an extension), and every address of a
+        // dual domain without accounts (the MTA refused the others).
+        (
+            "example.com",
+            "alice@example.com.dualroute.invalid",
+            Some(Expected::Mailbox),
+        ),
+        (
+            "example.com",
+            "alice+news@example.com.dualroute.invalid",
+            Some(Expected::Mailbox),
+        ),
+        ("example.edu", "anyone@google.test", Some(Expected::Mailbox)),
+        ("example.info", "ivy@newdest.test", Some(Expected::Mailbox)),
+        // Nobody here vouches for these.
+        ("example.com", "zed@example.com.dualroute.invalid", None),
+        ("example.info", "zed@newdest.test", None),
+        ("example.com", "postmaster@elsewhere.test", None),
+        ("example.com", "not an address", None),
+    ] {
+        assert_eq!(expected(domain, rcpt), want, "{domain}: {rcpt}");
+    }
 }
 
 #[test]
@@ -412,8 +536,16 @@ domains:{domains}breaker: {{ maillog: {log}, threshold: 3, deferrals: 3, window:
     }
 }
 
+/// A permanent failure that counts: the destination refuses to relay
+/// for `to` (docs/design.md §7; an unknown address would not count).
 fn bounce(to: &str) -> String {
-    POSTFIX_BOUNCED.replace("zed@example.com.dualroute.invalid", to) + "\n"
+    POSTFIX_RELAY_DENIED
+        .replace("zed@example.com.dualroute.invalid", to)
+        .replace(
+            "<zed@example.com>",
+            &format!("<{}>", to.replace(".dualroute.invalid", "")),
+        )
+        + "\n"
 }
 
 impl Task {
@@ -461,7 +593,7 @@ async fn task_counts_new_failures_and_trips_at_the_threshold() {
     );
     append(&task.log, &bounce("b@example.org.dualroute.invalid"));
     append(&task.log, &bounce("b@example.com.dualroute.invalid"));
-    append(&task.log, &format!("{SENDMAIL_BOUNCED}\n"));
+    append(&task.log, &format!("{SENDMAIL_RELAY_DENIED}\n"));
     task.settle().await;
     assert!(!task.tripped("example.com"), "tripped at 2 failures");
     assert_eq!(task.held("example.com"), None);
