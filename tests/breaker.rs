@@ -39,8 +39,9 @@ const SENDMAIL_SENT: &str = "Jan 12 10:00:07 mx sm-mta[4242]: 40CA05ab004242: to
 const POSTFIX_GOOGLE_421: &str = "Jan 12 10:00:08 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9v: to=<zed@example.com.dualroute.invalid>, relay=aspmx.l.google.com[192.0.2.40]:25, delay=1.2, delays=0.01/0/0.6/0.6, dsn=4.7.28, status=deferred (host aspmx.l.google.com[192.0.2.40] said: 421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP address. (in reply to end of DATA command))";
 const POSTFIX_MICROSOFT_451: &str = "Jan 12 10:00:09 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9w: to=<zed@example.com.dualroute.invalid>, relay=example-com.mail.protection.outlook.com[192.0.2.41]:25, delay=0.9, delays=0.01/0/0.4/0.5, dsn=4.7.500, status=deferred (host example-com.mail.protection.outlook.com[192.0.2.41] said: 451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719) (in reply to RCPT TO command))";
 /// Sendmail says "User unknown" for any 550 at RCPT (its EX_NOUSER); the
-/// dsn is the destination's own enhanced code, here a relay refusal.
-const SENDMAIL_RELAY_DENIED: &str = "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004245: to=<zed@example.com.dualroute.invalid>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, pri=120456, relay=mx.legacy.example.net. [192.0.2.30], dsn=5.7.1, stat=User unknown";
+/// dsn is the destination's own enhanced code, here a relay refusal (the
+/// line Sendmail 8.17.1.9 wrote in tests/sendmail_e2e.rs, with `reply=`).
+const SENDMAIL_RELAY_DENIED: &str = "Jan 12 10:00:05 mx sendmail[16753]: 6B50TW6M016751: to=<zed@example.com.dualroute.invalid>, delay=00:00:00, xdelay=00:00:00, mailer=esmtp, pri=30091, relay=[127.0.0.1] [127.0.0.1], dsn=5.7.1, reply=550 5.7.1 Relay access denied, stat=User unknown";
 const SENDMAIL_DSN_LINE: &str =
     "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242: 40CA05ab004244: DSN: User unknown";
 
@@ -164,6 +165,7 @@ fn unknown_mailbox_answers_are_told_apart() {
         postfix("5.1.6", &said("551 5.1.6 User has moved; please try <zed@elsewhere.test>")),
         postfix("5.1.0", &said("550 5.1.0 <zed@example.com>: User unknown")),
         postfix("5.1.0", &said("550 5.1.0 No such user here")),
+        SENDMAIL_RELAY_DENIED.replace("dsn=5.7.1, reply=550 5.7.1 Relay access denied", "dsn=5.1.1, reply=550 5.1.1 <zed@example.com>... User unknown"),
         postfix("5.1.10", &said("550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup")),
     ];
     for line in &unknown {
@@ -191,6 +193,8 @@ fn unknown_mailbox_answers_are_told_apart() {
         postfix("5.2.1", &said("550 5.2.1 The email account that you tried to reach is disabled")),
         postfix("5.2.2", &said("552 5.2.2 <zed@example.com>: mailbox full")),
         postfix("5.7.1", &said("550 5.7.1 Service unavailable; client [192.0.2.1] blocked")),
+        // Sendmail 8.17 quotes the reply: the sender, not the recipient.
+        SENDMAIL_RELAY_DENIED.replace("dsn=5.7.1, reply=550 5.7.1 Relay access denied", "dsn=5.1.0, reply=550 5.1.0 <sender@outside.test>: Sender address rejected: User unknown in local recipient table"),
     ];
     for line in &destination {
         let f = parse_line(line).unwrap_or_else(|| panic!("a failure: {line}"));
@@ -933,7 +937,8 @@ fn message(subject: &str) -> String {
 }
 
 /// The real thing: example.com is split and routed to a destination that
-/// refuses every recipient. Three bounces of routed mail trip the breaker
+/// refuses every recipient (`554 5.7.1 Relay access denied`: it does not
+/// take our mail at all). Three bounces of routed mail trip the breaker
 /// (threshold 3 within 1 h); from then on the milter is transparent for
 /// example.com, so Postfix files an unknown address in the catch-all
 /// Maildir instead of routing it; a restart keeps that; `dualroute enable`
@@ -945,7 +950,7 @@ fn postfix_bounces_trip_the_breaker_end_to_end() {
         .tempdir()
         .expect("a temporary directory");
     let dir = tmp.path();
-    let sink = support::SmtpSink::start_rejecting();
+    let sink = support::SmtpSink::start_refusing_relay();
     let milter_port = support::Port::reserve();
     let config = dir.join("milter.yaml");
     let state = dir.join("state");
@@ -1019,7 +1024,7 @@ domains:
     assert_eq!(bounced.len(), 1, "{}", diag(&milter));
     assert_eq!(
         (bounced[0].status.as_str(), bounced[0].dsn.as_str()),
-        ("bounced", "5.1.1")
+        ("bounced", "5.7.1")
     );
     assert_eq!(
         bounced[0].relay,
@@ -1167,7 +1172,7 @@ domains:
         "{}",
         diag(&milter)
     );
-    assert!(zed6.text.contains("rejected by smtp-sink"), "{}", zed6.line);
+    assert!(zed6.text.contains("Relay access denied"), "{}", zed6.line);
     assert!(
         support::read_maildir(&catchall).is_empty(),
         "{}",
@@ -1208,7 +1213,7 @@ fn postfix_trip_notifies_the_admin_end_to_end() {
         .tempdir()
         .expect("a temporary directory");
     let dir = tmp.path();
-    let refusing = support::SmtpSink::start_rejecting();
+    let refusing = support::SmtpSink::start_refusing_relay();
     let other = support::SmtpSink::start();
     let milter_port = support::Port::reserve();
     let config = dir.join("milter.yaml");

@@ -102,7 +102,7 @@ impl Setup {
         let dir = tmp.path().to_path_buf();
         let store = SmtpSink::start();
         let other = if self.other_rejects {
-            SmtpSink::start_rejecting()
+            SmtpSink::start_refusing_relay()
         } else {
             SmtpSink::start()
         };
@@ -461,9 +461,10 @@ fn split_on_a_locally_delivered_domain() {
 }
 
 /// Sendmail's own log lines trip the breaker (docs/design.md §7): the other
-/// server refuses routed mail, Sendmail bounces it with `dsn=5.1.1,
-/// stat=User unknown`, and after `threshold` such lines the domain is
-/// tripped: `status` says so, and the milter's log names the line.
+/// server refuses all routed mail (`554 5.7.1 Relay access denied`; an
+/// unknown address's `5.1.1` would not count), Sendmail bounces it with
+/// `dsn=5.7.1`, and after `threshold` such lines the domain is tripped:
+/// `status` says so, and the milter's log names the line.
 #[test]
 fn sendmail_bounces_trip_the_breaker_end_to_end() {
     let e = setup(SPLIT, &["example.com"])
@@ -477,9 +478,9 @@ fn sendmail_bounces_trip_the_breaker_end_to_end() {
     for i in 0..2 {
         let line = e.sendmail.wait_log(&[
             &format!("to=<bob{i}@example.com.dualroute.invalid>"),
-            "dsn=5.1.1",
+            "dsn=5.7.1",
         ]);
-        assert!(line.contains("stat=User unknown"), "{line}");
+        assert!(line.contains("stat=Service unavailable"), "{line}");
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     let out = loop {
@@ -501,7 +502,7 @@ fn sendmail_bounces_trip_the_breaker_end_to_end() {
         .find(|l| l.contains("example.com: bounce breaker tripped"))
         .unwrap_or_else(|| panic!("no trip in the milter log:\n{log}"));
     assert!(
-        trip.contains("sendmail[") && trip.contains("dsn=5.1.1"),
+        trip.contains("sendmail[") && trip.contains("dsn=5.7.1"),
         "{trip}"
     );
 }

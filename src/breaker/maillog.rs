@@ -73,14 +73,16 @@ pub fn parse_line(line: &str) -> Option<Failure> {
     let to = fields.next()?;
     let mut dsn = None;
     let mut outcome = None;
-    // The outcome and what follows it: Postfix's reply text, Sendmail's
-    // `stat=` text.
+    // From the dsn on: Postfix's outcome and reply text; Sendmail 8.17's
+    // `reply=` (the other server's words) and `stat=`.
     let mut text = "";
     for field in fields {
         if let Some(v) = field.strip_prefix("dsn=") {
+            if dsn.is_none() {
+                text = rest_from(rest, field);
+            }
             dsn.get_or_insert(v);
         } else if let Some(v) = field.strip_prefix("status=") {
-            text = rest_from(rest, v);
             // Postfix: the last field; its text may contain anything.
             outcome = Some(match v.split(' ').next() {
                 Some("bounced") => Outcome::Failed,
@@ -91,7 +93,6 @@ pub fn parse_line(line: &str) -> Option<Failure> {
             });
             break;
         } else if let Some(v) = field.strip_prefix("stat=") {
-            text = rest_from(rest, v);
             outcome = Some(if v.starts_with("Sent") {
                 Outcome::Other
             } else if let Some(text) = v.strip_prefix("Deferred") {
@@ -132,9 +133,8 @@ pub fn parse_line(line: &str) -> Option<Failure> {
     })
 }
 
-/// `rest` from where `part`, a field `split` out of it, starts: the
-/// outcome and everything after it, since the reply text may itself
-/// contain ", ". (`split` gives no offsets; a sub-slice's address does.)
+/// `rest` from where `part`, a field `split` out of it, starts, to its
+/// end: the reply text may itself contain ", ". (`split` gives no offsets; a sub-slice's address does.)
 fn rest_from<'a>(rest: &'a str, part: &'a str) -> &'a str {
     let at = (part.as_ptr() as usize).saturating_sub(rest.as_ptr() as usize);
     rest.get(at..).unwrap_or(part)
