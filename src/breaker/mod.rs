@@ -11,9 +11,9 @@
 //! once (the domain now behaves as `enabled: false`), and an error says why
 //! and how to switch routing back on (`dualroute enable DOMAIN`).
 //!
-//! Why it exists: a destination that starts refusing routed mail (the
-//! mailboxes were never created there, the account expired, a typo in
-//! `destination`) turns every routed message into a bounce to an outside
+//! Why it exists: a destination that starts refusing routed mail (relay
+//! denied, the account expired, the mailboxes of our users were never
+//! created there, a typo in `destination`) turns every routed message into a bounce to an outside
 //! sender. Zoho's "bounce notification" has the same purpose; here routing
 //! stops instead of merely telling someone.
 //!
@@ -39,6 +39,18 @@
 //! Failures of a domain that is already tripped or disabled are not counted:
 //! they are late bounces of mail routed before, and must not trip the domain
 //! again as soon as an administrator enables it.
+//!
+//! A permanent failure that says the destination has no such mailbox
+//! (`5.1.1` user unknown: [`Failure::unknown_mailbox`]) is about the
+//! address, not the destination: a dictionary spammer makes up thousands,
+//! each accepted here, routed and bounced there, and must not switch
+//! routing off (issue 23: three of them tripped a domain with a low
+//! threshold). It counts only for an address the destination must have
+//! ([`Attribution::expected`]: the `verify` address, a mailbox here, a
+//! configured target), which is how a destination that lost all its users
+//! still trips; otherwise it is logged at INFO and counted in
+//! `dualroute_breaker_ignored_total`. docs/design.md §7, "What the breaker
+//! counts".
 //!
 //! Deferrals (temporary failures) are counted beside the bounces, each
 //! (queue id, recipient) once per window however often the MTA retries
