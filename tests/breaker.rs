@@ -1200,6 +1200,124 @@ domains:
     }
 }
 
+/// The issue 23 trial, for real: example.com is split, its destination
+/// knows nobody we send it (every RCPT `550 5.1.1`), and three messages
+/// to made-up addresses (zed1, zed2, zed3) bounce with threshold 3. Before,
+/// that tripped the breaker and carol, who is real, got 451; now each
+/// bounce is logged as not counted, `status` shows 0 permanent failures
+/// and the domain still routes.
+#[test]
+fn postfix_unknown_addresses_do_not_trip_end_to_end() {
+    let tmp = tempfile::Builder::new()
+        .prefix("dualroute-unknown-")
+        .tempdir()
+        .expect("a temporary directory");
+    let dir = tmp.path();
+    let sink = support::SmtpSink::start_rejecting();
+    let milter_port = support::Port::reserve();
+    let config = dir.join("milter.yaml");
+    let state = dir.join("state");
+    let domains = format!(
+        r#"listen: inet:127.0.0.1:{milter_port}
+instance: {INSTANCE}
+state_dir: {state}
+domains:
+  example.com:
+    mode: split
+    destination: {{ hosts: ["{sink}"] }}
+    accounts: [{{ list: [alice@example.com] }}]
+"#,
+        state = state.display(),
+        sink = sink.nexthop()
+    );
+    fs::write(&config, &domains).unwrap();
+    let opts = support::PostfixOptions::default()
+        .domain_without_catchall("example.com", &["alice@example.com"]);
+    let opts = postfix_config(&config, &dir.join("postfix-config")).apply_to(opts);
+    let pf = support::Postfix::start(opts);
+    fs::write(
+        &config,
+        format!(
+            "{domains}breaker: {{ maillog: {}, threshold: 3, window: 1h }}\n",
+            pf.maillog_path().display()
+        ),
+    )
+    .unwrap();
+    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
+    let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
+    let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
+    for (i, subject) in ["first", "second", "third"].iter().enumerate() {
+        let rcpt = format!("zed{}@example.com", i + 1);
+        let t = client.send(SENDER, &[&rcpt], &message(subject));
+        assert!(t.accepted(), "{t}\n{}", diag());
+    }
+    pf.wait_queue_empty();
+    let not_counted = || {
+        milter
+            .log()
+            .lines()
+            .filter(|l| l.contains("not counted by the bounce breaker"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    if support::poll(|| (not_counted().len() == 3).then_some(())).is_none() {
+        panic!("timed out waiting for 3 uncounted bounces\n{}", diag());
+    }
+    // The bounces are Postfix's own: 5.1.1 from the destination.
+    let bounced: Vec<support::Delivery> = pf
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.to.ends_with("@example.com.dualroute.invalid"))
+        .collect();
+    assert_eq!(bounced.len(), 3, "{}", diag());
+    assert!(
+        bounced
+            .iter()
+            .all(|d| d.status == "bounced" && d.dsn == "5.1.1"),
+        "{}",
+        diag()
+    );
+    // One line per address, in the order Postfix delivered them.
+    let lines = not_counted();
+    for line in &lines {
+        assert!(
+            line.contains("INFO")
+                && line.contains("no such mailbox at the destination (dsn=5.1.1)")
+                && line.contains("destination.reject_unknown"),
+            "{line}"
+        );
+    }
+    for n in 1..=3 {
+        let to = format!("<zed{n}@example.com.dualroute.invalid>");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(&to)).count(),
+            1,
+            "{to}: {lines:#?}"
+        );
+    }
+    assert!(!state.join("example.com.tripped").exists(), "{}", diag());
+    assert!(
+        !milter.log().contains("bounce breaker tripped"),
+        "{}",
+        diag()
+    );
+    let (_, status) = dualroute(&config, &["status"]);
+    assert!(
+        status.contains("example.com: mode split: active")
+            && status.contains("breaker: 0 permanent failures (trips at 3)"),
+        "{status}"
+    );
+    // Still routing: the next unknown address goes to the destination
+    // again instead of 451 4.4.4.
+    let t = client.send(SENDER, &["zed4@example.com"], &message("fourth"));
+    assert!(t.accepted(), "{t}\n{}", diag());
+    drop(milter);
+    drop(pf);
+    if support::keep_tmp() {
+        eprintln!("DUALROUTE_KEEP_TMP: kept {}", tmp.keep().display());
+    }
+}
+
 /// Notification by mail (README "Notification by mail"), for real: the
 /// breaker trips in a private Postfix and the administrator's message
 /// lands in their Maildir, through the same Postfix and so through this
