@@ -835,6 +835,25 @@ async fn task_does_not_trip_on_unknown_addresses_but_on_a_refusing_destination()
     );
     assert_eq!(task.held("example.com"), None);
     assert_eq!(ignored(), 25.0);
+    // With `soft_bounce = yes` Postfix keeps the message and logs the
+    // refusal again at every retry: one address, seen once.
+    append(
+        &task.log,
+        &failure(
+            POSTFIX_SOFT_BOUNCE,
+            "4Bc1xY2z3S001",
+            "zed25@example.com.dualroute.invalid",
+        )
+        .repeat(3),
+    );
+    support::wait_until("the soft-bounced unknown read", || {
+        let done = ignored() >= 26.0;
+        async move { done.then_some(()) }
+    })
+    .await;
+    task.settle().await;
+    assert_eq!(ignored(), 26.0);
+    assert!(!task.tripped("example.com"));
     assert_eq!(
         metric(
             "dualroute_breaker_failures_total",

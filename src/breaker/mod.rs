@@ -13,8 +13,8 @@
 //!
 //! Why it exists: a destination that starts refusing routed mail (relay
 //! denied, the account expired, the mailboxes of our users were never
-//! created there, a typo in `destination`) turns every routed message into a bounce to an outside
-//! sender. Zoho's "bounce notification" has the same purpose; here routing
+//! created there, a typo in `destination`) turns every routed message
+//! into a bounce to an outside sender. Zoho's "bounce notification" has the same purpose; here routing
 //! stops instead of merely telling someone.
 //!
 //! What the follower does with the log file ([`Follower`]):
@@ -267,6 +267,9 @@ impl Breaker {
                 }
                 let attribution = self.attribution(policy);
                 let mine = attribution.domains(rcpt).to_vec();
+                // Seen once, counted or not: a soft-bounced unknown is
+                // logged again at every retry, and is one address.
+                let ours = !mine.is_empty();
                 let mut counted = Vec::with_capacity(mine.len());
                 for domain in mine {
                     if !f.unknown_mailbox {
@@ -282,7 +285,7 @@ impl Breaker {
                         None => unknown.push((domain, rcpt)),
                     }
                 }
-                if retried && !counted.is_empty() {
+                if retried && ours {
                     self.seen.insert(key, now);
                 }
                 owners.extend(counted);
