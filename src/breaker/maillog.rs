@@ -134,7 +134,8 @@ pub fn parse_line(line: &str) -> Option<Failure> {
 }
 
 /// `rest` from where `part`, a field `split` out of it, starts, to its
-/// end: the reply text may itself contain ", ". (`split` gives no offsets; a sub-slice's address does.)
+/// end: the reply text may itself contain ", ". (`split` gives no
+/// offsets; a sub-slice's address does.)
 fn rest_from<'a>(rest: &'a str, part: &'a str) -> &'a str {
     let at = (part.as_ptr() as usize).saturating_sub(rest.as_ptr() as usize);
     rest.get(at..).unwrap_or(part)
@@ -147,7 +148,9 @@ fn rest_from<'a>(rest: &'a str, part: &'a str) -> &'a str {
 ///
 /// - `X.1.1` "bad destination mailbox address" and `X.1.6` "destination
 ///   mailbox has moved" (RFC 3463 §3.2): Postfix's "User unknown in
-///   virtual mailbox table", Sendmail's `stat=User unknown`, Google's
+///   virtual mailbox table", Sendmail's `dsn=5.1.1` (its `stat=User
+///   unknown` is not read: Sendmail writes it for any 550 at RCPT,
+///   relay denied included), Google's
 ///   "The email account that you tried to reach does not exist",
 ///   Microsoft's `5.1.1 RESOLVER.ADR.RecipNotFound`. (`soft_bounce`
 ///   turns the class into 4 and keeps subject and detail: `4.1.1`.)
@@ -168,10 +171,8 @@ fn rest_from<'a>(rest: &'a str, part: &'a str) -> &'a str {
 /// (relay or policy denied) included.
 fn unknown_mailbox(dsn: &str, text: &str) -> bool {
     let mut parts = dsn.splitn(2, '.').skip(1);
-    let says = |words: &[&str]| {
-        let text = text.to_ascii_lowercase();
-        words.iter().any(|w| text.contains(w))
-    };
+    let text = text.to_ascii_lowercase();
+    let says = |words: &[&str]| words.iter().any(|w| text.contains(w));
     match parts.next().unwrap_or_default() {
         "1.1" | "1.6" => true,
         "1.0" => {
