@@ -946,6 +946,22 @@ async fn task_follows_rotation_and_a_log_that_appears_later() {
 // End to end: dualroute run + private Postfix + a refusing smtp-sink.
 // ---------------------------------------------------------------------
 
+/// Waits until the breaker of `milter` follows the mail log: it starts
+/// at the log's end a moment after the milter serves, and a bounce
+/// logged before that is history, never counted.
+fn wait_following(milter: &MilterProcess) {
+    if support::poll(|| {
+        milter
+            .log()
+            .contains("bounce breaker: following")
+            .then_some(())
+    })
+    .is_none()
+    {
+        panic!("the breaker did not start\n{}", milter.log());
+    }
+}
+
 const SENDER: &str = "sender@outside.test";
 const INSTANCE: &str = "breaker.test";
 
@@ -1001,6 +1017,7 @@ domains:
     )
     .unwrap();
     let mut milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
+    wait_following(&milter);
 
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = |milter: &MilterProcess| {
@@ -1263,6 +1280,7 @@ domains:
     )
     .unwrap();
     let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
+    wait_following(&milter);
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
     for (i, subject) in ["first", "second", "third"].iter().enumerate() {
@@ -1390,6 +1408,7 @@ domains:
     )
     .unwrap();
     let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
+    wait_following(&milter);
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
     let admin = || pf.maildir_messages("postmaster@example.net");
