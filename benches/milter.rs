@@ -44,6 +44,8 @@
 //! cargo bench --bench milter -- [same options] [--libmilter PATH] [--threads 1,2] [--before PATH] [--reload] [--pin] [--callgrind] [--noop-preload LIB]
 //! ```
 
+#[path = "../tests/support/callout_stub.rs"]
+mod callout_stub;
 #[allow(unused_imports)]
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -372,13 +374,16 @@ fn dualroute_at(binary: &Path, config: &Path) -> Command {
 }
 
 /// milter.yaml for one split domain `bench.test` with `accounts` accounts
-/// (user0@ … and alice@, bob@), listening on `listen`.
+/// (user0@ … and alice@, bob@), listening on `listen`; with
+/// `reject_unknown`, routed recipients are asked of the destination
+/// (`reject_unknown: { callout: true }`, DESIGN.md §10).
 fn write_config(
     dir: &Path,
     listen: &str,
     accounts: usize,
     name: &str,
     destination: &str,
+    reject_unknown: bool,
 ) -> PathBuf {
     let file = dir.join("accounts");
     if !file.exists() {
@@ -390,9 +395,16 @@ fn write_config(
         std::fs::write(&file, text).expect("write the accounts");
     }
     let config = dir.join(name);
+    let ask = if reject_unknown {
+        ", reject_unknown: { callout: true }"
+    } else {
+        ""
+    };
+    // Each configuration its own state_dir: the callout cache of one arm
+    // is not another's.
     let yaml = format!(
-        "listen: {listen}\ninstance: bench.test\nstate_dir: {}\ndomains:\n  bench.test:\n    mode: split\n    destination: {{ hosts: [\"{destination}\"] }}\n    accounts:\n      - file: {}\n",
-        dir.join("state").display(),
+        "listen: {listen}\ninstance: bench.test\nstate_dir: {}\ndomains:\n  bench.test:\n    mode: split\n    destination: {{ hosts: [\"{destination}\"]{ask} }}\n    accounts:\n      - file: {}\n",
+        dir.join(format!("state-{name}")).display(),
         file.display()
     );
     std::fs::write(&config, yaml).expect("write milter.yaml");
@@ -499,6 +511,78 @@ async fn conversation(at: &Endpoint) -> Result<(), String> {
     c.close().await.map_err(e("close"))
 }
 
+/// RCPT latency of `reject_unknown` (DESIGN.md §10) through the milter at
+/// `at`, one at a time: `n` cold callouts (a new address each, which the
+/// loopback destination refuses: the milter asks it, waits, caches and
+/// replies 550) beside the same RCPT answered from the cache, and the
+/// RCPT of a mailbox here (no callout) as the floor. `n` stays under the
+/// 60 new callouts a minute the engine allows a destination.
+fn callout_latency(runtime: &tokio::runtime::Runtime, at: &Endpoint, n: usize) {
+    let rcpt_time = |rcpt: String| {
+        let at = at.clone();
+        runtime.block_on(async move {
+            let mta = TestConnection::configure();
+            let mut c = match &at {
+                Endpoint::Unix(path) => mta.open_unix(path).await,
+                Endpoint::Tcp(port) => mta.open_tcp(("127.0.0.1", *port)).await,
+            }
+            .expect("negotiate");
+            c.connect(
+                "client.example.org",
+                std::net::IpAddr::from([203, 0, 113, 9]),
+            )
+            .await
+            .expect("connect");
+            c.mail(["<sender@example.org>"]).await.expect("mail");
+            let parsed = rcpt[1..rcpt.len() - 1].to_owned();
+            c.macros(MacroStage::Rcpt, [("{rcpt_addr}", parsed.as_str())])
+                .await
+                .expect("rcpt macros");
+            let t = Instant::now();
+            let status = c.rcpt([rcpt.as_str()]).await.expect("rcpt");
+            let took = t.elapsed();
+            c.close().await.expect("close");
+            (took, status)
+        })
+    };
+    let stamp = std::process::id();
+    let mut cold = Vec::new();
+    let mut cached = Vec::new();
+    let mut here = Vec::new();
+    for i in 0..n {
+        let address = format!("<cold{stamp}x{i}@bench.test>");
+        let (took, status) = rcpt_time(address.clone());
+        assert!(
+            matches!(status, indymilter_test::Status::Reject { .. }),
+            "a cold callout for {address}: {status:?}"
+        );
+        cold.push(took);
+        let (took, status) = rcpt_time(address.clone());
+        assert!(
+            matches!(status, indymilter_test::Status::Reject { .. }),
+            "the cached answer for {address}: {status:?}"
+        );
+        cached.push(took);
+        here.push(rcpt_time("<alice@bench.test>".into()).0);
+    }
+    let show = |mut v: Vec<Duration>| {
+        v.sort();
+        format!(
+            "p50 {:>9.1?}  p90 {:>9.1?}  max {:>9.1?}",
+            v[v.len() / 2],
+            v[(v.len() * 9 / 10).min(v.len() - 1)],
+            v[v.len() - 1]
+        )
+    };
+    println!("reject_unknown RCPT latency, {n} addresses one at a time, loopback destination:");
+    println!("  cold callout (550 from the destination)  {}", show(cold));
+    println!(
+        "  the same address, cached                  {}",
+        show(cached)
+    );
+    println!("  a mailbox here (no callout)               {}", show(here));
+}
+
 struct Run {
     per_sec: f64,
     p50: Duration,
@@ -586,6 +670,11 @@ fn protocol_arm(o: &Options) {
         o.threads.iter().map(|t| Some(t.as_str())).collect()
     };
     let label = |t: Option<&str>| t.map(|t| format!(" t={t}")).unwrap_or_default();
+    // The destination of the reject_unknown arm: a loopback SMTP server
+    // that knows zed@bench.test (tests/support/callout_stub.rs).
+    let destination =
+        callout_stub::CalloutStub::start(&["zed@bench.test"], callout_stub::Mode::Directory);
+    let mut cold: Option<Endpoint> = None;
     // Each milter over a unix socket, and with --tcp over TCP too.
     let mut endpoints = vec![("", Endpoint::Unix(PathBuf::new()))];
     if o.tcp {
@@ -596,9 +685,15 @@ fn protocol_arm(o: &Options) {
             Endpoint::Unix(_) => Endpoint::Unix(dir.join(format!("{name}.sock"))),
             Endpoint::Tcp(_) => Endpoint::Tcp(unused_port()),
         };
-        let mut binaries = vec![("dualroute", PathBuf::from(env!("CARGO_BIN_EXE_dualroute")))];
-        binaries.extend(o.before.clone().map(|b| ("dualroute before", b)));
-        for (name, binary) in binaries {
+        let this = PathBuf::from(env!("CARGO_BIN_EXE_dualroute"));
+        // The third arm asks the destination about the routed recipient
+        // (zed@bench.test) with `reject_unknown`, every answer cached
+        // after the first conversation (issue 23: the per-RCPT path with
+        // a cache hit).
+        let mut binaries = vec![("dualroute", this.clone(), false)];
+        binaries.extend(o.before.clone().map(|b| ("dualroute before", b, false)));
+        binaries.push(("dualroute reject_unknown", this, true));
+        for (name, binary, reject_unknown) in binaries {
             for &t in &threads {
                 let tag = format!("{name}{}{suffix}", label(t));
                 let dr = at(&tag.replace(' ', "-"));
@@ -607,7 +702,12 @@ fn protocol_arm(o: &Options) {
                     &dr.socket(),
                     o.accounts,
                     &format!("{}.yaml", tag.replace(' ', "-")),
-                    "[192.0.2.30]:2525",
+                    &if reject_unknown {
+                        destination.host()
+                    } else {
+                        "[192.0.2.30]:2525".to_owned()
+                    },
+                    reject_unknown,
                 );
                 let mut command = dualroute_at(&binary, &config);
                 if let Some(t) = t {
@@ -620,6 +720,9 @@ fn protocol_arm(o: &Options) {
                     o.accounts + 2,
                     started.elapsed().as_secs_f64()
                 );
+                if reject_unknown {
+                    cold.get_or_insert(dr.clone());
+                }
                 servers.push((dr, server));
             }
         }
@@ -663,6 +766,11 @@ fn protocol_arm(o: &Options) {
         }
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // The callout latency first (the cache of the reject_unknown arm is
+    // empty), which also warms that cache for the protocol arm.
+    if let Some(at) = &cold {
+        callout_latency(&runtime, at, if o.quick { 5 } else { 40 });
+    }
     println!(
         "protocol arm: {} reps x {}s, interleaved; conversation = connect, HELO, MAIL, 3 RCPT, DATA, header, EOH, EOM with 3 actions",
         o.reps, o.secs
@@ -856,6 +964,7 @@ fn reload_arm(o: &Options) {
         o.accounts,
         "milter.yaml",
         "[192.0.2.30]:2525",
+        false,
     );
     let server = Server::start("dualroute", dualroute(&config), || at.ready());
     let c = o.concurrency.iter().copied().max().unwrap_or(64);
@@ -974,6 +1083,7 @@ fn postfix_arm(o: &Options) {
         0,
         "inet.yaml",
         &to,
+        false,
     );
     servers.push(Server::start(
         "dualroute inet",
@@ -986,6 +1096,7 @@ fn postfix_arm(o: &Options) {
         0,
         "unix.yaml",
         &to,
+        false,
     );
     servers.push(Server::start(
         "dualroute unix",

@@ -50,6 +50,9 @@ pub enum Command {
         /// Decide as if the client authenticated as this user
         #[arg(long, value_name = "USER")]
         auth: Option<String>,
+        /// For a recipient a `reject_unknown` domain routes away, ask its destination now (a live callout; the answer is shown, not cached)
+        #[arg(long)]
+        callout: bool,
     },
     /// Probe the destination of DOMAIN with its `verify` address (EHLO, MAIL FROM:<>, RCPT TO, QUIT)
     Verify {

@@ -35,7 +35,12 @@ fn managed<'a>(
     }
 }
 
-pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result<ExitCode, String> {
+pub fn explain(
+    path: &Path,
+    addresses: &[String],
+    envelope: &Envelope,
+    live: bool,
+) -> Result<ExitCode, String> {
     let policy = load(path)?;
     // Read from state_dir exactly as the running service reads them
     // (src/holds/): explain prints what the milter does.
@@ -43,14 +48,32 @@ pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result
     for e in errors {
         eprintln!("dualroute: {e}; routing for that domain stays off");
     }
-    // The callout cache as the milter reads it (state_dir); no callout is
-    // made here. Built on the first address that needs it.
+    // The callout cache as the milter reads it (state_dir). Built on the
+    // first address that needs it; a live callout (`--callout`) needs a
+    // runtime too.
     let mut callouts: Option<Option<crate::callout::Callouts>> = None;
+    let mut runtime: Option<tokio::runtime::Runtime> = None;
     for a in addresses {
         println!("{}", crate::explain::explain(&policy, &holds, envelope, a));
         let Some((d, asked)) = crate::explain::callout_target(&policy, &holds, envelope, a) else {
+            if live {
+                println!("  reject_unknown: no callout: the milter asks the destination only about a recipient it routes away to a domain with `reject_unknown`");
+            }
             continue;
         };
+        if let Some(answer) = crate::callout::listed(&policy, d, &asked) {
+            println!(
+                "{}",
+                crate::explain::reject_unknown_line(
+                    &policy,
+                    d,
+                    &asked,
+                    Some(&answer),
+                    "address list"
+                )
+            );
+            continue;
+        }
         let engine = callouts.get_or_insert_with(|| {
             crate::dns::Dns::new(&policy.config.dns).ok().map(|dns| {
                 crate::callout::Callouts::new(
@@ -61,22 +84,45 @@ pub fn explain(path: &Path, addresses: &[String], envelope: &Envelope) -> Result
                 )
             })
         });
-        let line = match engine.as_ref().and_then(|c| c.cached(&d.name, &d.config, &asked)) {
-            Some(answer) => format!(
-                "  reject_unknown: cached answer for <{asked}>: {} ({}){}",
-                answer.verdict,
-                answer.reply,
-                if answer.accept_all {
-                    "; the destination accepts any address"
-                } else {
-                    ""
-                }
-            ),
-            None => format!(
-                "  reject_unknown: no cached answer for <{asked}>: the milter asks the destination at RCPT"
-            ),
+        let Some(engine) = engine.as_ref() else {
+            return Err(
+                "cannot build a DNS resolver for callouts (see `dns:` in the configuration)".into(),
+            );
         };
-        println!("{line}");
+        if live {
+            let rt = match &mut runtime {
+                Some(rt) => rt,
+                None => runtime.insert(
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| format!("cannot start the runtime: {e}"))?,
+                ),
+            };
+            let answer = rt.block_on(engine.live(&d.name, &d.config, &asked));
+            println!(
+                "{}",
+                crate::explain::reject_unknown_line(
+                    &policy,
+                    d,
+                    &asked,
+                    Some(&answer),
+                    "live callout"
+                )
+            );
+        } else {
+            let answer = engine.cached(&d.name, &d.config, &asked);
+            println!(
+                "{}",
+                crate::explain::reject_unknown_line(
+                    &policy,
+                    d,
+                    &asked,
+                    answer.as_ref(),
+                    "cached answer"
+                )
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -307,6 +353,20 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                 x.sample.join(", ")
             );
         }
+        if let Ok(Some(x)) = dir.dispute(&crate::state::destination_list(name)) {
+            ok = false;
+            println!(
+                "  DESTINATION LIST HELD since {}: a reload that would take the destination's address list (reject_unknown.accounts) from {} to {} addresses was refused (accounts_shrink_limit); the running list stays in force ({} addresses differ, e.g. {}); `dualroute confirm-accounts {name}` accepts the new list, restoring the source keeps the running one",
+                crate::state::when(x.since),
+                x.running,
+                x.refused,
+                x.disputed,
+                x.sample.join(", ")
+            );
+        }
+        if d.reject_unknown.as_ref().is_some_and(|r| r.callout) {
+            println!("  {}", callout_line(&config.state_dir, name, d));
+        }
         if let Some(b) = &config.breaker {
             println!("  {}", breaker_counts(b, &counts, name));
         }
@@ -383,6 +443,23 @@ pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the callout cache of `name` in `state_dir` says (answers, and
+/// whether the destination accepts any address: then the callout protects
+/// nothing, DESIGN.md §10).
+fn callout_line(state_dir: &Path, name: &str, d: &crate::config::DomainConfig) -> String {
+    match crate::callout::summary(state_dir, name, d) {
+        Ok(Some(s)) => s.line(),
+        Ok(None) => {
+            "reject_unknown callouts: nothing cached yet (the milter asks at the first routed RCPT)"
+                .into()
+        }
+        Err(e) => format!(
+            "reject_unknown callouts: cannot read the cache in {}: {e}",
+            state_dir.display()
+        ),
+    }
+}
+
 /// `dualroute confirm-accounts DOMAIN` (docs/design.md "Shrink guard"):
 /// the administrator accepts the smaller account list the running milter
 /// refused. Writes the confirmation into `state_dir`; the running milter
@@ -392,28 +469,46 @@ pub fn confirm_accounts(path: &Path, domain: &str) -> Result<ExitCode, String> {
     let config = read_config(path)?;
     let (name, _) = managed(&config, path, domain)?;
     let dir = crate::state::StateDir::new(&config.state_dir);
-    let dispute = dir.dispute(&name).map_err(|e| {
-        format!(
-            "cannot read the state of {name} in {}: {e}",
-            dir.dir.display()
-        )
-    })?;
-    let Some(d) = dispute else {
+    // The domain's accounts and the destination's address list
+    // (`reject_unknown.accounts`) are guarded apart; confirm whichever the
+    // milter refused.
+    let keys = [
+        (name.clone(), "account list", "accounts"),
+        (
+            crate::state::destination_list(&name),
+            "destination address list (reject_unknown.accounts)",
+            "addresses",
+        ),
+    ];
+    let mut confirmed_any = false;
+    for (key, what, unit) in keys {
+        let dispute = dir.dispute(&key).map_err(|e| {
+            format!(
+                "cannot read the state of {name} in {}: {e}",
+                dir.dir.display()
+            )
+        })?;
+        let Some(d) = dispute else {
+            continue;
+        };
+        let confirmed = crate::state::ShrinkConfirmed {
+            since: crate::state::now(),
+            accounts: d.refused,
+        };
+        dir.confirm_shrink(&key, &confirmed)
+            .map_err(|e| format!("cannot write {}: {e}", dir.dir.display()))?;
+        confirmed_any = true;
+        println!(
+            "{name}: the new {what} ({} {unit}, was {}) is confirmed; the running milter reloads within seconds and takes it ({} addresses differed)",
+            d.refused, d.running, d.disputed
+        );
+    }
+    if !confirmed_any {
         return Err(format!(
             "{name}: the running milter holds no refused account reload (no {name}.disputed in {}); nothing to confirm",
             dir.dir.display()
         ));
-    };
-    let confirmed = crate::state::ShrinkConfirmed {
-        since: crate::state::now(),
-        accounts: d.refused,
-    };
-    dir.confirm_shrink(&name, &confirmed)
-        .map_err(|e| format!("cannot write {}: {e}", dir.dir.display()))?;
-    println!(
-        "{name}: the new account list ({} accounts, was {}) is confirmed; the running milter reloads within seconds and stops holding the {} disputed addresses",
-        d.refused, d.running, d.disputed
-    );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -575,17 +670,35 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
         for w in &d.report.warnings {
             println!("  WARNING: {w}");
         }
-        // Without a callout, a split or route domain accepts every address
-        // it routes, and the destination's refusals bounce from here
-        // (docs/design.md "Refusing unknown recipients"; the address list
-        // of `reject_unknown.accounts` is not used yet).
-        if d.config.mode != crate::config::Mode::Dual
-            && !d.config.reject_unknown.as_ref().is_some_and(|r| r.callout)
-        {
-            println!(
-                "  WARNING: mode {} without destination.reject_unknown.callout: unknown addresses will be accepted and bounce from this server: backscatter (docs/design.md \"Refusing unknown recipients\")",
+        // Without `reject_unknown`, a split or route domain accepts every
+        // address it routes, and the destination's refusals bounce from
+        // here (docs/design.md "Refusing unknown recipients").
+        match &d.config.reject_unknown {
+            None if d.config.mode != crate::config::Mode::Dual => println!(
+                "  WARNING: mode {} without destination.reject_unknown: unknown addresses will be accepted and bounce from this server: backscatter (docs/design.md \"Refusing unknown recipients\")",
                 d.config.mode
-            );
+            ),
+            None => {}
+            Some(r) => {
+                if let Some(list) = &d.destination_accounts {
+                    println!(
+                        "  reject_unknown: the destination's address list has {} addresses of {}{}",
+                        list.len(),
+                        d.arrival_domain(),
+                        if r.callout {
+                            "; an address not in it is asked of the destination (callout)"
+                        } else {
+                            "; an address not in it is refused with 550 5.1.1"
+                        }
+                    );
+                    for w in &d.destination_report.warnings {
+                        println!("  WARNING: destination.reject_unknown.accounts: {w}");
+                    }
+                }
+                if r.callout {
+                    println!("  {}", callout_line(&c.state_dir, &name.0, &d.config));
+                }
+            }
         }
         if let (crate::config::Mta::Sendmail, Some(relay)) =
             (c.mta, &d.relay_domain(&c.relay_suffix.0))

@@ -262,6 +262,28 @@ async fn domain(
         checks.push(t.check);
         todo = t.todo;
     }
+    // Backscatter (DESIGN.md §10): what the destination would refuse.
+    match &d.reject_unknown {
+        None if d.mode != crate::config::Mode::Dual => todo.push(format!(
+            "mode {} without destination.reject_unknown: an address unknown here and at the destination is accepted, then bounces from this server to a sender who is usually forged (backscatter); set `reject_unknown: {{ callout: true }}` or give the destination's address list (docs/rollout.md)",
+            d.mode
+        )),
+        Some(r) if r.callout => {
+            if let Ok(Some(s)) = crate::callout::summary(&config.state_dir, name, d) {
+                match &s.accept_all {
+                    Some((true, _, reply)) => checks.push(Check::fail(
+                        format!("the destination of {name} accepts any address (a random local part: {reply})"),
+                        "reject_unknown's callout cannot tell unknown addresses there, so they bounce from here: switch the destination's catch-all off, or give its address list in `reject_unknown.accounts`".into(),
+                    )),
+                    Some((false, _, _)) => checks.push(Check::pass(format!(
+                        "the destination of {name} refuses unknown addresses: reject_unknown's callouts refuse them at RCPT"
+                    ))),
+                    None => {}
+                }
+            }
+        }
+        _ => {}
+    }
     Section {
         title,
         checks,

@@ -96,6 +96,65 @@ pub fn callout_target<'p>(
     }
 }
 
+/// What `reject_unknown` makes of `answer` for `asked` (the address as it
+/// arrives at the destination of `d`), as src/milter/callout.rs acts on
+/// it; `answer` is `None` when nothing is cached yet. `source` says where
+/// the answer comes from (address list, cached answer, live callout).
+pub fn reject_unknown_line(
+    policy: &Policy,
+    d: &crate::policy::DomainPolicy,
+    asked: &str,
+    answer: Option<&crate::callout::Answer>,
+    source: &str,
+) -> String {
+    use crate::callout::Verdict as Said;
+    use crate::config::Unreachable;
+    let Some(answer) = answer else {
+        return format!(
+            "  reject_unknown: no cached answer for <{asked}>: the milter asks the destination at RCPT (a callout of at most {}s; past it the recipient gets the `unreachable` answer); `dualroute explain --callout` asks now",
+            crate::callout::DEADLINE.as_secs()
+        );
+    };
+    let unreachable = d
+        .config
+        .reject_unknown
+        .as_ref()
+        .map(|r| r.unreachable)
+        .unwrap_or_default();
+    let act = match (answer.verdict, unreachable) {
+        (Said::Known, _) => "routed".to_owned(),
+        (Said::Unknown, _) => {
+            "refused at RCPT with 550 5.1.1 (nothing queued, no bounce)".to_owned()
+        }
+        (Said::Unreachable, Unreachable::Tempfail) => {
+            "refused for now with 451 4.4.3 (unreachable: tempfail; the sender retries)".to_owned()
+        }
+        (Said::Unreachable, Unreachable::Accept) => {
+            "accepted and routed (unreachable: accept)".to_owned()
+        }
+    };
+    let act = if policy.config.shadow(&d.config) && answer.verdict != Said::Known {
+        format!("shadow mode: would be {act}; accepted and routed")
+    } else {
+        act
+    };
+    let when = if source == "cached answer" {
+        format!(" (asked {})", crate::state::when(answer.at))
+    } else {
+        String::new()
+    };
+    format!(
+        "  reject_unknown: {source} for <{asked}>: {} ({}){when}: {act}{}",
+        answer.verdict,
+        answer.reply,
+        if answer.accept_all {
+            "; WARNING: the destination accepts any address, so `known` proves nothing"
+        } else {
+            ""
+        }
+    )
+}
+
 /// What `destination.max_size` does to a copy or a redirect (README "Size
 /// limit for copies"), as the milter applies it at end of message.
 fn size_rule(decision: &Decision, limit: &crate::config::MessageSize) -> String {

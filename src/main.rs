@@ -66,7 +66,8 @@ fn main() -> ExitCode {
             addresses,
             client,
             auth,
-        } => commands::explain(&path, &addresses, &Envelope { client, auth }),
+            callout,
+        } => commands::explain(&path, &addresses, &Envelope { client, auth }, callout),
     };
     result.unwrap_or_else(|e| fail(missing_default(&path, e)))
 }

@@ -226,7 +226,7 @@ impl Metrics {
         let callouts = Family::default();
         registry.register(
             "callouts",
-            "reject_unknown callouts at RCPT by domain and result: known, unknown (refused 550 5.1.1), unreachable (4xx, timeout, down), throttled (the destination's rate of new callouts reached), deadline (no answer in time; the callout goes on); cached answers count in callout_cache_hits",
+            "reject_unknown callouts at RCPT by domain and result: known, unknown (refused 550 5.1.1), unreachable (4xx, timeout, down), throttled (the destination's rate of new callouts reached), deadline (no answer in time; the callout goes on), listed and not_listed (answered by the destination's address list, reject_unknown.accounts: no callout); cached answers count in callout_cache_hits",
             callouts.clone(),
         );
         let callout_cache_hits = Family::default();
@@ -326,6 +326,8 @@ impl Metrics {
         use crate::callout::{Origin, Verdict};
         let result = match (answer.origin, answer.verdict) {
             (Origin::Cache, _) => None,
+            (Origin::List, Verdict::Known) => Some("listed"),
+            (Origin::List, _) => Some("not_listed"),
             (Origin::Throttled, _) => Some("throttled"),
             (Origin::Deadline, _) => Some("deadline"),
             (Origin::Callout, Verdict::Known) => Some("known"),

@@ -19,6 +19,12 @@ pub struct DomainPolicy {
     /// `None` when the domain has no `accounts:`.
     pub accounts: Option<Accounts>,
     pub report: LoadReport,
+    /// The destination's own address list (`destination.reject_unknown.
+    /// accounts`, DESIGN.md §10): the addresses of [`DomainPolicy::
+    /// arrival_domain`] the destination takes mail for. `None` when not
+    /// given.
+    pub destination_accounts: Option<Accounts>,
+    pub destination_report: LoadReport,
     /// Per-user rules by comparison key of the local part.
     /// (FxHash: looked up per RCPT; the keys are the administrator's.)
     pub users: FxHashMap<String, UserRule>,
@@ -40,19 +46,30 @@ impl DomainPolicy {
     pub fn relay_domain(&self, relay_suffix: &str) -> Option<String> {
         self.config.relay_domain(&self.name, relay_suffix)
     }
+
+    /// The domain routed addresses of this domain have when they arrive
+    /// at the destination: the `change_envelope` domain, else the domain
+    /// itself (`smtp_generic_maps` restores it on the way out,
+    /// docs/design.md §4). The destination's address list names
+    /// addresses of this domain.
+    pub fn arrival_domain(&self) -> &str {
+        self.config.arrival_domain(&self.name)
+    }
 }
 
 impl Policy {
     /// For a routing address (a redirect's target, docs/design.md §4): the
-    /// managed domain with `reject_unknown.callout` whose destination it
+    /// managed domain with `reject_unknown` whose destination it
     /// goes to, and the address exactly as it arrives there, which is
-    /// what a callout asks (`local@<domain>.<relay_suffix>` arrives as
+    /// what a callout asks and the destination's list is searched for
+    /// (`local@<domain>.<relay_suffix>` arrives as
     /// `local@<domain>`: `smtp_generic_maps` restores it on the way out;
-    /// a `change_envelope` address arrives as it is). `None` for an
+    /// a `change_envelope` address arrives as it is; with `mta: sendmail`
+    /// the relay domain stays, docs/sendmail.md). `None` for an
     /// address that is not routed (a mailbox here, an address outside the
-    /// managed domains) or whose domain asks no callouts.
+    /// managed domains) or whose domain has no `reject_unknown`.
     pub fn callout_target(&self, routed: &str) -> Option<(&DomainPolicy, String)> {
-        let asks = |d: &DomainPolicy| d.config.reject_unknown.as_ref().is_some_and(|r| r.callout);
+        let asks = |d: &DomainPolicy| d.config.reject_unknown.is_some();
         let (local, at) = routed.rsplit_once('@')?;
         let suffix = &self.config.relay_suffix.0;
         if let Some(name) = at
@@ -61,7 +78,13 @@ impl Policy {
         {
             if let Some(d) = self.domains.get(name) {
                 if d.relay_domain(suffix).is_some() {
-                    return asks(d).then(|| (d, [local, "@", name].concat()));
+                    // Sendmail has no recipient-side generic map: the
+                    // relay domain arrives as it is (docs/sendmail.md).
+                    let arrives = match self.config.mta {
+                        crate::config::Mta::Sendmail => routed.to_owned(),
+                        _ => [local, "@", name].concat(),
+                    };
+                    return asks(d).then(|| (d, arrives));
                 }
             }
         }
@@ -107,7 +130,7 @@ impl Policy {
         let account_files = config
             .domains
             .values()
-            .flat_map(|d| d.accounts.iter().flatten())
+            .flat_map(|d| d.accounts.iter().flatten().chain(d.destination_list()))
             .filter_map(|s| s.watched_file())
             .map(|p| {
                 let m = modified(&p);
@@ -128,6 +151,28 @@ impl Policy {
                 }
                 None => (None, LoadReport::default()),
             };
+            // The destination's list, loaded as accounts are, with the same
+            // guard against an emptied source (accounts::load refuses a
+            // list without an address of the domain).
+            let arrival = d.arrival_domain(&name.0).to_owned();
+            let (destination_accounts, destination_report) = match &d.reject_unknown {
+                Some(r) if !r.accounts.is_empty() => {
+                    let (a, rep) = accounts::load(&arrival, &r.accounts, &rules).map_err(|e| {
+                        LoadError {
+                            message: format!(
+                                "{} (destination.reject_unknown.accounts of {name}: the destination's addresses of {arrival})",
+                                e.message
+                            ),
+                            ..e
+                        }
+                    })?;
+                    for w in &rep.warnings {
+                        tracing::warn!("{name}: destination.reject_unknown.accounts: {w}");
+                    }
+                    (Some(a), rep)
+                }
+                _ => (None, LoadReport::default()),
+            };
             let users = d
                 .users
                 .iter()
@@ -140,6 +185,8 @@ impl Policy {
                     config: d.clone(),
                     accounts,
                     report,
+                    destination_accounts,
+                    destination_report,
                     users,
                 },
             );
@@ -160,7 +207,11 @@ impl Policy {
     /// lost account never counts: that is what deleting a mailbox looks
     /// like, also in a domain of two (and an emptied list is refused
     /// anyway). A domain whose new size the administrator has confirmed
-    /// (`confirmed`, from `dualroute confirm-accounts`) may shrink to it.
+    /// (`confirmed`, from `dualroute confirm-accounts`, by
+    /// [`Shrunk::key`]) may shrink to it. The destination's address list
+    /// (`reject_unknown.accounts`) is guarded the same way: a truncated
+    /// export of the destination's users would refuse real addresses with
+    /// 550 (DESIGN.md §10).
     pub fn shrunk(
         &self,
         running: &Policy,
@@ -169,18 +220,31 @@ impl Policy {
         let limit = self.config.accounts_shrink_limit.0;
         let mut names: Vec<&String> = self.domains.keys().collect();
         names.sort();
+        let list = |p: &Policy, name: &str, destination: bool| {
+            let d = p.domains.get(name)?;
+            if destination {
+                d.destination_accounts.as_ref().map(Accounts::len)
+            } else {
+                d.accounts.as_ref().map(Accounts::len)
+            }
+        };
         names
             .into_iter()
-            .filter_map(|name| {
-                let now = self.domains[name].accounts.as_ref()?.len();
-                let before = running.domains.get(name)?.accounts.as_ref()?.len();
+            .flat_map(|name| [(name, false), (name, true)])
+            .filter_map(|(name, destination)| {
+                let now = list(self, name, destination)?;
+                let before = list(running, name, destination)?;
                 let lost = before.saturating_sub(now);
-                (lost > 1 && lost as f64 >= limit * before as f64 && confirmed(name) != Some(now))
-                    .then(|| Shrunk {
-                        domain: name.clone(),
-                        before,
-                        now,
-                    })
+                let s = Shrunk {
+                    domain: name.clone(),
+                    before,
+                    now,
+                    destination,
+                };
+                (lost > 1
+                    && lost as f64 >= limit * before as f64
+                    && confirmed(&s.key()) != Some(now))
+                .then_some(s)
             })
             .collect()
     }
@@ -191,19 +255,27 @@ impl Policy {
         let list: Vec<String> = shrunk
             .iter()
             .map(|s| {
-                format!(
-                    "{} would go from {} to {} accounts",
-                    s.domain, s.before, s.now
-                )
+                if s.destination {
+                    format!(
+                        "the destination's address list of {} (reject_unknown.accounts) would go from {} to {} addresses",
+                        s.domain, s.before, s.now
+                    )
+                } else {
+                    format!(
+                        "{} would go from {} to {} accounts",
+                        s.domain, s.before, s.now
+                    )
+                }
             })
             .collect();
         (!list.is_empty()).then(|| {
-            let confirm: Vec<String> = shrunk
+            let mut confirm: Vec<String> = shrunk
                 .iter()
                 .map(|s| format!("`dualroute confirm-accounts {}`", s.domain))
                 .collect();
+            confirm.dedup();
             format!(
-                "{}, a loss accounts_shrink_limit ({}) does not allow; the running accounts stay, and the addresses the two lists disagree on are refused with 451 4.4.4 until you decide: if the new list is right, run {}; if the running one is, restore the account source",
+                "{}, a loss accounts_shrink_limit ({}) does not allow; the running lists stay, and the addresses the two account lists disagree on are refused with 451 4.4.4 (addresses only in the running destination list stay accepted and routed) until you decide: if the new list is right, run {}; if the running one is, restore the source",
                 list.join("; "),
                 limit,
                 confirm.join(" and ")
@@ -226,6 +298,21 @@ pub struct Shrunk {
     pub domain: String,
     pub before: usize,
     pub now: usize,
+    /// The destination's address list (`reject_unknown.accounts`), not
+    /// the domain's accounts.
+    pub destination: bool,
+}
+
+impl Shrunk {
+    /// Where its dispute and its confirmation are kept in `state_dir`:
+    /// the domain, or [`crate::state::destination_list`] of it.
+    pub fn key(&self) -> String {
+        if self.destination {
+            crate::state::destination_list(&self.domain)
+        } else {
+            self.domain.clone()
+        }
+    }
 }
 
 // ---------------------------------------------------------------------

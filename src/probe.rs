@@ -284,7 +284,13 @@ impl Probe<'_> {
             .map_err(|e| format!("{cmd}: {e}"))?;
         let code = step(report, Some(cmd.clone()), reply(conn, self.t, &cmd).await?);
         if code / 100 != want / 100 {
+            // RFC 5321 §4.1.1.10: the client SHOULD wait for the reply to
+            // QUIT, even after an error reply. A callout ends here on
+            // every 5xx to RCPT; waiting also means its turn among the
+            // destination's concurrent callouts (src/callout/) ends when
+            // the destination's session does.
             let _ = conn.write_all(b"QUIT\r\n").await;
+            let _ = reply(conn, self.t, "QUIT").await;
             return Err(format!("{cmd} refused"));
         }
         Ok(())

@@ -114,6 +114,15 @@ pub struct Dispute {
     pub sample: Vec<String>,
 }
 
+/// The name under which the dispute and the confirmation of a domain's
+/// destination address list (`reject_unknown.accounts`) are kept: beside
+/// the domain's own (`DOMAIN.disputed`), as `DOMAIN.destination-list.
+/// disputed` (a managed domain would have to be named
+/// `….destination-list` to collide).
+pub fn destination_list(domain: &str) -> String {
+    format!("{domain}.destination-list")
+}
+
 /// `dualroute confirm-accounts DOMAIN`: the administrator accepts the
 /// refused list of `accounts` accounts; the running milter's next reload
 /// lets the domain shrink to it, then removes this.

@@ -697,3 +697,345 @@ fn the_address_asked_is_the_one_that_arrives_there() {
     assert_eq!(asked("alice@split.test"), None);
     assert_eq!(asked("bob@elsewhere.example"), None);
 }
+
+// ---------------------------------------------------------------------
+// The destination's address list (`reject_unknown.accounts`, DESIGN.md
+// §10) and `explain --callout`.
+
+/// split.test with alice here, routed to `host`, with `reject_unknown`
+/// set to `reject_unknown` (a YAML flow map).
+fn list_config(state: &Path, host: &str, reject_unknown: &str) -> String {
+    format!(
+        "instance: mx.test\nstate_dir: {}\ndomains:\n  split.test:\n    mode: split\n    destination:\n      hosts: [\"{host}\"]\n      reject_unknown: {reject_unknown}\n    accounts:\n      - list: [alice@split.test]\n",
+        state.display()
+    )
+}
+
+/// Runs `dualroute --config CONFIG ARGS…`; its stdout, or a panic with
+/// its stderr.
+fn dualroute(config: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run dualroute");
+    assert!(
+        out.status.success(),
+        "dualroute {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_list_alone_refuses_what_it_does_not_name_without_a_callout() {
+    // The stub would accept anyone: were it asked, zed would be routed.
+    let stub = CalloutStub::start(&[], Mode::AcceptAll);
+    let state = tempfile::tempdir().unwrap();
+    let yaml = list_config(
+        state.path(),
+        &stub.host(),
+        "{ accounts: [ { list: [bob@split.test, \"carol+news@split.test\"] } ] }",
+    );
+    let milter = Milter::start(&yaml).await;
+    let mut session = milter.session(CLIENT).await;
+    let d = session
+        .message(
+            None,
+            &[
+                &["<zed@split.test>"],
+                &["<bob@split.test>"],
+                // Looked up as accounts are: the base before the
+                // delimiter counts, the case of the local part folds.
+                &["<BOB+lists@split.test>"],
+                &["<alice@split.test>"],
+            ],
+            &[],
+        )
+        .await;
+    assert_rejected(&d.rcpt[0], "550 5.1.1");
+    assert!(protocol::rejection(&d.rcpt[0]).contains("unknown at the destination of split.test"));
+    assert_eq!(
+        d.rcpt[1..],
+        [Status::Continue, Status::Continue, Status::Continue]
+    );
+    assert!(
+        protocol::deleted(&d.actions).contains("<bob@split.test>"),
+        "{:?}",
+        d.actions
+    );
+    assert!(
+        stub.rcpts().is_empty(),
+        "the destination was asked: {:?}",
+        stub.rcpts()
+    );
+    let metrics = milter.metrics();
+    for line in [
+        "dualroute_callouts_total{domain=\"split.test\",result=\"not_listed\"} 1",
+        "dualroute_callouts_total{domain=\"split.test\",result=\"listed\"} 2",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+    session.close().await;
+    milter.shutdown().await;
+
+    // explain says the same, from the list.
+    let config = state.path().join("milter.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let out = dualroute(&config, &["explain", "zed@split.test", "bob@split.test"]);
+    assert!(
+        out.contains("reject_unknown: address list for <zed@split.test>: unknown (not in the destination's address list (2 addresses)): refused at RCPT with 550 5.1.1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("reject_unknown: address list for <bob@split.test>: known (in the destination's address list (2 addresses)): routed"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_list_and_callouts_the_listed_are_not_asked_and_the_others_are() {
+    let stub = CalloutStub::start(&["bob@split.test", "carol@split.test"], Mode::Directory);
+    let state = tempfile::tempdir().unwrap();
+    let yaml = list_config(
+        state.path(),
+        &stub.host(),
+        "{ callout: true, accounts: [ { list: [bob@split.test] } ] }",
+    );
+    let milter = Milter::start(&yaml).await;
+    let mut session = milter.session(CLIENT).await;
+    let d = session
+        .message(
+            None,
+            &[
+                &["<bob@split.test>"],
+                &["<carol@split.test>"],
+                &["<zed@split.test>"],
+            ],
+            &[],
+        )
+        .await;
+    // bob from the list; carol, created since the list was exported, and
+    // zed from a callout.
+    assert_eq!(d.rcpt[..2], [Status::Continue, Status::Continue]);
+    assert_rejected(&d.rcpt[2], "550 5.1.1");
+    assert_eq!(
+        (
+            stub.asked("bob@split.test"),
+            stub.asked("carol@split.test"),
+            stub.asked("zed@split.test")
+        ),
+        (0, 1, 1),
+        "{:?}",
+        stub.rcpts()
+    );
+    session.close().await;
+    milter.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_callout_asks_the_destination_now_and_caches_nothing() {
+    let stub = CalloutStub::start(&["bob@split.test"], Mode::Directory);
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("milter.yaml");
+    std::fs::write(&config, milter_config(state.path(), &stub.host(), "", "")).unwrap();
+    let out = dualroute(
+        &config,
+        &[
+            "explain",
+            "--callout",
+            "bob@split.test",
+            "zed@split.test",
+            "alice@split.test",
+        ],
+    );
+    assert!(
+        out.contains("reject_unknown: live callout for <bob@split.test>: known (250"),
+        "{out}"
+    );
+    assert!(out.contains("): routed"), "{out}");
+    assert!(
+        out.contains("reject_unknown: live callout for <zed@split.test>: unknown (550")
+            && out.contains("refused at RCPT with 550 5.1.1"),
+        "{out}"
+    );
+    // alice has a mailbox here: nothing to ask, and explain says so.
+    assert!(out.contains("no callout: the milter asks"), "{out}");
+    // bob, zed, and a random local part after bob's 250 (accept-all).
+    assert_eq!(
+        (stub.asked("bob@split.test"), stub.asked("zed@split.test")),
+        (1, 1),
+        "{:?}",
+        stub.rcpts()
+    );
+    assert_eq!(stub.rcpts().len(), 3, "{:?}", stub.rcpts());
+    assert!(
+        !state.path().join("split.test.callouts").exists(),
+        "explain --callout wrote the milter's cache"
+    );
+    // A destination that takes anything: the line says `known` proves
+    // nothing.
+    stub.set_mode(Mode::AcceptAll);
+    let out = dualroute(&config, &["explain", "--callout", "nobody@split.test"]);
+    assert!(
+        out.contains("WARNING: the destination accepts any address"),
+        "{out}"
+    );
+    // Down: what the milter does then (`unreachable: tempfail`).
+    drop(stub);
+    let out = dualroute(&config, &["explain", "--callout", "zed@split.test"]);
+    assert!(
+        out.contains("live callout for <zed@split.test>: unreachable") && out.contains("451 4.4.3"),
+        "{out}"
+    );
+}
+
+/// The destination's list is guarded as accounts are: a truncated export
+/// is refused by a reload (the running list stays in force, `status`
+/// says so), and `confirm-accounts` takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrunk_destination_list_is_refused_until_confirmed() {
+    let stub = CalloutStub::start(&[], Mode::Directory);
+    let state = tempfile::tempdir().unwrap();
+    let list = state.path().join("there.txt");
+    let names = |n: usize| {
+        (0..n)
+            .map(|i| format!("user{i}@split.test\n"))
+            .collect::<String>()
+    };
+    std::fs::write(&list, names(10)).unwrap();
+    let config = state.path().join("milter.yaml");
+    std::fs::write(
+        &config,
+        list_config(
+            state.path(),
+            &stub.host(),
+            &format!("{{ accounts: [ {{ file: {} }} ] }}", list.display()),
+        ),
+    )
+    .unwrap();
+    let intervals = dualroute::Intervals {
+        state: Duration::from_millis(50),
+        accounts: Duration::from_secs(3600),
+        verify: Duration::from_secs(3600),
+    };
+    let milter = Milter::serve(protocol::start_at(&config, intervals)).await;
+    let outcome = |rcpt: &'static str| {
+        let milter = &milter;
+        async move {
+            let d = milter.deliver(CLIENT, None, &[&[rcpt]]).await;
+            match &d.rcpt[0] {
+                Status::Reject { message: Some(m) } => m.to_string_lossy().into_owned(),
+                Status::Continue => "accepted".to_owned(),
+                other => format!("{other:?}"),
+            }
+        }
+    };
+    assert_eq!(outcome("<user7@split.test>").await, "accepted");
+
+    // Emptied: refused as an emptied account source is.
+    std::fs::write(&list, "").unwrap();
+    let e = milter.reload().await.unwrap_err().to_string();
+    assert!(e.contains("there.txt"), "{e}");
+    // Truncated to 3 of 10: refused by the shrink guard.
+    std::fs::write(&list, names(3)).unwrap();
+    let e = milter.reload().await.unwrap_err().to_string();
+    assert!(
+        e.contains("the destination's address list of split.test (reject_unknown.accounts) would go from 10 to 3 addresses")
+            && e.contains("dualroute confirm-accounts split.test"),
+        "{e}"
+    );
+    // The running list stays: user7 is still accepted.
+    assert_eq!(outcome("<user7@split.test>").await, "accepted");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("DESTINATION LIST HELD since") && said.contains("from 10 to 3 addresses"),
+        "{said}"
+    );
+    let said = dualroute(&config, &["confirm-accounts", "split.test"]);
+    assert!(
+        said.contains("the new destination address list (reject_unknown.accounts) (3 addresses, was 10) is confirmed"),
+        "{said}"
+    );
+    // The milter sees the confirmation and reloads: user7 is refused now.
+    let start = Instant::now();
+    loop {
+        let got = outcome("<user7@split.test>").await;
+        if got.starts_with("550 5.1.1") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the confirmed list was not taken: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(outcome("<user2@split.test>").await, "accepted");
+    assert!(stub.rcpts().is_empty(), "{:?}", stub.rcpts());
+    milter.shutdown().await;
+}
+
+/// A destination that takes any address makes the callout useless:
+/// `status` and `check` say so from the cache the milter wrote, and the
+/// metric shows it (DESIGN.md §10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_all_destination_is_flagged_in_status_check_and_metrics() {
+    let stub = CalloutStub::start(&[], Mode::AcceptAll);
+    let state = tempfile::tempdir().unwrap();
+    let yaml = milter_config(state.path(), &stub.host(), "", "");
+    let config = state.path().join("milter.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let milter = Milter::start(&yaml).await;
+    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"]]).await;
+    assert_eq!(d.rcpt, [Status::Continue]);
+    // The random local part is asked after the answer, in the background.
+    until(
+        || {
+            std::fs::read_to_string(state.path().join("split.test.callouts"))
+                .is_ok_and(|t| t.contains("accepts: true"))
+        },
+        "the accept-all answer in the cache",
+    )
+    .await;
+    let d = milter.deliver(CLIENT, None, &[&["<yan@split.test>"]]).await;
+    assert_eq!(d.rcpt, [Status::Continue]);
+    let metrics = milter.metrics();
+    assert!(
+        metrics.contains("dualroute_callout_accept_all{domain=\"split.test\"} 1"),
+        "{metrics}"
+    );
+    milter.shutdown().await;
+    for command in ["status", "check"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .arg("--config")
+            .arg(&config)
+            .arg(command)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("reject_unknown callouts: 2 known and 0 unknown addresses cached; WARNING: the destination accepts any address"),
+            "{command}: {said}"
+        );
+    }
+    // A destination that refuses: no warning.
+    let stub = CalloutStub::start(&[], Mode::Directory);
+    let yaml = milter_config(state.path(), &stub.host(), "", "");
+    std::fs::write(&config, &yaml).unwrap();
+    let milter = Milter::start(&yaml).await;
+    let d = milter.deliver(CLIENT, None, &[&["<zed@split.test>"]]).await;
+    assert_rejected(&d.rcpt[0], "550 5.1.1");
+    milter.shutdown().await;
+    let said = dualroute(&config, &["check"]);
+    assert!(
+        said.contains("reject_unknown callouts: 0 known and 1 unknown addresses cached; the destination refuses unknown addresses"),
+        "{said}"
+    );
+}

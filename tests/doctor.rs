@@ -928,6 +928,34 @@ fn microsoft_recognised_by_name_with_the_mx_elsewhere() {
 #[test]
 fn other_destinations_get_no_provider_advice() {
     let r = run(GOOD, LEGACY, "", &[]);
-    assert!(todo(&r).is_empty(), "{}", r.out);
+    let advice: Vec<&str> = todo(&r)
+        .into_iter()
+        .filter(|t| !t.contains("backscatter"))
+        .collect();
+    assert!(advice.is_empty(), "{}", r.out);
     assert!(!r.out.contains("recognised"), "{}", r.out);
+}
+
+/// DESIGN.md §10: a route domain without `reject_unknown` accepts what
+/// the destination refuses, and the bounce goes from here; doctor says so
+/// (a `•` to do, not a ✘: it is a choice), and stops saying it once
+/// `reject_unknown` is set.
+#[test]
+fn a_route_domain_without_reject_unknown_is_told_about_backscatter() {
+    let r = run(GOOD, LEGACY, "", &[]);
+    assert!(
+        todo(&r).iter().any(|t| t.starts_with(
+            "mode route without destination.reject_unknown: an address unknown here and at the destination is accepted"
+        ) && t.contains("backscatter")),
+        "{}",
+        r.out
+    );
+    assert_eq!(r.code, 0, "{}", r.out);
+    let r = run(
+        GOOD,
+        "{ hosts: [legacy.test], reject_unknown: { callout: true } }",
+        "",
+        &[],
+    );
+    assert!(!r.out.contains("backscatter"), "{}", r.out);
 }

@@ -94,7 +94,7 @@ fn check_warns_of_backscatter_without_reject_unknown() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("WARNING: mode split without destination.reject_unknown.callout")
+        stdout.contains("WARNING: mode split without destination.reject_unknown:")
             && stdout.contains("backscatter"),
         "{stdout}"
     );
@@ -103,4 +103,8 @@ fn check_warns_of_backscatter_without_reject_unknown() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(!stdout.contains("backscatter"), "{stdout}");
+    assert!(
+        stdout.contains("reject_unknown callouts: nothing cached yet"),
+        "{stdout}"
+    );
 }

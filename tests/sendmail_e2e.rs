@@ -20,13 +20,18 @@
 //!
 //! The scenarios Postfix runs too are written once in
 //! tests/support/scenarios.rs and run here as `shared::*`; this file holds
-//! what only Sendmail does.
+//! what only Sendmail does, and `reject_unknown.callout`, whose destination
+//! must answer per address (tests/support/callout_stub.rs instead of
+//! "other"; tests/callout_e2e.rs is its Postfix side).
 //!
 //! They need root, Postfix's smtp-sink (scripts/test-deps.sh) and the
 //! unpacked Sendmail (scripts/test-deps-sendmail.sh). Set
 //! `DUALROUTE_KEEP_TMP=1` to keep the trees.
 
 mod support;
+
+#[path = "support/callout_stub.rs"]
+mod callout_stub;
 
 use std::fs;
 use std::net::IpAddr;
@@ -682,5 +687,123 @@ fn local_submission_through_the_msp() {
         ]),
         "{}",
         e.diagnostics()
+    );
+}
+
+/// `reject_unknown.callout` on Sendmail (DESIGN.md §10): the refusal is
+/// the milter's, at RCPT, so Sendmail says it as Postfix does. The
+/// destination (tests/support/callout_stub.rs) knows bob only, answers the
+/// callouts and takes Sendmail's delivery; Sendmail delivers routed mail
+/// to the relay address as it is (docs/sendmail.md), so the destination
+/// takes `example.com.dualroute.invalid` as an alias domain of its own,
+/// as docs/sendmail.md asks. An address unknown here and there is refused
+/// 550 5.1.1 at RCPT (nothing queued, no bounce), bob is routed there,
+/// alice, who has a mailbox here, is delivered here without a callout.
+#[test]
+fn callout_refuses_unknown_at_rcpt_routes_known_and_asks_nothing_for_present() {
+    let stub =
+        callout_stub::CalloutStub::start(&["bob@example.com"], callout_stub::Mode::Directory);
+    stub.alias_domain("example.com.dualroute.invalid", "example.com");
+    let e = setup(
+        &format!(
+            "  example.com:
+    mode: split
+    destination:
+      hosts: [\"{}\"]
+      reject_unknown: {{ callout: true }}
+    accounts:
+      - list: [alice@example.com]
+",
+            stub.host()
+        ),
+        &["example.com"],
+    )
+    .start();
+    let diag = || {
+        format!(
+            "{}\n--- destination RCPTs ---\n{:?}\n--- destination messages ---\n{:?}",
+            e.diagnostics(),
+            stub.rcpt_log(),
+            stub.messages()
+        )
+    };
+    let (alice, bob, zed) = ("alice@example.com", "bob@example.com", "zed@example.com");
+
+    // 1. Unknown here and there: refused at RCPT, never queued.
+    let t = e.send(&[zed], "to zed");
+    let reply = t.rcpt(zed);
+    assert_eq!(
+        (reply.code, reply.enhanced()),
+        (550, Some("5.1.1")),
+        "{t}\n{}",
+        diag()
+    );
+    assert!(
+        reply
+            .text
+            .contains("unknown at the destination of example.com"),
+        "{t}"
+    );
+    assert!(t.reply("DATA").is_none(), "{t}");
+    assert!(e.sendmail.queue().is_empty(), "{}", diag());
+    // The callout asks the address as Sendmail will deliver it: the
+    // relay address (no recipient-side generic map, docs/sendmail.md).
+    let relayed = |a: &str| format!("{a}.dualroute.invalid");
+    assert_eq!(stub.callouts_for(&relayed(zed)), 1, "{}", diag());
+
+    // 2. and 3. alice here (no callout), bob there, zed refused again
+    // from the cache.
+    let t = e.send(&[alice, bob, zed], "mixed");
+    assert_eq!(t.rcpt(alice).code, 250, "{t}\n{}", diag());
+    assert_eq!(t.rcpt(bob).code, 250, "{t}\n{}", diag());
+    assert_eq!(t.rcpt(zed).code, 550, "{t}\n{}", diag());
+    e.assert_accepted(&t);
+    let routed = "bob@example.com.dualroute.invalid";
+    let sent = e.sendmail.wait_log(&[&format!("<{routed}>"), "stat=Sent"]);
+    assert!(
+        sent.contains(&format!("mailer=dualroute{}", stub.port())),
+        "{sent}"
+    );
+    // The store got alice's copy and nothing else: no bounce to the
+    // sender (outside.test goes to the store too).
+    let (store, other) = e.settled();
+    assert_eq!(store, strs(&[alice]), "{}", diag());
+    assert!(other.is_empty(), "{other:?}");
+    let there = stub.messages();
+    assert_eq!(there.len(), 1, "{}", diag());
+    assert_eq!(there[0].rcpts, [routed]);
+    assert_eq!(there[0].mail_from, SENDER);
+    assert_eq!(there[0].header("Subject"), ["mixed"]);
+    assert_eq!(there[0].header("X-Dualroute"), [INSTANCE]);
+    let delivery: Vec<_> = stub
+        .rcpt_log()
+        .into_iter()
+        .filter(|x| !x.mail_from.is_empty())
+        .collect();
+    assert_eq!(delivery.len(), 1, "{}", diag());
+    assert!(
+        delivery[0].params.contains("ORCPT=rfc822;bob@example.com"),
+        "{:?}",
+        delivery[0]
+    );
+    assert_eq!(
+        stub.asked(alice) + stub.asked(&relayed(alice)),
+        0,
+        "a mailbox here was asked for\n{}",
+        diag()
+    );
+    assert_eq!(
+        (
+            stub.callouts_for(&relayed(bob)),
+            stub.callouts_for(&relayed(zed))
+        ),
+        (1, 1),
+        "{}",
+        diag()
+    );
+    assert!(
+        !e.sendmail.maillog().contains("DSN:"),
+        "Sendmail bounced something\n{}",
+        diag()
     );
 }

@@ -235,7 +235,7 @@ _dualroute() {
             return 0
             ;;
         dualroute__subcmd__explain)
-            opts="-c -h --client --auth --config --help"
+            opts="-c -h --client --auth --callout --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -3,8 +3,11 @@
 //! whether it knows the address, so that an unknown one can be refused at
 //! RCPT instead of accepted and bounced to a forged sender.
 //!
-//! [`Callouts`] is the engine the milter will ask per recipient; it is not
-//! wired into the RCPT path yet. It keeps, per managed domain:
+//! [`listed`] answers from the destination's address list
+//! (`reject_unknown.accounts`), loaded with the policy; [`Callouts`] is
+//! the engine the milter asks per recipient when the list does not
+//! settle it (src/milter/callout.rs). The engine keeps, per managed
+//! domain:
 //!
 //! - a cache of the destination's answers (src/callout/cache.rs), served at
 //!   once, refreshed in the background in the last quarter of its
@@ -35,6 +38,7 @@ mod smtp;
 
 use crate::config::{CalloutCache, DomainConfig};
 use crate::dns::Dns;
+use crate::policy::{DomainPolicy, Policy};
 use crate::state::StateDir;
 use cache::{AcceptAll, Cache, Entry};
 use std::collections::HashMap;
@@ -80,6 +84,9 @@ pub enum Origin {
     /// The callout did not answer within the caller's deadline; it goes
     /// on in the background and its answer will be cached.
     Deadline,
+    /// The destination's address list (`reject_unknown.accounts`): no
+    /// callout was made.
+    List,
 }
 
 /// The answer to one check.
@@ -185,8 +192,13 @@ struct Bounds {
 /// One managed domain's callouts.
 struct Domain {
     name: String,
-    /// The destination the cache belongs to ([`destination_key`]).
-    key: String,
+    /// The destination the cache belongs to (what [`destination_key`] is
+    /// made of), to tell a changed destination cheaply.
+    destination: crate::config::Destination,
+    tls: (
+        Option<crate::config::TlsLevel>,
+        Vec<crate::config::TlsMatch>,
+    ),
     cache: Mutex<Cache>,
     /// Addresses with a callout in flight, and where its answer appears.
     flights: Mutex<HashMap<String, watch::Receiver<Option<Answer>>>>,
@@ -339,6 +351,42 @@ impl Callouts {
             .map(|e| answer(e, Origin::Cache, accept_all))
     }
 
+    /// A callout made now for `address`, for `explain --callout`: outside
+    /// the cache and the rate of new callouts (one administrator's
+    /// question), within the turn and the time bounds. Its answer is
+    /// shown, not cached: the running milter owns the cache file, and
+    /// this process's copy of it would overwrite the milter's newer one.
+    /// A Known answer is followed by a random local part, so the answer
+    /// says whether the destination accepts any address.
+    pub async fn live(&self, domain: &str, d: &DomainConfig, address: &str) -> Answer {
+        let dom = self.domain(domain, d);
+        let unanswered = |e: tokio::time::error::Elapsed| smtp::Reply {
+            verdict: Verdict::Unreachable,
+            text: format!(
+                "no answer within {}s ({e})",
+                self.inner.limits.callout_timeout.as_secs()
+            ),
+        };
+        let asked = self.ask(&dom, d, address).await.unwrap_or_else(unanswered);
+        let mut accept_all = false;
+        if asked.verdict == Verdict::Known {
+            if let Some((_, at)) = address.rsplit_once('@') {
+                let random = format!("{}@{at}", smtp::random_local_part());
+                accept_all = self
+                    .ask(&dom, d, &random)
+                    .await
+                    .is_ok_and(|r| r.verdict == Verdict::Known);
+            }
+        }
+        Answer {
+            verdict: asked.verdict,
+            reply: asked.text,
+            origin: Origin::Callout,
+            at: (self.inner.clock)(),
+            accept_all,
+        }
+    }
+
     /// The counts of `domain` since start; `None` before its first check.
     pub fn stats(&self, domain: &str) -> Option<Stats> {
         let dom = lock(&self.inner.domains).get(domain).cloned()?;
@@ -350,11 +398,18 @@ impl Callouts {
     /// The domain's state, created (and its cache file read) on first use
     /// and again when its destination changed.
     fn domain(&self, name: &str, d: &DomainConfig) -> Arc<Domain> {
-        let key = destination_key(d);
         let mut domains = lock(&self.inner.domains);
-        if let Some(dom) = domains.get(name).filter(|dom| dom.key == key) {
+        // Compared by value, not by [`destination_key`]: this runs for
+        // every routed RCPT, and formatting the key is most of the cost
+        // of a cache hit.
+        if let Some(dom) = domains.get(name).filter(|dom| {
+            dom.destination == d.destination
+                && dom.tls.0 == d.transport.tls
+                && dom.tls.1 == d.transport.tls_match
+        }) {
             return dom.clone();
         }
+        let key = destination_key(d);
         let file = self.cache_file(name);
         let cache = match self.inner.state.read_path::<Cache>(&file) {
             Ok(Some(c)) if c.destination == key => c,
@@ -384,7 +439,8 @@ impl Callouts {
             .clone();
         let dom = Arc::new(Domain {
             name: name.to_owned(),
-            key: key.clone(),
+            destination: d.destination.clone(),
+            tls: (d.transport.tls, d.transport.tls_match.clone()),
             cache: Mutex::new(Cache {
                 destination: key,
                 ..cache
@@ -606,6 +662,122 @@ impl Callouts {
             Err(e) => tracing::warn!("cannot write the callout cache of {name}: {e}"),
         }
     }
+}
+
+/// What a domain's callout cache file says, for `status` and `check`
+/// (read from `state_dir` as the milter wrote it; no engine, no callout).
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Summary {
+    /// Fresh answers: Known and Unknown.
+    pub known: usize,
+    pub unknown: usize,
+    /// Whether the destination accepted a random local part, when it was
+    /// asked, and its reply; `None`: not asked yet.
+    pub accept_all: Option<(bool, u64, String)>,
+}
+
+impl Summary {
+    /// One line for `status`/`check`, with the warning an accept-all
+    /// destination deserves.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "reject_unknown callouts: {} known and {} unknown addresses cached",
+            self.known, self.unknown
+        );
+        match &self.accept_all {
+            Some((true, at, reply)) => line.push_str(&format!(
+                "; WARNING: the destination accepts any address (a random local part was accepted {}: {reply}): the callout cannot tell unknown addresses, they are accepted and will bounce from here; use `reject_unknown.accounts` (the destination's address list) or switch its catch-all off",
+                crate::state::when(*at)
+            )),
+            Some((false, at, _)) => line.push_str(&format!(
+                "; the destination refuses unknown addresses (checked {})",
+                crate::state::when(*at)
+            )),
+            None => line.push_str("; whether the destination accepts any address is not known yet (asked after its first accepted callout)"),
+        }
+        line
+    }
+}
+
+/// The summary of `domain`'s cache file under `state_dir`; `Ok(None)`
+/// when there is none or it was written for another destination.
+pub fn summary(
+    state_dir: &Path,
+    domain: &str,
+    d: &DomainConfig,
+) -> std::io::Result<Option<Summary>> {
+    let state = StateDir::new(state_dir);
+    let file = state_dir.join(format!("{domain}.callouts"));
+    let Some(cache) = state.read_path::<Cache>(&file)? else {
+        return Ok(None);
+    };
+    if cache.destination != destination_key(d) {
+        return Ok(None);
+    }
+    let (life, now) = (lifetimes(d), crate::state::now());
+    let mut summary = Summary {
+        accept_all: cache
+            .accept_all
+            .as_ref()
+            .map(|a| (a.accepts, a.at, a.reply.clone())),
+        ..Summary::default()
+    };
+    for e in cache.entries.values().filter(|e| e.fresh(&life, now)) {
+        if e.known {
+            summary.known += 1;
+        } else {
+            summary.unknown += 1;
+        }
+    }
+    Ok(Some(summary))
+}
+
+/// What the destination's address list (`reject_unknown.accounts`) says
+/// of `address`, the address as it arrives there (DESIGN.md §10), looked
+/// up as accounts are (the same `local_part_case`, the base before a
+/// `recipient_delimiter` counts): listed → Known; not listed → Unknown
+/// when the domain asks no callout, `None` (ask the callout) when it does:
+/// a list exported every so often lags behind a user created since.
+/// `None` too when the domain has no list.
+pub fn listed(policy: &Policy, domain: &DomainPolicy, address: &str) -> Option<Answer> {
+    let list = domain.destination_accounts.as_ref()?;
+    let callout = domain
+        .config
+        .reject_unknown
+        .as_ref()
+        .is_some_and(|r| r.callout);
+    let local = match crate::address::Address::parse(address) {
+        Ok(a) => a.unquoted_local().into_owned(),
+        // Not an address: nothing to find; the callout (or the refusal)
+        // decides as for any address not listed.
+        Err(_) => String::new(),
+    };
+    let key = policy.rules.key(&local);
+    let found = !local.is_empty()
+        && (list.contains(&key) || policy.rules.base(&key).is_some_and(|b| list.contains(b)));
+    let at = crate::state::now();
+    if found {
+        return Some(Answer {
+            verdict: Verdict::Known,
+            reply: format!(
+                "in the destination's address list ({} addresses)",
+                list.len()
+            ),
+            origin: Origin::List,
+            at,
+            accept_all: false,
+        });
+    }
+    (!callout).then(|| Answer {
+        verdict: Verdict::Unknown,
+        reply: format!(
+            "not in the destination's address list ({} addresses)",
+            list.len()
+        ),
+        origin: Origin::List,
+        at,
+        accept_all: false,
+    })
 }
 
 fn answer(e: &Entry, origin: Origin, accept_all: bool) -> Answer {

@@ -115,6 +115,25 @@ impl DomainConfig {
             _ => Some(format!("{name}.{relay_suffix}")),
         }
     }
+
+    /// The domain routed addresses of managed domain `name` have when they
+    /// arrive at the destination: the `change_envelope` domain, else
+    /// `name` (docs/design.md §4).
+    pub fn arrival_domain<'a>(&'a self, name: &'a str) -> &'a str {
+        match &self.destination {
+            Destination::Domain {
+                domain,
+                change_envelope: true,
+            } => &domain.0,
+            _ => name,
+        }
+    }
+
+    /// The sources of the destination's address list
+    /// (`destination.reject_unknown.accounts`); empty when not given.
+    pub fn destination_list(&self) -> impl Iterator<Item = &super::AccountSource> {
+        self.reject_unknown.iter().flat_map(|r| &r.accounts)
+    }
 }
 
 #[derive(Deserialize)]

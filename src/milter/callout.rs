@@ -1,7 +1,8 @@
-//! `reject_unknown.callout` at RCPT (docs/design.md "Refusing unknown
-//! recipients"): a recipient the decision routes to a destination that
-//! asks callouts is refused here when that destination would refuse it,
-//! so nothing is queued and nothing bounces to a forged sender.
+//! `reject_unknown` at RCPT (docs/design.md "Refusing unknown
+//! recipients"): a recipient the decision routes to a destination with
+//! `reject_unknown` is refused here when that destination would refuse it
+//! (its address list does not have it, or a callout says so), so nothing
+//! is queued and nothing bounces to a forged sender.
 
 use super::{refuse, Shared};
 use crate::callout::{Answer, Origin, Verdict as Said, DEADLINE};
@@ -44,12 +45,14 @@ pub(super) async fn rcpt(
         return Status::Continue;
     };
     let shadow = last.shadow;
-    let answer = match &shared.callouts {
-        Some(c) => {
+    let listed = crate::callout::listed(&policy, domain, &address);
+    let answer = match (listed, &shared.callouts) {
+        (Some(answer), _) => answer,
+        (None, Some(c)) => {
             c.check(&domain.name, &domain.config, &address, DEADLINE)
                 .await
         }
-        None => Answer {
+        (None, None) => Answer {
             verdict: Said::Unreachable,
             reply: "no callout engine (no DNS resolver, see the log at start)".into(),
             origin: Origin::Deadline,
@@ -84,6 +87,7 @@ pub(super) async fn rcpt(
         Origin::Callout => "callout",
         Origin::Throttled => "throttled",
         Origin::Deadline => "deadline",
+        Origin::List => "address list",
     };
     let accept_all = if answer.accept_all {
         " (the destination accepts any address: this answer protects nothing)"
@@ -91,10 +95,23 @@ pub(super) async fn rcpt(
         ""
     };
     let Some(decision) = refusal else {
-        info!(
-            "callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}){accept_all}; routed; from={}",
-            answer.verdict, domain.name, answer.reply, message.sender
-        );
+        // A live callout is worth a line; an answer the cache or the list
+        // gives for every routed RCPT is routine (and a line per RCPT is
+        // most of a cache hit's cost): debug.
+        let routine = matches!(answer.origin, Origin::Cache | Origin::List)
+            && answer.verdict == Said::Known
+            && !answer.accept_all;
+        if routine {
+            tracing::debug!(
+                "callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}); routed; from={}",
+                answer.verdict, domain.name, answer.reply, message.sender
+            );
+        } else {
+            info!(
+                "callout: RCPT {shown}: <{address}> {} at the destination of {} ({origin}: {}){accept_all}; routed; from={}",
+                answer.verdict, domain.name, answer.reply, message.sender
+            );
+        }
         return Status::Continue;
     };
     let word = match decision {

@@ -86,11 +86,20 @@ impl Actor {
     fn shrink_confirmed(&self) -> Option<(String, u64)> {
         let holds = self.holds.current();
         let state = StateDir::new(&self.policy.current().config.state_dir);
-        let mut names: Vec<&String> = holds.disputes().0.keys().collect();
+        let policy = self.policy.current();
+        // The destination lists are not held (the running one stays in
+        // force), so their disputes are only in state_dir.
+        let lists = policy
+            .domains
+            .values()
+            .filter(|d| d.destination_accounts.is_some())
+            .map(|d| state::destination_list(&d.name))
+            .filter(|key| state.dispute(key).ok().flatten().is_some());
+        let mut names: Vec<String> = holds.disputes().0.keys().cloned().chain(lists).collect();
         names.sort();
         names.into_iter().find_map(|d| {
-            let c = state.shrink_confirmed(d).ok().flatten()?;
-            Some((d.clone(), c.since))
+            let c = state.shrink_confirmed(&d).ok().flatten()?;
+            Some((d, c.since))
         })
     }
 
@@ -171,7 +180,10 @@ impl Actor {
         }
         // The accounts in force now passed the guard (or were confirmed):
         // no dispute remains, and a confirmation is used up.
-        for name in names {
+        let keys = names
+            .iter()
+            .flat_map(|n| [n.clone(), state::destination_list(n)]);
+        for name in keys {
             let cleared = state
                 .clear_dispute(&name)
                 .and_then(|a| Ok(a | state.clear_shrink_confirmed(&name)?));
@@ -200,17 +212,26 @@ impl Actor {
     fn dispute(&self, running: &Policy, mut refused: Policy, shrunk: &[Shrunk], state: &StateDir) {
         let mut disputes = self.holds.current().disputes().clone();
         for s in shrunk {
+            let list = |p: &mut Policy| {
+                p.domains.get_mut(&s.domain).and_then(|d| {
+                    if s.destination {
+                        d.destination_accounts.take()
+                    } else {
+                        d.accounts.take()
+                    }
+                })
+            };
             let (Some(was), Some(now)) = (
-                running
-                    .domains
-                    .get(&s.domain)
-                    .and_then(|d| d.accounts.as_ref()),
+                running.domains.get(&s.domain).and_then(|d| {
+                    if s.destination {
+                        d.destination_accounts.as_ref()
+                    } else {
+                        d.accounts.as_ref()
+                    }
+                }),
                 // The refused policy is dropped after this: its lists are
                 // taken, not copied (one may hold millions).
-                refused
-                    .domains
-                    .get_mut(&s.domain)
-                    .and_then(|d| d.accounts.take()),
+                list(&mut refused),
             ) else {
                 continue;
             };
@@ -220,6 +241,10 @@ impl Actor {
                 .chain(now.keys().filter(|k| !was.contains(k)))
                 .collect();
             differ.sort_unstable();
+            let at = match running.domains.get(&s.domain) {
+                Some(d) if s.destination => d.arrival_domain().to_owned(),
+                _ => s.domain.clone(),
+            };
             let record = state::Dispute {
                 since: state::now(),
                 running: was.len(),
@@ -228,25 +253,44 @@ impl Actor {
                 sample: differ
                     .iter()
                     .take(10)
-                    .map(|k| format!("{k}@{}", s.domain))
+                    .map(|k| format!("{k}@{at}"))
                     .collect(),
             };
-            tracing::error!(
-                "{}: the account reload is refused ({} -> {} accounts); the {} addresses the two lists disagree on (e.g. {}) get 451 4.4.4 until `dualroute confirm-accounts {}` accepts the new list or the account source is restored",
-                s.domain,
-                record.running,
-                record.refused,
-                record.disputed,
-                record.sample.join(", "),
-                s.domain
-            );
-            if let Err(e) = state.record_dispute(&s.domain, &record) {
+            if s.destination {
+                // The running list stays in force: an address only in it
+                // is accepted and routed as before (at worst it bounces
+                // there, as without the list); one only in the new list
+                // is asked of the callout, or refused as before. Nothing
+                // to hold.
+                tracing::error!(
+                    "{}: the reload of the destination's address list (reject_unknown.accounts) is refused ({} -> {} addresses); the running list stays in force until `dualroute confirm-accounts {}` accepts the new one or the source is restored (they disagree on {} addresses, e.g. {})",
+                    s.domain,
+                    record.running,
+                    record.refused,
+                    s.domain,
+                    record.disputed,
+                    record.sample.join(", ")
+                );
+            } else {
+                tracing::error!(
+                    "{}: the account reload is refused ({} -> {} accounts); the {} addresses the two lists disagree on (e.g. {}) get 451 4.4.4 until `dualroute confirm-accounts {}` accepts the new list or the account source is restored",
+                    s.domain,
+                    record.running,
+                    record.refused,
+                    record.disputed,
+                    record.sample.join(", "),
+                    s.domain
+                );
+            }
+            if let Err(e) = state.record_dispute(&s.key(), &record) {
                 tracing::error!(
                     "{}: cannot record the account dispute for `dualroute status`: {e}",
                     s.domain
                 );
             }
-            disputes.0.insert(s.domain.clone(), Arc::new(now));
+            if !s.destination {
+                disputes.0.insert(s.domain.clone(), Arc::new(now));
+            }
         }
         let holds = (*self.holds.current()).clone().with_disputes(disputes);
         self.holds.replace(holds);

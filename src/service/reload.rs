@@ -127,7 +127,7 @@ fn command_refresh(policy: &Policy) -> Option<Duration> {
         .config
         .domains
         .values()
-        .flat_map(|d| d.accounts.iter().flatten())
+        .flat_map(|d| d.accounts.iter().flatten().chain(d.destination_list()))
         .filter_map(|s| match s {
             crate::config::AccountSource::Command(c) => Some(c.refresh.0),
             _ => None,
