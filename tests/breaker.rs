@@ -229,6 +229,11 @@ domains:
     verify: probe@newdest.test
     destination: { domain: newdest.test, change_envelope: true }
     accounts: [{ list: [ivy@example.info] }]
+  example.org:
+    mode: route
+    destination:
+      hosts: ["[192.0.2.30]:2525"]
+      reject_unknown: { accounts: [ { list: [bob@example.org] } ] }
 "#,
     );
     let a = Attribution::new(&p);
@@ -258,6 +263,18 @@ domains:
         ),
         ("example.edu", "anyone@google.test", Some(Expected::Mailbox)),
         ("example.info", "ivy@newdest.test", Some(Expected::Mailbox)),
+        // The destination's own list names bob (with an extension too).
+        (
+            "example.org",
+            "bob@example.org.dualroute.invalid",
+            Some(Expected::Listed),
+        ),
+        (
+            "example.org",
+            "bob+x@example.org.dualroute.invalid",
+            Some(Expected::Listed),
+        ),
+        ("example.org", "zed@example.org.dualroute.invalid", None),
         // Nobody here vouches for these.
         ("example.com", "zed@example.com.dualroute.invalid", None),
         ("example.info", "zed@newdest.test", None),

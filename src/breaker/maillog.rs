@@ -317,6 +317,10 @@ pub enum Expected {
     /// A per-user `copy_to`/`redirect_to` target: the administrator
     /// named it in milter.yaml.
     Target,
+    /// The destination's own address list (`reject_unknown.accounts`)
+    /// names it: the destination said it has this address, and the
+    /// milter routed it on that word.
+    Listed,
 }
 
 impl std::fmt::Display for Expected {
@@ -325,6 +329,9 @@ impl std::fmt::Display for Expected {
             Expected::Verify => "it is the domain's `verify` address",
             Expected::Mailbox => "it has a mailbox here, so the destination must know it",
             Expected::Target => "it is a `copy_to`/`redirect_to` target in the configuration",
+            Expected::Listed => {
+                "the destination's own address list (reject_unknown.accounts) names it"
+            }
         })
     }
 }
@@ -334,7 +341,8 @@ impl Attribution {
     /// address of `domain` as logged ([`Attribution::domains`]), if it
     /// must; `None` for an address nobody here vouches for (a split
     /// address without a mailbox here, any address of a route domain
-    /// without accounts), whose "user unknown" is not counted.
+    /// without accounts, not in the destination's own list), whose "user
+    /// unknown" is not counted.
     pub fn expected(&self, policy: &Policy, domain: &str, recipient: &str) -> Option<Expected> {
         if let Some((local, at)) = recipient.rsplit_once('@') {
             let key = target_key(local, &at.trim_end_matches('.').to_ascii_lowercase());
@@ -363,7 +371,14 @@ impl Attribution {
         {
             return Some(Expected::Verify);
         }
-        policy.present(d, &key).then_some(Expected::Mailbox)
+        if policy.present(d, &key) {
+            return Some(Expected::Mailbox);
+        }
+        // The lookup the milter made at RCPT (the local part only, as
+        // accounts are looked up), so that both agree on what is listed.
+        crate::callout::listed(policy, d, recipient)
+            .is_some_and(|a| a.verdict == crate::callout::Verdict::Known)
+            .then_some(Expected::Listed)
     }
 }
 

@@ -47,7 +47,7 @@
 //! routing off (issue 23: three of them tripped a domain with a low
 //! threshold). It counts only for an address the destination must have
 //! ([`Attribution::expected`]: the `verify` address, a mailbox here, a
-//! configured target), which is how a destination that lost all its users
+//! configured target, the destination's own list), which is how a destination that lost all its users
 //! still trips; otherwise it is logged at INFO and counted in
 //! `dualroute_breaker_ignored_total`. docs/design.md §7, "What the breaker
 //! counts".
