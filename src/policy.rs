@@ -241,10 +241,8 @@ impl Policy {
                     now,
                     destination,
                 };
-                (lost > 1
-                    && lost as f64 >= limit * before as f64
-                    && confirmed(&s.key()) != Some(now))
-                .then_some(s)
+                (lost > 1 && lost as f64 >= limit * before as f64 && confirmed(&s.key()) != Some(now))
+                    .then_some(s)
             })
             .collect()
     }
