@@ -5,8 +5,9 @@
 //! - **counters**, incremented by small hooks in the shells: every
 //!   decision of the milter (src/milter.rs), conversations and errors,
 //!   reload results (src/service/actor.rs), verification probes
-//!   (src/service/verify.rs), failures the bounce breaker counted
-//!   (src/breaker/), and the histogram of milter time per message;
+//!   (src/service/verify.rs), failures the bounce breaker counted or
+//!   read and did not count (src/breaker/), and the histogram of milter
+//!   time per message;
 //! - **state**, read from the handles at each scrape rather than kept in
 //!   step by hooks: account-set sizes from the policy in force, and trip,
 //!   verification, routing and shadow state per domain from the holds in
@@ -117,6 +118,12 @@ struct DomainResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainReasonLabels {
+    domain: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -141,6 +148,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     probes: Family<DomainResultLabels, Counter>,
     breaker_failures: Family<DomainKindLabels, Counter>,
+    breaker_ignored: Family<DomainReasonLabels, Counter>,
     callouts: Family<DomainResultLabels, Counter>,
     callout_cache_hits: Family<DomainLabels, Counter>,
     callout_accept_all: Family<DomainLabels, Gauge>,
@@ -213,6 +221,12 @@ impl Metrics {
             "breaker_failures",
             "Delivery failures of routed mail the breaker counted, by domain and kind (bounce: permanent)",
             breaker_failures.clone(),
+        );
+        let breaker_ignored = Family::default();
+        registry.register(
+            "breaker_ignored",
+            "Permanent failures of routed mail the breaker did not count, by domain and reason (user_unknown: the destination has no such mailbox, and nothing here says it should have; docs/design.md §7)",
+            breaker_ignored.clone(),
         );
         let callouts = Family::default();
         registry.register(
@@ -307,6 +321,7 @@ impl Metrics {
             reloads,
             probes,
             breaker_failures,
+            breaker_ignored,
             callouts,
             callout_cache_hits,
             callout_accept_all,
@@ -437,6 +452,17 @@ impl Metrics {
             .get_or_create(&DomainKindLabels {
                 domain: domain.to_owned(),
                 kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The breaker read a permanent failure of mail routed for `domain`
+    /// and did not count it, for `reason` (`user_unknown`).
+    pub fn breaker_ignored(&self, domain: &str, reason: &'static str) {
+        self.breaker_ignored
+            .get_or_create(&DomainReasonLabels {
+                domain: domain.to_owned(),
+                reason,
             })
             .inc();
     }
