@@ -70,6 +70,7 @@ mod maillog;
 pub use follow::Follower;
 pub use maillog::{parse_line, Attribution, Expected, Failure, FailureKind};
 
+use crate::cluster::fleet::{Counted, FleetFailures};
 use crate::config::{human, BreakerConfig};
 use crate::live::{Installer, LivePolicy};
 use crate::metrics::Metrics;
@@ -111,8 +112,14 @@ impl Window {
     /// [`Window::reset`] (after the trip has been recorded), so that a trip
     /// that could not be recorded is tried again at the next failure.
     pub fn record(&mut self, at: Instant) -> Option<u32> {
+        self.record_with(at, 0)
+    }
+
+    /// [`Window::record`] with `others` failures counted elsewhere (the
+    /// other nodes of the fleet, src/cluster/fleet.rs) added to the count.
+    pub fn record_with(&mut self, at: Instant, others: u32) -> Option<u32> {
         self.hits.push_back(at);
-        let count = self.count(at);
+        let count = self.count(at).saturating_add(others);
         (count >= self.threshold).then_some(count)
     }
 
@@ -178,6 +185,9 @@ pub(crate) struct Reach {
     pub installer: Installer,
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
+    /// With `cluster:`, the fleet's failures (src/cluster/fleet.rs): this
+    /// node's counted failures are shared, the others' add to its counts.
+    pub fleet: Option<Arc<FleetFailures>>,
 }
 
 /// The breaker's state between polls.
@@ -297,7 +307,54 @@ impl Breaker {
                 self.count(policy, reach, &domain, f, why, now);
             }
         }
+        self.fleet_check(policy, reach, now);
         self.record_counts(&dir, now);
+    }
+
+    /// Trips a domain whose failures here and on the other nodes of the
+    /// fleet together reach a limit, though none arrived here since: the
+    /// others' counts come with the fleet's sync, not with a log line.
+    fn fleet_check(&mut self, policy: &Arc<Policy>, reach: &Reach, now: Instant) {
+        let Some(fleet) = reach.fleet.clone() else {
+            return;
+        };
+        let (threshold, deferrals) = limits(&self.config);
+        for (domain, kind) in fleet.domains() {
+            if !policy.domains.contains_key(&domain) {
+                continue;
+            }
+            let others = fleet.others(&domain, kind);
+            let local = self
+                .windows
+                .get_mut(&domain)
+                .map(|c| c.at(now))
+                .unwrap_or_default();
+            let (here, limit, cause) = match kind {
+                "bounce" => (local.bounces, threshold, TripCause::Bounces),
+                _ => (local.deferrals, deferrals, TripCause::Deferrals),
+            };
+            if others == 0 || here.saturating_add(others) < limit {
+                continue;
+            }
+            let dir = StateDir::new(&policy.config.state_dir);
+            match dir.load(&domain) {
+                Ok(st) if st.tripped.is_none() && st.disabled.is_none() => {}
+                _ => continue,
+            }
+            let recent: Vec<String> = self
+                .windows
+                .get(&domain)
+                .map(|c| c.recent.iter().cloned().collect())
+                .unwrap_or_default();
+            let last = recent.last().cloned().unwrap_or_else(|| {
+                format!("{others} failures counted by the other nodes of the fleet")
+            });
+            let counts = FailureCounts {
+                bounces: local.bounces + fleet.others(&domain, "bounce"),
+                deferrals: local.deferrals + fleet.others(&domain, "deferral"),
+            };
+            self.trip(policy, reach, &domain, cause, counts, last, recent);
+        }
     }
 
     /// Writes the counts for `dualroute status` when they changed (also
@@ -366,11 +423,36 @@ impl Breaker {
             counts.recent.pop_front();
         }
         counts.recent.push_back(f.line.clone());
-        let (tripped, cause) = match f.kind {
-            FailureKind::Bounce => (counts.bounces.record(now), TripCause::Bounces),
-            FailureKind::Deferral => (counts.deferrals.record(now), TripCause::Deferrals),
+        let kind = match f.kind {
+            FailureKind::Bounce => "bounce",
+            FailureKind::Deferral => "deferral",
         };
-        let now_counts = counts.at(now);
+        // Shared with the fleet; the others' count toward the limits.
+        let others = |kind| reach.fleet.as_ref().map_or(0, |fl| fl.others(domain, kind));
+        if let Some(fleet) = &reach.fleet {
+            fleet.counted(Counted {
+                domain: domain.to_owned(),
+                kind,
+                queue_id: f.queue_id.clone(),
+                recipient: f.recipients.join(","),
+                at: state::now(),
+            });
+        }
+        let (tripped, cause) = match f.kind {
+            FailureKind::Bounce => (
+                counts.bounces.record_with(now, others("bounce")),
+                TripCause::Bounces,
+            ),
+            FailureKind::Deferral => (
+                counts.deferrals.record_with(now, others("deferral")),
+                TripCause::Deferrals,
+            ),
+        };
+        let local = counts.at(now);
+        let now_counts = FailureCounts {
+            bounces: local.bounces + others("bounce"),
+            deferrals: local.deferrals + others("deferral"),
+        };
         if tripped.is_none() {
             let limit = match config.deferrals {
                 Some(n) => format!("{n} before routing is switched off"),
@@ -399,14 +481,34 @@ impl Breaker {
             }
             return;
         }
+        let recent = counts.recent.iter().cloned().collect();
+        self.trip(policy, reach, domain, cause, now_counts, f.line.clone(), recent);
+    }
+
+    /// Switches routing for `domain` off: `counts` (this node's and the
+    /// fleet's) reached the limit of `cause`.
+    #[allow(clippy::too_many_arguments)]
+    fn trip(
+        &mut self,
+        policy: &Policy,
+        reach: &Reach,
+        domain: &str,
+        cause: TripCause,
+        counts: FailureCounts,
+        last: String,
+        recent: Vec<String>,
+    ) {
+        let dir = StateDir::new(&policy.config.state_dir);
+        let (threshold, span) = (self.config.threshold, self.config.window.0);
+        let config = &self.config;
         let trip = Tripped {
             since: state::now(),
-            bounces: now_counts.bounces,
-            deferrals: now_counts.deferrals,
+            bounces: counts.bounces,
+            deferrals: counts.deferrals,
             cause,
             window_secs: span.as_secs(),
-            last: f.line.clone(),
-            recent: counts.recent.iter().cloned().collect(),
+            last: last.clone(),
+            recent,
         };
         let what = match cause {
             TripCause::Bounces => format!("{} permanent failures", trip.bounces),
@@ -438,11 +540,16 @@ impl Breaker {
             TripCause::Bounces => "bounce breaker tripped",
             TripCause::Deferrals => "breaker tripped on deferrals",
         };
+        let fleet = if reach.fleet.is_some() {
+            " (this node's and the other nodes' together)"
+        } else {
+            ""
+        };
         tracing::error!(
-            "{domain}: {name}: {what} of routed mail within {} ({limit}); routing for {domain} is switched off (mailboxes here still get their mail; addresses that would be routed are refused with 451 4.4.4 until routing is back on) and stays off across restarts ({}); last failure: {}; check the destination, then run `dualroute enable {domain}` to switch routing back on",
+            "{domain}: {name}: {what}{fleet} of routed mail within {} ({limit}); routing for {domain} is switched off (mailboxes here still get their mail; addresses that would be routed are refused with 451 4.4.4 until routing is back on) and stays off across restarts ({}); last failure: {}; check the destination, then run `dualroute enable {domain}` to switch routing back on",
             human(span),
             dir.dir.join(format!("{domain}.tripped")).display(),
-            f.line
+            last
         );
         reach.outbox.notify(
             &policy.config,

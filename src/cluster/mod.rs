@@ -20,11 +20,15 @@
 //!   agreement holds, so the most restrictive state wins;
 //! - `domain:NAME`: a hash of the shared records, canonical YAML;
 //! - `nodes`: a hash, node name → [`NodeInfo`];
+//! - `failures:DOMAIN:KIND` (`bounce`, `deferral`): a sorted set of the
+//!   failures the nodes' breakers counted, scored by time, one member per
+//!   node, queue id and recipient (src/cluster/fleet.rs);
 //! - channel `changes`: a node's name after it changed the store.
 //!
 //! What this node saw goes into `state_dir/cluster.status` for `dualroute
 //! status`, and into the metrics.
 
+pub mod fleet;
 pub mod merge;
 pub mod status;
 
@@ -181,6 +185,7 @@ pub(crate) async fn run(
     live: Arc<LivePolicy>,
     installer: Installer,
     metrics: Arc<Metrics>,
+    fleet: Arc<fleet::FleetFailures>,
 ) {
     let state_dir = live.current().config.state_dir.clone();
     let instance = live.current().config.instance.clone();
@@ -208,6 +213,7 @@ pub(crate) async fn run(
         cfg: cfg.clone(),
         client: None,
         digest: None,
+        fleet,
     };
     match client(&cfg) {
         Ok(c) => node.client = Some(c),
@@ -237,7 +243,9 @@ pub(crate) async fn run(
                 .await
                 .unwrap_or_default()
         };
-        let due = last_full.elapsed() >= cfg.sync.0 || last_local.as_ref() != Some(&local);
+        let due = last_full.elapsed() >= cfg.sync.0
+            || last_local.as_ref() != Some(&local)
+            || node.fleet.has_pending();
         if due && node.client.is_some() {
             last_full = tokio::time::Instant::now();
             if node.sync(&policy, &installer).await {
@@ -326,6 +334,8 @@ struct Node {
     status: ClusterStatus,
     /// The digest of the policy it was computed for.
     digest: Option<(Arc<Policy>, String)>,
+    /// The breaker's failures to share and the others' counts.
+    fleet: Arc<fleet::FleetFailures>,
 }
 
 impl Node {
@@ -526,6 +536,7 @@ impl Node {
                 }
             }
         }
+        self.share_failures(&mut conn, policy).await?;
         if announced {
             let _: i64 = timeout(
                 COMMAND_TIMEOUT,
@@ -586,6 +597,82 @@ impl Node {
             tracing::warn!("cluster: cannot keep the last agreement in state_dir: {e}");
         }
         Ok(wrote_here)
+    }
+
+    /// Adds this node's counted failures to the fleet's sorted sets and
+    /// reads how many the others counted within the breaker's window.
+    async fn share_failures(
+        &mut self,
+        conn: &mut ConnectionManager,
+        policy: &Arc<Policy>,
+    ) -> Result<(), String> {
+        let Some(breaker) = &policy.config.breaker else {
+            self.fleet.take();
+            return Ok(());
+        };
+        let window = breaker.window.0.as_secs();
+        let me = self.status.this.name.clone();
+        let t = |e: tokio::time::error::Elapsed| e.to_string();
+        let r = |e: redis::RedisError| e.to_string();
+        let pending = self.fleet.take();
+        let mut pipe = redis::pipe();
+        for c in &pending {
+            pipe.cmd("ZADD")
+                .arg(self.key(&format!("failures:{}:{}", c.domain, c.kind)))
+                .arg(c.at)
+                .arg(format!("{me} {} {}", c.queue_id, c.recipient))
+                .ignore();
+        }
+        if !pending.is_empty() {
+            let pushed: Result<(), String> =
+                match timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(conn)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+            if let Err(e) = pushed {
+                self.fleet.put_back(pending);
+                return Err(e);
+            }
+        }
+        let oldest = now().saturating_sub(window);
+        let mut others = std::collections::HashMap::new();
+        for name in domains(policy) {
+            for kind in ["bounce", "deferral"] {
+                let key = self.key(&format!("failures:{name}:{kind}"));
+                let _: i64 = timeout(
+                    COMMAND_TIMEOUT,
+                    redis::cmd("ZREMRANGEBYSCORE")
+                        .arg(&key)
+                        .arg("-inf")
+                        .arg(format!("({oldest}"))
+                        .query_async(conn),
+                )
+                .await
+                .map_err(t)?
+                .map_err(r)?;
+                let members: Vec<String> = timeout(
+                    COMMAND_TIMEOUT,
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(&key)
+                        .arg(oldest)
+                        .arg("+inf")
+                        .query_async(conn),
+                )
+                .await
+                .map_err(t)?
+                .map_err(r)?;
+                let theirs = members
+                    .iter()
+                    .filter(|m| m.split(' ').next() != Some(me.as_str()))
+                    .count();
+                if theirs > 0 {
+                    others.insert((name.clone(), kind), theirs as u32);
+                }
+            }
+        }
+        self.fleet.set_others(others);
+        Ok(())
     }
 
     async fn write_status(&mut self) {

@@ -229,14 +229,17 @@ where
         intervals.accounts,
     ));
     // The fleet (`cluster:`, DESIGN.md §11): read at start, as `listen`.
-    if let Some(cluster) = policy.current().config.cluster.clone() {
+    let fleet = policy.current().config.cluster.clone().map(|cluster| {
+        let fleet = Arc::new(crate::cluster::fleet::FleetFailures::default());
         tasks.spawn(crate::cluster::run(
             cluster,
             policy.clone(),
             installer.clone(),
             metrics.clone(),
+            fleet.clone(),
         ));
-    }
+        fleet
+    });
     // The bounce breaker (docs/design.md §7) idles while there is no
     // `breaker:`, and follows reloads that add, change or remove it.
     tasks.spawn(breaker::run(
@@ -245,6 +248,7 @@ where
             installer,
             metrics: metrics.clone(),
             outbox: outbox.clone(),
+            fleet,
         },
     ));
     tasks.spawn(crate::metrics::serve(
