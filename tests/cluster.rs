@@ -573,3 +573,35 @@ async fn opposite_changes_during_an_outage_resolve_to_held_on_both() {
         node.assert_now(ALICE, fate, Fate::Kept, "after the conflict");
     }
 }
+
+/// The harness itself (tests/support/redis.rs): the test Redis keeps what
+/// it is given, is gone after a kill, and comes back on the same port
+/// empty, which the outage tests above rely on.
+#[test]
+fn the_test_redis_dies_and_comes_back_empty_on_the_same_port() {
+    let mut redis = Redis::start();
+    let port = redis.port();
+    assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}/0"));
+    assert_eq!(redis.cli(&["SET", "dualroute-test", "1"]).trim(), "OK");
+    assert_eq!(keys_in(&redis), Ok(1));
+
+    redis.kill();
+    assert!(!redis.is_running());
+    assert!(
+        !support::is_listening(port),
+        "something listens on {port} after the kill"
+    );
+
+    redis.restart_empty();
+    assert_eq!(redis.port(), port);
+    assert_eq!(keys_in(&redis), Ok(0), "{}", redis.log());
+    assert_eq!(redis.cli(&["CONFIG", "GET", "save"]).lines().nth(1), Some(""));
+    assert_eq!(
+        redis.cli(&["CONFIG", "GET", "appendonly"]).lines().nth(1),
+        Some("no")
+    );
+    assert_eq!(
+        redis.cli(&["CONFIG", "GET", "bind"]).lines().nth(1),
+        Some("127.0.0.1")
+    );
+}
