@@ -431,8 +431,10 @@ async fn a_disable_during_an_outage_reaches_the_other_node_through_a_restarted_e
     let fate = b.fate(ZED).await;
     b.assert_now(ZED, fate, Fate::Routed, "with Redis down, after A's disable");
 
+    // Empty: no persistence, a new working directory (checked by the
+    // harness's own test below; not here, where a node may already have
+    // written into it).
     redis.restart_empty();
-    assert_eq!(keys_in(&redis), Ok(0), "the restarted Redis is empty");
     a.connection_is(1.0).await;
     b.comes_to(ZED, Fate::Held).await;
     let fate = a.fate(ZED).await;
