@@ -132,12 +132,37 @@ domains:
     mode: split
     destination: {{ hosts: [\"[127.0.0.1]:{dead}\"] }}
     accounts: [ {{ list: [alice@example.org] }} ]
+breaker: {{ maillog: {maillog}, threshold: 3, window: 1h }}
 ",
             name = self.name,
             state = state.display(),
+            maillog = self.maillog().display(),
         );
         std::fs::write(&self.config, yaml)
             .unwrap_or_else(|e| panic!("write {}: {e}", self.config.display()));
+    }
+
+    /// The MTA log this node's breaker follows (each node has its own
+    /// MTA, so its own log).
+    fn maillog(&self) -> PathBuf {
+        self.dir.path().join("mail.log")
+    }
+
+    /// Appends a Postfix line to the node's MTA log: the routed copy of
+    /// `local@example.com` in queue `queue_id` bounced (5.1.1).
+    fn bounce(&self, queue_id: &str, local: &str) {
+        use std::io::Write as _;
+        let line = format!(
+            "Dec  5 01:00:00 {name} postfix/smtp[1234]: {queue_id}: to=<{local}@example.com.dualroute.invalid>, orig_to=<{local}@example.com>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=5.1.1, status=bounced (host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <{local}@example.com>: Recipient address rejected (in reply to RCPT TO command))\n",
+            name = self.name,
+        );
+        let path = self.maillog();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
     }
 
     /// Starts the service from the node's configuration file, as
@@ -485,6 +510,30 @@ async fn a_node_restarted_during_an_outage_keeps_the_fleets_holds() {
     b.assert_now(ZED, fate, Fate::Held, "after the restart, later");
     let fate = a.fate(ZED).await;
     a.assert_now(ZED, fate, Fate::Held, "(its own disable)");
+}
+
+/// The bounce breaker counts the fleet's failures together (issue 24):
+/// with `threshold: 3`, two bounces of routed mail in A's MTA log and one
+/// in B's trip example.com, and the trip holds on both nodes. Counted per
+/// node, neither would trip (2 and 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounces_seen_by_different_nodes_add_up_to_one_trip() {
+    let (_redis, _dead, a, b) = fleet().await;
+
+    // Different messages, different recipients: three failures.
+    a.bounce("4Bc1xY2z3KzA1", "ann");
+    b.bounce("7Qd9wV8u1JzB1", "ben");
+    a.bounce("4Bc1xY2z3KzA2", "cid");
+    a.comes_to(ZED, Fate::Held).await;
+    b.comes_to(ZED, Fate::Held).await;
+    for node in [&a, &b] {
+        eventually!(
+            format!("{}'s status to show the trip", node.name),
+            node.status_says(&["TRIPPED by the bounce breaker"]).await
+        );
+        let fate = node.fate(ZED_ORG).await;
+        node.assert_now(ZED_ORG, fate, Fate::Routed, "(example.org had no failures)");
+    }
 }
 
 /// (f) `status` lists the nodes of the fleet by instance name, with when
