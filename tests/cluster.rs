@@ -38,6 +38,11 @@ use support::Port;
 /// reconnection).
 const WITHIN: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
+/// How long one message may take (Postfix's `milter_command_timeout` is
+/// 30 s; nothing here is slow unless something blocks).
+const MESSAGE: Duration = Duration::from_secs(5);
+/// How long one `dualroute` command may take.
+const COMMAND: Duration = Duration::from_secs(20);
 
 const A: &str = "mx-a.test";
 const B: &str = "mx-b.test";
@@ -173,14 +178,21 @@ breaker: {{ maillog: {maillog}, threshold: 3, window: 1h }}
             ..dualroute::Intervals::default()
         };
         let start = support::protocol::start_at(&self.config, intervals);
-        self.milter = Some(Milter::serve(start).await);
+        // A node must start without Redis too (from its state_dir).
+        let milter = tokio::time::timeout(WITHIN, Milter::serve(start))
+            .await
+            .unwrap_or_else(|_| panic!("{} did not start within {WITHIN:?}", self.name));
+        self.milter = Some(milter);
         self
     }
 
-    /// Stops the service (the node's state_dir stays).
+    /// Stops the service (the node's state_dir stays), failing the test
+    /// if it does not stop within [`WITHIN`] (e.g. waiting for Redis).
     async fn stop(&mut self) {
         if let Some(milter) = self.milter.take() {
-            milter.shutdown().await;
+            tokio::time::timeout(WITHIN, milter.shutdown())
+                .await
+                .unwrap_or_else(|_| panic!("{} did not shut down within {WITHIN:?}", self.name));
         }
     }
 
@@ -191,7 +203,16 @@ breaker: {{ maillog: {maillog}, threshold: 3, window: 1h }}
     }
 
     /// One message to `rcpt` from an ordinary client: what the node did.
+    /// A message the node does not finish within [`MESSAGE`] is a failure
+    /// of its own (Redis must never be on the per-recipient path, so an
+    /// outage must not slow a message down).
     async fn fate(&self, rcpt: &str) -> Fate {
+        tokio::time::timeout(MESSAGE, self.try_fate(rcpt))
+            .await
+            .unwrap_or_else(|_| Fate::Other(format!("no answer within {MESSAGE:?}")))
+    }
+
+    async fn try_fate(&self, rcpt: &str) -> Fate {
         let mut session = Session::open(self.milter().addr(), CLIENT).await;
         session.mail(None).await;
         let fate = match session.rcpt(&[rcpt]).await {
@@ -248,17 +269,35 @@ breaker: {{ maillog: {maillog}, threshold: 3, window: 1h }}
         assert_eq!(fate, want, "{}: {rcpt} {when}", self.name);
     }
 
-    /// Runs `dualroute --config <this node's milter.yaml> ARGS` (the real
-    /// binary, off the runtime's threads): exit status and output.
+    /// Runs `dualroute ARGS --config <this node's milter.yaml>` (the real
+    /// binary, as tests/support/milter.rs `dualroute` runs it, but
+    /// awaited, and killed after [`COMMAND`]: a command that waits for a
+    /// dead Redis fails the test instead of hanging it): exit status and
+    /// output, stdout then stderr.
     async fn command(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
-        let config = self.config.clone();
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            support::dualroute(&config, &args)
-        })
-        .await
-        .expect("run dualroute")
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(COMMAND, child)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{}: dualroute {args:?} did not finish within {COMMAND:?}",
+                    self.name
+                )
+            })
+            .expect("run dualroute");
+        (
+            out.status,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     }
 
     /// A command that must succeed; its output.
