@@ -351,6 +351,22 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
             println!("  {}", breaker_counts(b, &counts, name));
         }
     }
+    if let Some(cluster) = &config.cluster {
+        let report = crate::cluster::read_status(&config.state_dir);
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                println!("cluster: cannot read the running node's report: {e}");
+                None
+            }
+        };
+        let (lines, fine) =
+            crate::cluster::status::lines(cluster, report.as_ref(), crate::state::now());
+        ok &= fine;
+        for l in lines {
+            println!("{l}");
+        }
+    }
     // issue 21 §5: what waits in Postfix's queue because the milter did
     // not route it (src/postfix/queue.rs).
     match crate::postfix::queue::waiting(None) {

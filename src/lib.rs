@@ -14,6 +14,7 @@ pub mod address;
 pub mod breaker;
 pub mod callout;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod decision;

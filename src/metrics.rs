@@ -5,8 +5,9 @@
 //! - **counters**, incremented by small hooks in the shells: every
 //!   decision of the milter (src/milter.rs), conversations and errors,
 //!   reload results (src/service/actor.rs), verification probes
-//!   (src/service/verify.rs), failures the bounce breaker counted
-//!   (src/breaker/), and the histogram of milter time per message;
+//!   (src/service/verify.rs), failures the bounce breaker counted or
+//!   read and did not count (src/breaker/), and the histogram of milter
+//!   time per message;
 //! - **state**, read from the handles at each scrape rather than kept in
 //!   step by hooks: account-set sizes from the policy in force, and trip,
 //!   verification, routing and shadow state per domain from the holds in
@@ -117,6 +118,12 @@ struct DomainResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainReasonLabels {
+    domain: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -141,6 +148,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     probes: Family<DomainResultLabels, Counter>,
     breaker_failures: Family<DomainKindLabels, Counter>,
+    breaker_ignored: Family<DomainReasonLabels, Counter>,
     callouts: Family<DomainResultLabels, Counter>,
     callout_cache_hits: Family<DomainLabels, Counter>,
     callout_accept_all: Family<DomainLabels, Gauge>,
@@ -154,6 +162,11 @@ pub struct Metrics {
     /// (src/postfix/queue.rs; docs/postfix.md "Mail waiting in the queue").
     waiting_messages: Gauge,
     waiting_recipients: Gauge,
+    /// The fleet (`cluster:`, src/cluster/): connected to Redis, nodes
+    /// heard of, the last agreement (Unix seconds).
+    cluster_connected: Gauge,
+    cluster_nodes: Gauge,
+    cluster_last_sync: Gauge,
     /// A scrape sets the state gauges and encodes them in one go.
     scrape: Mutex<()>,
 }
@@ -208,6 +221,12 @@ impl Metrics {
             "breaker_failures",
             "Delivery failures of routed mail the breaker counted, by domain and kind (bounce: permanent)",
             breaker_failures.clone(),
+        );
+        let breaker_ignored = Family::default();
+        registry.register(
+            "breaker_ignored",
+            "Permanent failures of routed mail the breaker did not count, by domain and reason (user_unknown: the destination has no such mailbox, and nothing here says it should have; docs/design.md §7)",
+            breaker_ignored.clone(),
         );
         let callouts = Family::default();
         registry.register(
@@ -275,6 +294,24 @@ impl Metrics {
             "Recipients of those messages",
             waiting_recipients.clone(),
         );
+        let cluster_connected = Gauge::default();
+        registry.register(
+            "cluster_connected",
+            "1 while this node reaches the fleet's Redis (cluster:); 0 while it serves on its last known state",
+            cluster_connected.clone(),
+        );
+        let cluster_nodes = Gauge::default();
+        registry.register(
+            "cluster_nodes",
+            "Nodes of the fleet heard of within cluster.silent_after, this one included",
+            cluster_nodes.clone(),
+        );
+        let cluster_last_sync = Gauge::default();
+        registry.register(
+            "cluster_last_sync_timestamp_seconds",
+            "When this node last agreed with the fleet's Redis (Unix seconds; 0: never)",
+            cluster_last_sync.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -284,6 +321,7 @@ impl Metrics {
             reloads,
             probes,
             breaker_failures,
+            breaker_ignored,
             callouts,
             callout_cache_hits,
             callout_accept_all,
@@ -295,6 +333,9 @@ impl Metrics {
             verifying,
             waiting_messages,
             waiting_recipients,
+            cluster_connected,
+            cluster_nodes,
+            cluster_last_sync,
             scrape: Mutex::new(()),
         }
     }
@@ -338,6 +379,15 @@ impl Metrics {
         self.callout_accept_all
             .get_or_create(&labels)
             .set(i64::from(answer.accept_all));
+    }
+
+    /// The fleet as this node last saw it (src/cluster/).
+    pub fn cluster(&self, connected: bool, nodes: usize, last_sync: Option<u64>) {
+        self.cluster_connected.set(i64::from(connected));
+        self.cluster_nodes.set(nodes as i64);
+        if let Some(at) = last_sync {
+            self.cluster_last_sync.set(at as i64);
+        }
     }
 
     /// One recipient of managed domain `domain` was decided `kind`.
@@ -402,6 +452,17 @@ impl Metrics {
             .get_or_create(&DomainKindLabels {
                 domain: domain.to_owned(),
                 kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The breaker read a permanent failure of mail routed for `domain`
+    /// and did not count it, for `reason` (`user_unknown`).
+    pub fn breaker_ignored(&self, domain: &str, reason: &'static str) {
+        self.breaker_ignored
+            .get_or_create(&DomainReasonLabels {
+                domain: domain.to_owned(),
+                reason,
             })
             .inc();
     }

@@ -266,6 +266,52 @@ impl StateDir {
         })
     }
 
+    /// The record `kind` (`disabled`, `tripped`, `verify`) of `domain` as
+    /// canonical YAML, for the fleet (src/cluster/): what is shared is
+    /// what this process could read, written as this version writes it.
+    pub(crate) fn register(&self, domain: &str, kind: &str) -> io::Result<Option<String>> {
+        fn canonical<T: Serialize + for<'de> Deserialize<'de>>(
+            dir: &StateDir,
+            domain: &str,
+            kind: &str,
+        ) -> io::Result<Option<String>> {
+            dir.read::<T>(domain, kind)?
+                .map(|v| {
+                    serde_yaml::to_string(&v)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+                })
+                .transpose()
+        }
+        match kind {
+            "disabled" => canonical::<Disabled>(self, domain, kind),
+            "tripped" => canonical::<Tripped>(self, domain, kind),
+            "verify" => canonical::<Verification>(self, domain, kind),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no shared record {kind}"),
+            )),
+        }
+    }
+
+    /// Writes (or, with `None`, removes) the record `kind` of `domain`
+    /// from the fleet's canonical YAML; a text that is not such a record
+    /// is refused, so nothing read from Redis lands in state_dir unread.
+    pub(crate) fn set_register(&self, domain: &str, kind: &str, text: Option<&str>) -> io::Result<()> {
+        let Some(text) = text else {
+            return self.remove(domain, kind).map(|_| ());
+        };
+        let bad = |e: serde_yaml::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        match kind {
+            "disabled" => self.write(domain, kind, &serde_yaml::from_str::<Disabled>(text).map_err(bad)?),
+            "tripped" => self.write(domain, kind, &serde_yaml::from_str::<Tripped>(text).map_err(bad)?),
+            "verify" => self.write(domain, kind, &serde_yaml::from_str::<Verification>(text).map_err(bad)?),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no shared record {kind}"),
+            )),
+        }
+    }
+
     pub fn disable(&self, domain: &str, reason: &str) -> io::Result<()> {
         self.write(
             domain,

@@ -38,6 +38,10 @@ const SENDMAIL_SENT: &str = "Jan 12 10:00:07 mx sm-mta[4242]: 40CA05ab004242: to
 /// reply texts are theirs; the line is Postfix's).
 const POSTFIX_GOOGLE_421: &str = "Jan 12 10:00:08 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9v: to=<zed@example.com.dualroute.invalid>, relay=aspmx.l.google.com[192.0.2.40]:25, delay=1.2, delays=0.01/0/0.6/0.6, dsn=4.7.28, status=deferred (host aspmx.l.google.com[192.0.2.40] said: 421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP address. (in reply to end of DATA command))";
 const POSTFIX_MICROSOFT_451: &str = "Jan 12 10:00:09 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9w: to=<zed@example.com.dualroute.invalid>, relay=example-com.mail.protection.outlook.com[192.0.2.41]:25, delay=0.9, delays=0.01/0/0.4/0.5, dsn=4.7.500, status=deferred (host example-com.mail.protection.outlook.com[192.0.2.41] said: 451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719) (in reply to RCPT TO command))";
+/// Sendmail says "User unknown" for any 550 at RCPT (its EX_NOUSER); the
+/// dsn is the destination's own enhanced code, here a relay refusal (the
+/// line Sendmail 8.17.1.9 wrote in tests/sendmail_e2e.rs, with `reply=`).
+const SENDMAIL_RELAY_DENIED: &str = "Jan 12 10:00:05 mx sendmail[16753]: 6B50TW6M016751: to=<zed@example.com.dualroute.invalid>, delay=00:00:00, xdelay=00:00:00, mailer=esmtp, pri=30091, relay=[127.0.0.1] [127.0.0.1], dsn=5.7.1, reply=550 5.7.1 Relay access denied, stat=User unknown";
 const SENDMAIL_DSN_LINE: &str =
     "Jan 12 10:00:05 mx sm-mta[4242]: 40CA05ab004242: 40CA05ab004244: DSN: User unknown";
 
@@ -138,6 +142,147 @@ fn sendmail_permanent_failures_only() {
         parse_line(SENDMAIL_DEFERRED).map(|f| f.kind),
         Some(FailureKind::Deferral)
     );
+}
+
+/// docs/design.md §7, "What the breaker counts": the permanent failures
+/// that say the destination has no such mailbox (about the address, not
+/// counted unless the destination must know it) against the rest.
+#[test]
+fn unknown_mailbox_answers_are_told_apart() {
+    let postfix = |dsn: &str, text: &str| {
+        format!("Jan 12 10:00:01 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9t: to=<zed@example.com.dualroute.invalid>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn={dsn}, status=bounced ({text})")
+    };
+    let said = |reply: &str| {
+        format!("host 127.0.0.1[127.0.0.1] said: {reply} (in reply to RCPT TO command)")
+    };
+    let unknown = [
+        POSTFIX_USER_UNKNOWN.to_owned(),
+        SENDMAIL_BOUNCED.to_owned(),
+        // soft_bounce = yes: 4.1.1, quoting the 550.
+        POSTFIX_SOFT_BOUNCE.to_owned(),
+        postfix("5.1.1", &said("550-5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address for typos")),
+        postfix("5.1.1", &said("550 5.1.1 RESOLVER.ADR.RecipNotFound; not found")),
+        postfix("5.1.6", &said("551 5.1.6 User has moved; please try <zed@elsewhere.test>")),
+        postfix("5.1.0", &said("550 5.1.0 <zed@example.com>: User unknown")),
+        postfix("5.1.0", &said("550 5.1.0 No such user here")),
+        SENDMAIL_RELAY_DENIED.replace("dsn=5.7.1, reply=550 5.7.1 Relay access denied", "dsn=5.1.1, reply=550 5.1.1 <zed@example.com>... User unknown"),
+        postfix("5.1.10", &said("550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup")),
+    ];
+    for line in &unknown {
+        let f = parse_line(line).unwrap_or_else(|| panic!("a failure: {line}"));
+        assert_eq!(f.kind, FailureKind::Bounce, "{line}");
+        assert!(
+            f.unknown_mailbox,
+            "not taken for an unknown mailbox: {line}"
+        );
+    }
+    let destination = [
+        POSTFIX_RELAY_DENIED.to_owned(),
+        // Sendmail's "User unknown" is its word for any 550 at RCPT: the
+        // dsn says what the destination meant.
+        SENDMAIL_RELAY_DENIED.to_owned(),
+        SENDMAIL_TWO.to_owned(),
+        POSTFIX_ISO_BOUNCED.to_owned(),
+        // The destination refuses our senders: all routed mail.
+        postfix("5.1.0", &said("550 5.1.0 <sender@outside.test>: Sender address rejected: User unknown in local recipient table")),
+        postfix("5.1.0", &said("550 5.1.0 <zed@example.com>: Recipient address rejected: Access denied")),
+        // The destination does not know the domain, or takes no mail.
+        postfix("5.1.2", &said("550 5.1.2 <zed@example.com>: Recipient address rejected: Domain not found")),
+        postfix("5.1.10", "Domain legacy.example.net does not accept mail (nullMX)"),
+        // An existing mailbox, disabled or full.
+        postfix("5.2.1", &said("550 5.2.1 The email account that you tried to reach is disabled")),
+        postfix("5.2.2", &said("552 5.2.2 <zed@example.com>: mailbox full")),
+        postfix("5.7.1", &said("550 5.7.1 Service unavailable; client [192.0.2.1] blocked")),
+        // Sendmail 8.17 quotes the reply: the sender, not the recipient.
+        SENDMAIL_RELAY_DENIED.replace("dsn=5.7.1, reply=550 5.7.1 Relay access denied", "dsn=5.1.0, reply=550 5.1.0 <sender@outside.test>: Sender address rejected: User unknown in local recipient table"),
+    ];
+    for line in &destination {
+        let f = parse_line(line).unwrap_or_else(|| panic!("a failure: {line}"));
+        assert_eq!(f.kind, FailureKind::Bounce, "{line}");
+        assert!(!f.unknown_mailbox, "taken for an unknown mailbox: {line}");
+    }
+    // Deferrals are counted as before, whatever they say.
+    let deferred = POSTFIX_DEFERRED.replace("dsn=4.4.1", "dsn=4.1.1");
+    let f = parse_line(&deferred).expect("a deferral");
+    assert_eq!((f.kind, f.unknown_mailbox), (FailureKind::Deferral, false));
+}
+
+/// Whose "no such mailbox" counts: addresses the destination must have.
+#[test]
+fn expected_addresses_are_the_ones_the_destination_must_have() {
+    let p = policy(
+        r#"
+state_dir: /nonexistent
+domains:
+  example.com:
+    mode: split
+    verify: Postmaster@example.com
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com, carol@example.com] }]
+    users:
+      carol@example.com: { copy_to: carol@pilot.test }
+  example.edu:
+    mode: dual
+    destination: { domain: google.test, change_envelope: true }
+  example.info:
+    mode: route
+    verify: probe@newdest.test
+    destination: { domain: newdest.test, change_envelope: true }
+    accounts: [{ list: [ivy@example.info] }]
+  example.org:
+    mode: route
+    destination:
+      hosts: ["[192.0.2.30]:2525"]
+      reject_unknown: { accounts: [ { list: [bob@example.org] } ] }
+"#,
+    );
+    let a = Attribution::new(&p);
+    let expected = |domain: &str, rcpt: &str| a.expected(&p, domain, rcpt);
+    use dualroute::breaker::Expected;
+    for (domain, rcpt, want) in [
+        // The verify address, in any case, as it arrives there.
+        (
+            "example.com",
+            "postmaster@example.com.dualroute.invalid",
+            Some(Expected::Verify),
+        ),
+        ("example.info", "Probe@NEWDEST.test", Some(Expected::Verify)),
+        // A target the configuration names.
+        ("example.com", "carol@pilot.test", Some(Expected::Target)),
+        // A mailbox here (also with an extension), and every address of a
+        // dual domain without accounts (the MTA refused the others).
+        (
+            "example.com",
+            "alice@example.com.dualroute.invalid",
+            Some(Expected::Mailbox),
+        ),
+        (
+            "example.com",
+            "alice+news@example.com.dualroute.invalid",
+            Some(Expected::Mailbox),
+        ),
+        ("example.edu", "anyone@google.test", Some(Expected::Mailbox)),
+        ("example.info", "ivy@newdest.test", Some(Expected::Mailbox)),
+        // The destination's own list names bob (with an extension too).
+        (
+            "example.org",
+            "bob@example.org.dualroute.invalid",
+            Some(Expected::Listed),
+        ),
+        (
+            "example.org",
+            "bob+x@example.org.dualroute.invalid",
+            Some(Expected::Listed),
+        ),
+        ("example.org", "zed@example.org.dualroute.invalid", None),
+        // Nobody here vouches for these.
+        ("example.com", "zed@example.com.dualroute.invalid", None),
+        ("example.info", "zed@newdest.test", None),
+        ("example.com", "postmaster@elsewhere.test", None),
+        ("example.com", "not an address", None),
+    ] {
+        assert_eq!(expected(domain, rcpt), want, "{domain}: {rcpt}");
+    }
 }
 
 #[test]
@@ -370,6 +515,21 @@ struct Task {
 /// `mail.log` in a temporary directory; `before` is written to the log
 /// first.
 async fn start_task(before: &str, create_log: bool) -> Task {
+    start_task_with(TASK_DOMAINS, before, create_log).await
+}
+
+const TASK_DOMAINS: &str = r#"
+  example.com:
+    mode: split
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com] }]
+  example.org:
+    mode: route
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+"#;
+
+/// [`start_task`] with other `domains:`.
+async fn start_task_with(domains: &str, before: &str, create_log: bool) -> Task {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("mail.log");
     let state = dir.path().join("state");
@@ -379,15 +539,7 @@ async fn start_task(before: &str, create_log: bool) -> Task {
     let yaml = format!(
         r#"
 state_dir: {state}
-domains:
-  example.com:
-    mode: split
-    destination: {{ hosts: ["[192.0.2.30]:2525"] }}
-    accounts: [{{ list: [alice@example.com] }}]
-  example.org:
-    mode: route
-    destination: {{ hosts: ["[192.0.2.30]:2525"] }}
-breaker: {{ maillog: {log}, threshold: 3, deferrals: 3, window: 1h }}
+domains:{domains}breaker: {{ maillog: {log}, threshold: 3, deferrals: 3, window: 1h }}
 "#,
         state = state.display(),
         log = log.display()
@@ -405,8 +557,16 @@ breaker: {{ maillog: {log}, threshold: 3, deferrals: 3, window: 1h }}
     }
 }
 
+/// A permanent failure that counts: the destination refuses to relay
+/// for `to` (docs/design.md §7; an unknown address would not count).
 fn bounce(to: &str) -> String {
-    POSTFIX_BOUNCED.replace("zed@example.com.dualroute.invalid", to) + "\n"
+    POSTFIX_RELAY_DENIED
+        .replace("zed@example.com.dualroute.invalid", to)
+        .replace(
+            "<zed@example.com>",
+            &format!("<{}>", to.replace(".dualroute.invalid", "")),
+        )
+        + "\n"
 }
 
 impl Task {
@@ -454,7 +614,7 @@ async fn task_counts_new_failures_and_trips_at_the_threshold() {
     );
     append(&task.log, &bounce("b@example.org.dualroute.invalid"));
     append(&task.log, &bounce("b@example.com.dualroute.invalid"));
-    append(&task.log, &format!("{SENDMAIL_BOUNCED}\n"));
+    append(&task.log, &format!("{SENDMAIL_RELAY_DENIED}\n"));
     task.settle().await;
     assert!(!task.tripped("example.com"), "tripped at 2 failures");
     assert_eq!(task.held("example.com"), None);
@@ -607,6 +767,166 @@ async fn task_trips_on_deferrals_counting_each_message_once() {
     .await;
 }
 
+/// A destination's answer that the address does not exist, as Postfix
+/// logs it (the destination is a Postfix with virtual mailboxes) and a
+/// destination's refusal to relay at all.
+const POSTFIX_USER_UNKNOWN: &str = "Jan 12 10:00:10 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9x: to=<zed@example.com.dualroute.invalid>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=5.1.1, status=bounced (host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <zed@example.com>: Recipient address rejected: User unknown in virtual mailbox table (in reply to RCPT TO command))";
+const POSTFIX_RELAY_DENIED: &str = "Jan 12 10:00:11 mx postfix/smtp[1234]: 4Bc1xY2z3Kz9y: to=<zed@example.com.dualroute.invalid>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=5.7.1, status=bounced (host 127.0.0.1[127.0.0.1] said: 554 5.7.1 <zed@example.com>: Relay access denied (in reply to RCPT TO command))";
+
+/// `template` (a line about `zed@example.com.dualroute.invalid`) about
+/// routing address `to` in message `qid` instead.
+fn failure(template: &str, qid: &str, to: &str) -> String {
+    let original = to.replace(".dualroute.invalid", "");
+    let line = template
+        .replace("zed@example.com.dualroute.invalid", to)
+        .replace("<zed@example.com>", &format!("<{original}>"));
+    // The queue id is the word before ": to=".
+    let (head, tail) = line.split_once(": to=").expect("a delivery line");
+    let (head, _) = head.rsplit_once(' ').expect("a queue id");
+    format!("{head} {qid}: to={tail}\n")
+}
+
+const UNKNOWN_DOMAINS: &str = r#"
+  example.com:
+    mode: split
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [alice@example.com] }]
+  example.edu:
+    mode: dual
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+    accounts: [{ list: [ed@example.edu] }]
+  example.net:
+    mode: route
+    verify: postmaster@example.net
+    destination: { hosts: ["[192.0.2.30]:2525"] }
+"#;
+
+/// Issue 23: dictionary spam must not switch routing off. 25 unknown
+/// addresses of a split domain bounce (`550 5.1.1 … User unknown`, as
+/// Postfix and Sendmail log it) with threshold 3: not counted, counted
+/// as ignored instead. A destination that refuses everything (`554 5.7.1
+/// Relay access denied`) still trips at 3. And `5.1.1` for an address
+/// the destination must have — a copy of a local user of a dual domain,
+/// the domain's `verify` address — is a broken destination and trips
+/// too (docs/design.md §7, "What the breaker counts").
+#[tokio::test]
+async fn task_does_not_trip_on_unknown_addresses_but_on_a_refusing_destination() {
+    let task = start_task_with(UNKNOWN_DOMAINS, "", true).await;
+    task.settle().await;
+    let mut spam = String::new();
+    for i in 0..25 {
+        let template = if i % 2 == 0 {
+            POSTFIX_USER_UNKNOWN
+        } else {
+            SENDMAIL_BOUNCED
+        };
+        let to = format!("zed{i}@example.com.dualroute.invalid");
+        spam.push_str(&failure(template, &format!("4Bc1xY2z3K{i:03}"), &to));
+    }
+    append(&task.log, &spam);
+    let metric = |name: &str, domain: &str, label: (&str, &str)| {
+        support::metrics::Scrape {
+            status: String::new(),
+            content_type: String::new(),
+            text: task.milter.metrics(),
+        }
+        .count(name, &[("domain", domain), label])
+    };
+    let ignored = || {
+        metric(
+            "dualroute_breaker_ignored_total",
+            "example.com",
+            ("reason", "user_unknown"),
+        )
+    };
+    support::wait_until("25 unknown addresses read (or a trip)", || {
+        let done = ignored() == 25.0 || task.tripped("example.com");
+        async move { done.then_some(()) }
+    })
+    .await;
+    task.settle().await;
+    assert!(
+        !task.tripped("example.com"),
+        "25 unknown addresses tripped the breaker: {:?}",
+        task.held("example.com")
+    );
+    assert_eq!(task.held("example.com"), None);
+    assert_eq!(ignored(), 25.0);
+    // With `soft_bounce = yes` Postfix keeps the message and logs the
+    // refusal again at every retry: one address, seen once.
+    append(
+        &task.log,
+        &failure(
+            POSTFIX_SOFT_BOUNCE,
+            "4Bc1xY2z3S001",
+            "zed25@example.com.dualroute.invalid",
+        )
+        .repeat(3),
+    );
+    support::wait_until("the soft-bounced unknown read", || {
+        let done = ignored() >= 26.0;
+        async move { done.then_some(()) }
+    })
+    .await;
+    task.settle().await;
+    assert_eq!(ignored(), 26.0);
+    assert!(!task.tripped("example.com"));
+    assert_eq!(
+        metric(
+            "dualroute_breaker_failures_total",
+            "example.com",
+            ("kind", "bounce")
+        ),
+        0.0
+    );
+
+    // The destination refuses to relay: three permanent failures trip.
+    let mut refused = String::new();
+    for i in 0..3 {
+        let to = format!("rcpt{i}@example.com.dualroute.invalid");
+        refused.push_str(&failure(
+            POSTFIX_RELAY_DENIED,
+            &format!("4Bc1xY2z3R{i:03}"),
+            &to,
+        ));
+    }
+    append(&task.log, &refused);
+    task.wait_tripped("example.com").await;
+    let state = dualroute::state::StateDir::new(&task.state);
+    let t = state.load("example.com").unwrap().tripped.unwrap();
+    assert_eq!(t.bounces, 3, "{t:#?}");
+    assert!(
+        t.recent.iter().all(|l| l.contains("dsn=5.7.1")),
+        "the unknowns are not among the failures counted: {:#?}",
+        t.recent
+    );
+
+    // 5.1.1 for ed, who has a mailbox here (example.edu is dual: his copy
+    // goes to the destination, which must know him), and for the verify
+    // address of example.net: the destination lost its users.
+    for (domain, to, template) in [
+        (
+            "example.edu",
+            "ed@example.edu.dualroute.invalid",
+            POSTFIX_USER_UNKNOWN,
+        ),
+        (
+            "example.net",
+            "postmaster@example.net.dualroute.invalid",
+            SENDMAIL_BOUNCED,
+        ),
+    ] {
+        let mut lines = String::new();
+        for i in 0..3 {
+            lines.push_str(&failure(template, &format!("4Bc1xY2z3E{i:03}"), to));
+        }
+        append(&task.log, &lines);
+        task.wait_tripped(domain).await;
+        let t = state.load(domain).unwrap().tripped.unwrap();
+        assert_eq!(t.bounces, 3, "{domain}: {t:#?}");
+    }
+}
+
 #[tokio::test]
 async fn task_follows_rotation_and_a_log_that_appears_later() {
     let task = start_task("", false).await;
@@ -643,6 +963,22 @@ async fn task_follows_rotation_and_a_log_that_appears_later() {
 // End to end: dualroute run + private Postfix + a refusing smtp-sink.
 // ---------------------------------------------------------------------
 
+/// Waits until the breaker of `milter` follows the mail log: it starts
+/// at the log's end a moment after the milter serves, and a bounce
+/// logged before that is history, never counted.
+fn wait_following(milter: &MilterProcess) {
+    if support::poll(|| {
+        milter
+            .log()
+            .contains("bounce breaker: following")
+            .then_some(())
+    })
+    .is_none()
+    {
+        panic!("the breaker did not start\n{}", milter.log());
+    }
+}
+
 const SENDER: &str = "sender@outside.test";
 const INSTANCE: &str = "breaker.test";
 
@@ -653,7 +989,8 @@ fn message(subject: &str) -> String {
 }
 
 /// The real thing: example.com is split and routed to a destination that
-/// refuses every recipient. Three bounces of routed mail trip the breaker
+/// refuses every recipient (`554 5.7.1 Relay access denied`: it does not
+/// take our mail at all). Three bounces of routed mail trip the breaker
 /// (threshold 3 within 1 h); from then on the milter is transparent for
 /// example.com, so Postfix files an unknown address in the catch-all
 /// Maildir instead of routing it; a restart keeps that; `dualroute enable`
@@ -665,7 +1002,7 @@ fn postfix_bounces_trip_the_breaker_end_to_end() {
         .tempdir()
         .expect("a temporary directory");
     let dir = tmp.path();
-    let sink = support::SmtpSink::start_rejecting();
+    let sink = support::SmtpSink::start_refusing_relay();
     let milter_port = support::Port::reserve();
     let config = dir.join("milter.yaml");
     let state = dir.join("state");
@@ -697,6 +1034,7 @@ domains:
     )
     .unwrap();
     let mut milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
+    wait_following(&milter);
 
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = |milter: &MilterProcess| {
@@ -739,7 +1077,7 @@ domains:
     assert_eq!(bounced.len(), 1, "{}", diag(&milter));
     assert_eq!(
         (bounced[0].status.as_str(), bounced[0].dsn.as_str()),
-        ("bounced", "5.1.1")
+        ("bounced", "5.7.1")
     );
     assert_eq!(
         bounced[0].relay,
@@ -887,7 +1225,7 @@ domains:
         "{}",
         diag(&milter)
     );
-    assert!(zed6.text.contains("rejected by smtp-sink"), "{}", zed6.line);
+    assert!(zed6.text.contains("Relay access denied"), "{}", zed6.line);
     assert!(
         support::read_maildir(&catchall).is_empty(),
         "{}",
@@ -915,6 +1253,125 @@ domains:
     }
 }
 
+/// The issue 23 trial, for real: example.com is split, its destination
+/// knows nobody we send it (every RCPT `550 5.1.1`), and three messages
+/// to made-up addresses (zed1, zed2, zed3) bounce with threshold 3. Before,
+/// that tripped the breaker and carol, who is real, got 451; now each
+/// bounce is logged as not counted, `status` shows 0 permanent failures
+/// and the domain still routes.
+#[test]
+fn postfix_unknown_addresses_do_not_trip_end_to_end() {
+    let tmp = tempfile::Builder::new()
+        .prefix("dualroute-unknown-")
+        .tempdir()
+        .expect("a temporary directory");
+    let dir = tmp.path();
+    let sink = support::SmtpSink::start_rejecting();
+    let milter_port = support::Port::reserve();
+    let config = dir.join("milter.yaml");
+    let state = dir.join("state");
+    let domains = format!(
+        r#"listen: inet:127.0.0.1:{milter_port}
+instance: {INSTANCE}
+state_dir: {state}
+domains:
+  example.com:
+    mode: split
+    destination: {{ hosts: ["{sink}"] }}
+    accounts: [{{ list: [alice@example.com] }}]
+"#,
+        state = state.display(),
+        sink = sink.nexthop()
+    );
+    fs::write(&config, &domains).unwrap();
+    let opts = support::PostfixOptions::default()
+        .domain_without_catchall("example.com", &["alice@example.com"]);
+    let opts = postfix_config(&config, &dir.join("postfix-config")).apply_to(opts);
+    let pf = support::Postfix::start(opts);
+    fs::write(
+        &config,
+        format!(
+            "{domains}breaker: {{ maillog: {}, threshold: 3, window: 1h }}\n",
+            pf.maillog_path().display()
+        ),
+    )
+    .unwrap();
+    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
+    wait_following(&milter);
+    let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
+    let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
+    for (i, subject) in ["first", "second", "third"].iter().enumerate() {
+        let rcpt = format!("zed{}@example.com", i + 1);
+        let t = client.send(SENDER, &[&rcpt], &message(subject));
+        assert!(t.accepted(), "{t}\n{}", diag());
+    }
+    pf.wait_queue_empty();
+    let not_counted = || {
+        milter
+            .log()
+            .lines()
+            .filter(|l| l.contains("not counted by the bounce breaker"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    if support::poll(|| (not_counted().len() == 3).then_some(())).is_none() {
+        panic!("timed out waiting for 3 uncounted bounces\n{}", diag());
+    }
+    // The bounces are Postfix's own: 5.1.1 from the destination.
+    let bounced: Vec<support::Delivery> = pf
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.to.ends_with("@example.com.dualroute.invalid"))
+        .collect();
+    assert_eq!(bounced.len(), 3, "{}", diag());
+    assert!(
+        bounced
+            .iter()
+            .all(|d| d.status == "bounced" && d.dsn == "5.1.1"),
+        "{}",
+        diag()
+    );
+    // One line per address, in the order Postfix delivered them.
+    let lines = not_counted();
+    for line in &lines {
+        assert!(
+            line.contains("INFO")
+                && line.contains("no such mailbox at the destination (dsn=5.1.1)")
+                && line.contains("destination.reject_unknown"),
+            "{line}"
+        );
+    }
+    for n in 1..=3 {
+        let to = format!("<zed{n}@example.com.dualroute.invalid>");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(&to)).count(),
+            1,
+            "{to}: {lines:#?}"
+        );
+    }
+    assert!(!state.join("example.com.tripped").exists(), "{}", diag());
+    assert!(
+        !milter.log().contains("bounce breaker tripped"),
+        "{}",
+        diag()
+    );
+    let (_, status) = dualroute(&config, &["status"]);
+    assert!(
+        status.contains("example.com: mode split: active")
+            && status.contains("breaker: 0 permanent failures (trips at 3)"),
+        "{status}"
+    );
+    // Still routing: the next unknown address goes to the destination
+    // again instead of 451 4.4.4.
+    let t = client.send(SENDER, &["zed4@example.com"], &message("fourth"));
+    assert!(t.accepted(), "{t}\n{}", diag());
+    drop(milter);
+    drop(pf);
+    if support::keep_tmp() {
+        eprintln!("DUALROUTE_KEEP_TMP: kept {}", tmp.keep().display());
+    }
+}
+
 /// Notification by mail (README "Notification by mail"), for real: the
 /// breaker trips in a private Postfix and the administrator's message
 /// lands in their Maildir, through the same Postfix and so through this
@@ -928,7 +1385,7 @@ fn postfix_trip_notifies_the_admin_end_to_end() {
         .tempdir()
         .expect("a temporary directory");
     let dir = tmp.path();
-    let refusing = support::SmtpSink::start_rejecting();
+    let refusing = support::SmtpSink::start_refusing_relay();
     let other = support::SmtpSink::start();
     let milter_port = support::Port::reserve();
     let config = dir.join("milter.yaml");
@@ -968,6 +1425,7 @@ domains:
     )
     .unwrap();
     let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
+    wait_following(&milter);
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
     let admin = || pf.maildir_messages("postmaster@example.net");

@@ -3,6 +3,7 @@
 //! routing address belongs to ([`Attribution`]). Pure functions of text
 //! and policy; the breaker (`mod.rs`) does the counting.
 
+use crate::address::Address;
 use crate::policy::Policy;
 use std::collections::HashMap;
 
@@ -32,6 +33,11 @@ pub struct Failure {
     pub recipients: Vec<String>,
     /// The enhanced status code (RFC 3463), e.g. `5.1.1`.
     pub dsn: String,
+    /// A permanent failure that says the destination has no such mailbox
+    /// ([`unknown_mailbox`]): it is about the address, not the
+    /// destination, and the breaker counts it only for an address the
+    /// destination must have ([`Attribution::expected`]).
+    pub unknown_mailbox: bool,
     /// The whole line, for the administrator.
     pub line: String,
 }
@@ -67,8 +73,14 @@ pub fn parse_line(line: &str) -> Option<Failure> {
     let to = fields.next()?;
     let mut dsn = None;
     let mut outcome = None;
+    // From the dsn on: Postfix's outcome and reply text; Sendmail 8.17's
+    // `reply=` (the other server's words) and `stat=`.
+    let mut text = "";
     for field in fields {
         if let Some(v) = field.strip_prefix("dsn=") {
+            if dsn.is_none() {
+                text = rest_from(rest, field);
+            }
             dsn.get_or_insert(v);
         } else if let Some(v) = field.strip_prefix("status=") {
             // Postfix: the last field; its text may contain anything.
@@ -115,9 +127,60 @@ pub fn parse_line(line: &str) -> Option<Failure> {
         kind,
         queue_id: queue_id.to_owned(),
         recipients,
+        unknown_mailbox: kind == FailureKind::Bounce && unknown_mailbox(dsn, text),
         dsn: dsn.to_owned(),
         line: line.to_owned(),
     })
+}
+
+/// `rest` from where `part`, a field `split` out of it, starts, to its
+/// end: the reply text may itself contain ", ". (`split` gives no
+/// offsets; a sub-slice's address does.)
+fn rest_from<'a>(rest: &'a str, part: &'a str) -> &'a str {
+    let at = (part.as_ptr() as usize).saturating_sub(rest.as_ptr() as usize);
+    rest.get(at..).unwrap_or(part)
+}
+
+/// Whether a permanent failure with enhanced status `dsn` and outcome
+/// `text` says that the destination has no such mailbox — which is
+/// about the address, not the destination (docs/design.md §7, "What the
+/// breaker counts"):
+///
+/// - `X.1.1` "bad destination mailbox address" and `X.1.6` "destination
+///   mailbox has moved" (RFC 3463 §3.2): Postfix's "User unknown in
+///   virtual mailbox table", Sendmail's `dsn=5.1.1` (its `stat=User
+///   unknown` is not read: Sendmail writes it for any 550 at RCPT,
+///   relay denied included), Google's
+///   "The email account that you tried to reach does not exist",
+///   Microsoft's `5.1.1 RESOLVER.ADR.RecipNotFound`. (`soft_bounce`
+///   turns the class into 4 and keeps subject and detail: `4.1.1`.)
+/// - `X.1.0` "other address status" only with a text that says so ("user
+///   unknown", "no such user", "unknown user"): Postfix answers `5.1.0`
+///   for an unknown *sender* too ("Sender address rejected: User
+///   unknown"), and a destination that refuses our senders refuses all
+///   routed mail. "Recipient address rejected" alone is not enough: it
+///   begins every Postfix recipient restriction's reply, access denied
+///   included.
+/// - `X.1.10` only as Microsoft 365 uses it ("RecipientNotFound"): RFC
+///   7505 gave `X.1.10` to a null MX, which is a destination that takes
+///   no mail at all.
+///
+/// Everything else counts, `X.1.2` (the destination does not know the
+/// domain), `X.2.x` (mailbox disabled or full: an existing mailbox, and
+/// "disabled" for every user is an expired subscription) and `X.7.x`
+/// (relay or policy denied) included.
+fn unknown_mailbox(dsn: &str, text: &str) -> bool {
+    let mut parts = dsn.splitn(2, '.').skip(1);
+    let text = text.to_ascii_lowercase();
+    let says = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    match parts.next().unwrap_or_default() {
+        "1.1" | "1.6" => true,
+        "1.0" => {
+            !says(&["sender address"]) && says(&["user unknown", "no such user", "unknown user"])
+        }
+        "1.10" => says(&["recipientnotfound"]),
+        _ => false,
+    }
 }
 
 /// What a delivery line says happened.
@@ -234,6 +297,88 @@ impl Attribution {
             .get(&domain)
             .map(Vec::as_slice)
             .unwrap_or(&[])
+    }
+}
+
+/// Why the destination of a managed domain must know an address: a
+/// "no such mailbox" answer for it is then a broken destination (its
+/// directory lost its users, the accounts were never created there), not
+/// an address a spammer made up, and counts (docs/design.md §7).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Expected {
+    /// The domain's `verify:` address, which the destination accepted
+    /// before routing began.
+    Verify,
+    /// The address has a mailbox here (in the domain's accounts; in a
+    /// `dual` domain without accounts, every address the MTA accepted):
+    /// its copy or its routed mail goes to a user who exists, and who
+    /// must exist there too.
+    Mailbox,
+    /// A per-user `copy_to`/`redirect_to` target: the administrator
+    /// named it in milter.yaml.
+    Target,
+    /// The destination's own address list (`reject_unknown.accounts`)
+    /// names it: the destination said it has this address, and the
+    /// milter routed it on that word.
+    Listed,
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Expected::Verify => "it is the domain's `verify` address",
+            Expected::Mailbox => "it has a mailbox here, so the destination must know it",
+            Expected::Target => "it is a `copy_to`/`redirect_to` target in the configuration",
+            Expected::Listed => {
+                "the destination's own address list (reject_unknown.accounts) names it"
+            }
+        })
+    }
+}
+
+impl Attribution {
+    /// Why the destination of `domain` must know `recipient`, a routing
+    /// address of `domain` as logged ([`Attribution::domains`]), if it
+    /// must; `None` for an address nobody here vouches for (a split
+    /// address without a mailbox here, any address of a route domain
+    /// without accounts, not in the destination's own list), whose "user
+    /// unknown" is not counted.
+    pub fn expected(&self, policy: &Policy, domain: &str, recipient: &str) -> Option<Expected> {
+        if let Some((local, at)) = recipient.rsplit_once('@') {
+            let key = target_key(local, &at.trim_end_matches('.').to_ascii_lowercase());
+            if self
+                .targets
+                .get(&key)
+                .is_some_and(|d| d.iter().any(|d| d == domain))
+            {
+                return Some(Expected::Target);
+            }
+        }
+        let d = policy.domains.get(domain)?;
+        let address = Address::parse(recipient.trim_end_matches('.')).ok()?;
+        // The address as it arrives there (docs/design.md §4): the relay
+        // domain is the managed domain again after `smtp_generic_maps`; a
+        // `change_envelope` address arrives as it is.
+        let arrives_at = match d.relay_domain(&policy.config.relay_suffix.0) {
+            Some(relay) if relay == address.domain => d.name.as_str(),
+            _ => address.domain.as_str(),
+        };
+        let key = policy.rules.key(&address.unquoted_local()).into_owned();
+        if d.config
+            .verify
+            .as_ref()
+            .is_some_and(|v| v.domain == arrives_at && policy.rules.key(&v.unquoted_local()) == key)
+        {
+            return Some(Expected::Verify);
+        }
+        if policy.present(d, &key) {
+            return Some(Expected::Mailbox);
+        }
+        // The lookup the milter made at RCPT (the local part only, as
+        // accounts are looked up), so that both agree on what is listed.
+        crate::callout::listed(policy, d, recipient)
+            .is_some_and(|a| a.verdict == crate::callout::Verdict::Known)
+            .then_some(Expected::Listed)
     }
 }
 

@@ -11,10 +11,10 @@
 //! once (the domain now behaves as `enabled: false`), and an error says why
 //! and how to switch routing back on (`dualroute enable DOMAIN`).
 //!
-//! Why it exists: a destination that starts refusing routed mail (the
-//! mailboxes were never created there, the account expired, a typo in
-//! `destination`) turns every routed message into a bounce to an outside
-//! sender. Zoho's "bounce notification" has the same purpose; here routing
+//! Why it exists: a destination that starts refusing routed mail (relay
+//! denied, the account expired, the mailboxes of our users were never
+//! created there, a typo in `destination`) turns every routed message
+//! into a bounce to an outside sender. Zoho's "bounce notification" has the same purpose; here routing
 //! stops instead of merely telling someone.
 //!
 //! What the follower does with the log file ([`Follower`]):
@@ -40,6 +40,18 @@
 //! they are late bounces of mail routed before, and must not trip the domain
 //! again as soon as an administrator enables it.
 //!
+//! A permanent failure that says the destination has no such mailbox
+//! (`5.1.1` user unknown: [`Failure::unknown_mailbox`]) is about the
+//! address, not the destination: a dictionary spammer makes up thousands,
+//! each accepted here, routed and bounced there, and must not switch
+//! routing off (issue 23: three of them tripped a domain with a low
+//! threshold). It counts only for an address the destination must have
+//! ([`Attribution::expected`]: the `verify` address, a mailbox here, a
+//! configured target, the destination's own list), which is how a destination that lost all its users
+//! still trips; otherwise it is logged at INFO and counted in
+//! `dualroute_breaker_ignored_total`. docs/design.md §7, "What the breaker
+//! counts".
+//!
 //! Deferrals (temporary failures) are counted beside the bounces, each
 //! (queue id, recipient) once per window however often the MTA retries
 //! it: a destination that throttles new senders (Google `421 4.7.28`,
@@ -56,7 +68,7 @@ mod follow;
 mod maillog;
 
 pub use follow::Follower;
-pub use maillog::{parse_line, Attribution, Failure, FailureKind};
+pub use maillog::{parse_line, Attribution, Expected, Failure, FailureKind};
 
 use crate::config::{human, BreakerConfig};
 use crate::live::{Installer, LivePolicy};
@@ -241,7 +253,10 @@ impl Breaker {
         self.seen
             .retain(|_, at| now.saturating_duration_since(*at) < span);
         for f in &failures {
-            let mut owners: Vec<String> = Vec::new();
+            // (domain, why a "no such mailbox" counts) to count.
+            let mut owners: Vec<(String, Option<Expected>)> = Vec::new();
+            // (domain, recipient) of "no such mailbox" answers not counted.
+            let mut unknown: Vec<(String, &str)> = Vec::new();
             // A 4.x.x dsn: the MTA keeps the message and logs it again at
             // every retry (a bounce is logged once).
             let retried = f.dsn.starts_with('4');
@@ -250,14 +265,36 @@ impl Breaker {
                 if retried && self.seen.contains_key(&key) {
                     continue;
                 }
-                let mine = self.attribution(policy).domains(rcpt).to_vec();
-                if retried && !mine.is_empty() {
+                let attribution = self.attribution(policy);
+                let mine = attribution.domains(rcpt).to_vec();
+                // Seen once, counted or not: a soft-bounced unknown is
+                // logged again at every retry, and is one address.
+                let ours = !mine.is_empty();
+                let mut counted = Vec::with_capacity(mine.len());
+                for domain in mine {
+                    if !f.unknown_mailbox {
+                        counted.push((domain, None));
+                        continue;
+                    }
+                    // docs/design.md §7, "What the breaker counts": an
+                    // unknown address is the sender's mistake or a
+                    // dictionary's guess, unless the destination must
+                    // know it.
+                    match attribution.expected(policy, &domain, rcpt) {
+                        Some(why) => counted.push((domain, Some(why))),
+                        None => unknown.push((domain, rcpt)),
+                    }
+                }
+                if retried && ours {
                     self.seen.insert(key, now);
                 }
-                owners.extend(mine);
+                owners.extend(counted);
             }
-            for domain in owners {
-                self.count(policy, reach, &dir, &domain, f, now);
+            for (domain, rcpt) in unknown {
+                not_counted(policy, reach, &domain, rcpt, f);
+            }
+            for (domain, why) in owners {
+                self.count(policy, reach, &domain, f, why, now);
             }
         }
         self.record_counts(&dir, now);
@@ -297,11 +334,12 @@ impl Breaker {
         &mut self,
         policy: &Policy,
         reach: &Reach,
-        dir: &StateDir,
         domain: &str,
         f: &Failure,
+        expected: Option<Expected>,
         now: Instant,
     ) {
+        let dir = StateDir::new(&policy.config.state_dir);
         // Routing is already off (or the state is unreadable, which holds
         // the domain too): a late bounce of mail routed before.
         match dir.load(domain) {
@@ -338,9 +376,14 @@ impl Breaker {
                 Some(n) => format!("{n} before routing is switched off"),
                 None => "not a trip condition".into(),
             };
+            // Why a "no such mailbox" answer counted, for the
+            // administrator who knows that most do not.
+            let why = expected
+                .map(|e| format!("no such mailbox at the destination, counted: {e}; "))
+                .unwrap_or_default();
             match f.kind {
                 FailureKind::Bounce => tracing::warn!(
-                    "{domain}: routed mail failed permanently ({} of {threshold} within {} before routing is switched off; {} deferrals): {}",
+                    "{domain}: routed mail failed permanently ({why}{} of {threshold} within {} before routing is switched off; {} deferrals): {}",
                     now_counts.bounces,
                     human(span),
                     now_counts.deferrals,
@@ -409,6 +452,30 @@ impl Breaker {
             },
         );
     }
+}
+
+/// A "no such mailbox" answer for `rcpt`, routed for `domain`, that the
+/// breaker does not count (docs/design.md §7, "What the breaker
+/// counts"): one INFO line that says so and why, and the metric. The MTA
+/// has logged the bounce itself; this line says what the breaker made of
+/// it.
+fn not_counted(policy: &Policy, reach: &Reach, domain: &str, rcpt: &str, f: &Failure) {
+    reach.metrics.breaker_ignored(domain, "user_unknown");
+    let asks = policy
+        .domains
+        .get(domain)
+        .and_then(|d| d.config.reject_unknown.as_ref())
+        .is_some_and(|r| r.callout);
+    let hint = if asks {
+        ""
+    } else {
+        "; `destination.reject_unknown` would refuse such addresses at RCPT instead, with no bounce"
+    };
+    tracing::info!(
+        "{domain}: routed mail to <{rcpt}> bounced: no such mailbox at the destination (dsn={}); not counted by the bounce breaker: an unknown address says nothing about the destination, and dictionary spam must not switch routing off{hint}: {}",
+        f.dsn,
+        f.line
+    );
 }
 
 /// Runs the breaker for the life of the milter: polls `breaker.maillog`

@@ -5,6 +5,7 @@
 
 mod accounts;
 mod breaker;
+mod cluster;
 mod connections;
 mod de;
 mod destination;
@@ -21,6 +22,7 @@ mod units;
 
 pub use accounts::*;
 pub use breaker::*;
+pub use cluster::*;
 pub use connections::*;
 pub use destination::*;
 pub use dns::*;

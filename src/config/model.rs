@@ -6,6 +6,7 @@
 //! breaker.rs, notify.rs, connections.rs, metrics.rs, dns.rs; the units in
 //! units.rs).
 
+use super::cluster::ClusterConfig;
 use super::domains::DomainEntries;
 use super::{
     BreakerConfig, ConnectionsConfig, DnsConfig, DomainConfig, DomainName, Gateway, MetricsConfig,
@@ -75,6 +76,8 @@ pub struct Config {
     pub shadow: bool,
     /// `metrics:`; `None`: no metrics endpoint.
     pub metrics: Option<MetricsConfig>,
+    /// `cluster:`; `None`: this node alone (DESIGN.md §11).
+    pub cluster: Option<ClusterConfig>,
     /// Recipients one message may have in the milter (`max_recipients:`).
     pub max_recipients: std::num::NonZeroUsize,
     /// The file this was read from: the checks that need the accounts
@@ -148,6 +151,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub shadow: bool,
     pub metrics: Option<MetricsConfig>,
+    pub cluster: Option<ClusterConfig>,
     #[serde(default = "default_max_recipients")]
     pub max_recipients: std::num::NonZeroUsize,
 }

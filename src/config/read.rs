@@ -262,6 +262,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         connections: raw.connections,
         shadow: raw.shadow,
         metrics: raw.metrics,
+        cluster: raw.cluster,
         max_recipients: raw.max_recipients,
         source: Source {
             file: file.to_owned(),

@@ -163,6 +163,12 @@ impl Actor {
             );
             now.connections = was.connections.clone();
         }
+        if was.cluster != now.cluster {
+            tracing::warn!(
+                "cluster changed: the fleet's Redis is set up at start; restart dualroute to apply it"
+            );
+            now.cluster = was.cluster.clone();
+        }
         if was.metrics != now.metrics {
             tracing::warn!(
                 "metrics changed: the endpoint is set up at start; restart dualroute to apply it"

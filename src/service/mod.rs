@@ -228,6 +228,15 @@ where
         config_path.clone(),
         intervals.accounts,
     ));
+    // The fleet (`cluster:`, DESIGN.md §11): read at start, as `listen`.
+    if let Some(cluster) = policy.current().config.cluster.clone() {
+        tasks.spawn(crate::cluster::run(
+            cluster,
+            policy.clone(),
+            installer.clone(),
+            metrics.clone(),
+        ));
+    }
     // The bounce breaker (docs/design.md §7) idles while there is no
     // `breaker:`, and follows reloads that add, change or remove it.
     tasks.spawn(breaker::run(

@@ -28,6 +28,11 @@ const REJECTING: &[&str] = &[
     "550 5.1.1 Error: recipient rejected by smtp-sink",
 ];
 
+/// smtp-sink options that refuse every RCPT as a destination that does
+/// not take our mail at all: the bounce breaker counts these, where it
+/// does not count `5.1.1` for an unknown address (docs/design.md §7).
+const REFUSING_RELAY: &[&str] = &["-f", "RCPT", "-B", "554 5.7.1 Relay access denied"];
+
 /// `smtp-sink` on a free loopback port, dumping each message to a file:
 /// the "other server" of a test. Route mail to it with a transport entry
 /// like `example.com.dualroute.invalid smtp:` + [`SmtpSink::nexthop`].
@@ -48,6 +53,11 @@ impl SmtpSink {
     /// A sink that answers every RCPT `550 5.1.1` (so Postfix bounces).
     pub fn start_rejecting() -> SmtpSink {
         Self::start_with(REJECTING)
+    }
+
+    /// A sink that answers every RCPT `554 5.7.1 Relay access denied`.
+    pub fn start_refusing_relay() -> SmtpSink {
+        Self::start_with(REFUSING_RELAY)
     }
 
     /// Turns this sink into one that accepts everything, on the same port
