@@ -154,11 +154,14 @@ breaker: {{ maillog: {maillog}, threshold: 3, window: 1h }}
     }
 
     /// Appends a Postfix line to the node's MTA log: the routed copy of
-    /// `local@example.com` in queue `queue_id` bounced (5.1.1).
+    /// `local@example.com` in queue `queue_id` bounced because the
+    /// destination refuses to relay (5.7.1: the destination is at fault,
+    /// so the breaker counts it; a 5.1.1 "no such user" of a made-up
+    /// address would not count, docs/design.md §7).
     fn bounce(&self, queue_id: &str, local: &str) {
         use std::io::Write as _;
         let line = format!(
-            "Dec  5 01:00:00 {name} postfix/smtp[1234]: {queue_id}: to=<{local}@example.com.dualroute.invalid>, orig_to=<{local}@example.com>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=5.1.1, status=bounced (host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <{local}@example.com>: Recipient address rejected (in reply to RCPT TO command))\n",
+            "Dec  5 01:00:00 {name} postfix/smtp[1234]: {queue_id}: to=<{local}@example.com.dualroute.invalid>, orig_to=<{local}@example.com>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.05, delays=0.01/0.01/0.02/0.01, dsn=5.7.1, status=bounced (host 127.0.0.1[127.0.0.1] said: 554 5.7.1 <{local}@example.com.dualroute.invalid>: Relay access denied (in reply to RCPT TO command))\n",
             name = self.name,
         );
         let path = self.maillog();
