@@ -3,7 +3,9 @@
 //! no persistence (`--save "" --appendonly no`), its working directory in a
 //! temporary tree. The test can kill it (SIGKILL, as a crash or a pulled
 //! cable would) and start it again on the same port with nothing in it,
-//! which is what a Redis without persistence looks like after a restart.
+//! which is what a Redis without persistence looks like after a restart,
+//! or with the data of an explicit `SAVE` (a Redis with persistence, or
+//! a network partition that healed).
 //!
 //! Redis binds its own port (it takes no socket from us and has no port
 //! 0), so it is started through [`ports::start_on_a_port`]: a candidate
@@ -93,9 +95,29 @@ impl Redis {
     /// and says so.
     pub fn restart_empty(&mut self) {
         self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+        self.respawn();
+    }
+
+    /// Saves the data (`SAVE`: a snapshot in the working directory) and
+    /// kills the server; the outage lasts until [`Redis::come_back`]. A
+    /// Redis with persistence that crashed, or a network partition: the
+    /// nodes lose it for a while and find it again with its data.
+    pub fn save_and_kill(&mut self) {
+        assert_eq!(self.cli(&["SAVE"]).trim(), "OK", "SAVE before the kill");
+        self.kill();
+    }
+
+    /// Starts the killed server again on the same port with whatever its
+    /// working directory holds (the snapshot of [`Redis::save_and_kill`]).
+    pub fn come_back(&mut self) {
+        self.kill();
+        self.respawn();
+    }
+
+    fn respawn(&mut self) {
         self.runs += 1;
         let base = self.tmp.as_ref().expect("the temporary tree").path();
-        let _ = fs::remove_dir_all(&self.dir);
         let child = spawn(&self.dir, base, self.runs, self.port).unwrap_or_else(|why| {
             panic!(
                 "redis-server could not listen on 127.0.0.1:{} again: {why}",
