@@ -44,11 +44,11 @@
 //! cargo bench --bench milter -- [same options] [--libmilter PATH] [--threads 1,2] [--before PATH] [--reload] [--pin] [--callgrind] [--noop-preload LIB]
 //! ```
 
+#[path = "../tests/support/callout_stub.rs"]
+mod callout_stub;
 #[allow(unused_imports)]
 #[path = "../tests/support/mod.rs"]
 mod support;
-#[path = "../tests/support/callout_stub.rs"]
-mod callout_stub;
 
 use dualroute::milter::negotiation;
 use dualroute::runtime::THREADS_VAR;
@@ -527,9 +527,12 @@ fn callout_latency(runtime: &tokio::runtime::Runtime, at: &Endpoint, n: usize) {
                 Endpoint::Tcp(port) => mta.open_tcp(("127.0.0.1", *port)).await,
             }
             .expect("negotiate");
-            c.connect("client.example.org", std::net::IpAddr::from([203, 0, 113, 9]))
-                .await
-                .expect("connect");
+            c.connect(
+                "client.example.org",
+                std::net::IpAddr::from([203, 0, 113, 9]),
+            )
+            .await
+            .expect("connect");
             c.mail(["<sender@example.org>"]).await.expect("mail");
             let parsed = rcpt[1..rcpt.len() - 1].to_owned();
             c.macros(MacroStage::Rcpt, [("{rcpt_addr}", parsed.as_str())])
@@ -573,7 +576,10 @@ fn callout_latency(runtime: &tokio::runtime::Runtime, at: &Endpoint, n: usize) {
     };
     println!("reject_unknown RCPT latency, {n} addresses one at a time, loopback destination:");
     println!("  cold callout (550 from the destination)  {}", show(cold));
-    println!("  the same address, cached                  {}", show(cached));
+    println!(
+        "  the same address, cached                  {}",
+        show(cached)
+    );
     println!("  a mailbox here (no callout)               {}", show(here));
 }
 

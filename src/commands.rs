@@ -64,7 +64,13 @@ pub fn explain(
         if let Some(answer) = crate::callout::listed(&policy, d, &asked) {
             println!(
                 "{}",
-                crate::explain::reject_unknown_line(&policy, d, &asked, Some(&answer), "address list")
+                crate::explain::reject_unknown_line(
+                    &policy,
+                    d,
+                    &asked,
+                    Some(&answer),
+                    "address list"
+                )
             );
             continue;
         }
@@ -79,7 +85,9 @@ pub fn explain(
             })
         });
         let Some(engine) = engine.as_ref() else {
-            return Err("cannot build a DNS resolver for callouts (see `dns:` in the configuration)".into());
+            return Err(
+                "cannot build a DNS resolver for callouts (see `dns:` in the configuration)".into(),
+            );
         };
         if live {
             let rt = match &mut runtime {
@@ -94,13 +102,25 @@ pub fn explain(
             let answer = rt.block_on(engine.live(&d.name, &d.config, &asked));
             println!(
                 "{}",
-                crate::explain::reject_unknown_line(&policy, d, &asked, Some(&answer), "live callout")
+                crate::explain::reject_unknown_line(
+                    &policy,
+                    d,
+                    &asked,
+                    Some(&answer),
+                    "live callout"
+                )
             );
         } else {
             let answer = engine.cached(&d.name, &d.config, &asked);
             println!(
                 "{}",
-                crate::explain::reject_unknown_line(&policy, d, &asked, answer.as_ref(), "cached answer")
+                crate::explain::reject_unknown_line(
+                    &policy,
+                    d,
+                    &asked,
+                    answer.as_ref(),
+                    "cached answer"
+                )
             );
         }
     }
@@ -442,14 +462,13 @@ pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCo
 /// What the callout cache of `name` in `state_dir` says (answers, and
 /// whether the destination accepts any address: then the callout protects
 /// nothing, DESIGN.md §10).
-fn callout_line(
-    state_dir: &Path,
-    name: &str,
-    d: &crate::config::DomainConfig,
-) -> String {
+fn callout_line(state_dir: &Path, name: &str, d: &crate::config::DomainConfig) -> String {
     match crate::callout::summary(state_dir, name, d) {
         Ok(Some(s)) => s.line(),
-        Ok(None) => "reject_unknown callouts: nothing cached yet (the milter asks at the first routed RCPT)".into(),
+        Ok(None) => {
+            "reject_unknown callouts: nothing cached yet (the milter asks at the first routed RCPT)"
+                .into()
+        }
         Err(e) => format!(
             "reject_unknown callouts: cannot read the cache in {}: {e}",
             state_dir.display()

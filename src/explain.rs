@@ -123,7 +123,9 @@ pub fn reject_unknown_line(
         .unwrap_or_default();
     let act = match (answer.verdict, unreachable) {
         (Said::Known, _) => "routed".to_owned(),
-        (Said::Unknown, _) => "refused at RCPT with 550 5.1.1 (nothing queued, no bounce)".to_owned(),
+        (Said::Unknown, _) => {
+            "refused at RCPT with 550 5.1.1 (nothing queued, no bounce)".to_owned()
+        }
         (Said::Unreachable, Unreachable::Tempfail) => {
             "refused for now with 451 4.4.3 (unreachable: tempfail; the sender retries)".to_owned()
         }

@@ -84,7 +84,7 @@ impl Policy {
                         crate::config::Mta::Sendmail => routed.to_owned(),
                         _ => [local, "@", name].concat(),
                     };
-                    return asks(d).then(|| (d, arrives));
+                    return asks(d).then_some((d, arrives));
                 }
             }
         }
@@ -241,8 +241,10 @@ impl Policy {
                     now,
                     destination,
                 };
-                (lost > 1 && lost as f64 >= limit * before as f64 && confirmed(&s.key()) != Some(now))
-                    .then_some(s)
+                (lost > 1
+                    && lost as f64 >= limit * before as f64
+                    && confirmed(&s.key()) != Some(now))
+                .then_some(s)
             })
             .collect()
     }

@@ -296,15 +296,32 @@ impl StateDir {
     /// Writes (or, with `None`, removes) the record `kind` of `domain`
     /// from the fleet's canonical YAML; a text that is not such a record
     /// is refused, so nothing read from Redis lands in state_dir unread.
-    pub(crate) fn set_register(&self, domain: &str, kind: &str, text: Option<&str>) -> io::Result<()> {
+    pub(crate) fn set_register(
+        &self,
+        domain: &str,
+        kind: &str,
+        text: Option<&str>,
+    ) -> io::Result<()> {
         let Some(text) = text else {
             return self.remove(domain, kind).map(|_| ());
         };
         let bad = |e: serde_yaml::Error| io::Error::new(io::ErrorKind::InvalidData, e);
         match kind {
-            "disabled" => self.write(domain, kind, &serde_yaml::from_str::<Disabled>(text).map_err(bad)?),
-            "tripped" => self.write(domain, kind, &serde_yaml::from_str::<Tripped>(text).map_err(bad)?),
-            "verify" => self.write(domain, kind, &serde_yaml::from_str::<Verification>(text).map_err(bad)?),
+            "disabled" => self.write(
+                domain,
+                kind,
+                &serde_yaml::from_str::<Disabled>(text).map_err(bad)?,
+            ),
+            "tripped" => self.write(
+                domain,
+                kind,
+                &serde_yaml::from_str::<Tripped>(text).map_err(bad)?,
+            ),
+            "verify" => self.write(
+                domain,
+                kind,
+                &serde_yaml::from_str::<Verification>(text).map_err(bad)?,
+            ),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("no shared record {kind}"),

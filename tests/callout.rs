@@ -756,13 +756,20 @@ async fn the_destination_list_alone_refuses_what_it_does_not_name_without_a_call
         .await;
     assert_rejected(&d.rcpt[0], "550 5.1.1");
     assert!(protocol::rejection(&d.rcpt[0]).contains("unknown at the destination of split.test"));
-    assert_eq!(d.rcpt[1..], [Status::Continue, Status::Continue, Status::Continue]);
+    assert_eq!(
+        d.rcpt[1..],
+        [Status::Continue, Status::Continue, Status::Continue]
+    );
     assert!(
         protocol::deleted(&d.actions).contains("<bob@split.test>"),
         "{:?}",
         d.actions
     );
-    assert!(stub.rcpts().is_empty(), "the destination was asked: {:?}", stub.rcpts());
+    assert!(
+        stub.rcpts().is_empty(),
+        "the destination was asked: {:?}",
+        stub.rcpts()
+    );
     let metrics = milter.metrics();
     for line in [
         "dualroute_callouts_total{domain=\"split.test\",result=\"not_listed\"} 1",
@@ -801,7 +808,11 @@ async fn with_a_list_and_callouts_the_listed_are_not_asked_and_the_others_are() 
     let d = session
         .message(
             None,
-            &[&["<bob@split.test>"], &["<carol@split.test>"], &["<zed@split.test>"]],
+            &[
+                &["<bob@split.test>"],
+                &["<carol@split.test>"],
+                &["<zed@split.test>"],
+            ],
             &[],
         )
         .await;
@@ -831,7 +842,13 @@ async fn explain_callout_asks_the_destination_now_and_caches_nothing() {
     std::fs::write(&config, milter_config(state.path(), &stub.host(), "", "")).unwrap();
     let out = dualroute(
         &config,
-        &["explain", "--callout", "bob@split.test", "zed@split.test", "alice@split.test"],
+        &[
+            "explain",
+            "--callout",
+            "bob@split.test",
+            "zed@split.test",
+            "alice@split.test",
+        ],
     );
     assert!(
         out.contains("reject_unknown: live callout for <bob@split.test>: known (250"),
@@ -869,8 +886,7 @@ async fn explain_callout_asks_the_destination_now_and_caches_nothing() {
     drop(stub);
     let out = dualroute(&config, &["explain", "--callout", "zed@split.test"]);
     assert!(
-        out.contains("live callout for <zed@split.test>: unreachable")
-            && out.contains("451 4.4.3"),
+        out.contains("live callout for <zed@split.test>: unreachable") && out.contains("451 4.4.3"),
         "{out}"
     );
 }

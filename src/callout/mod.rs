@@ -195,7 +195,10 @@ struct Domain {
     /// The destination the cache belongs to (what [`destination_key`] is
     /// made of), to tell a changed destination cheaply.
     destination: crate::config::Destination,
-    tls: (Option<crate::config::TlsLevel>, Vec<crate::config::TlsMatch>),
+    tls: (
+        Option<crate::config::TlsLevel>,
+        Vec<crate::config::TlsMatch>,
+    ),
     cache: Mutex<Cache>,
     /// Addresses with a callout in flight, and where its answer appears.
     flights: Mutex<HashMap<String, watch::Receiver<Option<Answer>>>>,
@@ -698,7 +701,11 @@ impl Summary {
 
 /// The summary of `domain`'s cache file under `state_dir`; `Ok(None)`
 /// when there is none or it was written for another destination.
-pub fn summary(state_dir: &Path, domain: &str, d: &DomainConfig) -> std::io::Result<Option<Summary>> {
+pub fn summary(
+    state_dir: &Path,
+    domain: &str,
+    d: &DomainConfig,
+) -> std::io::Result<Option<Summary>> {
     let state = StateDir::new(state_dir);
     let file = state_dir.join(format!("{domain}.callouts"));
     let Some(cache) = state.read_path::<Cache>(&file)? else {

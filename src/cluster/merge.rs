@@ -49,7 +49,9 @@ impl Kind {
         match self {
             Kind::Disabled => serde_yaml::from_str::<Disabled>(text).ok().map(|d| d.since),
             Kind::Tripped => serde_yaml::from_str::<Tripped>(text).ok().map(|t| t.since),
-            Kind::Verify => serde_yaml::from_str::<Verification>(text).ok().map(|v| v.at),
+            Kind::Verify => serde_yaml::from_str::<Verification>(text)
+                .ok()
+                .map(|v| v.at),
         }
     }
 
@@ -79,11 +81,15 @@ pub fn merge(
     fleet: Option<&str>,
     base: Option<Option<&str>>,
 ) -> Merged {
-    let fleet = fleet.filter(|t| kind.valid(t));
     let same = |v: Option<&str>| Merged {
         value: v.map(str::to_owned),
         held_won: false,
     };
+    // What this node cannot read is not the fleet's word (not an enable
+    // either): this node's record stands, and replaces it there.
+    if fleet.is_some_and(|t| !kind.valid(t)) {
+        return same(local);
+    }
     if local == fleet {
         return same(local);
     }
@@ -121,7 +127,8 @@ pub struct Synced {
     /// no base holds).
     pub epoch: String,
     /// Domain → record kind name → the agreed value.
-    pub domains: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<String>>>,
+    pub domains:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<String>>>,
 }
 
 impl Synced {
@@ -171,7 +178,10 @@ mod tests {
         assert_eq!(m(None, Some(&d1), Some(Some(&d1))).value, None);
         assert_eq!(m(Some(&d1), None, Some(Some(&d1))).value, None);
         // A newer disable replaces an older one.
-        assert_eq!(m(Some(&d1), Some(&d2), Some(Some(&d1))).value.as_deref(), Some(&*d2));
+        assert_eq!(
+            m(Some(&d1), Some(&d2), Some(Some(&d1))).value.as_deref(),
+            Some(&*d2)
+        );
         assert!(!m(None, Some(&d1), Some(Some(&d1))).held_won);
     }
 
@@ -202,8 +212,14 @@ mod tests {
     #[test]
     fn what_is_not_a_record_is_ignored() {
         let d1 = disabled(1);
-        assert_eq!(m(Some(&d1), Some("garbage: [1"), Some(Some(&d1))).value.as_deref(), Some(&*d1));
+        assert_eq!(
+            m(Some(&d1), Some("garbage: [1"), Some(Some(&d1)))
+                .value
+                .as_deref(),
+            Some(&*d1)
+        );
         assert_eq!(m(None, Some("{}"), None).value, None);
+        assert_eq!(m(Some(&d1), Some("{}"), None).value.as_deref(), Some(&*d1));
     }
 
     #[test]

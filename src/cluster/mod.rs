@@ -145,9 +145,8 @@ fn client(cfg: &ClusterConfig) -> Result<redis::Client, String> {
         .map_err(|e| format!("cluster.redis {}: {e}", cfg.redis))?;
     if let Some(file) = &cfg.password_file {
         if !cfg.redis.has_password() {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                format!("cluster.password_file {}: {e}", file.display())
-            })?;
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cluster.password_file {}: {e}", file.display()))?;
             let password = text.lines().next().unwrap_or_default().trim().to_owned();
             if password.is_empty() {
                 return Err(format!(
@@ -213,7 +212,9 @@ pub(crate) async fn run(
     match client(&cfg) {
         Ok(c) => node.client = Some(c),
         Err(e) => {
-            tracing::error!("cluster: {e}; this node runs alone until it is fixed and dualroute restarted");
+            tracing::error!(
+                "cluster: {e}; this node runs alone until it is fixed and dualroute restarted"
+            );
             node.status.error = Some(e);
         }
     }
@@ -297,22 +298,19 @@ async fn listen(client: redis::Client, channel: String, me: String, changed: Arc
     use futures_util::StreamExt;
     let mut wait = Duration::from_secs(1);
     loop {
-        match timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await {
-            Ok(Ok(mut pubsub)) => {
-                if pubsub.subscribe(&channel).await.is_ok() {
-                    wait = Duration::from_secs(1);
-                    // A change made while this node was not listening.
-                    changed.notify_one();
-                    let mut messages = pubsub.on_message();
-                    while let Some(m) = messages.next().await {
-                        let from: String = m.get_payload().unwrap_or_default();
-                        if from != me {
-                            changed.notify_one();
-                        }
+        if let Ok(Ok(mut pubsub)) = timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await {
+            if pubsub.subscribe(&channel).await.is_ok() {
+                wait = Duration::from_secs(1);
+                // A change made while this node was not listening.
+                changed.notify_one();
+                let mut messages = pubsub.on_message();
+                while let Some(m) = messages.next().await {
+                    let from: String = m.get_payload().unwrap_or_default();
+                    if from != me {
+                        changed.notify_one();
                     }
                 }
             }
-            Ok(Err(_)) | Err(_) => {}
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(30));
@@ -479,12 +477,19 @@ impl Node {
                             tracing::info!(
                                 "cluster: {name}: {} {} from the fleet",
                                 kind.name(),
-                                if merged.value.is_some() { "taken" } else { "cleared" }
+                                if merged.value.is_some() {
+                                    "taken"
+                                } else {
+                                    "cleared"
+                                }
                             );
                         }
                         Err(e) => {
                             agreed = false;
-                            tracing::error!("cluster: {name}: cannot write the {} record the fleet holds: {e}", kind.name());
+                            tracing::error!(
+                                "cluster: {name}: cannot write the {} record the fleet holds: {e}",
+                                kind.name()
+                            );
                         }
                     }
                 }

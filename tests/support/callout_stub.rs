@@ -290,7 +290,11 @@ fn knows(s: &Shared, address: &str) -> bool {
         .any(|(alias, real)| alias == domain && s.known.contains(&format!("{local}@{real}")))
 }
 
-fn converse(conn: TcpStream, s: &Shared, counted: &std::sync::atomic::AtomicBool) -> std::io::Result<()> {
+fn converse(
+    conn: TcpStream,
+    s: &Shared,
+    counted: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
     let mut lines = BufReader::new(conn);
     out.write_all(b"220 stub.test ESMTP callout stub\r\n")?;
