@@ -433,14 +433,20 @@ fn listing(dir: &Path) -> String {
 async fn a_disable_on_one_node_holds_on_both_and_an_enable_on_the_other_routes_both() {
     let (_redis, _dead, a, b) = fleet().await;
 
-    a.admin(&["disable", "example.com", "--reason", "test"]).await;
+    a.admin(&["disable", "example.com", "--reason", "test"])
+        .await;
     a.comes_to(ZED, Fate::Held).await;
     b.comes_to(ZED, Fate::Held).await;
     for node in [&a, &b] {
         let fate = node.fate(ALICE).await;
         node.assert_now(ALICE, fate, Fate::Kept, "while example.com is disabled");
         let fate = node.fate(ZED_ORG).await;
-        node.assert_now(ZED_ORG, fate, Fate::Routed, "(example.org was not disabled)");
+        node.assert_now(
+            ZED_ORG,
+            fate,
+            Fate::Routed,
+            "(example.org was not disabled)",
+        );
     }
 
     b.admin(&["enable", "example.com"]).await;
@@ -474,7 +480,11 @@ async fn with_redis_killed_both_nodes_keep_serving_and_say_so() {
         a.status_says(&["UNREACHABLE"]).await
     );
     for node in [&a, &b] {
-        for (rcpt, want) in [(ZED, Fate::Routed), (ALICE, Fate::Kept), (ZED_ORG, Fate::Routed)] {
+        for (rcpt, want) in [
+            (ZED, Fate::Routed),
+            (ALICE, Fate::Kept),
+            (ZED_ORG, Fate::Routed),
+        ] {
             let fate = node.fate(rcpt).await;
             node.assert_now(rcpt, fate, want, "with Redis down");
         }
@@ -496,7 +506,12 @@ async fn a_disable_during_an_outage_reaches_the_other_node_through_a_restarted_e
         .await;
     a.comes_to(ZED, Fate::Held).await;
     let fate = b.fate(ZED).await;
-    b.assert_now(ZED, fate, Fate::Routed, "with Redis down, after A's disable");
+    b.assert_now(
+        ZED,
+        fate,
+        Fate::Routed,
+        "with Redis down, after A's disable",
+    );
 
     // Empty: no persistence, a new working directory (checked by the
     // harness's own test below; not here, where a node may already have
@@ -682,7 +697,10 @@ async fn opposite_changes_during_an_outage(back: Back) {
     a.assert_now(ZED, fate, Fate::Held, "after Redis came back");
     for node in [&b, &a] {
         eventually!(
-            format!("{}'s status to say held wins (Redis back {back:?})", node.name),
+            format!(
+                "{}'s status to say held wins (Redis back {back:?})",
+                node.name
+            ),
             node.status_says(&["held wins"]).await
         );
         let fate = node.fate(ALICE).await;
@@ -730,8 +748,16 @@ fn the_test_redis_dies_and_comes_back_empty_on_the_same_port() {
     redis.save_and_kill();
     assert!(!support::is_listening(port));
     redis.come_back();
-    assert_eq!(redis.cli(&["GET", "dualroute-test"]).trim(), "2", "{}", redis.log());
-    assert_eq!(redis.cli(&["CONFIG", "GET", "save"]).lines().nth(1), Some(""));
+    assert_eq!(
+        redis.cli(&["GET", "dualroute-test"]).trim(),
+        "2",
+        "{}",
+        redis.log()
+    );
+    assert_eq!(
+        redis.cli(&["CONFIG", "GET", "save"]).lines().nth(1),
+        Some("")
+    );
     assert_eq!(
         redis.cli(&["CONFIG", "GET", "appendonly"]).lines().nth(1),
         Some("no")
