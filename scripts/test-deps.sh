@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install what the end-to-end tests need: Postfix (postfix, postmap,
-# postqueue, smtp-sink), swaks and dnsmasq.  Run as root on Debian 12.  Idempotent:
+# postqueue, smtp-sink), swaks, dnsmasq and redis-server.  Run as root on Debian 12.  Idempotent:
 # when everything is present it changes nothing and does not touch apt.
 #
 # The tests run private Postfix instances on loopback (tests/support/postfix.rs);
@@ -10,6 +10,41 @@
 set -eu
 
 say() { printf 'test-deps: %s\n' "$*"; }
+
+# invoke-rc.d consults /usr/sbin/policy-rc.d; exit code 101 = action
+# forbidden.  forbid_starts installs one for the length of a package
+# install (keeping a policy-rc.d that was already there), allow_starts
+# removes it again; the EXIT trap removes it should apt-get fail.
+policy=/usr/sbin/policy-rc.d
+own_policy=0
+forbid_starts() {
+    if [ ! -e "$policy" ]; then
+        say "installing a temporary $policy that forbids service starts"
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        own_policy=1
+    fi
+    trap allow_starts EXIT
+}
+allow_starts() {
+    if [ "$own_policy" -eq 1 ]; then
+        say "removing the temporary $policy"
+        rm -f "$policy"
+        own_policy=0
+    fi
+    trap - EXIT
+}
+
+# Whether something listens on TCP port $1 (any address).
+listeners_on() {
+    if command -v ss >/dev/null 2>&1; then
+        ss -Hltn "sport = :$1" 2>/dev/null || true
+    elif [ -r /proc/net/tcp ]; then
+        # /proc/net/tcp has the port in hex; state 0A is LISTEN.
+        hex=$(printf '%04X' "$1")
+        awk -v p=":$hex\$" 'NR > 1 && $2 ~ p && $4 == "0A"' /proc/net/tcp /proc/net/tcp6 2>/dev/null || true
+    fi
+}
 
 missing=""
 for cmd in postfix postmap postqueue smtp-sink; do
@@ -35,32 +70,14 @@ else
     say "preseeding debconf: postfix/main_mailer_type = No configuration"
     echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
 
-    # invoke-rc.d consults /usr/sbin/policy-rc.d; exit code 101 = action
-    # forbidden.  Keep a policy-rc.d that was already there.
-    policy=/usr/sbin/policy-rc.d
-    own_policy=0
-    if [ ! -e "$policy" ]; then
-        say "installing a temporary $policy that forbids service starts"
-        printf '#!/bin/sh\nexit 101\n' >"$policy"
-        chmod 755 "$policy"
-        own_policy=1
-    fi
-    cleanup() {
-        if [ "$own_policy" -eq 1 ]; then
-            say "removing the temporary $policy"
-            rm -f "$policy"
-        fi
-    }
-    trap cleanup EXIT
+    forbid_starts
 
     say "apt-get update"
     apt-get update
     say "apt-get install -y postfix swaks"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix swaks
 
-    cleanup
-    own_policy=0
-    trap - EXIT
+    allow_starts
 fi
 
 # dualroute doctor's tests (tests/doctor.rs) run dnsmasq on loopback as a
@@ -105,6 +122,58 @@ else
     cargo install cargo-deb --locked
 fi
 
+# The cluster tests (tests/cluster.rs, issue 24) run private redis-server
+# instances on loopback ports of their own, without persistence
+# (tests/support/redis.rs).  The system instance must neither run nor be
+# enabled: Debian's postinst enables and starts it, so the install runs
+# under the policy-rc.d above, and the service is stopped and disabled
+# afterwards, also when the package was already there.
+if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+    say "redis-server and redis-cli are installed; nothing to install"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        say "missing: redis-server; run this script as root" >&2
+        exit 1
+    fi
+    say "missing: redis-server; apt-get install -y redis-server"
+    forbid_starts
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server
+    allow_starts
+fi
+# Debian's redis.conf writes this pid file; a private test instance has
+# none (and never listens on 6379), so only the system one is stopped.
+redis_pidfile=/run/redis/redis-server.pid
+if [ -s "$redis_pidfile" ] && kill -0 "$(cat "$redis_pidfile")" 2>/dev/null; then
+    say "the system redis-server is running; stopping it"
+    if [ -d /run/systemd/system ]; then
+        systemctl stop redis-server.service
+    else
+        /etc/init.d/redis-server stop
+    fi
+fi
+if command -v systemctl >/dev/null 2>&1 && [ -e /lib/systemd/system/redis-server.service ] \
+    && [ "$(systemctl is-enabled redis-server.service 2>/dev/null || true)" = enabled ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        say "the system redis-server service is enabled; run this script as root to disable it" >&2
+        exit 1
+    fi
+    # Works without systemd as PID 1 (it edits the unit links, and the
+    # SysV rc links through systemd-sysv-install).
+    say "the system redis-server service is enabled; disabling it"
+    systemctl disable redis-server.service
+elif command -v update-rc.d >/dev/null 2>&1 && ls /etc/rc[2-5].d/S*redis-server >/dev/null 2>&1; then
+    say "the system redis-server init script is enabled; disabling it"
+    update-rc.d redis-server disable
+fi
+listeners=$(listeners_on 6379)
+if [ -n "$listeners" ]; then
+    say "something still listens on port 6379 (the system redis-server?):" >&2
+    printf '%s\n' "$listeners" >&2
+    exit 1
+fi
+say "the system redis-server is neither running nor enabled"
+
 # The system instance must not run: the tests use private instances only.
 if [ -f /etc/postfix/main.cf ] && /usr/sbin/postfix status >/dev/null 2>&1; then
     say "the system Postfix instance is running; stopping it"
@@ -112,14 +181,7 @@ if [ -f /etc/postfix/main.cf ] && /usr/sbin/postfix status >/dev/null 2>&1; then
 fi
 
 # Nothing may listen on port 25 afterwards.
-if command -v ss >/dev/null 2>&1; then
-    listeners=$(ss -Hltn 'sport = :25' 2>/dev/null || true)
-elif [ -r /proc/net/tcp ]; then
-    # Port 25 is 0019 in hex; state 0A is LISTEN.
-    listeners=$(awk 'NR > 1 && $2 ~ /:0019$/ && $4 == "0A"' /proc/net/tcp /proc/net/tcp6 2>/dev/null || true)
-else
-    listeners=""
-fi
+listeners=$(listeners_on 25)
 if [ -n "$listeners" ]; then
     say "something still listens on port 25:" >&2
     printf '%s\n' "$listeners" >&2
@@ -127,5 +189,5 @@ if [ -n "$listeners" ]; then
 fi
 say "nothing listens on port 25"
 
-say "postfix $(/usr/sbin/postconf -d -h mail_version 2>/dev/null || echo '?'), swaks $(swaks --version 2>/dev/null | head -n1 || echo '?')"
+say "postfix $(/usr/sbin/postconf -d -h mail_version 2>/dev/null || echo '?'), swaks $(swaks --version 2>/dev/null | head -n1 || echo '?'), $(redis-server --version 2>/dev/null | cut -d' ' -f1-3 || echo 'redis-server ?')"
 say "done"

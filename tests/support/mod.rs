@@ -40,6 +40,7 @@ pub mod milter;
 pub mod ports;
 pub mod postfix;
 pub mod protocol;
+pub mod redis;
 pub mod scenarios;
 pub mod sendmail;
 pub mod sink;
