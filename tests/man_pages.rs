@@ -207,7 +207,7 @@ fn completions_match_the_command_line() {
 /// Where an unknown key is put to make `dualroute check` name the keys of
 /// each mapping of milter.yaml: the binary's own list, so a key added to
 /// the configuration and not documented fails here.
-const MAPPINGS: [(&str, &str); 10] = [
+const MAPPINGS: [(&str, &str); 11] = [
     ("top level", "ZZ: 1\n"),
     ("a domain", "domains:\n  example.com:\n    ZZ: 1\n"),
     (
@@ -227,6 +227,7 @@ const MAPPINGS: [(&str, &str); 10] = [
     ("connections", "connections: {ZZ: 1}\n"),
     ("metrics", "metrics: {ZZ: 1}\n"),
     ("dns", "dns: {ZZ: 1}\n"),
+    ("cluster", "cluster: {redis: redis://127.0.0.1, ZZ: 1}\n"),
 ];
 
 /// `dualroute check --config PATH`.
@@ -361,6 +362,7 @@ fn the_packages_commented_keys_check_when_switched_on() {
         "metrics:",
         "dns:",
         "shadow:",
+        "cluster:",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(key)),
