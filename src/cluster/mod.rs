@@ -23,6 +23,9 @@
 //! - `failures:DOMAIN:KIND` (`bounce`, `deferral`): a sorted set of the
 //!   failures the nodes' breakers counted, scored by time, one member per
 //!   node, queue id and recipient (src/cluster/fleet.rs);
+//! - `held-wins`: a hash, `DOMAIN RECORD` → when both sides had changed
+//!   the record and the hold won (shown by every node's `status` for a
+//!   day, or until the record is lifted);
 //! - channel `changes`: a node's name after it changed the store.
 //!
 //! What this node saw goes into `state_dir/cluster.status` for `dualroute
@@ -101,7 +104,7 @@ pub fn read_status(state_dir: &Path) -> std::io::Result<Option<ClusterStatus>> {
 /// accounts and destination list (the same file name can hold other
 /// accounts on another node), not what differs by design from node to
 /// node (`instance`, `listen`, `state_dir`, `metrics`, `connections`,
-/// `notify`). SHA-256 of their debug form (the version is compared
+/// `notify`, `breaker.maillog`). SHA-256 of their debug form (the version is compared
 /// besides), 16 hex digits shown.
 pub fn digest(policy: &Policy) -> String {
     let c = &policy.config;
@@ -114,7 +117,10 @@ pub fn digest(policy: &Policy) -> String {
         c.recipient_delimiter,
         c.local_part_case,
         c.shadow,
-        c.breaker,
+        // The limits, not `maillog`: where the MTA logs is the host's.
+        c.breaker
+            .as_ref()
+            .map(|b| (b.threshold, b.window, b.deferrals)),
         c.max_recipients,
         c.accounts_shrink_limit,
         c.mta
@@ -466,18 +472,63 @@ impl Node {
             .map_err(t)?
             .map_err(r)?;
             for kind in Kind::ALL {
-                let local = state.register(&name, kind.name()).ok().flatten();
+                // A record this node cannot read is not an absent one
+                // (that would be an enable for the whole fleet): it is
+                // left alone, here and there; the holds hold the domain
+                // here for it, and the log says why.
+                let local = match state.register(&name, kind.name()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!("cluster: {name}: {e}: this record is not shared until it can be read");
+                        if let Some(base) = self.synced.base(&epoch, &name, kind) {
+                            next.set(&name, kind, base.map(str::to_owned));
+                        }
+                        continue;
+                    }
+                };
                 let there = fleet.get(kind.name()).map(String::as_str);
                 let base = self.synced.base(&epoch, &name, kind);
-                let merged = merge::merge(kind, local.as_deref(), there, base);
+                let mut merged = merge::merge(kind, local.as_deref(), there, base);
+                // An emptied Redis has no base, but this node still knows
+                // what it agreed on before: if it took a hold away since
+                // and the fleet holds, an enable was overruled here.
+                if base.is_none() && kind != Kind::Verify {
+                    let before = self.synced.base(&self.synced.epoch, &name, kind);
+                    let lifted_here = before.is_some_and(|b| b.is_some()) && local.is_none();
+                    if lifted_here && merged.value.is_some() {
+                        merged.held_won = true;
+                    }
+                }
+                let note = format!("{name} {}", kind.name());
                 if merged.held_won {
                     tracing::warn!(
                         "cluster: {name}: its {} record was changed here and on another node while they could not agree; the hold wins: routing stays off until `dualroute enable {name}`",
                         kind.name()
                     );
-                    self.status
-                        .held_won
-                        .push((now(), name.clone(), kind.name().to_owned()));
+                    // For every node's status, not only the one that saw it.
+                    let _: i64 = timeout(
+                        COMMAND_TIMEOUT,
+                        redis::cmd("HSET")
+                            .arg(self.key("held-wins"))
+                            .arg(&note)
+                            .arg(now())
+                            .query_async(&mut conn),
+                    )
+                    .await
+                    .map_err(t)?
+                    .map_err(r)?;
+                } else if merged.value.is_none() {
+                    // Lifted since: the note is history.
+                    let _: i64 = timeout(
+                        COMMAND_TIMEOUT,
+                        redis::cmd("HDEL")
+                            .arg(self.key("held-wins"))
+                            .arg(&note)
+                            .query_async(&mut conn),
+                    )
+                    .await
+                    .map_err(t)?
+                    .map_err(r)?;
                 }
                 let mut agreed = true;
                 if merged.value != local {
@@ -584,9 +635,25 @@ impl Node {
             .values()
             .filter_map(|v| serde_yaml::from_str::<NodeInfo>(v).ok())
             .collect();
-        // Keep a day of held-wins notes.
+        // The fleet's held-wins notes of the last day.
+        let notes: BTreeMap<String, u64> = timeout(
+            COMMAND_TIMEOUT,
+            redis::cmd("HGETALL")
+                .arg(self.key("held-wins"))
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(t)?
+        .map_err(r)?;
         let day_ago = now().saturating_sub(86_400);
-        self.status.held_won.retain(|(at, _, _)| *at >= day_ago);
+        self.status.held_won = notes
+            .into_iter()
+            .filter(|(_, at)| *at >= day_ago)
+            .filter_map(|(note, at)| {
+                let (domain, record) = note.split_once(' ')?;
+                Some((at, domain.to_owned(), record.to_owned()))
+            })
+            .collect();
         self.synced = next;
         let (dir, synced) = (self.state_dir.clone(), self.synced.clone());
         let saved = tokio::task::spawn_blocking(move || {

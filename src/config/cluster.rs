@@ -30,9 +30,20 @@ impl FromStr for RedisUrl {
 deserialize_from_str!(RedisUrl, "Redis URL");
 
 impl RedisUrl {
-    /// Whether the URL carries a password (`redis://:secret@host`).
+    /// Whether the URL carries a password (`redis://:secret@host`,
+    /// `redis://user:secret@host`, `redis+unix:///path?pass=secret`); a
+    /// user alone (`redis://dualroute@host`) is not one.
     pub fn has_password(&self) -> bool {
-        self.authority().contains('@')
+        let userinfo = self.authority().rsplit_once('@').map(|(u, _)| u);
+        userinfo.is_some_and(|u| u.contains(':')) || self.query_password().is_some()
+    }
+
+    /// The `pass=` of a unix socket URL's query.
+    fn query_password(&self) -> Option<&str> {
+        let (_, query) = self.0.split_once('?')?;
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("pass="))
     }
 
     fn authority(&self) -> &str {
@@ -45,14 +56,18 @@ impl fmt::Display for RedisUrl {
     /// The URL with its password replaced by `***`: it is shown by
     /// `status`, `check` and the log.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(pass) = self.query_password() {
+            return f.write_str(&self.0.replace(&format!("pass={pass}"), "pass=***"));
+        }
         let auth = self.authority();
         match auth.rsplit_once('@') {
-            Some((userinfo, host)) => {
+            Some((userinfo, host)) if userinfo.contains(':') => {
                 let user = userinfo.split(':').next().unwrap_or_default();
                 let (scheme, rest) = self.0.split_once("://").unwrap_or(("", &self.0));
                 let path = &rest[auth.len()..];
                 write!(f, "{scheme}://{user}:***@{host}{path}")
             }
+            Some(_) => f.write_str(&self.0),
             None => f.write_str(&self.0),
         }
     }
@@ -117,6 +132,14 @@ mod tests {
         assert!(!format!("{u:?}").contains("s3cret"));
         let u: RedisUrl = "redis://:s3cret@10.0.0.5".parse().unwrap();
         assert_eq!(u.to_string(), "redis://:***@10.0.0.5");
+        // A user without a password: the password comes from
+        // password_file.
+        let u: RedisUrl = "redis://dualroute@10.0.0.5".parse().unwrap();
+        assert!(!u.has_password());
+        assert_eq!(u.to_string(), "redis://dualroute@10.0.0.5");
+        let u: RedisUrl = "redis+unix:///run/redis.sock?db=1&pass=s3cret".parse().unwrap();
+        assert!(u.has_password());
+        assert_eq!(u.to_string(), "redis+unix:///run/redis.sock?db=1&pass=***");
         let e = "ftp://:s3cret@x".parse::<RedisUrl>().unwrap_err();
         assert!(!e.contains("s3cret"), "{e}");
     }
