@@ -767,3 +767,71 @@ fn the_test_redis_dies_and_comes_back_empty_on_the_same_port() {
         Some("127.0.0.1")
     );
 }
+
+/// The administrator hears by mail (`notify:`) when the node loses the
+/// fleet's Redis and when it has it back (DESIGN.md §11: "says so").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_and_regaining_redis_is_told_by_mail() {
+    let mut redis = Redis::start();
+    let sink = support::SmtpSink::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let config = dir.path().join("milter.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "instance: {A}
+state_dir: {}
+cluster: {{ redis: \"{}\", sync: 1s }}
+notify: {{ to: [admin@example.org], via: \"smtp:{}\", interval: 1s }}
+domains:
+  example.com:
+    mode: split
+    destination: {{ hosts: [\"[192.0.2.30]:2525\"] }}
+    accounts: [ {{ list: [alice@example.com] }} ]
+",
+            dir.path().join("state").display(),
+            redis.url(),
+            sink.addr()
+        ),
+    )
+    .expect("write milter.yaml");
+    let intervals = dualroute::Intervals {
+        state: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let milter = Milter::serve(support::protocol::start_at(&config, intervals)).await;
+    let subjects = || -> Vec<String> {
+        sink.messages()
+            .iter()
+            .flat_map(|m| m.header("Subject"))
+            .collect()
+    };
+    let start = Instant::now();
+    let wait = |what: &'static str| {
+        let subjects = &subjects;
+        async move {
+            while !subjects().iter().any(|s| s.contains(what)) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "no mail saying {what:?}; got {:?}",
+                    subjects()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // Connected at start: nothing to tell.
+    let metrics_up = || milter.metrics().contains("dualroute_cluster_connected 1");
+    while !metrics_up() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(subjects().is_empty(), "{:?}", subjects());
+    redis.kill();
+    wait("the fleet's Redis is unreachable").await;
+    let body = sink.messages()[0].text.clone();
+    assert!(body.contains("Mail is not affected"), "{body}");
+    redis.restart_empty();
+    wait("the fleet's Redis is reachable again").await;
+    milter.shutdown().await;
+}

@@ -38,6 +38,7 @@ pub mod status;
 use crate::config::ClusterConfig;
 use crate::live::{Installer, LivePolicy};
 use crate::metrics::Metrics;
+use crate::notify::{Event, Outbox};
 use crate::policy::Policy;
 use crate::state::{now, StateDir};
 use merge::{Kind, Synced};
@@ -192,6 +193,7 @@ pub(crate) async fn run(
     installer: Installer,
     metrics: Arc<Metrics>,
     fleet: Arc<fleet::FleetFailures>,
+    outbox: Arc<Outbox>,
 ) {
     let state_dir = live.current().config.state_dir.clone();
     let instance = live.current().config.instance.clone();
@@ -220,6 +222,8 @@ pub(crate) async fn run(
         client: None,
         digest: None,
         fleet,
+        outbox,
+        live: live.clone(),
     };
     match client(&cfg) {
         Ok(c) => node.client = Some(c),
@@ -342,6 +346,9 @@ struct Node {
     digest: Option<(Arc<Policy>, String)>,
     /// The breaker's failures to share and the others' counts.
     fleet: Arc<fleet::FleetFailures>,
+    /// Tells the administrator when Redis goes away and comes back.
+    outbox: Arc<Outbox>,
+    live: Arc<LivePolicy>,
 }
 
 impl Node {
@@ -391,6 +398,16 @@ impl Node {
                         "cluster: {} reached; this node shares the fleet's state again",
                         self.status.redis
                     );
+                    // Only after an outage: not at every start.
+                    if self.status.error.is_some() {
+                        self.outbox.notify(
+                            &self.live.current().config,
+                            Event::ClusterBack {
+                                redis: self.status.redis.clone(),
+                                since: self.status.since,
+                            },
+                        );
+                    }
                     self.status.since = at;
                 }
                 self.status.connected = true;
@@ -410,6 +427,13 @@ impl Node {
                     tracing::error!(
                         "cluster: {} unreachable: {e}; this node serves on its last known state, and what changes here is pushed when Redis is back",
                         self.status.redis
+                    );
+                    self.outbox.notify(
+                        &self.live.current().config,
+                        Event::ClusterUnreachable {
+                            redis: self.status.redis.clone(),
+                            error: e.clone(),
+                        },
                     );
                     self.status.since = at;
                 }

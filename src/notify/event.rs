@@ -24,6 +24,11 @@ pub enum Event {
     },
     /// A reload kept the running configuration.
     ReloadRefused { reason: String },
+    /// This node lost the fleet's Redis (`cluster:`): it serves on its
+    /// last known state.
+    ClusterUnreachable { redis: String, error: String },
+    /// This node reaches the fleet's Redis again.
+    ClusterBack { redis: String, since: u64 },
 }
 
 impl Event {
@@ -71,6 +76,11 @@ impl Event {
             Event::ReloadRefused { .. } => {
                 "reload refused, the running configuration stays".to_owned()
             }
+            Event::ClusterUnreachable { .. } => {
+                "the fleet's Redis is unreachable: this node serves on its last known state"
+                    .to_owned()
+            }
+            Event::ClusterBack { .. } => "the fleet's Redis is reachable again".to_owned(),
         }
     }
 
@@ -116,6 +126,13 @@ impl Event {
             ),
             Event::ReloadRefused { reason } => format!(
                 "A reload was refused; dualroute keeps running the configuration and accounts it had:\n\n  {reason}\n\nFix the file or the account source, then reload again (systemctl reload dualroute). `dualroute status` shows the refusal until a reload succeeds.\n"
+            ),
+            Event::ClusterUnreachable { redis, error } => format!(
+                "This node cannot reach the fleet's Redis ({redis}): {error}\n\nMail is not affected: the node keeps deciding on the state it last shared (disabled domains, breaker trips, verifications), and commands typed here (dualroute disable/enable) act here at once. What changes here is pushed to the other nodes when Redis is back; a change made on another node meanwhile reaches this one then. Where two nodes changed the same domain, the hold wins.\n\nCheck Redis and the network; `dualroute status` shows the fleet as this node last saw it.\n"
+            ),
+            Event::ClusterBack { redis, since } => format!(
+                "This node reaches the fleet's Redis ({redis}) again, after being cut off since {}; it has pushed its changes and taken the fleet's. `dualroute status` shows the fleet.\n",
+                state::when(*since)
             ),
         }
     }

@@ -237,6 +237,7 @@ where
             installer.clone(),
             metrics.clone(),
             fleet.clone(),
+            outbox.clone(),
         ));
         fleet
     });
