@@ -644,6 +644,10 @@ enum Back {
     WithData,
     /// Empty (restarted without persistence, or replaced).
     Empty,
+    /// Empty, and B (which lifted the hold) agrees with the empty store
+    /// before A (which kept it) is back: A is stopped meanwhile. A run of
+    /// `Empty` took this order by chance and lost the "held wins" note.
+    EmptyLifterFirst,
 }
 
 /// (g) Two nodes change the same domain in opposite ways during one
@@ -662,7 +666,7 @@ enum Back {
 ///    says "held wins" on both nodes: on B, whose `enable` was overruled
 ///    (the admin who typed it must learn why B holds again), and on A.
 async fn opposite_changes_during_an_outage(back: Back) {
-    let (mut redis, _dead, a, b) = fleet().await;
+    let (mut redis, _dead, mut a, b) = fleet().await;
 
     // 1.
     a.admin(&["disable", "example.com", "--reason", "before the outage"])
@@ -671,7 +675,7 @@ async fn opposite_changes_during_an_outage(back: Back) {
     // 2.
     match back {
         Back::WithData => redis.save_and_kill(),
-        Back::Empty => redis.kill(),
+        Back::Empty | Back::EmptyLifterFirst => redis.kill(),
     }
     a.connection_is(0.0).await;
     b.connection_is(0.0).await;
@@ -689,6 +693,12 @@ async fn opposite_changes_during_an_outage(back: Back) {
     match back {
         Back::WithData => redis.come_back(),
         Back::Empty => redis.restart_empty(),
+        Back::EmptyLifterFirst => {
+            a.stop().await;
+            redis.restart_empty();
+            b.connection_is(1.0).await;
+            a = a.started().await;
+        }
     }
     a.connection_is(1.0).await;
     b.connection_is(1.0).await;
@@ -719,6 +729,13 @@ async fn opposite_changes_during_an_outage_resolve_to_held_on_both() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opposite_changes_during_an_outage_resolve_to_held_on_both_through_an_emptied_redis() {
     opposite_changes_during_an_outage(Back::Empty).await;
+}
+
+/// (g) with Redis back empty, the node that lifted the hold agreeing with
+/// the empty store first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opposite_changes_during_an_outage_resolve_to_held_when_the_lifter_syncs_first() {
+    opposite_changes_during_an_outage(Back::EmptyLifterFirst).await;
 }
 
 /// The harness itself (tests/support/redis.rs): the test Redis keeps what

@@ -45,7 +45,7 @@ impl Kind {
 
     /// The record's time, to tell the newer of two; `None` when the text is
     /// not a record of this kind (never written by dualroute: it loses).
-    fn stamp(self, text: &str) -> Option<u64> {
+    pub fn stamp(self, text: &str) -> Option<u64> {
         match self {
             Kind::Disabled => serde_yaml::from_str::<Disabled>(text).ok().map(|d| d.since),
             Kind::Tripped => serde_yaml::from_str::<Tripped>(text).ok().map(|t| t.since),
@@ -129,6 +129,13 @@ pub struct Synced {
     /// Domain → record kind name → the agreed value.
     pub domains:
         std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<String>>>,
+    /// Holds this node had lifted while cut off when it found the store
+    /// emptied (`DOMAIN KIND` → when it found it): a hold of before then
+    /// that the fleet still has overruled that lift ("held wins"), even
+    /// when the other node's push comes after this node agreed with the
+    /// empty store.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub lifted: std::collections::BTreeMap<String, u64>,
 }
 
 impl Synced {

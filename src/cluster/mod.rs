@@ -473,12 +473,28 @@ impl Node {
         .await
         .map_err(t)?
         .map_err(r)?;
+        let mut lifted = std::mem::take(&mut self.synced.lifted);
         if epoch != self.synced.epoch && !self.synced.epoch.is_empty() {
             tracing::warn!(
                 "cluster: the fleet's store is new (epoch {epoch}, was {}): Redis was emptied or replaced; this node pushes its state, and where nodes disagree the hold wins",
                 self.synced.epoch
             );
+            // The holds this node lifted since its last agreement: if
+            // another node pushes them back, its hold overruled the lift.
+            let state = StateDir::new(&self.state_dir);
+            for (domain, records) in &self.synced.domains {
+                for kind in [Kind::Disabled, Kind::Tripped] {
+                    let held = records.get(kind.name()).is_some_and(|v| v.is_some());
+                    let here = state.register(domain, kind.name()).ok().flatten();
+                    if held && here.is_none() {
+                        lifted.insert(format!("{domain} {}", kind.name()), now());
+                    }
+                }
+            }
         }
+        // An hour is long enough for every node to come back.
+        let hour_ago = now().saturating_sub(3600);
+        lifted.retain(|_, at| *at >= hour_ago);
         let mut wrote_here = false;
         let mut announced = false;
         let state = StateDir::new(&self.state_dir);
@@ -513,14 +529,20 @@ impl Node {
                 let there = fleet.get(kind.name()).map(String::as_str);
                 let base = self.synced.base(&epoch, &name, kind);
                 let mut merged = merge::merge(kind, local.as_deref(), there, base);
-                // An emptied Redis has no base, but this node still knows
-                // what it agreed on before: if it took a hold away since
-                // and the fleet holds, an enable was overruled here.
-                if base.is_none() && kind != Kind::Verify {
-                    let before = self.synced.base(&self.synced.epoch, &name, kind);
-                    let lifted_here = before.is_some_and(|b| b.is_some()) && local.is_none();
-                    if lifted_here && merged.value.is_some() {
+                if merged.held_won {
+                    lifted.remove(&format!("{name} {}", kind.name()));
+                }
+                // An emptied Redis has no base, but this node knows which
+                // holds it lifted while cut off: one that comes back from
+                // the fleet, set before this node found the store new,
+                // overruled its enable.
+                let mark = format!("{name} {}", kind.name());
+                if let (Some(found), None, Some(v)) =
+                    (lifted.get(&mark).copied(), local.as_deref(), merged.value.as_deref())
+                {
+                    if kind.stamp(v).is_some_and(|at| at <= found) {
                         merged.held_won = true;
+                        lifted.remove(&mark);
                     }
                 }
                 let note = format!("{name} {}", kind.name());
@@ -678,6 +700,7 @@ impl Node {
                 Some((at, domain.to_owned(), record.to_owned()))
             })
             .collect();
+        next.lifted = lifted;
         self.synced = next;
         let (dir, synced) = (self.state_dir.clone(), self.synced.clone());
         let saved = tokio::task::spawn_blocking(move || {
