@@ -23,6 +23,8 @@
 //! the nodes resync every second (`cluster.sync: 1s`) and read their
 //! state_dir every 100 ms.
 
+#[path = "support/callout_stub.rs"]
+mod callout_stub;
 mod support;
 
 use indymilter_test::{EomAction, Status};
@@ -851,4 +853,97 @@ domains:
     redis.restart_empty();
     wait("the fleet's Redis is reachable again").await;
     milter.shutdown().await;
+}
+
+/// Whether `m` refuses zed@example.com with 550 5.1.1 at RCPT.
+async fn refused(m: &Milter) -> bool {
+    let d = m.deliver(CLIENT, None, &[&["<zed@example.com>"]]).await;
+    matches!(&d.rcpt[0], Status::Reject { message: Some(t) } if t.to_string_lossy().starts_with("550 5.1.1"))
+}
+
+/// The recipient-callout cache is the fleet's (DESIGN.md §10, §11): an
+/// address one node asked the destination about is answered on the
+/// other node from the shared answer, without a second callout; a node
+/// started later reads the fleet's answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callout_answers_are_shared_by_the_fleet() {
+    let redis = Redis::start();
+    let stub =
+        callout_stub::CalloutStub::start(&["bob@example.com"], callout_stub::Mode::Directory);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let start_node = |name: &'static str| {
+        let config = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "instance: {name}
+state_dir: {}
+cluster: {{ redis: \"{}\", sync: 1s }}
+domains:
+  example.com:
+    mode: split
+    destination:
+      hosts: [\"{}\"]
+      reject_unknown: {{ callout: true }}
+    accounts: [ {{ list: [alice@example.com] }} ]
+",
+                dir.path().join(format!("state-{name}")).display(),
+                redis.url(),
+                stub.host()
+            ),
+        )
+        .expect("write milter.yaml");
+        let intervals = dualroute::Intervals {
+            state: Duration::from_millis(100),
+            ..Default::default()
+        };
+        Milter::serve(support::protocol::start_at(&config, intervals))
+    };
+    let a = start_node(A).await;
+    let b = start_node(B).await;
+    let connected = |m: &Milter| m.metrics().contains("dualroute_cluster_connected 1");
+    let start = Instant::now();
+    while !(connected(&a) && connected(&b)) {
+        assert!(start.elapsed() < WITHIN, "the nodes never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused(&a).await, "A did not refuse zed");
+    assert_eq!(stub.callouts_for("zed@example.com"), 1);
+    // B learns A's answer within seconds; until then a check of its own
+    // would make a second callout, so wait for the fleet's answer in B's
+    // cache file before asking B.
+    let b_cache = dir.path().join(format!("state-{B}/example.com.callouts"));
+    let start = Instant::now();
+    while !std::fs::read_to_string(&b_cache).is_ok_and(|t| t.contains("zed@example.com")) {
+        assert!(start.elapsed() < WITHIN, "B never took A's answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused(&b).await, "B did not refuse zed");
+    assert_eq!(
+        stub.callouts_for("zed@example.com"),
+        1,
+        "B asked the destination again: {:?}",
+        stub.callouts()
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    // A third node, started afterwards, reads the fleet's answers.
+    let c = start_node("mx-c.test").await;
+    let c_cache = dir.path().join("state-mx-c.test/example.com.callouts");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&c_cache).is_ok_and(|t| t.contains("zed@example.com")) {
+        assert!(
+            start.elapsed() < WITHIN,
+            "a new node never read the fleet's answers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused(&c).await, "C did not refuse zed");
+    assert_eq!(
+        stub.callouts_for("zed@example.com"),
+        1,
+        "{:?}",
+        stub.callouts()
+    );
+    c.shutdown().await;
 }

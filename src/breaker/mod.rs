@@ -482,7 +482,15 @@ impl Breaker {
             return;
         }
         let recent = counts.recent.iter().cloned().collect();
-        self.trip(policy, reach, domain, cause, now_counts, f.line.clone(), recent);
+        self.trip(
+            policy,
+            reach,
+            domain,
+            cause,
+            now_counts,
+            f.line.clone(),
+            recent,
+        );
     }
 
     /// Switches routing for `domain` off: `counts` (this node's and the

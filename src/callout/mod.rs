@@ -180,6 +180,25 @@ struct Inner {
     /// Per destination ([`destination_key`]): domains routed to the same
     /// hosts share their bounds, as the hosts see them.
     bounds: Mutex<HashMap<String, Arc<Bounds>>>,
+    /// With `cluster:` ([`Callouts::share`]): answers of this node's
+    /// callouts, for the fleet task to hand to the other nodes.
+    exports: Mutex<Option<Vec<Shared>>>,
+}
+
+/// A destination's answer as the nodes of a fleet exchange it (DESIGN.md
+/// §11: the recipient-callout cache is shared).
+#[derive(Clone, Debug, Eq, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Shared {
+    pub domain: String,
+    /// The address as asked (as it arrives at the destination).
+    pub address: String,
+    pub known: bool,
+    /// When the destination gave it (Unix seconds).
+    pub at: u64,
+    pub reply: String,
+    /// The destination the answer came from ([`destination_key`]): an
+    /// answer from other hosts is not taken.
+    pub destination: String,
 }
 
 /// The bounds of the callouts to one destination.
@@ -265,6 +284,7 @@ impl Callouts {
                 limits,
                 domains: Mutex::new(HashMap::new()),
                 bounds: Mutex::new(HashMap::new()),
+                exports: Mutex::new(None),
             }),
         }
     }
@@ -273,6 +293,57 @@ impl Callouts {
     /// reload), so that the first check does not read it on the RCPT path.
     pub fn load(&self, domain: &str, d: &DomainConfig) {
         self.domain(domain, d);
+    }
+
+    /// From now on, every answer a callout of this node gets is also kept
+    /// for [`Callouts::take_shared`] (the fleet task, src/cluster/).
+    pub fn share(&self) {
+        lock(&self.inner.exports).get_or_insert_with(Vec::new);
+    }
+
+    /// The answers to hand to the other nodes, taken.
+    pub fn take_shared(&self) -> Vec<Shared> {
+        lock(&self.inner.exports)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Takes answers another node got (through the fleet), for `domain`
+    /// configured as `d`: each replaces what is cached for its address
+    /// when it is newer, and only when it came from the same destination.
+    /// Returns how many were taken. Writes the cache file once.
+    pub async fn import(&self, domain: &str, d: &DomainConfig, answers: Vec<Shared>) -> usize {
+        let dom = self.domain(domain, d);
+        let key = destination_key(d);
+        let (life, now, max) = (
+            lifetimes(d),
+            (self.inner.clock)(),
+            self.inner.limits.max_entries,
+        );
+        let mut taken = 0;
+        {
+            let mut cache = lock(&dom.cache);
+            for a in answers {
+                if a.domain != domain || a.destination != key {
+                    continue;
+                }
+                let newer = cache.entries.get(&a.address).is_none_or(|e| e.at < a.at);
+                let entry = Entry {
+                    known: a.known,
+                    at: a.at,
+                    reply: a.reply,
+                };
+                if newer && entry.fresh(&life, now) {
+                    cache.insert(a.address, entry, &life, now, max);
+                    taken += 1;
+                }
+            }
+        }
+        if taken > 0 {
+            self.persist(&dom).await;
+        }
+        taken
     }
 
     /// The cache file of `domain`.
@@ -575,6 +646,19 @@ impl Callouts {
                     at: now,
                     reply: asked.text.clone(),
                 };
+                if let Some(exports) = lock(&self.inner.exports).as_mut() {
+                    // Bounded while the fleet task cannot hand them on.
+                    if exports.len() < 10_000 {
+                        exports.push(Shared {
+                            domain: dom.name.clone(),
+                            address: address.to_owned(),
+                            known: entry.known,
+                            at: now,
+                            reply: entry.reply.clone(),
+                            destination: destination_key(d),
+                        });
+                    }
+                }
                 cache.insert(address.to_owned(), entry, &life, now, limits.max_entries);
             })
         };

@@ -26,6 +26,11 @@
 //! - `held-wins`: a hash, `DOMAIN RECORD` → when both sides had changed
 //!   the record and the hold won (shown by every node's `status` for a
 //!   day, or until the record is lifted);
+//! - `callouts:DOMAIN`: a hash, address → a callout answer
+//!   ([`crate::callout::Shared`]), and channel `callout-answers` (the
+//!   node's name, a tab, the answer): the recipient-callout cache of
+//!   DESIGN.md §10 is the fleet's, so a dictionary attack spread over the
+//!   MX hosts costs one callout per address, not one per host;
 //! - channel `changes`: a node's name after it changed the store.
 //!
 //! What this node saw goes into `state_dir/cluster.status` for `dualroute
@@ -35,6 +40,7 @@ pub mod fleet;
 pub mod merge;
 pub mod status;
 
+use crate::callout::{Callouts, Shared};
 use crate::config::ClusterConfig;
 use crate::live::{Installer, LivePolicy};
 use crate::metrics::Metrics;
@@ -194,7 +200,11 @@ pub(crate) async fn run(
     metrics: Arc<Metrics>,
     fleet: Arc<fleet::FleetFailures>,
     outbox: Arc<Outbox>,
+    callouts: Option<Arc<Callouts>>,
 ) {
+    if let Some(c) = &callouts {
+        c.share();
+    }
     let state_dir = live.current().config.state_dir.clone();
     let instance = live.current().config.instance.clone();
     let mut node = Node {
@@ -224,6 +234,8 @@ pub(crate) async fn run(
         fleet,
         outbox,
         live: live.clone(),
+        callouts: callouts.clone(),
+        imported: None,
     };
     match client(&cfg) {
         Ok(c) => node.client = Some(c),
@@ -238,9 +250,10 @@ pub(crate) async fn run(
     if let Some(c) = node.client.clone() {
         tokio::spawn(listen(
             c,
-            format!("{}changes", cfg.prefix),
+            cfg.prefix.clone(),
             instance.clone(),
             changed.clone(),
+            callouts.clone().map(|c| (c, live.clone())),
         ));
     }
     let mut last_local: Option<BTreeMap<String, Vec<Option<String>>>> = None;
@@ -311,20 +324,35 @@ fn read_local(dir: &Path, names: &[String]) -> BTreeMap<String, Vec<Option<Strin
 
 /// Subscribes to the fleet's change announcements for the life of the
 /// service, reconnecting while Redis is away; another node's announcement
-/// wakes the sync at once.
-async fn listen(client: redis::Client, channel: String, me: String, changed: Arc<Notify>) {
+/// wakes the sync at once. With callouts, the answers other nodes got
+/// arrive here too and go into this node's cache at once.
+async fn listen(
+    client: redis::Client,
+    prefix: String,
+    me: String,
+    changed: Arc<Notify>,
+    callouts: Option<(Arc<Callouts>, Arc<LivePolicy>)>,
+) {
     use futures_util::StreamExt;
+    let (changes, answers) = (
+        format!("{prefix}changes"),
+        format!("{prefix}callout-answers"),
+    );
     let mut wait = Duration::from_secs(1);
     loop {
         if let Ok(Ok(mut pubsub)) = timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await {
-            if pubsub.subscribe(&channel).await.is_ok() {
+            if pubsub.subscribe(&[&changes, &answers]).await.is_ok() {
                 wait = Duration::from_secs(1);
                 // A change made while this node was not listening.
                 changed.notify_one();
                 let mut messages = pubsub.on_message();
                 while let Some(m) = messages.next().await {
-                    let from: String = m.get_payload().unwrap_or_default();
-                    if from != me {
+                    let payload: String = m.get_payload().unwrap_or_default();
+                    if m.get_channel_name() == answers {
+                        if let Some((c, live)) = &callouts {
+                            import_answer(c, live, &me, &payload).await;
+                        }
+                    } else if payload != me {
                         changed.notify_one();
                     }
                 }
@@ -332,6 +360,28 @@ async fn listen(client: redis::Client, channel: String, me: String, changed: Arc
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// One answer another node published (`callout-answers`: the node's name,
+/// a tab, the answer as YAML): into this node's cache, when its domain
+/// asks callouts here too. What does not parse is ignored.
+async fn import_answer(callouts: &Callouts, live: &LivePolicy, me: &str, payload: &str) {
+    let Some((from, text)) = payload.split_once('\t') else {
+        return;
+    };
+    if from == me {
+        return;
+    }
+    let Ok(answer) = serde_yaml::from_str::<Shared>(text) else {
+        return;
+    };
+    let policy = live.current();
+    let Some(d) = policy.domains.get(&answer.domain) else {
+        return;
+    };
+    if d.config.reject_unknown.as_ref().is_some_and(|r| r.callout) {
+        callouts.import(&d.name, &d.config, vec![answer]).await;
     }
 }
 
@@ -349,6 +399,10 @@ struct Node {
     /// Tells the administrator when Redis goes away and comes back.
     outbox: Arc<Outbox>,
     live: Arc<LivePolicy>,
+    callouts: Option<Arc<Callouts>>,
+    /// The epoch whose callout answers this node has read whole; read
+    /// again after a reconnect or a new epoch.
+    imported: Option<String>,
 }
 
 impl Node {
@@ -519,7 +573,9 @@ impl Node {
                 let local = match state.register(&name, kind.name()) {
                     Ok(v) => v,
                     Err(e) => {
-                        tracing::error!("cluster: {name}: {e}: this record is not shared until it can be read");
+                        tracing::error!(
+                            "cluster: {name}: {e}: this record is not shared until it can be read"
+                        );
                         if let Some(base) = self.synced.base(&epoch, &name, kind) {
                             next.set(&name, kind, base.map(str::to_owned));
                         }
@@ -537,9 +593,11 @@ impl Node {
                 // the fleet, set before this node found the store new,
                 // overruled its enable.
                 let mark = format!("{name} {}", kind.name());
-                if let (Some(found), None, Some(v)) =
-                    (lifted.get(&mark).copied(), local.as_deref(), merged.value.as_deref())
-                {
+                if let (Some(found), None, Some(v)) = (
+                    lifted.get(&mark).copied(),
+                    local.as_deref(),
+                    merged.value.as_deref(),
+                ) {
                     if kind.stamp(v).is_some_and(|at| at <= found) {
                         merged.held_won = true;
                         lifted.remove(&mark);
@@ -634,6 +692,7 @@ impl Node {
             }
         }
         self.share_failures(&mut conn, policy).await?;
+        self.share_answers(&mut conn, policy, &epoch).await?;
         if announced {
             let _: i64 = timeout(
                 COMMAND_TIMEOUT,
@@ -786,6 +845,95 @@ impl Node {
             }
         }
         self.fleet.set_others(others);
+        Ok(())
+    }
+
+    /// Hands this node's callout answers to the fleet (a hash per domain,
+    /// for nodes that start later, and `callout-answers` for the running
+    /// ones), and after a reconnect or a new epoch reads the fleet's whole.
+    async fn share_answers(
+        &mut self,
+        conn: &mut ConnectionManager,
+        policy: &Arc<Policy>,
+        epoch: &str,
+    ) -> Result<(), String> {
+        let Some(callouts) = self.callouts.clone() else {
+            return Ok(());
+        };
+        let t = |e: tokio::time::error::Elapsed| e.to_string();
+        let r = |e: redis::RedisError| e.to_string();
+        let answers = callouts.take_shared();
+        if !answers.is_empty() {
+            let mut pipe = redis::pipe();
+            for a in &answers {
+                let Ok(text) = serde_yaml::to_string(a) else {
+                    continue;
+                };
+                pipe.cmd("HSET")
+                    .arg(self.key(&format!("callouts:{}", a.domain)))
+                    .arg(&a.address)
+                    .arg(&text)
+                    .ignore();
+                pipe.cmd("PUBLISH")
+                    .arg(self.key("callout-answers"))
+                    .arg(format!("{}\t{text}", self.status.this.name))
+                    .ignore();
+            }
+            // Lost if Redis fails now: they stay in this node's cache, and
+            // the other nodes ask for themselves.
+            timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(conn))
+                .await
+                .map_err(t)?
+                .map_err(r)?;
+        }
+        if self.imported.as_deref() == Some(epoch) && self.status.connected {
+            return Ok(());
+        }
+        for name in domains(policy) {
+            let d = &policy.domains[&name];
+            let Some(ru) = &d.config.reject_unknown else {
+                continue;
+            };
+            if !ru.callout {
+                continue;
+            }
+            let key = self.key(&format!("callouts:{name}"));
+            let all: BTreeMap<String, String> = timeout(
+                COMMAND_TIMEOUT,
+                redis::cmd("HGETALL").arg(&key).query_async(conn),
+            )
+            .await
+            .map_err(t)?
+            .map_err(r)?;
+            // Answers past their lifetime go from the fleet's hash too.
+            let longest = ru.cache.positive.0.max(ru.cache.negative.0).as_secs();
+            let stale: Vec<&String> = all
+                .iter()
+                .filter(|(_, v)| {
+                    serde_yaml::from_str::<Shared>(v)
+                        .map_or(true, |a| a.at.saturating_add(longest) < now())
+                })
+                .map(|(k, _)| k)
+                .collect();
+            if !stale.is_empty() {
+                let _: i64 = timeout(
+                    COMMAND_TIMEOUT,
+                    redis::cmd("HDEL").arg(&key).arg(&stale).query_async(conn),
+                )
+                .await
+                .map_err(t)?
+                .map_err(r)?;
+            }
+            let answers: Vec<Shared> = all
+                .values()
+                .filter_map(|v| serde_yaml::from_str(v).ok())
+                .collect();
+            let taken = callouts.import(&name, &d.config, answers).await;
+            if taken > 0 {
+                tracing::info!("cluster: {name}: {taken} callout answers taken from the fleet");
+            }
+        }
+        self.imported = Some(epoch.to_owned());
         Ok(())
     }
 

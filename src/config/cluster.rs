@@ -41,9 +41,7 @@ impl RedisUrl {
     /// The `pass=` of a unix socket URL's query.
     fn query_password(&self) -> Option<&str> {
         let (_, query) = self.0.split_once('?')?;
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("pass="))
+        query.split('&').find_map(|kv| kv.strip_prefix("pass="))
     }
 
     fn authority(&self) -> &str {
@@ -137,7 +135,9 @@ mod tests {
         let u: RedisUrl = "redis://dualroute@10.0.0.5".parse().unwrap();
         assert!(!u.has_password());
         assert_eq!(u.to_string(), "redis://dualroute@10.0.0.5");
-        let u: RedisUrl = "redis+unix:///run/redis.sock?db=1&pass=s3cret".parse().unwrap();
+        let u: RedisUrl = "redis+unix:///run/redis.sock?db=1&pass=s3cret"
+            .parse()
+            .unwrap();
         assert!(u.has_password());
         assert_eq!(u.to_string(), "redis+unix:///run/redis.sock?db=1&pass=***");
         let e = "ftp://:s3cret@x".parse::<RedisUrl>().unwrap_err();

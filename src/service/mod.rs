@@ -238,6 +238,7 @@ where
             metrics.clone(),
             fleet.clone(),
             outbox.clone(),
+            callouts.clone(),
         ));
         fleet
     });
