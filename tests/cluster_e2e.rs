@@ -19,10 +19,12 @@
 //!   3) that holds on both;
 //! - the kill soak, two nodes: load spread over both Postfix instances,
 //!   each milter SIGKILLed and restarted every N messages, Redis killed
-//!   and restarted empty in the middle: 0 lost, 0 duplicated, 0 misrouted.
+//!   and restarted empty in the middle: 0 lost, 0 duplicated, 0 misrouted;
+//!   a domain disabled through node 1 before the load stays held (451
+//!   4.4.4) on both nodes all along, and is in the refilled Redis again.
 //!
 //! Soak knobs (as tests/kill_soak.rs): `DUALROUTE_SOAK_MESSAGES` (default
-//! 240), `DUALROUTE_SOAK_KILL_EVERY` (default 60: messages between two
+//! 1000), `DUALROUTE_SOAK_KILL_EVERY` (default 100: messages between two
 //! kills of the same milter; the two nodes' kills are staggered by half of
 //! it), `DUALROUTE_SOAK_CLIENTS` (default 4).
 //!
@@ -164,23 +166,53 @@ impl Node {
         dualroute(&self.config, &["status"]).1
     }
 
+    /// Sends fresh addresses of `domain` through this node until one gets
+    /// `code` at RCPT (451: held, 250: routing on): the running milter
+    /// follows the fleet's state (it reads its state_dir every 2 s). Err:
+    /// the last transcript, after [`support::WAIT`].
+    fn until_rcpt(&self, domain: &str, code: u16, n: &mut usize) -> Result<SmtpTranscript, String> {
+        let deadline = Instant::now() + support::WAIT;
+        loop {
+            *n += 1;
+            let probe = format!("probe{n}@{domain}");
+            let t = self.send(&[&probe], &format!("probe {n} via {}", self.name));
+            if t.rcpt(&probe).code == code {
+                return Ok(t);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{probe} through {}: still not {code} after {:?}: {t}",
+                    self.name,
+                    support::WAIT
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Everything about this node, for failure messages.
     fn diag(&self) -> String {
         format!(
             "=== {} ===\n{}\n--- milter log ---\n{}\n--- status ---\n{}",
             self.name,
             self.pf.diagnostics(),
-            self.milter.as_ref().map(MilterProcess::log).unwrap_or_default(),
+            self.milter
+                .as_ref()
+                .map(MilterProcess::log)
+                .unwrap_or_default(),
             self.status()
         )
     }
 
-    /// The routed deliveries in this Postfix's log that bounced.
+    /// The routed deliveries of zed… in this Postfix's log that bounced
+    /// (not the probes of [`Fleet::until_rcpt`]: one that is routed in the
+    /// moment between a trip and the milter's next look at its state_dir
+    /// bounces too).
     fn routed_bounces(&self) -> Vec<support::Delivery> {
         self.pf
             .bounced()
             .into_iter()
-            .filter(|d| d.to.ends_with("@example.com.dualroute.invalid"))
+            .filter(|d| d.to.starts_with("zed") && d.to.ends_with("@example.com.dualroute.invalid"))
             .collect()
     }
 }
@@ -274,23 +306,8 @@ impl Fleet {
     /// `code` at RCPT (451: held, 250: routing on): the node follows the
     /// fleet's change. Returns the transcript that did.
     fn until_rcpt(&self, node: &Node, code: u16, n: &mut usize) -> SmtpTranscript {
-        let deadline = Instant::now() + support::WAIT;
-        loop {
-            *n += 1;
-            let probe = format!("probe{n}@example.com");
-            let t = node.send(&[&probe], &format!("probe {n} via {}", node.name));
-            if t.rcpt(&probe).code == code {
-                return t;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{probe} through {}: still not {code} after {:?}: {t}\n{}",
-                node.name,
-                support::WAIT,
-                self.diag()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        node.until_rcpt("example.com", code, n)
+            .unwrap_or_else(|t| panic!("{t}\n{}", self.diag()))
     }
 
     /// `rcpt` through `node` is refused `451 4.4.4` at RCPT, naming `cause`.
@@ -437,7 +454,12 @@ fn bounces_through_both_postfix_instances_add_up_to_one_trip_on_both_nodes() {
     let f = Fleet::start(true);
     let bounce = |node: &Node, rcpt: &str, subject: &str| {
         let t = node.send(&[rcpt], subject);
-        assert!(t.accepted(), "{rcpt} through {}: {t}\n{}", node.name, f.diag());
+        assert!(
+            t.accepted(),
+            "{rcpt} through {}: {t}\n{}",
+            node.name,
+            f.diag()
+        );
         node.pf.wait_queue_empty();
     };
 
@@ -523,6 +545,10 @@ const SOAK_DOMAINS: &str = "  split.test:
     mode: dual
     destination: { hosts: [\"{SINK}\"] }
     accounts: [{ list: [d1@dual.test, d2@dual.test] }]
+  held.test:
+    mode: split
+    destination: { hosts: [\"{SINK}\"] }
+    accounts: [{ list: [keep@held.test] }]
 ";
 
 /// Where one recipient's mail must end up (`maildir:ADDRESS` on whichever
@@ -533,6 +559,9 @@ fn places(rcpt: &str) -> Vec<String> {
         "zed@split.test" | "yan@split.test" => vec![format!("sink:{rcpt}")],
         "d1@dual.test" | "d2@dual.test" => vec![format!("maildir:{rcpt}"), format!("sink:{rcpt}")],
         "nobody@dual.test" => vec![],
+        // Disabled on node 1 before the load: refused 451 4.4.4 on both
+        // nodes all along, across milter restarts and the emptied Redis.
+        "zed@held.test" => vec![],
         other => panic!("no expectation for {other}"),
     }
 }
@@ -549,7 +578,12 @@ fn recipients(i: usize) -> &'static [&'static str] {
             "bob@split.test",
             "yan@split.test",
         ],
-        &["nobody@dual.test", "bob@split.test", "d1@dual.test"],
+        &[
+            "nobody@dual.test",
+            "bob@split.test",
+            "d1@dual.test",
+            "zed@held.test",
+        ],
     ];
     MIXES[i % MIXES.len()]
 }
@@ -591,9 +625,9 @@ enum Fault {
 
 #[test]
 fn two_node_kill_soak_with_redis_restarted_loses_duplicates_and_misroutes_nothing() {
-    let n = knob("DUALROUTE_SOAK_MESSAGES", 240);
+    let n = knob("DUALROUTE_SOAK_MESSAGES", 1000);
     let clients = knob("DUALROUTE_SOAK_CLIENTS", 4).max(1);
-    let every = knob("DUALROUTE_SOAK_KILL_EVERY", 60).max(2);
+    let every = knob("DUALROUTE_SOAK_KILL_EVERY", 100).max(2);
     let started = Instant::now();
     let redis = Redis::start();
     let sink = SmtpSink::start();
@@ -604,6 +638,7 @@ fn two_node_kill_soak_with_redis_restarted_loses_duplicates_and_misroutes_nothin
         mailboxes: &[
             ("split.test", &["alice@split.test", "bob@split.test"]),
             ("dual.test", &["d1@dual.test", "d2@dual.test"]),
+            ("held.test", &["keep@held.test"]),
         ],
         breaker: false,
     };
@@ -614,6 +649,30 @@ fn two_node_kill_soak_with_redis_restarted_loses_duplicates_and_misroutes_nothin
             nodes[0].diag(),
             nodes[1].diag()
         );
+    }
+    // held.test is disabled through node 1 and held by node 2 before the
+    // load: it must stay held everywhere, whatever restarts.
+    nodes[0].admin(&["disable", "held.test"]);
+    for node in &nodes {
+        if support::poll(|| {
+            node.status()
+                .contains("held.test: mode split: DISABLED by an administrator")
+                .then_some(())
+        })
+        .is_none()
+        {
+            panic!(
+                "held.test is not disabled on {}\n{}",
+                node.name,
+                node.diag()
+            );
+        }
+        // And the running milter holds it (a probe routed before that is
+        // left out of the count below: it is not a soak message).
+        let mut probes = 0;
+        if let Err(e) = node.until_rcpt("held.test", 451, &mut probes) {
+            panic!("{e}\n{}", node.diag());
+        }
     }
     let setup_took = started.elapsed();
 
@@ -744,6 +803,14 @@ fn two_node_kill_soak_with_redis_restarted_loses_duplicates_and_misroutes_nothin
         }
         accepted[*node] += 1;
         for (rcpt, reply) in t.rcpts() {
+            if rcpt == "zed@held.test" {
+                // Held, or the milter was down: 4xx, never accepted.
+                assert!(
+                    reply.code / 100 == 4,
+                    "message {i} through {}: held.test accepted: {reply:?}\n{t}",
+                    nodes[*node].name
+                );
+            }
             if reply.is_positive() {
                 for place in places(rcpt) {
                     *expected.entry((place, soak_subject(i))).or_insert(0) += 1;
@@ -773,7 +840,7 @@ fn two_node_kill_soak_with_redis_restarted_loses_duplicates_and_misroutes_nothin
                 }
             }
         }
-        for domain in ["split.test", "dual.test"] {
+        for domain in ["split.test", "dual.test", "held.test"] {
             let catchall = node
                 .pf
                 .maildir_root()
@@ -789,6 +856,10 @@ fn two_node_kill_soak_with_redis_restarted_loses_duplicates_and_misroutes_nothin
     }
     for m in sink.messages() {
         let subject = m.header("Subject").into_iter().next().unwrap_or_default();
+        // The probes of the setup are not the load's.
+        if subject.starts_with("probe ") {
+            continue;
+        }
         for r in m.rcpt_addresses() {
             *arrived
                 .entry((format!("sink:{r}"), subject.clone()))
@@ -820,6 +891,13 @@ fn two_node_kill_soak_with_redis_restarted_loses_duplicates_and_misroutes_nothin
         diag(&nodes, &redis)
     );
     for node in &nodes {
+        let st = node.status();
+        assert!(
+            st.contains("held.test: mode split: DISABLED by an administrator"),
+            "held.test no longer disabled on {}:\n{st}\n{}",
+            node.name,
+            diag(&nodes, &redis)
+        );
         assert!(
             node.pf.bounced().is_empty(),
             "bounced through {}: {:?}\n{}",
@@ -829,8 +907,15 @@ fn two_node_kill_soak_with_redis_restarted_loses_duplicates_and_misroutes_nothin
         );
         assert!(node.pf.queue().is_empty(), "{}", node.pf.diagnostics());
     }
-    // The emptied Redis was refilled: both nodes registered again.
-    if support::poll(|| both_registered(&redis).then_some(())).is_none() {
+    // The emptied Redis was refilled: both nodes registered again, and
+    // the hold is in it again.
+    if support::poll(|| {
+        (both_registered(&redis)
+            && redis.cli(&["EXISTS", "dualroute:domain:held.test"]).trim() == "1")
+            .then_some(())
+    })
+    .is_none()
+    {
         panic!(
             "the nodes did not register again in the emptied Redis\n{}",
             diag(&nodes, &redis)
