@@ -21,6 +21,14 @@
 //! stage (a naive milter), and dualroute, each over a unix socket and over
 //! TCP; messages/s and ratios to no milter.
 //!
+//! Cluster arm (`--cluster`, needs `redis-server`: scripts/test-deps.sh):
+//! dualroute with `cluster.redis` beside the same without, interleaved
+//! (Redis is never on the RCPT path: the two must be within noise); the
+//! commands a node sends Redis per second meanwhile (INFO's
+//! `total_commands_processed`); and, with two `dualroute run` nodes, how
+//! long a `disable` typed on one takes to reach the other's state_dir
+//! (median, p99).
+//!
 //! Reload arm (`--reload`): dualroute at the highest concurrency while it
 //! gets a SIGHUP every second, beside the same load without; every
 //! conversation must succeed.
@@ -87,6 +95,9 @@ struct Options {
     /// Another dualroute binary (an earlier build) as an arm of its own:
     /// before/after in one run.
     before: Option<PathBuf>,
+    /// Cluster arm: dualroute with and without `cluster.redis`, how long a
+    /// change takes to reach another node, and what a node costs Redis.
+    cluster: bool,
 }
 
 fn options() -> Options {
@@ -106,6 +117,7 @@ fn options() -> Options {
         callgrind: false,
         pin: false,
         noop_preload: None,
+        cluster: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -115,6 +127,7 @@ fn options() -> Options {
             "--postfix" => o.postfix = true,
             "--tcp" => o.tcp = true,
             "--reload" => o.reload = true,
+            "--cluster" => o.cluster = true,
             "--callgrind" => o.callgrind = true,
             "--pin" => o.pin = true,
             "--reps" => o.reps = value().parse().unwrap_or_else(|_| usage("--reps")),
@@ -161,6 +174,8 @@ fn main() {
     }
     if o.postfix {
         postfix_arm(&o);
+    } else if o.cluster {
+        cluster_arm(&o);
     } else if o.reload {
         reload_arm(&o);
     } else {
@@ -944,6 +959,149 @@ fn instructions(server: &Server, dir: &Path) -> f64 {
         .find_map(|l| l.strip_prefix("summary:"))
         .and_then(|n| n.trim().parse().ok())
         .expect("a summary line in the callgrind dump")
+}
+
+// ---------------------------------------------------------------------
+// Cluster arm.
+// ---------------------------------------------------------------------
+
+/// Appends a `cluster:` block for `redis` to the configuration at `path`.
+fn with_cluster(path: &Path, instance: &str, redis: &str) {
+    let text = std::fs::read_to_string(path).expect("read milter.yaml");
+    let text = text.replace("instance: bench.test\n", &format!("instance: {instance}\n"));
+    std::fs::write(
+        path,
+        format!("{text}cluster: {{ redis: \"{redis}\", sync: 1s }}\n"),
+    )
+    .expect("write milter.yaml");
+}
+
+fn redis_commands(redis: &support::redis::Redis) -> u64 {
+    redis
+        .cli(&["INFO", "stats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_commands_processed in INFO stats")
+}
+
+fn cluster_arm(o: &Options) {
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let dir = tmp.path();
+    let redis = support::redis::Redis::start();
+    let this = PathBuf::from(env!("CARGO_BIN_EXE_dualroute"));
+    let mut servers: Vec<(Endpoint, Server)> = Vec::new();
+    for (tag, cluster) in [("dualroute", false), ("dualroute cluster", true)] {
+        let at = Endpoint::Unix(dir.join(format!("{}.sock", tag.replace(' ', "-"))));
+        let config = write_config(
+            dir,
+            &at.socket(),
+            o.accounts,
+            &format!("{}.yaml", tag.replace(' ', "-")),
+            "[192.0.2.30]:2525",
+            false,
+        );
+        if cluster {
+            with_cluster(&config, "bench-1.test", &redis.url());
+        }
+        let server = Server::start(tag, under(o, dir, dualroute_at(&this, &config)), || {
+            at.ready()
+        });
+        servers.push((at, server));
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    println!(
+        "cluster arm: {} reps x {}s, interleaved; the same protocol conversation with and without cluster.redis",
+        o.reps, o.secs
+    );
+    println!(
+        "{:<22} {:>4} {:>10} {:>9} {:>9} {:>8} {:>13}",
+        "milter", "C", "conv/s", "p50", "p99", "CPU µs", "Redis cmd/s"
+    );
+    for &c in &o.concurrency {
+        let mut runs: Vec<Vec<(Run, f64)>> = servers.iter().map(|_| Vec::new()).collect();
+        for _ in 0..o.reps {
+            for (i, (at, server)) in servers.iter().enumerate() {
+                let (before, started) = (redis_commands(&redis), Instant::now());
+                let run = load(&runtime, server, at, c, o.secs);
+                // The bench's own INFO call is one command.
+                let per_sec = (redis_commands(&redis).saturating_sub(before + 1)) as f64
+                    / started.elapsed().as_secs_f64();
+                assert_eq!(run.failed, 0, "{}: failed conversations", server.name);
+                runs[i].push((run, per_sec));
+            }
+        }
+        for ((_, server), r) in servers.iter().zip(&runs) {
+            let mut p50: Vec<_> = r.iter().map(|x| x.0.p50).collect();
+            let mut p99: Vec<_> = r.iter().map(|x| x.0.p99).collect();
+            p50.sort();
+            p99.sort();
+            println!(
+                "{:<22} {:>4} {:>10.0} {:>9.0?} {:>9.0?} {:>8.0} {:>13.1}",
+                server.name,
+                c,
+                median_f(r.iter().map(|x| x.0.per_sec).collect()),
+                p50[p50.len() / 2],
+                p99[p99.len() / 2],
+                median_f(r.iter().map(|x| x.0.cpu_us).collect()),
+                median_f(r.iter().map(|x| x.1).collect()),
+            );
+        }
+    }
+    drop(servers);
+    propagation(o, dir, &this, &redis);
+}
+
+/// Two `dualroute run` nodes on one Redis: `disable` typed on node 1
+/// (the CLI writes its state_dir), the time until node 2's state_dir has
+/// the record; then `enable` on node 2, until node 1's is gone.
+fn propagation(o: &Options, dir: &Path, this: &Path, redis: &support::redis::Redis) {
+    let mut nodes = Vec::new();
+    for n in 1..=2 {
+        let at = Endpoint::Unix(dir.join(format!("node{n}.sock")));
+        let name = format!("node{n}.yaml");
+        let config = write_config(dir, &at.socket(), 10, &name, "[192.0.2.30]:2525", false);
+        with_cluster(&config, &format!("bench-node{n}.test"), &redis.url());
+        let server = Server::start(&name, dualroute_at(this, &config), || at.ready());
+        let state = dir.join(format!("state-{name}"));
+        nodes.push((config, server, state));
+    }
+    let admin = |config: &Path, args: &[&str]| {
+        let out = Command::new(this)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .expect("run dualroute");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let record = |state: &Path| state.join("bench.test.disabled");
+    let wait = |what: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !what() {
+            assert!(t.elapsed() < Duration::from_secs(30), "no propagation in 30 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        t.elapsed()
+    };
+    // Both nodes in the fleet first.
+    wait(&|| redis.cli(&["HLEN", "dualroute:nodes"]).trim() == "2");
+    let rounds = if o.quick { 3 } else { 20 };
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        admin(&nodes[0].0, &["disable", "bench.test", "--reason", "bench"]);
+        times.push(wait(&|| record(&nodes[1].2).exists()));
+        admin(&nodes[1].0, &["enable", "bench.test"]);
+        times.push(wait(&|| !record(&nodes[0].2).exists()));
+    }
+    times.sort();
+    println!(
+        "cluster propagation: a disable on one node reaches the other's state_dir, and an enable back, {} changes: median {:.0?}, p99 {:.0?}, max {:.0?} (sync: 1s; the node looks at its own records every second)",
+        times.len(),
+        times[times.len() / 2],
+        times[(times.len() * 99 / 100).min(times.len() - 1)],
+        times[times.len() - 1]
+    );
 }
 
 // ---------------------------------------------------------------------

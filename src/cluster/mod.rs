@@ -621,7 +621,13 @@ impl Node {
                     .await
                     .map_err(t)?
                     .map_err(r)?;
-                } else if merged.value.is_none() {
+                } else if merged.value.is_none()
+                    && self
+                        .status
+                        .held_won
+                        .iter()
+                        .any(|(_, d, k)| *d == name && k == kind.name())
+                {
                     // Lifted since: the note is history.
                     let _: i64 = timeout(
                         COMMAND_TIMEOUT,
