@@ -13,7 +13,10 @@
 #      and the postfix package: scripts/test-deps.sh);
 #   3. the reload arm: SIGHUP every second under load, no failures;
 #   4. account loading (benches/accounts.rs): 1M, and 10M in a full run,
-#      in-process and as the whole `dualroute run` (ready time, peak RSS).
+#      in-process and as the whole `dualroute run` (ready time, peak RSS);
+#   5. the cluster arm: with and without `cluster.redis`, the Redis
+#      commands a node sends, how long a change takes to reach another
+#      node (needs redis-server).
 # Extra arguments go to the protocol arm (e.g. --concurrency 1,8 --secs 5).
 set -eu
 cd "$(dirname "$0")/.."
@@ -61,6 +64,10 @@ cargo bench --bench milter -- $quick --reload
 
 say "Postfix arm"
 cargo bench --bench milter -- $quick --postfix
+
+# Needs redis-server (scripts/test-deps.sh installs it).
+say "cluster arm"
+cargo bench --bench milter -- $quick --cluster
 
 say "account loading"
 if [ -n "$quick" ]; then
