@@ -344,6 +344,24 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             "must not contain '@', quotes or spaces".into(),
         ));
     }
+    if let Some(cl) = &c.cluster {
+        // A node says it is alive at every sync: a shorter silence would
+        // show healthy nodes SILENT.
+        if cl.silent_after.0 < cl.sync.0 * 2 {
+            return Err((
+                vec![key("cluster"), key("silent_after")],
+                format!(
+                    "{} is less than twice `sync` ({}): every node would look SILENT between two syncs; make it at least {}",
+                    crate::config::human(cl.silent_after.0),
+                    crate::config::human(cl.sync.0),
+                    crate::config::human(cl.sync.0 * 2)
+                ),
+            ));
+        }
+        if cl.sync.0.is_zero() {
+            return Err((vec![key("cluster"), key("sync")], "must be at least 1s".into()));
+        }
+    }
     let managed = |d: &str| c.domains.keys().any(|m| m.0 == d);
     let suffix = &c.relay_suffix.0;
     if let Some(m) = c
@@ -665,4 +683,18 @@ mod tests {
             .unwrap();
         assert_eq!(ru.accounts, vec![AccountSource::File(shown)]);
     }
+    #[test]
+    fn cluster_silent_after_must_outlast_two_syncs() {
+        let yaml = "cluster:\n  redis: redis://127.0.0.1:6379/0\n  sync: 30s\n  silent_after: 40s\n";
+        let e = parse(yaml, "m.yaml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("m.yaml:4:") && e.contains("cluster.silent_after") && e.contains("less than twice `sync`"),
+            "{e}"
+        );
+        let ok = "cluster:\n  redis: redis://127.0.0.1:6379/0\n  sync: 30s\n  silent_after: 60s\n";
+        assert!(parse(ok, "m.yaml").is_ok());
+        let e = parse("cluster:\n  redis: 127.0.0.1:6379\n", "m.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("m.yaml:2:") && e.contains("expected redis://"), "{e}");
+    }
+
 }
