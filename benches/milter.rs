@@ -1073,7 +1073,11 @@ fn propagation(o: &Options, dir: &Path, this: &Path, redis: &support::redis::Red
             .args(args)
             .output()
             .expect("run dualroute");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let record = |state: &Path| state.join("bench.test.disabled");
     let wait = |what: &dyn Fn() -> bool| {

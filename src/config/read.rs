@@ -359,7 +359,10 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             ));
         }
         if cl.sync.0.is_zero() {
-            return Err((vec![key("cluster"), key("sync")], "must be at least 1s".into()));
+            return Err((
+                vec![key("cluster"), key("sync")],
+                "must be at least 1s".into(),
+            ));
         }
     }
     let managed = |d: &str| c.domains.keys().any(|m| m.0 == d);
@@ -685,16 +688,23 @@ mod tests {
     }
     #[test]
     fn cluster_silent_after_must_outlast_two_syncs() {
-        let yaml = "cluster:\n  redis: redis://127.0.0.1:6379/0\n  sync: 30s\n  silent_after: 40s\n";
+        let yaml =
+            "cluster:\n  redis: redis://127.0.0.1:6379/0\n  sync: 30s\n  silent_after: 40s\n";
         let e = parse(yaml, "m.yaml").unwrap_err().to_string();
         assert!(
-            e.starts_with("m.yaml:4:") && e.contains("cluster.silent_after") && e.contains("less than twice `sync`"),
+            e.starts_with("m.yaml:4:")
+                && e.contains("cluster.silent_after")
+                && e.contains("less than twice `sync`"),
             "{e}"
         );
         let ok = "cluster:\n  redis: redis://127.0.0.1:6379/0\n  sync: 30s\n  silent_after: 60s\n";
         assert!(parse(ok, "m.yaml").is_ok());
-        let e = parse("cluster:\n  redis: 127.0.0.1:6379\n", "m.yaml").unwrap_err().to_string();
-        assert!(e.starts_with("m.yaml:2:") && e.contains("expected redis://"), "{e}");
+        let e = parse("cluster:\n  redis: 127.0.0.1:6379\n", "m.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("m.yaml:2:") && e.contains("expected redis://"),
+            "{e}"
+        );
     }
-
 }
