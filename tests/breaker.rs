@@ -988,21 +988,23 @@ fn message(subject: &str) -> String {
     )
 }
 
-/// The real thing: example.com is split and routed to a destination that
-/// refuses every recipient (`554 5.7.1 Relay access denied`: it does not
-/// take our mail at all). Three bounces of routed mail trip the breaker
-/// (threshold 3 within 1 h); from then on the milter is transparent for
-/// example.com, so Postfix files an unknown address in the catch-all
-/// Maildir instead of routing it; a restart keeps that; `dualroute enable`
-/// brings routing back within seconds.
-#[test]
-fn postfix_bounces_trip_the_breaker_end_to_end() {
+/// A private Postfix in front of `dualroute run`: example.com split, alice
+/// here, routed to `sink`; the breaker follows that Postfix's log
+/// (threshold 3 within an hour) and is following it when this returns.
+struct Rig {
+    tmp: tempfile::TempDir,
+    config: PathBuf,
+    state: PathBuf,
+    pf: support::Postfix,
+    milter: MilterProcess,
+}
+
+fn rig(prefix: &str, sink: &support::SmtpSink) -> Rig {
     let tmp = tempfile::Builder::new()
-        .prefix("dualroute-breaker-")
+        .prefix(prefix)
         .tempdir()
         .expect("a temporary directory");
     let dir = tmp.path();
-    let sink = support::SmtpSink::start_refusing_relay();
     let milter_port = support::Port::reserve();
     let config = dir.join("milter.yaml");
     let state = dir.join("state");
@@ -1033,8 +1035,34 @@ domains:
         ),
     )
     .unwrap();
-    let mut milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
+    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
     wait_following(&milter);
+    Rig {
+        tmp,
+        config,
+        state,
+        pf,
+        milter,
+    }
+}
+
+/// The real thing: example.com is split and routed to a destination that
+/// refuses every recipient (`554 5.7.1 Relay access denied`: it does not
+/// take our mail at all). Three bounces of routed mail trip the breaker
+/// (threshold 3 within 1 h); from then on the milter is transparent for
+/// example.com, so Postfix files an unknown address in the catch-all
+/// Maildir instead of routing it; a restart keeps that; `dualroute enable`
+/// brings routing back within seconds.
+#[test]
+fn postfix_bounces_trip_the_breaker_end_to_end() {
+    let sink = support::SmtpSink::start_refusing_relay();
+    let Rig {
+        tmp,
+        config,
+        state,
+        pf,
+        mut milter,
+    } = rig("dualroute-breaker-", &sink);
 
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = |milter: &MilterProcess| {
@@ -1261,43 +1289,14 @@ domains:
 /// and the domain still routes.
 #[test]
 fn postfix_unknown_addresses_do_not_trip_end_to_end() {
-    let tmp = tempfile::Builder::new()
-        .prefix("dualroute-unknown-")
-        .tempdir()
-        .expect("a temporary directory");
-    let dir = tmp.path();
     let sink = support::SmtpSink::start_rejecting();
-    let milter_port = support::Port::reserve();
-    let config = dir.join("milter.yaml");
-    let state = dir.join("state");
-    let domains = format!(
-        r#"listen: inet:127.0.0.1:{milter_port}
-instance: {INSTANCE}
-state_dir: {state}
-domains:
-  example.com:
-    mode: split
-    destination: {{ hosts: ["{sink}"] }}
-    accounts: [{{ list: [alice@example.com] }}]
-"#,
-        state = state.display(),
-        sink = sink.nexthop()
-    );
-    fs::write(&config, &domains).unwrap();
-    let opts = support::PostfixOptions::default()
-        .domain_without_catchall("example.com", &["alice@example.com"]);
-    let opts = postfix_config(&config, &dir.join("postfix-config")).apply_to(opts);
-    let pf = support::Postfix::start(opts);
-    fs::write(
-        &config,
-        format!(
-            "{domains}breaker: {{ maillog: {}, threshold: 3, window: 1h }}\n",
-            pf.maillog_path().display()
-        ),
-    )
-    .unwrap();
-    let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
-    wait_following(&milter);
+    let Rig {
+        tmp,
+        config,
+        state,
+        pf,
+        milter,
+    } = rig("dualroute-unknown-", &sink);
     let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
     let diag = || format!("{}\n--- milter log ---\n{}", pf.diagnostics(), milter.log());
     for (i, subject) in ["first", "second", "third"].iter().enumerate() {
