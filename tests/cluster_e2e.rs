@@ -38,11 +38,12 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::redis::Redis;
+use support::soak::{knob, Progress};
 use support::{
     dualroute, postfix_config, read_maildir, MilterProcess, Port, Postfix, PostfixOptions,
     SmtpClient, SmtpSink, SmtpTranscript, OUTSIDE_IP, SENDER,
@@ -525,17 +526,8 @@ fn bounces_through_both_postfix_instances_add_up_to_one_trip_on_both_nodes() {
 
 // ---------------------------------------------------------------------
 // The kill soak, two nodes (tests/kill_soak.rs has the single-node one;
-// its pieces are duplicated here, not shared, so that it stays as it is).
+// the knobs and the progress they pace faults by are tests/support/soak.rs).
 // ---------------------------------------------------------------------
-
-fn knob(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: expected a whole number")),
-        Err(_) => default,
-    }
-}
 
 const SOAK_DOMAINS: &str = "  split.test:
     mode: split
@@ -586,29 +578,6 @@ fn recipients(i: usize) -> &'static [&'static str] {
         ],
     ];
     MIXES[i % MIXES.len()]
-}
-
-/// How far the load has gone, for the fault thread.
-#[derive(Default)]
-struct Progress {
-    started: AtomicUsize,
-    done: AtomicBool,
-}
-
-impl Progress {
-    /// Waits until the clients have started `count` messages. False when
-    /// the load ended first.
-    fn reached(&self, count: usize) -> bool {
-        loop {
-            if self.done.load(Ordering::SeqCst) {
-                return false;
-            }
-            if self.started.load(Ordering::SeqCst) >= count {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
 }
 
 fn soak_subject(i: usize) -> String {

@@ -27,23 +27,15 @@ mod support;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::soak::{knob, Progress};
 
 use support::{
     postfix_config, read_maildir, MilterProcess, Postfix, PostfixOptions, SmtpClient, SmtpSink,
     SmtpTranscript, OUTSIDE_IP, SENDER,
 };
-
-fn knob(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: expected a whole number")),
-        Err(_) => default,
-    }
-}
 
 /// Accounts of split.test in its account file: alice and bob get mail,
 /// the filler makes the file big enough that a torn read would show.
@@ -302,31 +294,6 @@ impl Soak {
         );
         assert!(self.pf.queue().is_empty(), "{}", self.pf.diagnostics());
         (transcripts.len() - refused, refused)
-    }
-}
-
-/// How far the load has gone, for the fault thread.
-#[derive(Default)]
-struct Progress {
-    /// Messages the clients have started (the next index to take).
-    started: AtomicUsize,
-    /// Set when every client has finished.
-    done: AtomicBool,
-}
-
-impl Progress {
-    /// Waits until the clients have started `count` messages. False when
-    /// the load ended first.
-    fn reached(&self, count: usize) -> bool {
-        loop {
-            if self.done.load(Ordering::SeqCst) {
-                return false;
-            }
-            if self.started.load(Ordering::SeqCst) >= count {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
     }
 }
 

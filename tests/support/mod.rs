@@ -45,6 +45,7 @@ pub mod scenarios;
 pub mod sendmail;
 pub mod sink;
 pub mod smtp;
+pub mod soak;
 pub mod wire;
 
 // Each test binary uses a different part of the harness.
