@@ -270,6 +270,34 @@ fn duplicate_user_names_both_lines() {
 }
 
 #[test]
+fn duplicate_keys_name_both_lines() {
+    // Two `domains:` were reported at 1:1 (serde's "duplicate field" is
+    // placed at the start of the mapping that holds it), issue 25.
+    let twice = format!("{BASE}shadow: false\n{BASE}");
+    assert_error(
+        &twice,
+        "9:1",
+        "domains is given twice (lines 1 and 9): keep one",
+    );
+    // The same for a key inside a domain or its destination.
+    let mode = BASE.replace("    mode: split\n", "    mode: split\n    mode: route\n");
+    assert_error(
+        &mode,
+        "4:5",
+        "domains.example.com: mode is given twice (lines 3 and 4): keep one",
+    );
+    let hosts = BASE.replace(
+        "      hosts: [\"[192.0.2.30]:2525\"]\n",
+        "      hosts: [\"[192.0.2.30]:2525\"]\n      hosts: [\"[192.0.2.31]\"]\n",
+    );
+    assert_error(
+        &hosts,
+        "6:7",
+        "domains.example.com.destination: hosts is given twice (lines 5 and 6): keep one",
+    );
+}
+
+#[test]
 fn copy_to_the_user_itself_is_located() {
     let text =
         format!("{BASE}    users:\n      carol@example.com: {{ copy_to: carol@example.com }}\n");
