@@ -298,6 +298,14 @@ fn duplicate_keys_name_both_lines() {
 }
 
 #[test]
+fn a_second_yaml_document_names_its_line() {
+    // `---` starts a second document, which dualroute would not read: it
+    // was an error without a line ("more than one document"), issue 25.
+    let text = format!("{BASE}---\nshadow: true\n");
+    assert_error(&text, "9:1", "a second YAML document begins here");
+}
+
+#[test]
 fn copy_to_the_user_itself_is_located() {
     let text =
         format!("{BASE}    users:\n      carol@example.com: {{ copy_to: carol@example.com }}\n");

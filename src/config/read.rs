@@ -190,24 +190,7 @@ fn position(before: &[u8]) -> (usize, usize) {
 
 /// Parses and validates configuration text; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
-        // serde places "duplicate field `x`" at the start of the mapping
-        // that holds it (1:1 for a second `domains:`); a duplicate key
-        // names both of its lines instead (docs/design.md §5).
-        let field = e
-            .to_string()
-            .split_once("duplicate field `")
-            .and_then(|(_, rest)| rest.split_once('`'))
-            .map(|(name, _)| name.to_owned());
-        let found = field.and_then(|name| Some((repeated(text, &name)?, name)));
-        match found {
-            Some((mut at, name)) => {
-                at.push(key(&name));
-                given_twice(text, file, at, name)
-            }
-            None => yaml_error(file, &e),
-        }
-    })?;
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| raw_error(text, file, &e))?;
     let locate_err = |invalid: Invalid| located(text, file, invalid);
     let twice = |at: Vec<Seg>, shown: String| given_twice(text, file, at, shown);
     // Duplicate keys: serde would keep the last silently (docs/design.md §5).
@@ -260,6 +243,43 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 fn first_repeat(keys: impl Iterator<Item = String>) -> Option<String> {
     let mut seen = std::collections::HashSet::new();
     keys.into_iter().find(|k| !seen.insert(k.clone()))
+}
+
+/// serde_yaml's error, placed where a mail admin must look.
+fn raw_error(text: &str, file: &str, e: &serde_yaml::Error) -> ConfigError {
+    let message = e.to_string();
+    // serde places "duplicate field `x`" at the start of the mapping
+    // that holds it (1:1 for a second `domains:`); a duplicate key
+    // names both of its lines instead (docs/design.md §5).
+    let field = message
+        .split_once("duplicate field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(name, _)| name.to_owned());
+    if let Some((mut at, name)) = field.and_then(|name| Some((repeated(text, &name)?, name))) {
+        at.push(key(&name));
+        return given_twice(text, file, at, name);
+    }
+    // serde_yaml says "more than one document" without a position.
+    if message.contains("more than one document") {
+        if let Some((line, column)) = second_document(text) {
+            return ConfigError {
+                file: file.to_owned(),
+                line: Some(line),
+                column: Some(column),
+                message: "a second YAML document begins here (after a `---` line): dualroute reads one document; merge the two or remove the `---`".into(),
+            };
+        }
+    }
+    yaml_error(file, e)
+}
+
+/// The position of the second document's first node.
+fn second_document(text: &str) -> Option<(usize, usize)> {
+    let de = serde_yaml::Deserializer::from_str(text).nth(1)?;
+    match Locate(&[]).deserialize(de) {
+        Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| (l.line(), l.column())),
+        _ => None,
+    }
 }
 
 /// The error for the node at `path`, located in `text`, its message
