@@ -306,6 +306,33 @@ fn a_second_yaml_document_names_its_line() {
 }
 
 #[test]
+fn deep_nesting_is_refused_fast() {
+    // 100,000 nested flow mappings took ~40 s of CPU in serde_yaml before
+    // it gave up (issue 25), stalling a reload; the text is scanned first.
+    let depth = 100_000;
+    let text = format!("domains: {}1{}\n", "{a: ".repeat(depth), "}".repeat(depth));
+    let started = std::time::Instant::now();
+    let e = error(&text);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // At the 65th `{`: column 10 + 64 * 4.
+    assert!(e.starts_with("milter.yaml:1:266: "), "{e}");
+    assert!(e.contains("nested more than 64 levels deep"), "{e}");
+    // Brackets inside quotes and comments are not nesting.
+    let quoted = format!(
+        "# {}\ninstance: 'it''s{}'\n{BASE}",
+        "[".repeat(100),
+        "{".repeat(100)
+    );
+    parse(&quoted, "milter.yaml").unwrap();
+    let e = error(&format!("listne: \"a\\\"{}\"\n{BASE}", "[".repeat(100)));
+    assert!(e.contains("unknown field `listne`"), "{e}");
+}
+
+#[test]
 fn copy_to_the_user_itself_is_located() {
     let text =
         format!("{BASE}    users:\n      carol@example.com: {{ copy_to: carol@example.com }}\n");

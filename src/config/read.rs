@@ -190,6 +190,14 @@ fn position(before: &[u8]) -> (usize, usize) {
 
 /// Parses and validates configuration text; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    if let Some((line, column)) = too_deep(text) {
+        return Err(ConfigError {
+            file: file.to_owned(),
+            line: Some(line),
+            column: Some(column),
+            message: format!("nested more than {MAX_DEPTH} levels deep (`[` and `{{`): milter.yaml needs fewer than 10; close the brackets"),
+        });
+    }
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| raw_error(text, file, &e))?;
     let locate_err = |invalid: Invalid| located(text, file, invalid);
     let twice = |at: Vec<Seg>, shown: String| given_twice(text, file, at, shown);
@@ -243,6 +251,60 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 fn first_repeat(keys: impl Iterator<Item = String>) -> Option<String> {
     let mut seen = std::collections::HashSet::new();
     keys.into_iter().find(|k| !seen.insert(k.clone()))
+}
+
+/// Flow collections (`[`, `{`) nested deeper than this are refused before
+/// serde_yaml sees them: it took ~40 s of CPU to refuse 100,000 levels
+/// (issue 25), and a reload waits for it. A real milter.yaml nests fewer
+/// than 10 levels; block nesting costs a line of indentation per level.
+const MAX_DEPTH: usize = 64;
+
+/// Line and column of the first `[` or `{` deeper than [`MAX_DEPTH`],
+/// outside quoted scalars and comments. A quote or `#` counts only where
+/// YAML lets it start a scalar or a comment (after a blank, a bracket,
+/// `,` or `:`), so `don't` and `a#b` are plain text.
+fn too_deep(text: &str) -> Option<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let starts = i == 0 || matches!(bytes[i - 1], b' ' | b'\t' | b'\n' | b'\r' | b'[' | b'{' | b',' | b':');
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(position(&bytes[..i]));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'#' if starts => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'"' if starts => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            // In a single-quoted scalar, '' is a quote, not its end.
+            b'\'' if starts => {
+                i += 1;
+                while i < bytes.len() {
+                    match (bytes[i], bytes.get(i + 1)) {
+                        (b'\'', Some(b'\'')) => i += 2,
+                        (b'\'', _) => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// serde_yaml's error, placed where a mail admin must look.
