@@ -574,7 +574,15 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
                 );
             }
             if accepted.is_some() {
-                println!("{name}: verified: the destination accepts {rcpt}; routing starts within seconds");
+                // Shadow mode changes no message whatever the probe says
+                // (docs/design.md, "Shadow mode and metrics"): promising routing
+                // would mislead.
+                let next = if config.shadow(d) {
+                    "the domain is in shadow mode: nothing is routed until shadow is switched off (shadow: false, then reload)"
+                } else {
+                    "routing starts within seconds"
+                };
+                println!("{name}: verified: the destination accepts {rcpt}; {next}");
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!("{name}: NOT verified: no host accepted {rcpt}");
