@@ -90,7 +90,8 @@ fn end_quietly_on_closed_stdout() {
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied());
-        let closed = message.is_some_and(|m| m.starts_with("failed printing to stdout") && m.ends_with(&epipe));
+        let closed = message
+            .is_some_and(|m| m.starts_with("failed printing to stdout") && m.ends_with(&epipe));
         if closed {
             // SAFETY: signal(2) and raise(3) with constants; nothing else
             // runs: the process ends here.

@@ -578,7 +578,9 @@ pub(crate) async fn serve(metrics: Arc<Metrics>, policy: Arc<LivePolicy>, holds:
             match tokio::time::timeout(REQUEST_TIMEOUT * 2, served).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!("metrics: connection ended: {e}"),
-                Err(_) => tracing::debug!("metrics: connection closed after {:?}", REQUEST_TIMEOUT * 2),
+                Err(_) => {
+                    tracing::debug!("metrics: connection closed after {:?}", REQUEST_TIMEOUT * 2)
+                }
             }
         });
         open.push_back(connection);

@@ -38,7 +38,12 @@ fn a_closed_stdout_ends_quietly() {
     assert!(first.starts_with("d0.example: mode route"), "{first}");
     // The reader is dropped here: what status prints next meets a closed pipe.
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     let status = child.wait().unwrap();
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
@@ -85,21 +90,37 @@ fn status_exits_1_when_a_domain_is_held_and_says_the_counts_restarted() {
     )
     .unwrap();
     let out = status(1);
-    assert!(out.contains("example.com: mode route: TRIPPED by the bounce breaker"), "{out}");
+    assert!(
+        out.contains("example.com: mode route: TRIPPED by the bounce breaker"),
+        "{out}"
+    );
     assert!(out.contains("3 permanent failures within 3600s"), "{out}");
     assert!(
         out.contains("  breaker: counting again since the trip: 0 permanent failures (trips at 3)"),
         "{out}"
     );
     // The domain that is not held keeps the plain count.
-    assert!(out.contains("  breaker: 0 permanent failures (trips at 3)"), "{out}");
+    assert!(
+        out.contains("  breaker: 0 permanent failures (trips at 3)"),
+        "{out}"
+    );
 
     std::fs::remove_file(state.join("example.com.tripped")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_dualroute"))
-        .args(["--config", path.to_str().unwrap(), "disable", "example.org", "--reason", "test"])
+        .args([
+            "--config",
+            path.to_str().unwrap(),
+            "disable",
+            "example.org",
+            "--reason",
+            "test",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let out = status(1);
-    assert!(out.contains("example.org: mode route: DISABLED by an administrator"), "{out}");
+    assert!(
+        out.contains("example.org: mode route: DISABLED by an administrator"),
+        "{out}"
+    );
 }

@@ -241,7 +241,11 @@ fn apply_output_lines_are_whole() {
     let config = tmp.path().join("milter.yaml");
     fs::write(
         &config,
-        yaml(Port::reserve().number(), &tmp.path().join("state"), "{ hosts: [\"[127.0.0.1]:9\"] }"),
+        yaml(
+            Port::reserve().number(),
+            &tmp.path().join("state"),
+            "{ hosts: [\"[127.0.0.1]:9\"] }",
+        ),
     )
     .expect("write");
     let etc_arg = etc.to_str().expect("UTF-8 path");
@@ -254,14 +258,20 @@ fn apply_output_lines_are_whole() {
         );
         assert!(out.status.success(), "{args:?}\n{stdout}{stderr}");
         for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
-            assert!(text.is_empty() || text.ends_with('\n'), "{args:?} {name} ends without a newline:\n{text}");
+            assert!(
+                text.is_empty() || text.ends_with('\n'),
+                "{args:?} {name} ends without a newline:\n{text}"
+            );
             for line in text.lines() {
                 if let Some(i) = line.find("NOTE:") {
                     assert_eq!(i, 0, "{args:?} {name}: NOTE inside a line:\n{line}");
                 }
             }
         }
-        assert!(stderr.contains("NOTE: the dualroute_catchall table"), "{stderr}");
+        assert!(
+            stderr.contains("NOTE: the dualroute_catchall table"),
+            "{stderr}"
+        );
     }
 }
 
