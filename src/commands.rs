@@ -288,10 +288,16 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
     for (name, d) in &config.domains {
         let name = &name.0;
         let mode = d.mode;
+        let hold = holds.get(name);
+        // Exit 1 when a domain does not route (README "status"): a
+        // monitoring check reads the exit code, not the words.
+        if !d.enabled || hold.is_some() {
+            ok = false;
+        }
         let line = if !d.enabled {
             "routing OFF (enabled: false in the configuration): mailboxes here get their mail, addresses that would be routed are refused with 451 4.4.4".to_owned()
         } else {
-            match holds.get(name) {
+            match hold {
                 Some(Hold::Disabled(x)) => format!(
                     "DISABLED by an administrator since {}: {}",
                     crate::state::when(x.since),
@@ -320,10 +326,7 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
                     ),
                     None => format!("WAITING for verification of {address}; no probe yet"),
                 },
-                Some(h @ (Hold::Unreadable(_) | Hold::NotRead)) => {
-                    ok = false;
-                    format!("ERROR: {h}")
-                }
+                Some(h @ (Hold::Unreadable(_) | Hold::NotRead)) => format!("ERROR: {h}"),
                 None => match dir.load(name).ok().and_then(|s| s.verification) {
                     Some(v) if d.verify.is_some() => format!(
                         "active (verified {}: {})",
@@ -368,7 +371,8 @@ pub fn status(path: &Path) -> Result<ExitCode, String> {
             println!("  {}", callout_line(&config.state_dir, name, d));
         }
         if let Some(b) = &config.breaker {
-            println!("  {}", breaker_counts(b, &counts, name));
+            let tripped = matches!(hold, Some(Hold::Tripped(_)));
+            println!("  {}", breaker_counts(b, &counts, name, tripped));
         }
     }
     if let Some(cluster) = &config.cluster {
@@ -410,8 +414,17 @@ fn breaker_counts(
     b: &crate::config::BreakerConfig,
     counts: &crate::state::BreakerCounts,
     domain: &str,
+    tripped: bool,
 ) -> String {
     let c = counts.domains.get(domain).copied().unwrap_or_default();
+    // A trip empties the domain's counts (src/breaker/): after "TRIPPED
+    // … 3 permanent failures", a bare "0 permanent failures" read as a
+    // contradiction (issue 25).
+    let since = if tripped {
+        "counting again since the trip: "
+    } else {
+        ""
+    };
     let deferral_limit = match b.deferrals {
         Some(n) => format!("trips at {n}"),
         None => "counted only".to_owned(),
@@ -422,7 +435,7 @@ fn breaker_counts(
         format!("as of {}", crate::state::when(counts.at))
     };
     format!(
-        "breaker: {} permanent failures (trips at {}), {} deferrals ({deferral_limit}) of routed mail within {}; {as_of}",
+        "breaker: {since}{} permanent failures (trips at {}), {} deferrals ({deferral_limit}) of routed mail within {}; {as_of}",
         c.bounces,
         b.threshold,
         c.deferrals,
@@ -574,7 +587,15 @@ pub fn verify(path: &Path, domain: &str, send: bool) -> Result<ExitCode, String>
                 );
             }
             if accepted.is_some() {
-                println!("{name}: verified: the destination accepts {rcpt}; routing starts within seconds");
+                // Shadow mode changes no message whatever the probe says
+                // (docs/design.md, "Shadow mode and metrics"): promising routing
+                // would mislead.
+                let next = if config.shadow(d) {
+                    "the domain is in shadow mode: nothing is routed until shadow is switched off (shadow: false, then reload)"
+                } else {
+                    "routing starts within seconds"
+                };
+                println!("{name}: verified: the destination accepts {rcpt}; {next}");
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!("{name}: NOT verified: no host accepted {rcpt}");

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         // unseen. On stderr: postfix-config's stdout goes into main.cf.
         // `run` logs it (`serve`).
         eprintln!("dualroute: configuration {}", path.display());
+        end_quietly_on_closed_stdout();
     }
     let result = match command {
         Command::Run(args) => return run(path, &args),
@@ -70,6 +71,38 @@ fn main() -> ExitCode {
         } => commands::explain(&path, &addresses, &Envelope { client, auth }, callout),
     };
     result.unwrap_or_else(|e| fail(missing_default(&path, e)))
+}
+
+/// `dualroute status | head -1`: the reader is gone, and Rust's `println!`
+/// panics on EPIPE because the runtime ignores SIGPIPE. A command-line
+/// tool whose reader is gone ends as other Unix tools do, by SIGPIPE,
+/// which shells do not report in a pipeline (issue 25). SIGPIPE itself
+/// stays ignored: with its default action, a peer that closes a socket
+/// or a child's pipe (`verify`'s SMTP, `--apply`'s postmap) would kill the
+/// command without a word.
+fn end_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let epipe = format!("(os error {})", libc::EPIPE);
+        // payload_as_str() is Rust 1.88; rust-version is 1.85.
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied());
+        let closed = message
+            .is_some_and(|m| m.starts_with("failed printing to stdout") && m.ends_with(&epipe));
+        if closed {
+            // SAFETY: signal(2) and raise(3) with constants; nothing else
+            // runs: the process ends here.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            std::process::exit(128 + libc::SIGPIPE);
+        }
+        default(info)
+    }));
 }
 
 /// An error on the default file when it does not exist also says how to

@@ -42,8 +42,11 @@ use std::{convert::Infallible, fmt};
 /// asks for it first).
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Scrapes served at once; more wait in the listen queue. A scraper needs
-/// one.
+/// Connections open at once. A scraper needs one; a ninth connection
+/// closes the oldest, which is the one most likely idle: 64 idle
+/// connections (a port scan, stuck clients) that held the slots kept
+/// every scrape waiting in the listen queue for as long as they stayed
+/// open (issue 25).
 const MAX_CONNECTIONS: usize = 8;
 
 /// How long a scraper may take to send its request.
@@ -534,14 +537,12 @@ pub(crate) async fn serve(metrics: Arc<Metrics>, policy: Arc<LivePolicy>, holds:
         }
     };
     tracing::info!("metrics: serving http://{addr}/metrics");
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    // Connections live in this set, so they end with this task.
+    // Connections live in this set, so they end with this task; `open`
+    // holds them oldest first.
     let mut connections = tokio::task::JoinSet::new();
+    let mut open = std::collections::VecDeque::<tokio::task::AbortHandle>::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -551,8 +552,14 @@ pub(crate) async fn serve(metrics: Arc<Metrics>, policy: Arc<LivePolicy>, holds:
                 continue;
             }
         };
+        open.retain(|c| !c.is_finished());
+        if open.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+            }
+        }
         let state = (metrics.clone(), policy.clone(), holds.clone());
-        connections.spawn(async move {
+        let connection = connections.spawn(async move {
             let handler = hyper::service::service_fn(move |request| {
                 let (metrics, policy, holds) = &state;
                 let text = || metrics.render(&policy.current(), &holds.current());
@@ -563,13 +570,20 @@ pub(crate) async fn serve(metrics: Arc<Metrics>, policy: Arc<LivePolicy>, holds:
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(REQUEST_TIMEOUT)
                 .keep_alive(false)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!("metrics: connection ended: {e}");
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), handler);
+            // A bound of our own on the whole connection, whatever
+            // hyper's header timeout covers (a client that sends nothing,
+            // one that reads the reply slowly): a slot is never held
+            // longer than this.
+            match tokio::time::timeout(REQUEST_TIMEOUT * 2, served).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("metrics: connection ended: {e}"),
+                Err(_) => {
+                    tracing::debug!("metrics: connection closed after {:?}", REQUEST_TIMEOUT * 2)
+                }
             }
-            drop(slot);
         });
+        open.push_back(connection);
     }
 }
 

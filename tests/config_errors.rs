@@ -270,6 +270,69 @@ fn duplicate_user_names_both_lines() {
 }
 
 #[test]
+fn duplicate_keys_name_both_lines() {
+    // Two `domains:` were reported at 1:1 (serde's "duplicate field" is
+    // placed at the start of the mapping that holds it), issue 25.
+    let twice = format!("{BASE}shadow: false\n{BASE}");
+    assert_error(
+        &twice,
+        "9:1",
+        "domains is given twice (lines 1 and 9): keep one",
+    );
+    // The same for a key inside a domain or its destination.
+    let mode = BASE.replace("    mode: split\n", "    mode: split\n    mode: route\n");
+    assert_error(
+        &mode,
+        "4:5",
+        "domains.example.com: mode is given twice (lines 3 and 4): keep one",
+    );
+    let hosts = BASE.replace(
+        "      hosts: [\"[192.0.2.30]:2525\"]\n",
+        "      hosts: [\"[192.0.2.30]:2525\"]\n      hosts: [\"[192.0.2.31]\"]\n",
+    );
+    assert_error(
+        &hosts,
+        "6:7",
+        "domains.example.com.destination: hosts is given twice (lines 5 and 6): keep one",
+    );
+}
+
+#[test]
+fn a_second_yaml_document_names_its_line() {
+    // `---` starts a second document, which dualroute would not read: it
+    // was an error without a line ("more than one document"), issue 25.
+    let text = format!("{BASE}---\nshadow: true\n");
+    assert_error(&text, "9:1", "a second YAML document begins here");
+}
+
+#[test]
+fn deep_nesting_is_refused_fast() {
+    // 100,000 nested flow mappings took ~40 s of CPU in serde_yaml before
+    // it gave up (issue 25), stalling a reload; the text is scanned first.
+    let depth = 100_000;
+    let text = format!("domains: {}1{}\n", "{a: ".repeat(depth), "}".repeat(depth));
+    let started = std::time::Instant::now();
+    let e = error(&text);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // At the 65th `{`: column 10 + 64 * 4.
+    assert!(e.starts_with("milter.yaml:1:266: "), "{e}");
+    assert!(e.contains("nested more than 64 levels deep"), "{e}");
+    // Brackets inside quotes and comments are not nesting.
+    let quoted = format!(
+        "# {}\ninstance: 'it''s{}'\n{BASE}",
+        "[".repeat(100),
+        "{".repeat(100)
+    );
+    parse(&quoted, "milter.yaml").unwrap();
+    let e = error(&format!("listne: \"a\\\"{}\"\n{BASE}", "[".repeat(100)));
+    assert!(e.contains("unknown field `listne`"), "{e}");
+}
+
+#[test]
 fn copy_to_the_user_itself_is_located() {
     let text =
         format!("{BASE}    users:\n      carol@example.com: {{ copy_to: carol@example.com }}\n");

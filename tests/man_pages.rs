@@ -109,7 +109,7 @@ Routing state that survives restarts: administrative disables, breaker trips, ve
 \fI/etc/postfix/dualroute.applied\fR
 What \fBpostfix\-config \-\-apply\fR changed, for \fB\-\-revert\fR.
 .SH EXIT STATUS
-0 on success; 1 on an error (printed on standard error as \fIfile:line:col: what is wrong\fR for configuration errors), when \fBverify\fR finds no host that accepts the address, or when \fBdoctor\fR finds a problem.
+0 on success; 1 on an error (printed on standard error as \fIfile:line:col: what is wrong\fR for configuration errors), when \fBverify\fR finds no host that accepts the address, when \fBdoctor\fR finds a problem, or when \fBstatus\fR shows a domain that does not route (waiting for verification, tripped, disabled, \fBenabled: false\fR, accounts held, an unreadable state file) or a refused reload.
 .SH SEE ALSO
 \fBmilter.yaml\fR(5), \fBpostconf\fR(5), \fBpostconf\fR(1), \fBsystemctl\fR(1), \fI/usr/share/doc/dualroute/postfix.md\fR, \fI/usr/share/doc/dualroute/README.md\fR
 "#,

@@ -227,6 +227,54 @@ fn apply_is_idempotent_merges_prunes_and_reverts() {
     assert!(out.contains("nothing to revert"), "{out}");
 }
 
+/// Every line of --apply's output is whole, on stdout and on stderr: a
+/// trial saw a NOTE glued to the line before it
+/// (`…dualroute_catchallNOTE:`, issue 25; not reproduced on real Postfix
+/// since, this test keeps it so).
+#[test]
+fn apply_output_lines_are_whole() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pf = Postfix::start(
+        PostfixOptions::default().domain_without_catchall("example.com", &["alice@example.com"]),
+    );
+    let etc = pf.config_dir();
+    let config = tmp.path().join("milter.yaml");
+    fs::write(
+        &config,
+        yaml(
+            Port::reserve().number(),
+            &tmp.path().join("state"),
+            "{ hosts: [\"[127.0.0.1]:9\"] }",
+        ),
+    )
+    .expect("write");
+    let etc_arg = etc.to_str().expect("UTF-8 path");
+    for extra in [&["--apply", "--dry-run"][..], &["--apply"]] {
+        let args = [&["postfix-config", "--postfix-config-dir", etc_arg], extra].concat();
+        let out = support::dualroute_output(&config, &args);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{args:?}\n{stdout}{stderr}");
+        for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+            assert!(
+                text.is_empty() || text.ends_with('\n'),
+                "{args:?} {name} ends without a newline:\n{text}"
+            );
+            for line in text.lines() {
+                if let Some(i) = line.find("NOTE:") {
+                    assert_eq!(i, 0, "{args:?} {name}: NOTE inside a line:\n{line}");
+                }
+            }
+        }
+        assert!(
+            stderr.contains("NOTE: the dualroute_catchall table"),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn warns_when_the_unix_socket_is_outside_the_chroot() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -276,6 +276,32 @@ async fn a_domain_can_be_live_while_the_rest_is_in_shadow_mode() {
 /// The endpoint: OpenMetrics text on GET /metrics, 404 elsewhere, the
 /// state of each domain read from the service, and the result of each
 /// reload.
+/// 64 idle connections (a port scan, a stuck scraper) made `/metrics`
+/// time out for as long as they stayed open (8 did not), issue 25.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_block_a_scrape() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (milter, addr) = with_metrics(|port| {
+        Milter::serve(start(&config(&dir.path().join("state"), port, false, None)))
+    })
+    .await;
+    let idle: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let started = std::time::Instant::now();
+    let s = tokio::task::spawn_blocking(move || get(addr, "/metrics"))
+        .await
+        .expect("scrape with 64 idle connections open");
+    assert!(s.status.contains(" 200 "), "{s:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    milter.shutdown().await;
+}
+
 #[tokio::test]
 async fn metrics_endpoint_shows_state_and_reloads() {
     let dir = tempfile::tempdir().expect("temporary directory");

@@ -62,7 +62,8 @@ fn status_disable_enable_with_a_running_milter() {
     let config = write_config(dir.path(), port.number());
 
     let (status, out) = dualroute(&config, &["status"]);
-    assert_eq!(status.code(), Some(0), "{out}");
+    // example.org waits for its probe, example.net is off: not all routing.
+    assert_eq!(status.code(), Some(1), "{out}");
     assert!(out.contains("example.com: mode route: active"), "{out}");
     assert!(out.contains("example.org: mode route: WAITING for verification of postmaster@example.org; no probe yet"), "{out}");
     assert!(

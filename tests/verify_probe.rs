@@ -139,6 +139,23 @@ fn probe_closed_port() {
     assert!(out.contains("NOT verified"), "{out}");
 }
 
+/// In shadow mode a passed probe changes nothing: `verify` said "routing
+/// starts within seconds" (issue 25).
+#[test]
+fn probe_accepted_in_shadow_mode_says_nothing_is_routed() {
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    std::fs::write(&path, format!("shadow: true\n{}", yaml(&sink.nexthop()))).unwrap();
+    let (status, out) = dualroute(&path, &["verify", "example.com"]);
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(!out.contains("routing starts"), "{out}");
+    assert!(
+        out.contains("example.com: verified: the destination accepts postmaster@example.com; the domain is in shadow mode: nothing is routed until shadow is switched off"),
+        "{out}"
+    );
+}
+
 #[test]
 fn unknown_domain_or_no_verify_address() {
     let dir = tempfile::tempdir().unwrap();

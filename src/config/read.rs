@@ -190,44 +190,17 @@ fn position(before: &[u8]) -> (usize, usize) {
 
 /// Parses and validates configuration text; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))?;
-    let locate_err = |(path, message): Invalid| {
-        let (line, column) = locate_value(text, &path).unzip();
-        let mut shown = String::new();
-        for seg in &path {
-            match seg {
-                Seg::Index(i) => shown.push_str(&format!("[{i}]")),
-                Seg::Again(..) => {}
-                _ if shown.is_empty() => shown.push_str(&seg.to_string()),
-                _ => shown.push_str(&format!(".{seg}")),
-            }
-        }
-        ConfigError {
+    if let Some((line, column)) = too_deep(text) {
+        return Err(ConfigError {
             file: file.to_owned(),
-            line,
-            column,
-            message: format!("{shown}: {message}"),
-        }
-    };
-    let twice = |at: Vec<Seg>, shown: String| {
-        let (head, name) = at.split_at(at.len() - 1);
-        let name = name[0].to_string();
-        let line = |n| {
-            let mut p = head.to_vec();
-            p.push(Seg::Again(name.clone(), n));
-            locate(text, &p).map_or("?".to_owned(), |(l, _)| l.to_string())
-        };
-        let mut p = head.to_vec();
-        p.push(Seg::Again(name.clone(), 1));
-        locate_err((
-            p,
-            format!(
-                "{shown} is given twice (lines {} and {}): keep one",
-                line(0),
-                line(1)
-            ),
-        ))
-    };
+            line: Some(line),
+            column: Some(column),
+            message: format!("nested more than {MAX_DEPTH} levels deep (`[` and `{{`): milter.yaml needs fewer than 10; close the brackets"),
+        });
+    }
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| raw_error(text, file, &e))?;
+    let locate_err = |invalid: Invalid| located(text, file, invalid);
+    let twice = |at: Vec<Seg>, shown: String| given_twice(text, file, at, shown);
     // Duplicate keys: serde would keep the last silently (docs/design.md §5).
     if let Some(name) = first_repeat(raw.domains.0.iter().map(|(n, _)| n.0.clone())) {
         return Err(twice(vec![key("domains"), key(&name)], name));
@@ -278,6 +251,233 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 fn first_repeat(keys: impl Iterator<Item = String>) -> Option<String> {
     let mut seen = std::collections::HashSet::new();
     keys.into_iter().find(|k| !seen.insert(k.clone()))
+}
+
+/// Flow collections (`[`, `{`) nested deeper than this are refused before
+/// serde_yaml sees them: it took ~40 s of CPU to refuse 100,000 levels
+/// (issue 25), and a reload waits for it. A real milter.yaml nests fewer
+/// than 10 levels; block nesting costs a line of indentation per level.
+const MAX_DEPTH: usize = 64;
+
+/// Line and column of the first `[` or `{` deeper than [`MAX_DEPTH`],
+/// outside quoted scalars and comments. A quote or `#` counts only where
+/// YAML lets it start a scalar or a comment (after a blank, a bracket,
+/// `,` or `:`), so `don't` and `a#b` are plain text.
+fn too_deep(text: &str) -> Option<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let starts = i == 0
+            || matches!(
+                bytes[i - 1],
+                b' ' | b'\t' | b'\n' | b'\r' | b'[' | b'{' | b',' | b':'
+            );
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(position(&bytes[..i]));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'#' if starts => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'"' if starts => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            // In a single-quoted scalar, '' is a quote, not its end.
+            b'\'' if starts => {
+                i += 1;
+                while i < bytes.len() {
+                    match (bytes[i], bytes.get(i + 1)) {
+                        (b'\'', Some(b'\'')) => i += 2,
+                        (b'\'', _) => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// serde_yaml's error, placed where a mail admin must look.
+fn raw_error(text: &str, file: &str, e: &serde_yaml::Error) -> ConfigError {
+    let message = e.to_string();
+    // serde places "duplicate field `x`" at the start of the mapping
+    // that holds it (1:1 for a second `domains:`); a duplicate key
+    // names both of its lines instead (docs/design.md §5).
+    let field = message
+        .split_once("duplicate field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(name, _)| name.to_owned());
+    if let Some((mut at, name)) = field.and_then(|name| Some((repeated(text, &name)?, name))) {
+        at.push(key(&name));
+        return given_twice(text, file, at, name);
+    }
+    // serde_yaml says "more than one document" without a position.
+    if message.contains("more than one document") {
+        if let Some((line, column)) = second_document(text) {
+            return ConfigError {
+                file: file.to_owned(),
+                line: Some(line),
+                column: Some(column),
+                message: "a second YAML document begins here (after a `---` line): dualroute reads one document; merge the two or remove the `---`".into(),
+            };
+        }
+    }
+    yaml_error(file, e)
+}
+
+/// The position of the second document's first node.
+fn second_document(text: &str) -> Option<(usize, usize)> {
+    let de = serde_yaml::Deserializer::from_str(text).nth(1)?;
+    match Locate(&[]).deserialize(de) {
+        Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| (l.line(), l.column())),
+        _ => None,
+    }
+}
+
+/// The error for the node at `path`, located in `text`, its message
+/// prefixed with the path (`domains.example.com.mode: ...`).
+fn located(text: &str, file: &str, (path, message): Invalid) -> ConfigError {
+    let (line, column) = locate_value(text, &path).unzip();
+    let mut shown = String::new();
+    for seg in &path {
+        match seg {
+            Seg::Index(i) => shown.push_str(&format!("[{i}]")),
+            Seg::Again(..) => {}
+            _ if shown.is_empty() => shown.push_str(&seg.to_string()),
+            _ => shown.push_str(&format!(".{seg}")),
+        }
+    }
+    ConfigError {
+        file: file.to_owned(),
+        line,
+        column,
+        message: if shown.is_empty() {
+            message
+        } else {
+            format!("{shown}: {message}")
+        },
+    }
+}
+
+/// "`shown` is given twice (lines A and B): keep one", at the second of
+/// the two keys `at` ends with.
+fn given_twice(text: &str, file: &str, at: Vec<Seg>, shown: String) -> ConfigError {
+    let (head, name) = at.split_at(at.len() - 1);
+    let name = name[0].to_string();
+    let line = |n| {
+        let mut p = head.to_vec();
+        p.push(Seg::Again(name.clone(), n));
+        locate(text, &p).map_or("?".to_owned(), |(l, _)| l.to_string())
+    };
+    let mut p = head.to_vec();
+    p.push(Seg::Again(name.clone(), 1));
+    located(
+        text,
+        file,
+        (
+            p,
+            format!(
+                "{shown} is given twice (lines {} and {}): keep one",
+                line(0),
+                line(1)
+            ),
+        ),
+    )
+}
+
+/// The path of the first mapping in which the key `name` occurs twice.
+fn repeated(text: &str, name: &str) -> Option<Vec<Seg>> {
+    let found = std::cell::RefCell::new(None);
+    let de = serde_yaml::Deserializer::from_str(text);
+    let _ = Repeat {
+        name,
+        at: Vec::new(),
+        found: &found,
+    }
+    .deserialize(de);
+    found.into_inner()
+}
+
+/// Walks the document until a mapping holds `name` twice, and records
+/// where that mapping is.
+struct Repeat<'a> {
+    name: &'a str,
+    at: Vec<Seg>,
+    found: &'a std::cell::RefCell<Option<Vec<Seg>>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Repeat<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Repeat<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        let mut seen = false;
+        while let Some(k) = m.next_key::<Option<String>>()? {
+            let k = k.unwrap_or_default();
+            if k == self.name {
+                if seen {
+                    *self.found.borrow_mut() = Some(self.at.clone());
+                    return Err(de::Error::custom(FOUND));
+                }
+                seen = true;
+            }
+            let mut at = self.at.clone();
+            at.push(key(&k));
+            m.next_value_seed(Repeat { at, ..self })?;
+        }
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        loop {
+            let mut at = self.at.clone();
+            at.push(Seg::Index(i));
+            if s.next_element_seed(Repeat { at, ..self })?.is_none() {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
 }
 
 fn yaml_error(file: &str, e: &serde_yaml::Error) -> ConfigError {
