@@ -76,6 +76,25 @@ pub struct BreakerCounts {
     pub window_secs: u64,
     /// Domains with a count above zero.
     pub domains: std::collections::BTreeMap<String, FailureCounts>,
+    /// What the breaker reads and whether it can (issue 25): a breaker
+    /// that cannot read its source never trips, so `status` shows it as
+    /// ✘ and exits 2. Absent in records of older versions.
+    #[serde(default)]
+    pub source: Option<BreakerSource>,
+}
+
+/// The breaker's source of delivery results and whether it is read.
+#[derive(Clone, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
+pub struct BreakerSource {
+    /// `journal`, or the path of the log file followed.
+    pub name: String,
+    /// false: the breaker is blind.
+    pub readable: bool,
+    /// Why it cannot read, when it cannot (empty otherwise).
+    #[serde(default)]
+    pub error: String,
+    /// Since when (Unix seconds) it is in this state.
+    pub since: u64,
 }
 
 /// Failures of one domain's routed mail within the window.

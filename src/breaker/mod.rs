@@ -377,6 +377,7 @@ impl Breaker {
             at: state::now(),
             window_secs,
             domains: domains.clone(),
+            source: None,
         };
         match dir.write_breaker_counts(&counts) {
             Ok(()) => self.written = Some((window_secs, domains)),
