@@ -67,8 +67,12 @@ pub enum Command {
         #[arg(long = "ip", value_name = "IP")]
         ips: Vec<IpAddr>,
     },
-    /// Show the routing state of every domain: active, waiting for verification, tripped, disabled
-    Status,
+    /// Show what the running milter runs and the routing state of every domain; exit 0 all routing, 1 something held, refused or not loaded, 2 no milter running or the breaker blind
+    Status {
+        /// The same report as JSON, for scripts and monitoring
+        #[arg(long)]
+        json: bool,
+    },
     /// Switch routing for DOMAIN back on (clears an admin disable and a breaker trip)
     Enable { domain: String },
     /// Switch routing for DOMAIN off until `enable` (persists across restarts)

@@ -3,7 +3,7 @@
 //! Each prints its result and returns the exit code; an error (`Err`) is
 //! printed by `main` with exit status 1.
 
-use crate::{decision::Envelope, holds::Hold, policy::Policy};
+use crate::{decision::Envelope, policy::Policy};
 use std::{net::IpAddr, path::Path, process::ExitCode};
 
 /// The configuration and every account source: for the commands that show
@@ -258,191 +258,6 @@ pub fn doctor(path: &Path, ips: &[IpAddr]) -> Result<ExitCode, String> {
     })
 }
 
-pub fn status(path: &Path) -> Result<ExitCode, String> {
-    // The configuration only: the account files may be exactly what the
-    // running milter refused, and that refusal is what to show.
-    let config = read_config(path)?;
-    let dir = crate::state::StateDir::new(&config.state_dir);
-    let mut ok = true;
-    match dir.reload_refused() {
-        Ok(None) => {}
-        Ok(Some(r)) => {
-            ok = false;
-            println!(
-                "RELOAD REFUSED since {}: {}; the milter keeps running the configuration and accounts it had",
-                crate::state::when(r.since),
-                r.reason
-            );
-        }
-        Err(e) => {
-            ok = false;
-            println!("ERROR: {e}");
-        }
-    }
-    if config.domains.is_empty() {
-        println!("no domains configured: dualroute changes nothing");
-    }
-    // The same holds the running milter reads (src/holds/).
-    let (holds, _) = crate::holds::Holds::read(&config);
-    let counts = dir.breaker_counts().ok().flatten().unwrap_or_default();
-    for (name, d) in &config.domains {
-        let name = &name.0;
-        let mode = d.mode;
-        let hold = holds.get(name);
-        // Exit 1 when a domain does not route (README "status"): a
-        // monitoring check reads the exit code, not the words.
-        if !d.enabled || hold.is_some() {
-            ok = false;
-        }
-        let line = if !d.enabled {
-            "routing OFF (enabled: false in the configuration): mailboxes here get their mail, addresses that would be routed are refused with 451 4.4.4".to_owned()
-        } else {
-            match hold {
-                Some(Hold::Disabled(x)) => format!(
-                    "DISABLED by an administrator since {}: {}",
-                    crate::state::when(x.since),
-                    x.reason
-                ),
-                Some(Hold::Tripped(t)) if t.cause == crate::state::TripCause::Deferrals => format!(
-                    "TRIPPED by the breaker on deferrals since {}: {} temporary failures within {}s ({} permanent); last: {}",
-                    crate::state::when(t.since),
-                    t.deferrals,
-                    t.window_secs,
-                    t.bounces,
-                    t.last
-                ),
-                Some(Hold::Tripped(t)) => format!(
-                    "TRIPPED by the bounce breaker since {}: {} permanent failures within {}s; last: {}",
-                    crate::state::when(t.since),
-                    t.bounces,
-                    t.window_secs,
-                    t.last
-                ),
-                Some(Hold::Verification { address, last }) => match last {
-                    Some(v) => format!(
-                        "WAITING for verification of {address}; last probe {}: {}",
-                        crate::state::when(v.at),
-                        v.detail
-                    ),
-                    None => format!("WAITING for verification of {address}; no probe yet"),
-                },
-                Some(h @ (Hold::Unreadable(_) | Hold::NotRead)) => format!("ERROR: {h}"),
-                None => match dir.load(name).ok().and_then(|s| s.verification) {
-                    Some(v) if d.verify.is_some() => format!(
-                        "active (verified {}: {})",
-                        crate::state::when(v.at),
-                        v.detail
-                    ),
-                    _ => "active".to_owned(),
-                },
-            }
-        };
-        // Shadow mode is shown first: whatever the routing state says, the
-        // milter changes nothing for this domain.
-        let shadow = if config.shadow(d) {
-            " SHADOW (decisions are logged and counted, nothing is changed)"
-        } else {
-            ""
-        };
-        println!("{name}: mode {mode}:{shadow} {line}");
-        if let Ok(Some(x)) = dir.dispute(name) {
-            ok = false;
-            println!(
-                "  ACCOUNTS HELD since {}: a reload that would take the accounts from {} to {} was refused (accounts_shrink_limit); the {} addresses the two lists disagree on get 451 4.4.4 (e.g. {}); `dualroute confirm-accounts {name}` accepts the new list, restoring the account source keeps the running one",
-                crate::state::when(x.since),
-                x.running,
-                x.refused,
-                x.disputed,
-                x.sample.join(", ")
-            );
-        }
-        if let Ok(Some(x)) = dir.dispute(&crate::state::destination_list(name)) {
-            ok = false;
-            println!(
-                "  DESTINATION LIST HELD since {}: a reload that would take the destination's address list (reject_unknown.accounts) from {} to {} addresses was refused (accounts_shrink_limit); the running list stays in force ({} addresses differ, e.g. {}); `dualroute confirm-accounts {name}` accepts the new list, restoring the source keeps the running one",
-                crate::state::when(x.since),
-                x.running,
-                x.refused,
-                x.disputed,
-                x.sample.join(", ")
-            );
-        }
-        if d.reject_unknown.as_ref().is_some_and(|r| r.callout) {
-            println!("  {}", callout_line(&config.state_dir, name, d));
-        }
-        if let Some(b) = &config.breaker {
-            let tripped = matches!(hold, Some(Hold::Tripped(_)));
-            println!("  {}", breaker_counts(b, &counts, name, tripped));
-        }
-    }
-    if let Some(cluster) = &config.cluster {
-        let report = crate::cluster::read_status(&config.state_dir);
-        let report = match report {
-            Ok(r) => r,
-            Err(e) => {
-                println!("cluster: cannot read the running node's report: {e}");
-                None
-            }
-        };
-        let (lines, fine) =
-            crate::cluster::status::lines(cluster, report.as_ref(), crate::state::now());
-        ok &= fine;
-        for l in lines {
-            println!("{l}");
-        }
-    }
-    // issue 21 §5: what waits in Postfix's queue because the milter did
-    // not route it (src/postfix/queue.rs).
-    match crate::postfix::queue::waiting(None) {
-        Ok(Some(w)) => println!("{}", crate::postfix::queue::status_line(w)),
-        Ok(None) => {}
-        Err(e) => println!(
-            "postfix queue: cannot count what waits for dualroute (is Postfix running?): {e}"
-        ),
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-/// `breaker: 2 permanent failures (trips at 20), 5 deferrals (trips at
-/// 11) within 1h, as of …`: what the running milter's breaker counted
-/// (src/breaker/ writes `breaker-counts` when a count changes).
-fn breaker_counts(
-    b: &crate::config::BreakerConfig,
-    counts: &crate::state::BreakerCounts,
-    domain: &str,
-    tripped: bool,
-) -> String {
-    let c = counts.domains.get(domain).copied().unwrap_or_default();
-    // A trip empties the domain's counts (src/breaker/): after "TRIPPED
-    // … 3 permanent failures", a bare "0 permanent failures" read as a
-    // contradiction (issue 25).
-    let since = if tripped {
-        "counting again since the trip: "
-    } else {
-        ""
-    };
-    let deferral_limit = match b.deferrals {
-        Some(n) => format!("trips at {n}"),
-        None => "counted only".to_owned(),
-    };
-    let as_of = if counts.at == 0 {
-        "no count recorded by a running milter yet".to_owned()
-    } else {
-        format!("as of {}", crate::state::when(counts.at))
-    };
-    format!(
-        "breaker: {since}{} permanent failures (trips at {}), {} deferrals ({deferral_limit}) of routed mail within {}; {as_of}",
-        c.bounces,
-        b.threshold,
-        c.deferrals,
-        crate::config::human(b.window.0)
-    )
-}
-
 pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCode, String> {
     let config = read_config(path)?;
     let (name, _) = managed(&config, path, domain)?;
@@ -475,7 +290,7 @@ pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCo
 /// What the callout cache of `name` in `state_dir` says (answers, and
 /// whether the destination accepts any address: then the callout protects
 /// nothing, DESIGN.md §10).
-fn callout_line(state_dir: &Path, name: &str, d: &crate::config::DomainConfig) -> String {
+pub(crate) fn callout_line(state_dir: &Path, name: &str, d: &crate::config::DomainConfig) -> String {
     match crate::callout::summary(state_dir, name, d) {
         Ok(Some(s)) => s.line(),
         Ok(None) => {

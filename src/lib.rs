@@ -33,12 +33,14 @@ pub mod policy;
 mod postfix;
 pub mod probe;
 mod provider;
+pub mod running;
 pub mod runtime;
 pub mod sendmail;
 mod service;
 pub mod session;
 pub mod socket;
 pub mod state;
+pub mod status;
 pub mod systemd;
 mod table;
 

@@ -56,8 +56,10 @@ pub enum LoadError {
 
 /// Reads `milter.yaml` and every account source it names.
 pub fn load_policy(path: &Path) -> Result<Policy, LoadError> {
-    let config = config::read_file(path)?;
-    Ok(Policy::load(config)?)
+    let (config, digest) = config::read::read_file_digest(path)?;
+    let mut policy = Policy::load(config)?;
+    policy.loaded.config_sha256 = digest;
+    Ok(policy)
 }
 
 /// What the reload actor is asked to do. Each carries where the answer

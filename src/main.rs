@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         Command::Check => commands::check(&path),
         Command::Verify { domain, send } => commands::verify(&path, &domain, send),
         Command::Doctor { ips } => commands::doctor(&path, &ips),
-        Command::Status => commands::status(&path),
+        Command::Status { json } => dualroute::status::status(&path, json),
         Command::Enable { domain } => commands::switch(&path, &domain, None),
         Command::Disable { domain, reason } => commands::switch(&path, &domain, Some(&reason)),
         Command::ConfirmAccounts { domain } => commands::confirm_accounts(&path, &domain),

@@ -116,6 +116,17 @@ pub struct Policy {
     /// Account files and their modification times when they were read, to
     /// reload when one changes (docs/design.md §7).
     pub account_files: Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>,
+    /// When it was loaded and from what, for the live state the running
+    /// milter publishes (src/running.rs).
+    pub loaded: Loaded,
+}
+
+/// When a policy was loaded, and the SHA-256 of the `milter.yaml` bytes it
+/// was loaded from (empty for a policy not read from a file).
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub at: u64,
+    pub config_sha256: String,
 }
 
 impl Policy {
@@ -196,6 +207,10 @@ impl Policy {
             rules,
             domains,
             account_files,
+            loaded: Loaded {
+                at: crate::state::now(),
+                config_sha256: String::new(),
+            },
         };
         policy.check_mailboxes()?;
         Ok(policy)

@@ -37,13 +37,25 @@ fn status(path: &Path) -> (bool, String) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let named = format!("dualroute: configuration {}\n", path.display());
     assert!(stderr.starts_with(&named), "{stderr}");
+    // The in-process service publishes what it runs (src/running.rs): the
+    // first line says so, the last one the exit code in words; the lines
+    // between are the domains these tests look at.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with("milter: running, pid ")),
+        "{stdout}"
+    );
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("status: ")),
+        "{stdout}"
+    );
+    lines.remove(0);
+    lines.pop();
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
     (
         out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            &stderr[named.len()..]
-        ),
+        format!("{body}{}", &stderr[named.len()..]),
     )
 }
 

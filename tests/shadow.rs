@@ -362,6 +362,7 @@ fn status_and_explain_show_shadow_mode() {
     let path = dir.path().join("milter.yaml");
     let yaml = config(&dir.path().join("state"), 9899, true, Some(false));
     std::fs::write(&path, yaml).expect("write milter.yaml");
+    support::pretend_running(&path);
     let (ok, out) = support::dualroute(&path, &["status"]);
     assert!(ok.success(), "{out}");
     assert!(

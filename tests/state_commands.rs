@@ -62,8 +62,10 @@ fn status_disable_enable_with_a_running_milter() {
     let config = write_config(dir.path(), port.number());
 
     let (status, out) = dualroute(&config, &["status"]);
-    // example.org waits for its probe, example.net is off: not all routing.
-    assert_eq!(status.code(), Some(1), "{out}");
+    // No milter runs yet: exit 2, and the configuration on disk is shown
+    // (example.org waits for its probe, example.net is off).
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("milter: NOT RUNNING"), "{out}");
     assert!(out.contains("example.com: mode route: active"), "{out}");
     assert!(out.contains("example.org: mode route: WAITING for verification of postmaster@example.org; no probe yet"), "{out}");
     assert!(
@@ -85,9 +87,13 @@ fn status_disable_enable_with_a_running_milter() {
         if !wait_until(addr, false).await {
             return Err("the running milter did not follow `disable`".into());
         }
-        let (_, out) = dualroute(&config, &["status"]);
+        let (status, out) = dualroute(&config, &["status"]);
         if !out.contains("example.com: mode route: DISABLED by an administrator since") || !out.contains("legacy server maintenance") {
             return Err(format!("status after disable: {out}"));
+        }
+        // A milter runs, a domain is held: exit 1.
+        if status.code() != Some(1) || !out.contains("milter: running, pid ") {
+            return Err(format!("status after disable, exit {status}: {out}"));
         }
         // The milter's probe of example.org (closed port) has failed by now.
         let (_, out) = dualroute(&config, &["status"]);
@@ -105,6 +111,10 @@ fn status_disable_enable_with_a_running_milter() {
     });
     milter.kill();
     result.unwrap_or_else(|e| panic!("{e}\nmilter stderr:\n{}", milter.log()));
+    // Killed: its record stays, its process is gone (issue 25).
+    let (status, out) = dualroute(&config, &["status"]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("milter: NOT RUNNING: the last milter (pid "), "{out}");
 
     // The state survives a restart: disable, then a new process (explain
     // loads the same state) still sees it.

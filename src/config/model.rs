@@ -168,7 +168,8 @@ fn default_relay_suffix() -> DomainName {
 fn default_delimiter() -> String {
     "+".into()
 }
-fn default_state_dir() -> PathBuf {
+/// `state_dir` when milter.yaml names none.
+pub fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/dualroute")
 }
 

@@ -32,6 +32,21 @@ impl fmt::Display for ConfigError {
 
 /// Reads and validates a configuration file.
 pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
+    read_file_digest(path).map(|(config, _)| config)
+}
+
+/// SHA-256 of a file's bytes, hex: what the running milter publishes of
+/// the `milter.yaml` it loaded, and what `status` compares with the file
+/// on disk (issue 25).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`read_file`], and the SHA-256 of the very bytes it read
+/// ([`sha256_hex`]): read once, so the digest is of what was loaded even
+/// when the file changes meanwhile.
+pub fn read_file_digest(path: &Path) -> Result<(Config, String), ConfigError> {
     let label = path.display().to_string();
     let fail = |line, column, message| ConfigError {
         file: label.clone(),
@@ -40,6 +55,7 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
         message,
     };
     let bytes = std::fs::read(path).map_err(|e| fail(None, None, format!("cannot read: {e}")))?;
+    let digest = sha256_hex(&bytes);
     let text = String::from_utf8(bytes).map_err(|e| {
         let bytes = e.as_bytes();
         let bad = e.utf8_error().valid_up_to();
@@ -131,7 +147,7 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
             }
         }
     }
-    Ok(config)
+    Ok((config, digest))
 }
 
 /// `FILE:LINE:COL: ` of the node at `keys` in the configuration file, or

@@ -32,6 +32,9 @@ pub(crate) struct Actor {
     pub holds: Arc<LiveHolds>,
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
+    /// What runs, for `status`: published after each request, before the
+    /// answer (src/service/publish.rs).
+    pub publisher: Arc<super::publish::Publisher>,
 }
 
 /// Performs `requests` one after the other until every sender is gone or
@@ -56,7 +59,9 @@ impl Actor {
     fn perform(&self, request: Request) {
         match request {
             Request::Reload(reply) => {
-                let _ = reply.send(self.reload());
+                let result = self.reload();
+                self.publisher.publish();
+                let _ = reply.send(result);
             }
             Request::RefreshHolds { confirmed, reply } => {
                 let errors = self.refresh_holds();
@@ -65,6 +70,7 @@ impl Actor {
                 } else {
                     None
                 };
+                self.publisher.publish();
                 let _ = reply.send(Refreshed { errors, confirmed });
             }
         }

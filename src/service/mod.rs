@@ -15,6 +15,7 @@
 
 mod actor;
 mod callouts;
+mod publish;
 mod reload;
 mod verify;
 mod waiting;
@@ -152,8 +153,8 @@ impl Control {
 /// and beside it the reload actor (serving `requests`, see [`Control`]),
 /// the account-file watch, the account-command refresh, the verification
 /// probe, the state follower, the bounce breaker, the metrics endpoint,
-/// the count of Postfix's waiting mail, the notifier and the loading of
-/// the callout caches. The tasks stop
+/// the count of Postfix's waiting mail, the notifier, the loading of
+/// the callout caches and the live state for `status`. The tasks stop
 /// with the milter.
 pub async fn run<L>(
     listener: L,
@@ -193,7 +194,15 @@ where
     } = requests;
 
     let mut tasks = tokio::task::JoinSet::new();
+    let publisher = Arc::new(publish::Publisher::new(
+        config_path.clone(),
+        policy.clone(),
+        holds.clone(),
+    ));
+    // Before the milter listens: `status` shows what runs from the start.
+    publisher.publish();
     let actor = actor::Actor {
+        publisher: publisher.clone(),
         config_path: config_path.clone(),
         policy: policy.clone(),
         holds: holds.clone(),
@@ -259,6 +268,8 @@ where
         holds.clone(),
     ));
     tasks.spawn(waiting::follow(policy.clone(), metrics.clone()));
+    // What runs, for `dualroute status` (src/running.rs, issue 25).
+    tasks.spawn(publish::run(publisher.clone()));
     tasks.spawn(notify::run(policy.clone(), outbox.clone()));
     if let Some(c) = &callouts {
         tasks.spawn(callouts::follow(policy.clone(), c.clone(), intervals.state));
@@ -291,6 +302,13 @@ where
     systemd::notify(&[sd_notify::NotifyState::Ready]);
     let result = indymilter::run(listener, callbacks, config, shutdown).await;
     tasks.abort_all();
+    // Aborted tasks end at their next await; waiting for them lets their
+    // guards run now (the live state's record is removed, so `status`
+    // says at once that no milter runs). Bounded: stopping never hangs.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     // A Control that asks now hears that the service stopped.
     drop(control_view);
     result

@@ -221,3 +221,19 @@ pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+/// Publishes in the state_dir of `milter.yaml` at `path` the record a
+/// milter running it would (src/running.rs), under this test process's
+/// pid: for tests of `status` that look at the routing state, not at a
+/// running milter. Returns the record.
+pub fn pretend_running(path: &std::path::Path) -> dualroute::running::Running {
+    let (config, digest) =
+        dualroute::config::read::read_file_digest(path).expect("milter.yaml loads");
+    let (holds, _) = dualroute::holds::Holds::read(&config);
+    let mut policy = dualroute::policy::Policy::load(config).expect("the policy loads");
+    policy.loaded.config_sha256 = digest;
+    let running = dualroute::running::Running::of(path, 1, &policy, &holds);
+    let dir = dualroute::state::StateDir::new(&policy.config.state_dir);
+    dualroute::running::write(&dir, &running).expect("write the running record");
+    running
+}
