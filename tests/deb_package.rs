@@ -268,13 +268,17 @@ fn by_hand() -> Command {
         "/docs/without-systemd.md"
     ))
     .expect("docs/without-systemd.md");
-    let words: Vec<String> = doc
+    let line = doc
         .lines()
         .find(|l| l.starts_with("setpriv ") && l.contains(" run "))
-        .expect("a `setpriv … dualroute run …` line in docs/without-systemd.md")
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
+        .expect("a `setpriv … dualroute run …` line in docs/without-systemd.md");
+    let readme =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    assert!(
+        readme.lines().any(|l| l == line),
+        "README.md's \"Without systemd\" must give the line of docs/without-systemd.md:\n{line}"
+    );
+    let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
     let program = as_unit();
     let mut unit: Vec<String> = std::iter::once(program.get_program())
         .chain(program.get_args())
