@@ -11,7 +11,6 @@ use support::metrics::{get, scrape, with_metrics, Scrape};
 use support::protocol::*;
 
 use indymilter_test::{EomAction, Status};
-use std::net::SocketAddr;
 use std::path::Path;
 
 const INSTANCE: &str = "shadow.test";
