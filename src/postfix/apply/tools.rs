@@ -319,12 +319,13 @@ impl Postfix {
             ));
             lines.extend(backups.iter().map(|b| format!("  {}", b.display())));
         }
-        // Postfix's virtual(8) finds a Maildir below virtual_mailbox_base.
+        // Postfix's virtual(8) finds a Maildir below virtual_mailbox_base,
+        // which must be absolute for it to deliver at all.
         let base = self
             .run("postconf", &["-xh", "virtual_mailbox_base"])
             .map(|b| PathBuf::from(b.trim()))
             .unwrap_or_default();
-        for (domain, maildir) in maildirs {
+        for (domain, maildir) in maildirs.iter().filter(|_| base.is_absolute()) {
             let dir = base.join(maildir);
             if !dir.is_dir() {
                 continue;
