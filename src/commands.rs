@@ -184,6 +184,8 @@ pub fn postfix_apply(
         config_dir: config_dir.to_owned(),
     };
     let before = postfix.record()?;
+    // What a --revert leaves (the catch-all Maildirs), said after it.
+    let mut catchall = None;
     let (changes, record, notes) = if revert {
         let Some(before) = before else {
             println!(
@@ -195,6 +197,7 @@ pub fn postfix_apply(
         };
         let current = postfix.current(&before.tables)?;
         let (changes, notes) = apply::plan_revert(&current, &before);
+        catchall = Some(apply::catchall_maildirs(&current, &before));
         (changes, None, notes)
     } else {
         let policy = load(path)?;
@@ -236,6 +239,12 @@ pub fn postfix_apply(
         return Ok(ExitCode::SUCCESS);
     }
     postfix.commit(&changes, record.as_ref())?;
+    if let Some(maildirs) = catchall {
+        postfix
+            .left_behind(&maildirs)
+            .iter()
+            .for_each(|l| println!("{l}"));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -189,6 +189,31 @@ impl Drop for Cleanup {
     }
 }
 
+/// What `apt-get purge dualroute` printed says nothing misleading, and
+/// the user and group are gone, postfix no longer in it.
+fn assert_purged_quietly(out: &str) {
+    for wrong in ["not removed", "other members", "warning", "Warning"] {
+        assert!(!out.contains(wrong), "purge printed {wrong:?}:\n{out}");
+    }
+    assert!(
+        !user_exists("dualroute"),
+        "user dualroute left after purge:\n{out}"
+    );
+    assert!(
+        !group_exists("dualroute"),
+        "group dualroute left after purge:\n{out}"
+    );
+    let groups = Command::new("id")
+        .args(["-nG", "postfix"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        !groups.split_whitespace().any(|g| g == "dualroute"),
+        "postfix still in group dualroute: {groups}"
+    );
+}
+
 fn mode_owner(path: &str) -> (u32, String, String) {
     let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let name = |db: &str, id: u32| {
@@ -233,10 +258,48 @@ fn as_unit() -> Command {
     cmd
 }
 
-/// Starts ExecStart as the unit does, stderr to `log`.
+/// The line docs/without-systemd.md gives for running the milter by hand
+/// (without systemd): ExecStart as user dualroute with its groups,
+/// logging to syslog. It must be the unit's ExecStart, and it is what
+/// this test runs.
+fn by_hand() -> Command {
+    let doc = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/without-systemd.md"
+    ))
+    .expect("docs/without-systemd.md");
+    let line = doc
+        .lines()
+        .find(|l| l.starts_with("setpriv ") && l.contains(" run "))
+        .expect("a `setpriv … dualroute run …` line in docs/without-systemd.md");
+    let readme =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    assert!(
+        readme.lines().any(|l| l == line),
+        "README.md's \"Without systemd\" must give the line of docs/without-systemd.md:\n{line}"
+    );
+    let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    let program = as_unit();
+    let mut unit: Vec<String> = std::iter::once(program.get_program())
+        .chain(program.get_args())
+        .map(|w| w.to_string_lossy().into_owned())
+        .collect();
+    unit.extend(["--log".to_owned(), "syslog".to_owned()]);
+    assert_eq!(
+        words, unit,
+        "docs/without-systemd.md's command line is not the unit's ExecStart as user dualroute"
+    );
+    let mut cmd = Command::new(&words[0]);
+    cmd.args(&words[1..]);
+    cmd
+}
+
+/// Starts the milter by hand as docs/without-systemd.md says (the unit's
+/// ExecStart with `--log syslog`; without a syslog daemon on /dev/log, as
+/// here, the lines go to stderr), stderr to `log`.
 fn start_as_unit(log: &Path) -> Child {
     let log_file = fs::File::create(log).expect("milter log");
-    as_unit()
+    by_hand()
         .env("DUALROUTE_LOG", "info,dualroute=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -334,8 +397,11 @@ fn install_deliver_upgrade_remove_purge() {
     t.ok("adduser", &["postfix", "dualroute"]);
     let out = t.ok("getent", &["group", "dualroute"]);
     assert!(out.trim().ends_with(":postfix"), "{out}");
-    t.ok("dpkg", &["--purge", "dualroute"]);
-    assert!(!user_exists("dualroute") && !group_exists("dualroute"));
+    // Purge with postfix in group dualroute (issue 25: deluser said
+    // "group dualroute not removed because it has other members", then
+    // delgroup removed it silently).
+    let out = t.ok("apt-get", &["purge", "-y", "dualroute"]);
+    assert_purged_quietly(&out);
 
     t.say("## install");
     t.ok("dpkg", &["-i", first_s]);
@@ -396,11 +462,33 @@ fn install_deliver_upgrade_remove_purge() {
         ),
         ("/usr/share/doc/dualroute/design.md", 0o644, "root", "root"),
         ("/usr/share/doc/dualroute/postfix.md", 0o644, "root", "root"),
+        (
+            "/usr/share/doc/dualroute/without-systemd.md",
+            0o644,
+            "root",
+            "root",
+        ),
+        (
+            "/usr/share/dualroute/grafana/dualroute.json",
+            0o644,
+            "root",
+            "root",
+        ),
     ] {
         let got = mode_owner(path);
         t.say(&format!("{:o} {}:{} {path}", got.0, got.1, got.2));
         assert_eq!(got, (mode, user.to_owned(), group.to_owned()), "{path}");
     }
+    // The dashboard is the one tests/dashboard.rs checks.
+    assert_eq!(
+        fs::read("/usr/share/dualroute/grafana/dualroute.json").ok(),
+        fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/grafana/dualroute.json"
+        ))
+        .ok(),
+        "the packaged dashboard differs from packaging/grafana/dualroute.json"
+    );
     let out = t.ok("dpkg-query", &["-W", "-f=${Conffiles}", "dualroute"]);
     assert!(out.contains(CONFFILE), "not a conffile: {out}");
 
@@ -619,13 +707,15 @@ fn install_deliver_upgrade_remove_purge() {
     assert!(user_exists("dualroute"));
 
     t.say("## purge: nothing is left");
-    t.ok("dpkg", &["--purge", "dualroute"]);
+    let out = t.ok("apt-get", &["purge", "-y", "dualroute"]);
+    assert_purged_quietly(&out);
     for gone in [
         "/etc/dualroute",
         "/var/lib/dualroute",
         SOCKET_DIR,
         UNIT,
         "/usr/share/doc/dualroute",
+        "/usr/share/dualroute",
         // deb-systemd-helper enables the unit even without systemd; purge
         // takes that back.
         "/etc/systemd/system/multi-user.target.wants/dualroute.service",

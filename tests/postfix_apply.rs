@@ -205,9 +205,51 @@ fn apply_is_idempotent_merges_prunes_and_reverts() {
     assert!(!transport.contains("dualroute.invalid"), "{transport}");
     assert!(etc.join("dualroute_catchall.db").exists(), "still needed");
 
+    // Mail filed into the catch-all Maildir (what the milter did not
+    // route where the wait transport could not be wired): --revert must
+    // say it is there, and never remove it.
+    let catchall =
+        Path::new(&pf.postconf("virtual_mailbox_base")).join("example.com/dualroute-catchall");
+    for (sub, name) in [("new", "1.a.mx"), ("new", "2.b.mx"), ("cur", "3.c.mx:2,S")] {
+        fs::create_dir_all(catchall.join(sub)).expect("catch-all Maildir");
+        fs::write(catchall.join(sub).join(name), "Subject: lost?\n\nbody\n").expect("message");
+    }
+    fs::create_dir_all(catchall.join("tmp")).expect("catch-all Maildir");
+
     // --revert: back to what it was, byte for byte.
     let out = apply(&config, &etc, &["--revert"]);
     assert!(out.contains("postfix check: OK"), "{out}");
+    // issue 25: it said nothing of the backups and the catch-all. Each
+    // backup is named, the revert's own included, and the Maildir with
+    // its 3 messages.
+    // A pair per run that changed something (two --apply, the --revert),
+    // none overwritten: runs within one second gave the same name, and
+    // the later backup replaced the earlier one.
+    let made = backups(&etc);
+    assert_eq!(made.len(), 6, "{made:?}");
+    for b in &made {
+        assert!(
+            out.contains(&format!("  {}\n", b.display())),
+            "backup {} not named:\n{out}",
+            b.display()
+        );
+    }
+    assert!(
+        out.contains(&format!("{} backups of main.cf and master.cf", made.len())),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{}/: the catch-all Maildir of example.com, 3 messages",
+            catchall.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        fs::read_dir(catchall.join("new")).expect("new/").count(),
+        2,
+        "--revert touched the catch-all"
+    );
     assert_eq!(
         String::from_utf8_lossy(&read(&main_cf)),
         String::from_utf8_lossy(&main_before)

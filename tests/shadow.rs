@@ -7,11 +7,10 @@
 //! in tests/postfix_e2e.rs.
 
 mod support;
-use support::metrics::{get, scrape, Scrape};
+use support::metrics::{get, scrape, with_metrics, Scrape};
 use support::protocol::*;
 
 use indymilter_test::{EomAction, Status};
-use std::net::SocketAddr;
 use std::path::Path;
 
 const INSTANCE: &str = "shadow.test";
@@ -110,29 +109,6 @@ async fn run(yaml: impl Fn(u16) -> String) -> Run {
         deliveries,
         metrics,
     }
-}
-
-/// The whole service, its metrics endpoint on a port of its own: the
-/// service binds `metrics.listen` itself, so when another process has the
-/// port the service starts again on another (tests/support/ports.rs).
-async fn with_metrics<F>(start: impl Fn(u16) -> F) -> (Milter, SocketAddr)
-where
-    F: std::future::Future<Output = Milter>,
-{
-    support::ports::start_on_a_port_async("the metrics endpoint", |port| {
-        let starting = start(port);
-        async move {
-            let milter = starting.await;
-            match support::ports::bound_here(port).await {
-                Ok(()) => Ok((milter, SocketAddr::from(([127, 0, 0, 1], port)))),
-                Err(why) => {
-                    milter.shutdown().await;
-                    Err(why)
-                }
-            }
-        }
-    })
-    .await
 }
 
 /// decisions_total by (domain, kind) for one value of the shadow label.

@@ -33,7 +33,7 @@ mod wait;
 #[cfg(test)]
 pub use plan::plan_apply;
 pub use plan::plan_apply_notes;
-pub use revert::plan_revert;
+pub use revert::{catchall_maildirs, plan_revert};
 pub use tools::Postfix;
 
 use super::{Service, Table};

@@ -1,5 +1,6 @@
 //! Reading the metrics endpoint as Prometheus does: one `GET /metrics`
-//! ([`scrape`]) and the value of one sample of its text ([`Scrape::value`]).
+//! ([`scrape`]) and the value of one sample of its text ([`Scrape::value`]);
+//! the whole service with its endpoint on a port of its own ([`with_metrics`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -115,4 +116,27 @@ impl Scrape {
         found.sort_by(|a, b| a.0.cmp(&b.0));
         found
     }
+}
+
+/// The whole service, its metrics endpoint on a port of its own: the
+/// service binds `metrics.listen` itself, so when another process has the
+/// port the service starts again on another (tests/support/ports.rs).
+pub async fn with_metrics<F>(start: impl Fn(u16) -> F) -> (super::protocol::Milter, SocketAddr)
+where
+    F: std::future::Future<Output = super::protocol::Milter>,
+{
+    super::ports::start_on_a_port_async("the metrics endpoint", |port| {
+        let starting = start(port);
+        async move {
+            let milter = starting.await;
+            match super::ports::bound_here(port).await {
+                Ok(()) => Ok((milter, SocketAddr::from(([127, 0, 0, 1], port)))),
+                Err(why) => {
+                    milter.shutdown().await;
+                    Err(why)
+                }
+            }
+        }
+    })
+    .await
 }

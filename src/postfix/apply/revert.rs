@@ -88,3 +88,26 @@ pub fn plan_revert(current: &Current, record: &Applied) -> (Vec<Change>, Vec<Str
     }
     (changes, notes)
 }
+
+/// The catch-all Maildirs the catch-all table of `record` filed mail
+/// into: (domain, Maildir relative to `virtual_mailbox_base`), read from
+/// the table as it is before `--revert` removes it. The Maildirs stay:
+/// what is in them is mail someone must read (docs/postfix.md).
+pub fn catchall_maildirs(current: &Current, record: &Applied) -> Vec<(String, String)> {
+    record
+        .tables
+        .iter()
+        .filter(|t| {
+            t.file_name()
+                .is_some_and(|n| n == crate::postfix::CATCHALL_MAP)
+        })
+        .filter_map(|t| current.tables.get(t).and_then(|(text, _)| text.as_deref()))
+        .flat_map(|text| text.lines())
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let domain = words.next()?.strip_prefix('@')?;
+            Some((domain.to_owned(), words.next()?.to_owned()))
+        })
+        .collect()
+}

@@ -177,9 +177,23 @@ impl Postfix {
         }
     }
 
-    /// Copies main.cf and master.cf to `NAME.dualroute-YYYYMMDDTHHMMSS`.
+    /// Copies main.cf and master.cf to `NAME.dualroute-YYYYMMDDTHHMMSSZ`
+    /// (`…Z-2`, `-3`… for another run in the same second: two runs of a
+    /// script, an --apply then a --revert, must not overwrite the backup
+    /// of what was there first).
     fn backup(&self) -> Result<Vec<PathBuf>, String> {
-        let stamp = timestamp();
+        let second = timestamp();
+        let taken = |stamp: &String| {
+            ["main.cf", "master.cf"].iter().any(|name| {
+                self.config_dir
+                    .join(format!("{name}.dualroute-{stamp}"))
+                    .exists()
+            })
+        };
+        let stamp = std::iter::once(second.clone())
+            .chain((2..).map(|n| format!("{second}-{n}")))
+            .find(|s| !taken(s))
+            .unwrap_or(second);
         let mut made = Vec::new();
         for name in ["main.cf", "master.cf"] {
             let from = self.config_dir.join(name);
@@ -276,6 +290,57 @@ impl Postfix {
             println!("Postfix is not running: the changes take effect when it starts");
         }
         Ok(())
+    }
+
+    /// What a `--revert` leaves in place, to be said after it (issue 25:
+    /// it left the backups and the catch-all Maildir without a word).
+    /// The backups are the administrator's way back to any earlier state,
+    /// and the catch-all holds mail: neither is removed here.
+    pub fn left_behind(&self, maildirs: &[(String, String)]) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut backups: Vec<PathBuf> = std::fs::read_dir(&self.config_dir)
+            .map(|dir| {
+                dir.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.contains(".cf.dualroute-"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        backups.sort();
+        if !backups.is_empty() {
+            lines.push(format!(
+                "left in place: {} backups of main.cf and master.cf that --apply and --revert made (remove them when you no longer need them: rm {}/*.cf.dualroute-*):",
+                backups.len(),
+                self.config_dir.display()
+            ));
+            lines.extend(backups.iter().map(|b| format!("  {}", b.display())));
+        }
+        // Postfix's virtual(8) finds a Maildir below virtual_mailbox_base,
+        // which must be absolute for it to deliver at all.
+        let base = self
+            .run("postconf", &["-xh", "virtual_mailbox_base"])
+            .map(|b| PathBuf::from(b.trim()))
+            .unwrap_or_default();
+        for (domain, maildir) in maildirs.iter().filter(|_| base.is_absolute()) {
+            let dir = base.join(maildir);
+            if !dir.is_dir() {
+                continue;
+            }
+            let messages: usize = ["new", "cur"]
+                .iter()
+                .filter_map(|sub| std::fs::read_dir(dir.join(sub)).ok())
+                .map(|entries| entries.flatten().filter(|e| e.path().is_file()).count())
+                .sum();
+            lines.push(format!(
+                "left in place: {}/: the catch-all Maildir of {domain}, {messages} messages: mail for addresses without a mailbox here that was not routed; read each and forward it to whom it was for (never delete it unread)",
+                dir.display().to_string().trim_end_matches('/')
+            ));
+        }
+        lines
     }
 }
 
