@@ -104,14 +104,16 @@ The configuration (see \fBmilter.yaml\fR(5)), and the only default of \fB\-\-con
 The milter socket of the Debian package, mode 0660, group \fBdualroute\fR (Postfix is a member). Postfix's chrooted smtpd names it \fIunix:/dualroute/dualroute.sock\fR.
 .TP
 \fI/var/lib/dualroute\fR
-Routing state that survives restarts: administrative disables, breaker trips, verification results.
+Routing state that survives restarts: administrative disables, breaker trips, verification results; and \fIrunning\fR, what the running milter runs, for \fBstatus\fR.
 .TP
 \fI/etc/postfix/dualroute.applied\fR
 What \fBpostfix\-config \-\-apply\fR changed, for \fB\-\-revert\fR.
 .SH EXIT STATUS
-0 on success; 1 on an error (printed on standard error as \fIfile:line:col: what is wrong\fR for configuration errors), when \fBverify\fR finds no host that accepts the address, when \fBdoctor\fR finds a problem, or when \fBstatus\fR shows a domain that does not route (waiting for verification, tripped, disabled, \fBenabled: false\fR, accounts held, an unreadable state file) or a refused reload.
+0 on success; 1 on an error (printed on standard error as \fIfile:line:col: what is wrong\fR for configuration errors), when \fBverify\fR finds no host that accepts the address, or when \fBdoctor\fR finds a problem.
+.PP
+\fBstatus\fR, for monitoring checks: 0 when a milter runs and every domain routes as configured; 1 when a domain does not route (waiting for verification, tripped, disabled, \fBenabled: false\fR, accounts held, an unreadable state file), a reload was refused, or \fImilter.yaml\fR differs from what the running milter loaded (an edit not reloaded); 2 when no milter runs (or it stopped publishing its state in \fIstate_dir\fR) or the bounce breaker cannot read its source. \fBstatus \-\-json\fR prints the same report as JSON, with the exit code in \fBexit\fR.
 .SH SEE ALSO
-\fBmilter.yaml\fR(5), \fBpostconf\fR(5), \fBpostconf\fR(1), \fBsystemctl\fR(1), \fI/usr/share/doc/dualroute/postfix.md\fR, \fI/usr/share/doc/dualroute/README.md\fR
+\fBmilter.yaml\fR(5), \fBpostconf\fR(5), \fBpostconf\fR(1), \fBsystemctl\fR(1), \fI/usr/share/doc/dualroute/postfix.md\fR, \fI/usr/share/doc/dualroute/README.md\fR, \fI/usr/share/doc/dualroute/without\-systemd.md\fR
 "#,
     );
     page

@@ -541,7 +541,7 @@ _dualroute() {
             return 0
             ;;
         dualroute__subcmd__status)
-            opts="-c -h --config --help"
+            opts="-c -h --json --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -17,6 +17,7 @@ mod metrics;
 mod model;
 mod names;
 mod notify;
+mod locate;
 pub mod read;
 mod units;
 
