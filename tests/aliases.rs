@@ -1,0 +1,219 @@
+//! Postfix's aliases and a split domain (issue 25 §3, docs/design.md
+//! "Aliases"), on a real private Postfix (tests/support/postfix.rs) with
+//! the real `dualroute` in front and an `smtp-sink` as the other server.
+//!
+//! What the milter sees of an alias: smtpd hands it the RCPT as the client
+//! wrote it (`info@example.com`); `virtual_alias_maps` is applied later, by
+//! cleanup(8), to what the queue file gets (ADDRESS_REWRITING_README,
+//! "Virtual aliasing"). The first test records it: the milter's log names
+//! info@, the sink receives info@, and alice's Maildir stays empty.
+//!
+//! They need root and Postfix (scripts/test-deps.sh).
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+use support::scenarios::received;
+use support::{
+    message, postfix_config, read_maildir, MaildirMessage, MilterProcess, Postfix, PostfixOptions,
+    SmtpClient, SmtpSink, INSTANCE, OUTSIDE_IP, SENDER,
+};
+
+/// The aliases of the issue: info@ and postmaster@ to alice (a mailbox
+/// here), sales@ to carol, whose mailbox is at the other server.
+const VIRTUAL: &str = "info@example.com alice@example.com
+postmaster@example.com alice@example.com
+sales@example.com carol@example.com
+";
+
+/// One scenario: sink, milter.yaml, postfix-config, Postfix with a
+/// `virtual` alias table, the milter.
+struct Rig {
+    milter: Option<MilterProcess>,
+    pf: Postfix,
+    sink: SmtpSink,
+    config: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// `accounts` is the YAML of the domain's `accounts:` (`{CONFIG_DIR}`: the
+/// instance's Postfix configuration directory, known once it is written,
+/// hence the milter.yaml is written again after Postfix started).
+fn rig(accounts: &str, users: &str, virtual_aliases: &str, start_milter: bool) -> Rig {
+    let tmp = tempfile::Builder::new()
+        .prefix("dualroute-aliases-")
+        .tempdir()
+        .expect("create a temporary directory");
+    let dir = tmp.path().to_path_buf();
+    let sink = SmtpSink::start();
+    let milter_port = support::Port::reserve();
+    let yaml = |config_dir: &str| {
+        format!(
+            "listen: inet:127.0.0.1:{milter_port}\ninstance: {INSTANCE}\nstate_dir: {state}\ndomains:\n  example.com:\n    mode: split\n    destination: {{ hosts: [\"{sink}\"] }}\n    accounts: {accounts}\n{users}",
+            state = dir.join("state").display(),
+            sink = sink.nexthop(),
+            accounts = accounts.replace("{CONFIG_DIR}", config_dir),
+        )
+    };
+    let config = dir.join("milter.yaml");
+    // postfix-config does not read the accounts' tables: a list will do.
+    fs::write(
+        &config,
+        yaml("").replace(accounts, "[{ list: [alice@example.com] }]"),
+    )
+    .expect("write milter.yaml");
+    let generated = postfix_config(&config, &dir.join("postfix-config"));
+    let opts = generated
+        .apply_to(PostfixOptions::default().domain_without_catchall(
+            "example.com",
+            &["alice@example.com", "bob@example.com"],
+        ))
+        .map("virtual", virtual_aliases)
+        .main_cf("virtual_alias_maps = hash:/etc/postfix/virtual");
+    let pf = Postfix::start(opts);
+    fs::write(&config, yaml(&pf.config_dir().to_string_lossy())).expect("write milter.yaml");
+    let milter = start_milter
+        .then(|| MilterProcess::start(&config, &milter_port, &dir.join("milter.log")));
+    Rig {
+        milter,
+        pf,
+        sink,
+        config,
+        _tmp: tmp,
+    }
+}
+
+impl Rig {
+    fn send(&self, rcpts: &[&str], subject: &str) {
+        let t = SmtpClient::new(self.pf.smtp_addr())
+            .bind(OUTSIDE_IP)
+            .send(SENDER, rcpts, &message(subject));
+        assert!(t.accepted(), "{t}\n{}", self.diag());
+        self.pf.wait_queue_empty();
+    }
+
+    fn maildir(&self, rel: &str) -> Vec<MaildirMessage> {
+        read_maildir(&self.pf.maildir_root().join(rel))
+    }
+
+    /// The generated catch-all of example.com (docs/postfix.md §3).
+    fn catchall(&self) -> Vec<MaildirMessage> {
+        self.maildir("example.com/dualroute-catchall/")
+    }
+
+    /// The RCPT addresses the other server received.
+    fn sink_rcpts(&self) -> Vec<String> {
+        let mut r: Vec<String> = received(&self.sink)
+            .into_iter()
+            .map(|r| r.rcpt.address)
+            .collect();
+        r.sort();
+        r
+    }
+
+    fn milter_log(&self) -> String {
+        self.milter.as_ref().map(|m| m.log()).unwrap_or_default()
+    }
+
+    fn diag(&self) -> String {
+        format!(
+            "{}\n--- milter log ---\n{}\n--- sink ---\n{:?}",
+            self.pf.diagnostics(),
+            self.milter_log(),
+            self.sink_rcpts()
+        )
+    }
+
+    /// `dualroute check` with MAIL_CONFIG naming the instance, as a Postfix
+    /// command run for it would have it: (exit status, stdout, stderr).
+    fn check(&self) -> (ExitStatus, String, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+            .args(["check", "--config"])
+            .arg(&self.config)
+            .env("MAIL_CONFIG", self.pf.config_dir())
+            .output()
+            .expect("run dualroute check");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Waits until the sink has `n` RCPTs.
+fn wait_sink(r: &Rig, n: usize) -> Vec<String> {
+    support::poll(|| {
+        let got = r.sink_rcpts();
+        (got.len() >= n).then_some(got)
+    })
+    .unwrap_or_else(|| panic!("the sink did not get {n} RCPTs\n{}", r.diag()))
+}
+
+fn config_dir_of(pf: &Postfix) -> String {
+    pf.config_dir().to_string_lossy().into_owned()
+}
+
+
+/// What happened before issue 25 with accounts that are the mailboxes
+/// only: the milter decides on the address the client wrote, before
+/// Postfix expands the alias, so info@ and postmaster@ are routed to the
+/// other server (which knows neither) and alice never sees them. An
+/// alias kept as an account whose target lives at the other server
+/// (sales@ → carol@) is expanded by cleanup after the milter, into an
+/// address the milter never sees: it lands in the catch-all.
+#[test]
+fn aliases_with_mailbox_accounts_are_routed_away_and_a_kept_alias_lands_in_the_catchall() {
+    let r = rig(
+        "[{ list: [alice@example.com, bob@example.com, sales@example.com] }]",
+        "",
+        VIRTUAL,
+        true,
+    );
+    r.send(&["info@example.com", "postmaster@example.com"], "aliases");
+    let at_sink = wait_sink(&r, 2);
+    assert_eq!(
+        at_sink,
+        ["info@example.com", "postmaster@example.com"],
+        "{}",
+        r.diag()
+    );
+    assert!(
+        r.maildir("example.com/alice/").is_empty(),
+        "{}",
+        r.diag()
+    );
+    // The milter saw the address as written, not alice@ (recorded on
+    // Postfix 3.7: "RCPT <info@example.com>: redirect to
+    // info@example.com.dualroute.invalid (mode split, no account here);
+    // MTA address info@example.com").
+    let log = r.milter_log();
+    assert!(
+        log.contains("RCPT <info@example.com>: redirect")
+            && log.contains("MTA address info@example.com"),
+        "{log}"
+    );
+    assert!(!log.contains("alice@example.com"), "{log}");
+
+    // Kept by the milter ("RCPT <sales@example.com>: keep"), expanded by
+    // cleanup into carol@, which matches only `@example.com` of
+    // dualroute_catchall: "to=<carol@example.com>,
+    // orig_to=<sales@example.com>, relay=virtual ... delivered to maildir".
+    r.send(&["sales@example.com"], "kept alias");
+    assert!(
+        r.milter_log().contains("RCPT <sales@example.com>: keep"),
+        "{}",
+        r.diag()
+    );
+    assert_eq!(r.catchall().len(), 1, "{}", r.diag());
+    assert_eq!(r.sink_rcpts().len(), 2, "{}", r.diag());
+    assert!(
+        r.pf.maillog()
+            .contains("to=<carol@example.com>, orig_to=<sales@example.com>"),
+        "{}",
+        r.diag()
+    );
+}
