@@ -13,7 +13,7 @@
 mod support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 
 use support::scenarios::received;
@@ -50,33 +50,29 @@ fn rig(accounts: &str, users: &str, virtual_aliases: &str, start_milter: bool) -
     let dir = tmp.path().to_path_buf();
     let sink = SmtpSink::start();
     let milter_port = support::Port::reserve();
-    let yaml = |config_dir: &str| {
+    let yaml = |accounts: &str| {
         format!(
             "listen: inet:127.0.0.1:{milter_port}\ninstance: {INSTANCE}\nstate_dir: {state}\ndomains:\n  example.com:\n    mode: split\n    destination: {{ hosts: [\"{sink}\"] }}\n    accounts: {accounts}\n{users}",
             state = dir.join("state").display(),
             sink = sink.nexthop(),
-            accounts = accounts.replace("{CONFIG_DIR}", config_dir),
         )
     };
     let config = dir.join("milter.yaml");
     // postfix-config does not read the accounts' tables: a list will do.
-    fs::write(
-        &config,
-        yaml("").replace(accounts, "[{ list: [alice@example.com] }]"),
-    )
-    .expect("write milter.yaml");
+    fs::write(&config, yaml("[{ list: [alice@example.com] }]")).expect("write milter.yaml");
     let generated = postfix_config(&config, &dir.join("postfix-config"));
     let opts = generated
-        .apply_to(PostfixOptions::default().domain_without_catchall(
-            "example.com",
-            &["alice@example.com", "bob@example.com"],
-        ))
+        .apply_to(
+            PostfixOptions::default()
+                .domain_without_catchall("example.com", &["alice@example.com", "bob@example.com"]),
+        )
         .map("virtual", virtual_aliases)
         .main_cf("virtual_alias_maps = hash:/etc/postfix/virtual");
     let pf = Postfix::start(opts);
-    fs::write(&config, yaml(&pf.config_dir().to_string_lossy())).expect("write milter.yaml");
-    let milter = start_milter
-        .then(|| MilterProcess::start(&config, &milter_port, &dir.join("milter.log")));
+    let accounts = accounts.replace("{CONFIG_DIR}", &pf.config_dir().to_string_lossy());
+    fs::write(&config, yaml(&accounts)).expect("write milter.yaml");
+    let milter =
+        start_milter.then(|| MilterProcess::start(&config, &milter_port, &dir.join("milter.log")));
     Rig {
         milter,
         pf,
@@ -88,9 +84,11 @@ fn rig(accounts: &str, users: &str, virtual_aliases: &str, start_milter: bool) -
 
 impl Rig {
     fn send(&self, rcpts: &[&str], subject: &str) {
-        let t = SmtpClient::new(self.pf.smtp_addr())
-            .bind(OUTSIDE_IP)
-            .send(SENDER, rcpts, &message(subject));
+        let t = SmtpClient::new(self.pf.smtp_addr()).bind(OUTSIDE_IP).send(
+            SENDER,
+            rcpts,
+            &message(subject),
+        );
         assert!(t.accepted(), "{t}\n{}", self.diag());
         self.pf.wait_queue_empty();
     }
@@ -153,11 +151,6 @@ fn wait_sink(r: &Rig, n: usize) -> Vec<String> {
     .unwrap_or_else(|| panic!("the sink did not get {n} RCPTs\n{}", r.diag()))
 }
 
-fn config_dir_of(pf: &Postfix) -> String {
-    pf.config_dir().to_string_lossy().into_owned()
-}
-
-
 /// What happened before issue 25 with accounts that are the mailboxes
 /// only: the milter decides on the address the client wrote, before
 /// Postfix expands the alias, so info@ and postmaster@ are routed to the
@@ -173,6 +166,24 @@ fn aliases_with_mailbox_accounts_are_routed_away_and_a_kept_alias_lands_in_the_c
         VIRTUAL,
         true,
     );
+    // What `check` says of it now (issue 25): both traps, exit 1.
+    let (status, out, err) = r.check();
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    for alias in ["info@example.com", "postmaster@example.com"] {
+        assert!(
+            out.contains(&format!("example.com: ERROR: {alias} is an alias in hash:{}/virtual (→ alice@example.com) but not an account: the milter sees {alias} before Postfix expands it, so mail for it is routed to the destination", r.pf.config_dir().display())),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains("ERROR: virtual alias sales@example.com → carol@example.com: carol@example.com has no mailbox here (not in the accounts of example.com, mode split); the milter sees sales@example.com (and keeps it), Postfix expands the alias after the milter, so mail for it would be filed into the catch-all. Fix: point the alias at carol@example.com.dualroute.invalid"),
+        "{out}"
+    );
+    assert!(
+        out.contains("3 alias(es) of Postfix would be misrouted"),
+        "{out}"
+    );
+
     r.send(&["info@example.com", "postmaster@example.com"], "aliases");
     let at_sink = wait_sink(&r, 2);
     assert_eq!(
@@ -181,11 +192,7 @@ fn aliases_with_mailbox_accounts_are_routed_away_and_a_kept_alias_lands_in_the_c
         "{}",
         r.diag()
     );
-    assert!(
-        r.maildir("example.com/alice/").is_empty(),
-        "{}",
-        r.diag()
-    );
+    assert!(r.maildir("example.com/alice/").is_empty(), "{}", r.diag());
     // The milter saw the address as written, not alice@ (recorded on
     // Postfix 3.7: "RCPT <info@example.com>: redirect to
     // info@example.com.dualroute.invalid (mode split, no account here);
@@ -216,4 +223,99 @@ fn aliases_with_mailbox_accounts_are_routed_away_and_a_kept_alias_lands_in_the_c
         "{}",
         r.diag()
     );
+}
+
+/// The `postfix:` source takes Postfix's tables as they are: the
+/// mailboxes and the aliases are accounts, so mail to info@ and
+/// postmaster@ is kept and Postfix delivers it to alice; nothing reaches
+/// the other server or the catch-all; `check` finds nothing to fix.
+#[test]
+fn the_postfix_source_keeps_aliases_and_postfix_delivers_them() {
+    let aliases = "info@example.com alice@example.com\npostmaster@example.com alice@example.com\n";
+    let r = rig("[{ postfix: {CONFIG_DIR} }]", "", aliases, true);
+    let (status, out, err) = r.check();
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        out.contains("; 4 accounts (0 entries of other domains ignored, 0 map keys not accounts)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "  postfix {}: 4 accounts of example.com",
+            r.pf.config_dir().display()
+        )),
+        "{out}"
+    );
+    assert!(
+        !out.contains("ERROR") && !out.contains("WARNING: virtual"),
+        "{out}"
+    );
+
+    r.send(&["info@example.com"], "info");
+    r.send(&["postmaster@example.com"], "postmaster");
+    r.send(&["carol@example.com"], "carol is elsewhere");
+    assert_eq!(wait_sink(&r, 1), ["carol@example.com"], "{}", r.diag());
+    assert_eq!(r.maildir("example.com/alice/").len(), 2, "{}", r.diag());
+    assert!(r.catchall().is_empty(), "{}", r.diag());
+    assert!(
+        r.milter_log()
+            .contains("RCPT <info@example.com>: keep (mode split, account present here)"),
+        "{}",
+        r.diag()
+    );
+}
+
+/// An alias of a split domain whose target lives at the other server is
+/// refused by the `postfix:` source: kept, it would be expanded after the
+/// milter and filed into the catch-all (the first test shows it);
+/// `check` and the milter's start say which alias, its target and the
+/// fix, and the milter does not start on it.
+#[test]
+fn an_alias_to_an_address_of_the_other_server_is_refused() {
+    let r = rig("[{ postfix: {CONFIG_DIR} }]", "", VIRTUAL, false);
+    let (status, out, err) = r.check();
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    let expected = "domains.example.com.accounts: postfix: virtual alias sales@example.com → carol@example.com: carol@example.com has no mailbox here (not in the accounts of example.com, mode split); the milter sees sales@example.com (and keeps it), Postfix expands the alias after the milter, so mail for it would be filed into the catch-all. Fix: point the alias at carol@example.com.dualroute.invalid (the routing address, which Postfix sends to the destination), or give sales@example.com a `users:` rule `redirect_to: carol@example.com`";
+    assert!(err.contains(expected), "{out}{err}");
+    assert!(
+        err.contains("milter.yaml:"),
+        "the line of `accounts`: {err}"
+    );
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_dualroute"))
+        .args(["run", "--config"])
+        .arg(&r.config)
+        .output()
+        .expect("run dualroute");
+    assert!(!run.status.success(), "{run:?}");
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains(expected),
+        "{run:?}"
+    );
+}
+
+/// Both fixes `check` names work on the real Postfix: the alias pointed
+/// at the routing address reaches carol@ at the other server (Postfix
+/// sends it through the dualroute transport, smtp_generic_maps restores
+/// @example.com), and a `redirect_to` rule routes the alias before
+/// Postfix expands it.
+#[test]
+fn the_fixes_for_an_alias_to_the_other_server_deliver_there() {
+    let aliases = "sales@example.com carol@example.com.dualroute.invalid\nteam@example.com dave@example.com\n";
+    let r = rig(
+        "[{ postfix: {CONFIG_DIR} }]",
+        "    users:\n      team@example.com: { redirect_to: dave@example.com }\n",
+        aliases,
+        true,
+    );
+    let (status, out, err) = r.check();
+    assert!(status.success(), "{out}{err}");
+    r.send(&["sales@example.com"], "sales");
+    r.send(&["team@example.com"], "team");
+    assert_eq!(
+        wait_sink(&r, 2),
+        ["carol@example.com", "dave@example.com"],
+        "{}",
+        r.diag()
+    );
+    assert!(r.catchall().is_empty(), "{}", r.diag());
 }
