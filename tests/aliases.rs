@@ -319,3 +319,50 @@ fn the_fixes_for_an_alias_to_the_other_server_deliver_there() {
     );
     assert!(r.catchall().is_empty(), "{}", r.diag());
 }
+
+/// The `postfix:` source is watched as `postfix_map:` is: a changed alias
+/// table reloads the accounts. A change that adds an alias to the other
+/// server is refused and the running accounts stay (the log says which
+/// alias); a change that adds an alias to a mailbox here is taken, and
+/// mail to the new alias is kept and delivered here.
+#[test]
+fn a_changed_alias_table_reloads_and_a_misrouting_alias_is_refused() {
+    let r = rig(
+        "[{ postfix: {CONFIG_DIR} }]",
+        "",
+        "info@example.com alice@example.com\n",
+        true,
+    );
+    let milter = r.milter.as_ref().expect("milter");
+    let rewrite = |aliases: &str| {
+        let etc = r.pf.config_dir();
+        fs::write(etc.join("virtual"), aliases).expect("write virtual");
+        let out = std::process::Command::new(support::tool("postmap"))
+            .arg("-c")
+            .arg(&etc)
+            .arg(etc.join("virtual"))
+            .output()
+            .expect("run postmap");
+        assert!(out.status.success(), "{out:?}");
+    };
+    rewrite("info@example.com alice@example.com\nsales@example.com carol@example.com\n");
+    let log = milter.wait_log(
+        &[
+            "reload was refused",
+            "virtual alias sales@example.com → carol@example.com",
+        ],
+        1,
+    );
+    assert!(log.contains("virtual.db"), "{log}");
+    r.send(&["info@example.com"], "still kept");
+
+    rewrite("info@example.com alice@example.com\nnew@example.com alice@example.com\n");
+    milter.wait_log(&["account file changed", "reloaded"], 1);
+    r.send(&["new@example.com"], "new alias");
+    assert_eq!(r.maildir("example.com/alice/").len(), 2, "{}", r.diag());
+    assert!(
+        r.sink_rcpts().is_empty() && r.catchall().is_empty(),
+        "{}",
+        r.diag()
+    );
+}
