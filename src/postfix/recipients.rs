@@ -79,16 +79,12 @@ pub fn report(policy: &Policy) -> bool {
             Mode::Dual => "refused (550 5.1.1)",
             _ => "routed to the destination",
         };
+        // Split or dual here: without a mailbox and without a rule, the
+        // milter routes it (split) or refuses it (dual).
         let lacking = |a: &str| {
-            Address::parse(a)
-                .ok()
-                .filter(|a| {
-                    policy.catch_all(a).is_some()
-                        || (d.config.mode == Mode::Dual
-                            && !policy.present(d, &policy.rules.key(&a.unquoted_local())))
-                })
-                .filter(|a| !policy.has_rule(a))
-                .is_some()
+            Address::parse(a).is_ok_and(|a| {
+                !policy.present(d, &policy.rules.key(&a.unquoted_local())) && !policy.has_rule(&a)
+            })
         };
         // (a) Addresses Postfix accepts that the accounts lack.
         let mailboxes: Vec<&str> = tables
