@@ -65,7 +65,7 @@ impl Tables {
             config_dir: config_dir.to_owned(),
             myorigin: lower(values[0].trim()),
             local_domains: list(&values[1]).iter().map(|d| lower(d)).collect(),
-            watched: vec![(main_cf.clone(), crate::policy::modified(&main_cf))],
+            watched: vec![(main_cf.clone(), modified(&main_cf))],
             ..Tables::default()
         };
         t.each_key(&values[2], "virtual_mailbox_maps", &mut |key, _, table| {
@@ -137,8 +137,7 @@ impl Tables {
                 continue;
             };
             let compiled = table.compiled_file();
-            self.watched
-                .push((compiled.clone(), crate::policy::modified(&compiled)));
+            self.watched.push((compiled.clone(), modified(&compiled)));
             let mark = found.len();
             read_stable(&compiled, &mut || {
                 found.truncate(mark);
@@ -240,6 +239,12 @@ impl Tables {
                 _ => None,
             })
     }
+}
+
+/// A file's modification time (as `policy::modified`, which this module
+/// cannot import: the policy imports the accounts).
+fn modified(p: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
 fn t_push(key: &str, table: &str) -> Option<(String, String)> {
