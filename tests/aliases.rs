@@ -43,6 +43,19 @@ struct Rig {
 /// instance's Postfix configuration directory, known once it is written,
 /// hence the milter.yaml is written again after Postfix started).
 fn rig(accounts: &str, users: &str, virtual_aliases: &str, start_milter: bool) -> Rig {
+    rig_with(accounts, users, virtual_aliases, &[], start_milter)
+}
+
+/// [`rig`] with more Postfix tables: (file name in the configuration
+/// directory, `virtual_alias_maps` entry naming it, contents), after the
+/// `virtual` table.
+fn rig_with(
+    accounts: &str,
+    users: &str,
+    virtual_aliases: &str,
+    more_aliases: &[(&str, &str, &str)],
+    start_milter: bool,
+) -> Rig {
     let tmp = tempfile::Builder::new()
         .prefix("dualroute-aliases-")
         .tempdir()
@@ -61,13 +74,18 @@ fn rig(accounts: &str, users: &str, virtual_aliases: &str, start_milter: bool) -
     // postfix-config does not read the accounts' tables: a list will do.
     fs::write(&config, yaml("[{ list: [alice@example.com] }]")).expect("write milter.yaml");
     let generated = postfix_config(&config, &dir.join("postfix-config"));
-    let opts = generated
+    let mut opts = generated
         .apply_to(
             PostfixOptions::default()
                 .domain_without_catchall("example.com", &["alice@example.com", "bob@example.com"]),
         )
-        .map("virtual", virtual_aliases)
-        .main_cf("virtual_alias_maps = hash:/etc/postfix/virtual");
+        .map("virtual", virtual_aliases);
+    let mut alias_maps = "virtual_alias_maps = hash:/etc/postfix/virtual".to_owned();
+    for (file, entry, contents) in more_aliases {
+        opts = opts.map(file, contents);
+        alias_maps.push_str(&format!(", {entry}"));
+    }
+    let opts = opts.main_cf(&alias_maps);
     let pf = Postfix::start(opts);
     let accounts = accounts.replace("{CONFIG_DIR}", &pf.config_dir().to_string_lossy());
     fs::write(&config, yaml(&accounts)).expect("write milter.yaml");
@@ -365,4 +383,34 @@ fn a_changed_alias_table_reloads_and_a_misrouting_alias_is_refused() {
         "{}",
         r.diag()
     );
+}
+
+/// What `check` only warns about, exit 0: a mailbox of Postfix that is
+/// not an account (moved to the destination before it is deleted here),
+/// a catch-all alias (the milter routes what it would catch), and a table
+/// it cannot list (`regexp:`), named with what to do.
+#[test]
+fn check_warns_of_mailboxes_catchall_aliases_and_tables_it_cannot_list() {
+    let r = rig_with(
+        "[{ list: [alice@example.com] }]",
+        "",
+        "@example.com alice@example.com\n",
+        &[(
+            "virtual_regexp",
+            "regexp:/etc/postfix/virtual_regexp",
+            "/^sales-.*@example\\.com$/ alice@example.com\n",
+        )],
+        false,
+    );
+    let (status, out, err) = r.check();
+    assert!(status.success(), "{out}{err}");
+    let etc = r.pf.config_dir();
+    for expected in [
+        "example.com: WARNING: 1 address(es) of virtual_mailbox_maps are not accounts, so mail for them is routed to the destination: bob@example.com".to_owned(),
+        format!("example.com: WARNING: @example.com in hash:{}/virtual is a catch-all alias (→ alice@example.com): the milter routes every address of example.com that is not an account before Postfix applies it", etc.display()),
+        format!("WARNING: virtual_alias_maps: regexp:{}/virtual_regexp cannot be listed (postmap -s), so its addresses were not compared with the accounts: check each address of a managed domain in it with `dualroute explain ADDRESS`", etc.display()),
+    ] {
+        assert!(out.contains(&expected), "{expected}\n---\n{out}");
+    }
+    assert!(!out.contains("ERROR"), "{out}");
 }

@@ -11,7 +11,7 @@
 
 use super::read::{postmap_keys, read_stable};
 use super::LoadError;
-use crate::config::{PostfixTable, LISTABLE_TABLE_TYPES};
+use crate::config::PostfixTable;
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
 
@@ -316,15 +316,6 @@ fn postconf(config_dir: &Path, params: &[&str]) -> Result<Vec<String>, LoadError
     Ok(values)
 }
 
-/// Whether `table` (as main.cf writes it) can be listed.
-pub fn listable(table: &str) -> bool {
-    let inner = table.strip_prefix("proxy:").unwrap_or(table);
-    inner.starts_with("inline:")
-        || LISTABLE_TABLE_TYPES
-            .iter()
-            .any(|k| inner.strip_prefix(k).is_some_and(|r| r.starts_with(':')))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,8 +346,6 @@ mod tests {
             list("hash:/a, inline:{ a=b, c=d }  mysql:/m.cf,"),
             ["hash:/a", "inline:{ a=b, c=d }", "mysql:/m.cf"]
         );
-        assert!(listable("proxy:hash:/x") && listable("texthash:/x") && listable("inline:{a=b}"));
-        assert!(!listable("mysql:/x.cf") && !listable("proxy:unix:passwd.byname"));
     }
 
     #[test]

@@ -132,7 +132,13 @@ pub fn report(policy: &Policy) -> bool {
                 dir.display()
             );
         }
-        if let Some((targets, table)) = tables.aliases.get(&format!("@{name}")) {
+        // A `postfix:` source has said it already, under the domain.
+        let said = d
+            .report
+            .warnings
+            .iter()
+            .any(|w| w.starts_with(&format!("@{name} in ")));
+        if let Some((targets, table)) = tables.aliases.get(&format!("@{name}")).filter(|_| !said) {
             println!(
                 "{name}: WARNING: @{name} in {table} is a catch-all alias (→ {}): the milter routes every address of {name} that is not an account before Postfix applies it, so it no longer catches them (docs/design.md \"Aliases\")",
                 targets.join(", ")
