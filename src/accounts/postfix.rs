@@ -20,20 +20,24 @@ use std::path::{Path, PathBuf};
 /// reported, not followed.
 const MAX_DEPTH: usize = 100;
 
+/// A table key (lower case) and the table it came from, as main.cf
+/// names it.
+type Entry = (String, String);
+
 /// The recipient tables of one Postfix instance.
 #[derive(Clone, Debug, Default)]
 pub struct Tables {
     pub config_dir: PathBuf,
     /// `virtual_mailbox_maps` keys `user@domain` (lower case), with the
     /// table each came from. `@domain` keys are catch-alls, not here.
-    pub mailboxes: Vec<(String, String)>,
+    pub mailboxes: Vec<Entry>,
     /// `virtual_alias_maps`: lower-case key → targets as written, and
     /// the table. Keys are `user@domain`, bare `user` (for the domains in
     /// `mydestination`) or `@domain` (a catch-all).
     pub aliases: FxHashMap<String, (Vec<String>, String)>,
     /// `alias_maps` keys (local aliases of the `mydestination` domains)
     /// and the table; read only when asked for.
-    pub local_aliases: Vec<(String, String)>,
+    pub local_aliases: Vec<Entry>,
     /// `mydestination`, lower case.
     pub local_domains: Vec<String>,
     /// `myorigin`: what cleanup appends to a target without a domain
@@ -109,8 +113,8 @@ impl Tables {
         &mut self,
         value: &str,
         param: &str,
-        each: &mut dyn FnMut(&str, &str, &str) -> Option<(String, String)>,
-    ) -> Result<Vec<(String, String)>, LoadError> {
+        each: &mut dyn FnMut(&str, &str, &str) -> Option<Entry>,
+    ) -> Result<Vec<Entry>, LoadError> {
         let mut found = Vec::new();
         for name in list(value) {
             // proxymap(8) only forwards the lookup: the table behind it is
@@ -247,7 +251,7 @@ fn modified(p: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-fn t_push(key: &str, table: &str) -> Option<(String, String)> {
+fn t_push(key: &str, table: &str) -> Option<Entry> {
     Some((key.to_ascii_lowercase(), table.to_owned()))
 }
 
