@@ -39,6 +39,10 @@ fn config_dir(policy: &Policy) -> PathBuf {
 /// a mailbox to the destination before deleting it here is a normal step
 /// of a migration.
 pub fn report(policy: &Policy) -> bool {
+    if policy.domains.is_empty() {
+        // Nothing managed: nothing the milter could misroute.
+        return false;
+    }
     let dir = config_dir(policy);
     if !dir.join("main.cf").is_file() {
         println!(
