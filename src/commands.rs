@@ -569,5 +569,9 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
             );
         }
     }
+    // Aliases Postfix expands after the milter (docs/design.md "Aliases").
+    if c.mta == crate::config::Mta::Postfix && crate::postfix::recipients::report(&policy) {
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }

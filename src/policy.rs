@@ -12,6 +12,9 @@ use crate::config::{Config, Destination, DomainConfig, Mode, UserRule};
 use rustc_hash::FxHashMap;
 use std::net::IpAddr;
 
+mod aliases;
+pub use aliases::Misrouted;
+
 #[derive(Debug)]
 pub struct DomainPolicy {
     pub name: String,
@@ -138,7 +141,7 @@ impl Policy {
         };
         let mut domains = FxHashMap::default();
         // Taken before reading: a change during the read triggers a reload.
-        let account_files = config
+        let mut account_files: Vec<_> = config
             .domains
             .values()
             .flat_map(|d| d.accounts.iter().flatten().chain(d.destination_list()))
@@ -158,6 +161,8 @@ impl Policy {
                     for w in &r.warnings {
                         tracing::warn!("{name}: {w}");
                     }
+                    // `postfix:` sources: the tables main.cf names.
+                    account_files.extend(r.watched.iter().cloned());
                     (Some(a), r)
                 }
                 None => (None, LoadReport::default()),
@@ -213,6 +218,7 @@ impl Policy {
             },
         };
         policy.check_mailboxes()?;
+        policy.check_aliases()?;
         Ok(policy)
     }
 
@@ -354,7 +360,7 @@ impl Policy {
     /// catch-all: an address of a split or route domain without a mailbox
     /// here (the catch-all Postfix needs for such domains, docs/design.md
     /// §8, is where it would land).
-    fn catch_all(&self, address: &Address) -> Option<String> {
+    pub(crate) fn catch_all(&self, address: &Address) -> Option<String> {
         let d = self.domain(address)?;
         if d.config.mode == Mode::Dual {
             return None;

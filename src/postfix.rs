@@ -8,6 +8,7 @@ use std::{fmt::Write as _, io, path::Path};
 pub mod apply;
 pub mod master_cf;
 pub mod queue;
+pub mod recipients;
 
 /// The name of the dedicated smtp transport in master.cf.
 pub const TRANSPORT: &str = "dualroute";

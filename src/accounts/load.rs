@@ -1,8 +1,10 @@
 //! Loading a domain's accounts from its sources (docs/design.md §5
-//! `accounts:`): lists in milter.yaml, files, Postfix maps and commands,
-//! each line checked to be an address, into one [`Accounts`] set.
+//! `accounts:`): lists in milter.yaml, files, Postfix maps, Postfix's
+//! own recipient tables and commands, each line checked to be an address,
+//! into one [`Accounts`] set.
 
 use super::command;
+use super::postfix::Tables;
 use super::read::{postmap_keys, read_lines, read_stable, stale_db};
 use super::set::{Accounts, MatchRules, TooMany};
 use crate::address::{forbidden_in_local_part, normalize_domain, Address};
@@ -69,6 +71,14 @@ pub struct LoadReport {
     pub sources: Vec<SourceReport>,
     /// Things an administrator should fix that do not stop the load.
     pub warnings: Vec<String>,
+    /// `postfix:` sources: each virtual alias of the domain (full
+    /// address, lower case) with what Postfix expands it to, for the
+    /// check that no alias is expanded after the milter into an address
+    /// the milter would route (docs/design.md "Aliases").
+    pub aliases: Vec<(String, Vec<String>)>,
+    /// `postfix:` sources: main.cf and the tables it names, with their
+    /// modification times before they were read, watched for reloads.
+    pub watched: Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>,
 }
 
 /// Loads the accounts of `domain` (A-label, lower case) from its sources.
@@ -137,9 +147,14 @@ pub fn load(
                     };
                     match &table.kind {
                         None => read_lines(&table.path, &mut each),
-                        Some(_) => postmap_keys(table, &mut each),
+                        Some(_) => postmap_keys(table, None, &mut each),
                     }
                 })?;
+            }
+            AccountSource::Postfix(dir) => {
+                r.source = format!("postfix {}", dir.display());
+                let tables = Tables::read(dir, false)?;
+                postfix_source(&tables, &mut acc, &mut r, &mut report, domain, rules)?;
             }
             AccountSource::Command(cmd) => {
                 // Only the program: its arguments may hold a password.
@@ -166,6 +181,65 @@ pub fn load(
         });
     }
     Ok((acc, report))
+}
+
+/// The accounts of `domain` in Postfix's tables: every `user@domain` key
+/// of `virtual_mailbox_maps` and of `virtual_alias_maps` (an alias is an
+/// address Postfix delivers, so the milter must keep it; where its targets
+/// would be routed is checked with the whole policy, src/policy/aliases.rs).
+/// A catch-all (`@domain`) is not an account: every address would be one,
+/// and nothing would be routed. A table that cannot be listed, or a domain
+/// in `mydestination` (whose recipients are the system's users), is an
+/// error: accounts missing from it would be routed away.
+fn postfix_source(
+    tables: &Tables,
+    acc: &mut Accounts,
+    r: &mut SourceReport,
+    report: &mut LoadReport,
+    domain: &str,
+    rules: &MatchRules,
+) -> Result<(), LoadError> {
+    let main_cf = tables.config_dir.join("main.cf").display().to_string();
+    let fail = |message: String| LoadError {
+        file: main_cf.clone(),
+        line: None,
+        message,
+    };
+    if let Some((param, table)) = tables.unlistable.first() {
+        return Err(fail(format!(
+            "{param} has {table}, which cannot be listed: the `postfix` source would miss its addresses of {domain} and they would be routed away; list them with a `command:` source (e.g. `mysql -N -B -e 'SELECT ...'`, README \"Accounts from a directory\") and the listable tables with `postfix_map:`"
+        )));
+    }
+    if tables.local_domains.iter().any(|d| d == domain) {
+        return Err(fail(format!(
+            "{domain} is in mydestination: its recipients are the system's users and alias_maps (local_recipient_maps), which the `postfix` source does not list; use a `file:` or `command:` source (e.g. /usr/bin/getent passwd)"
+        )));
+    }
+    for (key, table) in &tables.mailboxes {
+        if key.rsplit_once('@').is_some_and(|(_, d)| d == domain) {
+            add_entry(acc, r, domain, rules, key).map_err(|m| fail(format!("{table}: {m}")))?;
+        } else {
+            r.other_domains += 1;
+        }
+    }
+    if let Some((targets, table)) = tables.aliases.get(&format!("@{domain}")) {
+        r.not_accounts += 1;
+        report.warnings.push(format!(
+            "@{domain} in {table} (virtual_alias_maps) is a catch-all alias to {}: it is not an account; the milter routes every address of {domain} that is not an account before Postfix applies it, so only the accounts without their own alias reach it (docs/design.md \"Aliases\")",
+            targets.join(", ")
+        ));
+    }
+    let mut keys: Vec<(String, &str)> = tables.alias_keys_of(domain).collect();
+    keys.sort();
+    for (key, table) in keys {
+        add_entry(acc, r, domain, rules, &key).map_err(|m| fail(format!("{table}: {m}")))?;
+        let leaves = tables
+            .expand(&key)
+            .map_err(|e| fail(format!("{table}: alias {e}")))?;
+        report.aliases.push((key, leaves));
+    }
+    report.watched.extend(tables.watched.iter().cloned());
+    Ok(())
 }
 
 /// Checks that `entry` is an address and, when it is of `domain`, adds it.

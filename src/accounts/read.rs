@@ -126,10 +126,12 @@ pub(super) fn for_each_line(
 /// Lists a table's keys with Postfix's own reader, `postmap -s type:name`
 /// (postmap(1)): what it prints is what Postfix looks up, whatever the text
 /// file says. `postmap` reads main.cf from /etc/postfix, or from
-/// `$MAIL_CONFIG` like every Postfix command. Lines are `key<TAB>value`;
-/// numbered from 1 in that listing.
+/// `$MAIL_CONFIG` like every Postfix command, or from `config_dir`
+/// (`postmap -c`). Lines are `key<TAB>value`; numbered from 1 in that
+/// listing.
 pub(super) fn postmap_keys(
     table: &PostfixTable,
+    config_dir: Option<&Path>,
     each: impl FnMut(usize, &str) -> LineResult,
 ) -> Result<(), LoadError> {
     use std::process::{Command, Stdio};
@@ -143,7 +145,11 @@ pub(super) fn postmap_keys(
         .into_iter()
         .find(|p| Path::new(p).exists())
         .unwrap_or("postmap");
-    let mut child = Command::new(postmap)
+    let mut command = Command::new(postmap);
+    if let Some(dir) = config_dir {
+        command.arg("-c").arg(dir);
+    }
+    let mut child = command
         .arg("-s")
         .arg(&name)
         .stdin(Stdio::null())

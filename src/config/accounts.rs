@@ -1,5 +1,5 @@
 //! `domains.*.accounts` in `milter.yaml`: the sources of account names
-//! (`list`, `file`, `postfix_map`, `command`), and the top-level
+//! (`list`, `file`, `postfix_map`, `postfix`, `command`), and the top-level
 //! `accounts_shrink_limit` that guards their reloads.
 
 use super::de::{checked_map, deserialize_from_str};
@@ -13,6 +13,10 @@ pub enum AccountSource {
     List(Vec<ConfigAddress>),
     File(PathBuf),
     PostfixMap(PostfixTable),
+    /// `postfix: /etc/postfix`: Postfix's own recipient tables of the
+    /// instance in that configuration directory, aliases included
+    /// (docs/design.md "Aliases").
+    Postfix(PathBuf),
     Command(AccountCommand),
 }
 
@@ -25,6 +29,9 @@ impl AccountSource {
             AccountSource::List(_) => None,
             AccountSource::File(p) => Some(p.clone()),
             AccountSource::PostfixMap(t) => Some(t.compiled_file()),
+            // The tables main.cf names are only known once it is read:
+            // they are watched from the load's report (LoadReport::watched).
+            AccountSource::Postfix(dir) => Some(dir.join("main.cf")),
             AccountSource::Command(_) => None,
         }
     }
@@ -35,6 +42,7 @@ impl AccountSource {
             AccountSource::List(_) => "list",
             AccountSource::File(_) => "file",
             AccountSource::PostfixMap(_) => "postfix_map",
+            AccountSource::Postfix(_) => "postfix",
             AccountSource::Command(_) => "command",
         }
     }
@@ -122,6 +130,7 @@ struct RawAccountSource {
     list: Option<Vec<ConfigAddress>>,
     file: Option<PathBuf>,
     postfix_map: Option<PostfixTable>,
+    postfix: Option<PathBuf>,
     command: Option<Vec<String>>,
     refresh: Option<Window>,
     timeout: Option<Window>,
@@ -131,15 +140,21 @@ struct RawAccountSource {
 impl<'de> Deserialize<'de> for AccountSource {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, |raw: RawAccountSource| {
+            const ONE_OF: &str =
+                "each source is exactly one of `list`, `file`, `postfix_map`, `postfix`, `command`";
             let command_keys =
                 raw.refresh.is_some() || raw.timeout.is_some() || raw.format.is_some();
+            let given = [
+                raw.list.is_some(),
+                raw.file.is_some(),
+                raw.postfix_map.is_some(),
+                raw.postfix.is_some(),
+                raw.command.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
+                return Err(ONE_OF.into());
+            }
             if let Some(argv) = raw.command {
-                if raw.list.is_some() || raw.file.is_some() || raw.postfix_map.is_some() {
-                    return Err(
-                        "each source is exactly one of `list`, `file`, `postfix_map`, `command`"
-                            .into(),
-                    );
-                }
                 return AccountCommand::new(argv, raw.refresh, raw.timeout, raw.format)
                     .map(AccountSource::Command);
             }
@@ -148,13 +163,20 @@ impl<'de> Deserialize<'de> for AccountSource {
                     "`refresh`, `timeout` and `format` belong to a `command` source".into(),
                 );
             }
+            if let Some(dir) = raw.postfix {
+                if !dir.is_absolute() {
+                    return Err(format!(
+                        "`postfix`: {:?} must be the absolute path of the Postfix configuration directory (as `postconf -c`), e.g. /etc/postfix",
+                        dir.display().to_string()
+                    ));
+                }
+                return Ok(AccountSource::Postfix(dir));
+            }
             match (raw.list, raw.file, raw.postfix_map) {
                 (Some(l), None, None) => Ok(AccountSource::List(l)),
                 (None, Some(f), None) => Ok(AccountSource::File(f)),
                 (None, None, Some(m)) => Ok(AccountSource::PostfixMap(m)),
-                _ => Err(
-                    "each source is exactly one of `list`, `file`, `postfix_map`, `command`".into(),
-                ),
+                _ => Err(ONE_OF.into()),
             }
         })
     }
@@ -272,6 +294,21 @@ impl<'de> Deserialize<'de> for ShrinkLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postfix_source() {
+        let parse = |y: &str| serde_yaml::from_str::<AccountSource>(y).map_err(|e| e.to_string());
+        assert_eq!(
+            parse("{ postfix: /etc/postfix }").unwrap(),
+            AccountSource::Postfix(PathBuf::from("/etc/postfix"))
+        );
+        assert!(parse("{ postfix: etc/postfix }")
+            .unwrap_err()
+            .contains("absolute path of the Postfix configuration directory"));
+        assert!(parse("{ postfix: /etc/postfix, file: /x }")
+            .unwrap_err()
+            .contains("exactly one of"));
+    }
 
     #[test]
     fn postfix_tables() {

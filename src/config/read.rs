@@ -88,7 +88,7 @@ pub fn read_file_digest(path: &Path) -> Result<(Config, String), ConfigError> {
             let destination_list = d.reject_unknown.iter_mut().flat_map(|r| &mut r.accounts);
             for source in d.accounts.iter_mut().flatten().chain(destination_list) {
                 match source {
-                    AccountSource::File(p) => fix(p),
+                    AccountSource::File(p) | AccountSource::Postfix(p) => fix(p),
                     AccountSource::PostfixMap(t) => fix(&mut t.path),
                     AccountSource::List(_) | AccountSource::Command(_) => {}
                 }
