@@ -927,6 +927,50 @@ async fn task_does_not_trip_on_unknown_addresses_but_on_a_refusing_destination()
     }
 }
 
+/// Issue 25: a breaker whose log is missing (Debian 12 without rsyslog
+/// has no /var/log/mail.log) or unreadable sees nothing and never trips.
+/// Before, it said so once at WARN and `status` and the metrics looked
+/// healthy; now `breaker-counts` records the source as not readable (for
+/// `status`'s ✘), the gauge says 0 and an ERROR is logged, until the log
+/// can be read.
+#[tokio::test]
+async fn task_shows_a_blind_breaker() {
+    let task = start_task("", false).await;
+    let source = || {
+        dualroute::state::StateDir::new(&task.state)
+            .breaker_counts()
+            .unwrap()
+            .and_then(|c| c.source)
+    };
+    let gauge = |v: u8| {
+        format!(
+            "dualroute_breaker_source_readable{{source=\"{}\"}} {v}",
+            task.log.display()
+        )
+    };
+    support::wait_until("the source to be recorded as not readable", || {
+        let s = source();
+        async move { s.filter(|s| !s.readable).map(|_| ()) }
+    })
+    .await;
+    let s = source().unwrap();
+    assert_eq!(s.name, task.log.display().to_string());
+    assert!(s.error.contains("does not exist"), "{s:?}");
+    let metrics = task.milter.metrics();
+    assert!(metrics.contains(&gauge(0)), "{metrics}");
+
+    // The log appears: read again, and shown so.
+    append(&task.log, "");
+    support::wait_until("the source to be recorded as readable", || {
+        let s = source();
+        async move { s.filter(|s| s.readable).map(|_| ()) }
+    })
+    .await;
+    let metrics = task.milter.metrics();
+    assert!(metrics.contains(&gauge(1)), "{metrics}");
+    assert!(source().unwrap().error.is_empty());
+}
+
 #[tokio::test]
 async fn task_follows_rotation_and_a_log_that_appears_later() {
     let task = start_task("", false).await;

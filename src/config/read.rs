@@ -64,7 +64,12 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
         };
         fix(&mut config.state_dir);
         if let Some(b) = &mut config.breaker {
-            fix(&mut b.maillog);
+            if let crate::config::Maillog::File(p) = &mut b.maillog {
+                fix(p);
+            }
+            if let Some(p) = &mut b.journal_directory {
+                fix(p);
+            }
         }
         for d in config.domains.values_mut() {
             let destination_list = d.reject_unknown.iter_mut().flat_map(|r| &mut r.accounts);
