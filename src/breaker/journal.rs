@@ -52,9 +52,6 @@ const MAX_ENTRIES: usize = 20_000;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// ... doubling to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// The cursor is written at most this often (each write is synced): a
-/// crash counts at most this much of the journal again.
-const SAVE_EVERY: Duration = Duration::from_secs(2);
 /// The journal files are looked at this often for readability.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
 
@@ -97,7 +94,6 @@ pub struct Journal {
     began: u64,
     cursor: Option<String>,
     saved: Option<String>,
-    saved_at: Option<Instant>,
     running: Option<Running>,
     restart_at: Instant,
     backoff: Duration,
@@ -113,11 +109,14 @@ impl Journal {
     /// system journal), resuming from the cursor kept in `state_dir`.
     pub fn new(directory: Option<PathBuf>, state_dir: &Path, window: Duration) -> Journal {
         let state = StateDir::new(state_dir);
-        let cursor = match state.read_path::<String>(&state.dir.join(CURSOR_FILE)) {
-            Ok(c) => c.filter(|c| !c.is_empty()),
+        let path = state.dir.join(CURSOR_FILE);
+        let cursor = match std::fs::read_to_string(&path) {
+            Ok(c) => Some(c.trim().to_owned()).filter(|c| !c.is_empty()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
                 tracing::warn!(
-                    "bounce breaker: cannot read the journal cursor: {e}; starting at the journal's end (what was logged while dualroute was stopped is not counted)"
+                    "bounce breaker: cannot read the journal cursor {}: {e}; starting at the journal's end (what was logged while dualroute was stopped is not counted)",
+                    path.display()
                 );
                 None
             }
@@ -129,7 +128,6 @@ impl Journal {
             began: crate::state::now(),
             saved: cursor.clone(),
             cursor,
-            saved_at: None,
             running: None,
             restart_at: Instant::now(),
             backoff: BACKOFF_MIN,
@@ -274,23 +272,32 @@ impl Journal {
             let last = stderr.last().map(|l| format!(": {l}")).unwrap_or_default();
             self.failed(format!("{JOURNALCTL} exited ({status}){last}"));
         }
-        self.save_cursor();
         entries
     }
 
-    fn save_cursor(&mut self) {
-        if self.cursor == self.saved || self.saved_at.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
+    /// Keeps the cursor of the last entry handed over, once the breaker
+    /// has counted it: a restart goes on after it. Written at every poll
+    /// that read something, by rename (a killed milter leaves the old or
+    /// the new cursor, never half of one) and without fsync, which would
+    /// cost a disk flush twice a second on a busy host: a power cut may
+    /// count the last few entries again.
+    pub fn commit(&mut self) {
+        if self.cursor == self.saved {
             return;
         }
+        let Some(cursor) = &self.cursor else {
+            return;
+        };
         let path = self.state.dir.join(CURSOR_FILE);
-        match self.state.write_path(&path, &self.cursor) {
-            Ok(()) => {
-                self.saved = self.cursor.clone();
-                self.saved_at = Some(Instant::now());
-            }
+        let tmp = self.state.dir.join(format!(".{CURSOR_FILE}.{}", std::process::id()));
+        let written = std::fs::create_dir_all(&self.state.dir)
+            .and_then(|()| std::fs::write(&tmp, format!("{cursor}\n")))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        match written {
+            Ok(()) => self.saved = self.cursor.clone(),
             Err(e) => tracing::warn!(
-                "bounce breaker: cannot record the journal cursor in {}: {e}; a restart would start at the journal's end",
-                self.state.dir.display()
+                "bounce breaker: cannot record the journal cursor in {}: {e}; a restart would count again what was read since the last cursor recorded",
+                path.display()
             ),
         }
     }

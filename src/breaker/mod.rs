@@ -335,6 +335,7 @@ impl Breaker {
                 self.count(policy, reach, &domain, f, why, *at);
             }
         }
+        self.source.commit();
         self.fleet_check(policy, reach, now);
         self.record_counts(&dir, now);
     }

@@ -59,6 +59,13 @@ impl Source {
         }
     }
 
+    /// The lines of the last poll are counted: a journal keeps its cursor.
+    pub fn commit(&mut self) {
+        if let Source::Journal(j) = self {
+            j.commit();
+        }
+    }
+
     /// Ok while the source is read; Err says why not.
     pub fn health(&mut self) -> Result<(), String> {
         match self {
