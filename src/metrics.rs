@@ -159,7 +159,7 @@ pub struct Metrics {
     breaker_failures: Family<DomainKindLabels, Counter>,
     breaker_ignored: Family<DomainReasonLabels, Counter>,
     /// Whether the breaker reads its source (issue 25); set by the breaker,
-    /// cleared at a scrape when there is no `breaker:`.
+    /// cleared when it stops.
     breaker_source: Family<SourceLabels, Gauge>,
     callouts: Family<DomainResultLabels, Counter>,
     callout_cache_hits: Family<DomainLabels, Counter>,
@@ -491,6 +491,11 @@ impl Metrics {
         self.milter_seconds.observe(busy.as_secs_f64());
     }
 
+    /// The breaker stopped (a reload removed `breaker:`): no source.
+    pub fn breaker_source_gone(&self) {
+        self.breaker_source.clear();
+    }
+
     /// Whether the breaker reads `source` (src/breaker/source.rs); the
     /// one source of the moment, a previous one is forgotten.
     pub fn breaker_source(&self, source: &str, readable: bool) {
@@ -518,9 +523,6 @@ impl Metrics {
             &self.verifying,
         ] {
             family.clear();
-        }
-        if policy.config.breaker.is_none() {
-            self.breaker_source.clear();
         }
         for (name, d) in &policy.domains {
             let labels = DomainLabels {

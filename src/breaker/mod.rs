@@ -641,6 +641,7 @@ pub(crate) async fn run(live: Arc<LivePolicy>, reach: Reach) {
             match (&policy.config.breaker, &mut breaker) {
                 (None, b) => {
                     if b.take().is_some() {
+                        reach.metrics.breaker_source_gone();
                         tracing::info!(
                             "bounce breaker: no `breaker:` in the configuration any more; stopped"
                         );

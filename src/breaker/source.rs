@@ -163,3 +163,48 @@ impl Sight {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blindness_is_recorded_and_mailed_when_it_starts_and_ends() {
+        let config = crate::config::parse(
+            "domains: {}\nnotify: { to: [admin@example.org] }\nbreaker: { maillog: journal }\n",
+            "milter.yaml",
+        )
+        .unwrap();
+        let (metrics, outbox) = (Metrics::new(), Outbox::default());
+        let mut sight = Sight::new(config.breaker.as_ref().unwrap());
+        let events = || -> Vec<Event> { outbox.take().0.into_iter().map(|(_, e)| e).collect() };
+        sight.update(Ok(()), &config, &metrics, &outbox);
+        let r = sight.record().unwrap();
+        assert!(r.readable && r.name == "journal" && r.error.is_empty(), "{r:?}");
+        assert_eq!(events(), [], "readable at start is no news");
+
+        sight.update(Err("no group".into()), &config, &metrics, &outbox);
+        let r = sight.record().unwrap();
+        assert!(!r.readable && r.error == "no group", "{r:?}");
+        let blind_since = r.since;
+        assert_eq!(
+            events(),
+            [Event::BreakerBlind {
+                source: "journal".into(),
+                error: "no group".into()
+            }]
+        );
+        sight.update(Err("no group".into()), &config, &metrics, &outbox);
+        assert_eq!(events(), [], "mailed once, not at every poll");
+
+        sight.update(Ok(()), &config, &metrics, &outbox);
+        assert!(sight.record().unwrap().readable);
+        assert_eq!(
+            events(),
+            [Event::BreakerSees {
+                source: "journal".into(),
+                blind_since
+            }]
+        );
+    }
+}
