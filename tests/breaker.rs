@@ -1990,3 +1990,41 @@ fn journal_cost() {
         text.len()
     );
 }
+
+/// `maillog: journal` is the keyword, anything else a path (relative to
+/// milter.yaml); an empty value and a `journal_directory` beside a log
+/// file are errors at their file:line.
+#[test]
+fn maillog_is_the_journal_or_a_path() {
+    use dualroute::config::{parse, Maillog};
+    let breaker = |yaml: &str| parse(&format!("domains: {{}}\n{yaml}"), "milter.yaml");
+    let b = breaker("breaker:\n  maillog: journal\n  journal_directory: /j\n")
+        .unwrap()
+        .breaker
+        .unwrap();
+    assert_eq!(b.maillog, Maillog::Journal);
+    assert_eq!(b.journal_directory, Some(PathBuf::from("/j")));
+    let b = breaker("breaker: { maillog: /var/log/mail.log }\n")
+        .unwrap()
+        .breaker
+        .unwrap();
+    assert_eq!(b.maillog, Maillog::File("/var/log/mail.log".into()));
+    let e = breaker("breaker:\n  maillog: \"\"\n").unwrap_err().to_string();
+    assert!(e.starts_with("milter.yaml:3:") && e.contains("write `journal`"), "{e}");
+    let e = breaker("breaker:\n  maillog: /var/log/mail.log\n  journal_directory: /j\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("milter.yaml:3:") && e.contains("with `maillog: journal` only"),
+        "{e}"
+    );
+    // Relative to the configuration file, as before.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    fs::write(&path, "domains: {}\nbreaker: { maillog: mail.log }\n").unwrap();
+    let c = dualroute::config::read_file(&path).unwrap();
+    assert_eq!(
+        c.breaker.unwrap().maillog,
+        Maillog::File(dir.path().join("mail.log"))
+    );
+}

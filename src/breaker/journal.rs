@@ -52,6 +52,8 @@ const MAX_ENTRIES: usize = 20_000;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// ... doubling to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A restarted journalctl that has run this long is taken to work.
+const PROVEN: Duration = Duration::from_secs(5);
 /// The journal files are looked at this often for readability.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
 
@@ -203,7 +205,6 @@ impl Journal {
                 "from its end"
             }
         );
-        self.exited = None;
         self.running = Some(Running {
             child,
             rx,
@@ -253,6 +254,13 @@ impl Journal {
             }
             if !entries.is_empty() && r.started.elapsed() > BACKOFF_MAX {
                 self.backoff = BACKOFF_MIN;
+            }
+            // A journalctl that exited counts as read again once its
+            // successor has run for a while (or handed over an entry), not
+            // at the restart: one that exits at once would otherwise flap
+            // between blind and seeing, a notice each time.
+            if self.exited.is_some() && (!entries.is_empty() || r.started.elapsed() > PROVEN) {
+                self.exited = None;
             }
         }
         for line in &stderr {
