@@ -1936,12 +1936,11 @@ fn journal_cost() {
     // The file path: read and parse.
     let file = dir.path().join("mail.log");
     let text: String = (0..N).map(|i| line(i) + "\n").collect();
-    fs::write(&file, &text).unwrap();
-    let t = Instant::now();
-    let mut f = Follower::at_end(&file);
     fs::write(&file, "").unwrap();
-    let mut read = 0;
+    let mut f = Follower::at_end(&file);
     append(&file, &text);
+    let t = Instant::now();
+    let mut read = 0;
     let mut failures = 0;
     while read < N {
         let lines = f.poll();

@@ -61,8 +61,17 @@
 //! only counted, logged and shown by `dualroute status`. The counts are
 //! written to `state_dir` (`breaker-counts`) for `status`.
 //!
+//! With `maillog: journal` the lines come from the systemd journal's mail
+//! facility instead ([`journal`]), rebuilt as syslog lines for the same
+//! parser and resumed from the last entry read after a restart. A breaker
+//! that cannot read its source is shown as such ([`source`], issue 25):
+//! in `breaker-counts` for `dualroute status`, in a metric, in an ERROR
+//! once a minute and by mail.
+//!
 //! The parts: [`maillog`] reads lines and attributes addresses, [`follow`]
-//! follows the file, this module counts and trips.
+//! follows the file, [`journal`] the journal, [`source`] chooses and
+//! watches whether it is read, [`access`] is `dualroute check`'s test of
+//! it as the service user; this module counts and trips.
 
 pub mod access;
 mod follow;
