@@ -1785,9 +1785,19 @@ fn postfix_bounces_trip_the_breaker_from_the_journal() {
     std::thread::sleep(dualroute::breaker::POLL * 4);
     assert_eq!(counted(&milter, 2), 1, "counted twice\n{}", diag(&milter));
     let log = milter.log();
-    assert!(!log.contains("zedold@"), "an entry older than the window counted\n{log}");
-    assert!(!log.contains("zeddaemon@"), "another facility counted\n{log}");
-    assert!(!state.join("example.com.tripped").exists(), "{}", diag(&milter));
+    assert!(
+        !log.contains("zedold@"),
+        "an entry older than the window counted\n{log}"
+    );
+    assert!(
+        !log.contains("zeddaemon@"),
+        "another facility counted\n{log}"
+    );
+    assert!(
+        !state.join("example.com.tripped").exists(),
+        "{}",
+        diag(&milter)
+    );
 
     // 3. Two more: tripped, and routing is off (451 at RCPT).
     let zed4 = bounce_of(&milter, "zed4@example.com");
@@ -1875,7 +1885,10 @@ fn check_tests_the_journal_as_the_service_user() {
     fs::create_dir(&jdir).unwrap();
     journal_write(
         &jdir,
-        &[JournalEntry::from_syslog(&format!("mx postfix/smtp[1]: {}", "x"))],
+        &[JournalEntry::from_syslog(&format!(
+            "mx postfix/smtp[1]: {}",
+            "x"
+        ))],
     );
     let file = jdir.join("mail.journal");
     let chgrp = std::process::Command::new("chgrp")
@@ -1883,7 +1896,10 @@ fn check_tests_the_journal_as_the_service_user() {
         .arg(&file)
         .status()
         .unwrap();
-    assert!(chgrp.success(), "no group systemd-journal (package systemd)");
+    assert!(
+        chgrp.success(),
+        "no group systemd-journal (package systemd)"
+    );
     fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
     let config = dualroute::config::parse(
         &format!(
@@ -1930,9 +1946,7 @@ fn check_tests_the_journal_as_the_service_user() {
 fn journal_cost() {
     const N: usize = 100_000;
     let dir = tempfile::tempdir().unwrap();
-    let line = |i: usize| {
-        POSTFIX_RELAY_DENIED.replace("zed@", &format!("zed{i}@"))
-    };
+    let line = |i: usize| POSTFIX_RELAY_DENIED.replace("zed@", &format!("zed{i}@"));
     // The file path: read and parse.
     let file = dir.path().join("mail.log");
     let text: String = (0..N).map(|i| line(i) + "\n").collect();
@@ -1956,7 +1970,9 @@ fn journal_cost() {
     // time(1)), then entry() and parse_line.
     let jdir = dir.path().join("journal");
     fs::create_dir(&jdir).unwrap();
-    let entries: Vec<JournalEntry> = (0..N).map(|i| JournalEntry::from_syslog(&line(i))).collect();
+    let entries: Vec<JournalEntry> = (0..N)
+        .map(|i| JournalEntry::from_syslog(&line(i)))
+        .collect();
     journal_write(&jdir, &entries);
     let out = std::process::Command::new("/usr/bin/time")
         .args(["-f", "%U %S", "journalctl", "--directory"])
@@ -2008,8 +2024,13 @@ fn maillog_is_the_journal_or_a_path() {
         .breaker
         .unwrap();
     assert_eq!(b.maillog, Maillog::File("/var/log/mail.log".into()));
-    let e = breaker("breaker:\n  maillog: \"\"\n").unwrap_err().to_string();
-    assert!(e.starts_with("milter.yaml:3:") && e.contains("write `journal`"), "{e}");
+    let e = breaker("breaker:\n  maillog: \"\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("milter.yaml:3:") && e.contains("write `journal`"),
+        "{e}"
+    );
     let e = breaker("breaker:\n  maillog: /var/log/mail.log\n  journal_directory: /j\n")
         .unwrap_err()
         .to_string();

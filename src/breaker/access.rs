@@ -44,7 +44,11 @@ pub fn check(config: &BreakerConfig) -> Result<String, String> {
 
 /// [`check`] as `user`, with its groups and the `SupplementaryGroups=` of
 /// the unit found under `unit_dirs`. Needs root (setpriv).
-pub fn check_as(config: &BreakerConfig, user: &str, unit_dirs: &[PathBuf]) -> Result<String, String> {
+pub fn check_as(
+    config: &BreakerConfig,
+    user: &str,
+    unit_dirs: &[PathBuf],
+) -> Result<String, String> {
     let mut groups = user_groups(user)?;
     let from_unit = unit_groups(unit_dirs);
     for g in &from_unit {
@@ -55,7 +59,10 @@ pub fn check_as(config: &BreakerConfig, user: &str, unit_dirs: &[PathBuf]) -> Re
     let unit_note = if from_unit.is_empty() {
         format!("; the unit {UNIT} grants no SupplementaryGroups")
     } else {
-        format!("; {} from the unit's SupplementaryGroups", from_unit.join(", "))
+        format!(
+            "; {} from the unit's SupplementaryGroups",
+            from_unit.join(", ")
+        )
     };
     let who = format!("user {user} (groups {}{unit_note})", groups.join(", "));
     match probe(config, Some((user, &groups))) {
@@ -112,8 +119,12 @@ fn probe(config: &BreakerConfig, who: Option<(&str, &[String])>) -> Result<(), S
     // Each file opened for reading, by the user itself: test(1)'s -r is
     // access(2), which asks with the real user and groups setpriv set.
     let mut cmd = as_user(who, "sh");
-    cmd.args(["-c", r#"for f; do test -r "$f" || { echo "$f"; exit 1; }; done"#, "sh"])
-        .args(&files);
+    cmd.args([
+        "-c",
+        r#"for f; do test -r "$f" || { echo "$f"; exit 1; }; done"#,
+        "sh",
+    ])
+    .args(&files);
     let out = run(&mut cmd)?;
     if !out.status.success() {
         let file = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -125,7 +136,12 @@ fn probe(config: &BreakerConfig, who: Option<(&str, &[String])>) -> Result<(), S
         if let Some(d) = &config.journal_directory {
             cmd.arg("--directory").arg(d);
         }
-        cmd.args(["--lines=1", "--output=json", "--no-pager", "SYSLOG_FACILITY=2"]);
+        cmd.args([
+            "--lines=1",
+            "--output=json",
+            "--no-pager",
+            "SYSLOG_FACILITY=2",
+        ]);
         let out = run(&mut cmd)?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
@@ -145,7 +161,10 @@ fn as_user(who: Option<(&str, &[String])>, program: &str) -> Command {
         Some((user, groups)) => {
             let mut c = Command::new("setpriv");
             c.arg(format!("--reuid={user}"))
-                .arg(format!("--regid={}", groups.first().map_or(user, |g| g.as_str())))
+                .arg(format!(
+                    "--regid={}",
+                    groups.first().map_or(user, |g| g.as_str())
+                ))
                 .arg(format!("--groups={}", groups.join(",")))
                 .args(["--", program]);
             c
@@ -193,7 +212,12 @@ fn user_groups(user: &str) -> Result<Vec<String>, String> {
 /// earlier ones; drop-ins in name order; an empty assignment resets).
 pub fn unit_groups(dirs: &[PathBuf]) -> Vec<String> {
     let mut files: Vec<PathBuf> = Vec::new();
-    if let Some(main) = dirs.iter().rev().map(|d| d.join(UNIT)).find(|p| p.is_file()) {
+    if let Some(main) = dirs
+        .iter()
+        .rev()
+        .map(|d| d.join(UNIT))
+        .find(|p| p.is_file())
+    {
         files.push(main);
     }
     let mut dropins: Vec<(std::ffi::OsString, PathBuf)> = Vec::new();
@@ -229,7 +253,10 @@ fn groups_in(file: &Path, groups: &mut Vec<String>) {
             in_service = line == "[Service]";
             continue;
         }
-        let Some(value) = line.strip_prefix("SupplementaryGroups=").filter(|_| in_service) else {
+        let Some(value) = line
+            .strip_prefix("SupplementaryGroups=")
+            .filter(|_| in_service)
+        else {
             continue;
         };
         if value.trim().is_empty() {

@@ -297,7 +297,10 @@ impl Journal {
             return;
         };
         let path = self.state.dir.join(CURSOR_FILE);
-        let tmp = self.state.dir.join(format!(".{CURSOR_FILE}.{}", std::process::id()));
+        let tmp = self
+            .state
+            .dir
+            .join(format!(".{CURSOR_FILE}.{}", std::process::id()));
         let written = std::fs::create_dir_all(&self.state.dir)
             .and_then(|()| std::fs::write(&tmp, format!("{cursor}\n")))
             .and_then(|()| std::fs::rename(&tmp, &path));

@@ -80,8 +80,8 @@ mod maillog;
 mod source;
 
 pub use follow::Follower;
-pub use source::{Source, NAG};
 pub use maillog::{parse_line, Attribution, Expected, Failure, FailureKind};
+pub use source::{Source, NAG};
 
 use crate::cluster::fleet::{Counted, FleetFailures};
 use crate::config::{human, BreakerConfig};
@@ -291,9 +291,7 @@ impl Breaker {
         let now = Instant::now();
         let failures: Vec<(Failure, Instant)> = lines
             .iter()
-            .filter_map(|(l, age)| {
-                parse_line(l).map(|f| (f, now.checked_sub(*age).unwrap_or(now)))
-            })
+            .filter_map(|(l, age)| parse_line(l).map(|f| (f, now.checked_sub(*age).unwrap_or(now))))
             .collect();
         let dir = StateDir::new(&policy.config.state_dir);
         let span = self.config.window.0;
@@ -657,9 +655,7 @@ pub(crate) async fn run(live: Arc<LivePolicy>, reach: Reach) {
                     }
                 }
                 (Some(c), Some(b)) => b.reconfigure(c, &policy.config.state_dir),
-                (Some(c), b @ None) => {
-                    *b = Some(Breaker::new(c.clone(), &policy.config.state_dir))
-                }
+                (Some(c), b @ None) => *b = Some(Breaker::new(c.clone(), &policy.config.state_dir)),
             }
             if let Some(b) = &mut breaker {
                 b.tick(&policy, &reach);

@@ -180,7 +180,10 @@ mod tests {
         let events = || -> Vec<Event> { outbox.take().0.into_iter().map(|(_, e)| e).collect() };
         sight.update(Ok(()), &config, &metrics, &outbox);
         let r = sight.record().unwrap();
-        assert!(r.readable && r.name == "journal" && r.error.is_empty(), "{r:?}");
+        assert!(
+            r.readable && r.name == "journal" && r.error.is_empty(),
+            "{r:?}"
+        );
         assert_eq!(events(), [], "readable at start is no news");
 
         sight.update(Err("no group".into()), &config, &metrics, &outbox);
