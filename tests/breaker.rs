@@ -1914,7 +1914,7 @@ fn check_tests_the_journal_as_the_service_user() {
     let units = dir.path().join("units");
     let dropin = units.join("dualroute.service.d");
     fs::create_dir_all(&dropin).unwrap();
-    let e = check_as(&config, "nobody", &[units.clone()]).unwrap_err();
+    let e = check_as(&config, "nobody", std::slice::from_ref(&units)).unwrap_err();
     assert!(
         e.contains("NOT readable as user nobody")
             && e.contains("mail.journal")
