@@ -39,6 +39,18 @@ pub struct BreakerConfig {
     pub deferrals: Option<u32>,
 }
 
+impl BreakerConfig {
+    /// The paths in the section (the log file, the journal directory),
+    /// which are relative to milter.yaml when written so.
+    pub fn paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        let file = match &mut self.maillog {
+            Maillog::File(p) => Some(p),
+            Maillog::Journal => None,
+        };
+        file.into_iter().chain(self.journal_directory.as_mut())
+    }
+}
+
 impl<'de> Deserialize<'de> for BreakerConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, |r: RawBreaker| {

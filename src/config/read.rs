@@ -63,13 +63,8 @@ pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
             }
         };
         fix(&mut config.state_dir);
-        if let Some(b) = &mut config.breaker {
-            if let crate::config::Maillog::File(p) = &mut b.maillog {
-                fix(p);
-            }
-            if let Some(p) = &mut b.journal_directory {
-                fix(p);
-            }
+        for p in config.breaker.iter_mut().flat_map(|b| b.paths_mut()) {
+            fix(p);
         }
         for d in config.domains.values_mut() {
             let destination_list = d.reject_unknown.iter_mut().flat_map(|r| &mut r.accounts);
