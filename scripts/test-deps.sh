@@ -122,6 +122,25 @@ else
     cargo install cargo-deb --locked
 fi
 
+# The breaker's journal tests (tests/breaker.rs, issue 25) write journal
+# files with systemd-journal-remote (from the journal export format) and
+# read them with journalctl (package systemd, installed above for
+# systemd-analyze). The package's systemd-journal-remote.socket is not
+# started (the policy-rc.d above), and the tests never use it.
+if [ -x /lib/systemd/systemd-journal-remote ] && command -v journalctl >/dev/null 2>&1; then
+    say "systemd-journal-remote and journalctl are installed; nothing to do"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        say "missing: systemd-journal-remote; run this script as root" >&2
+        exit 1
+    fi
+    say "missing: systemd-journal-remote; apt-get install -y systemd systemd-journal-remote"
+    forbid_starts
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd systemd-journal-remote
+    allow_starts
+fi
+
 # The cluster tests (tests/cluster.rs, issue 24) run private redis-server
 # instances on loopback ports of their own, without persistence
 # (tests/support/redis.rs); they never use the system instance or 6379.

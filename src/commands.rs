@@ -433,17 +433,20 @@ pub fn check(path: &Path) -> Result<ExitCode, String> {
     let policy = load(path)?;
     let c = &policy.config;
     let socket_notes = crate::socket::check(&c.listen).map_err(|e| e.to_string())?;
-    if let Some(b) = &c.breaker {
-        // The breaker follows this file; unreadable, it would never trip.
-        if let Err(e) = std::fs::File::open(&b.maillog) {
-            let at = crate::config::read::locate_in_file(path, &["breaker", "maillog"]);
-            return Err(format!(
-                "{at}breaker.maillog: {}: cannot read: {e}; point it at the file the MTA logs to (Postfix: `maillog_file` in main.cf, or rsyslog's mail.log) and make it readable by dualroute",
-                b.maillog.display()
-            ));
-        }
-    }
+    // The breaker's source, as the service user reads it: unreadable, the
+    // breaker would never trip (src/breaker/access.rs).
+    let breaker_note = match &c.breaker {
+        Some(b) => match crate::breaker::access::check(b) {
+            Ok(note) => Some(note),
+            Err(e) => {
+                let at = crate::config::read::locate_in_file(path, &["breaker", "maillog"]);
+                return Err(format!("{at}{e}"));
+            }
+        },
+        None => None,
+    };
     println!("{}: OK", path.display());
+    breaker_note.iter().for_each(|n| println!("{n}"));
     socket_notes.iter().for_each(|n| println!("NOTE: {n}"));
     println!(
         "listen {}, instance {}, relay suffix {}",

@@ -108,6 +108,12 @@ struct DomainLabels {
     domain: String,
 }
 
+/// The breaker's source: `journal` or the log file's path.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DomainKindLabels {
     domain: String,
@@ -152,6 +158,9 @@ pub struct Metrics {
     probes: Family<DomainResultLabels, Counter>,
     breaker_failures: Family<DomainKindLabels, Counter>,
     breaker_ignored: Family<DomainReasonLabels, Counter>,
+    /// Whether the breaker reads its source (issue 25); set by the breaker,
+    /// cleared when it stops.
+    breaker_source: Family<SourceLabels, Gauge>,
     callouts: Family<DomainResultLabels, Counter>,
     callout_cache_hits: Family<DomainLabels, Counter>,
     callout_accept_all: Family<DomainLabels, Gauge>,
@@ -236,6 +245,12 @@ impl Metrics {
             "callouts",
             "reject_unknown callouts at RCPT by domain and result: known, unknown (refused 550 5.1.1), unreachable (4xx, timeout, down), throttled (the destination's rate of new callouts reached), deadline (no answer in time; the callout goes on), listed and not_listed (answered by the destination's address list, reject_unknown.accounts: no callout); cached answers count in callout_cache_hits",
             callouts.clone(),
+        );
+        let breaker_source = Family::default();
+        registry.register(
+            "breaker_source_readable",
+            "1 while the bounce breaker reads its source (breaker.maillog: the journal or the log file); 0 while it cannot, and sees no bounce and trips nothing",
+            breaker_source.clone(),
         );
         let callout_cache_hits = Family::default();
         registry.register(
@@ -325,6 +340,7 @@ impl Metrics {
             probes,
             breaker_failures,
             breaker_ignored,
+            breaker_source,
             callouts,
             callout_cache_hits,
             callout_accept_all,
@@ -473,6 +489,25 @@ impl Metrics {
     /// The milter spent `busy` on one message.
     pub fn message_time(&self, busy: Duration) {
         self.milter_seconds.observe(busy.as_secs_f64());
+    }
+
+    /// The breaker stopped (a reload removed `breaker:`): no source.
+    pub fn breaker_source_gone(&self) {
+        self.breaker_source.clear();
+    }
+
+    /// Whether the breaker reads `source` (src/breaker/source.rs); the
+    /// one source of the moment, a previous one is forgotten.
+    pub fn breaker_source(&self, source: &str, readable: bool) {
+        let labels = SourceLabels {
+            source: source.to_owned(),
+        };
+        if self.breaker_source.get(&labels).is_none() {
+            self.breaker_source.clear();
+        }
+        self.breaker_source
+            .get_or_create(&labels)
+            .set(i64::from(readable));
     }
 
     /// The metrics in the OpenMetrics text format, with the state of

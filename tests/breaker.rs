@@ -927,6 +927,50 @@ async fn task_does_not_trip_on_unknown_addresses_but_on_a_refusing_destination()
     }
 }
 
+/// Issue 25: a breaker whose log is missing (Debian 12 without rsyslog
+/// has no /var/log/mail.log) or unreadable sees nothing and never trips.
+/// Before, it said so once at WARN and `status` and the metrics looked
+/// healthy; now `breaker-counts` records the source as not readable (for
+/// `status`'s ✘), the gauge says 0 and an ERROR is logged, until the log
+/// can be read.
+#[tokio::test]
+async fn task_shows_a_blind_breaker() {
+    let task = start_task("", false).await;
+    let source = || {
+        dualroute::state::StateDir::new(&task.state)
+            .breaker_counts()
+            .unwrap()
+            .and_then(|c| c.source)
+    };
+    let gauge = |v: u8| {
+        format!(
+            "dualroute_breaker_source_readable{{source=\"{}\"}} {v}",
+            task.log.display()
+        )
+    };
+    support::wait_until("the source to be recorded as not readable", || {
+        let s = source();
+        async move { s.filter(|s| !s.readable).map(|_| ()) }
+    })
+    .await;
+    let s = source().unwrap();
+    assert_eq!(s.name, task.log.display().to_string());
+    assert!(s.error.contains("does not exist"), "{s:?}");
+    let metrics = task.milter.metrics();
+    assert!(metrics.contains(&gauge(0)), "{metrics}");
+
+    // The log appears: read again, and shown so.
+    append(&task.log, "");
+    support::wait_until("the source to be recorded as readable", || {
+        let s = source();
+        async move { s.filter(|s| s.readable).map(|_| ()) }
+    })
+    .await;
+    let metrics = task.milter.metrics();
+    assert!(metrics.contains(&gauge(1)), "{metrics}");
+    assert!(source().unwrap().error.is_empty());
+}
+
 #[tokio::test]
 async fn task_follows_rotation_and_a_log_that_appears_later() {
     let task = start_task("", false).await;
@@ -1000,6 +1044,20 @@ struct Rig {
 }
 
 fn rig(prefix: &str, sink: &support::SmtpSink) -> Rig {
+    rig_with(prefix, sink, |pf| {
+        format!(
+            "{{ maillog: {}, threshold: 3, window: 1h }}",
+            pf.maillog_path().display()
+        )
+    })
+}
+
+/// [`rig`] with the `breaker:` that `breaker` writes for the Postfix.
+fn rig_with(
+    prefix: &str,
+    sink: &support::SmtpSink,
+    breaker: impl FnOnce(&support::Postfix) -> String,
+) -> Rig {
     let tmp = tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()
@@ -1027,14 +1085,7 @@ domains:
     let opts = postfix_config(&config, &dir.join("postfix-config")).apply_to(opts);
     let pf = support::Postfix::start(opts);
     // Only now is the maillog's path known.
-    fs::write(
-        &config,
-        format!(
-            "{domains}breaker: {{ maillog: {}, threshold: 3, window: 1h }}\n",
-            pf.maillog_path().display()
-        ),
-    )
-    .unwrap();
+    fs::write(&config, format!("{domains}breaker: {}\n", breaker(&pf))).unwrap();
     let milter = MilterProcess::start(&config, &milter_port, &dir.join("milter.log"));
     wait_following(&milter);
     Rig {
@@ -1519,4 +1570,481 @@ domains:
     if support::keep_tmp() {
         eprintln!("DUALROUTE_KEEP_TMP: kept {}", tmp.keep().display());
     }
+}
+
+// ---------------------------------------------------------------------
+// The journal (`maillog: journal`, issue 25).
+// ---------------------------------------------------------------------
+
+/// systemd-journal-remote, which writes journal files from the journal
+/// export format (package systemd-journal-remote, scripts/test-deps.sh).
+const JOURNAL_REMOTE: &str = "/lib/systemd/systemd-journal-remote";
+
+/// One journal entry: identifier, pid, MESSAGE, facility, and how long
+/// ago it was logged.
+struct JournalEntry {
+    ident: String,
+    pid: String,
+    message: String,
+    facility: u8,
+    ago: Duration,
+}
+
+impl JournalEntry {
+    /// A syslog line as the MTA wrote it (`… ident[pid]: message`), as
+    /// journald would have stored it had the MTA logged to /dev/log: the
+    /// mail facility, logged now.
+    fn from_syslog(line: &str) -> JournalEntry {
+        let at = line
+            .find("]: ")
+            .unwrap_or_else(|| panic!("not a syslog line: {line}"));
+        let tag = &line[..at];
+        let tag = &tag[tag.rfind(' ').map_or(0, |i| i + 1)..];
+        let (ident, pid) = tag.split_once('[').expect("ident[pid]");
+        JournalEntry {
+            ident: ident.to_owned(),
+            pid: pid.to_owned(),
+            message: line[at + 3..].to_owned(),
+            facility: 2,
+            ago: Duration::ZERO,
+        }
+    }
+}
+
+/// Appends `entries` to the journal file `DIR/mail.journal`, as journald
+/// would have written them: the export format piped to
+/// systemd-journal-remote. The boot id is this boot's, as in a real
+/// journal (journalctl --follow reads the current boot).
+fn journal_write(dir: &Path, entries: &[JournalEntry]) {
+    assert!(
+        Path::new(JOURNAL_REMOTE).exists(),
+        "{JOURNAL_REMOTE} is missing: install the package systemd-journal-remote (scripts/test-deps.sh)"
+    );
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .replace('-', "");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let mut export = String::new();
+    for e in entries {
+        let at = now.saturating_sub(e.ago).as_micros();
+        export += &format!(
+            "__REALTIME_TIMESTAMP={at}\n_BOOT_ID={boot}\nSYSLOG_FACILITY={}\nSYSLOG_IDENTIFIER={}\n_PID={}\nMESSAGE={}\n\n",
+            e.facility, e.ident, e.pid, e.message
+        );
+    }
+    let mut child = std::process::Command::new(JOURNAL_REMOTE)
+        .arg(format!("--output={}", dir.join("mail.journal").display()))
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(export.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{JOURNAL_REMOTE}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The breaker tripping from the journal on a Postfix that logs only
+/// there. A private journald is not needed: the private Postfix writes its
+/// real delivery lines to its own maillog_file, and the test is the
+/// syslog transport, storing each as journald stores a syslog message
+/// (MESSAGE, SYSLOG_IDENTIFIER, _PID, SYSLOG_FACILITY=2, the time) in a
+/// journal file with systemd-journal-remote; the milter reads nothing but
+/// that journal (`maillog: journal, journal_directory: DIR`), through the
+/// real journalctl. Then: counted one by one, resumed from its cursor
+/// after a restart (an entry logged while it was down counts, the ones
+/// before do not count again, one older than the window and one of
+/// another facility not at all), tripped at 3, 451 at RCPT.
+#[test]
+fn postfix_bounces_trip_the_breaker_from_the_journal() {
+    let sink = support::SmtpSink::start_refusing_relay();
+    let journal = tempfile::tempdir().unwrap();
+    // journalctl needs a journal file to follow: one unrelated entry.
+    journal_write(
+        journal.path(),
+        &[JournalEntry {
+            ident: "kernel".into(),
+            pid: "1".into(),
+            message: "booted".into(),
+            facility: 0,
+            ago: Duration::ZERO,
+        }],
+    );
+    let jdir = journal.path().to_owned();
+    let Rig {
+        tmp,
+        config,
+        state,
+        pf,
+        mut milter,
+    } = rig_with("dualroute-breaker-journal-", &sink, |_| {
+        format!(
+            "{{ maillog: journal, journal_directory: {}, threshold: 3, window: 1h }}",
+            jdir.display()
+        )
+    });
+    let client = support::SmtpClient::new(pf.smtp_addr()).bind(support::OUTSIDE_IP);
+    let diag = |milter: &MilterProcess| {
+        format!(
+            "{}\n--- milter log ---\n{}\n--- status ---\n{}",
+            pf.diagnostics(),
+            milter.log(),
+            dualroute(&config, &["status"]).1
+        )
+    };
+    // Sends to `rcpt`, waits for its bounce in Postfix's log, and returns
+    // that line as a journal entry.
+    let bounce_of = |milter: &MilterProcess, rcpt: &str| -> JournalEntry {
+        let t = client.send(SENDER, &[rcpt], &message(rcpt));
+        assert!(t.accepted(), "{t}\n{}", diag(milter));
+        pf.wait_queue_empty();
+        let routed = rcpt.replace("@example.com", "@example.com.dualroute.invalid");
+        let d = support::poll(|| {
+            pf.deliveries()
+                .into_iter()
+                .find(|d| d.to == routed && d.status == "bounced")
+        })
+        .unwrap_or_else(|| panic!("no bounce of {routed}\n{}", diag(milter)));
+        JournalEntry::from_syslog(&d.line)
+    };
+    let counted = |milter: &MilterProcess, n: u32| {
+        milter
+            .log()
+            .matches(&format!("({n} of 3 within 1h"))
+            .count()
+    };
+    let wait_for = |milter: &MilterProcess, what: &str, probe: &dyn Fn() -> bool| {
+        if support::poll(|| probe().then_some(())).is_none() {
+            panic!("timed out waiting for {what}\n{}", diag(milter));
+        }
+    };
+
+    // The breaker reads the journal, and says so.
+    wait_for(&milter, "journalctl to run", &|| {
+        milter.log().contains("following the journal in")
+    });
+    let source = || {
+        dualroute::state::StateDir::new(&state)
+            .breaker_counts()
+            .unwrap()
+            .and_then(|c| c.source)
+    };
+    wait_for(&milter, "the source recorded as readable", &|| {
+        source().is_some_and(|s| s.readable && s.name == "journal")
+    });
+
+    // 1. Two bounces, logged to the journal: counted one by one.
+    let zed1 = bounce_of(&milter, "zed1@example.com");
+    assert!(zed1.ident.ends_with("/smtp"), "{}", zed1.ident);
+    journal_write(&jdir, &[zed1]);
+    wait_for(&milter, "zed1 counted", &|| counted(&milter, 1) == 1);
+    // zed1's cursor (the first entry of the mail facility), kept once it
+    // is counted.
+    let cursor = state.join("breaker-journal-cursor");
+    wait_for(&milter, "the cursor saved", &|| cursor.exists());
+    let first = fs::read_to_string(&cursor).unwrap();
+    let zed2 = bounce_of(&milter, "zed2@example.com");
+    // zed3 bounces now and reaches the journal while the milter is down.
+    let zed3 = bounce_of(&milter, "zed3@example.com");
+    journal_write(&jdir, &[zed2]);
+    wait_for(&milter, "zed2 counted", &|| counted(&milter, 2) == 1);
+    wait_for(&milter, "zed2's cursor saved", &|| {
+        fs::read_to_string(&cursor).is_ok_and(|c| c != first)
+    });
+
+    // 2. Stopped; meanwhile zed3's bounce, one older than the window and
+    // one of another facility are logged.
+    milter.kill();
+    let mut old = JournalEntry::from_syslog(&zed3_line(&zed3, "zedold"));
+    old.ago = Duration::from_secs(2 * 3600);
+    let mut daemon = JournalEntry::from_syslog(&zed3_line(&zed3, "zeddaemon"));
+    daemon.facility = 3;
+    journal_write(&jdir, &[old, daemon, zed3]);
+    milter.spawn();
+    // Resumed from the cursor: zed3 is the first count after the restart
+    // (from the start, zed1 and zed2 would count again and trip; from the
+    // end, zed3 would not count).
+    wait_for(&milter, "zed3 counted after the restart", &|| {
+        milter
+            .log()
+            .lines()
+            .any(|l| l.contains("zed3@") && l.contains("(1 of 3 within 1h"))
+    });
+    std::thread::sleep(dualroute::breaker::POLL * 4);
+    assert_eq!(counted(&milter, 2), 1, "counted twice\n{}", diag(&milter));
+    let log = milter.log();
+    assert!(
+        !log.contains("zedold@"),
+        "an entry older than the window counted\n{log}"
+    );
+    assert!(
+        !log.contains("zeddaemon@"),
+        "another facility counted\n{log}"
+    );
+    assert!(
+        !state.join("example.com.tripped").exists(),
+        "{}",
+        diag(&milter)
+    );
+
+    // 3. Two more: tripped, and routing is off (451 at RCPT).
+    let zed4 = bounce_of(&milter, "zed4@example.com");
+    let zed5 = bounce_of(&milter, "zed5@example.com");
+    journal_write(&jdir, &[zed4, zed5]);
+    wait_for(&milter, "the trip", &|| {
+        milter.log().contains("bounce breaker tripped")
+    });
+    let trip = fs::read_to_string(state.join("example.com.tripped")).unwrap();
+    assert!(trip.contains("bounces: 3"), "{trip}");
+    let st = dualroute(&config, &["status"]).1;
+    assert!(st.contains("TRIPPED by the bounce breaker"), "{st}");
+    let t = client.send(SENDER, &["zed6@example.com"], &message("tripped"));
+    let reply = t.rcpt("zed6@example.com");
+    assert_eq!(
+        (reply.code, reply.enhanced()),
+        (451, Some("4.4.4")),
+        "{t}\n{}",
+        diag(&milter)
+    );
+    drop(milter);
+    drop(pf);
+    if support::keep_tmp() {
+        eprintln!("DUALROUTE_KEEP_TMP: kept {}", tmp.keep().display());
+    }
+}
+
+/// zed3's bounce line, for another recipient.
+fn zed3_line(zed3: &JournalEntry, local: &str) -> String {
+    format!(
+        "mx {}[{}]: {}",
+        zed3.ident,
+        zed3.pid,
+        zed3.message.replace("zed3@", &format!("{local}@"))
+    )
+}
+
+/// A journal the breaker cannot read is shown as not readable: here a
+/// journal directory that does not exist (the milter runs as root in
+/// the tests; permissions are tested as another user below).
+#[tokio::test]
+async fn task_shows_an_unreadable_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let missing = dir.path().join("no-journal");
+    let yaml = format!(
+        "state_dir: {}\ndomains:{TASK_DOMAINS}breaker: {{ maillog: journal, journal_directory: {}, threshold: 3 }}\n",
+        state.display(),
+        missing.display()
+    );
+    let milter = support::protocol::Milter::serve(support::protocol::start(&yaml)).await;
+    let source = || {
+        dualroute::state::StateDir::new(&state)
+            .breaker_counts()
+            .unwrap()
+            .and_then(|c| c.source)
+    };
+    support::wait_until("the journal recorded as not readable", || {
+        let s = source();
+        async move { s.filter(|s| !s.readable).map(|_| ()) }
+    })
+    .await;
+    let s = source().unwrap();
+    assert_eq!(s.name, "journal");
+    assert!(s.error.contains("no-journal"), "{s:?}");
+    let m = milter.metrics();
+    assert!(
+        m.contains("dualroute_breaker_source_readable{source=\"journal\"} 0"),
+        "{m}"
+    );
+}
+
+/// `check`'s test of the source runs as the service user with its groups
+/// and the unit's SupplementaryGroups (src/breaker/access.rs): a journal
+/// file of group systemd-journal, mode 0640, is not readable by `nobody`,
+/// and is with `SupplementaryGroups=systemd-journal` in a drop-in. Needs
+/// root (setpriv).
+#[test]
+fn check_tests_the_journal_as_the_service_user() {
+    use dualroute::breaker::access::check_as;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let jdir = dir.path().join("journal");
+    fs::create_dir(&jdir).unwrap();
+    journal_write(
+        &jdir,
+        &[JournalEntry::from_syslog(&format!(
+            "mx postfix/smtp[1]: {}",
+            "x"
+        ))],
+    );
+    let file = jdir.join("mail.journal");
+    let chgrp = std::process::Command::new("chgrp")
+        .args(["systemd-journal"])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(
+        chgrp.success(),
+        "no group systemd-journal (package systemd)"
+    );
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
+    let config = dualroute::config::parse(
+        &format!(
+            "domains: {{}}\nbreaker: {{ maillog: journal, journal_directory: {} }}\n",
+            jdir.display()
+        ),
+        "milter.yaml",
+    )
+    .unwrap()
+    .breaker
+    .unwrap();
+    let units = dir.path().join("units");
+    let dropin = units.join("dualroute.service.d");
+    fs::create_dir_all(&dropin).unwrap();
+    let e = check_as(&config, "nobody", std::slice::from_ref(&units)).unwrap_err();
+    assert!(
+        e.contains("NOT readable as user nobody")
+            && e.contains("mail.journal")
+            && e.contains("SupplementaryGroups")
+            && e.contains("systemd-journal"),
+        "{e}"
+    );
+    fs::write(
+        dropin.join("override.conf"),
+        "[Service]\nSupplementaryGroups=systemd-journal\n",
+    )
+    .unwrap();
+    let ok = check_as(&config, "nobody", &[units]).unwrap();
+    assert!(
+        ok.contains("readable as user nobody") && ok.contains("systemd-journal from the unit"),
+        "{ok}"
+    );
+}
+
+/// The cost of the journal path against the file path (BENCHMARKS.md,
+/// "Issue 25: breaker from the journal"): N Postfix bounce lines, as a
+/// file read and parsed, and as journal entries that journalctl writes as
+/// JSON and the breaker turns back into lines and parses. Prints CPU
+/// seconds; not a pass/fail test:
+///
+///     cargo test --release --test breaker journal_cost -- --ignored --nocapture
+#[test]
+#[ignore]
+fn journal_cost() {
+    const N: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let line = |i: usize| POSTFIX_RELAY_DENIED.replace("zed@", &format!("zed{i}@"));
+    // The file path: read and parse.
+    let file = dir.path().join("mail.log");
+    let text: String = (0..N).map(|i| line(i) + "\n").collect();
+    fs::write(&file, "").unwrap();
+    let mut f = Follower::at_end(&file);
+    append(&file, &text);
+    let t = Instant::now();
+    let mut read = 0;
+    let mut failures = 0;
+    while read < N {
+        let lines = f.poll();
+        if lines.is_empty() {
+            break;
+        }
+        read += lines.len();
+        failures += lines.iter().filter_map(|l| parse_line(l)).count();
+    }
+    let file_secs = t.elapsed().as_secs_f64();
+    assert_eq!(failures, N);
+    // The journal path: journalctl's JSON (its own CPU measured by
+    // time(1)), then entry() and parse_line.
+    let jdir = dir.path().join("journal");
+    fs::create_dir(&jdir).unwrap();
+    let entries: Vec<JournalEntry> = (0..N)
+        .map(|i| JournalEntry::from_syslog(&line(i)))
+        .collect();
+    journal_write(&jdir, &entries);
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%U %S", "journalctl", "--directory"])
+        .arg(&jdir)
+        .args(["--output=json", "--no-pager", "SYSLOG_FACILITY=2"])
+        .output()
+        .unwrap();
+    let times = String::from_utf8_lossy(&out.stderr);
+    let jctl: f64 = times
+        .split_whitespace()
+        .filter_map(|t| t.parse::<f64>().ok())
+        .sum();
+    let t = Instant::now();
+    let now = std::time::SystemTime::now();
+    let mut failures = 0;
+    for json in out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        if let Some((Some(e), _)) = dualroute::breaker::journal::entry(json, now) {
+            failures += usize::from(parse_line(&e.line).is_some());
+        }
+    }
+    let ours = t.elapsed().as_secs_f64();
+    assert_eq!(failures, N);
+    let us = |s: f64| s * 1e6 / N as f64;
+    println!(
+        "{N} bounce lines\nfile:    {file_secs:.3} s ({:.2} µs/line) read and parsed\njournal: {jctl:.3} s journalctl (user+sys, {:.2} µs/entry) + {ours:.3} s JSON to line and parsed ({:.2} µs/entry); JSON {} bytes, file {} bytes",
+        us(file_secs),
+        us(jctl),
+        us(ours),
+        out.stdout.len(),
+        text.len()
+    );
+}
+
+/// `maillog: journal` is the keyword, anything else a path (relative to
+/// milter.yaml); an empty value and a `journal_directory` beside a log
+/// file are errors at their file:line.
+#[test]
+fn maillog_is_the_journal_or_a_path() {
+    use dualroute::config::{parse, Maillog};
+    let breaker = |yaml: &str| parse(&format!("domains: {{}}\n{yaml}"), "milter.yaml");
+    let b = breaker("breaker:\n  maillog: journal\n  journal_directory: /j\n")
+        .unwrap()
+        .breaker
+        .unwrap();
+    assert_eq!(b.maillog, Maillog::Journal);
+    assert_eq!(b.journal_directory, Some(PathBuf::from("/j")));
+    let b = breaker("breaker: { maillog: /var/log/mail.log }\n")
+        .unwrap()
+        .breaker
+        .unwrap();
+    assert_eq!(b.maillog, Maillog::File("/var/log/mail.log".into()));
+    let e = breaker("breaker:\n  maillog: \"\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("milter.yaml:3:") && e.contains("write `journal`"),
+        "{e}"
+    );
+    let e = breaker("breaker:\n  maillog: /var/log/mail.log\n  journal_directory: /j\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("milter.yaml:3:") && e.contains("with `maillog: journal` only"),
+        "{e}"
+    );
+    // Relative to the configuration file, as before.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("milter.yaml");
+    fs::write(&path, "domains: {}\nbreaker: { maillog: mail.log }\n").unwrap();
+    let c = dualroute::config::read_file(&path).unwrap();
+    assert_eq!(
+        c.breaker.unwrap().maillog,
+        Maillog::File(dir.path().join("mail.log"))
+    );
 }

@@ -372,6 +372,7 @@ fn rollout_md_names_the_metrics_the_endpoint_serves() {
     m.probe("example.com", true);
     m.breaker_failure("example.com", "bounce");
     m.breaker_ignored("example.com", "user_unknown");
+    m.breaker_source("journal", true);
     m.message_time(std::time::Duration::from_millis(1));
     // A callout and a cached answer (issue 23): callouts, cache hits and
     // the accept-all gauge.

@@ -128,6 +128,17 @@ impl Follower {
         &self.path
     }
 
+    /// Why the file is not being read, while it is not (missing or
+    /// unreadable); a rotated-away file still read while its successor
+    /// is awaited counts as read.
+    pub fn error(&self) -> Option<String> {
+        match (&self.current, &self.problem) {
+            (Some(_), _) => None,
+            (None, Some(p)) => Some(p.clone()),
+            (None, None) => Some(format!("{} is not open", self.path.display())),
+        }
+    }
+
     /// The lines completed since the last call (or since the start), in
     /// the order they were written.
     pub fn poll(&mut self) -> Vec<String> {

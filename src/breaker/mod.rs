@@ -61,14 +61,27 @@
 //! only counted, logged and shown by `dualroute status`. The counts are
 //! written to `state_dir` (`breaker-counts`) for `status`.
 //!
+//! With `maillog: journal` the lines come from the systemd journal's mail
+//! facility instead ([`journal`]), rebuilt as syslog lines for the same
+//! parser and resumed from the last entry read after a restart. A breaker
+//! that cannot read its source is shown as such ([`source`], issue 25):
+//! in `breaker-counts` for `dualroute status`, in a metric, in an ERROR
+//! once a minute and by mail.
+//!
 //! The parts: [`maillog`] reads lines and attributes addresses, [`follow`]
-//! follows the file, this module counts and trips.
+//! follows the file, [`journal`] the journal, [`source`] chooses and
+//! watches whether it is read, [`access`] is `dualroute check`'s test of
+//! it as the service user; this module counts and trips.
 
+pub mod access;
 mod follow;
+pub mod journal;
 mod maillog;
+mod source;
 
 pub use follow::Follower;
 pub use maillog::{parse_line, Attribution, Expected, Failure, FailureKind};
+pub use source::{Source, NAG};
 
 use crate::cluster::fleet::{Counted, FleetFailures};
 use crate::config::{human, BreakerConfig};
@@ -193,7 +206,9 @@ pub(crate) struct Reach {
 /// The breaker's state between polls.
 struct Breaker {
     config: BreakerConfig,
-    follower: Follower,
+    source: Source,
+    /// Whether `source` is read (issue 25: a blind breaker is shown).
+    sight: source::Sight,
     /// The attribution and the policy it was built from.
     attribution: Option<(Arc<Policy>, Attribution)>,
     windows: HashMap<String, Counts>,
@@ -201,25 +216,33 @@ struct Breaker {
     /// the window: the MTA logs them again at every retry.
     seen: HashMap<(FailureKind, String, String), Instant>,
     /// What was last written to `breaker-counts`.
-    written: Option<(u64, std::collections::BTreeMap<String, FailureCounts>)>,
+    written: Option<Written>,
 }
 
+/// The window, the counts and the source's state last written.
+type Written = (
+    u64,
+    std::collections::BTreeMap<String, FailureCounts>,
+    Option<state::BreakerSource>,
+);
+
 impl Breaker {
-    fn new(config: BreakerConfig) -> Breaker {
+    fn new(config: BreakerConfig, state_dir: &std::path::Path) -> Breaker {
         let deferrals = match config.deferrals {
             Some(n) => format!("at {n} deferrals"),
             None => "deferrals counted, not a trip (no `deferrals:`)".into(),
         };
         tracing::info!(
             "bounce breaker: following {} (trips at {} permanent failures of routed mail within {}; {deferrals})",
-            config.maillog.display(),
+            config.maillog,
             config.threshold,
             human(config.window.0)
         );
-        let follower = Follower::at_end(&config.maillog);
+        let source = Source::new(&config, state_dir);
         Breaker {
+            sight: source::Sight::new(&config),
             config,
-            follower,
+            source,
             attribution: None,
             windows: HashMap::new(),
             seen: HashMap::new(),
@@ -229,12 +252,15 @@ impl Breaker {
 
     /// Takes the configuration of a reload: a new `maillog` is followed
     /// from its end; new limits apply to the counts so far.
-    fn reconfigure(&mut self, config: &BreakerConfig) {
-        if config.maillog != self.config.maillog {
-            *self = Breaker::new(config.clone());
+    fn reconfigure(&mut self, config: &BreakerConfig, state_dir: &std::path::Path) {
+        if config.maillog != self.config.maillog
+            || config.journal_directory != self.config.journal_directory
+        {
+            *self = Breaker::new(config.clone(), state_dir);
             return;
         }
         if *config != self.config {
+            self.source.reconfigure(config);
             let (bounces, deferrals) = limits(config);
             for c in self.windows.values_mut() {
                 c.bounces.set_limits(bounces, config.window.0);
@@ -255,14 +281,23 @@ impl Breaker {
     }
 
     fn tick(&mut self, policy: &Arc<Policy>, reach: &Reach) {
-        let lines = self.follower.poll();
-        let failures: Vec<Failure> = lines.iter().filter_map(|l| parse_line(l)).collect();
-        let dir = StateDir::new(&policy.config.state_dir);
+        let lines = self.source.poll();
+        let health = self.source.health();
+        self.sight
+            .update(health, &policy.config, &reach.metrics, &reach.outbox);
+        // Each failure with when it was logged: a journal entry read after
+        // a restart leaves the window when its time is up, not an hour
+        // after it was read.
         let now = Instant::now();
+        let failures: Vec<(Failure, Instant)> = lines
+            .iter()
+            .filter_map(|(l, age)| parse_line(l).map(|f| (f, now.checked_sub(*age).unwrap_or(now))))
+            .collect();
+        let dir = StateDir::new(&policy.config.state_dir);
         let span = self.config.window.0;
         self.seen
             .retain(|_, at| now.saturating_duration_since(*at) < span);
-        for f in &failures {
+        for (f, at) in &failures {
             // (domain, why a "no such mailbox" counts) to count.
             let mut owners: Vec<(String, Option<Expected>)> = Vec::new();
             // (domain, recipient) of "no such mailbox" answers not counted.
@@ -304,9 +339,10 @@ impl Breaker {
                 not_counted(policy, reach, &domain, rcpt, f);
             }
             for (domain, why) in owners {
-                self.count(policy, reach, &domain, f, why, now);
+                self.count(policy, reach, &domain, f, why, *at);
             }
         }
+        self.source.commit();
         self.fleet_check(policy, reach, now);
         self.record_counts(&dir, now);
     }
@@ -368,7 +404,9 @@ impl Breaker {
             }
         }
         let window_secs = self.config.window.0.as_secs();
-        if self.written.as_ref() == Some(&(window_secs, domains.clone())) {
+        let source = self.sight.record();
+        let now_written = (window_secs, domains.clone(), source.clone());
+        if self.written.as_ref() == Some(&now_written) {
             return;
         }
         // The metrics count each failure as it is read (`count`); the
@@ -376,11 +414,11 @@ impl Breaker {
         let counts = BreakerCounts {
             at: state::now(),
             window_secs,
-            domains: domains.clone(),
-            source: None,
+            domains,
+            source,
         };
         match dir.write_breaker_counts(&counts) {
-            Ok(()) => self.written = Some((window_secs, domains)),
+            Ok(()) => self.written = Some(now_written),
             Err(e) => tracing::warn!(
                 "bounce breaker: cannot record its counts for `dualroute status` in {}: {e}",
                 dir.dir.display()
@@ -610,13 +648,14 @@ pub(crate) async fn run(live: Arc<LivePolicy>, reach: Reach) {
             match (&policy.config.breaker, &mut breaker) {
                 (None, b) => {
                     if b.take().is_some() {
+                        reach.metrics.breaker_source_gone();
                         tracing::info!(
                             "bounce breaker: no `breaker:` in the configuration any more; stopped"
                         );
                     }
                 }
-                (Some(c), Some(b)) => b.reconfigure(c),
-                (Some(c), b @ None) => *b = Some(Breaker::new(c.clone())),
+                (Some(c), Some(b)) => b.reconfigure(c, &policy.config.state_dir),
+                (Some(c), b @ None) => *b = Some(Breaker::new(c.clone(), &policy.config.state_dir)),
             }
             if let Some(b) = &mut breaker {
                 b.tick(&policy, &reach);

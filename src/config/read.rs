@@ -81,8 +81,8 @@ pub fn read_file_digest(path: &Path) -> Result<(Config, String), ConfigError> {
             }
         };
         fix(&mut config.state_dir);
-        if let Some(b) = &mut config.breaker {
-            fix(&mut b.maillog);
+        for p in config.breaker.iter_mut().flat_map(|b| b.paths_mut()) {
+            fix(p);
         }
         for d in config.domains.values_mut() {
             let destination_list = d.reject_unknown.iter_mut().flat_map(|r| &mut r.accounts);

@@ -29,6 +29,11 @@ pub enum Event {
     ClusterUnreachable { redis: String, error: String },
     /// This node reaches the fleet's Redis again.
     ClusterBack { redis: String, since: u64 },
+    /// The breaker cannot read its source (`breaker.maillog`): it sees no
+    /// bounce and trips no domain (issue 25).
+    BreakerBlind { source: String, error: String },
+    /// The breaker reads its source again.
+    BreakerSees { source: String, blind_since: u64 },
 }
 
 impl Event {
@@ -81,6 +86,10 @@ impl Event {
                     .to_owned()
             }
             Event::ClusterBack { .. } => "the fleet's Redis is reachable again".to_owned(),
+            Event::BreakerBlind { .. } => {
+                "the bounce breaker cannot read the mail log: it cannot trip".to_owned()
+            }
+            Event::BreakerSees { .. } => "the bounce breaker reads the mail log again".to_owned(),
         }
     }
 
@@ -133,6 +142,13 @@ impl Event {
             Event::ClusterBack { redis, since } => format!(
                 "This node reaches the fleet's Redis ({redis}) again, after being cut off since {}; it has pushed its changes and taken the fleet's. `dualroute status` shows the fleet.\n",
                 state::when(*since)
+            ),
+            Event::BreakerBlind { source, error } => format!(
+                "The bounce breaker cannot read {source}: {error}\n\nWhile it cannot, it sees no delivery failure: a destination that refuses routed mail keeps turning it into bounces to outside senders, and routing is never switched off. Mail flow is not otherwise affected.\n\nGive the service read access (maillog: journal needs the systemd-journal group, a file such as /var/log/mail.log the adm group: SupplementaryGroups= with `systemctl edit dualroute`, then `systemctl restart dualroute`), or point breaker.maillog at what the MTA writes. `dualroute check` tests the access as the service user; `dualroute status` shows the breaker until it reads again.\n"
+            ),
+            Event::BreakerSees { source, blind_since } => format!(
+                "The bounce breaker reads {source} again, after being unable to since {}. Delivery failures logged meanwhile may not have been counted.\n",
+                state::when(*blind_since)
             ),
         }
     }

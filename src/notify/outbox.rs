@@ -51,7 +51,7 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    pub(super) fn take(&self) -> (Vec<(u64, Event)>, usize) {
+    pub(crate) fn take(&self) -> (Vec<(u64, Event)>, usize) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let dropped = std::mem::take(&mut p.dropped);
         (p.events.drain(..).collect(), dropped)
