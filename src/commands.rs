@@ -299,7 +299,11 @@ pub fn switch(path: &Path, domain: &str, disable: Option<&str>) -> Result<ExitCo
 /// What the callout cache of `name` in `state_dir` says (answers, and
 /// whether the destination accepts any address: then the callout protects
 /// nothing, DESIGN.md §10).
-pub(crate) fn callout_line(state_dir: &Path, name: &str, d: &crate::config::DomainConfig) -> String {
+pub(crate) fn callout_line(
+    state_dir: &Path,
+    name: &str,
+    d: &crate::config::DomainConfig,
+) -> String {
     match crate::callout::summary(state_dir, name, d) {
         Ok(Some(s)) => s.line(),
         Ok(None) => {

@@ -151,7 +151,9 @@ pub fn liveness(running: &Running, now: u64) -> Liveness {
     let alive = match std::fs::read_to_string(proc.join("stat")) {
         Ok(stat) => match stat_fields(&stat) {
             Some((state, start)) => {
-                state != "Z" && state != "X" && (running.proc_start == 0 || start == running.proc_start)
+                state != "Z"
+                    && state != "X"
+                    && (running.proc_start == 0 || start == running.proc_start)
             }
             None => true,
         },

@@ -160,13 +160,13 @@ pub fn report(path: &Path) -> Result<Report, String> {
         let report = match crate::cluster::read_status(&config.state_dir) {
             Ok(x) => x,
             Err(e) => {
-                r.lines
-                    .push(format!("cluster: cannot read the running node's report: {e}"));
+                r.lines.push(format!(
+                    "cluster: cannot read the running node's report: {e}"
+                ));
                 None
             }
         };
-        let (lines, ok) =
-            crate::cluster::status::lines(cluster, report.as_ref(), state::now());
+        let (lines, ok) = crate::cluster::status::lines(cluster, report.as_ref(), state::now());
         if !ok {
             r.problems.push("cluster: see its lines".into());
             r.raise(1);
@@ -524,7 +524,7 @@ fn breaker_source(r: &mut Report, counts: &state::BreakerCounts, running: bool) 
         ));
     } else {
         r.problem(2, format!(
-            "breaker: ✘ BLIND: cannot read {} since {}: {}; it counts nothing and never trips (grant the service user read access: README \"Bounce breaker\")",
+            "breaker: ✘ BLIND: cannot read {} since {}: {}; it counts nothing and never trips: let the service user read it (group systemd-journal for the journal, adm for /var/log/mail.log; `systemctl edit dualroute`, SupplementaryGroups=), then `dualroute check` tests it as that user",
             src.name,
             when(src.since),
             src.error

@@ -43,7 +43,9 @@ fn status(path: &Path) -> (bool, String) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut lines: Vec<&str> = stdout.lines().collect();
     assert!(
-        lines.first().is_some_and(|l| l.starts_with("milter: running, pid ")),
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("milter: running, pid ")),
         "{stdout}"
     );
     assert!(

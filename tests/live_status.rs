@@ -72,7 +72,11 @@ fn status_shows_what_runs_after_an_unloaded_edit_a_refused_reload_and_a_kill() {
     );
     let v = json(&config);
     assert_eq!(v["milter"]["state"], "running", "{v}");
-    assert_eq!(v["milter"]["pid"].as_u64(), Some(u64::from(milter.pid())), "{v}");
+    assert_eq!(
+        v["milter"]["pid"].as_u64(),
+        Some(u64::from(milter.pid())),
+        "{v}"
+    );
     assert_eq!(v["domains"][0]["shadow"], true, "{v}");
     assert_eq!(v["domains"][0]["routing"], true, "{v}");
 
@@ -85,13 +89,18 @@ fn status_shows_what_runs_after_an_unloaded_edit_a_refused_reload_and_a_kill() {
         out.contains("milter.yaml changed since the running milter loaded it"),
         "{out}"
     );
-    assert!(out.contains(&format!("kill -HUP {}", milter.pid())), "{out}");
+    assert!(
+        out.contains(&format!("kill -HUP {}", milter.pid())),
+        "{out}"
+    );
     assert!(
         out.contains("example.com: mode route: SHADOW (decisions"),
         "what runs is shown, not the file: {out}"
     );
     assert!(
-        out.contains("  NOT LOADED: shadow: milter.yaml says false, the running milter has true: reload"),
+        out.contains(
+            "  NOT LOADED: shadow: milter.yaml says false, the running milter has true: reload"
+        ),
         "{out}"
     );
     let v = json(&config);
@@ -103,7 +112,10 @@ fn status_shows_what_runs_after_an_unloaded_edit_a_refused_reload_and_a_kill() {
     let out = status_until(&config, "the reloaded configuration", |code, out| {
         code == 0 && out.contains("example.com: mode route: active")
     });
-    assert!(!out.contains("SHADOW") && !out.contains("changed since"), "{out}");
+    assert!(
+        !out.contains("SHADOW") && !out.contains("changed since"),
+        "{out}"
+    );
 
     // A reload the milter refuses (the file no longer loads): status still
     // shows the running milter, the error with its line, and exit 1.
@@ -119,14 +131,20 @@ fn status_shows_what_runs_after_an_unloaded_edit_a_refused_reload_and_a_kill() {
         code == 1 && out.contains("RELOAD REFUSED since")
     });
     assert!(out.contains("milter: running, pid "), "{out}");
-    assert!(out.contains("milter.yaml:"), "the file and line of the error: {out}");
+    assert!(
+        out.contains("milter.yaml:"),
+        "the file and line of the error: {out}"
+    );
     assert!(out.contains("does not load"), "{out}");
 
     // Killed: its record stays behind, its process is gone: exit 2.
     milter.kill();
     let (code, out) = dualroute(&config, &["status"]);
     assert_eq!(code.code(), Some(2), "{out}");
-    assert!(out.contains("milter: NOT RUNNING: the last milter (pid "), "{out}");
+    assert!(
+        out.contains("milter: NOT RUNNING: the last milter (pid "),
+        "{out}"
+    );
 }
 
 #[test]
@@ -136,7 +154,10 @@ fn a_stopped_milter_removes_its_record_and_status_exits_2() {
     let config = write_config(dir.path(), port.number(), false);
     let (code, out) = dualroute(&config, &["status"]);
     assert_eq!(code.code(), Some(2), "no milter has run: {out}");
-    assert!(out.contains("milter: NOT RUNNING: no running milter has published"), "{out}");
+    assert!(
+        out.contains("milter: NOT RUNNING: no running milter has published"),
+        "{out}"
+    );
     assert!(out.contains("status: CRITICAL (exit 2)"), "{out}");
 
     let mut milter = MilterProcess::start(&config, &port, &dir.path().join("stderr"));
@@ -203,9 +224,42 @@ fn a_blind_breaker_is_a_cross_and_exit_2() {
     let v = json(&path);
     assert_eq!(v["breaker"]["readable"], false, "{v}");
     assert!(
-        v["problems"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|x| x.as_str().is_some_and(|s| s.contains("BLIND")))),
+        v["problems"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|x| x.as_str().is_some_and(|s| s.contains("BLIND")))),
         "{v}"
     );
+}
+
+/// The same from a real milter whose breaker cannot read its log (the
+/// file is not there, as /var/log/mail.log on a Debian 12 without
+/// rsyslog): ✘, exit 2; once the file appears, ✔ and exit 0.
+#[test]
+fn a_running_milter_with_an_unreadable_maillog_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = Port::reserve();
+    let maillog = dir.path().join("mail.log");
+    let path = dir.path().join("milter.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: inet:127.0.0.1:{}\ninstance: live.test\nstate_dir: {}\nbreaker:\n  maillog: {}\ndomains:\n  example.com:\n    mode: route\n    destination: {{ hosts: [\"[192.0.2.1]\"] }}\n",
+            port.number(),
+            dir.path().join("state").display(),
+            maillog.display()
+        ),
+    )
+    .unwrap();
+    let mut milter = MilterProcess::start(&path, &port, &dir.path().join("stderr"));
+    let out = status_until(&path, "the blind breaker", |code, out| {
+        code == 2 && out.contains("breaker: ✘ BLIND: cannot read ")
+    });
+    assert!(out.contains("milter: running, pid "), "{out}");
+    assert!(out.contains(&maillog.display().to_string()), "{out}");
+    std::fs::write(&maillog, "").unwrap();
+    let out = status_until(&path, "the breaker reading", |code, out| {
+        code == 0 && out.contains("breaker: ✔ reads ")
+    });
+    assert!(!out.contains("BLIND"), "{out}");
+    milter.kill();
 }

@@ -114,7 +114,10 @@ fn status_disable_enable_with_a_running_milter() {
     // Killed: its record stays, its process is gone (issue 25).
     let (status, out) = dualroute(&config, &["status"]);
     assert_eq!(status.code(), Some(2), "{out}");
-    assert!(out.contains("milter: NOT RUNNING: the last milter (pid "), "{out}");
+    assert!(
+        out.contains("milter: NOT RUNNING: the last milter (pid "),
+        "{out}"
+    );
 
     // The state survives a restart: disable, then a new process (explain
     // loads the same state) still sees it.

@@ -3,8 +3,8 @@
 //! walk the YAML to the offending node to report its line and column
 //! (src/config/read.rs).
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use crate::address::normalize_domain;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
 /// One step of a path into the YAML document.
@@ -167,4 +167,3 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
         Ok(false)
     }
 }
-

@@ -13,11 +13,11 @@ mod dns;
 mod domains;
 mod gateways;
 mod listen;
+mod locate;
 mod metrics;
 mod model;
 mod names;
 mod notify;
-mod locate;
 pub mod read;
 mod units;
 
