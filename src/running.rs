@@ -181,10 +181,13 @@ fn stat_fields(stat: &str) -> Option<(&str, u64)> {
 }
 
 /// This process's start time, as [`liveness`] compares it (0 when
-/// /proc cannot say).
+/// /proc cannot say). It never changes: read once, not at every publish.
 pub fn own_start() -> u64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| stat_fields(&s).map(|(_, start)| start))
-        .unwrap_or(0)
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *START.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| stat_fields(&s).map(|(_, start)| start))
+            .unwrap_or(0)
+    })
 }

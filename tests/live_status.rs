@@ -26,6 +26,22 @@ fn write_config(dir: &Path, port: u16, shadow: bool) -> PathBuf {
     path
 }
 
+/// A route domain and a breaker following `DIR/mail.log`, with `extra`
+/// lines first.
+fn breaker_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("milter.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "{extra}state_dir: {}\nbreaker:\n  maillog: {}\ndomains:\n  example.com:\n    mode: route\n    destination: {{ hosts: [\"[192.0.2.1]\"] }}\n",
+            dir.join("state").display(),
+            dir.join("mail.log").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 fn json(config: &Path) -> serde_json::Value {
     let out = support::dualroute_output(config, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -179,16 +195,7 @@ fn a_stopped_milter_removes_its_record_and_status_exits_2() {
 fn a_blind_breaker_is_a_cross_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let path = dir.path().join("milter.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "state_dir: {}\nbreaker:\n  maillog: {}\ndomains:\n  example.com:\n    mode: route\n    destination: {{ hosts: [\"[192.0.2.1]\"] }}\n",
-            state.display(),
-            dir.path().join("mail.log").display()
-        ),
-    )
-    .unwrap();
+    let path = breaker_config(dir.path(), "");
     support::pretend_running(&path);
     let mut counts = dualroute::state::BreakerCounts {
         at: 1_796_000_000,
@@ -239,17 +246,13 @@ fn a_running_milter_with_an_unreadable_maillog_is_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let port = Port::reserve();
     let maillog = dir.path().join("mail.log");
-    let path = dir.path().join("milter.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen: inet:127.0.0.1:{}\ninstance: live.test\nstate_dir: {}\nbreaker:\n  maillog: {}\ndomains:\n  example.com:\n    mode: route\n    destination: {{ hosts: [\"[192.0.2.1]\"] }}\n",
-            port.number(),
-            dir.path().join("state").display(),
-            maillog.display()
+    let path = breaker_config(
+        dir.path(),
+        &format!(
+            "listen: inet:127.0.0.1:{}\ninstance: live.test\n",
+            port.number()
         ),
-    )
-    .unwrap();
+    );
     let mut milter = MilterProcess::start(&path, &port, &dir.path().join("stderr"));
     let out = status_until(&path, "the blind breaker", |code, out| {
         code == 2 && out.contains("breaker: ✘ BLIND: cannot read ")
